@@ -1,0 +1,2 @@
+//! `remus`: the checkpoint controller (relay mode today). Placeholder until its owner fills it in.
+fn main() {}

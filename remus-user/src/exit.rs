@@ -1,0 +1,36 @@
+//! The exit codes of `remus-net` and `remus`, in one place (documented in docs/cli.md).
+//!
+//! Owns: the mapping from error kinds to process exit codes. Never touches: I/O.
+
+/// Process exit codes. Stable: scripts depend on them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[repr(u8)]
+pub enum ExitCode {
+    /// Success.
+    Ok = 0,
+    /// Operational or kernel failure (a step failed; the message names it).
+    Failure = 1,
+    /// Usage: bad arguments, unknown interface, epoch not closed, wrong state.
+    Usage = 2,
+    /// Environment unsupported: not root, no BPF / BTF / bpffs, no Xen, no tun.
+    Unsupported = 3,
+    /// The protected side lost its peer: the backup (relay send) or the vif (remus-net).
+    PeerLost = 4,
+}
+
+impl ExitCode {
+    pub fn code(self) -> i32 {
+        self as i32
+    }
+}
+
+impl From<ExitCode> for std::process::ExitCode {
+    fn from(c: ExitCode) -> Self {
+        std::process::ExitCode::from(c as u8)
+    }
+}
+
+/// Errors that know which exit code they deserve.
+pub trait HasExitCode {
+    fn exit_code(&self) -> ExitCode;
+}
