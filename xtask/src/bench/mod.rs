@@ -1,0 +1,22 @@
+//! `cargo xtask bench net|relay`: benchmarks that print a table and write JSON under
+//! target/bench/. Ratios are measured side by side in one run (shared, noisy machines).
+use anyhow::Result;
+use clap::Subcommand;
+
+mod net;
+mod relay;
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// The output buffer: throughput, frame rate, release latency, CPU.
+    Net(net::NetArgs),
+    /// The relay: throughput, compression, ACK latency.
+    Relay(relay::RelayArgs),
+}
+
+pub fn run(c: BenchCmd) -> Result<()> {
+    match c {
+        BenchCmd::Net(a) => net::run(a),
+        BenchCmd::Relay(a) => relay::run(a),
+    }
+}
