@@ -1,1 +1,562 @@
-//! Placeholder: filled in by its owner (see lib.rs).
+//! The kernel side of the buffer as aya sees it: the embedded eBPF object, its maps,
+//! program attachment, and pins under /sys/fs/bpf/remus/<iface>/.
+//!
+//! Owns: loading the object, reusing or creating pinned maps (after an ABI check),
+//! attaching `remus_vif_in` to the vif's TC ingress (tcx where the kernel has it, a
+//! netlink clsact filter otherwise) so that it outlives this process (fail closed),
+//! attaching `remus_release` to the helper tap, reading counters, and tearing all of it
+//! down from a fresh process. Never touches: netlink beyond what aya's tc helpers do
+//! (clsact creation), frame contents, the control socket.
+use std::{
+    fs,
+    io::ErrorKind,
+    os::fd::{AsFd, AsRawFd},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, Map, MapData, PerCpuArray, RingBuf},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::{self, NlOptions, TcAttachOptions},
+    },
+    util::KernelVersion,
+};
+use remus_common::{
+    ABI_VERSION, CTL_ABI, MAP_CONTROL, MAP_RING, MAP_STATS, PROG_RELEASE, PROG_VIF_IN, Stat,
+};
+use serde::{Deserialize, Serialize};
+
+/// The eBPF object built by build.rs (nightly, bpfel-unknown-none, -Ctarget-cpu=v3).
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/remus-ebpf"));
+
+/// Root of every pin this project makes.
+pub const PIN_ROOT: &str = "/sys/fs/bpf/remus";
+/// Pin name of the tcx link of `remus_vif_in` (absent for netlink attachment).
+pub const PIN_LINK_VIF: &str = "link_vif_in";
+/// Pin name of the `remus_vif_in` program (both attach kinds; for inspection).
+pub const PIN_PROG_VIF: &str = "prog_vif_in";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("bpffs is not mounted at /sys/fs/bpf and mounting it failed: {0}")]
+    Bpffs(std::io::Error),
+    #[error("loading the eBPF object failed: {0}")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("the kernel refused the eBPF program {prog}: {source}")]
+    Verify {
+        prog: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error(
+        "pinned objects in {dir} were made by ABI version {found}, this remus-net speaks {ABI_VERSION}: \
+         run `remus-net detach {iface}` with the version that made them, or remove {dir}"
+    )]
+    AbiMismatch {
+        dir: String,
+        iface: String,
+        found: u64,
+    },
+    #[error("attaching {prog} to {iface} failed: {source}")]
+    Attach {
+        prog: &'static str,
+        iface: String,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("map {map}: {what}")]
+    Map { map: &'static str, what: String },
+    #[error("pin {path}: {what}")]
+    Pin { path: String, what: String },
+}
+
+impl DatapathError {
+    /// True when the failure means "this kernel/environment cannot do BPF" rather than a
+    /// bug or a transient condition (drives exit code 3).
+    pub fn is_unsupported(&self) -> bool {
+        let text = format!("{self:?}");
+        matches!(self, DatapathError::Bpffs(_))
+            || text.contains("EPERM")
+            || text.contains("ENOSYS")
+            || text.contains("Operation not permitted")
+            || text.contains("Function not implemented")
+    }
+}
+
+fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
+    move |e| DatapathError::Map {
+        map,
+        what: e.to_string(),
+    }
+}
+
+/// How `remus_vif_in` is attached (decides how a fresh process detaches it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttachKind {
+    /// A tcx link (kernel >= 6.6), pinned so it survives the holder.
+    Tcx,
+    /// A cls_bpf direct-action filter under clsact (older kernels, e.g. dom0's 6.1).
+    Netlink {
+        /// Whether we added the clsact qdisc (then detach removes it).
+        created_clsact: bool,
+    },
+}
+
+impl AttachKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            AttachKind::Tcx => "tcx",
+            AttachKind::Netlink { .. } => "netlink-clsact",
+        }
+    }
+}
+
+/// Which attach mechanism to use. `Auto` picks tcx on kernels >= 6.6.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttachMode {
+    #[default]
+    Auto,
+    Tcx,
+    Netlink,
+}
+
+impl AttachMode {
+    fn use_tcx(self) -> bool {
+        match self {
+            AttachMode::Auto => kernel_has_tcx(),
+            AttachMode::Tcx => true,
+            AttachMode::Netlink => false,
+        }
+    }
+}
+
+/// tcx (multi-prog TC attachment through bpf links) arrived in Linux 6.6.
+pub fn kernel_has_tcx() -> bool {
+    KernelVersion::current()
+        .map(|v| v >= KernelVersion::new(6, 6, 0))
+        .unwrap_or(false)
+}
+
+/// Pin directory of one interface.
+pub fn pin_dir(iface: &str) -> PathBuf {
+    Path::new(PIN_ROOT).join(iface)
+}
+
+/// Mounts bpffs on /sys/fs/bpf if it is not mounted (it is not, by default, in a fresh
+/// `ip netns exec` mount namespace or on some hosts).
+pub fn ensure_bpffs() -> Result<(), DatapathError> {
+    let is_bpffs = |p: &str| {
+        nix::sys::statfs::statfs(p)
+            .map(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
+            .unwrap_or(false)
+    };
+    if is_bpffs("/sys/fs/bpf") {
+        return Ok(());
+    }
+    fs::create_dir_all("/sys/fs/bpf").map_err(DatapathError::Bpffs)?;
+    nix::mount::mount(
+        Some("bpf"),
+        "/sys/fs/bpf",
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| DatapathError::Bpffs(std::io::Error::from(e)))?;
+    Ok(())
+}
+
+/// Summed counters of the data plane.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelStats {
+    pub captured_frames: u64,
+    pub captured_bytes: u64,
+    pub passed_released_frames: u64,
+    pub passed_through_frames: u64,
+    pub dropped_oversize_frames: u64,
+    pub dropped_ring_full_frames: u64,
+    pub dropped_load_error_frames: u64,
+    pub redirected_frames: u64,
+    pub redirect_error_frames: u64,
+}
+
+impl KernelStats {
+    fn from_slots(v: &[u64]) -> Self {
+        let g = |s: Stat| v.get(s as usize).copied().unwrap_or(0);
+        KernelStats {
+            captured_frames: g(Stat::Captured),
+            captured_bytes: g(Stat::CapturedBytes),
+            passed_released_frames: g(Stat::PassedReleased),
+            passed_through_frames: g(Stat::PassedThrough),
+            dropped_oversize_frames: g(Stat::DropOversize),
+            dropped_ring_full_frames: g(Stat::DropRingFull),
+            dropped_load_error_frames: g(Stat::DropLoad),
+            redirected_frames: g(Stat::Redirected),
+            redirect_error_frames: g(Stat::RedirectErr),
+        }
+    }
+}
+
+fn sum_stats(stats: &PerCpuArray<MapData, u64>) -> Result<KernelStats, DatapathError> {
+    let mut slots = Vec::with_capacity(Stat::ALL.len());
+    for i in 0..=(Stat::RedirectErr as u32) {
+        let v = stats.get(&i, 0).map_err(map_err(MAP_STATS))?;
+        slots.push(v.iter().sum());
+    }
+    Ok(KernelStats::from_slots(&slots))
+}
+
+/// The loaded object with its maps, owned by the holder process.
+pub struct Loaded {
+    ebpf: Ebpf,
+    control: Array<MapData, u64>,
+    stats: PerCpuArray<MapData, u64>,
+    pin_dir: PathBuf,
+    /// True when pinned maps from an earlier holder were reused.
+    pub reused: bool,
+}
+
+/// Reads slot `CTL_ABI` of a pinned control map, if there is one.
+fn pinned_abi(dir: &Path) -> Result<Option<u64>, DatapathError> {
+    let path = dir.join(MAP_CONTROL);
+    match MapData::from_pin(&path) {
+        Ok(md) => {
+            let map = Map::from_map_data(md).map_err(map_err(MAP_CONTROL))?;
+            let arr: Array<MapData, u64> = map.try_into().map_err(map_err(MAP_CONTROL))?;
+            Ok(Some(arr.get(&CTL_ABI, 0).map_err(map_err(MAP_CONTROL))?))
+        }
+        Err(_) if !path.exists() => Ok(None),
+        Err(e) => Err(DatapathError::Pin {
+            path: path.display().to_string(),
+            what: e.to_string(),
+        }),
+    }
+}
+
+impl Loaded {
+    /// Loads the object, creating the maps under `dir` or reusing pinned ones (after
+    /// checking their ABI version). `ring_bytes` must be a power of two multiple of the
+    /// page size; it is ignored when a pinned ring is reused.
+    pub fn load(dir: &Path, iface: &str, ring_bytes: u32) -> Result<Loaded, DatapathError> {
+        ensure_bpffs()?;
+        let reused = match pinned_abi(dir)? {
+            Some(v) if v != ABI_VERSION && v != 0 => {
+                return Err(DatapathError::AbiMismatch {
+                    dir: dir.display().to_string(),
+                    iface: iface.to_string(),
+                    found: v,
+                });
+            }
+            Some(_) => true,
+            None => false,
+        };
+        fs::create_dir_all(dir).map_err(|e| DatapathError::Pin {
+            path: dir.display().to_string(),
+            what: e.to_string(),
+        })?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(dir)
+            .map_max_entries(MAP_RING, ring_bytes)
+            .load(OBJECT)
+            .map_err(|e| DatapathError::Load(Box::new(e)))?;
+        for prog in [PROG_VIF_IN, PROG_RELEASE] {
+            let p: &mut SchedClassifier = ebpf
+                .program_mut(prog)
+                .ok_or(DatapathError::Map {
+                    map: "programs",
+                    what: format!("object has no program {prog}"),
+                })?
+                .try_into()
+                .map_err(|e| DatapathError::Verify {
+                    prog,
+                    source: Box::new(e),
+                })?;
+            p.load().map_err(|e| DatapathError::Verify {
+                prog,
+                source: Box::new(e),
+            })?;
+        }
+        let take = |ebpf: &mut Ebpf, name: &'static str| {
+            ebpf.take_map(name).ok_or(DatapathError::Map {
+                map: name,
+                what: "missing from the object".into(),
+            })
+        };
+        let control: Array<MapData, u64> = take(&mut ebpf, MAP_CONTROL)?
+            .try_into()
+            .map_err(map_err(MAP_CONTROL))?;
+        let stats: PerCpuArray<MapData, u64> = take(&mut ebpf, MAP_STATS)?
+            .try_into()
+            .map_err(map_err(MAP_STATS))?;
+        let mut loaded = Loaded {
+            ebpf,
+            control,
+            stats,
+            pin_dir: dir.to_path_buf(),
+            reused,
+        };
+        loaded.set_control(CTL_ABI, ABI_VERSION)?;
+        Ok(loaded)
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    pub fn set_control(&mut self, slot: u32, value: u64) -> Result<(), DatapathError> {
+        self.control
+            .set(slot, value, 0)
+            .map_err(map_err(MAP_CONTROL))
+    }
+
+    pub fn control(&self, slot: u32) -> Result<u64, DatapathError> {
+        self.control.get(&slot, 0).map_err(map_err(MAP_CONTROL))
+    }
+
+    pub fn stats(&self) -> Result<KernelStats, DatapathError> {
+        sum_stats(&self.stats)
+    }
+
+    /// Takes the ring buffer out of the object (for the holder's reader).
+    pub fn take_ring(&mut self) -> Result<RingBuf<MapData>, DatapathError> {
+        self.ebpf
+            .take_map(MAP_RING)
+            .ok_or(DatapathError::Map {
+                map: MAP_RING,
+                what: "missing from the object (already taken?)".into(),
+            })?
+            .try_into()
+            .map_err(map_err(MAP_RING))
+    }
+
+    fn prog(&mut self, name: &'static str) -> Result<&mut SchedClassifier, DatapathError> {
+        self.ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::Map {
+                map: "programs",
+                what: format!("object has no program {name}"),
+            })?
+            .try_into()
+            .map_err(|e| DatapathError::Verify {
+                prog: name,
+                source: Box::new(e),
+            })
+    }
+
+    /// Attaches `remus_vif_in` to the vif's TC ingress so that it outlives this process.
+    /// If a pinned tcx link from an earlier holder exists, the program behind it is
+    /// replaced atomically (no frame passes unheld in between).
+    pub fn attach_vif(&mut self, iface: &str, mode: AttachMode) -> Result<AttachKind, DatapathError> {
+        let link_pin = self.pin_dir.join(PIN_LINK_VIF);
+        let prog_pin = self.pin_dir.join(PIN_PROG_VIF);
+        let attach_err = |e| DatapathError::Attach {
+            prog: PROG_VIF_IN,
+            iface: iface.to_string(),
+            source: Box::new(e),
+        };
+        let pin_err = |p: &Path, e: &dyn std::fmt::Display| DatapathError::Pin {
+            path: p.display().to_string(),
+            what: e.to_string(),
+        };
+        let kind = if link_pin.exists() {
+            // Takeover: replace the program behind the pinned link.
+            let old = PinnedLink::from_pin(&link_pin).map_err(|e| pin_err(&link_pin, &e))?;
+            let fd_link = FdLink::from(old);
+            let prog = self.prog(PROG_VIF_IN)?;
+            let link = fd_link.try_into().map_err(|e: aya::programs::links::LinkError| {
+                pin_err(&link_pin, &e)
+            })?;
+            let id = prog.attach_to_link(link).map_err(attach_err)?;
+            let link = prog.take_link(id).map_err(attach_err)?;
+            // The link stays pinned at the same path; dropping our fd keeps it alive.
+            drop(link);
+            AttachKind::Tcx
+        } else if mode.use_tcx() {
+            let prog = self.prog(PROG_VIF_IN)?;
+            let id = prog
+                .attach_with_options(
+                    iface,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::first()),
+                )
+                .map_err(attach_err)?;
+            let link = prog.take_link(id).map_err(attach_err)?;
+            let fd_link: FdLink = link
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| pin_err(&link_pin, &e))?;
+            fd_link
+                .pin(&link_pin)
+                .map_err(|e| pin_err(&link_pin, &e))?;
+            AttachKind::Tcx
+        } else {
+            let created_clsact = match tc::qdisc_add_clsact(iface) {
+                Ok(()) => true,
+                Err(e) if is_eexist(&e) => false,
+                Err(e) => {
+                    return Err(DatapathError::Attach {
+                        prog: PROG_VIF_IN,
+                        iface: iface.to_string(),
+                        source: Box::new(aya::programs::ProgramError::from(e)),
+                    });
+                }
+            };
+            let prog = self.prog(PROG_VIF_IN)?;
+            let id = prog
+                .attach_with_options(
+                    iface,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::Netlink(NlOptions::default()),
+                )
+                .map_err(attach_err)?;
+            let link = prog.take_link(id).map_err(attach_err)?;
+            // Fail closed: the filter must outlive this process. Forgetting the link
+            // keeps aya from removing the filter on drop; detach removes it by name.
+            std::mem::forget(link);
+            AttachKind::Netlink { created_clsact }
+        };
+        let prog = self.prog(PROG_VIF_IN)?;
+        if prog_pin.exists() {
+            let _ = fs::remove_file(&prog_pin);
+        }
+        prog.pin(&prog_pin).map_err(|e| pin_err(&prog_pin, &e))?;
+        Ok(kind)
+    }
+
+    /// Attaches `remus_release` to the helper tap's ingress. Not pinned: it goes away
+    /// with the tap, which goes away with this process.
+    pub fn attach_release(&mut self, tap: &str) -> Result<(), DatapathError> {
+        let use_tcx = kernel_has_tcx();
+        if !use_tcx {
+            match tc::qdisc_add_clsact(tap) {
+                Ok(()) => {}
+                Err(e) if is_eexist(&e) => {}
+                Err(e) => {
+                    return Err(DatapathError::Attach {
+                        prog: PROG_RELEASE,
+                        iface: tap.to_string(),
+                        source: Box::new(aya::programs::ProgramError::from(e)),
+                    });
+                }
+            }
+        }
+        let prog = self.prog(PROG_RELEASE)?;
+        prog.attach(tap, TcAttachType::Ingress)
+            .map_err(|e| DatapathError::Attach {
+                prog: PROG_RELEASE,
+                iface: tap.to_string(),
+                source: Box::new(e),
+            })?;
+        Ok(())
+    }
+
+    /// The loaded (not attached) capture program, for BPF_PROG_TEST_RUN in tests.
+    pub fn vif_program(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
+        self.prog(PROG_VIF_IN)
+    }
+
+    pub fn release_program(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
+        self.prog(PROG_RELEASE)
+    }
+}
+
+fn is_eexist(e: &tc::TcError) -> bool {
+    let s = format!("{e:?}");
+    s.contains("EEXIST") || s.contains("File exists") || s.contains("AlreadyAttached")
+}
+
+/// What a fresh process learns from pins left behind (holder dead or alive).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PinnedState {
+    pub abi: Option<u64>,
+    pub epoch: u64,
+    pub mode: u64,
+    pub stats: KernelStats,
+    pub tcx_link_pinned: bool,
+}
+
+/// Reads control slots and counters from the pins of `dir`.
+pub fn read_pinned(dir: &Path) -> Result<Option<PinnedState>, DatapathError> {
+    let cpath = dir.join(MAP_CONTROL);
+    if !cpath.exists() {
+        return Ok(None);
+    }
+    let open = |name: &'static str| -> Result<Map, DatapathError> {
+        let md = MapData::from_pin(dir.join(name)).map_err(map_err(name))?;
+        Map::from_map_data(md).map_err(map_err(name))
+    };
+    let control: Array<MapData, u64> = open(MAP_CONTROL)?.try_into().map_err(map_err(MAP_CONTROL))?;
+    let stats: PerCpuArray<MapData, u64> = open(MAP_STATS)?.try_into().map_err(map_err(MAP_STATS))?;
+    let get = |s: u32| control.get(&s, 0).map_err(map_err(MAP_CONTROL));
+    Ok(Some(PinnedState {
+        abi: Some(get(CTL_ABI)?),
+        epoch: get(remus_common::CTL_EPOCH)?,
+        mode: get(remus_common::CTL_MODE)?,
+        stats: sum_stats(&stats)?,
+        tcx_link_pinned: dir.join(PIN_LINK_VIF).exists(),
+    }))
+}
+
+/// Removes the capture program from the vif and every pin of `dir`, from any process.
+/// `kind` comes from the holder's state file; without it, both mechanisms are tried.
+/// `iface_present` says whether the vif still exists (a destroyed guest's vif does not).
+/// Returns human-readable notes on what was removed. The clsact qdisc, if remus-net
+/// added it, is the caller's to delete (through `netlink`).
+pub fn teardown(
+    iface: &str,
+    dir: &Path,
+    kind: Option<AttachKind>,
+    iface_present: bool,
+) -> Result<Vec<String>, DatapathError> {
+    let mut notes = Vec::new();
+    let link_pin = dir.join(PIN_LINK_VIF);
+    if link_pin.exists() {
+        match PinnedLink::from_pin(&link_pin) {
+            Ok(p) => {
+                let fd = p.unpin().map_err(|e| DatapathError::Pin {
+                    path: link_pin.display().to_string(),
+                    what: e.to_string(),
+                })?;
+                // Dropping the last reference to a tcx link detaches it.
+                drop(fd);
+                notes.push(format!("removed tcx link of {PROG_VIF_IN}"));
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&link_pin);
+                notes.push(format!("removed stale link pin ({e})"));
+            }
+        }
+    }
+    if !matches!(kind, Some(AttachKind::Tcx)) && iface_present {
+        match tc::qdisc_detach_program(iface, TcAttachType::Ingress, PROG_VIF_IN) {
+            Ok(()) => notes.push(format!("removed clsact filter {PROG_VIF_IN}")),
+            Err(e) => {
+                let s = format!("{e:?}");
+                if !(s.contains("NotFound") || s.contains("ENOENT") || s.contains("No such")) {
+                    notes.push(format!("no clsact filter to remove ({e})"));
+                }
+            }
+        }
+    }
+    if dir.exists() {
+        fs::remove_dir_all(dir).map_err(|e| DatapathError::Pin {
+            path: dir.display().to_string(),
+            what: e.to_string(),
+        })?;
+        notes.push(format!("removed pins in {}", dir.display()));
+    }
+    Ok(notes)
+}
+
+/// The raw fd of a ring buffer, for registering with the async reactor.
+pub fn ring_fd(ring: &RingBuf<MapData>) -> std::os::fd::RawFd {
+    ring.as_fd().as_raw_fd()
+}
+
+/// True if `e` says the pin or map simply is not there.
+pub fn is_not_found(e: &std::io::Error) -> bool {
+    e.kind() == ErrorKind::NotFound
+}

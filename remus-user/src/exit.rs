@@ -3,7 +3,7 @@
 //! Owns: the mapping from error kinds to process exit codes. Never touches: I/O.
 
 /// Process exit codes. Stable: scripts depend on them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[repr(u8)]
 pub enum ExitCode {
     /// Success.
