@@ -101,6 +101,10 @@ pub struct AttachOptions {
     pub ring_bytes: u32,
     pub passthrough: bool,
     pub attach_mode: AttachMode,
+    /// UNSAFE, for benchmarks and demos only: close and release epochs by itself, every
+    /// this long (zero: after every drain of the ring), as if a backup acknowledged
+    /// every checkpoint at once. Never used by the controller.
+    pub autocommit: Option<Duration>,
 }
 
 impl AttachOptions {
@@ -111,6 +115,7 @@ impl AttachOptions {
             ring_bytes: DEFAULT_RING_BYTES,
             passthrough: false,
             attach_mode: AttachMode::Auto,
+            autocommit: None,
         }
     }
 }
@@ -311,9 +316,20 @@ struct Service {
     ring_bytes: u32,
     release_errors: u64,
     unreleasable: u64,
+    autocommit: Option<Duration>,
 }
 
 impl Service {
+    /// Closes the open epoch and releases it at once (autocommit mode only).
+    fn autocommit_now(&mut self) {
+        if self.holder.epochs().is_empty() {
+            return;
+        }
+        if let Ok(e) = self.checkpoint() {
+            let _ = self.commit(e);
+        }
+    }
+
     /// Moves every record out of the ring into the queues; late frames leave at once.
     fn drain(&mut self) {
         let mut late: Vec<(FrameHdr, Vec<u8>)> = Vec::new();
@@ -643,6 +659,7 @@ pub async fn attach(opts: AttachOptions) -> Result<Running, NetError> {
         ring_bytes: opts.ring_bytes,
         release_errors: 0,
         unreleasable: 0,
+        autocommit: opts.autocommit,
     };
     let status = svc.status()?;
     let (tx, rx) = mpsc::channel(64);
@@ -664,6 +681,10 @@ async fn run(
     tx: mpsc::Sender<Cmd>,
 ) -> Result<Ended, NetError> {
     let mut vif_check = tokio::time::interval(Duration::from_millis(200));
+    let every = svc.autocommit.filter(|d| !d.is_zero());
+    let after_drain = svc.autocommit.is_some_and(|d| d.is_zero());
+    let mut auto = tokio::time::interval(every.unwrap_or(Duration::from_secs(3600)));
+    auto.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(io_err("installing the SIGTERM handler"))?;
     loop {
@@ -674,6 +695,9 @@ async fn run(
                         g.clear_ready();
                         drop(g);
                         svc.drain();
+                        if after_drain {
+                            svc.autocommit_now();
+                        }
                     }
                     Err(e) => return Err(NetError::Io { what: "waiting on the ring".into(), source: e }),
                 }
@@ -702,6 +726,9 @@ async fn run(
                     let _ = svc.teardown().await;
                     return Ok(Ended::VifGone { frames, bytes });
                 }
+            }
+            _ = auto.tick(), if every.is_some() => {
+                svc.autocommit_now();
             }
             _ = term.recv() => {
                 svc.drain();

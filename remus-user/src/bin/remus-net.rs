@@ -89,6 +89,11 @@ enum Cmd {
         /// How to attach to the vif's TC ingress.
         #[arg(long, value_enum, default_value = "auto")]
         attach: AttachHow,
+        /// UNSAFE, for benchmarks and demos only: release epochs by itself every MS
+        /// milliseconds (0: after every drain of the ring), as if a backup acknowledged
+        /// every checkpoint at once. Breaks output commit by design.
+        #[arg(long, value_name = "MS")]
+        autocommit_unsafe: Option<u64>,
         /// Internal: this process is the daemon started by `attach`.
         #[arg(long, hide = true)]
         daemon_child: bool,
@@ -167,6 +172,12 @@ fn parse_size(s: &str) -> Result<u64, String> {
 
 fn main() -> ProcessExit {
     let cli = Cli::parse();
+    if !matches!(cli.cmd, Cmd::Attach { .. }) {
+        // Short-lived commands: die quietly on a closed pipe (`remus-net status | head`).
+        // The holder keeps Rust's default (ignored) so a vanished client cannot kill it.
+        // SAFETY: setting a signal disposition before any thread is started.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_env("REMUS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,netlink_packet_route=error"));
     tracing_subscriber::fmt()
@@ -202,6 +213,7 @@ async fn run(cli: Cli) -> Result<ExitCode, NetError> {
             passthrough,
             foreground,
             attach,
+            autocommit_unsafe,
             daemon_child,
             j,
         } => {
@@ -215,6 +227,7 @@ async fn run(cli: Cli) -> Result<ExitCode, NetError> {
                     AttachHow::Tcx => AttachMode::Tcx,
                     AttachHow::Netlink => AttachMode::Netlink,
                 },
+                autocommit: autocommit_unsafe.map(std::time::Duration::from_millis),
             };
             if daemon_child {
                 daemon_main(opts).await
@@ -604,6 +617,9 @@ fn spawn_daemon(opts: &AttachOptions, json: bool) -> Result<ExitCode, NetError> 
         .stderr(Stdio::from(log));
     if opts.passthrough {
         cmd.arg("--passthrough");
+    }
+    if let Some(d) = opts.autocommit {
+        cmd.arg("--autocommit-unsafe").arg(d.as_millis().to_string());
     }
     // SAFETY: setsid is async-signal-safe; the daemon leaves our session and terminal.
     unsafe {
