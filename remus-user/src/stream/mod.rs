@@ -20,7 +20,35 @@
 //! - `Event::Record { .. }` for every record of either layer (start offset of the 8-byte
 //!   header, type, body length, end offset after padding).
 //! - Errors are `StreamError` with the offset; the parser is dead after an error.
+//!
+//! Two precisions on the contract (the implementation is the reference):
+//! - For N = 1 the record type is only known once its 4-byte type field has arrived, so
+//!   `PostSuspendStart { checkpoint: 1, pos }` is emitted during the `feed` call that
+//!   completes the type field of that record (`pos` is still the record's first byte).
+//!   If checkpoint 1 carries none of those records, it is emitted at the start of its
+//!   libxc CHECKPOINT record, so every `LibxcCheckpoint` is preceded by its
+//!   `PostSuspendStart`.
+//! - `Record` is emitted when the record is complete (after its padding), so it follows
+//!   a `PostSuspendStart` that points at its first byte.
+//!
+//! Grammar (Xen 4.17, `xl.h`, `libxl_sr_stream_format.h`, `xg_sr_stream_format.h`):
+//!
+//! ```text
+//! xl header (48 bytes, native = little-endian u32s) + optional data (u32 config_len, config)
+//! libxl header (16 bytes, big-endian: "LibxlFmt", version 2, options)
+//! libxl: LIBXC_CONTEXT                       -> libxc layer
+//! libxc: image header (24, big-endian) + domain header (16), once
+//! libxc: records ... CHECKPOINT              -> libxl layer (checkpoint N)
+//! libxl: [EMULATOR_XENSTORE_DATA] [EMULATOR_CONTEXT] CHECKPOINT_END -> libxc layer, N+1
+//! ... or libxc END -> libxl: [emulator records] END (a plain migration)
+//! ```
+//!
+//! Every record is `u32 type, u32 body_length` (little-endian), body, zero padding to 8.
+//! Memory is bounded: only headers (at most 48 bytes) are buffered; bodies are skipped
+//! by counting.
 pub mod writer;
+
+use std::fmt::Write as _;
 
 /// Which framing layer a record belongs to (type numbers collide between them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,7 +60,10 @@ pub enum Layer {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event {
     /// The xl header and its JSON config have been read; `end` is the offset after them.
-    XlHeader { end: u64, config_len: u32 },
+    XlHeader {
+        end: u64,
+        config_len: u32,
+    },
     /// One record of either layer.
     Record {
         layer: Layer,
@@ -41,11 +72,22 @@ pub enum Event {
         body_len: u32,
         end: u64,
     },
-    PostSuspendStart { checkpoint: u64, pos: u64 },
-    LibxcCheckpoint { checkpoint: u64, end: u64 },
-    CheckpointComplete { checkpoint: u64, end: u64 },
+    PostSuspendStart {
+        checkpoint: u64,
+        pos: u64,
+    },
+    LibxcCheckpoint {
+        checkpoint: u64,
+        end: u64,
+    },
+    CheckpointComplete {
+        checkpoint: u64,
+        end: u64,
+    },
     /// libxl END: a plain (non-Remus) stream finished cleanly.
-    End { end: u64 },
+    End {
+        end: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -54,10 +96,299 @@ pub enum StreamError {
     Invalid { pos: u64, what: String },
 }
 
+impl StreamError {
+    fn at(pos: u64, what: impl Into<String>) -> Self {
+        StreamError::Invalid {
+            pos,
+            what: what.into(),
+        }
+    }
+
+    /// The stream offset the error refers to.
+    pub fn pos(&self) -> u64 {
+        match self {
+            StreamError::Invalid { pos, .. } => *pos,
+        }
+    }
+
+    /// What was wrong, without the position.
+    pub fn what(&self) -> &str {
+        match self {
+            StreamError::Invalid { what, .. } => what,
+        }
+    }
+}
+
+/// The 32-byte magic at the start of an xl save file / migration stream (`xl.h`).
+pub const XL_MAGIC: &[u8; 32] = b"Xen saved domain, xl format\n \0 \r";
+/// xl header byte-order marker, written in the domain's (little-endian) byte order.
+pub const XL_BYTEORDER: u32 = 0x0102_0304;
+/// xl mandatory flag: the config is JSON.
+pub const XL_FLAG_JSON: u32 = 1 << 0;
+/// xl mandatory flag: the stream is migration v2.
+pub const XL_FLAG_STREAMV2: u32 = 1 << 1;
+/// Fixed part of the xl header: magic, byteorder, mandatory, optional, optional_data_len.
+pub const XL_HEADER_LEN: usize = 48;
+/// libxl stream identity, "LibxlFmt" (big-endian u64).
+pub const LIBXL_IDENT: u64 = 0x4c69_6278_6c46_6d74;
+pub const LIBXL_VERSION: u32 = 2;
+pub const LIBXL_HEADER_LEN: usize = 16;
+/// libxl header option bits.
+pub const LIBXL_OPT_BIG_ENDIAN: u32 = 1 << 0;
+pub const LIBXL_OPT_LEGACY: u32 = 1 << 1;
+/// libxc image header: marker, "XENF", version 3 (2 also accepted, as Xen does).
+pub const LIBXC_MARKER: u64 = u64::MAX;
+pub const LIBXC_ID: u32 = 0x5845_4e46;
+pub const LIBXC_VERSION: u32 = 3;
+pub const LIBXC_IMAGE_HEADER_LEN: usize = 24;
+pub const LIBXC_DOMAIN_HEADER_LEN: usize = 16;
+/// Image header option bit 0: big-endian records.
+pub const LIBXC_OPT_BIG_ENDIAN: u16 = 1;
+/// Largest record body either layer accepts (`REC_LENGTH_MAX`).
+pub const REC_LENGTH_MAX: u32 = 128 << 20;
+/// Records with this bit set in their type are optional (may be ignored by a receiver).
+pub const REC_TYPE_OPTIONAL: u32 = 0x8000_0000;
+/// Upper bound on the xl header's optional data (the JSON config); xl itself has none,
+/// this only catches garbage lengths early.
+pub const XL_OPTIONAL_DATA_MAX: u32 = REC_LENGTH_MAX;
+
+/// libxl record types (`libxl_sr_stream_format.h`).
+pub mod libxl_type {
+    pub const END: u32 = 0;
+    pub const LIBXC_CONTEXT: u32 = 1;
+    pub const EMULATOR_XENSTORE_DATA: u32 = 2;
+    pub const EMULATOR_CONTEXT: u32 = 3;
+    pub const CHECKPOINT_END: u32 = 4;
+    pub const CHECKPOINT_STATE: u32 = 5;
+}
+
+/// libxc record types (`xg_sr_stream_format.h`).
+pub mod libxc_type {
+    pub const END: u32 = 0;
+    pub const PAGE_DATA: u32 = 1;
+    pub const X86_PV_INFO: u32 = 2;
+    pub const X86_PV_P2M_FRAMES: u32 = 3;
+    pub const X86_PV_VCPU_BASIC: u32 = 4;
+    pub const X86_PV_VCPU_EXTENDED: u32 = 5;
+    pub const X86_PV_VCPU_XSAVE: u32 = 6;
+    pub const SHARED_INFO: u32 = 7;
+    pub const X86_TSC_INFO: u32 = 8;
+    pub const HVM_CONTEXT: u32 = 9;
+    pub const HVM_PARAMS: u32 = 0xa;
+    pub const TOOLSTACK: u32 = 0xb;
+    pub const X86_PV_VCPU_MSRS: u32 = 0xc;
+    pub const VERIFY: u32 = 0xd;
+    pub const CHECKPOINT: u32 = 0xe;
+    pub const CHECKPOINT_DIRTY_PFN_LIST: u32 = 0xf;
+    pub const STATIC_DATA_END: u32 = 0x10;
+    pub const X86_CPUID_POLICY: u32 = 0x11;
+    pub const X86_MSR_POLICY: u32 = 0x12;
+}
+
+/// Domain header `type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DomainType {
+    X86Pv,
+    X86Hvm,
+}
+
+/// Human name of a record type in a layer (for errors and logs).
+pub fn type_name(layer: Layer, rtype: u32) -> &'static str {
+    if rtype & REC_TYPE_OPTIONAL != 0 {
+        return "optional";
+    }
+    match layer {
+        Layer::Libxl => match rtype {
+            libxl_type::END => "END",
+            libxl_type::LIBXC_CONTEXT => "LIBXC_CONTEXT",
+            libxl_type::EMULATOR_XENSTORE_DATA => "EMULATOR_XENSTORE_DATA",
+            libxl_type::EMULATOR_CONTEXT => "EMULATOR_CONTEXT",
+            libxl_type::CHECKPOINT_END => "CHECKPOINT_END",
+            libxl_type::CHECKPOINT_STATE => "CHECKPOINT_STATE",
+            _ => "unknown mandatory",
+        },
+        Layer::Libxc => match rtype {
+            libxc_type::END => "END",
+            libxc_type::PAGE_DATA => "PAGE_DATA",
+            libxc_type::X86_PV_INFO => "X86_PV_INFO",
+            libxc_type::X86_PV_P2M_FRAMES => "X86_PV_P2M_FRAMES",
+            libxc_type::X86_PV_VCPU_BASIC => "X86_PV_VCPU_BASIC",
+            libxc_type::X86_PV_VCPU_EXTENDED => "X86_PV_VCPU_EXTENDED",
+            libxc_type::X86_PV_VCPU_XSAVE => "X86_PV_VCPU_XSAVE",
+            libxc_type::SHARED_INFO => "SHARED_INFO",
+            libxc_type::X86_TSC_INFO => "X86_TSC_INFO",
+            libxc_type::HVM_CONTEXT => "HVM_CONTEXT",
+            libxc_type::HVM_PARAMS => "HVM_PARAMS",
+            libxc_type::TOOLSTACK => "TOOLSTACK",
+            libxc_type::X86_PV_VCPU_MSRS => "X86_PV_VCPU_MSRS",
+            libxc_type::VERIFY => "VERIFY",
+            libxc_type::CHECKPOINT => "CHECKPOINT",
+            libxc_type::CHECKPOINT_DIRTY_PFN_LIST => "CHECKPOINT_DIRTY_PFN_LIST",
+            libxc_type::STATIC_DATA_END => "STATIC_DATA_END",
+            libxc_type::X86_CPUID_POLICY => "X86_CPUID_POLICY",
+            libxc_type::X86_MSR_POLICY => "X86_MSR_POLICY",
+            _ => "unknown mandatory",
+        },
+    }
+}
+
+/// Is this a libxc record written by `end_of_checkpoint` (after the guest is suspended)?
+pub fn is_end_of_checkpoint_record(rtype: u32) -> bool {
+    use libxc_type::*;
+    matches!(
+        rtype,
+        X86_TSC_INFO
+            | SHARED_INFO
+            | X86_PV_VCPU_BASIC
+            | X86_PV_VCPU_EXTENDED
+            | X86_PV_VCPU_XSAVE
+            | X86_PV_VCPU_MSRS
+            | HVM_CONTEXT
+            | HVM_PARAMS
+    )
+}
+
+/// Where in the layer grammar the parser is (decides which record types are allowed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// libxl records before LIBXC_CONTEXT.
+    LibxlStart,
+    /// libxc records of the current checkpoint.
+    Libxc,
+    /// libxl records after a libxc CHECKPOINT, until CHECKPOINT_END.
+    LibxlCheckpoint,
+    /// libxl records after a libxc END (plain migration), until libxl END.
+    LibxlTail,
+}
+
+/// What the bytes at the current position are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// Buffering the 48-byte fixed xl header.
+    XlFixed,
+    /// Buffering the u32 config length at the start of the optional data.
+    XlConfigLen {
+        opt_len: u32,
+    },
+    /// Skipping the config and the rest of the optional data.
+    XlSkip {
+        left: u64,
+        config_len: u32,
+    },
+    LibxlHeader,
+    LibxcImageHeader,
+    LibxcDomainHeader,
+    /// Buffering an 8-byte record header.
+    RecordHeader,
+    /// Skipping a record body, then checking its padding.
+    RecordBody {
+        body_left: u64,
+        pad_left: u8,
+    },
+    /// After libxl END: nothing may follow.
+    Finished,
+}
+
+impl State {
+    /// Bytes a buffered state needs (0 for counting states).
+    fn need(self) -> usize {
+        match self {
+            State::XlFixed => XL_HEADER_LEN,
+            State::XlConfigLen { .. } => 4,
+            State::LibxlHeader => LIBXL_HEADER_LEN,
+            State::LibxcImageHeader => LIBXC_IMAGE_HEADER_LEN,
+            State::LibxcDomainHeader => LIBXC_DOMAIN_HEADER_LEN,
+            State::RecordHeader => 8,
+            _ => 0,
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            State::XlFixed => "the xl header",
+            State::XlConfigLen { .. } => "the xl config length",
+            State::XlSkip { .. } => "the xl config",
+            State::LibxlHeader => "the libxl header",
+            State::LibxcImageHeader => "the libxc image header",
+            State::LibxcDomainHeader => "the libxc domain header",
+            State::RecordHeader => "a record header",
+            State::RecordBody { .. } => "a record body",
+            State::Finished => "nothing",
+        }
+    }
+}
+
+/// The record whose body is being skipped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Current {
+    layer: Layer,
+    rtype: u32,
+    start: u64,
+    body_len: u32,
+}
+
 /// The incremental parser. See the module docs for the contract.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Parser {
-    _todo: (),
+    state: State,
+    phase: Phase,
+    pos: u64,
+    buf: [u8; XL_HEADER_LEN],
+    blen: usize,
+    /// Start offset of the buffered header.
+    bstart: u64,
+    cur: Option<Current>,
+    domain: Option<DomainType>,
+    /// The checkpoint whose bytes are being read (1-based).
+    checkpoint: u64,
+    complete: u64,
+    /// `PostSuspendStart` of `checkpoint` has been emitted.
+    post_suspend_sent: bool,
+    /// A CHECKPOINT_END was just read: the next byte starts checkpoint `checkpoint`.
+    post_suspend_pending: bool,
+    dead: Option<StreamError>,
+}
+
+impl Default for Parser {
+    fn default() -> Self {
+        Parser {
+            state: State::XlFixed,
+            phase: Phase::LibxlStart,
+            pos: 0,
+            buf: [0; XL_HEADER_LEN],
+            blen: 0,
+            bstart: 0,
+            cur: None,
+            domain: None,
+            checkpoint: 1,
+            complete: 0,
+            post_suspend_sent: false,
+            post_suspend_pending: false,
+            dead: None,
+        }
+    }
+}
+
+fn le32(b: &[u8], at: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(a)
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    u32::from_be_bytes(a)
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_be_bytes(a)
+}
+
+fn pad_of(len: u32) -> u8 {
+    ((8 - (len % 8)) % 8) as u8
 }
 
 impl Parser {
@@ -66,17 +397,624 @@ impl Parser {
     }
 
     /// Feeds the next chunk of the stream; appends the events it completes to `events`.
-    pub fn feed(&mut self, _data: &[u8], _events: &mut Vec<Event>) -> Result<(), StreamError> {
-        unimplemented!("stream parser")
+    pub fn feed(&mut self, data: &[u8], events: &mut Vec<Event>) -> Result<(), StreamError> {
+        if let Some(e) = &self.dead {
+            return Err(e.clone());
+        }
+        let r = self.feed_inner(data, events);
+        if let Err(e) = &r {
+            self.dead = Some(e.clone());
+        }
+        r
     }
 
     /// Bytes consumed so far.
     pub fn position(&self) -> u64 {
-        0
+        self.pos
     }
 
     /// Number of the last complete checkpoint (0 before the first one).
     pub fn checkpoints_complete(&self) -> u64 {
-        0
+        self.complete
+    }
+
+    /// The guest type from the libxc domain header, once read.
+    pub fn domain_type(&self) -> Option<DomainType> {
+        self.domain
+    }
+
+    /// The layer whose records are being read (the xl and libxl headers count as libxl).
+    pub fn layer(&self) -> Layer {
+        match (self.state, self.phase) {
+            (State::LibxcImageHeader | State::LibxcDomainHeader, _) => Layer::Libxc,
+            (_, Phase::Libxc) => Layer::Libxc,
+            _ => Layer::Libxl,
+        }
+    }
+
+    /// True once libxl END has been read (a plain stream finished).
+    pub fn is_finished(&self) -> bool {
+        self.state == State::Finished
+    }
+
+    /// The error that killed the parser, if any.
+    pub fn error(&self) -> Option<&StreamError> {
+        self.dead.as_ref()
+    }
+
+    /// End-of-input check: `Ok` if the input so far ends on a record boundary (or after
+    /// libxl END); an error naming the header or record the input stops inside of.
+    /// Ending between records is not an error here: a Remus stream stops wherever the
+    /// primary died, and which checkpoints are complete is `checkpoints_complete()`.
+    pub fn finish(&self) -> Result<(), StreamError> {
+        if let Some(e) = &self.dead {
+            return Err(e.clone());
+        }
+        let what = match self.state {
+            State::Finished => return Ok(()),
+            State::RecordHeader if self.blen == 0 => return Ok(()),
+            State::XlSkip { left, .. } => {
+                format!(
+                    "truncated inside the xl config: {left} more bytes of optional data expected"
+                )
+            }
+            State::RecordBody {
+                body_left,
+                pad_left,
+            } => {
+                let c = self.cur.unwrap_or(Current {
+                    layer: Layer::Libxl,
+                    rtype: 0,
+                    start: 0,
+                    body_len: 0,
+                });
+                format!(
+                    "truncated inside the {:?} {} record (type {:#x}) that starts at byte {}: \
+                     {} more body bytes and {} padding bytes expected",
+                    c.layer,
+                    type_name(c.layer, c.rtype),
+                    c.rtype,
+                    c.start,
+                    body_left,
+                    pad_left
+                )
+            }
+            s => {
+                let mut w = format!(
+                    "truncated inside {} that starts at byte {}: {} of {} bytes read",
+                    s.describe(),
+                    self.bstart,
+                    self.blen,
+                    s.need()
+                );
+                if self.pos == 0 {
+                    w = "empty stream: the xl header is missing".to_string();
+                }
+                w
+            }
+        };
+        Err(StreamError::at(self.pos, what))
+    }
+
+    fn feed_inner(&mut self, mut data: &[u8], ev: &mut Vec<Event>) -> Result<(), StreamError> {
+        while !data.is_empty() {
+            if self.post_suspend_pending {
+                self.post_suspend_pending = false;
+                self.post_suspend_sent = true;
+                ev.push(Event::PostSuspendStart {
+                    checkpoint: self.checkpoint,
+                    pos: self.pos,
+                });
+            }
+            match self.state {
+                State::Finished => {
+                    return Err(StreamError::at(self.pos, "data after the libxl END record"));
+                }
+                State::XlSkip { left, config_len } => {
+                    let n = (data.len() as u64).min(left);
+                    data = &data[n as usize..];
+                    self.pos += n;
+                    let left = left - n;
+                    if left == 0 {
+                        ev.push(Event::XlHeader {
+                            end: self.pos,
+                            config_len,
+                        });
+                        self.begin_buffer(State::LibxlHeader);
+                    } else {
+                        self.state = State::XlSkip { left, config_len };
+                    }
+                }
+                State::RecordBody {
+                    body_left,
+                    pad_left,
+                } => {
+                    if body_left > 0 {
+                        let n = (data.len() as u64).min(body_left);
+                        data = &data[n as usize..];
+                        self.pos += n;
+                        self.state = State::RecordBody {
+                            body_left: body_left - n,
+                            pad_left,
+                        };
+                    } else if pad_left > 0 {
+                        if data[0] != 0 {
+                            return Err(StreamError::at(
+                                self.pos,
+                                format!(
+                                    "padding byte is {:#04x}, not zero (record at byte {})",
+                                    data[0],
+                                    self.cur.map(|c| c.start).unwrap_or(0)
+                                ),
+                            ));
+                        }
+                        data = &data[1..];
+                        self.pos += 1;
+                        self.state = State::RecordBody {
+                            body_left: 0,
+                            pad_left: pad_left - 1,
+                        };
+                    }
+                    if let State::RecordBody {
+                        body_left: 0,
+                        pad_left: 0,
+                    } = self.state
+                    {
+                        self.record_complete(ev)?;
+                    }
+                }
+                s => {
+                    let need = s.need();
+                    let before = self.blen;
+                    let n = (need - self.blen).min(data.len());
+                    self.buf[self.blen..self.blen + n].copy_from_slice(&data[..n]);
+                    self.blen += n;
+                    self.pos += n as u64;
+                    data = &data[n..];
+                    if s == State::RecordHeader && before < 4 && self.blen >= 4 {
+                        self.record_type_known(ev)?;
+                    }
+                    if self.blen == need {
+                        self.header_complete(s, ev)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn begin_buffer(&mut self, s: State) {
+        self.state = s;
+        self.blen = 0;
+        self.bstart = self.pos;
+    }
+
+    fn header_complete(&mut self, s: State, ev: &mut Vec<Event>) -> Result<(), StreamError> {
+        let b = self.buf;
+        let at = self.bstart;
+        match s {
+            State::XlFixed => {
+                if &b[..32] != XL_MAGIC {
+                    let first = b[..32]
+                        .iter()
+                        .zip(XL_MAGIC.iter())
+                        .position(|(a, m)| a != m)
+                        .unwrap_or(0);
+                    return Err(StreamError::at(
+                        at + first as u64,
+                        format!(
+                            "wrong xl magic: expected {:?}, got {:?}",
+                            String::from_utf8_lossy(XL_MAGIC),
+                            String::from_utf8_lossy(&b[..32])
+                        ),
+                    ));
+                }
+                let order = le32(&b, 32);
+                if order != XL_BYTEORDER {
+                    return Err(StreamError::at(
+                        at + 32,
+                        format!(
+                            "wrong xl byte-order marker {order:#010x} (expected {XL_BYTEORDER:#010x}, little-endian)"
+                        ),
+                    ));
+                }
+                let mandatory = le32(&b, 36);
+                let unknown = mandatory & !(XL_FLAG_JSON | XL_FLAG_STREAMV2);
+                if unknown != 0 {
+                    return Err(StreamError::at(
+                        at + 36,
+                        format!("unknown xl mandatory flags {unknown:#x}"),
+                    ));
+                }
+                if mandatory & XL_FLAG_STREAMV2 == 0 {
+                    return Err(StreamError::at(
+                        at + 36,
+                        "xl mandatory flags lack STREAMv2: a legacy (v1) stream is not supported",
+                    ));
+                }
+                // optional_flags (b[40..44]): xl 4.17 defines none and does not check them.
+                let opt_len = le32(&b, 44);
+                if opt_len > XL_OPTIONAL_DATA_MAX {
+                    return Err(StreamError::at(
+                        at + 44,
+                        format!("xl optional data length {opt_len} exceeds {XL_OPTIONAL_DATA_MAX}"),
+                    ));
+                }
+                match opt_len {
+                    0 => {
+                        ev.push(Event::XlHeader {
+                            end: self.pos,
+                            config_len: 0,
+                        });
+                        self.begin_buffer(State::LibxlHeader);
+                    }
+                    1..=3 => {
+                        return Err(StreamError::at(
+                            at + 44,
+                            format!(
+                                "xl optional data length {opt_len} is too short for the u32 config length"
+                            ),
+                        ));
+                    }
+                    _ => self.begin_buffer(State::XlConfigLen { opt_len }),
+                }
+            }
+            State::XlConfigLen { opt_len } => {
+                let config_len = le32(&b, 0);
+                if config_len > opt_len - 4 {
+                    return Err(StreamError::at(
+                        at,
+                        format!(
+                            "xl config length {config_len} exceeds the {} bytes of optional data left",
+                            opt_len - 4
+                        ),
+                    ));
+                }
+                let left = u64::from(opt_len - 4);
+                if left == 0 {
+                    ev.push(Event::XlHeader {
+                        end: self.pos,
+                        config_len,
+                    });
+                    self.begin_buffer(State::LibxlHeader);
+                } else {
+                    self.state = State::XlSkip { left, config_len };
+                    self.blen = 0;
+                }
+            }
+            State::LibxlHeader => {
+                let ident = be64(&b, 0);
+                if ident != LIBXL_IDENT {
+                    return Err(StreamError::at(
+                        at,
+                        format!(
+                            "wrong libxl ident {ident:#018x} (expected {LIBXL_IDENT:#018x}, \"LibxlFmt\")"
+                        ),
+                    ));
+                }
+                let version = be32(&b, 8);
+                if version != LIBXL_VERSION {
+                    return Err(StreamError::at(
+                        at + 8,
+                        format!(
+                            "unsupported libxl stream version {version} (expected {LIBXL_VERSION})"
+                        ),
+                    ));
+                }
+                let options = be32(&b, 12);
+                if options & LIBXL_OPT_BIG_ENDIAN != 0 {
+                    return Err(StreamError::at(
+                        at + 12,
+                        "big-endian libxl streams are not supported (libxl refuses them too)",
+                    ));
+                }
+                self.phase = Phase::LibxlStart;
+                self.begin_buffer(State::RecordHeader);
+            }
+            State::LibxcImageHeader => {
+                let marker = be64(&b, 0);
+                if marker != LIBXC_MARKER {
+                    return Err(StreamError::at(
+                        at,
+                        format!("wrong libxc image marker {marker:#018x} (expected all ones)"),
+                    ));
+                }
+                let id = be32(&b, 8);
+                if id != LIBXC_ID {
+                    return Err(StreamError::at(
+                        at + 8,
+                        format!(
+                            "wrong libxc image id {id:#010x} (expected {LIBXC_ID:#010x}, \"XENF\")"
+                        ),
+                    ));
+                }
+                let version = be32(&b, 12);
+                if !(2..=3).contains(&version) {
+                    return Err(StreamError::at(
+                        at + 12,
+                        format!("unsupported libxc image version {version} (expected 2 or 3)"),
+                    ));
+                }
+                let options = u16::from_be_bytes([b[16], b[17]]);
+                if options & LIBXC_OPT_BIG_ENDIAN != 0 {
+                    return Err(StreamError::at(
+                        at + 16,
+                        "big-endian libxc images are not supported (libxc refuses them too)",
+                    ));
+                }
+                self.begin_buffer(State::LibxcDomainHeader);
+            }
+            State::LibxcDomainHeader => {
+                let dtype = le32(&b, 0);
+                self.domain = Some(match dtype {
+                    1 => DomainType::X86Pv,
+                    2 => DomainType::X86Hvm,
+                    t => {
+                        return Err(StreamError::at(
+                            at,
+                            format!(
+                                "unsupported libxc domain type {t} (expected 1 x86 PV or 2 x86 HVM)"
+                            ),
+                        ));
+                    }
+                });
+                let page_shift = u16::from_le_bytes([b[4], b[5]]);
+                if page_shift != 12 {
+                    return Err(StreamError::at(
+                        at + 4,
+                        format!("libxc page shift {page_shift} is not 12 (x86 has 4 KiB pages)"),
+                    ));
+                }
+                self.phase = Phase::Libxc;
+                self.begin_buffer(State::RecordHeader);
+            }
+            State::RecordHeader => self.record_header_complete(ev)?,
+            State::XlSkip { .. } | State::RecordBody { .. } | State::Finished => {}
+        }
+        Ok(())
+    }
+
+    fn phase_layer(&self) -> Layer {
+        if self.phase == Phase::Libxc {
+            Layer::Libxc
+        } else {
+            Layer::Libxl
+        }
+    }
+
+    /// The 4-byte type field of a record header has arrived.
+    fn record_type_known(&mut self, ev: &mut Vec<Event>) -> Result<(), StreamError> {
+        let rtype = le32(&self.buf, 0);
+        if self.phase == Phase::Libxc
+            && !self.post_suspend_sent
+            && (is_end_of_checkpoint_record(rtype) || rtype == libxc_type::CHECKPOINT)
+        {
+            // Only checkpoint 1 gets here: later ones are started by CHECKPOINT_END.
+            self.post_suspend_sent = true;
+            ev.push(Event::PostSuspendStart {
+                checkpoint: self.checkpoint,
+                pos: self.bstart,
+            });
+        }
+        Ok(())
+    }
+
+    fn not_allowed(&self, rtype: u32, why: &str) -> StreamError {
+        let layer = self.phase_layer();
+        StreamError::at(
+            self.bstart,
+            format!(
+                "{:?} record type {:#x} ({}) is not allowed here: {}",
+                layer,
+                rtype,
+                type_name(layer, rtype),
+                why
+            ),
+        )
+    }
+
+    fn record_header_complete(&mut self, ev: &mut Vec<Event>) -> Result<(), StreamError> {
+        let rtype = le32(&self.buf, 0);
+        let len = le32(&self.buf, 4);
+        let start = self.bstart;
+        let layer = self.phase_layer();
+        if len > REC_LENGTH_MAX {
+            return Err(StreamError::at(
+                start + 4,
+                format!(
+                    "{:?} {} record (type {:#x}) body length {} exceeds the 128 MiB limit",
+                    layer,
+                    type_name(layer, rtype),
+                    rtype,
+                    len
+                ),
+            ));
+        }
+        let optional = rtype & REC_TYPE_OPTIONAL != 0;
+        let hvm = self.domain == Some(DomainType::X86Hvm);
+        // Records that carry no fields: Xen writes them with length 0.
+        let mut marker = false;
+        let mut emulator = false;
+        if !optional {
+            match self.phase {
+                Phase::LibxlStart => match rtype {
+                    libxl_type::LIBXC_CONTEXT => marker = true,
+                    _ => return Err(self.not_allowed(
+                        rtype,
+                        "before LIBXC_CONTEXT only LIBXC_CONTEXT and optional records may appear",
+                    )),
+                },
+                Phase::LibxlCheckpoint | Phase::LibxlTail => match rtype {
+                    libxl_type::EMULATOR_XENSTORE_DATA | libxl_type::EMULATOR_CONTEXT => {
+                        if !hvm {
+                            return Err(self.not_allowed(
+                                rtype,
+                                "emulator records belong to HVM guests, this is a PV stream",
+                            ));
+                        }
+                        emulator = true;
+                    }
+                    libxl_type::CHECKPOINT_END if self.phase == Phase::LibxlCheckpoint => {
+                        marker = true
+                    }
+                    libxl_type::END if self.phase == Phase::LibxlTail => marker = true,
+                    libxl_type::CHECKPOINT_END => {
+                        return Err(self.not_allowed(
+                            rtype,
+                            "CHECKPOINT_END after a libxc END (plain stream)",
+                        ));
+                    }
+                    libxl_type::END => {
+                        return Err(self.not_allowed(
+                            rtype,
+                            "END inside a checkpoint (libxc ended it with CHECKPOINT)",
+                        ));
+                    }
+                    libxl_type::LIBXC_CONTEXT => {
+                        return Err(self
+                            .not_allowed(rtype, "LIBXC_CONTEXT appears only once, at the start"));
+                    }
+                    libxl_type::CHECKPOINT_STATE => {
+                        return Err(self.not_allowed(rtype, "CHECKPOINT_STATE is COLO-only"));
+                    }
+                    _ => return Err(self.not_allowed(rtype, "unknown mandatory libxl record type")),
+                },
+                Phase::Libxc => {
+                    use libxc_type::*;
+                    match rtype {
+                        END | VERIFY | CHECKPOINT | STATIC_DATA_END => marker = true,
+                        PAGE_DATA | X86_TSC_INFO | X86_CPUID_POLICY | X86_MSR_POLICY => {}
+                        X86_PV_INFO | X86_PV_P2M_FRAMES | X86_PV_VCPU_BASIC
+                        | X86_PV_VCPU_EXTENDED | X86_PV_VCPU_XSAVE | SHARED_INFO
+                        | X86_PV_VCPU_MSRS => {
+                            if hvm {
+                                return Err(self.not_allowed(rtype, "a PV record in an HVM stream"));
+                            }
+                        }
+                        HVM_CONTEXT | HVM_PARAMS => {
+                            if !hvm {
+                                return Err(self.not_allowed(rtype, "an HVM record in a PV stream"));
+                            }
+                        }
+                        TOOLSTACK => {
+                            return Err(self.not_allowed(
+                                rtype,
+                                "the deprecated TOOLSTACK record is not accepted by Xen 4.17",
+                            ));
+                        }
+                        CHECKPOINT_DIRTY_PFN_LIST => {
+                            return Err(self.not_allowed(
+                                rtype,
+                                "CHECKPOINT_DIRTY_PFN_LIST only travels backup to primary (COLO)",
+                            ));
+                        }
+                        _ => {
+                            return Err(
+                                self.not_allowed(rtype, "unknown mandatory libxc record type")
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        if marker && len != 0 {
+            return Err(StreamError::at(
+                start + 4,
+                format!(
+                    "{:?} {} record must have body length 0, has {}",
+                    layer,
+                    type_name(layer, rtype),
+                    len
+                ),
+            ));
+        }
+        if emulator && len < 8 {
+            return Err(StreamError::at(
+                start + 4,
+                format!(
+                    "libxl {} record body length {} is shorter than its 8-byte emulator header",
+                    type_name(layer, rtype),
+                    len
+                ),
+            ));
+        }
+        self.cur = Some(Current {
+            layer,
+            rtype,
+            start,
+            body_len: len,
+        });
+        self.blen = 0;
+        self.state = State::RecordBody {
+            body_left: u64::from(len),
+            pad_left: pad_of(len),
+        };
+        if len == 0 {
+            self.record_complete(ev)?;
+        }
+        Ok(())
+    }
+
+    fn record_complete(&mut self, ev: &mut Vec<Event>) -> Result<(), StreamError> {
+        let Some(c) = self.cur.take() else {
+            return Err(StreamError::at(self.pos, "internal: record without header"));
+        };
+        let end = self.pos;
+        ev.push(Event::Record {
+            layer: c.layer,
+            rtype: c.rtype,
+            start: c.start,
+            body_len: c.body_len,
+            end,
+        });
+        let optional = c.rtype & REC_TYPE_OPTIONAL != 0;
+        let mut next = State::RecordHeader;
+        if !optional {
+            match (self.phase, c.rtype) {
+                (Phase::LibxlStart, libxl_type::LIBXC_CONTEXT) => {
+                    next = State::LibxcImageHeader;
+                }
+                (Phase::LibxlCheckpoint, libxl_type::CHECKPOINT_END) => {
+                    ev.push(Event::CheckpointComplete {
+                        checkpoint: self.checkpoint,
+                        end,
+                    });
+                    self.complete = self.checkpoint;
+                    self.checkpoint += 1;
+                    self.post_suspend_sent = false;
+                    self.post_suspend_pending = true;
+                    self.phase = Phase::Libxc;
+                }
+                (Phase::LibxlTail, libxl_type::END) => {
+                    ev.push(Event::End { end });
+                    next = State::Finished;
+                }
+                (Phase::Libxc, libxc_type::CHECKPOINT) => {
+                    ev.push(Event::LibxcCheckpoint {
+                        checkpoint: self.checkpoint,
+                        end,
+                    });
+                    self.phase = Phase::LibxlCheckpoint;
+                }
+                (Phase::Libxc, libxc_type::END) => {
+                    self.phase = Phase::LibxlTail;
+                }
+                _ => {}
+            }
+        }
+        self.begin_buffer(next);
+        Ok(())
     }
 }
+
+/// Renders events one per line (for test failure messages and debugging).
+pub fn render_events(events: &[Event]) -> String {
+    let mut s = String::new();
+    for e in events {
+        let _ = writeln!(s, "{e:?}");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,561 @@
+//! Parser tests on streams from `writer`, chunked in many ways, and every bad input.
+use super::writer::{self, GuestKind, WriterConfig, Written};
+use super::*;
+use proptest::prelude::*;
+
+fn parse_chunks(bytes: &[u8], sizes: &mut dyn FnMut() -> usize) -> (Parser, Vec<Event>) {
+    let mut p = Parser::new();
+    let mut ev = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        let n = sizes().max(1).min(bytes.len() - i);
+        p.feed(&bytes[i..i + n], &mut ev)
+            .unwrap_or_else(|e| panic!("unexpected error {e} after {i} bytes"));
+        i += n;
+    }
+    (p, ev)
+}
+
+fn parse_all(bytes: &[u8]) -> Result<(Parser, Vec<Event>), StreamError> {
+    let mut p = Parser::new();
+    let mut ev = Vec::new();
+    p.feed(bytes, &mut ev)?;
+    p.finish()?;
+    Ok((p, ev))
+}
+
+fn err_of(bytes: &[u8]) -> StreamError {
+    match parse_all(bytes) {
+        Ok((_, ev)) => panic!("expected an error, parsed:\n{}", render_events(&ev)),
+        Err(e) => e,
+    }
+}
+
+fn assert_events(w: &Written, ev: &[Event]) {
+    assert_eq!(
+        ev,
+        &w.events[..],
+        "parser events differ from the writer's expectations"
+    );
+}
+
+/// Start offset of the `nth` record of `layer`/`rtype`.
+fn record_start(w: &Written, layer_: Layer, rtype_: u32, nth: usize) -> usize {
+    w.events
+        .iter()
+        .filter_map(|e| match *e {
+            Event::Record {
+                layer,
+                rtype,
+                start,
+                ..
+            } if layer == layer_ && rtype == rtype_ => Some(start as usize),
+            _ => None,
+        })
+        .nth(nth)
+        .unwrap_or_else(|| panic!("no record {layer_:?} {rtype_:#x} #{nth}"))
+}
+
+fn xl_end(w: &Written) -> usize {
+    match w.events[0] {
+        Event::XlHeader { end, .. } => end as usize,
+        e => panic!("first event is {e:?}"),
+    }
+}
+
+/// Offset of the libxc image header (right after the LIBXC_CONTEXT record).
+fn ihdr(w: &Written) -> usize {
+    record_start(w, Layer::Libxl, libxl_type::LIBXC_CONTEXT, 0) + 8
+}
+
+fn small(kind: GuestKind, checkpoints: u64) -> Written {
+    writer::write(&WriterConfig {
+        kind,
+        guest_pages: 300,
+        dirty_pages: 40,
+        ..WriterConfig::pv(checkpoints)
+    })
+}
+
+#[test]
+fn pv_stream_events_match_the_writer() {
+    let w = small(GuestKind::Pv, 4);
+    let (p, ev) = parse_all(&w.bytes).unwrap();
+    assert_events(&w, &ev);
+    assert_eq!(p.checkpoints_complete(), 4);
+    assert_eq!(p.position(), w.bytes.len() as u64);
+    assert_eq!(p.domain_type(), Some(DomainType::X86Pv));
+    // The contract's landmarks, spelled out once.
+    let ps: Vec<_> = ev
+        .iter()
+        .filter_map(|e| match *e {
+            Event::PostSuspendStart { checkpoint, pos } => Some((checkpoint, pos)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ps.len(), 4);
+    assert_eq!(
+        ps[0].1 as usize,
+        record_start(&w, Layer::Libxc, libxc_type::X86_TSC_INFO, 0)
+    );
+    let ends: Vec<_> = ev
+        .iter()
+        .filter_map(|e| match *e {
+            Event::CheckpointComplete { checkpoint, end } => Some((checkpoint, end)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        ends.iter().map(|e| e.0).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+    for n in 1..4 {
+        assert_eq!(ps[n].0, n as u64 + 1);
+        assert_eq!(
+            ps[n].1,
+            ends[n - 1].1,
+            "checkpoint {} starts after {}",
+            n + 1,
+            n
+        );
+    }
+    assert_eq!(ends[3].1, w.bytes.len() as u64);
+}
+
+#[test]
+fn hvm_stream_events_match_the_writer() {
+    let w = small(GuestKind::Hvm, 3);
+    let (p, ev) = parse_all(&w.bytes).unwrap();
+    assert_events(&w, &ev);
+    assert_eq!(p.checkpoints_complete(), 3);
+    assert_eq!(p.domain_type(), Some(DomainType::X86Hvm));
+    let emu = ev
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                Event::Record {
+                    layer: Layer::Libxl,
+                    rtype: libxl_type::EMULATOR_CONTEXT,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(emu, 3);
+}
+
+#[test]
+fn plain_stream_ends_with_end_and_optional_records_pass() {
+    for kind in [GuestKind::Pv, GuestKind::Hvm] {
+        let w = writer::write(&WriterConfig {
+            kind,
+            guest_pages: 100,
+            dirty_pages: 10,
+            plain: true,
+            optional_records: true,
+            ..WriterConfig::pv(1)
+        });
+        let (p, ev) = parse_all(&w.bytes).unwrap();
+        assert_events(&w, &ev);
+        assert!(p.is_finished());
+        assert_eq!(p.checkpoints_complete(), 0);
+        assert!(matches!(ev.last(), Some(Event::End { end }) if *end == w.bytes.len() as u64));
+        // Nothing may follow END.
+        let mut more = w.bytes.clone();
+        more.push(0);
+        let e = err_of(&more);
+        assert_eq!(e.pos(), w.bytes.len() as u64);
+        assert!(e.what().contains("after the libxl END"), "{e}");
+    }
+    let w = writer::write(&WriterConfig {
+        optional_records: true,
+        ..WriterConfig::hvm(2)
+    });
+    let (_, ev) = parse_all(&w.bytes).unwrap();
+    assert_events(&w, &ev);
+}
+
+#[test]
+fn every_chunking_gives_the_same_events() {
+    for w in [small(GuestKind::Pv, 3), small(GuestKind::Hvm, 3)] {
+        for size in [1usize, 2, 3, 5, 7, 8, 9, 13, 64, 4095, 4096, 4097, 65536] {
+            let (p, ev) = parse_chunks(&w.bytes, &mut || size);
+            assert_events(&w, &ev);
+            p.finish().unwrap();
+        }
+        let mut rng = writer::Rng::new(99);
+        for _ in 0..5 {
+            let (_, ev) = parse_chunks(&w.bytes, &mut || 1 + rng.below(10_000));
+            assert_events(&w, &ev);
+        }
+    }
+}
+
+#[test]
+fn events_are_emitted_by_the_feed_that_delivers_their_byte() {
+    let w = small(GuestKind::Pv, 3);
+    let mut p = Parser::new();
+    let mut ev = Vec::new();
+    for (i, b) in w.bytes.iter().enumerate() {
+        let before = ev.len();
+        p.feed(std::slice::from_ref(b), &mut ev).unwrap();
+        let delivered = i as u64; // the byte this call delivered
+        for e in &ev[before..] {
+            match *e {
+                Event::PostSuspendStart { checkpoint: 1, pos } => {
+                    // Type field known: the 4th byte of that record.
+                    assert_eq!(delivered, pos + 3)
+                }
+                Event::PostSuspendStart { pos, .. } => assert_eq!(delivered, pos),
+                Event::LibxcCheckpoint { end, .. }
+                | Event::CheckpointComplete { end, .. }
+                | Event::Record { end, .. }
+                | Event::XlHeader { end, .. } => assert_eq!(delivered + 1, end),
+                Event::End { end } => assert_eq!(delivered + 1, end),
+            }
+        }
+    }
+    assert_events(&w, &ev);
+}
+
+#[test]
+fn stream_cut_after_a_checkpoint_has_no_next_post_suspend() {
+    let w = small(GuestKind::Pv, 2);
+    let (_, ev) = parse_all(&w.bytes).unwrap();
+    assert!(
+        !ev.iter()
+            .any(|e| matches!(e, Event::PostSuspendStart { checkpoint: 3, .. }))
+    );
+}
+
+#[test]
+fn finish_names_where_the_input_stops() {
+    let w = small(GuestKind::Hvm, 2);
+    let cases: Vec<(usize, &str)> = vec![
+        (0, "empty stream"),
+        (10, "the xl header"),
+        (49, "the xl config length"),
+        (60, "the xl config"),
+        (xl_end(&w) + 3, "the libxl header"),
+        (ihdr(&w) + 5, "the libxc image header"),
+        (ihdr(&w) + 30, "the libxc domain header"),
+        (
+            record_start(&w, Layer::Libxc, libxc_type::PAGE_DATA, 0) + 3,
+            "a record header",
+        ),
+        (
+            record_start(&w, Layer::Libxc, libxc_type::PAGE_DATA, 0) + 100,
+            "PAGE_DATA record",
+        ),
+        (
+            record_start(&w, Layer::Libxl, libxl_type::EMULATOR_CONTEXT, 0) + 20,
+            "EMULATOR_CONTEXT record",
+        ),
+    ];
+    for (cut, what) in cases {
+        let e = err_of(&w.bytes[..cut]);
+        assert_eq!(e.pos(), cut as u64, "{e}");
+        assert!(
+            e.what().contains("truncated") || e.what().contains("empty"),
+            "{e}"
+        );
+        assert!(
+            e.what().contains(what),
+            "cut at {cut}: {e} should name {what}"
+        );
+    }
+    // A cut in the padding is inside the record too.
+    let hc = record_start(&w, Layer::Libxc, libxc_type::HVM_CONTEXT, 0);
+    let len = u32::from_le_bytes(w.bytes[hc + 4..hc + 8].try_into().unwrap()) as usize;
+    assert_ne!(len % 8, 0, "the writer's HVM_CONTEXT should need padding");
+    let e = err_of(&w.bytes[..hc + 8 + len + 1]);
+    assert!(e.what().contains("padding bytes expected"), "{e}");
+    // At a record boundary the input is fine.
+    let b = record_start(&w, Layer::Libxc, libxc_type::PAGE_DATA, 1);
+    let (p, _) = parse_all(&w.bytes[..b]).unwrap();
+    assert_eq!(p.checkpoints_complete(), 0);
+}
+
+fn patched(w: &Written, at: usize, bytes: &[u8]) -> Vec<u8> {
+    let mut v = w.bytes.clone();
+    v[at..at + bytes.len()].copy_from_slice(bytes);
+    v
+}
+
+fn expect(bytes: &[u8], pos: usize, what: &str) {
+    let e = err_of(bytes);
+    assert_eq!(e.pos(), pos as u64, "wrong position for {e}");
+    assert!(e.what().contains(what), "{e} should contain {what:?}");
+    // The parser is dead afterwards and says so again.
+    let mut p = Parser::new();
+    let mut ev = Vec::new();
+    let first = p.feed(bytes, &mut ev).and_then(|_| p.finish());
+    assert!(first.is_err());
+    assert_eq!(p.feed(&[0], &mut ev), first);
+    assert_eq!(p.error(), first.as_ref().err());
+}
+
+#[test]
+fn bad_xl_header() {
+    let w = small(GuestKind::Pv, 1);
+    expect(&patched(&w, 4, b"X"), 4, "wrong xl magic");
+    expect(
+        &patched(&w, 32, &0x0403_0201u32.to_le_bytes()),
+        32,
+        "byte-order",
+    );
+    expect(
+        &patched(&w, 36, &(XL_FLAG_STREAMV2 | 4).to_le_bytes()),
+        36,
+        "unknown xl mandatory flags 0x4",
+    );
+    expect(
+        &patched(&w, 36, &XL_FLAG_JSON.to_le_bytes()),
+        36,
+        "legacy (v1)",
+    );
+    expect(&patched(&w, 44, &2u32.to_le_bytes()), 44, "too short");
+    expect(
+        &patched(&w, 44, &(REC_LENGTH_MAX + 1).to_le_bytes()),
+        44,
+        "exceeds",
+    );
+    expect(
+        &patched(&w, 48, &u32::MAX.to_le_bytes()),
+        48,
+        "xl config length",
+    );
+    // No optional data at all: straight to the libxl header.
+    let mut v = w.bytes[..44].to_vec();
+    v.extend_from_slice(&0u32.to_le_bytes());
+    v.extend_from_slice(&w.bytes[xl_end(&w)..]);
+    let (_, ev) = parse_all(&v).unwrap();
+    assert_eq!(
+        ev[0],
+        Event::XlHeader {
+            end: 48,
+            config_len: 0
+        }
+    );
+}
+
+#[test]
+fn bad_libxl_and_libxc_headers() {
+    let w = small(GuestKind::Pv, 1);
+    let l = xl_end(&w);
+    expect(&patched(&w, l, b"LibxlFm_"), l, "wrong libxl ident");
+    expect(
+        &patched(&w, l + 8, &3u32.to_be_bytes()),
+        l + 8,
+        "libxl stream version 3",
+    );
+    expect(
+        &patched(&w, l + 12, &1u32.to_be_bytes()),
+        l + 12,
+        "big-endian libxl",
+    );
+    let i = ihdr(&w);
+    expect(&patched(&w, i + 2, &[0]), i, "libxc image marker");
+    expect(&patched(&w, i + 8, b"XENG"), i + 8, "libxc image id");
+    expect(
+        &patched(&w, i + 12, &4u32.to_be_bytes()),
+        i + 12,
+        "libxc image version 4",
+    );
+    expect(
+        &patched(&w, i + 16, &1u16.to_be_bytes()),
+        i + 16,
+        "big-endian libxc",
+    );
+    expect(
+        &patched(&w, i + 24, &3u32.to_le_bytes()),
+        i + 24,
+        "domain type 3",
+    );
+    expect(
+        &patched(&w, i + 28, &16u16.to_le_bytes()),
+        i + 28,
+        "page shift 16",
+    );
+    // Version 2 images are still accepted, as Xen does.
+    parse_all(&patched(&w, i + 12, &2u32.to_be_bytes())).unwrap();
+}
+
+#[test]
+fn bad_records() {
+    let pv = small(GuestKind::Pv, 2);
+    let hvm = small(GuestKind::Hvm, 2);
+    let pd = record_start(&pv, Layer::Libxc, libxc_type::PAGE_DATA, 0);
+    expect(
+        &patched(&pv, pd + 4, &(REC_LENGTH_MAX + 1).to_le_bytes()),
+        pd + 4,
+        "exceeds the 128 MiB limit",
+    );
+    expect(
+        &patched(&pv, pd, &0x13u32.to_le_bytes()),
+        pd,
+        "unknown mandatory libxc record type",
+    );
+    expect(
+        &patched(&pv, pd, &libxc_type::TOOLSTACK.to_le_bytes()),
+        pd,
+        "TOOLSTACK",
+    );
+    expect(
+        &patched(
+            &pv,
+            pd,
+            &libxc_type::CHECKPOINT_DIRTY_PFN_LIST.to_le_bytes(),
+        ),
+        pd,
+        "COLO",
+    );
+    expect(
+        &patched(&pv, pd, &libxc_type::HVM_CONTEXT.to_le_bytes()),
+        pd,
+        "HVM record in a PV stream",
+    );
+    let hpd = record_start(&hvm, Layer::Libxc, libxc_type::PAGE_DATA, 0);
+    expect(
+        &patched(&hvm, hpd, &libxc_type::SHARED_INFO.to_le_bytes()),
+        hpd,
+        "PV record in an HVM stream",
+    );
+    // Libxl layer: the type numbers mean something else there.
+    let lc = record_start(&pv, Layer::Libxl, libxl_type::LIBXC_CONTEXT, 0);
+    expect(
+        &patched(&pv, lc, &libxl_type::CHECKPOINT_END.to_le_bytes()),
+        lc,
+        "before LIBXC_CONTEXT",
+    );
+    expect(
+        &patched(&pv, lc + 4, &8u32.to_le_bytes()),
+        lc + 4,
+        "body length 0",
+    );
+    let ce = record_start(&pv, Layer::Libxl, libxl_type::CHECKPOINT_END, 0);
+    expect(
+        &patched(&pv, ce, &libxl_type::END.to_le_bytes()),
+        ce,
+        "END inside a checkpoint",
+    );
+    expect(
+        &patched(&pv, ce, &libxl_type::LIBXC_CONTEXT.to_le_bytes()),
+        ce,
+        "only once",
+    );
+    expect(
+        &patched(&pv, ce, &libxl_type::CHECKPOINT_STATE.to_le_bytes()),
+        ce,
+        "COLO-only",
+    );
+    expect(
+        &patched(&pv, ce, &9u32.to_le_bytes()),
+        ce,
+        "unknown mandatory libxl record type",
+    );
+    expect(
+        &patched(&pv, ce, &libxl_type::EMULATOR_CONTEXT.to_le_bytes()),
+        ce,
+        "PV stream",
+    );
+    let ec = record_start(&hvm, Layer::Libxl, libxl_type::EMULATOR_XENSTORE_DATA, 0);
+    // A 4-byte body is shorter than the emulator header; the rest fails later anyway.
+    expect(
+        &patched(&hvm, ec + 4, &4u32.to_le_bytes()),
+        ec + 4,
+        "emulator header",
+    );
+    let ck = record_start(&pv, Layer::Libxc, libxc_type::CHECKPOINT, 0);
+    expect(
+        &patched(&pv, ck + 4, &16u32.to_le_bytes()),
+        ck + 4,
+        "CHECKPOINT record must have body length 0",
+    );
+    // Non-zero padding.
+    let ext = record_start(&pv, Layer::Libxc, libxc_type::X86_PV_VCPU_EXTENDED, 0);
+    let len = u32::from_le_bytes(pv.bytes[ext + 4..ext + 8].try_into().unwrap()) as usize;
+    let padpos = ext + 8 + len;
+    assert_ne!(len % 8, 0);
+    expect(
+        &patched(&pv, padpos, &[0xaa]),
+        padpos,
+        "padding byte is 0xaa",
+    );
+    // Optional types are fine anywhere a record may start.
+    let v = patched(
+        &pv,
+        pd,
+        &(REC_TYPE_OPTIONAL | libxc_type::PAGE_DATA).to_le_bytes(),
+    );
+    let (p, _) = parse_all(&v).unwrap();
+    assert_eq!(p.checkpoints_complete(), 2);
+}
+
+#[test]
+fn a_desynchronised_layer_is_caught() {
+    // Drop the libxc CHECKPOINT record: the libxl records that follow are then read in
+    // the libxc layer, where their type numbers mean something else.
+    let w = small(GuestKind::Hvm, 2);
+    let ck = record_start(&w, Layer::Libxc, libxc_type::CHECKPOINT, 0);
+    let mut v = w.bytes[..ck].to_vec();
+    v.extend_from_slice(&w.bytes[ck + 8..]);
+    // HVM: the next record is libxl EMULATOR_XENSTORE_DATA (2) = libxc X86_PV_INFO.
+    let e = err_of(&v);
+    assert_eq!(e.pos(), ck as u64);
+    assert!(e.what().contains("PV record in an HVM stream"), "{e}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, .. ProptestConfig::default() })]
+
+    #[test]
+    fn random_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..600), split in 0usize..600) {
+        let mut p = Parser::new();
+        let mut ev = Vec::new();
+        let s = split.min(data.len());
+        let _ = p.feed(&data[..s], &mut ev).and_then(|_| p.feed(&data[s..], &mut ev));
+        let _ = p.finish();
+        // Also behind a valid prefix, where the grammar is deeper.
+        let w = small(GuestKind::Hvm, 1);
+        let cut = split % w.bytes.len();
+        let mut v = w.bytes[..cut].to_vec();
+        v.extend_from_slice(&data);
+        let mut p = Parser::new();
+        let _ = p.feed(&v, &mut ev);
+        let _ = p.finish();
+    }
+
+    #[test]
+    fn mutated_streams_never_panic_and_agree_across_chunkings(
+        hvm in any::<bool>(),
+        muts in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+        chunk in 1usize..5000,
+    ) {
+        let w = small(if hvm { GuestKind::Hvm } else { GuestKind::Pv }, 2);
+        let mut v = w.bytes.clone();
+        for (i, b) in &muts {
+            let at = i.index(v.len());
+            v[at] = *b;
+        }
+        let whole = {
+            let mut p = Parser::new();
+            let mut ev = Vec::new();
+            let r = p.feed(&v, &mut ev);
+            (r, ev, p.position())
+        };
+        let mut p = Parser::new();
+        let mut ev = Vec::new();
+        let mut r = Ok(());
+        for c in v.chunks(chunk) {
+            r = p.feed(c, &mut ev);
+            if r.is_err() { break; }
+        }
+        prop_assert_eq!(&r, &whole.0);
+        prop_assert_eq!(&ev, &whole.1);
+        if r.is_err() {
+            prop_assert_eq!(p.position(), whole.2);
+        }
+    }
+}
