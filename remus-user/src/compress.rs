@@ -412,6 +412,18 @@ pub fn measure(
         let e = enc.encode(r)?;
         identical &= dec.decode(&e)? == *r;
     }
+    let mut m = measure_primed(&mut enc, &mut dec, records)?;
+    m.identical &= identical;
+    Ok(m)
+}
+
+/// Like `measure`, with an encoder/decoder pair the caller has already primed (e.g.
+/// record by record while streaming a large checkpoint 1).
+pub fn measure_primed(
+    enc: &mut PageEncoder,
+    dec: &mut PageDecoder,
+    records: &[&[u8]],
+) -> Result<Measurement, CompressError> {
     let mut m = Measurement {
         records: records.len(),
         ..Measurement::default()
@@ -431,8 +443,8 @@ pub fn measure(
         decoded.push(dec.decode(e)?);
     }
     m.decode_secs = t.elapsed().as_secs_f64();
-    identical &= decoded.iter().zip(records).all(|(d, r)| d == r);
-    m.identical = identical;
+    m.identical =
+        decoded.len() == records.len() && decoded.iter().zip(records).all(|(d, r)| d == r);
     m.lz4_only_bytes = records
         .iter()
         .map(|r| lz4_flex::block::compress(r).len().min(r.len()) as u64)
