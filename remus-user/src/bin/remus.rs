@@ -1,2 +1,411 @@
-//! `remus`: the checkpoint controller (relay mode today). Placeholder until its owner fills it in.
-fn main() {}
+//! `remus`: the checkpoint controller. Today: relay mode (`remus relay send|receive|status`).
+//!
+//! Owns: the command line, logging set-up, choosing the output buffer, exit codes.
+//! Never touches: the wire, the stream, the kernel directly: everything goes through
+//! `remus_user::{relay, netbuf}`.
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::process::ExitCode as ProcessExit;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{ArgGroup, Args, Parser, Subcommand};
+use remus_user::compress::Codec;
+use remus_user::exit::{ExitCode, HasExitCode};
+use remus_user::netbuf::{self, AttachOptions, RemoteBuffer};
+use remus_user::relay::{
+    self, DEFAULT_CACHE_PAGES, Heartbeat, RUN_DIR, Shared, parse_duration,
+    receive::{self, DEFAULT_RECEIVER_CMD, ReceiveOptions},
+    send::{self, SendOptions, Unbuffered},
+    status,
+};
+use remus_user::replication::{Key, MIN_VERSION, VERSION};
+
+const ABOUT: &str =
+    "Remus-style high availability for Xen guests: checkpoint transport and output commit.";
+
+const LONG_ABOUT: &str = "\
+Remus-style high availability for Xen guests.
+
+Relay mode makes stock `xl remus` safe: `remus relay send` is the transport command xl
+runs on the primary, `remus relay receive` its twin on the backup. Together they add what
+stock Remus lacks: the backup acknowledges each checkpoint, the guest's network output is
+held until then (eBPF buffer on the vif), heartbeats detect a dead or silent primary in
+about a second, the link is authenticated with a pre-shared key, and page data is
+compressed.
+
+  backup#  remus relay receive --listen 0.0.0.0:7788 --key-file /etc/remus/key
+  primary# xl remus -F -n -s '' mydomain \\
+             'remus relay send --backup backup:7788 --key-file /etc/remus/key --vif vif5.0'
+  either#  remus relay status -j
+
+Exit codes: 0 ok; 1 operational failure; 2 usage (bad arguments, key file, stdin not a
+pipe); 3 environment unsupported (not root, no BPF); 4 peer lost (the backup, for
+`relay send`: the guest now runs unprotected).";
+
+#[derive(Parser)]
+#[command(name = "remus", version, about = ABOUT, long_about = LONG_ABOUT)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The checkpoint relay for stock `xl remus` (send on the primary, receive on the backup).
+    #[command(subcommand)]
+    Relay(RelayCmd),
+}
+
+#[derive(Subcommand)]
+enum RelayCmd {
+    Send(SendArgs),
+    Receive(ReceiveArgs),
+    Status(StatusArgs),
+}
+
+const SEND_LONG: &str = "\
+The primary end: xl's transport command. Do not run it by hand: xl runs it.
+
+  backup#  remus relay receive --listen 0.0.0.0:7788 --key-file /etc/remus/key
+  primary# xl remus -F -n -s '' mydomain \\
+             'remus relay send --backup backup:7788 --key-file /etc/remus/key --vif vif5.0'
+
+(`-n` turns off xl's own network buffering, which Debian's Xen lacks anyway: the relay
+holds the guest's output itself; `-F` is what xl demands for `-n`.)
+
+What it does: stdin is the migration stream, stdout the reverse channel. It refuses a
+stdin that is not a pipe and shrinks the pipe to one page, attaches the output buffer to
+the vif (holding from the first byte), connects and authenticates to the backup, and
+passes the backup's banner to xl. Then, for every checkpoint N: at the first byte written
+after the guest was suspended it closes the buffer's epoch; when the backup acknowledges
+checkpoint N it releases that epoch's frames. If it cannot prove that the epoch switch
+happened before the guest resumed, the epoch is merged into the next one (later release,
+never earlier; counted in `epoch merges`).
+
+If the backup is lost (connection error, or silent for --heartbeat-timeout), everything
+held is released, the buffer passes traffic from then on, and it exits with code 4, so
+xl prints \"Backup failed? resuming domain at primary\": the guest runs UNPROTECTED.
+
+Exactly one of --vif, --attached, --no-buffer chooses the output buffer.";
+
+#[derive(Args)]
+#[command(long_about = SEND_LONG, group(ArgGroup::new("buffer").required(true).args(["vif", "attached", "no_buffer"])))]
+/// The primary end: xl's transport command (`xl remus -s '' DOM 'remus relay send …'`).
+struct SendArgs {
+    /// The backup's `remus relay receive`, HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    backup: String,
+    /// Pre-shared key file, identical on both hosts, mode 0600 (`openssl rand -hex 32 > FILE`).
+    #[arg(long, value_name = "FILE")]
+    key_file: PathBuf,
+    /// The guest's vif on this dom0 (e.g. vif5.0): attach the output buffer to it in-process.
+    #[arg(long, value_name = "IFACE")]
+    vif: Option<String>,
+    /// Drive a buffer already attached with `remus-net attach IFACE` instead.
+    #[arg(long, value_name = "IFACE")]
+    attached: Option<String>,
+    /// UNSAFE, testing only: no output buffer at all (the guest's output is not held, so
+    /// a failover can lose what the world has seen). For relay tests and benchmarks.
+    #[arg(long)]
+    no_buffer: bool,
+    /// Held bytes beyond which the in-process buffer drops (and counts) frames.
+    #[arg(long, value_name = "BYTES", default_value_t = netbuf::DEFAULT_LIMIT_BYTES)]
+    limit_bytes: u64,
+    /// Page-data compression: XOR against the last copy of each page, then lz4; or none.
+    #[arg(long, value_name = "CODEC", default_value = "lz4")]
+    compress: Codec,
+    /// Pages (4 KiB) remembered per side as the XOR base of compression.
+    #[arg(long, value_name = "PAGES", default_value_t = DEFAULT_CACHE_PAGES)]
+    cache_pages: u32,
+    #[command(flatten)]
+    hb: HeartbeatArgs,
+    /// Serve Prometheus metrics on this loopback address (e.g. 127.0.0.1:9788).
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<SocketAddr>,
+    /// Status socket (root-only) for `remus relay status`. Default:
+    /// /run/remus/relay-send-<vif or pid>.sock
+    #[arg(long, value_name = "PATH")]
+    status_socket: Option<PathBuf>,
+    /// How long to wait for the backup's TCP connection and handshake.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    connect_timeout: Duration,
+    /// How long the backup may take to start its receiver and send xl's banner.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    banner_timeout: Duration,
+}
+
+#[derive(Args)]
+struct HeartbeatArgs {
+    /// Send a heartbeat this often (at most half the timeout).
+    #[arg(long, value_name = "DURATION", default_value = "200ms", value_parser = parse_duration)]
+    heartbeat_interval: Duration,
+    /// Declare the peer lost after this much silence (minimum 100ms).
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    heartbeat_timeout: Duration,
+}
+
+const RECEIVE_LONG: &str = "\
+The backup end. Long-running: serves one primary at a time, then waits for the next.
+
+  backup#  remus relay receive --listen 0.0.0.0:7788 --key-file /etc/remus/key
+
+For each authenticated primary it starts the receiver command (default
+`xl migrate-receive -r -e`, run with sh -c), passes its banner back, and writes the
+reconstructed, byte-identical migration stream to it. Checkpoint 1 (the initial copy) is
+written straight through; every later checkpoint is kept in memory until its last byte
+has arrived, then written whole and acknowledged, so the receiver only ever holds whole
+checkpoints.
+
+When the primary is silent for --heartbeat-timeout, the connection breaks, or a frame is
+corrupt, it closes the receiver's stdin: libxl then fails over and starts the backup copy
+from the last complete checkpoint. The failover is logged with that checkpoint's number.
+Primaries without the key, with an incompatible protocol version, or arriving while
+another is connected are refused and logged; they never disturb the running session.";
+
+#[derive(Args)]
+#[command(long_about = RECEIVE_LONG)]
+/// The backup end: accepts a primary, feeds `xl migrate-receive -r -e`, acks checkpoints.
+struct ReceiveArgs {
+    /// Address to listen on, ADDR:PORT.
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: String,
+    /// Pre-shared key file, identical on both hosts, mode 0600.
+    #[arg(long, value_name = "FILE")]
+    key_file: PathBuf,
+    /// The command that rebuilds the guest from the stream on its stdin (run with sh -c;
+    /// it must print xl's banner line first).
+    #[arg(long, value_name = "CMD", default_value = DEFAULT_RECEIVER_CMD)]
+    receiver_cmd: String,
+    #[command(flatten)]
+    hb: HeartbeatArgs,
+    /// Serve Prometheus metrics on this loopback address (e.g. 127.0.0.1:9789).
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<SocketAddr>,
+    /// Status socket (root-only). Default: /run/remus/relay-receive-<port>.sock
+    #[arg(long, value_name = "PATH")]
+    status_socket: Option<PathBuf>,
+    /// Serve one primary, then exit (tests, benchmarks).
+    #[arg(long)]
+    once: bool,
+}
+
+#[derive(Args)]
+/// State of the relays on this host (through their root-only sockets under /run/remus/).
+struct StatusArgs {
+    /// Print JSON (an array, one object per relay).
+    #[arg(short = 'j', long = "json")]
+    json: bool,
+    /// Ask only this status socket.
+    #[arg(long, value_name = "PATH")]
+    socket: Vec<PathBuf>,
+}
+
+fn main() -> ProcessExit {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("REMUS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,netlink_packet_route=error"));
+    // stdout is xl's reverse channel for `relay send`: logs go to stderr only.
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("remus: starting the async runtime: {e}");
+            return ExitCode::Failure.into();
+        }
+    };
+    let code = rt.block_on(async {
+        match cli.cmd {
+            Cmd::Relay(RelayCmd::Send(a)) => relay_send(a).await,
+            Cmd::Relay(RelayCmd::Receive(a)) => relay_receive(a).await,
+            Cmd::Relay(RelayCmd::Status(a)) => relay_status(a).await,
+        }
+    });
+    // Do not wait for lingering tasks (the buffer's holder, sockets).
+    rt.shutdown_timeout(Duration::from_millis(200));
+    code.into()
+}
+
+fn fail(what: impl std::fmt::Display, code: ExitCode) -> ExitCode {
+    eprintln!("remus: {what}");
+    code
+}
+
+fn heartbeat(a: &HeartbeatArgs) -> Result<Heartbeat, ExitCode> {
+    Heartbeat::new(a.heartbeat_interval, a.heartbeat_timeout).map_err(|e| fail(e, ExitCode::Usage))
+}
+
+fn load_key(p: &std::path::Path) -> Result<Key, ExitCode> {
+    Key::load(p).map_err(|e| fail(e, ExitCode::Usage))
+}
+
+async fn start_metrics(addr: Option<SocketAddr>, shared: &Arc<Shared>) -> Result<(), ExitCode> {
+    if let Some(a) = addr {
+        remus_user::metrics::serve(a, shared.metrics.clone())
+            .await
+            .map_err(|e| fail(e, ExitCode::Usage))?;
+        tracing::info!(addr = %a, "serving Prometheus metrics");
+    }
+    Ok(())
+}
+
+async fn relay_send(a: SendArgs) -> ExitCode {
+    match relay_send_inner(a).await {
+        Ok(c) | Err(c) => c,
+    }
+}
+
+async fn relay_send_inner(a: SendArgs) -> Result<ExitCode, ExitCode> {
+    let hb = heartbeat(&a.hb)?;
+    // The pipe first: refused early, shrunk before xl can write (it waits for the banner).
+    let pipe = send::prepare_pipe(std::io::stdin().as_fd()).map_err(|e| fail(&e, e.exit_code()))?;
+    let key = load_key(&a.key_file)?;
+    let opts = SendOptions {
+        backup: a.backup.clone(),
+        key,
+        codec: a.compress,
+        cache_pages: a.cache_pages,
+        heartbeat: hb,
+        connect_timeout: a.connect_timeout,
+        banner_timeout: a.banner_timeout,
+        max_version: VERSION,
+        min_version: MIN_VERSION,
+    };
+    let iface = a.vif.clone().or(a.attached.clone());
+    let name = iface
+        .clone()
+        .unwrap_or_else(|| std::process::id().to_string());
+    let sock = a.status_socket.clone().unwrap_or_else(|| {
+        PathBuf::from(RUN_DIR).join(format!("relay-send-{}.sock", relay::sanitize(&name)))
+    });
+    let shared = Shared::new("send", a.backup.clone(), iface.clone());
+    let _status =
+        relay::serve_status(&sock, shared.clone()).map_err(|e| fail(e, ExitCode::Failure))?;
+    start_metrics(a.metrics, &shared).await?;
+    tracing::info!(capacity = pipe.capacity, "xl's pipe shrunk");
+
+    // The buffer holds from before the banner reaches xl, i.e. from the stream's first byte.
+    if let Some(vif) = &a.vif {
+        let mut o = AttachOptions::new(vif.clone());
+        o.limit_bytes = a.limit_bytes;
+        let running = netbuf::attach(o)
+            .await
+            .map_err(|e| fail(&e, e.exit_code()))?;
+        tracing::info!(vif, "output buffer attached in-process: holding");
+        finish_send(send::run(opts, pipe, running.buffer, shared).await)
+    } else if let Some(iface) = &a.attached {
+        let b = RemoteBuffer::connect(iface)
+            .await
+            .map_err(|e| fail(&e, e.exit_code()))?;
+        tracing::info!(iface, "driving the output buffer attached by remus-net");
+        finish_send(send::run(opts, pipe, b, shared).await)
+    } else {
+        tracing::warn!(
+            "--no-buffer: the guest's output is NOT held; this protects nothing (testing only)"
+        );
+        finish_send(send::run(opts, pipe, Unbuffered::new(), shared).await)
+    }
+}
+
+fn finish_send(
+    r: Result<remus_user::checkpoint::Outcome, send::SendError>,
+) -> Result<ExitCode, ExitCode> {
+    match r {
+        Ok(_) => Ok(ExitCode::Ok),
+        Err(e @ send::SendError::PeerLost { .. }) => {
+            eprintln!("remus relay send: {e}");
+            eprintln!(
+                "remus relay send: released everything held and let the guest's traffic pass: the domain runs UNPROTECTED until replication is restarted"
+            );
+            Err(ExitCode::PeerLost)
+        }
+        Err(e) => Err(fail(format!("relay send: {e}"), e.exit_code())),
+    }
+}
+
+async fn relay_receive(a: ReceiveArgs) -> ExitCode {
+    let hb = match heartbeat(&a.hb) {
+        Ok(h) => h,
+        Err(c) => return c,
+    };
+    let key = match load_key(&a.key_file) {
+        Ok(k) => k,
+        Err(c) => return c,
+    };
+    let port = a.listen.rsplit(':').next().unwrap_or("0").to_string();
+    let sock = a.status_socket.clone().unwrap_or_else(|| {
+        PathBuf::from(RUN_DIR).join(format!("relay-receive-{}.sock", relay::sanitize(&port)))
+    });
+    let shared = Shared::new("receive", a.listen.clone(), None);
+    let _status = match relay::serve_status(&sock, shared.clone()) {
+        Ok(g) => g,
+        Err(e) => return fail(e, ExitCode::Failure),
+    };
+    if let Err(c) = start_metrics(a.metrics, &shared).await {
+        return c;
+    }
+    let opts = ReceiveOptions {
+        listen: a.listen,
+        key,
+        receiver_cmd: a.receiver_cmd,
+        heartbeat: hb,
+        handshake_timeout: Duration::from_secs(10),
+        banner_timeout: Duration::from_secs(30),
+        once: a.once,
+    };
+    tokio::select! {
+        r = receive::run(opts, shared) => match r {
+            Ok(()) => ExitCode::Ok,
+            Err(e) => fail(format!("relay receive: {e}"), e.exit_code()),
+        },
+        _ = tokio::signal::ctrl_c() => {
+            tracing::info!("interrupted");
+            ExitCode::Ok
+        }
+    }
+}
+
+async fn relay_status(a: StatusArgs) -> ExitCode {
+    let socks = if a.socket.is_empty() {
+        status::sockets(std::path::Path::new(RUN_DIR))
+    } else {
+        a.socket.clone()
+    };
+    if socks.is_empty() {
+        if a.json {
+            println!("[]");
+            return ExitCode::Ok;
+        }
+        return fail(status::StatusError::NoneRunning, ExitCode::Failure);
+    }
+    let mut all = Vec::new();
+    let mut code = ExitCode::Ok;
+    for p in &socks {
+        match status::query(p).await {
+            Ok(s) => all.push(s),
+            Err(e) => {
+                eprintln!("remus: {e}");
+                code = ExitCode::Failure;
+            }
+        }
+    }
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&all).unwrap_or_else(|_| "[]".into())
+        );
+    } else {
+        for s in &all {
+            print!("{}", status::render(s));
+        }
+    }
+    code
+}

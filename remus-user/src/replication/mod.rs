@@ -1,1 +1,887 @@
-//! Placeholder: filled in by its owner (see lib.rs).
+//! The wire protocol between `remus relay send` (primary) and `remus relay receive` (backup).
+//!
+//! Owns: framing, message kinds, protocol versions, the pre-shared-key handshake. Never
+//! touches: the Xen stream's grammar (`stream`), page compression (`compress`), the output
+//! buffer, processes or sockets other than the one stream it is handed.
+//!
+//! ```text
+//!  primary (relay send)                              backup (relay receive)
+//!  ───────────────────                               ──────────────────────
+//!  HELLO{versions, codec, nonce_p} ─────────────────►
+//!                                  ◄──────────────── CHALLENGE{version, nonce_b,
+//!                                                              mac_b = H(k, "server"‖v‖nonce_p‖nonce_b)}
+//!  verify mac_b (else ABORT, drop)
+//!  AUTH{mac_p = H(k, "client"‖v‖nonce_p‖nonce_b)} ──►
+//!                                                     verify mac_p (else ABORT, log, drop)
+//!                                  ◄──────────────── WELCOME
+//!                                                     start `xl migrate-receive -r -e`
+//!                                  ◄──────────────── BANNER("xl migration receiver ready…\n")
+//!  banner → xl (stdout)
+//!  DATA / PAGE_DATA (checkpoint 1) ─────────────────► write straight through
+//!                                  ◄──────────────── ACK(1)   (all of checkpoint 1 written)
+//!  DATA / PAGE_DATA (checkpoint N) ─────────────────► buffer; at CHECKPOINT_END write all
+//!                                  ◄──────────────── ACK(N)
+//!  HEARTBEAT ◄──────────────────────────────────────► HEARTBEAT   (every interval, both ways)
+//!  CLOSE{checkpoints, finished}    ─────────────────► xl's stream ended: close receiver's stdin
+//!                                  ◄──────────────── CLOSE
+//!  ABORT{reason}                   ◄────────────────► either side gives up (reason is logged)
+//! ```
+//!
+//! H is HMAC-SHA256 keyed with the pre-shared key file. Every frame is a 16-byte header
+//! (`magic "RMUS"`, kind, flags, payload length, CRC-32 of header and payload) followed by
+//! the payload. The length is checked against [`MAX_PAYLOAD`] before anything is
+//! allocated. The CRC catches corruption; authenticity comes from the handshake on a
+//! TCP connection (an attacker who can inject into that TCP stream is out of scope:
+//! run replication on a trusted link or inside a tunnel).
+//!
+//! Versions: the primary announces the range it speaks in HELLO, the backup picks the
+//! highest common one or refuses naming both ranges. Version 1 carries raw stream data
+//! only; version 2 adds compressed PAGE_DATA. Both are accepted.
+use std::io;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+pub mod auth;
+
+pub use auth::{ClientConfig, Key, ServerConfig, Session, client_handshake, server_handshake};
+
+/// First bytes of every frame.
+pub const MAGIC: [u8; 4] = *b"RMUS";
+/// The protocol version this build speaks best.
+pub const VERSION: u16 = 2;
+/// The oldest version this build still accepts (the previous one).
+pub const MIN_VERSION: u16 = 1;
+/// First version that allows `PageData` frames.
+pub const VERSION_COMPRESSION: u16 = 2;
+/// Largest payload accepted, checked before allocating. A libxc PAGE_DATA record is at
+/// most 1024 pages (4 MiB + 8 KiB of PFNs); raw data is sent in chunks of [`DATA_CHUNK`].
+pub const MAX_PAYLOAD: u32 = 16 << 20;
+/// Raw stream bytes are sent in frames of at most this many bytes.
+pub const DATA_CHUNK: usize = 1 << 20;
+/// The banner is a line; longer is refused.
+pub const MAX_BANNER: usize = 256;
+/// Abort reasons are truncated to this many bytes.
+pub const MAX_REASON: usize = 1024;
+/// Size of the frame header.
+pub const HEADER_LEN: usize = std::mem::size_of::<FrameHeader>();
+
+/// Frame kinds. `Invalid = 0` so zeroed or unknown bytes never parse as a real kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum Kind {
+    Invalid = 0,
+    Hello = 1,
+    Challenge = 2,
+    Auth = 3,
+    Welcome = 4,
+    Banner = 5,
+    Data = 6,
+    PageData = 7,
+    Ack = 8,
+    Heartbeat = 9,
+    Close = 10,
+    Abort = 11,
+}
+
+impl Kind {
+    /// Maps wire bytes to a kind; anything unknown is `Invalid`.
+    pub fn from_wire(v: u16) -> Kind {
+        match v {
+            1 => Kind::Hello,
+            2 => Kind::Challenge,
+            3 => Kind::Auth,
+            4 => Kind::Welcome,
+            5 => Kind::Banner,
+            6 => Kind::Data,
+            7 => Kind::PageData,
+            8 => Kind::Ack,
+            9 => Kind::Heartbeat,
+            10 => Kind::Close,
+            11 => Kind::Abort,
+            _ => Kind::Invalid,
+        }
+    }
+}
+
+/// The 16-byte frame header, little-endian.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct FrameHeader {
+    pub magic: [u8; 4],
+    pub kind: U16,
+    /// Reserved, must be zero.
+    pub flags: U16,
+    pub len: U32,
+    /// CRC-32 (IEEE) of the header with this field zeroed, then the payload.
+    pub crc: U32,
+}
+const _: () = assert!(std::mem::size_of::<FrameHeader>() == 16);
+
+/// HELLO payload (primary → backup, first message). The first four bytes (the version
+/// range) keep their place in every version so any version can refuse any other clearly.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct HelloWire {
+    pub max_version: U16,
+    pub min_version: U16,
+    /// 0 = none, 1 = lz4 (page data, XOR against the last copy of the page).
+    pub codec: u8,
+    pub reserved: [u8; 3],
+    /// PFN cache size both sides must use for the XOR base.
+    pub cache_pages: U32,
+    pub nonce: [u8; 32],
+}
+
+/// CHALLENGE payload (backup → primary).
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct ChallengeWire {
+    pub version: U16,
+    pub reserved: [u8; 6],
+    pub nonce: [u8; 32],
+    pub mac: [u8; 32],
+}
+
+/// CLOSE payload.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct CloseWire {
+    /// Last checkpoint the sender saw complete.
+    pub checkpoints: U64,
+    /// 1 if the stream ended with libxl END (a plain migration), 0 otherwise.
+    pub finished: u8,
+    pub reserved: [u8; 7],
+}
+
+/// One decoded message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    Hello(Hello),
+    Challenge {
+        version: u16,
+        nonce: [u8; 32],
+        mac: [u8; 32],
+    },
+    Auth {
+        mac: [u8; 32],
+    },
+    Welcome,
+    Banner(Vec<u8>),
+    /// Raw stream bytes, in order.
+    Data(Vec<u8>),
+    /// One complete libxc PAGE_DATA record, encoded by `compress::PageEncoder`.
+    PageData(Vec<u8>),
+    /// The backup holds checkpoint N completely (written to its receiver).
+    Ack {
+        checkpoint: u64,
+    },
+    Heartbeat {
+        seq: u64,
+    },
+    /// Orderly end: the primary's stream ended (or the backup answers a CLOSE).
+    Close {
+        checkpoints: u64,
+        finished: bool,
+    },
+    /// Disorderly end: the sender gives up; `reason` is for the log.
+    Abort {
+        reason: String,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hello {
+    pub max_version: u16,
+    pub min_version: u16,
+    pub codec: u8,
+    pub cache_pages: u32,
+    pub nonce: [u8; 32],
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("connection error: {0}")]
+    Io(#[from] io::Error),
+    #[error("the peer closed the connection")]
+    Closed,
+    #[error(
+        "not a remus relay frame (magic {found:02x?}, expected \"RMUS\"): is the peer a remus relay?"
+    )]
+    BadMagic { found: [u8; 4] },
+    #[error("unknown frame kind {0} (corrupted stream or a newer peer)")]
+    UnknownKind(u16),
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    Oversize { len: u32, max: u32 },
+    #[error("corrupted {kind:?} frame: CRC {found:#010x}, expected {expected:#010x}")]
+    Crc {
+        kind: Kind,
+        expected: u32,
+        found: u32,
+    },
+    #[error("malformed {kind:?} frame: {what}")]
+    BadPayload { kind: Kind, what: String },
+    #[error(
+        "protocol version mismatch: peer speaks {theirs_min}..={theirs_max}, this build speaks {ours_min}..={ours_max}; upgrade one side"
+    )]
+    Version {
+        ours_min: u16,
+        ours_max: u16,
+        theirs_min: u16,
+        theirs_max: u16,
+    },
+    #[error("authentication failed: {0}")]
+    AuthFailed(String),
+    #[error("refused by the peer: {0}")]
+    Refused(String),
+    #[error("protocol error: expected {expected}, got {got:?}")]
+    Unexpected { expected: &'static str, got: Kind },
+    #[error("key file {path}: {what}")]
+    KeyFile { path: String, what: String },
+    #[error("timed out waiting for {0}")]
+    Timeout(&'static str),
+}
+
+impl Message {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Message::Hello(_) => Kind::Hello,
+            Message::Challenge { .. } => Kind::Challenge,
+            Message::Auth { .. } => Kind::Auth,
+            Message::Welcome => Kind::Welcome,
+            Message::Banner(_) => Kind::Banner,
+            Message::Data(_) => Kind::Data,
+            Message::PageData(_) => Kind::PageData,
+            Message::Ack { .. } => Kind::Ack,
+            Message::Heartbeat { .. } => Kind::Heartbeat,
+            Message::Close { .. } => Kind::Close,
+            Message::Abort { .. } => Kind::Abort,
+        }
+    }
+
+    /// Named constructor: an ABORT with a reason truncated to [`MAX_REASON`].
+    pub fn abort(reason: impl Into<String>) -> Message {
+        let mut reason = reason.into();
+        if reason.len() > MAX_REASON {
+            let mut cut = MAX_REASON;
+            while !reason.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            reason.truncate(cut);
+        }
+        Message::Abort { reason }
+    }
+
+    /// Appends the framed message (header + payload) to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&[0u8; HEADER_LEN]);
+        match self {
+            Message::Hello(h) => out.extend_from_slice(
+                HelloWire {
+                    max_version: h.max_version.into(),
+                    min_version: h.min_version.into(),
+                    codec: h.codec,
+                    reserved: [0; 3],
+                    cache_pages: h.cache_pages.into(),
+                    nonce: h.nonce,
+                }
+                .as_bytes(),
+            ),
+            Message::Challenge {
+                version,
+                nonce,
+                mac,
+            } => out.extend_from_slice(
+                ChallengeWire {
+                    version: (*version).into(),
+                    reserved: [0; 6],
+                    nonce: *nonce,
+                    mac: *mac,
+                }
+                .as_bytes(),
+            ),
+            Message::Auth { mac } => out.extend_from_slice(mac),
+            Message::Welcome => {}
+            Message::Banner(b) | Message::Data(b) | Message::PageData(b) => {
+                out.extend_from_slice(b)
+            }
+            Message::Ack { checkpoint } => out.extend_from_slice(&checkpoint.to_le_bytes()),
+            Message::Heartbeat { seq } => out.extend_from_slice(&seq.to_le_bytes()),
+            Message::Close {
+                checkpoints,
+                finished,
+            } => out.extend_from_slice(
+                CloseWire {
+                    checkpoints: (*checkpoints).into(),
+                    finished: u8::from(*finished),
+                    reserved: [0; 7],
+                }
+                .as_bytes(),
+            ),
+            Message::Abort { reason } => out.extend_from_slice(reason.as_bytes()),
+        }
+        let len = (out.len() - start - HEADER_LEN) as u32;
+        let mut hdr = FrameHeader {
+            magic: MAGIC,
+            kind: (self.kind() as u16).into(),
+            flags: 0.into(),
+            len: len.into(),
+            crc: 0.into(),
+        };
+        let mut h = crc32fast::Hasher::new();
+        h.update(hdr.as_bytes());
+        h.update(&out[start + HEADER_LEN..]);
+        hdr.crc = h.finalize().into();
+        out[start..start + HEADER_LEN].copy_from_slice(hdr.as_bytes());
+    }
+
+    /// Decodes one payload of a frame whose header has been checked.
+    pub fn decode(kind: Kind, payload: Vec<u8>) -> Result<Message, WireError> {
+        let bad = |what: String| WireError::BadPayload { kind, what };
+        let exact = |n: usize, p: &[u8]| {
+            if p.len() == n {
+                Ok(())
+            } else {
+                Err(WireError::BadPayload {
+                    kind,
+                    what: format!("payload is {} bytes, expected {n}", p.len()),
+                })
+            }
+        };
+        Ok(match kind {
+            Kind::Invalid => return Err(WireError::UnknownKind(0)),
+            Kind::Hello => {
+                // The version range first, so a version mismatch is reported as such.
+                if payload.len() < 4 {
+                    return Err(bad(format!(
+                        "payload is {} bytes, too short for a version",
+                        payload.len()
+                    )));
+                }
+                let max_version = u16::from_le_bytes([payload[0], payload[1]]);
+                let min_version = u16::from_le_bytes([payload[2], payload[3]]);
+                if max_version < MIN_VERSION || min_version > VERSION || min_version > max_version {
+                    return Err(WireError::Version {
+                        ours_min: MIN_VERSION,
+                        ours_max: VERSION,
+                        theirs_min: min_version,
+                        theirs_max: max_version,
+                    });
+                }
+                // A newer peer may append fields: read our prefix.
+                let (w, _) = HelloWire::read_from_prefix(&payload[..]).map_err(|_| {
+                    bad(format!(
+                        "payload is {} bytes, expected at least {}",
+                        payload.len(),
+                        size_of::<HelloWire>()
+                    ))
+                })?;
+                Message::Hello(Hello {
+                    max_version,
+                    min_version,
+                    codec: w.codec,
+                    cache_pages: w.cache_pages.get(),
+                    nonce: w.nonce,
+                })
+            }
+            Kind::Challenge => {
+                let w = ChallengeWire::read_from_bytes(&payload[..]).map_err(|_| {
+                    bad(format!(
+                        "payload is {} bytes, expected {}",
+                        payload.len(),
+                        size_of::<ChallengeWire>()
+                    ))
+                })?;
+                Message::Challenge {
+                    version: w.version.get(),
+                    nonce: w.nonce,
+                    mac: w.mac,
+                }
+            }
+            Kind::Auth => {
+                exact(32, &payload)?;
+                let mut mac = [0u8; 32];
+                mac.copy_from_slice(&payload);
+                Message::Auth { mac }
+            }
+            Kind::Welcome => {
+                exact(0, &payload)?;
+                Message::Welcome
+            }
+            Kind::Banner => {
+                if payload.len() > MAX_BANNER {
+                    return Err(bad(format!(
+                        "banner of {} bytes exceeds {MAX_BANNER}",
+                        payload.len()
+                    )));
+                }
+                Message::Banner(payload)
+            }
+            Kind::Data => Message::Data(payload),
+            Kind::PageData => Message::PageData(payload),
+            Kind::Ack => {
+                exact(8, &payload)?;
+                Message::Ack {
+                    checkpoint: u64_le(&payload),
+                }
+            }
+            Kind::Heartbeat => {
+                exact(8, &payload)?;
+                Message::Heartbeat {
+                    seq: u64_le(&payload),
+                }
+            }
+            Kind::Close => {
+                let w = CloseWire::read_from_bytes(&payload[..]).map_err(|_| {
+                    bad(format!(
+                        "payload is {} bytes, expected {}",
+                        payload.len(),
+                        size_of::<CloseWire>()
+                    ))
+                })?;
+                Message::Close {
+                    checkpoints: w.checkpoints.get(),
+                    finished: w.finished != 0,
+                }
+            }
+            Kind::Abort => {
+                if payload.len() > MAX_REASON {
+                    return Err(bad(format!(
+                        "reason of {} bytes exceeds {MAX_REASON}",
+                        payload.len()
+                    )));
+                }
+                Message::Abort {
+                    reason: String::from_utf8_lossy(&payload).into_owned(),
+                }
+            }
+        })
+    }
+}
+
+fn u64_le(p: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&p[..8]);
+    u64::from_le_bytes(b)
+}
+
+/// Checks a header: magic, kind, flags, size limit. Returns the kind and payload length.
+pub fn check_header(hdr: &FrameHeader) -> Result<(Kind, u32), WireError> {
+    if hdr.magic != MAGIC {
+        return Err(WireError::BadMagic { found: hdr.magic });
+    }
+    let raw = hdr.kind.get();
+    let kind = Kind::from_wire(raw);
+    if kind == Kind::Invalid {
+        return Err(WireError::UnknownKind(raw));
+    }
+    if hdr.flags.get() != 0 {
+        return Err(WireError::BadPayload {
+            kind,
+            what: format!("reserved flags {:#x} set", hdr.flags.get()),
+        });
+    }
+    let len = hdr.len.get();
+    if len > MAX_PAYLOAD {
+        return Err(WireError::Oversize {
+            len,
+            max: MAX_PAYLOAD,
+        });
+    }
+    Ok((kind, len))
+}
+
+fn check_crc(hdr: &FrameHeader, kind: Kind, payload: &[u8]) -> Result<(), WireError> {
+    let mut zeroed = *hdr;
+    zeroed.crc = 0.into();
+    let mut h = crc32fast::Hasher::new();
+    h.update(zeroed.as_bytes());
+    h.update(payload);
+    let found = h.finalize();
+    if found != hdr.crc.get() {
+        return Err(WireError::Crc {
+            kind,
+            expected: hdr.crc.get(),
+            found,
+        });
+    }
+    Ok(())
+}
+
+/// Decodes one frame from the front of `buf` (synchronous; for tests and tools).
+/// Returns `None` when `buf` holds less than one whole frame, else the message and the
+/// number of bytes consumed.
+pub fn decode_frame(buf: &[u8]) -> Result<Option<(Message, usize)>, WireError> {
+    if buf.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    let hdr =
+        FrameHeader::read_from_bytes(&buf[..HEADER_LEN]).map_err(|_| WireError::BadPayload {
+            kind: Kind::Invalid,
+            what: "short header".into(),
+        })?;
+    let (kind, len) = check_header(&hdr)?;
+    let total = HEADER_LEN + len as usize;
+    if buf.len() < total {
+        return Ok(None);
+    }
+    let payload = &buf[HEADER_LEN..total];
+    check_crc(&hdr, kind, payload)?;
+    Ok(Some((Message::decode(kind, payload.to_vec())?, total)))
+}
+
+/// Reads one frame: header, checks (size before allocating), payload, CRC, decode.
+pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> Result<Message, WireError> {
+    let mut hb = [0u8; HEADER_LEN];
+    match r.read_exact(&mut hb).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(WireError::Closed),
+        Err(e) => return Err(WireError::Io(e)),
+    }
+    let hdr = FrameHeader::read_from_bytes(&hb[..]).map_err(|_| WireError::BadPayload {
+        kind: Kind::Invalid,
+        what: "short header".into(),
+    })?;
+    let (kind, len) = check_header(&hdr)?;
+    let mut payload = vec![0u8; len as usize];
+    match r.read_exact(&mut payload).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(WireError::Closed),
+        Err(e) => return Err(WireError::Io(e)),
+    }
+    check_crc(&hdr, kind, &payload)?;
+    Message::decode(kind, payload)
+}
+
+/// A cancel-safe frame reader: bytes are kept across cancelled `next` calls, so it can be
+/// raced against timers (heartbeat checks) without losing its place in the stream.
+pub struct FrameReader<R> {
+    inner: R,
+    buf: Vec<u8>,
+    start: usize,
+    /// Bytes read from the connection so far.
+    pub bytes_read: u64,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    pub fn new(inner: R) -> Self {
+        FrameReader {
+            inner,
+            buf: Vec::with_capacity(256 * 1024),
+            start: 0,
+            bytes_read: 0,
+        }
+    }
+
+    /// The next message. Cancel-safe.
+    pub async fn next(&mut self) -> Result<Message, WireError> {
+        loop {
+            if let Some((m, used)) = decode_frame(&self.buf[self.start..])? {
+                self.start += used;
+                if self.start == self.buf.len() {
+                    self.buf.clear();
+                    self.start = 0;
+                }
+                return Ok(m);
+            }
+            // Compact before growing, so a long stream does not grow the buffer.
+            if self.start > 0 {
+                self.buf.drain(..self.start);
+                self.start = 0;
+            }
+            // Reserve what the pending frame needs (its size was checked already).
+            let want = if self.buf.len() >= HEADER_LEN {
+                let len = u32::from_le_bytes([self.buf[8], self.buf[9], self.buf[10], self.buf[11]])
+                    as usize;
+                (HEADER_LEN + len)
+                    .saturating_sub(self.buf.len())
+                    .max(64 * 1024)
+            } else {
+                64 * 1024
+            };
+            self.buf.reserve(want);
+            let n = self.inner.read_buf(&mut self.buf).await?;
+            if n == 0 {
+                return Err(WireError::Closed);
+            }
+            self.bytes_read += n as u64;
+        }
+    }
+
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
+}
+
+/// Writes one message (no flush).
+pub async fn write_message<W: AsyncWrite + Unpin>(w: &mut W, m: &Message) -> Result<(), WireError> {
+    let mut buf = Vec::with_capacity(HEADER_LEN + 64);
+    m.encode(&mut buf);
+    w.write_all(&buf).await?;
+    Ok(())
+}
+
+/// Writes one message and flushes.
+pub async fn send<W: AsyncWrite + Unpin>(w: &mut W, m: &Message) -> Result<(), WireError> {
+    write_message(w, m).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roundtrip(m: Message) {
+        let mut buf = Vec::new();
+        m.encode(&mut buf);
+        let (back, used) = decode_frame(&buf).expect("decodes").expect("complete");
+        assert_eq!(used, buf.len());
+        assert_eq!(back, m);
+    }
+
+    #[test]
+    fn every_kind_roundtrips() {
+        let hello = Hello {
+            max_version: VERSION,
+            min_version: MIN_VERSION,
+            codec: 1,
+            cache_pages: 8192,
+            nonce: [7; 32],
+        };
+        for m in [
+            Message::Hello(hello),
+            Message::Challenge {
+                version: 2,
+                nonce: [1; 32],
+                mac: [2; 32],
+            },
+            Message::Auth { mac: [3; 32] },
+            Message::Welcome,
+            Message::Banner(b"xl migration receiver ready, send binary domain data.\n".to_vec()),
+            Message::Data(vec![1, 2, 3, 4, 5]),
+            Message::Data(Vec::new()),
+            Message::PageData(vec![9; 5000]),
+            Message::Ack { checkpoint: 42 },
+            Message::Heartbeat { seq: u64::MAX },
+            Message::Close {
+                checkpoints: 17,
+                finished: true,
+            },
+            Message::abort("backup disk full"),
+        ] {
+            roundtrip(m);
+        }
+    }
+
+    #[tokio::test]
+    async fn async_read_matches_sync_decode() {
+        let mut buf = Vec::new();
+        Message::Ack { checkpoint: 3 }.encode(&mut buf);
+        Message::Data(vec![5; 100]).encode(&mut buf);
+        let mut r = &buf[..];
+        assert_eq!(
+            read_message(&mut r).await.unwrap(),
+            Message::Ack { checkpoint: 3 }
+        );
+        assert_eq!(
+            read_message(&mut r).await.unwrap(),
+            Message::Data(vec![5; 100])
+        );
+        assert!(matches!(read_message(&mut r).await, Err(WireError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn frame_reader_survives_cancellation() {
+        let mut wire = Vec::new();
+        for i in 0..20u64 {
+            Message::Ack { checkpoint: i }.encode(&mut wire);
+            Message::Data(vec![i as u8; 70_000]).encode(&mut wire);
+        }
+        let (mut w, r) = tokio::io::duplex(1000);
+        let writer = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            for c in wire.chunks(777) {
+                w.write_all(c).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+        });
+        let mut fr = FrameReader::new(r);
+        let mut got = Vec::new();
+        while got.len() < 40 {
+            // Race every read against an immediately ready future: cancels often.
+            tokio::select! {
+                m = fr.next() => got.push(m.unwrap()),
+                _ = tokio::task::yield_now() => {}
+            }
+        }
+        writer.await.unwrap();
+        for i in 0..20u64 {
+            assert_eq!(got[2 * i as usize], Message::Ack { checkpoint: i });
+            assert_eq!(
+                got[2 * i as usize + 1],
+                Message::Data(vec![i as u8; 70_000])
+            );
+        }
+        assert!(matches!(fr.next().await, Err(WireError::Closed)));
+    }
+
+    #[test]
+    fn partial_frame_is_not_a_frame() {
+        let mut buf = Vec::new();
+        Message::Data(vec![1; 10]).encode(&mut buf);
+        for cut in 0..buf.len() {
+            assert!(decode_frame(&buf[..cut]).unwrap().is_none(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn invalid_and_unknown_kinds_fail() {
+        let mut buf = Vec::new();
+        Message::Ack { checkpoint: 1 }.encode(&mut buf);
+        for k in [0u16, 12, 0xffff] {
+            let mut b = buf.clone();
+            b[4..6].copy_from_slice(&k.to_le_bytes());
+            match decode_frame(&b) {
+                Err(WireError::UnknownKind(found)) => assert_eq!(found, k),
+                other => panic!("kind {k}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            Message::decode(Kind::Invalid, vec![]),
+            Err(WireError::UnknownKind(0))
+        ));
+        // All-zero bytes are never a frame.
+        assert!(matches!(
+            decode_frame(&[0u8; 64]),
+            Err(WireError::BadMagic { .. })
+        ));
+    }
+
+    #[test]
+    fn oversize_is_refused_before_allocation() {
+        let hdr = FrameHeader {
+            magic: MAGIC,
+            kind: (Kind::Data as u16).into(),
+            flags: 0.into(),
+            len: (MAX_PAYLOAD + 1).into(),
+            crc: 0.into(),
+        };
+        // Only the header is present: the size check must fire without the payload.
+        match decode_frame(hdr.as_bytes()) {
+            Err(WireError::Oversize { len, max }) => {
+                assert_eq!(len, MAX_PAYLOAD + 1);
+                assert_eq!(max, MAX_PAYLOAD);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn oversize_async_is_refused_without_reading_payload() {
+        let hdr = FrameHeader {
+            magic: MAGIC,
+            kind: (Kind::PageData as u16).into(),
+            flags: 0.into(),
+            len: u32::MAX.into(),
+            crc: 0.into(),
+        };
+        let mut r = hdr.as_bytes();
+        assert!(matches!(
+            read_message(&mut r).await,
+            Err(WireError::Oversize { .. })
+        ));
+    }
+
+    #[test]
+    fn corrupted_frames_fail_the_crc() {
+        let mut buf = Vec::new();
+        Message::Data((0..200u8).collect()).encode(&mut buf);
+        // Flip one bit in every byte of the payload and of the length-independent header
+        // fields that the CRC covers.
+        for i in (HEADER_LEN..buf.len()).chain(12..16) {
+            let mut b = buf.clone();
+            b[i] ^= 0x10;
+            assert!(
+                matches!(
+                    decode_frame(&b),
+                    Err(WireError::Crc {
+                        kind: Kind::Data,
+                        ..
+                    })
+                ),
+                "byte {i}"
+            );
+        }
+        let mut b = buf.clone();
+        b[6] = 1; // reserved flags
+        assert!(matches!(
+            decode_frame(&b),
+            Err(WireError::BadPayload { .. })
+        ));
+    }
+
+    #[test]
+    fn malformed_payloads_are_named() {
+        for (kind, len) in [
+            (Kind::Ack, 7),
+            (Kind::Heartbeat, 9),
+            (Kind::Auth, 31),
+            (Kind::Welcome, 1),
+        ] {
+            match Message::decode(kind, vec![0; len]) {
+                Err(WireError::BadPayload { kind: k, what }) => {
+                    assert_eq!(k, kind);
+                    assert!(what.contains(&len.to_string()), "{what}");
+                }
+                other => panic!("{kind:?}: {other:?}"),
+            }
+        }
+        assert!(Message::decode(Kind::Banner, vec![b'x'; MAX_BANNER + 1]).is_err());
+        assert!(Message::decode(Kind::Abort, vec![b'x'; MAX_REASON + 1]).is_err());
+    }
+
+    #[test]
+    fn version_skew_in_hello() {
+        let enc = |max: u16, min: u16| {
+            let mut buf = Vec::new();
+            Message::Hello(Hello {
+                max_version: max,
+                min_version: min,
+                codec: 0,
+                cache_pages: 0,
+                nonce: [0; 32],
+            })
+            .encode(&mut buf);
+            decode_frame(&buf)
+        };
+        // Current and previous are accepted.
+        assert!(enc(VERSION, MIN_VERSION).unwrap().is_some());
+        assert!(enc(MIN_VERSION, MIN_VERSION).unwrap().is_some());
+        // A future-only peer and an ancient peer are refused, naming both ranges.
+        for (max, min) in [(VERSION + 5, VERSION + 1), (0, 0)] {
+            match enc(max, min) {
+                Err(e @ WireError::Version { .. }) => {
+                    let msg = e.to_string();
+                    assert!(msg.contains(&format!("{min}..={max}")), "{msg}");
+                    assert!(msg.contains(&format!("{MIN_VERSION}..={VERSION}")), "{msg}");
+                }
+                other => panic!("{max}/{min}: {other:?}"),
+            }
+        }
+        // A future peer that still speaks ours: accepted (the backup picks ours).
+        assert!(enc(VERSION + 3, MIN_VERSION).unwrap().is_some());
+    }
+
+    #[test]
+    fn abort_reason_is_truncated_on_a_char_boundary() {
+        let m = Message::abort("é".repeat(MAX_REASON));
+        let Message::Abort { reason } = &m else {
+            unreachable!()
+        };
+        assert!(reason.len() <= MAX_REASON);
+        roundtrip(m);
+    }
+}

@@ -1,0 +1,477 @@
+//! The pre-shared key and the mutual HMAC-SHA256 challenge/response of the handshake.
+//!
+//! Owns: loading and checking the key file, nonces, the proofs both ways, version
+//! negotiation. Never touches: anything after WELCOME (stream data, acks, heartbeats).
+//!
+//! Each side proves it holds the key over both nonces, with a different label per side
+//! so one side's proof can never be replayed as the other's. The backup proves first,
+//! but only over a nonce of its own choosing too, so a peer without the key learns
+//! nothing it can reuse.
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use rand::RngCore;
+use sha2::Sha256;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::{
+    Hello, MIN_VERSION, Message, VERSION, VERSION_COMPRESSION, WireError, read_message, send,
+};
+
+type HmacSha256 = Hmac<Sha256>;
+
+const LABEL_SERVER: &[u8] = b"remus-relay backup proof";
+const LABEL_CLIENT: &[u8] = b"remus-relay primary proof";
+
+/// Shorter keys are accepted with a warning.
+pub const MIN_RECOMMENDED_KEY: usize = 16;
+
+/// The pre-shared key. Its bytes never appear in Debug output or logs.
+#[derive(Clone)]
+pub struct Key(Vec<u8>);
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Key({} bytes)", self.0.len())
+    }
+}
+
+impl Key {
+    /// The key from raw bytes (tests, tools). Empty keys are refused.
+    pub fn from_bytes(b: &[u8]) -> Result<Key, WireError> {
+        if b.is_empty() {
+            return Err(WireError::KeyFile {
+                path: "<bytes>".into(),
+                what: "the key is empty".into(),
+            });
+        }
+        Ok(Key(b.to_vec()))
+    }
+
+    /// Loads a key file: it must exist, be a regular file, be readable by its owner only
+    /// (mode 0600 or stricter: refused otherwise), and hold at least one byte after
+    /// trailing whitespace is trimmed (so `openssl rand -hex 32 > key` works on both ends).
+    pub fn load(path: &Path) -> Result<Key, WireError> {
+        let p = path.display().to_string();
+        let err = |what: String| WireError::KeyFile {
+            path: p.clone(),
+            what,
+        };
+        let meta = std::fs::metadata(path).map_err(|e| err(format!("cannot read it: {e}")))?;
+        if !meta.is_file() {
+            return Err(err("not a regular file".into()));
+        }
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(err(format!(
+                "mode {mode:04o} lets group or others read the key; run `chmod 600 {p}`"
+            )));
+        }
+        let mut bytes = std::fs::read(path).map_err(|e| err(format!("cannot read it: {e}")))?;
+        while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
+            bytes.pop();
+        }
+        if bytes.is_empty() {
+            return Err(err(
+                "the key file is empty; create one with `openssl rand -hex 32 > FILE`".into(),
+            ));
+        }
+        if bytes.len() < MIN_RECOMMENDED_KEY {
+            tracing::warn!(path = %p, len = bytes.len(), "the key is short; use at least {MIN_RECOMMENDED_KEY} random bytes");
+        }
+        Ok(Key(bytes))
+    }
+
+    fn proof(
+        &self,
+        label: &[u8],
+        version: u16,
+        nonce_p: &[u8; 32],
+        nonce_b: &[u8; 32],
+    ) -> HmacSha256 {
+        // HMAC takes keys of any length.
+        let mut m = <HmacSha256 as Mac>::new_from_slice(&self.0).unwrap_or_else(|_| unreachable!());
+        m.update(label);
+        m.update(&version.to_le_bytes());
+        m.update(nonce_p);
+        m.update(nonce_b);
+        m
+    }
+
+    fn prove(
+        &self,
+        label: &[u8],
+        version: u16,
+        nonce_p: &[u8; 32],
+        nonce_b: &[u8; 32],
+    ) -> [u8; 32] {
+        self.proof(label, version, nonce_p, nonce_b)
+            .finalize()
+            .into_bytes()
+            .into()
+    }
+
+    /// Constant-time check of a peer's proof.
+    fn verify(
+        &self,
+        label: &[u8],
+        version: u16,
+        nonce_p: &[u8; 32],
+        nonce_b: &[u8; 32],
+        mac: &[u8; 32],
+    ) -> bool {
+        self.proof(label, version, nonce_p, nonce_b)
+            .verify_slice(mac)
+            .is_ok()
+    }
+}
+
+/// What the primary asks for.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    pub key: Key,
+    /// 0 = none, 1 = lz4 (see `compress`).
+    pub codec: u8,
+    pub cache_pages: u32,
+    /// Version range announced (tests use other ranges to provoke skew).
+    pub max_version: u16,
+    pub min_version: u16,
+    /// Per handshake step.
+    pub timeout: Duration,
+}
+
+impl ClientConfig {
+    pub fn new(key: Key, codec: u8, cache_pages: u32) -> ClientConfig {
+        ClientConfig {
+            key,
+            codec,
+            cache_pages,
+            max_version: VERSION,
+            min_version: MIN_VERSION,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub key: Key,
+    pub timeout: Duration,
+}
+
+/// What both sides agreed on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Session {
+    pub version: u16,
+    /// 0 when the version does not allow compression.
+    pub codec: u8,
+    pub cache_pages: u32,
+}
+
+fn random_nonce() -> [u8; 32] {
+    let mut n = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut n);
+    n
+}
+
+async fn recv<S: AsyncRead + Unpin>(
+    s: &mut S,
+    t: Duration,
+    what: &'static str,
+) -> Result<Message, WireError> {
+    tokio::time::timeout(t, read_message(s))
+        .await
+        .map_err(|_| WireError::Timeout(what))?
+}
+
+/// Primary side, up to and including WELCOME.
+pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    cfg: &ClientConfig,
+) -> Result<Session, WireError> {
+    let nonce_p = random_nonce();
+    let hello = Hello {
+        max_version: cfg.max_version,
+        min_version: cfg.min_version,
+        codec: cfg.codec,
+        cache_pages: cfg.cache_pages,
+        nonce: nonce_p,
+    };
+    send(s, &Message::Hello(hello)).await?;
+    let (version, nonce_b) = match recv(s, cfg.timeout, "the backup's challenge").await? {
+        Message::Challenge {
+            version,
+            nonce,
+            mac,
+        } => {
+            if version < cfg.min_version || version > cfg.max_version {
+                let _ = send(s, &Message::abort("version out of the announced range")).await;
+                return Err(WireError::Version {
+                    ours_min: cfg.min_version,
+                    ours_max: cfg.max_version,
+                    theirs_min: version,
+                    theirs_max: version,
+                });
+            }
+            if !cfg
+                .key
+                .verify(LABEL_SERVER, version, &nonce_p, &nonce, &mac)
+            {
+                let _ = send(
+                    s,
+                    &Message::abort("authentication failed: your proof of the key did not verify"),
+                )
+                .await;
+                return Err(WireError::AuthFailed(
+                    "the backup's proof of the key did not verify: the two key files differ".into(),
+                ));
+            }
+            (version, nonce)
+        }
+        Message::Abort { reason } => return Err(WireError::Refused(reason)),
+        other => {
+            return Err(WireError::Unexpected {
+                expected: "CHALLENGE",
+                got: other.kind(),
+            });
+        }
+    };
+    let mac = cfg.key.prove(LABEL_CLIENT, version, &nonce_p, &nonce_b);
+    send(s, &Message::Auth { mac }).await?;
+    match recv(s, cfg.timeout, "the backup's welcome").await? {
+        Message::Welcome => {}
+        Message::Abort { reason } => return Err(WireError::Refused(reason)),
+        other => {
+            return Err(WireError::Unexpected {
+                expected: "WELCOME",
+                got: other.kind(),
+            });
+        }
+    }
+    let codec = if version >= VERSION_COMPRESSION {
+        cfg.codec
+    } else {
+        0
+    };
+    Ok(Session {
+        version,
+        codec,
+        cache_pages: cfg.cache_pages,
+    })
+}
+
+/// Backup side, up to and including verifying the primary's proof. The caller answers
+/// WELCOME (or ABORT, e.g. when another primary is connected). Every refusal is also
+/// answered with an ABORT naming the reason, then returned as an error for the log.
+pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    cfg: &ServerConfig,
+) -> Result<Session, WireError> {
+    let hello = match recv(s, cfg.timeout, "the primary's hello").await {
+        Ok(Message::Hello(h)) => h,
+        Ok(other) => {
+            let e = WireError::Unexpected {
+                expected: "HELLO",
+                got: other.kind(),
+            };
+            let _ = send(s, &Message::abort(e.to_string())).await;
+            return Err(e);
+        }
+        Err(e) => {
+            let _ = send(s, &Message::abort(e.to_string())).await;
+            return Err(e);
+        }
+    };
+    // `Message::decode` already refused ranges with nothing in common.
+    let version = hello.max_version.min(VERSION);
+    let codec = if version >= VERSION_COMPRESSION {
+        hello.codec
+    } else {
+        0
+    };
+    if codec > 1 {
+        let e = WireError::BadPayload {
+            kind: super::Kind::Hello,
+            what: format!("unknown codec {codec}"),
+        };
+        let _ = send(s, &Message::abort(e.to_string())).await;
+        return Err(e);
+    }
+    let nonce_b = random_nonce();
+    let mac = cfg.key.prove(LABEL_SERVER, version, &hello.nonce, &nonce_b);
+    send(
+        s,
+        &Message::Challenge {
+            version,
+            nonce: nonce_b,
+            mac,
+        },
+    )
+    .await?;
+    match recv(s, cfg.timeout, "the primary's proof").await? {
+        Message::Auth { mac } => {
+            if !cfg
+                .key
+                .verify(LABEL_CLIENT, version, &hello.nonce, &nonce_b, &mac)
+            {
+                let _ = send(s, &Message::abort("authentication failed: wrong key")).await;
+                return Err(WireError::AuthFailed(
+                    "the primary's proof of the key did not verify: it does not hold this key"
+                        .into(),
+                ));
+            }
+        }
+        Message::Abort { reason } => return Err(WireError::Refused(reason)),
+        other => {
+            let e = WireError::Unexpected {
+                expected: "AUTH",
+                got: other.kind(),
+            };
+            let _ = send(s, &Message::abort(e.to_string())).await;
+            return Err(e);
+        }
+    }
+    Ok(Session {
+        version,
+        codec,
+        cache_pages: hello.cache_pages,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn pair(
+        ckey: &[u8],
+        skey: &[u8],
+        tweak: impl FnOnce(&mut ClientConfig),
+    ) -> (Result<Session, WireError>, Result<Session, WireError>) {
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        let mut c = ClientConfig::new(Key::from_bytes(ckey).unwrap(), 1, 1024);
+        tweak(&mut c);
+        let s = ServerConfig {
+            key: Key::from_bytes(skey).unwrap(),
+            timeout: Duration::from_secs(5),
+        };
+        let server = async move {
+            let r = server_handshake(&mut b, &s).await;
+            if r.is_ok() {
+                send(&mut b, &Message::Welcome).await.unwrap();
+            }
+            r
+        };
+        let client = async move { client_handshake(&mut a, &c).await };
+        let (cr, sr) = tokio::join!(client, server);
+        (cr, sr)
+    }
+
+    #[tokio::test]
+    async fn same_key_authenticates_both_ways() {
+        let (c, s) = pair(b"0123456789abcdef", b"0123456789abcdef", |_| {}).await;
+        let c = c.unwrap();
+        let s = s.unwrap();
+        assert_eq!(c, s);
+        assert_eq!(c.version, VERSION);
+        assert_eq!(c.codec, 1);
+        assert_eq!(c.cache_pages, 1024);
+    }
+
+    #[tokio::test]
+    async fn wrong_key_is_refused_by_both() {
+        let (c, s) = pair(b"the primary key!", b"the backup key!!", |_| {}).await;
+        // The primary notices first (the backup's proof fails) and tells the backup.
+        assert!(matches!(c, Err(WireError::AuthFailed(_))), "{c:?}");
+        assert!(matches!(s, Err(WireError::Refused(_))), "{s:?}");
+    }
+
+    #[tokio::test]
+    async fn primary_without_the_key_is_refused_by_the_backup() {
+        // A primary that skips verifying the backup (a rogue client) still cannot prove.
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        let s = ServerConfig {
+            key: Key::from_bytes(b"real key 0123456").unwrap(),
+            timeout: Duration::from_secs(5),
+        };
+        let server = async move { server_handshake(&mut b, &s).await };
+        let client = async move {
+            let hello = Hello {
+                max_version: VERSION,
+                min_version: MIN_VERSION,
+                codec: 0,
+                cache_pages: 0,
+                nonce: [0; 32],
+            };
+            send(&mut a, &Message::Hello(hello)).await.unwrap();
+            let _challenge = read_message(&mut a).await.unwrap();
+            send(&mut a, &Message::Auth { mac: [0x55; 32] })
+                .await
+                .unwrap();
+            read_message(&mut a).await.unwrap()
+        };
+        let (reply, sr) = tokio::join!(client, server);
+        assert!(matches!(sr, Err(WireError::AuthFailed(_))), "{sr:?}");
+        match reply {
+            Message::Abort { reason } => {
+                assert!(reason.contains("authentication failed"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn previous_version_is_accepted_without_compression() {
+        let (c, s) = pair(b"k", b"k", |c| {
+            c.max_version = MIN_VERSION;
+            c.min_version = MIN_VERSION;
+        })
+        .await;
+        let c = c.unwrap();
+        assert_eq!(c.version, MIN_VERSION);
+        assert_eq!(c.codec, 0);
+        assert_eq!(s.unwrap().codec, 0);
+    }
+
+    #[tokio::test]
+    async fn newer_peer_negotiates_down() {
+        let (c, _) = pair(b"k", b"k", |c| c.max_version = VERSION + 4).await;
+        assert_eq!(c.unwrap().version, VERSION);
+    }
+
+    #[tokio::test]
+    async fn version_skew_is_refused_with_both_ranges() {
+        let (c, s) = pair(b"k", b"k", |c| {
+            c.max_version = VERSION + 2;
+            c.min_version = VERSION + 1;
+        })
+        .await;
+        assert!(matches!(s, Err(WireError::Version { .. })), "{s:?}");
+        match c {
+            Err(WireError::Refused(reason)) => assert!(reason.contains("version"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn key_file_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("key");
+        assert!(matches!(Key::load(&p), Err(WireError::KeyFile { .. })));
+        std::fs::write(&p, "\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let e = Key::load(&p).unwrap_err().to_string();
+        assert!(e.contains("empty"), "{e}");
+        std::fs::write(&p, "abcdef0123456789abcdef\n").unwrap();
+        assert_eq!(Key::load(&p).unwrap().0, b"abcdef0123456789abcdef");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = Key::load(&p).unwrap_err().to_string();
+        assert!(e.contains("chmod 600"), "{e}");
+        assert!(Key::load(dir.path()).is_err());
+        assert_eq!(
+            format!("{:?}", Key::from_bytes(b"secret").unwrap()),
+            "Key(6 bytes)"
+        );
+    }
+}
