@@ -12,7 +12,7 @@ use remus_common::FrameHdr;
 use serde::{Deserialize, Serialize};
 
 /// One held frame: where its bytes are in its epoch's arena, and its capture metadata.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FrameRef {
     pub off: usize,
     pub meta: FrameHdr,
@@ -20,7 +20,7 @@ pub struct FrameRef {
 
 /// All held frames of one epoch, bytes packed into one arena (one allocation per epoch,
 /// not per frame).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq, Eq)]
 pub struct EpochQueue {
     pub epoch: u64,
     pub data: Vec<u8>,
