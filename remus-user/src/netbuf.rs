@@ -953,3 +953,14 @@ pub fn attached_ifaces() -> Vec<String> {
     out.sort();
     out
 }
+
+/// The controller's entry point: attach the buffer to `opts.iface` inside this process
+/// (same as `attach`; `Running::buffer` is the `NetBuffer`).
+pub async fn attach_in_process(opts: AttachOptions) -> Result<Running, NetError> {
+    attach(opts).await
+}
+
+/// The controller's entry point for a buffer already attached by `remus-net attach`.
+pub async fn connect(iface: &str) -> Result<RemoteBuffer, NetError> {
+    RemoteBuffer::connect(iface).await
+}
