@@ -1,0 +1,703 @@
+//! Network-namespace tier (root): what the eBPF output buffer holds and releases, observed
+//! at the LAN peer with a raw packet socket. Every test builds its own namespaces (see
+//! `remus_tests::netns`) and removes them on drop, even when it fails.
+use std::{
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use remus_tests::netns::{
+    Captured, PEER_IP, PEER_MAC, Topo, arp_request, eth_frame, in_netns, ipv4_udp, run, run_in,
+    send_raw, send_udp, vlan_frame,
+};
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("socket address literal")
+}
+
+/// Numbered UDP payloads "seq:<i>" for i in range.
+fn numbered(range: std::ops::Range<u32>) -> Vec<Vec<u8>> {
+    range.map(|i| format!("seq:{i}").into_bytes()).collect()
+}
+
+/// Sequence numbers of the numbered datagrams to `port` seen at the peer, in arrival order.
+fn seqs(frames: &[Captured], port: u16) -> Vec<u32> {
+    frames
+        .iter()
+        .filter(|f| f.from_guest())
+        .filter_map(|f| f.udp())
+        .filter(|(p, _)| *p == port)
+        .filter_map(|(_, pl)| {
+            std::str::from_utf8(pl)
+                .ok()?
+                .strip_prefix("seq:")?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+fn count_port(frames: &[Captured], port: u16) -> usize {
+    seqs(frames, port).len()
+}
+
+/// Held frames of IPv4 ICMP/UDP/TCP, IPv6, ARP and an unknown ethertype never reach the
+/// peer before commit, and all of them do after it.
+#[test]
+fn root_every_protocol_is_held_until_commit_then_released() {
+    let t = Topo::new("pr");
+    t.enable_ipv6();
+    t.attach(&[]);
+    let sn = t.sniff_peer();
+
+    // IPv4 ICMP echo (ping waits for its reply, which only comes after the release).
+    t.spawn_in(&t.guest, "ping", &["-c", "1", "-W", "30", PEER_IP]);
+    // IPv4 UDP, IPv6 UDP.
+    send_udp(
+        &t.guest,
+        addr("10.77.0.2:7001"),
+        vec![b"udp4-held".to_vec()],
+    );
+    send_udp(
+        &t.guest,
+        addr("[fd77::2]:7003"),
+        vec![b"udp6-held".to_vec()],
+    );
+    // IPv4 TCP: a SYN (nobody listens: the peer answers RST once it gets it).
+    let g = t.guest.clone();
+    let tcp = std::thread::spawn(move || {
+        in_netns(&g, || {
+            TcpStream::connect_timeout(&addr("10.77.0.2:7002"), Duration::from_secs(30)).is_ok()
+        })
+    });
+    // ARP and an unknown ethertype (local experimental 0x88b5), raw from the guest.
+    send_raw(
+        &t.guest,
+        "eth0",
+        vec![
+            arp_request([10, 77, 0, 2]),
+            eth_frame(PEER_MAC, 0x88b5, b"remus-unknown-ethertype"),
+        ],
+    );
+
+    t.wait_held(6);
+    let early: Vec<Captured> = sn.from_guest();
+    assert!(
+        early.is_empty(),
+        "{} guest frames reached the peer before any commit: {early:?}",
+        early.len()
+    );
+
+    assert_eq!(t.checkpoint(), 1);
+    let rel = t.commit(1);
+    assert!(
+        rel["frames"].as_u64().unwrap_or(0) >= 6,
+        "commit 1 released {rel}"
+    );
+
+    let kinds: [(&str, fn(&Captured) -> bool); 6] = [
+        ("IPv4 ICMP echo request", |f| {
+            f.l4()
+                .is_some_and(|(p, o)| p == 1 && f.data.get(o) == Some(&8))
+                && f.l3().is_some_and(|(e, _)| e == 0x0800)
+        }),
+        ("IPv4 UDP", |f| {
+            f.l3().is_some_and(|(e, _)| e == 0x0800)
+                && f.udp()
+                    .is_some_and(|(p, pl)| p == 7001 && pl == b"udp4-held")
+        }),
+        ("IPv4 TCP SYN", |f| {
+            f.tcp().is_some_and(|(p, fl)| p == 7002 && fl & 0x02 != 0)
+        }),
+        ("IPv6 UDP", |f| {
+            f.l3().is_some_and(|(e, _)| e == 0x86dd)
+                && f.udp()
+                    .is_some_and(|(p, pl)| p == 7003 && pl == b"udp6-held")
+        }),
+        ("ARP request", |f| {
+            f.l3()
+                .is_some_and(|(e, o)| e == 0x0806 && f.data.get(o + 7) == Some(&1))
+        }),
+        ("unknown ethertype 0x88b5", |f| {
+            f.l3().is_some_and(|(e, o)| {
+                e == 0x88b5 && f.data[o..].starts_with(b"remus-unknown-ethertype")
+            })
+        }),
+    ];
+    let got = sn.wait_for("every protocol at the peer after commit", |fs| {
+        kinds
+            .iter()
+            .all(|(_, k)| fs.iter().any(|f| f.from_guest() && k(f)))
+    });
+    for (name, k) in &kinds {
+        assert!(
+            got.iter().any(|f| f.from_guest() && k(f)),
+            "{name} never reached the peer"
+        );
+    }
+    // The SYN reached the peer, which refused it: the connect returns.
+    let _ = tcp.join();
+}
+
+/// `commit N` releases exactly the epochs <= N, epoch by epoch, in capture order; a commit
+/// of the open epoch is a usage error (exit 2) and releases nothing.
+#[test]
+fn root_commit_releases_exactly_closed_epochs_in_capture_order() {
+    let t = Topo::new("or");
+    t.attach(&[]);
+    let sn = t.sniff_peer();
+    let dst = addr("10.77.0.2:7100");
+
+    send_udp(&t.guest, dst, numbered(0..100));
+    t.wait_held(100);
+    assert_eq!(t.checkpoint(), 1);
+    send_udp(&t.guest, dst, numbered(100..200));
+    t.wait_held(200);
+    assert_eq!(t.checkpoint(), 2);
+    send_udp(&t.guest, dst, numbered(200..300));
+    t.wait_held(300);
+    assert_eq!(t.held_frames(), 300, "only the test's datagrams are held");
+    let epochs = t.status()["epochs"].clone();
+    let per_epoch: Vec<(u64, u64)> = epochs
+        .as_array()
+        .expect("epochs")
+        .iter()
+        .map(|e| {
+            (
+                e["epoch"].as_u64().unwrap_or(0),
+                e["frames"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(per_epoch, vec![(1, 100), (2, 100), (3, 100)]);
+    assert_eq!(
+        count_port(&sn.frames(), 7100),
+        0,
+        "held datagrams reached the peer"
+    );
+
+    // Epoch 3 is open: committing it is an error and releases nothing.
+    let o = t.remus(&["commit", &t.vif, "3"]);
+    assert_eq!(o.code, 2, "commit of the open epoch: {o:?}");
+    assert!(
+        o.stderr.contains("not closed"),
+        "message names the problem: {}",
+        o.stderr
+    );
+    assert_eq!(t.held_frames(), 300);
+
+    let r1 = t.commit(1);
+    assert_eq!(r1["frames"], 100, "commit 1 released {r1}");
+    let f = sn.wait_for("epoch 1 at the peer", |fs| count_port(fs, 7100) >= 100);
+    assert_eq!(
+        seqs(&f, 7100),
+        (0..100).collect::<Vec<_>>(),
+        "epoch 1 in capture order"
+    );
+    assert_eq!(t.held_frames(), 200);
+    // Nothing of epochs 2 and 3 follows on its own.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        count_port(&sn.frames(), 7100),
+        100,
+        "frames of later epochs escaped with commit 1"
+    );
+
+    let r2 = t.commit(2);
+    assert_eq!(r2["frames"], 100, "commit 2 released {r2}");
+    let f = sn.wait_for("epoch 2 at the peer", |fs| count_port(fs, 7100) >= 200);
+    assert_eq!(
+        seqs(&f, 7100),
+        (0..200).collect::<Vec<_>>(),
+        "epochs 1 then 2, in order"
+    );
+
+    let o = t.remus(&["commit", &t.vif, "3"]);
+    assert_eq!(o.code, 2, "epoch 3 is still open: {o:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        count_port(&sn.frames(), 7100),
+        200,
+        "the refused commit released something"
+    );
+
+    assert_eq!(t.checkpoint(), 3);
+    let r3 = t.commit(3);
+    assert_eq!(r3["frames"], 100, "commit 3 released {r3}");
+    let f = sn.wait_for("epoch 3 at the peer", |fs| count_port(fs, 7100) >= 300);
+    assert_eq!(
+        seqs(&f, 7100),
+        (0..300).collect::<Vec<_>>(),
+        "all epochs, in order, once"
+    );
+    let st = t.status();
+    assert_eq!(st["held_frames"], 0);
+    assert_eq!(st["release_errors"], 0);
+    assert_eq!(st["unreleasable_frames"], 0);
+}
+
+fn fdb(t: &Topo) -> Vec<String> {
+    let o = run_in(&t.host, "bridge", &["fdb", "show", "br", "br0"]).ok("bridge fdb show");
+    o.stdout.lines().map(String::from).collect()
+}
+
+/// Released frames enter the bridge from the vif port: the bridge learns the guest MAC on
+/// the vif (not on the helper tap). Held frames do not reach the bridge at all.
+#[test]
+fn root_released_frames_teach_the_bridge_the_guest_mac_on_the_vif_port() {
+    let t = Topo::new("fd");
+    t.attach(&[]);
+    t.ip(
+        &t.host,
+        &[
+            "link",
+            "set",
+            "dev",
+            &t.vif,
+            "type",
+            "bridge_slave",
+            "fdb_flush",
+        ],
+    );
+    let mac = "02:00:00:00:00:01";
+    assert!(
+        !fdb(&t).iter().any(|l| l.starts_with(mac)),
+        "guest MAC still learned after flush: {:?}",
+        fdb(&t)
+    );
+    let sn = t.sniff_peer();
+    send_udp(&t.guest, addr("10.77.0.2:7150"), numbered(0..3));
+    t.wait_held(3);
+    assert!(
+        !fdb(&t).iter().any(|l| l.starts_with(mac)),
+        "held frames reached the bridge (it learned the guest MAC): {:?}",
+        fdb(&t)
+    );
+    assert_eq!(t.checkpoint(), 1);
+    t.commit(1);
+    sn.wait_for("released frames at the peer", |fs| {
+        count_port(fs, 7150) == 3
+    });
+    let lines: Vec<String> = fdb(&t).into_iter().filter(|l| l.starts_with(mac)).collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(&format!("dev {} ", t.vif))
+                || l.ends_with(&format!("dev {}", t.vif))),
+        "guest MAC not learned on the vif port {}: {lines:?}",
+        t.vif
+    );
+    assert!(
+        !lines.iter().any(|l| l.contains("dev rms")),
+        "guest MAC learned on the helper tap: {lines:?}"
+    );
+}
+
+/// VLAN tags and priority survive hold and release. Tagged frames sent raw from the guest
+/// (the vif's receive path moves the tag out of band before TC, so this is the
+/// out-of-band capture path) arrive at the peer with the same TPID, VID and PCP. Where
+/// the kernel has 802.1Q, the same through a VLAN subinterface of the guest (VID 42,
+/// priority 5 through the egress QoS map) with TX VLAN offload on and off.
+#[test]
+fn root_vlan_tag_and_priority_survive_hold_and_release() {
+    let t = Topo::new("vl");
+    let g = t.guest.as_str();
+    t.attach(&[]);
+    let sn = t.sniff_peer();
+    let tagged_to = |fs: &[Captured], port: u16| -> Option<Captured> {
+        fs.iter()
+            .find(|f| f.from_guest() && f.udp().is_some_and(|(p, _)| p == port))
+            .cloned()
+    };
+    let check = |f: &Captured, vid: u16, pcp: u16, what: &str| {
+        let (tpid, tci) = f
+            .vlan_tag()
+            .unwrap_or_else(|| panic!("untagged at the peer ({what}): {f:?}"));
+        assert_eq!(tpid, 0x8100, "TPID ({what})");
+        assert_eq!(tci & 0x0fff, vid, "VID ({what})");
+        assert_eq!(tci >> 13, pcp, "PCP ({what})");
+    };
+
+    // Raw tagged frames: IPv4/UDP in VID 42 PCP 5, an unknown ethertype in VID 43 PCP 1.
+    send_raw(
+        g,
+        "eth0",
+        vec![
+            vlan_frame(PEER_MAC, 5, 42, 0x0800, &ipv4_udp(7200, b"tagged udp")),
+            vlan_frame(PEER_MAC, 1, 43, 0x88b5, b"tagged unknown ethertype"),
+        ],
+    );
+    t.wait_held(2);
+    assert!(
+        sn.from_guest().is_empty(),
+        "held tagged frames reached the peer"
+    );
+    let e = t.checkpoint();
+    t.commit(e);
+    let fs = sn.wait_for("both tagged frames at the peer", |fs| {
+        fs.iter().filter(|f| f.from_guest()).count() >= 2
+    });
+    check(
+        &tagged_to(&fs, 7200).expect("tagged UDP frame"),
+        42,
+        5,
+        "raw IPv4/UDP",
+    );
+    let unk = fs
+        .iter()
+        .find(|f| f.from_guest() && f.l3().is_some_and(|(et, _)| et == 0x88b5))
+        .expect("tagged unknown-ethertype frame");
+    check(unk, 43, 1, "raw unknown ethertype");
+
+    let sub = run(
+        "ip",
+        &[
+            "-n",
+            g,
+            "link",
+            "add",
+            "link",
+            "eth0",
+            "name",
+            "eth0.42",
+            "type",
+            "vlan",
+            "id",
+            "42",
+            "egress-qos-map",
+            "0:5",
+        ],
+    );
+    if sub.code != 0 {
+        // This kernel has no 802.1Q (CONFIG_VLAN_8021Q unset): the raw frames above are
+        // the proof here.
+        eprintln!(
+            "no VLAN subinterfaces on this kernel ({}); raw tagged frames only",
+            sub.stderr.trim()
+        );
+        return;
+    }
+    t.ip(g, &["addr", "add", "10.78.0.1/24", "dev", "eth0.42"]);
+    t.ip(g, &["link", "set", "eth0.42", "up"]);
+    t.ip(
+        g,
+        &[
+            "neigh",
+            "replace",
+            "10.78.0.2",
+            "lladdr",
+            "02:00:00:00:00:02",
+            "dev",
+            "eth0.42",
+            "nud",
+            "permanent",
+        ],
+    );
+    for (i, txvlan) in ["on", "off"].iter().enumerate() {
+        run_in(g, "ethtool", &["-K", "eth0", "txvlan", txvlan]).ok("ethtool txvlan");
+        let port = 7210 + i as u16;
+        send_udp(
+            g,
+            addr(&format!("10.78.0.2:{port}")),
+            vec![format!("vlan txvlan {txvlan}").into_bytes()],
+        );
+        t.wait_held(1);
+        assert!(
+            tagged_to(&sn.frames(), port).is_none(),
+            "held tagged frame reached the peer"
+        );
+        let e = t.checkpoint();
+        t.commit(e);
+        let fs = sn.wait_for("the tagged frame at the peer", |fs| {
+            tagged_to(fs, port).is_some()
+        });
+        check(
+            &tagged_to(&fs, port).expect("frame"),
+            42,
+            5,
+            &format!("subinterface, txvlan {txvlan}"),
+        );
+    }
+}
+
+/// A UDP GSO super-frame of 65,042 bytes (65,000 bytes of payload) is captured as one
+/// frame, held, and released whole: every payload byte reaches the peer, in order.
+#[test]
+fn root_gso_frames_up_to_64k_are_held_and_released() {
+    let t = Topo::new("gs");
+    t.attach(&[]);
+    let sn = t.sniff_peer();
+    let payload: Vec<u8> = (0..65_000u32).map(|i| (i % 251) as u8).collect();
+    let p2 = payload.clone();
+    in_netns(&t.guest, move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("udp bind");
+        let seg: libc::c_int = 1400;
+        // SAFETY: setsockopt(SOL_UDP, UDP_SEGMENT) with an int that outlives the call.
+        let r = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&s),
+                libc::SOL_UDP,
+                libc::UDP_SEGMENT,
+                &seg as *const libc::c_int as *const libc::c_void,
+                4,
+            )
+        };
+        assert_eq!(r, 0, "UDP_SEGMENT: {}", std::io::Error::last_os_error());
+        s.send_to(&p2, "10.77.0.2:7300").expect("gso send");
+    });
+    t.wait_held(1);
+    let st = t.status();
+    let e = &st["epochs"][0];
+    assert_eq!(e["frames"], 1, "the GSO write is one captured frame: {st}");
+    assert_eq!(
+        e["bytes"],
+        14 + 20 + 8 + 65_000,
+        "the whole super-frame is held: {st}"
+    );
+    assert_eq!(st["kernel"]["dropped_oversize_frames"], 0);
+    assert!(
+        sn.frames()
+            .iter()
+            .all(|f| f.udp().is_none_or(|(p, _)| p != 7300)),
+        "held GSO frame reached the peer"
+    );
+    assert_eq!(t.checkpoint(), 1);
+    let r = t.commit(1);
+    assert_eq!(r["bytes"], 65_042, "released {r}");
+    let total = |fs: &[Captured]| -> usize {
+        fs.iter()
+            .filter_map(|f| f.udp())
+            .filter(|(p, _)| *p == 7300)
+            .map(|(_, pl)| pl.len())
+            .sum()
+    };
+    let fs = sn.wait_for("all 65,000 payload bytes at the peer", |fs| {
+        total(fs) >= 65_000
+    });
+    let got: Vec<u8> = fs
+        .iter()
+        .filter_map(|f| f.udp())
+        .filter(|(p, _)| *p == 7300)
+        .flat_map(|(_, pl)| pl.to_vec())
+        .collect();
+    assert_eq!(got.len(), payload.len());
+    assert!(got == payload, "payload bytes differ after release");
+}
+
+/// Past --limit-bytes new frames are dropped and counted (status -j), never released,
+/// and what was held before the limit leaves intact and in order at commit.
+#[test]
+fn root_held_bytes_limit_drops_and_counts_and_never_releases_early() {
+    let t = Topo::new("li");
+    t.attach(&["--limit-bytes", "64K"]);
+    let sn = t.sniff_peer();
+    let pl = |i: u32| {
+        let mut v = format!("seq:{i}").into_bytes();
+        v.resize(1000, b' ');
+        v
+    };
+    // "seq:<i>" padded with spaces: parse the prefix only.
+    let seqs_padded = |fs: &[Captured]| -> Vec<u32> {
+        fs.iter()
+            .filter_map(|f| f.udp())
+            .filter(|(p, _)| *p == 7500)
+            .filter_map(|(_, pl)| {
+                std::str::from_utf8(pl)
+                    .ok()?
+                    .trim_end()
+                    .strip_prefix("seq:")?
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    };
+    send_udp(&t.guest, addr("10.77.0.2:7500"), (0..100).map(pl).collect());
+    crate_wait(&t, 100);
+    let st = t.status();
+    let held = st["held_frames"].as_u64().unwrap_or(0);
+    let dropped = st["holder"]["dropped_limit_frames"].as_u64().unwrap_or(0);
+    let frame = 14 + 20 + 8 + 1000;
+    assert_eq!(held + dropped, 100, "{st}");
+    assert!(dropped > 0, "nothing dropped past the limit: {st}");
+    assert!(
+        st["held_bytes"].as_u64().unwrap_or(u64::MAX) <= 65_536,
+        "{st}"
+    );
+    assert!(
+        held * frame <= 65_536 && (held + 1) * frame > 65_536,
+        "held {held} frames of {frame} bytes under a 64 KiB limit"
+    );
+    assert_eq!(st["holder"]["dropped_limit_bytes"], dropped * frame);
+    assert!(
+        seqs_padded(&sn.frames()).is_empty(),
+        "frames reached the peer before commit (limit must not release early)"
+    );
+    assert_eq!(t.checkpoint(), 1);
+    assert_eq!(t.commit(1)["frames"], held);
+    let fs = sn.wait_for("the held frames at the peer", |fs| {
+        seqs_padded(fs).len() as u64 >= held
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let got = seqs_padded(&sn.frames());
+    assert_eq!(
+        got,
+        (0..held as u32).collect::<Vec<_>>(),
+        "exactly the frames held before the limit, in order ({} seen)",
+        fs.len()
+    );
+    // The limit counts what is held now: after the release there is room again.
+    send_udp(
+        &t.guest,
+        addr("10.77.0.2:7500"),
+        (100..110).map(pl).collect(),
+    );
+    t.wait_held(10);
+    let st = t.status();
+    assert_eq!(st["held_frames"], 10);
+    assert_eq!(st["holder"]["dropped_limit_frames"], dropped);
+}
+
+/// Waits until the holder has seen `n` frames (held or dropped at the limit).
+fn crate_wait(t: &Topo, n: u64) {
+    remus_tests::netns::wait_until(
+        "frames held or dropped at the limit",
+        Duration::from_secs(20),
+        || {
+            let st = t.status();
+            st["held_frames"].as_u64().unwrap_or(0)
+                + st["holder"]["dropped_limit_frames"].as_u64().unwrap_or(0)
+                >= n
+        },
+    );
+}
+
+/// `--passthrough` lets frames through unheld; `mode hold` starts holding; `mode
+/// passthrough` releases what is held and lets later frames through.
+#[test]
+fn root_passthrough_at_attach_and_mode_switches_at_run_time() {
+    let t = Topo::new("pt");
+    let o = t.attach(&["--passthrough", "-j"]);
+    assert_eq!(o.json()["mode"], "passthrough");
+    let sn = t.sniff_peer();
+    let dst = addr("10.77.0.2:7600");
+    send_udp(&t.guest, dst, numbered(0..1));
+    sn.wait_for("a pass-through frame without any commit", |fs| {
+        count_port(fs, 7600) == 1
+    });
+    let st = t.status();
+    assert_eq!(st["mode"], "passthrough");
+    assert_eq!(st["held_frames"], 0);
+    assert!(
+        st["kernel"]["passed_through_frames"].as_u64().unwrap_or(0) >= 1,
+        "{st}"
+    );
+
+    t.remus(&["mode", &t.vif, "hold"]).ok("mode hold");
+    assert_eq!(t.status()["mode"], "hold");
+    send_udp(&t.guest, dst, numbered(1..3));
+    t.wait_held(2);
+    assert_eq!(
+        count_port(&sn.frames(), 7600),
+        1,
+        "frames passed after `mode hold`"
+    );
+
+    t.remus(&["mode", &t.vif, "passthrough"])
+        .ok("mode passthrough");
+    let f = sn.wait_for("held frames released by `mode passthrough`", |fs| {
+        count_port(fs, 7600) == 3
+    });
+    assert_eq!(seqs(&f, 7600), vec![0, 1, 2]);
+    send_udp(&t.guest, dst, numbered(3..4));
+    let f = sn.wait_for("pass-through after the switch", |fs| {
+        count_port(fs, 7600) == 4
+    });
+    assert_eq!(seqs(&f, 7600), vec![0, 1, 2, 3]);
+    let st = t.status();
+    assert_eq!(st["mode"], "passthrough");
+    assert_eq!(st["held_frames"], 0);
+}
+
+/// One hold → checkpoint → commit cycle and a clean detach with the given attach kind.
+fn hold_commit_detach(tag: &str, how: &str) {
+    let t = Topo::new(tag);
+    let o = t.attach(&["--attach", how, "-j"]);
+    let kind = o.json()["attach_kind"].clone();
+    let qd = t.vif_qdiscs();
+    match how {
+        "tcx" => {
+            assert_eq!(kind, "tcx");
+            assert!(!qd.contains("clsact"), "tcx attach added a qdisc: {qd}");
+            assert!(
+                t.pin_dir().join("link_vif_in").exists(),
+                "tcx link not pinned (fail closed needs it)"
+            );
+        }
+        _ => {
+            assert!(kind.get("netlink").is_some(), "attach kind {kind}");
+            assert!(qd.contains("clsact"), "no clsact qdisc on the vif: {qd}");
+            let f = run_in(&t.host, "tc", &["filter", "show", "dev", &t.vif, "ingress"])
+                .ok("tc filter show")
+                .stdout;
+            assert!(
+                f.contains("remus_vif_in"),
+                "no remus filter on the vif: {f}"
+            );
+        }
+    }
+    let tap = format!("rms{}", t.vif_ifindex());
+    assert!(
+        t.host_links().contains(&tap),
+        "helper tap {tap} missing: {:?}",
+        t.host_links()
+    );
+    let sn = t.sniff_peer();
+    let dst = addr("10.77.0.2:7700");
+    send_udp(&t.guest, dst, numbered(0..5));
+    t.wait_held(5);
+    assert_eq!(
+        count_port(&sn.frames(), 7700),
+        0,
+        "held frames reached the peer ({how})"
+    );
+    assert_eq!(t.checkpoint(), 1);
+    assert_eq!(t.commit(1)["frames"], 5);
+    let f = sn.wait_for("released frames", |fs| count_port(fs, 7700) == 5);
+    assert_eq!(seqs(&f, 7700), (0..5).collect::<Vec<_>>());
+
+    let d = t.remus(&["detach", &t.vif, "-j"]).ok("detach").json();
+    assert_eq!(d["holder_was_alive"], true);
+    assert!(
+        !t.pin_dir().exists(),
+        "pins left: {}",
+        t.pin_dir().display()
+    );
+    assert!(
+        !t.state_file().exists() && !t.socket_file().exists(),
+        "runtime files left"
+    );
+    assert!(
+        !t.vif_qdiscs().contains("clsact"),
+        "clsact left on the vif ({how}): {}",
+        t.vif_qdiscs()
+    );
+    remus_tests::netns::wait_until("the helper tap to go", Duration::from_secs(10), || {
+        !t.host_links().contains(&tap)
+    });
+    // Nothing is held any more: frames pass straight away.
+    send_udp(&t.guest, dst, numbered(5..6));
+    sn.wait_for("an unheld frame after detach", |fs| {
+        count_port(fs, 7700) == 6
+    });
+}
+
+#[test]
+fn root_attach_tcx_holds_commits_and_detaches_cleanly() {
+    hold_commit_detach("tx", "tcx");
+}
+
+/// The netlink (clsact + cls_bpf) attach is what dom0's Linux 6.1 uses.
+#[test]
+fn root_attach_netlink_clsact_holds_commits_and_detaches_cleanly() {
+    hold_commit_detach("nl", "netlink");
+}
