@@ -19,7 +19,7 @@ pub fn run(a: TestArgs) -> Result<()> {
     util::run(util::cmd("cargo").args(["build", "--workspace", "--bins"]))?;
     util::run(util::cmd("cargo").args(["test", "--workspace", "--", "--test-threads=1"]))?;
     if !a.no_lab {
-        crate::lab::run(crate::lab::LabCmd::Test)?;
+        crate::lab::run(crate::lab::LabCmd::Test(Default::default()))?;
     }
     Ok(())
 }

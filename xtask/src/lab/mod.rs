@@ -1,0 +1,160 @@
+//! `cargo xtask lab …` and `cargo xtask demo`: the Xen lab (issue 3).
+//!
+//! Owns: the lab's command line and the order of things: build (cached, `build.rs`), boot
+//! and drive dom0 (`vm.rs`), the failover scenario and its report (`scenario.rs`). The
+//! lab's files live in `lab/` (host scripts, dom0 init and helpers, the guest's init, the
+//! counter service crate). Never touches: the product's code; it runs the built `remus`
+//! and `remus-net` binaries in dom0 like an operator would.
+use anyhow::{Result, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use serde_json::json;
+use std::{fs, time::Duration, time::Instant};
+
+mod build;
+mod scenario;
+mod vm;
+
+use scenario::Mode;
+
+#[derive(Args, Default)]
+pub struct DemoArgs {
+    /// Leave the lab running afterwards (`cargo xtask lab down` stops it).
+    #[arg(long)]
+    pub keep: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Only {
+    Anchor,
+    Remus,
+}
+
+#[derive(Args, Default)]
+pub struct TestArgs {
+    /// Run only one of the two runs.
+    #[arg(long, value_enum)]
+    pub only: Option<Only>,
+    /// Leave the lab running afterwards.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+#[derive(Subcommand)]
+pub enum LabCmd {
+    /// Build QEMU, the dom0 image and the guest (cached under $REMUS_CACHE/lab).
+    Build,
+    /// Boot Xen + dom0 in QEMU in the background (builds first if needed).
+    Up,
+    /// Stop the lab's QEMU.
+    Down,
+    /// Run a shell command in dom0; prints its output, exits with its status.
+    Exec {
+        /// Seconds before dom0 kills the command.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// The command (joined with spaces, run by sh in dom0).
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        cmd: Vec<String>,
+    },
+    /// Print the tails of the Xen/dom0 serial console and the guest consoles.
+    Console {
+        #[arg(short = 'n', long, default_value_t = 40)]
+        lines: usize,
+    },
+    /// The failover scenario: anchor (stock xl remus) and remus (the relay); report under
+    /// target/lab/report.json.
+    Test(TestArgs),
+    /// Capture a real Remus stream of a few checkpoints as the stream parser's fixture.
+    CaptureStream {
+        /// Checkpoints after the initial copy.
+        #[arg(long, default_value_t = 3)]
+        checkpoints: u64,
+    },
+}
+
+pub fn run(c: LabCmd) -> Result<()> {
+    match c {
+        LabCmd::Build => build::build().map(|_| ()),
+        LabCmd::Up => vm::up(false).map(|_| ()),
+        LabCmd::Down => vm::down(),
+        LabCmd::Exec { timeout, cmd } => {
+            if vm::qemu_pid().is_none() {
+                bail!("the lab is not running (cargo xtask lab up)");
+            }
+            let o = vm::exec(&cmd.join(" "), Duration::from_secs(timeout))?;
+            print!("{}", o.stdout);
+            eprint!("{}", o.stderr);
+            std::process::exit(o.rc);
+        }
+        LabCmd::Console { lines } => {
+            print!("{}", vm::consoles(lines));
+            Ok(())
+        }
+        LabCmd::Test(a) => {
+            let modes = match a.only {
+                None => vec![Mode::Anchor, Mode::Remus],
+                Some(Only::Anchor) => vec![Mode::Anchor],
+                Some(Only::Remus) => vec![Mode::Remus],
+            };
+            test(&modes, false, a.keep)
+        }
+        LabCmd::CaptureStream { checkpoints } => {
+            let booted = vm::up(false)?.is_some();
+            let r = scenario::capture(checkpoints);
+            if booted {
+                vm::down()?;
+            }
+            r.map(|_| ())
+        }
+    }
+}
+
+/// Boots if needed, runs the given modes, writes the report, stops the lab if it booted
+/// it (unless `keep`). Fails if any run failed; the anchor fails only if the lab broke.
+fn test(modes: &[Mode], live: bool, keep: bool) -> Result<()> {
+    let t = Instant::now();
+    let need_remus = modes.contains(&Mode::Remus);
+    let boot = vm::up(need_remus)?;
+    let runs: Vec<scenario::RunReport> = modes.iter().map(|m| scenario::run(*m, live)).collect();
+    let report = json!({
+        "boot_s": boot.map(|d| d.as_secs_f64()),
+        "total_s": t.elapsed().as_secs_f64(),
+        "guest_mem_mb": scenario::GUEST_MEM_MB,
+        "interval_ms": 200,
+        "runs": runs.iter().map(|r| (r.mode.clone(), serde_json::to_value(r).unwrap_or_default()))
+            .collect::<serde_json::Map<_, _>>(),
+    });
+    let path = vm::run_dir().join("report.json");
+    fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+    if boot.is_some() && !keep {
+        vm::down()?;
+    }
+    println!("\n{}", scenario::table(&runs));
+    println!(
+        "report: {}  (lab total {:.0} s)",
+        path.display(),
+        t.elapsed().as_secs_f64()
+    );
+    let failed: Vec<String> = runs
+        .iter()
+        .filter(|r| !r.passed)
+        .map(|r| {
+            format!(
+                "{}: step `{}`: {}",
+                r.mode,
+                r.failed_step.clone().unwrap_or_default(),
+                r.error.clone().unwrap_or_default()
+            )
+        })
+        .collect();
+    if !failed.is_empty() {
+        bail!("lab test failed:\n{}", failed.join("\n"));
+    }
+    Ok(())
+}
+
+/// The main job: build, boot, protect the guest with the relay, live view, silent death of
+/// the primary, failover, summary.
+pub fn demo(a: DemoArgs) -> Result<()> {
+    test(&[Mode::Remus], true, a.keep)
+}

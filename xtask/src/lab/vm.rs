@@ -1,0 +1,336 @@
+//! The running lab: QEMU (software emulation) booting Xen 4.17 + dom0, and the request
+//! agent that runs commands in dom0 without typing into any console.
+//!
+//! Owns: `target/lab/` at run time: `share/` (the virtio-9p share, dom0's `/share`:
+//! `lab/dom0/*.sh` scripts, `bin/` with the project's binaries, `guest/` kernel + initrd,
+//! `req/` the agent's request directory, `run/` dom0's logs and guest consoles),
+//! `serial.log` (Xen + dom0 console), `qemu.pid`, `qemu.log`. Never touches: the cache
+//! (read only here) and anything outside `target/lab/`.
+//!
+//! Agent protocol (see `lab/dom0/agent.sh`): the host writes `req/ID.sh`, then `req/ID.cmd`
+//! by rename; dom0 runs it and writes `ID.out`, `ID.err`, and last `ID.rc` by rename.
+use super::build::{Artifacts, tail_file};
+use crate::util;
+use anyhow::{Context, Result, bail};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+/// QEMU's memory (MiB), Xen's command line. `bootscrub=false` halves QEMU's RSS.
+const QEMU_MEM_MB: &str = "1536";
+const XEN_ARGS: &str = "console=com1 com1=115200,8n1 dom0_mem=512M,max:512M dom0_max_vcpus=2 \
+    loglvl=all guest_loglvl=all noreboot console_timestamps=boot bootscrub=false";
+const DOM0_ARGS: &str = "console=hvc0 earlyprintk=xen root=/dev/vda rw init=/lab/bin/init";
+/// Bound on QEMU start → dom0 ready (measured 40–70 s on 2 shared cores).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(420);
+
+pub fn run_dir() -> PathBuf {
+    util::root().join("target/lab")
+}
+pub fn share() -> PathBuf {
+    run_dir().join("share")
+}
+pub fn serial_log() -> PathBuf {
+    run_dir().join("serial.log")
+}
+fn pid_file() -> PathBuf {
+    run_dir().join("qemu.pid")
+}
+
+/// The pid of the lab's QEMU if it is running.
+pub fn qemu_pid() -> Option<i32> {
+    let pid: i32 = fs::read_to_string(pid_file()).ok()?.trim().parse().ok()?;
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    String::from_utf8_lossy(&cmdline)
+        .contains("qemu-system")
+        .then_some(pid)
+}
+
+/// What a command run in dom0 returned.
+pub struct Output {
+    pub rc: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// Runs a shell script in dom0 through the agent, bounded by `timeout` in dom0 (and a
+/// little more on the host). rc 124 means dom0's `timeout` killed it.
+pub fn exec(script: &str, timeout: Duration) -> Result<Output> {
+    let req = share().join("req");
+    fs::create_dir_all(&req)?;
+    let id = format!(
+        "h{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    );
+    let p = |ext: &str| req.join(format!("{id}.{ext}"));
+    fs::write(p("sh"), script).context("writing the request script")?;
+    fs::write(
+        p("tmp"),
+        format!(
+            "exec timeout -k 5 {} sh /share/req/{id}.sh\n",
+            timeout.as_secs().max(1)
+        ),
+    )?;
+    fs::rename(p("tmp"), p("cmd"))?;
+    let deadline = Instant::now() + timeout + Duration::from_secs(30);
+    let mut n = 0u32;
+    while !p("rc").exists() {
+        if Instant::now() > deadline {
+            bail!(
+                "dom0 did not answer request {id} within {} s (agent dead?): {script}",
+                timeout.as_secs() + 30
+            );
+        }
+        n += 1;
+        if n % 20 == 0 && qemu_pid().is_none() {
+            bail!(
+                "QEMU died while running `{script}` in dom0; serial console tail:\n{}",
+                tail_file(&serial_log(), 30)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let rc = fs::read_to_string(p("rc"))?.trim().parse().unwrap_or(-1);
+    let o = Output {
+        rc,
+        stdout: fs::read_to_string(p("out")).unwrap_or_default(),
+        stderr: fs::read_to_string(p("err")).unwrap_or_default(),
+    };
+    for ext in ["sh", "taken", "out", "err", "rc"] {
+        let _ = fs::remove_file(p(ext));
+    }
+    Ok(o)
+}
+
+/// Like `exec`, but a non-zero status is an error naming `what`, with both outputs.
+pub fn exec_ok(what: &str, script: &str, timeout: Duration) -> Result<String> {
+    let o = exec(script, timeout)?;
+    if o.rc != 0 {
+        let why = if o.rc == 124 {
+            format!("timed out after {} s", timeout.as_secs())
+        } else {
+            format!("exit status {}", o.rc)
+        };
+        bail!(
+            "{what}: `{}` in dom0: {why}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            script.trim(),
+            o.stdout.trim_end(),
+            o.stderr.trim_end()
+        );
+    }
+    Ok(o.stdout)
+}
+
+fn copy_into(src: &Path, dst: &Path) -> Result<()> {
+    fs::copy(src, dst)
+        .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
+    Ok(())
+}
+
+/// Builds `remus` and `remus-net` (release) for dom0. Returns the error instead of failing
+/// so a run that does not need them (the anchor) can go on.
+fn build_remus() -> Result<PathBuf> {
+    util::run(util::cmd("timeout").args([
+        "2400",
+        "cargo",
+        "build",
+        "--release",
+        "-p",
+        "remus-user",
+        "--bins",
+    ]))
+    .context("cargo build --release -p remus-user failed")?;
+    Ok(util::root().join("target/release"))
+}
+
+/// Fills the share: dom0 scripts, guest kernel + initrd, the project's binaries (fresh
+/// every boot, never in the cached image). `need_remus`: fail if remus cannot be built.
+fn stage(a: &Artifacts, need_remus: bool) -> Result<()> {
+    let sh = share();
+    for d in ["run", "req", "lab"] {
+        let p = sh.join(d);
+        if p.exists() {
+            fs::remove_dir_all(&p).with_context(|| format!("clearing {}", p.display()))?;
+        }
+    }
+    for d in ["bin", "guest", "lab/dom0", "req", "run"] {
+        fs::create_dir_all(sh.join(d))?;
+    }
+    for e in fs::read_dir(super::build::lab_src().join("dom0"))?.flatten() {
+        if e.path().is_file() {
+            copy_into(&e.path(), &sh.join("lab/dom0").join(e.file_name()))?;
+        }
+    }
+    copy_into(&a.dom0.join("vmlinuz"), &sh.join("guest/vmlinuz"))?;
+    copy_into(&a.guest_initrd, &sh.join("guest/initrd.img"))?;
+    copy_into(&a.counter_client, &sh.join("bin/counter-client"))?;
+    match build_remus() {
+        Ok(dir) => {
+            for b in ["remus", "remus-net"] {
+                copy_into(&dir.join(b), &sh.join("bin").join(b))?;
+            }
+        }
+        Err(e) if !need_remus => {
+            eprintln!("[lab] warning: {e:#}; dom0 gets no remus binaries this time");
+            for b in ["remus", "remus-net"] {
+                let _ = fs::remove_file(sh.join("bin").join(b));
+            }
+        }
+        Err(e) => return Err(e),
+    }
+    Ok(())
+}
+
+/// Boots the lab unless it is already up. Returns the boot time (None if it was up).
+pub fn up(need_remus: bool) -> Result<Option<Duration>> {
+    if let Some(pid) = qemu_pid() {
+        eprintln!("[lab] already up (QEMU pid {pid}); `cargo xtask lab down` to stop it");
+        return Ok(None);
+    }
+    let a = super::build::build()?;
+    stage(&a, need_remus)?;
+    let rd = run_dir();
+    let _ = fs::remove_file(serial_log());
+    let _ = fs::remove_file(pid_file());
+    let qlog = rd.join("qemu.log");
+    let initrd_arg = format!(
+        "{} {DOM0_ARGS},{}",
+        a.dom0.join("vmlinuz").display(),
+        a.dom0.join("initrd.img").display()
+    );
+    let mut c = Command::new(a.qemu_bin());
+    c.env("QEMU_MODULE_DIR", a.qemu.join("modules"))
+        .arg("-L")
+        .arg(a.qemu.join("fw"))
+        .args([
+            "-machine",
+            "pc",
+            "-accel",
+            "tcg,thread=multi",
+            "-cpu",
+            "qemu64,+svm",
+        ])
+        .args(["-m", QEMU_MEM_MB, "-smp", "2"])
+        .args([
+            "-display",
+            "none",
+            "-nodefaults",
+            "-monitor",
+            "none",
+            "-nic",
+            "none",
+        ])
+        .arg("-chardev")
+        .arg(format!("file,id=s0,path={}", serial_log().display()))
+        .args(["-serial", "chardev:s0"])
+        .arg("-drive")
+        // snapshot=on: writes go to a temporary overlay, the cached image never changes.
+        .arg(format!(
+            "file={},format=raw,if=virtio,cache=unsafe,snapshot=on",
+            a.dom0.join("dom0.img").display()
+        ))
+        .arg("-kernel")
+        .arg(a.dom0.join("xen"))
+        .args(["-append", XEN_ARGS])
+        .arg("-initrd")
+        .arg(initrd_arg)
+        .arg("-virtfs")
+        .arg(format!(
+            "local,path={},mount_tag=share,security_model=none,id=share",
+            share().display()
+        ))
+        .arg("-pidfile")
+        .arg(pid_file())
+        .arg("-daemonize")
+        .stdin(Stdio::null());
+    let qf = fs::File::create(&qlog).with_context(|| format!("creating {}", qlog.display()))?;
+    c.stdout(qf.try_clone()?).stderr(qf);
+    let t = Instant::now();
+    eprintln!(
+        "[lab] booting Xen + dom0 in QEMU (serial console: {})",
+        serial_log().display()
+    );
+    let st = c.status().context("starting QEMU")?;
+    if !st.success() {
+        bail!("QEMU failed to start ({st}): {}", tail_file(&qlog, 20));
+    }
+    let ready = share().join("run/dom0-ready");
+    while !ready.exists() {
+        if qemu_pid().is_none() {
+            bail!(
+                "QEMU exited during boot; serial console tail:\n{}\nqemu.log: {}",
+                tail_file(&serial_log(), 40),
+                tail_file(&qlog, 10)
+            );
+        }
+        if t.elapsed() > BOOT_TIMEOUT {
+            let _ = down();
+            bail!(
+                "dom0 was not ready within {} s; serial console tail:\n{}\ndom0 setup log:\n{}",
+                BOOT_TIMEOUT.as_secs(),
+                tail_file(&serial_log(), 40),
+                tail_file(&share().join("run/dom0-setup.log"), 20)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    exec_ok("agent check", "true", Duration::from_secs(60)).map_err(|e| {
+        let _ = down();
+        e
+    })?;
+    let d = t.elapsed();
+    eprintln!("[lab] dom0 ready in {:.1} s", d.as_secs_f64());
+    Ok(Some(d))
+}
+
+/// Stops QEMU (TERM, then KILL after 10 s). The disk overlay is discarded with it.
+pub fn down() -> Result<()> {
+    let Some(pid) = qemu_pid() else {
+        eprintln!("[lab] not running");
+        return Ok(());
+    };
+    // SAFETY: kill(2) on a pid we read from our own pid file and checked is QEMU.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    for _ in 0..100 {
+        if qemu_pid().is_none() {
+            let _ = fs::remove_file(pid_file());
+            eprintln!("[lab] stopped (QEMU pid {pid})");
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let _ = fs::remove_file(pid_file());
+    eprintln!("[lab] killed (QEMU pid {pid})");
+    Ok(())
+}
+
+/// The tails of every console: Xen + dom0 (serial), dom0's setup log, guest consoles.
+pub fn consoles(n: usize) -> String {
+    let mut s = String::new();
+    let mut add = |title: &str, p: &Path| {
+        s.push_str(&format!(
+            "===== {title} ({}) =====\n{}\n",
+            p.display(),
+            tail_file(p, n)
+        ));
+    };
+    add("Xen + dom0 serial console", &serial_log());
+    add("dom0 setup", &share().join("run/dom0-setup.log"));
+    if let Ok(rd) = fs::read_dir(share().join("run/console")) {
+        let mut v: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
+        v.sort();
+        for p in v {
+            add("guest console", &p);
+        }
+    }
+    s
+}
