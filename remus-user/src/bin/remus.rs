@@ -209,6 +209,7 @@ fn main() -> ProcessExit {
     // stdout is xl's reverse channel for `relay send`: logs go to stderr only.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread()

@@ -499,22 +499,32 @@ impl Replicator for TcpReplicator {
     }
 
     async fn next_event(&mut self) -> BackupEvent {
+        enum Got {
+            Ack(Option<u64>),
+            Lost(String),
+        }
         let mut lost = self.lost.clone();
-        tokio::select! {
-            a = self.acks.recv() => match a {
-                Some(n) => {
-                    let m = &self.shared.metrics;
-                    if let Some(t) = self.sent_at.remove(&n) {
-                        m.ack_latency.observe(t.elapsed());
-                    }
-                    self.sent_at.retain(|&c, _| c > n);
-                    m.acks_total.inc();
-                    m.last_acked.set(n);
-                    BackupEvent::Ack(n)
+        let got = tokio::select! {
+            a = self.acks.recv() => Got::Ack(a),
+            r = lost.wait_for(Option::is_some) => Got::Lost(lost_reason(r)),
+        };
+        match got {
+            Got::Ack(Some(n)) => {
+                let m = &self.shared.metrics;
+                if let Some(t) = self.sent_at.remove(&n) {
+                    m.ack_latency.observe(t.elapsed());
                 }
-                None => BackupEvent::Lost("the backup closed the connection".into()),
-            },
-            r = lost.wait_for(Option::is_some) => BackupEvent::Lost(lost_reason(r)),
+                self.sent_at.retain(|&c, _| c > n);
+                m.acks_total.inc();
+                m.last_acked.set(n);
+                BackupEvent::Ack(n)
+            }
+            // The reader ended: it set the reason before dropping the channel.
+            Got::Ack(None) => {
+                let r = lost_reason(lost.wait_for(Option::is_some).await);
+                BackupEvent::Lost(r)
+            }
+            Got::Lost(r) => BackupEvent::Lost(r),
         }
     }
 

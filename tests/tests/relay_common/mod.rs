@@ -1,0 +1,370 @@
+//! Fixtures of the relay tests: the real `remus` binary as both relays, the test process
+//! as a fake `xl remus` (it writes a Remus-shaped stream from `stream::writer` into a pipe
+//! that is the sender's stdin, after reading the banner from the sender's stdout), and a
+//! fake receiver (`--receiver-cmd`: a shell line that prints xl's banner and records its
+//! stdin to a file per session).
+//!
+//! Finding the binary: `CARGO_BIN_EXE_remus` only exists inside the remus-user crate, so
+//! these tests use `$REMUS_BIN` if set, else `target/<profile>/remus` next to the test
+//! executable, and build it with `cargo build -p remus-user --bin remus` when it is not
+//! there (CI's `cargo test --workspace` builds it anyway).
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub use remus_user::relay::BANNER;
+use remus_user::stream::Event;
+use remus_user::stream::writer::{WriterConfig, Written, write};
+
+/// Guards against hangs only: no test asserts on time.
+pub const HANG_GUARD: Duration = Duration::from_secs(120);
+
+pub fn remus_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("REMUS_BIN") {
+            return PathBuf::from(p);
+        }
+        let exe = std::env::current_exe().expect("test executable path");
+        // target/<profile>/deps/<test> → target/<profile>/remus
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>");
+        let bin = profile_dir.join("remus");
+        if !bin.exists() {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .expect("workspace root");
+            let path = format!(
+                "/var/cache/remus/bin:{}",
+                std::env::var("PATH").unwrap_or_default()
+            );
+            let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args(["build", "-p", "remus-user", "--bin", "remus"])
+                .current_dir(root)
+                .env("PATH", path)
+                .status()
+                .expect("running cargo build for the remus binary");
+            assert!(st.success(), "cargo build -p remus-user --bin remus failed");
+        }
+        assert!(bin.exists(), "no remus binary at {}", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// A scratch directory removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        let p = std::env::temp_dir().join(format!("remus-relay-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Scratch(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+    /// A key file with mode 0600.
+    pub fn key(&self, name: &str, content: &str) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::write(&p, content).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        p
+    }
+    /// What each receiver session recorded, in session order (pid order is start order
+    /// only by accident, so sort by modification time).
+    pub fn sessions(&self) -> Vec<Vec<u8>> {
+        let mut v: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(&self.0)
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("session.")
+            })
+            .map(|p| {
+                (
+                    std::fs::metadata(&p)
+                        .unwrap()
+                        .created()
+                        .unwrap_or(std::time::UNIX_EPOCH),
+                    p,
+                )
+            })
+            .collect();
+        v.sort();
+        v.into_iter()
+            .map(|(_, p)| std::fs::read(p).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// The fake receiver: prints the banner, then records stdin until it is closed.
+pub fn fake_receiver_cmd(dir: &Path) -> String {
+    format!(
+        "printf 'xl migration receiver ready, send binary domain data.\\n'; exec cat > {}/session.$$",
+        dir.display()
+    )
+}
+
+pub fn status(sock: &Path) -> Option<serde_json::Value> {
+    let mut s = std::os::unix::net::UnixStream::connect(sock).ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    serde_json::from_str(out.trim()).ok()
+}
+
+/// Polls `sock` until `pred` holds (hang guard only).
+pub fn wait_status(
+    sock: &Path,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let t = Instant::now();
+    loop {
+        if let Some(v) = status(sock) {
+            if pred(&v) {
+                return v;
+            }
+        }
+        assert!(
+            t.elapsed() < HANG_GUARD,
+            "gave up waiting for {what} on {}",
+            sock.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn wait_child(c: &mut Child, what: &str) -> std::process::ExitStatus {
+    let t = Instant::now();
+    loop {
+        if let Some(st) = c.try_wait().unwrap() {
+            return st;
+        }
+        assert!(
+            t.elapsed() < HANG_GUARD,
+            "gave up waiting for {what} to exit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn signal(c: &Child, sig: i32) {
+    // SAFETY: kill on a child we spawned and have not reaped.
+    unsafe {
+        libc::kill(c.id() as i32, sig);
+    }
+}
+
+pub struct Receiver {
+    pub child: Child,
+    pub status_sock: PathBuf,
+    pub addr: String,
+    pub log: PathBuf,
+}
+
+impl Receiver {
+    /// Starts `remus relay receive` on an ephemeral loopback port with the fake receiver.
+    pub fn start(dir: &Scratch, key: &Path, once: bool, extra: &[&str]) -> Receiver {
+        let status_sock = dir.path().join("relay-receive.sock");
+        let log = dir.path().join("receive.log");
+        let mut cmd = Command::new(remus_bin());
+        cmd.args(["relay", "receive", "--listen", "127.0.0.1:0", "--key-file"])
+            .arg(key)
+            .arg("--receiver-cmd")
+            .arg(fake_receiver_cmd(dir.path()))
+            .arg("--status-socket")
+            .arg(&status_sock)
+            .args(extra)
+            .env("REMUS_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap());
+        if once {
+            cmd.arg("--once");
+        }
+        let child = cmd.spawn().expect("starting remus relay receive");
+        let st = wait_status(&status_sock, "the receiver to listen", |v| {
+            v["state"] == "waiting for primary"
+        });
+        let addr = st["address"].as_str().unwrap().to_string();
+        Receiver {
+            child,
+            status_sock,
+            addr,
+            log,
+        }
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        status(&self.status_sock).expect("receiver status")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A pipe whose read end becomes the sender's stdin (as xl's pipe does).
+fn pipe() -> (OwnedFd, File) {
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 fills two fds on success.
+    let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    assert_eq!(r, 0, "pipe2");
+    // SAFETY: both fds are fresh and owned here.
+    unsafe { (OwnedFd::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) }
+}
+
+pub struct Sender {
+    pub child: Child,
+    pub stdin: Option<File>,
+    pub stdout: ChildStdout,
+    pub status_sock: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Sender {
+    /// Starts `remus relay send --no-buffer` (the buffer is tested elsewhere) as xl would.
+    pub fn start(dir: &Scratch, name: &str, addr: &str, key: &Path, extra: &[&str]) -> Sender {
+        let (r, w) = pipe();
+        let status_sock = dir.path().join(format!("relay-send-{name}.sock"));
+        let log = dir.path().join(format!("send-{name}.log"));
+        let child = Command::new(remus_bin())
+            .args([
+                "relay",
+                "send",
+                "--no-buffer",
+                "--backup",
+                addr,
+                "--key-file",
+            ])
+            .arg(key)
+            .arg("--status-socket")
+            .arg(&status_sock)
+            .args(extra)
+            .env("REMUS_LOG", "info")
+            .stdin(Stdio::from(r))
+            .stdout(Stdio::piped())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .expect("starting remus relay send");
+        let mut child = child;
+        let stdout = child.stdout.take().unwrap();
+        Sender {
+            child,
+            stdin: Some(w),
+            stdout,
+            status_sock,
+            log,
+        }
+    }
+
+    /// What xl does first: wait for the banner.
+    pub fn read_banner(&mut self) -> Vec<u8> {
+        let mut b = vec![0u8; BANNER.len()];
+        self.stdout
+            .read_exact(&mut b)
+            .expect("the banner on the sender's stdout");
+        b
+    }
+
+    /// Writes stream bytes, paced per checkpoint as libxl would (checkpoint then pause).
+    pub fn write(&mut self, bytes: &[u8]) {
+        self.stdin
+            .as_mut()
+            .expect("stdin open")
+            .write_all(bytes)
+            .expect("writing the stream into xl's pipe");
+    }
+
+    pub fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
+    pub fn status(&self) -> Option<serde_json::Value> {
+        status(&self.status_sock)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        signal(&self.child, libc::SIGCONT);
+        let _ = self.child.wait();
+    }
+}
+
+/// A stream and the offsets where each checkpoint ends (index 0 = checkpoint 1).
+pub struct Stream {
+    pub w: Written,
+    pub ends: Vec<u64>,
+}
+
+impl Stream {
+    pub fn new(cfg: &WriterConfig) -> Stream {
+        let w = write(cfg);
+        let ends = w
+            .events
+            .iter()
+            .filter_map(|e| match *e {
+                Event::CheckpointComplete { end, .. } => Some(end),
+                _ => None,
+            })
+            .collect();
+        Stream { w, ends }
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.w.bytes
+    }
+
+    /// Bytes of checkpoint `n` (1-based): from the end of n-1 to the end of n.
+    pub fn checkpoint(&self, n: usize) -> &[u8] {
+        let start = if n == 1 { 0 } else { self.ends[n - 2] as usize };
+        &self.w.bytes[start..self.ends[n - 1] as usize]
+    }
+
+    pub fn through(&self, n: usize) -> &[u8] {
+        &self.w.bytes[..self.ends[n - 1] as usize]
+    }
+}
+
+/// Writes checkpoints `from..=to` into the sender, pausing between them as the interval
+/// of `xl remus` does.
+pub fn feed(s: &mut Sender, st: &Stream, from: usize, to: usize) {
+    for n in from..=to {
+        s.write(st.checkpoint(n));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -1,0 +1,112 @@
+//! A relay pair on loopback, the real `remus` binary at both ends, between a fake xl and
+//! a fake receiver: the receiver gets the stream byte-identical, each checkpoint is
+//! acknowledged back to the sender, and an orderly close ends both sides with 0.
+//! No output buffer here (`--no-buffer`); the buffer's ordering is tested in netns tests.
+mod relay_common;
+
+use relay_common::*;
+use remus_user::stream::writer::WriterConfig;
+
+fn pair(compress: &str, cfg: WriterConfig) {
+    let dir = Scratch::new(&format!("pair-{compress}"));
+    let key = dir.key("key", "0123456789abcdef0123456789abcdef\n");
+    let mut rx = Receiver::start(&dir, &key, true, &[]);
+    let mut tx = Sender::start(&dir, "a", &rx.addr, &key, &["--compress", compress]);
+    assert_eq!(
+        tx.read_banner(),
+        BANNER,
+        "xl must get the receiver's banner first"
+    );
+
+    let st = Stream::new(&cfg);
+    let n = st.ends.len();
+    feed(&mut tx, &st, 1, n);
+    // Every checkpoint comes back acknowledged (status of the sender).
+    let s = wait_status(&tx.status_sock, "the last ACK", |v| {
+        v["last_acked"] == n as u64
+    });
+    assert_eq!(s["state"], "replicating");
+    assert_eq!(s["checkpoints_total"], n as u64);
+    assert_eq!(s["stream_bytes_total"], st.bytes().len() as u64);
+    if compress == "lz4" {
+        let raw = s["page_data_raw_bytes_total"].as_u64().unwrap();
+        let wire = s["page_data_wire_bytes_total"].as_u64().unwrap();
+        assert!(
+            raw > 0 && wire < raw,
+            "page data compressed: {raw} raw, {wire} on the wire"
+        );
+    } else {
+        assert_eq!(s["page_data_raw_bytes_total"], 0);
+    }
+    let r = rx.status();
+    assert_eq!(r["last_acked"], n as u64);
+
+    // xl ends the stream: orderly close on both ends.
+    tx.close_stdin();
+    let code = wait_child(&mut tx.child, "relay send").code();
+    assert_eq!(code, Some(0), "sender log:\n{}", tx.log());
+    let code = wait_child(&mut rx.child, "relay receive --once").code();
+    assert_eq!(code, Some(0), "receiver log:\n{}", rx.log());
+
+    let sessions = dir.sessions();
+    assert_eq!(sessions.len(), 1);
+    assert_eq!(sessions[0].len(), st.bytes().len());
+    assert!(
+        sessions[0] == st.bytes(),
+        "the receiver's stream differs from what xl wrote"
+    );
+}
+
+#[test]
+fn relay_pair_is_byte_identical_with_lz4() {
+    pair("lz4", WriterConfig::pv(6));
+}
+
+#[test]
+fn relay_pair_is_byte_identical_without_compression() {
+    pair("none", WriterConfig::hvm(5));
+}
+
+#[test]
+fn relay_send_refuses_a_stdin_that_is_not_a_pipe() {
+    let dir = Scratch::new("notpipe");
+    let key = dir.key("key", "k0123456789abcdef");
+    let f = dir.path().join("stream");
+    std::fs::write(&f, b"x").unwrap();
+    let out = std::process::Command::new(remus_bin())
+        .args([
+            "relay",
+            "send",
+            "--no-buffer",
+            "--backup",
+            "127.0.0.1:9",
+            "--key-file",
+        ])
+        .arg(&key)
+        .arg("--status-socket")
+        .arg(dir.path().join("s.sock"))
+        .stdin(std::fs::File::open(&f).unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a pipe"), "{err}");
+    assert!(
+        out.stdout.is_empty(),
+        "nothing may reach xl's reverse channel"
+    );
+}
+
+#[test]
+fn relay_send_help_teaches_the_usage() {
+    let out = std::process::Command::new(remus_bin())
+        .args(["relay", "send", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        help.contains("remus relay receive --listen 0.0.0.0:7788 --key-file /etc/remus/key"),
+        "{help}"
+    );
+    assert!(help.contains("xl remus -F -n -s '' mydomain"), "{help}");
+}
