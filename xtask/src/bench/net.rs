@@ -1,10 +1,985 @@
-//! `cargo xtask bench net`: placeholder until written by its owner.
-use anyhow::{Result, bail};
+//! `cargo xtask bench net`: the eBPF output buffer (`remus-net`) measured side by side on
+//! one network-namespace topology, like an operator would: the release binaries, iperf3,
+//! raw packet sockets. Prints a table and writes target/bench/net.json.
+//!
+//! Owns: the benchmark's namespaces (`rbn*`, removed on exit, on error and on Ctrl-C; a
+//! run killed hard is cleaned up by the next one), the measurements and their report.
+//! Never touches: remus-user's code (it runs the built `remus-net` and speaks its
+//! documented control socket only to time a commit without process start-up).
+//!
+//! Topology (as in the netns test tier):
+//! ```text
+//! rbng: eth0 10.77.0.1 ── rbnv (vif) ─ br0 (netns rbnh) ─ rbnl ── eth0 10.77.0.2 :rbnp
+//! ```
+//! Measured:
+//! - bulk TCP guest→peer, offloads on (iperf3 -J): no buffer; attached with
+//!   `--autocommit-unsafe 0` (release after every drain of the ring) and epochs of 5 and
+//!   25 ms; median of the repeats, retransmits, the holder's CPU (utime+stime);
+//! - 64-byte frames (106 on the wire): iperf3 -u -l 64 -b 0 received pps without and
+//!   with the buffer (epoch 0), and raw AF_PACKET injection (sendmmsg from the guest,
+//!   counted at the peer's rx counter) without and with the buffer;
+//! - release latency: an epoch of 1k / 10k MTU frames held, commit sent on the control
+//!   socket, time until the last frame is seen at the peer (kernel receive timestamps).
+use std::{
+    fs::File,
+    io::{BufRead, BufReader, Write},
+    mem,
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::net::UnixStream,
+    },
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, Result, bail};
 use clap::Args;
+use serde_json::{Value, json};
+
+use crate::util;
 
 #[derive(Args)]
-pub struct NetArgs {}
+pub struct NetArgs {
+    /// Seconds per iperf3 / injection run.
+    #[arg(long, default_value_t = 4)]
+    secs: u32,
+    /// Runs per configuration (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Do not build first (use target/release/remus-net as it is).
+    #[arg(long)]
+    no_build: bool,
+}
 
-pub fn run(_a: NetArgs) -> Result<()> {
-    bail!("bench net is not written yet")
+const PFX: &str = "rbn";
+const GUEST_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
+const PEER_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+fn check_interrupt() -> Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+fn mac_str(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Output of a finished command.
+struct Out {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+fn sh(program: &str, args: &[&str]) -> Result<Out> {
+    let o = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("starting {program}"))?;
+    Ok(Out {
+        ok: o.status.success(),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    })
+}
+
+fn must(program: &str, args: &[&str]) -> Result<String> {
+    let o = sh(program, args)?;
+    if !o.ok {
+        bail!("{program} {args:?} failed: {}", o.stderr.trim());
+    }
+    Ok(o.stdout)
+}
+
+fn nsargs<'a>(ns: &'a str, program: &'a str, args: &[&'a str]) -> Vec<String> {
+    let mut a = vec![format!("--net=/run/netns/{ns}"), program.to_string()];
+    a.extend(args.iter().map(|s| s.to_string()));
+    a
+}
+
+fn must_in(ns: &str, program: &str, args: &[&str]) -> Result<String> {
+    let a = nsargs(ns, program, args);
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    must("nsenter", &a)
+}
+
+/// The benchmark's namespaces and processes; all removed on drop.
+struct Bench {
+    bin: PathBuf,
+    host: String,
+    guest: String,
+    peer: String,
+    vif: String,
+    children: Vec<Child>,
+}
+
+impl Bench {
+    fn new(bin: PathBuf) -> Result<Bench> {
+        let b = Bench {
+            bin,
+            host: format!("{PFX}h"),
+            guest: format!("{PFX}g"),
+            peer: format!("{PFX}p"),
+            vif: format!("{PFX}v"),
+            children: Vec::new(),
+        };
+        b.cleanup();
+        b.build()?;
+        Ok(b)
+    }
+
+    fn build(&self) -> Result<()> {
+        let lan = format!("{PFX}l");
+        for ns in [&self.host, &self.guest, &self.peer] {
+            must("ip", &["netns", "add", ns])?;
+            must_in(ns, "sysctl", &["-qw", "net.ipv6.conf.all.disable_ipv6=1"])?;
+            must("ip", &["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        let h = self.host.as_str();
+        must(
+            "ip",
+            &[
+                "-n",
+                h,
+                "link",
+                "add",
+                "br0",
+                "type",
+                "bridge",
+                "stp_state",
+                "0",
+                "forward_delay",
+                "0",
+            ],
+        )?;
+        must(
+            "ip",
+            &[
+                "-n",
+                h,
+                "link",
+                "add",
+                &self.vif,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &self.guest,
+            ],
+        )?;
+        must(
+            "ip",
+            &[
+                "-n", h, "link", "add", &lan, "type", "veth", "peer", "name", "eth0", "netns",
+                &self.peer,
+            ],
+        )?;
+        for d in [self.vif.as_str(), lan.as_str(), "br0"] {
+            if d != "br0" {
+                must("ip", &["-n", h, "link", "set", d, "master", "br0"])?;
+            }
+            must("ip", &["-n", h, "link", "set", d, "up"])?;
+        }
+        for (ns, mac, ip, oip, omac) in [
+            (&self.guest, GUEST_MAC, "10.77.0.1", "10.77.0.2", PEER_MAC),
+            (&self.peer, PEER_MAC, "10.77.0.2", "10.77.0.1", GUEST_MAC),
+        ] {
+            must(
+                "ip",
+                &["-n", ns, "link", "set", "eth0", "address", &mac_str(&mac)],
+            )?;
+            must(
+                "ip",
+                &["-n", ns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"],
+            )?;
+            must("ip", &["-n", ns, "link", "set", "eth0", "up"])?;
+            must(
+                "ip",
+                &[
+                    "-n",
+                    ns,
+                    "neigh",
+                    "replace",
+                    oip,
+                    "lladdr",
+                    &mac_str(&omac),
+                    "dev",
+                    "eth0",
+                    "nud",
+                    "permanent",
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn remus(&self, args: &[&str]) -> Result<Out> {
+        let bin = self.bin.to_string_lossy().into_owned();
+        let a = nsargs(&self.host, &bin, args);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        sh("nsenter", &a)
+    }
+
+    /// Attaches the buffer; returns the holder's pid.
+    fn attach(&self, extra: &[&str]) -> Result<u32> {
+        let mut a = vec!["attach", self.vif.as_str(), "-j"];
+        a.extend_from_slice(extra);
+        let o = self.remus(&a)?;
+        if !o.ok {
+            bail!("remus-net attach {extra:?} failed: {}", o.stderr.trim());
+        }
+        let v: Value = serde_json::from_str(&o.stdout).context("attach -j output")?;
+        v["pid"]
+            .as_u64()
+            .map(|p| p as u32)
+            .context("attach -j gave no pid")
+    }
+
+    fn detach(&self) -> Result<()> {
+        // --release: the last frames of a finished run (iperf3's closing handshake) must
+        // reach the peer, or its server stays busy with a half-closed test.
+        let o = self.remus(&["detach", &self.vif, "--release"])?;
+        if !o.ok {
+            bail!("remus-net detach failed: {}", o.stderr.trim());
+        }
+        Ok(())
+    }
+
+    fn spawn_in(&mut self, ns: &str, program: &str, args: &[&str]) -> Result<()> {
+        let c = Command::new("nsenter")
+            .args(nsargs(ns, program, args))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {program}"))?;
+        self.children.push(c);
+        Ok(())
+    }
+
+    fn socket(&self) -> PathBuf {
+        PathBuf::from(format!("/run/remus/net-{}.sock", self.vif))
+    }
+
+    fn cleanup(&self) {
+        if Path::new(&format!("/run/netns/{}", self.host)).exists() {
+            let _ = self.remus(&["detach", &self.vif, "--drop"]);
+        }
+        for ns in [&self.host, &self.guest, &self.peer] {
+            if Path::new(&format!("/run/netns/{ns}")).exists() {
+                // Processes in the benchmark's own namespaces (iperf3, a holder).
+                if let Ok(o) = sh("ip", &["netns", "pids", ns]) {
+                    for p in o
+                        .stdout
+                        .split_whitespace()
+                        .filter_map(|p| p.parse::<i32>().ok())
+                    {
+                        // SAFETY: kill has no memory preconditions.
+                        unsafe { libc::kill(p, libc::SIGKILL) };
+                    }
+                }
+                let _ = sh("ip", &["netns", "del", ns]);
+            }
+        }
+        for ext in ["json", "sock", "log"] {
+            let _ = std::fs::remove_file(format!("/run/remus/net-{}.{ext}", self.vif));
+        }
+        let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/remus/{}", self.vif));
+    }
+}
+
+impl Drop for Bench {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.cleanup();
+    }
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name: state is field 3, utime 14, stime 15.
+    let rest: Vec<&str> = s
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let f = |i: usize| {
+        rest.get(i - 3)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // SAFETY: sysconf has no preconditions.
+    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (f(14) + f(15)) as f64 / tck
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn enter_netns(ns: &str) -> std::io::Result<()> {
+    let f = File::open(format!("/run/netns/{ns}"))?;
+    // SAFETY: setns on a valid fd, network namespace of this thread only.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn packet_socket(iface: &str) -> std::io::Result<OwnedFd> {
+    let proto = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: socket(2).
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            proto as i32,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fresh fd we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let name = std::ffi::CString::new(iface).map_err(std::io::Error::other)?;
+    // SAFETY: valid C string.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) } as i32;
+    // SAFETY: zeroed sockaddr_ll is valid.
+    let mut sll: libc::sockaddr_ll = unsafe { mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = proto;
+    sll.sll_ifindex = ifindex;
+    // SAFETY: sll valid for its size.
+    let r = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            &sll as *const _ as *const libc::sockaddr,
+            mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+fn setopt(fd: &OwnedFd, level: i32, opt: i32, v: i32) {
+    // SAFETY: v outlives the call.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            opt,
+            &v as *const i32 as *const libc::c_void,
+            4,
+        )
+    };
+}
+
+/// A 106-byte IPv4/UDP frame guest → peer, 64 bytes of payload, UDP checksum 0.
+fn small_frame() -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&PEER_MAC);
+    f.extend_from_slice(&GUEST_MAC);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let mut ip = vec![
+        0x45, 0, 0, 92, 0, 0, 0x40, 0, 64, 17, 0, 0, 10, 77, 0, 1, 10, 77, 0, 2,
+    ];
+    let mut sum: u32 = ip
+        .chunks(2)
+        .map(|c| u16::from_be_bytes([c[0], c[1]]) as u32)
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&[0x9c, 0x40, 0x00, 0x09, 0x00, 72, 0, 0]);
+    f.extend_from_slice(&[0u8; 64]);
+    f
+}
+
+fn peer_rx_packets(b: &Bench) -> Result<u64> {
+    let o = must(
+        "ip",
+        &["-n", &b.peer, "-s", "-j", "link", "show", "dev", "eth0"],
+    )?;
+    let v: Value = serde_json::from_str(&o)?;
+    v[0]["stats64"]["rx"]["packets"]
+        .as_u64()
+        .context("rx packets of the peer")
+}
+
+/// Raw AF_PACKET injection from the guest for `secs`: (sent pps, received pps at the peer).
+fn raw_inject(b: &Bench, secs: u32) -> Result<(f64, f64)> {
+    let rx0 = peer_rx_packets(b)?;
+    let guest = b.guest.clone();
+    let t0 = Instant::now();
+    let sent = std::thread::spawn(move || -> std::io::Result<u64> {
+        enter_netns(&guest)?;
+        let fd = packet_socket("eth0")?;
+        let frame = small_frame();
+        const BATCH: usize = 64;
+        let mut iov: Vec<libc::iovec> = (0..BATCH)
+            .map(|_| libc::iovec {
+                iov_base: frame.as_ptr() as *mut libc::c_void,
+                iov_len: frame.len(),
+            })
+            .collect();
+        // SAFETY: zeroed mmsghdr is valid; each points at one iovec of the live frame.
+        let mut msgs: Vec<libc::mmsghdr> = (0..BATCH).map(|_| unsafe { mem::zeroed() }).collect();
+        for (m, v) in msgs.iter_mut().zip(iov.iter_mut()) {
+            m.msg_hdr.msg_iov = v;
+            m.msg_hdr.msg_iovlen = 1;
+        }
+        let end = Instant::now() + Duration::from_secs(secs as u64);
+        let mut n = 0u64;
+        while Instant::now() < end && !INTERRUPTED.load(Ordering::Relaxed) {
+            // SAFETY: msgs and the frame they point at are alive.
+            let r = unsafe { libc::sendmmsg(fd.as_raw_fd(), msgs.as_mut_ptr(), BATCH as u32, 0) };
+            if r > 0 {
+                n += r as u64;
+            }
+        }
+        Ok(n)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("injector thread panicked"))??;
+    let wall = t0.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(300));
+    let rx = peer_rx_packets(b)?.saturating_sub(rx0);
+    Ok((sent as f64 / wall, rx as f64 / wall))
+}
+
+fn iperf(b: &Bench, args: &[&str]) -> Result<Value> {
+    let mut a = vec!["-c", "10.77.0.2", "-J"];
+    a.extend_from_slice(args);
+    let argv = nsargs(&b.guest, "iperf3", &a);
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let t0 = Instant::now();
+    loop {
+        let o = sh("nsenter", &argv)?;
+        check_interrupt()?;
+        let v: Value = serde_json::from_str(&o.stdout)
+            .with_context(|| format!("iperf3 -J output: {} {}", o.stdout, o.stderr))?;
+        match v["error"].as_str() {
+            // The server is still closing the previous test.
+            Some(e) if e.contains("busy") && t0.elapsed() < Duration::from_secs(20) => {
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Some(e) => bail!("iperf3 {args:?}: {e}"),
+            None => return Ok(v),
+        }
+    }
+}
+
+/// (Gbit/s received, retransmits).
+fn iperf_tcp(b: &Bench, secs: u32) -> Result<(f64, u64)> {
+    let v = iperf(b, &["-t", &secs.to_string()])?;
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3 TCP result")?;
+    Ok((
+        bps / 1e9,
+        v["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
+    ))
+}
+
+/// (sent pps, received pps) of 64-byte UDP datagrams.
+fn iperf_udp64(b: &Bench, secs: u32) -> Result<(f64, f64)> {
+    let v = iperf(b, &["-u", "-l", "64", "-b", "0", "-t", &secs.to_string()])?;
+    if let Some(e) = v["error"].as_str() {
+        bail!("iperf3 UDP: {e}");
+    }
+    let (rs, ss) = (&v["end"]["sum_received"], &v["end"]["sum_sent"]);
+    let recv_bytes = rs["bytes"]
+        .as_f64()
+        .with_context(|| format!("iperf3 UDP result: {}", v["end"]))?;
+    let rsecs = rs["seconds"]
+        .as_f64()
+        .filter(|s| *s > 0.0)
+        .unwrap_or(secs as f64);
+    let sent = ss["packets"].as_f64().unwrap_or(0.0);
+    let ssecs = ss["seconds"]
+        .as_f64()
+        .filter(|s| *s > 0.0)
+        .unwrap_or(secs as f64);
+    Ok((sent / ssecs, recv_bytes / 64.0 / rsecs))
+}
+
+/// One configuration's repeated results.
+#[derive(Default)]
+struct Series {
+    vals: Vec<f64>,
+    extra: Vec<f64>,
+    cpu: f64,
+    wall: f64,
+}
+
+impl Series {
+    fn med(&self) -> f64 {
+        median(&mut self.vals.clone())
+    }
+    fn med_extra(&self) -> f64 {
+        median(&mut self.extra.clone())
+    }
+    fn cpu_pct(&self) -> Option<f64> {
+        (self.wall > 0.0).then(|| self.cpu / self.wall * 100.0)
+    }
+}
+
+/// Runs `f` once under configuration `attach` (None: no buffer), adding the holder's CPU.
+fn with_config(
+    b: &Bench,
+    attach: Option<&[&str]>,
+    s: &mut Series,
+    f: impl FnOnce() -> Result<(f64, f64)>,
+) -> Result<()> {
+    check_interrupt()?;
+    let pid = match attach {
+        Some(a) => Some(b.attach(a)?),
+        None => None,
+    };
+    let c0 = pid.map(cpu_secs).unwrap_or(0.0);
+    let t0 = Instant::now();
+    let r = f();
+    if let Some(p) = pid {
+        s.cpu += cpu_secs(p) - c0;
+        s.wall += t0.elapsed().as_secs_f64();
+        b.detach()?;
+    }
+    let (v, e) = r?;
+    s.vals.push(v);
+    s.extra.push(e);
+    Ok(())
+}
+
+/// Control-socket client (one JSON request per line).
+struct Ctl {
+    r: BufReader<UnixStream>,
+    w: UnixStream,
+}
+
+impl Ctl {
+    fn connect(path: &Path) -> Result<Ctl> {
+        let s = UnixStream::connect(path)
+            .with_context(|| format!("connecting to {}", path.display()))?;
+        Ok(Ctl {
+            r: BufReader::new(s.try_clone()?),
+            w: s,
+        })
+    }
+    fn ask(&mut self, req: Value) -> Result<Value> {
+        let mut line = req.to_string();
+        line.push('\n');
+        self.w.write_all(line.as_bytes())?;
+        let mut resp = String::new();
+        self.r.read_line(&mut resp)?;
+        let v: Value = serde_json::from_str(&resp).context("control socket answer")?;
+        if v["result"] == "error" {
+            bail!("holder answered: {}", v["message"]);
+        }
+        Ok(v)
+    }
+}
+
+/// Records kernel receive timestamps of UDP frames to `port` at the peer.
+struct Stamps {
+    stop: Arc<AtomicBool>,
+    count: Arc<AtomicU64>,
+    last_ns: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Stamps {
+    fn start(ns: &str, port: u16) -> Result<Stamps> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let count = Arc::new(AtomicU64::new(0));
+        let last_ns = Arc::new(AtomicU64::new(0));
+        let (tx, rx) = std::sync::mpsc::channel::<std::io::Result<()>>();
+        let (ns, s2, c2, l2) = (ns.to_string(), stop.clone(), count.clone(), last_ns.clone());
+        let thread = std::thread::spawn(move || {
+            let fd = match enter_netns(&ns).and_then(|_| packet_socket("eth0")) {
+                Ok(fd) => fd,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            setopt(&fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 256 << 20);
+            setopt(&fd, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 1);
+            let tv = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 50_000,
+            };
+            // SAFETY: tv outlives the call.
+            unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    &tv as *const _ as *const libc::c_void,
+                    mem::size_of::<libc::timeval>() as u32,
+                )
+            };
+            let _ = tx.send(Ok(()));
+            let mut buf = vec![0u8; 2048];
+            let mut cbuf = [0u64; 16];
+            while !s2.load(Ordering::Relaxed) {
+                let mut iov = libc::iovec {
+                    iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+                    iov_len: buf.len(),
+                };
+                // SAFETY: zeroed msghdr is valid; pointers refer to live buffers.
+                let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+                msg.msg_iov = &mut iov;
+                msg.msg_iovlen = 1;
+                msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+                msg.msg_controllen = mem::size_of_val(&cbuf);
+                // SAFETY: msg describes valid buffers.
+                let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, 0) };
+                if n < 42 {
+                    continue;
+                }
+                let f = &buf[..n as usize];
+                let is_ours = f[6..12] == GUEST_MAC
+                    && f[12..14] == [0x08, 0x00]
+                    && f[23] == 17
+                    && u16::from_be_bytes([f[36], f[37]]) == port;
+                if !is_ours {
+                    continue;
+                }
+                // SAFETY: walking control messages the kernel wrote.
+                unsafe {
+                    let mut c = libc::CMSG_FIRSTHDR(&msg);
+                    while !c.is_null() {
+                        if (*c).cmsg_level == libc::SOL_SOCKET
+                            && (*c).cmsg_type == libc::SCM_TIMESTAMPNS
+                        {
+                            let ts: libc::timespec = std::ptr::read_unaligned(
+                                libc::CMSG_DATA(c) as *const libc::timespec
+                            );
+                            l2.store(
+                                ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64,
+                                Ordering::Relaxed,
+                            );
+                        }
+                        c = libc::CMSG_NXTHDR(&msg, c);
+                    }
+                }
+                c2.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        rx.recv()
+            .context("timestamp thread")?
+            .context("peer capture socket")?;
+        Ok(Stamps {
+            stop,
+            count,
+            last_ns,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Stamps {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Holds an epoch of `n` MTU frames, commits it on the control socket, and returns
+/// (ms from commit sent to the last frame seen at the peer, ms until the commit answer).
+fn release_latency(b: &Bench, n: u64, port: u16) -> Result<(f64, f64)> {
+    b.attach(&[])?;
+    let stamps = Stamps::start(&b.peer, port)?;
+    let guest = b.guest.clone();
+    std::thread::spawn(move || -> std::io::Result<()> {
+        enter_netns(&guest)?;
+        let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        let payload = vec![0x5au8; 1472];
+        for _ in 0..n {
+            s.send_to(&payload, ("10.77.0.2", port))?;
+        }
+        Ok(())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("sender panicked"))??;
+    let mut ctl = Ctl::connect(&b.socket())?;
+    let t0 = Instant::now();
+    loop {
+        check_interrupt()?;
+        let st = ctl.ask(json!({"op": "status"}))?;
+        let held = st["held_frames"].as_u64().unwrap_or(0);
+        if held >= n {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(30) {
+            bail!("only {held} of {n} frames held after 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let e = ctl.ask(json!({"op": "checkpoint"}))?["epoch"]
+        .as_u64()
+        .context("checkpoint answer")?;
+    if stamps.count.load(Ordering::Relaxed) != 0 {
+        bail!("held frames reached the peer before the commit");
+    }
+    let sent_ns = now_ns();
+    let sent = Instant::now();
+    let r = ctl.ask(json!({"op": "commit", "epoch": e}))?;
+    let answer_ms = sent.elapsed().as_secs_f64() * 1e3;
+    if r["frames"].as_u64() != Some(n) {
+        bail!("commit released {r} instead of {n} frames");
+    }
+    let t1 = Instant::now();
+    while stamps.count.load(Ordering::Relaxed) < n {
+        check_interrupt()?;
+        if t1.elapsed() > Duration::from_secs(10) {
+            bail!(
+                "only {} of {n} released frames reached the peer",
+                stamps.count.load(Ordering::Relaxed)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let last = stamps.last_ns.load(Ordering::Relaxed);
+    drop(stamps);
+    drop(ctl);
+    b.detach()?;
+    Ok((last.saturating_sub(sent_ns) as f64 / 1e6, answer_ms))
+}
+
+pub fn run(a: NetArgs) -> Result<()> {
+    if !util::is_root() {
+        bail!("bench net needs root: it creates network namespaces and attaches BPF programs");
+    }
+    for tool in ["iperf3", "nsenter", "ip"] {
+        if sh("sh", &["-c", &format!("command -v {tool}")])?
+            .stdout
+            .trim()
+            .is_empty()
+        {
+            bail!("{tool} is not installed (cargo xtask deps installs it)");
+        }
+    }
+    if !a.no_build {
+        util::run(util::cmd("cargo").args(["build", "--release", "-p", "remus-user", "--bins"]))?;
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| util::root().join("target"));
+    let bin = target.join("release/remus-net");
+    if !bin.exists() {
+        bail!(
+            "{} is missing (cargo build --release -p remus-user --bins)",
+            bin.display()
+        );
+    }
+    // Ctrl-C / SIGTERM: stop at the next step and clean up through Drop.
+    // SAFETY: installing a handler that only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let mut b = Bench::new(bin.clone())?;
+    let peer = b.peer.clone();
+    b.spawn_in(&peer, "iperf3", &["-s", "-B", "10.77.0.2"])?;
+    std::thread::sleep(Duration::from_millis(500));
+    let secs = a.secs;
+
+    eprintln!(
+        "bench net: TCP bulk, offloads on ({} s x {})",
+        secs, a.repeats
+    );
+    let tcp_cfgs: [(&str, Option<&[&str]>); 4] = [
+        ("no buffer", None),
+        (
+            "epoch 0 (commit after every drain)",
+            Some(&["--autocommit-unsafe", "0"]),
+        ),
+        ("epoch 5 ms", Some(&["--autocommit-unsafe", "5"])),
+        ("epoch 25 ms", Some(&["--autocommit-unsafe", "25"])),
+    ];
+    let mut tcp: Vec<Series> = tcp_cfgs.iter().map(|_| Series::default()).collect();
+    for _ in 0..a.repeats {
+        for (i, (_, cfg)) in tcp_cfgs.iter().enumerate() {
+            with_config(&b, *cfg, &mut tcp[i], || {
+                iperf_tcp(&b, secs).map(|(g, r)| (g, r as f64))
+            })?;
+        }
+    }
+
+    eprintln!("bench net: 64-byte frames");
+    let small_cfgs: [(&str, Option<&[&str]>, bool); 4] = [
+        ("iperf3 UDP 64 B, no buffer", None, false),
+        (
+            "iperf3 UDP 64 B, hold+release (epoch 0)",
+            Some(&["--autocommit-unsafe", "0"]),
+            false,
+        ),
+        ("raw AF_PACKET injection, no buffer", None, true),
+        (
+            "raw AF_PACKET injection, hold+release (epoch 0)",
+            Some(&["--autocommit-unsafe", "0"]),
+            true,
+        ),
+    ];
+    let mut small: Vec<Series> = small_cfgs.iter().map(|_| Series::default()).collect();
+    for _ in 0..a.repeats {
+        for (i, (_, cfg, raw)) in small_cfgs.iter().enumerate() {
+            with_config(&b, *cfg, &mut small[i], || {
+                // Series value: received pps; extra: sent pps.
+                let (s, r) = if *raw {
+                    raw_inject(&b, secs)?
+                } else {
+                    iperf_udp64(&b, secs)?
+                };
+                Ok((r, s))
+            })?;
+        }
+    }
+
+    eprintln!("bench net: release latency");
+    let mut lat: Vec<(u64, Series)> = vec![(1000, Series::default()), (10_000, Series::default())];
+    for _ in 0..a.repeats {
+        for (n, s) in lat.iter_mut() {
+            check_interrupt()?;
+            let (ms, answer) = release_latency(&b, *n, 5999)?;
+            s.vals.push(ms);
+            s.extra.push(answer);
+        }
+    }
+    drop(b);
+
+    // Report.
+    let base_tcp = tcp[0].med();
+    let raw_base = small[2].med();
+    let mut rows = Vec::new();
+    println!();
+    println!("| measurement | median | runs | ratio | holder CPU (% of one core) |");
+    println!("|---|---|---|---|---|");
+    for (i, (name, _)) in tcp_cfgs.iter().enumerate() {
+        let s = &tcp[i];
+        let runs: Vec<String> = s.vals.iter().map(|v| format!("{v:.2}")).collect();
+        let cpu = s
+            .cpu_pct()
+            .map(|c| format!("{c:.0}%"))
+            .unwrap_or_else(|| "–".into());
+        println!(
+            "| TCP, {name} | {:.2} Gbit/s (retr {:.0}) | {} | {:.2} of no buffer | {cpu} |",
+            s.med(),
+            s.med_extra(),
+            runs.join(" / "),
+            s.med() / base_tcp
+        );
+        rows.push(json!({"kind": "tcp", "config": name, "gbps_median": s.med(), "gbps_runs": s.vals,
+            "retransmits_median": s.med_extra(), "ratio_to_no_buffer": s.med() / base_tcp, "holder_cpu_pct": s.cpu_pct()}));
+    }
+    for (i, (name, _, _)) in small_cfgs.iter().enumerate() {
+        let s = &small[i];
+        let runs: Vec<String> = s.vals.iter().map(|v| format!("{:.0}k", v / 1e3)).collect();
+        let cpu = s
+            .cpu_pct()
+            .map(|c| format!("{c:.0}%"))
+            .unwrap_or_else(|| "–".into());
+        println!(
+            "| {name} | {:.0}k pps recv (sent {:.0}k) | {} | {:.2} of raw injection | {cpu} |",
+            s.med() / 1e3,
+            s.med_extra() / 1e3,
+            runs.join(" / "),
+            s.med() / raw_base
+        );
+        rows.push(json!({"kind": "small_frames", "config": name, "recv_pps_median": s.med(), "recv_pps_runs": s.vals,
+            "sent_pps_median": s.med_extra(), "ratio_to_raw_injection": s.med() / raw_base, "holder_cpu_pct": s.cpu_pct()}));
+    }
+    for (n, s) in &lat {
+        let runs: Vec<String> = s.vals.iter().map(|v| format!("{v:.2}")).collect();
+        println!(
+            "| release latency, {n} MTU frames | {:.2} ms to the last frame (commit answered in {:.2} ms) | {} | – | – |",
+            s.med(),
+            s.med_extra(),
+            runs.join(" / ")
+        );
+        rows.push(json!({"kind": "release_latency", "frames": n, "ms_median": s.med(), "ms_runs": s.vals, "commit_answer_ms_median": s.med_extra()}));
+    }
+    let e0 = tcp[1].med() / base_tcp;
+    let l10k = lat[1].1.med();
+    let hr = small[3].med().max(small[1].med()) / raw_base;
+    println!();
+    println!("targets (reported, not asserted):");
+    println!(
+        "  epoch-0 TCP >= 0.9 of no buffer: {e0:.2} {}",
+        if e0 >= 0.9 { "met" } else { "NOT met" }
+    );
+    println!(
+        "  10k MTU frames released <= 5 ms after commit: {l10k:.2} ms {}",
+        if l10k <= 5.0 { "met" } else { "NOT met" }
+    );
+    println!(
+        "  64-byte hold+release >= 0.8 of raw injection: {hr:.2} {}",
+        if hr >= 0.8 { "met" } else { "NOT met" }
+    );
+
+    let out = json!({
+        "bench": "net",
+        "unix_time": now_ns() / 1_000_000_000,
+        "secs_per_run": secs,
+        "repeats": a.repeats,
+        "kernel": must("uname", &["-r"]).unwrap_or_default().trim(),
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "binary": bin.display().to_string(),
+        "rows": rows,
+        "targets": {"epoch0_tcp_ratio": e0, "release_10k_ms": l10k, "small_frames_ratio_to_raw": hr},
+    });
+    let dir = target.join("bench");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("net.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&out)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("\nwrote {}", path.display());
+    Ok(())
 }
