@@ -31,6 +31,24 @@ fn err_of(bytes: &[u8]) -> StreamError {
     }
 }
 
+/// Small streams shared by the property tests (writing one per case would dominate).
+fn cached(kind: GuestKind) -> &'static Written {
+    static PV: std::sync::OnceLock<Written> = std::sync::OnceLock::new();
+    static HVM: std::sync::OnceLock<Written> = std::sync::OnceLock::new();
+    let (cell, k) = match kind {
+        GuestKind::Pv => (&PV, GuestKind::Pv),
+        GuestKind::Hvm => (&HVM, GuestKind::Hvm),
+    };
+    cell.get_or_init(|| {
+        writer::write(&WriterConfig {
+            kind: k,
+            guest_pages: 40,
+            dirty_pages: 8,
+            ..WriterConfig::pv(2)
+        })
+    })
+}
+
 fn assert_events(w: &Written, ev: &[Event]) {
     assert_eq!(
         ev,
@@ -518,7 +536,7 @@ proptest! {
         let _ = p.feed(&data[..s], &mut ev).and_then(|_| p.feed(&data[s..], &mut ev));
         let _ = p.finish();
         // Also behind a valid prefix, where the grammar is deeper.
-        let w = small(GuestKind::Hvm, 1);
+        let w = cached(GuestKind::Hvm);
         let cut = split % w.bytes.len();
         let mut v = w.bytes[..cut].to_vec();
         v.extend_from_slice(&data);
@@ -533,7 +551,7 @@ proptest! {
         muts in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
         chunk in 1usize..5000,
     ) {
-        let w = small(if hvm { GuestKind::Hvm } else { GuestKind::Pv }, 2);
+        let w = cached(if hvm { GuestKind::Hvm } else { GuestKind::Pv });
         let mut v = w.bytes.clone();
         for (i, b) in &muts {
             let at = i.index(v.len());
