@@ -120,6 +120,7 @@ fn bulk(tag: &str, offloads: bool) {
     let got = receiver.join().expect("receiver thread");
     stop.store(true, Ordering::Relaxed);
     let (commits, with_frames) = committer.join().expect("commit loop");
+    eprintln!("{TOTAL} bytes through {commits} commits, {with_frames} of them released frames");
     sent.expect("sender");
     assert_eq!(
         got.expect("receiver saw intact data"),
