@@ -1,7 +1,17 @@
-//! `cargo xtask test`: every tier, in order: install deps, unit + BPF + netns tests
-//! (cargo test over the workspace; root-only tests run because CI is root), then the lab.
+//! `cargo xtask test`: every tier, in order: install what is missing, build, then
+//! 1. unit tests (no root), 2. the real eBPF object under BPF_PROG_TEST_RUN (root),
+//! 3. network-namespace and relay-pair tests (root), 4. the Xen lab (root, slow).
+//! Tiers 1–3 are `cargo test` over the workspace (root-only tests are named `root_…` and
+//! run because CI is root); tier 4 is `cargo xtask lab test`. Prints one summary line at
+//! the end ("N passed, N failed, N skipped") and fails if any tier failed.
+use std::{
+    io::{BufRead, BufReader},
+    process::Stdio,
+    time::Instant,
+};
+
 use crate::util;
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::Args;
 
 #[derive(Args)]
@@ -9,17 +19,126 @@ pub struct TestArgs {
     /// Skip the Xen lab tier (fast local iteration; CI never passes this).
     #[arg(long)]
     pub no_lab: bool,
+    /// Only run cargo tests whose name contains this (implies --no-lab).
+    #[arg(long)]
+    pub filter: Option<String>,
+}
+
+#[derive(Default)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+/// Parses cargo's "test result: ok. 8 passed; 0 failed; 1 ignored; …" lines.
+fn parse_result(line: &str, t: &mut Totals) {
+    let Some(rest) = line.trim().strip_prefix("test result: ") else {
+        return;
+    };
+    for part in rest.split(';') {
+        let words: Vec<&str> = part.split_whitespace().collect();
+        let n = |w: &str| w.trim_start_matches("ok.").trim_start_matches("FAILED.").parse::<u64>().ok();
+        if let [.., num, kind] = words.as_slice()
+            && let Some(v) = n(num)
+        {
+            match *kind {
+                "passed" => t.passed += v,
+                "failed" => t.failed += v,
+                "ignored" => t.ignored += v,
+                _ => {}
+            }
+        }
+    }
 }
 
 pub fn run(a: TestArgs) -> Result<()> {
     if !util::is_root() {
-        bail!("cargo xtask test needs root: the BPF, netns and lab tiers attach programs and create namespaces");
+        bail!(
+            "cargo xtask test needs root: the BPF, netns and lab tiers load programs, create \
+             network namespaces and boot QEMU (CI runs it as root)"
+        );
     }
+    let start = Instant::now();
     crate::deps::install()?;
-    util::run(util::cmd("cargo").args(["build", "--workspace", "--bins"]))?;
-    util::run(util::cmd("cargo").args(["test", "--workspace", "--", "--test-threads=1"]))?;
-    if !a.no_lab {
-        crate::lab::run(crate::lab::LabCmd::Test(Default::default()))?;
+    util::run(util::cmd("cargo").args(["build", "--workspace", "--bins", "--tests"]))?;
+
+    let mut totals = Totals::default();
+    let mut args = vec!["test", "--workspace", "--no-fail-fast", "--"];
+    if let Some(f) = &a.filter {
+        args.push(f);
+    }
+    // Namespaces, pins and /run/remus files are per test, but the machine has 2 cores
+    // and the tests measure nothing: one at a time keeps them predictable.
+    args.push("--test-threads=1");
+    let mut c = util::cmd("cargo");
+    c.args(&args).stdout(Stdio::piped()).stdin(Stdio::null());
+    eprintln!("+ {c:?}");
+    let mut child = c.spawn().context("starting cargo test")?;
+    let out = child.stdout.take().context("cargo test stdout")?;
+    for line in BufReader::new(out).lines() {
+        let line = line.context("reading cargo test output")?;
+        println!("{line}");
+        parse_result(&line, &mut totals);
+    }
+    let cargo_ok = child.wait().context("waiting for cargo test")?.success();
+    if !cargo_ok && totals.failed == 0 {
+        // A build failure or a crashed test binary: count it, never hide it.
+        totals.failed += 1;
+    }
+
+    let mut lab_err = None;
+    if !a.no_lab && a.filter.is_none() {
+        match crate::lab::run(crate::lab::LabCmd::Test(Default::default())) {
+            Ok(()) => totals.passed += 1,
+            Err(e) => {
+                totals.failed += 1;
+                lab_err = Some(e);
+            }
+        }
+    } else {
+        eprintln!("xtask test: the Xen lab tier was not run (--no-lab / --filter)");
+    }
+
+    println!(
+        "\nxtask test: cargo tiers {} and lab {} in {:.0} s",
+        if cargo_ok { "passed" } else { "FAILED" },
+        match (&lab_err, a.no_lab || a.filter.is_some()) {
+            (_, true) => "skipped",
+            (None, false) => "passed",
+            (Some(_), false) => "FAILED",
+        },
+        start.elapsed().as_secs_f64()
+    );
+    println!(
+        "{} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.ignored
+    );
+    if let Some(e) = lab_err {
+        return Err(e.context("the Xen lab tier failed"));
+    }
+    if !cargo_ok {
+        bail!("cargo test failed (see the failures above)");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cargo_result_lines_are_summed() {
+        let mut t = Totals::default();
+        parse_result(
+            "test result: ok. 8 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 1.04s",
+            &mut t,
+        );
+        parse_result(
+            "test result: FAILED. 7 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out",
+            &mut t,
+        );
+        parse_result("running 3 tests", &mut t);
+        assert_eq!((t.passed, t.failed, t.ignored), (15, 2, 1));
+    }
 }
