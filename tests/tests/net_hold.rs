@@ -11,6 +11,8 @@ use remus_tests::netns::{
     send_raw, send_udp, vlan_frame,
 };
 
+type FramePredicate = fn(&Captured) -> bool;
+
 fn addr(s: &str) -> SocketAddr {
     s.parse().expect("socket address literal")
 }
@@ -95,7 +97,7 @@ fn root_every_protocol_is_held_until_commit_then_released() {
         "commit 1 released {rel}"
     );
 
-    let kinds: [(&str, fn(&Captured) -> bool); 6] = [
+    let kinds: [(&str, FramePredicate); 6] = [
         ("IPv4 ICMP echo request", |f| {
             f.l4()
                 .is_some_and(|(p, o)| p == 1 && f.data.get(o) == Some(&8))
@@ -700,4 +702,47 @@ fn root_attach_tcx_holds_commits_and_detaches_cleanly() {
 #[test]
 fn root_attach_netlink_clsact_holds_commits_and_detaches_cleanly() {
     hold_commit_detach("nl", "netlink");
+}
+
+/// `detach --drop` (the default) discards held frames and reports them; `detach
+/// --release` sends them first (in order) and reports that instead.
+#[test]
+fn root_detach_drop_discards_and_detach_release_sends_held_frames() {
+    let t = Topo::new("dr");
+    let sn = t.sniff_peer();
+    let dst = addr("10.77.0.2:7650");
+
+    t.attach(&[]);
+    send_udp(&t.guest, dst, numbered(0..4));
+    t.wait_held(4);
+    let d = t
+        .remus(&["detach", &t.vif, "--drop", "-j"])
+        .ok("detach --drop")
+        .json();
+    assert_eq!(d["dropped_frames"], 4, "{d}");
+    assert_eq!(d["released_frames"], 0, "{d}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        count_port(&sn.frames(), 7650),
+        0,
+        "detach --drop released frames"
+    );
+
+    t.attach(&[]);
+    send_udp(&t.guest, dst, numbered(4..8));
+    t.wait_held(4);
+    let d = t
+        .remus(&["detach", &t.vif, "--release", "-j"])
+        .ok("detach --release")
+        .json();
+    assert_eq!(d["released_frames"], 4, "{d}");
+    assert_eq!(d["dropped_frames"], 0, "{d}");
+    let f = sn.wait_for("frames sent by detach --release", |fs| {
+        count_port(fs, 7650) == 4
+    });
+    assert_eq!(seqs(&f, 7650), vec![4, 5, 6, 7]);
+    assert!(
+        !t.pin_dir().exists() && !t.state_file().exists(),
+        "detach left state"
+    );
 }
