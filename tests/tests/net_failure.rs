@@ -274,3 +274,62 @@ fn root_bad_input_gets_its_exit_code_and_leaves_nothing() {
     t.remus(&["detach", v]).ok("detach");
     assert!(!t.state_file().exists() && !t.pin_dir().exists());
 }
+
+/// Restart: after SIGKILL of the holder, a new `attach` takes over the pinned program
+/// without a gap (the vif stays blocked throughout). The dead holder's frames are never
+/// released; numbering continues after the dead holder's epoch; new frames are held and
+/// released by the new holder.
+#[test]
+fn root_attach_after_sigkill_takes_over_and_never_releases_the_dead_holders_frames() {
+    let t = Topo::new("ta");
+    t.attach(&[]);
+    let sn = t.sniff_peer();
+    send_udp(&t.guest, addr("10.77.0.2:7950"), datagrams(3));
+    t.wait_held(3);
+    assert_eq!(t.checkpoint(), 1);
+    let pid = t.holder_pid().expect("holder pid");
+    // SAFETY: kill of the holder this test started.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    wait_until("the holder to die", Duration::from_secs(10), || {
+        !pid_alive(pid)
+    });
+    // Captured while nobody holds: lost, never released.
+    send_udp(&t.guest, addr("10.77.0.2:7950"), datagrams(2));
+    wait_until(
+        "the orphaned program to capture 5 frames",
+        Duration::from_secs(10),
+        || {
+            let o = t.remus(&["status", &t.vif, "-j"]);
+            o.code == 0
+                && o.json()["pinned"]["stats"]["captured_frames"]
+                    .as_u64()
+                    .unwrap_or(0)
+                    >= 5
+        },
+    );
+
+    t.attach(&[]);
+    let st = t.status();
+    let first = st["current_epoch"].as_u64().unwrap_or(0);
+    assert!(
+        first > 2,
+        "the new holder continues after the dead one's epochs: {st}"
+    );
+    assert_eq!(
+        st["held_frames"], 0,
+        "the dead holder's frames came back: {st}"
+    );
+    send_udp(&t.guest, addr("10.77.0.2:7951"), datagrams(2));
+    t.wait_held(2);
+    assert_eq!(t.checkpoint(), first);
+    let r = t.commit(first);
+    assert_eq!(r["frames"], 2, "{r}");
+    sn.wait_for("the new holder's frames", |fs| udp_to(fs, 7951) == 2);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        udp_to(&sn.frames(), 7950),
+        0,
+        "frames of the dead holder were released"
+    );
+    t.remus(&["detach", &t.vif]).ok("detach");
+}
