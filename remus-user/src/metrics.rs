@@ -67,6 +67,18 @@ impl Histogram {
     pub fn count(&self) -> u64 {
         self.count.load(Ordering::Relaxed)
     }
+    /// (upper bound in seconds, cumulative count) per bucket, +Inf excluded.
+    pub fn cumulative(&self) -> Vec<(f64, u64)> {
+        let mut cum = 0;
+        LATENCY_BUCKETS
+            .iter()
+            .zip(&self.buckets)
+            .map(|(&b, c)| {
+                cum += c.load(Ordering::Relaxed);
+                (b, cum)
+            })
+            .collect()
+    }
     pub fn sum(&self) -> Duration {
         Duration::from_nanos(self.sum_ns.load(Ordering::Relaxed))
     }

@@ -12,12 +12,7 @@ use remus_user::stream::writer::WriterConfig;
 fn lose_primary(name: &str, kill: i32) {
     let dir = Scratch::new(name);
     let key = dir.key("key", "failover-key-0123456789");
-    let hb = [
-        "--heartbeat-interval",
-        "50ms",
-        "--heartbeat-timeout",
-        "300ms",
-    ];
+    let hb = TEST_HEARTBEAT;
     let mut rx = Receiver::start(&dir, &key, true, &hb);
     let mut tx = Sender::start(&dir, "a", &rx.addr, &key, &hb);
     assert_eq!(tx.read_banner(), BANNER);
@@ -61,12 +56,7 @@ fn broken_connection_fails_over_after_the_last_complete_checkpoint() {
 fn silent_primary_is_logged_as_silence_and_backup_waits_for_the_next() {
     let dir = Scratch::new("next");
     let key = dir.key("key", "next-primary-key-0123");
-    let hb = [
-        "--heartbeat-interval",
-        "50ms",
-        "--heartbeat-timeout",
-        "300ms",
-    ];
+    let hb = TEST_HEARTBEAT;
     let rx = Receiver::start(&dir, &key, false, &hb);
     let st = Stream::new(&WriterConfig::pv(3));
     {
@@ -117,12 +107,7 @@ fn silent_primary_is_logged_as_silence_and_backup_waits_for_the_next() {
 fn lost_backup_fails_open_and_exits_4() {
     let dir = Scratch::new("lostbackup");
     let key = dir.key("key", "lost-backup-key-0123");
-    let hb = [
-        "--heartbeat-interval",
-        "50ms",
-        "--heartbeat-timeout",
-        "300ms",
-    ];
+    let hb = TEST_HEARTBEAT;
     let rx = Receiver::start(&dir, &key, true, &hb);
     let mut tx = Sender::start(&dir, "a", &rx.addr, &key, &hb);
     assert_eq!(tx.read_banner(), BANNER);

@@ -117,8 +117,16 @@ pub struct RelayStatus {
     pub failovers_total: u64,
     pub auth_failures_total: u64,
     pub ack_latency_mean_us: Option<f64>,
+    /// Cumulative ACK latency histogram: `{le_us, count}` per bucket.
+    pub ack_latency_buckets_us: Vec<LatencyBucket>,
     pub last_event: Option<String>,
     pub since_unix: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, serde::Deserialize)]
+pub struct LatencyBucket {
+    pub le_us: f64,
+    pub count: u64,
 }
 
 /// The live state behind a status socket: metrics plus a few words.
@@ -176,6 +184,15 @@ impl Shared {
         s.failovers_total = m.failovers_total.get();
         s.auth_failures_total = m.auth_failures_total.get();
         let n = m.ack_latency.count();
+        s.ack_latency_buckets_us = m
+            .ack_latency
+            .cumulative()
+            .into_iter()
+            .map(|(le, count)| LatencyBucket {
+                le_us: le * 1e6,
+                count,
+            })
+            .collect();
         s.ack_latency_mean_us = (n > 0).then(|| m.ack_latency.sum().as_secs_f64() * 1e6 / n as f64);
         s
     }
@@ -199,11 +216,9 @@ pub fn serve_status(path: &Path, shared: Arc<Shared>) -> Result<StatusGuard, Sta
         path: path.display().to_string(),
         source,
     };
-    if let Some(dir) = path.parent() {
-        if !dir.exists() {
-            std::fs::create_dir_all(dir).map_err(err)?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
-        }
+    if let Some(dir) = path.parent().filter(|d| !d.exists()) {
+        std::fs::create_dir_all(dir).map_err(err)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
     }
     // A stale socket of a dead relay: remove it (a live one answers; refuse to steal it).
     if path.exists() {

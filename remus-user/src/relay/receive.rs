@@ -257,6 +257,25 @@ fn spawn_receiver(cmd: &str) -> std::io::Result<Child> {
         .spawn()
 }
 
+/// Decodes on a blocking thread, so heartbeats keep flowing during a large record.
+/// Returns the encoded bytes back (for the metrics) with the decoded ones.
+async fn decode_off_thread(
+    dec: &mut Option<PageDecoder>,
+    e: Vec<u8>,
+) -> Result<(Vec<u8>, Vec<u8>), String> {
+    let Some(mut d) = dec.take() else {
+        return Err("the page decoder was lost after an earlier failure".into());
+    };
+    let (d, e, r) = tokio::task::spawn_blocking(move || {
+        let r = d.decode(&e);
+        (d, e, r)
+    })
+    .await
+    .map_err(|err| format!("the decompression task failed: {err}"))?;
+    *dec = Some(d);
+    r.map(|out| (e, out)).map_err(|err| err.to_string())
+}
+
 async fn serve(
     sock: TcpStream,
     peer: String,
@@ -348,12 +367,15 @@ async fn serve(
 
     let mut reader = FrameReader::new(r);
     let mut cutter = Cutter::new();
-    let mut decoder = PageDecoder::new(session.cache_pages as usize);
+    let mut decoder = Some(PageDecoder::new(session.cache_pages as usize));
     let mut steps = Vec::new();
     let hb = opts.heartbeat;
     let mut waiting_since = Instant::now();
     let end = 'session: loop {
         let r = tokio::select! {
+            // Frames first: a frame already received is never mistaken for silence,
+            // however late this task gets to run.
+            biased;
             r = reader.next() => r,
             _ = tokio::time::sleep(hb.interval) => {
                 m.heartbeats_missed_total.inc();
@@ -376,8 +398,8 @@ async fn serve(
         waiting_since = Instant::now();
         let data = match r {
             Ok(Message::Data(d)) => d,
-            Ok(Message::PageData(e)) => match decoder.decode(&e) {
-                Ok(d) => {
+            Ok(Message::PageData(e)) => match decode_off_thread(&mut decoder, e).await {
+                Ok((e, d)) => {
                     m.page_bytes_wire_total.add(e.len() as u64);
                     m.page_bytes_raw_total.add(d.len() as u64);
                     d
@@ -449,7 +471,13 @@ async fn serve(
                 End::Lost(r) | End::ReceiverFailed(r) => r.clone(),
             };
             m.failovers_total.inc();
-            if n == 0 {
+            if matches!(end, End::Closed { .. }) {
+                warn!(
+                    checkpoint = n,
+                    held_bytes = cutter.held(),
+                    "FAILOVER: the primary ended the stream (xl remus stopped); closed the receiver's stream after checkpoint {n}, the backup resumes from it"
+                );
+            } else if n == 0 {
                 error!(%reason, "FAILOVER IMPOSSIBLE: primary lost before the first complete checkpoint; the receiver's stream is closed and it holds no usable copy");
             } else {
                 error!(%reason, checkpoint = n, held_bytes = cutter.held(), "FAILOVER: primary lost; closed the receiver's stream after checkpoint {n}, the backup resumes from it");

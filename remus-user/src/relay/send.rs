@@ -82,10 +82,10 @@ impl HasExitCode for SendError {
             | SendError::ConnectTimeout(_)
             | SendError::Banner(_)
             | SendError::PeerLost { .. } => ExitCode::PeerLost,
-            SendError::Handshake { source, .. } => match source {
-                WireError::Io(_) | WireError::Closed | WireError::Timeout(_) => ExitCode::PeerLost,
-                _ => ExitCode::Failure,
-            },
+            SendError::Handshake {
+                source: WireError::Io(_) | WireError::Closed | WireError::Timeout(_),
+                ..
+            } => ExitCode::PeerLost,
             _ => ExitCode::Failure,
         }
     }
@@ -335,20 +335,23 @@ impl TcpReplicator {
             let mut waiting_since = Instant::now();
             loop {
                 let r = tokio::select! {
-                    r = reader.next() => r,
-                    _ = tokio::time::sleep(hb.interval) => {
-                        m.heartbeats_missed_total.inc();
-                        let silent = waiting_since.elapsed();
-                        if silent >= hb.timeout {
-                            lost_tx.send_replace(Some(format!(
-                                "no heartbeat from the backup for {} ms (timeout {} ms)",
-                                silent.as_millis(), hb.timeout.as_millis()
-                            )));
-                            return;
+                // Frames first: a frame already received is never mistaken for silence,
+                // however late this task gets to run.
+                biased;
+                        r = reader.next() => r,
+                        _ = tokio::time::sleep(hb.interval) => {
+                            m.heartbeats_missed_total.inc();
+                            let silent = waiting_since.elapsed();
+                            if silent >= hb.timeout {
+                                lost_tx.send_replace(Some(format!(
+                                    "no heartbeat from the backup for {} ms (timeout {} ms)",
+                                    silent.as_millis(), hb.timeout.as_millis()
+                                )));
+                                return;
+                            }
+                            continue;
                         }
-                        continue;
-                    }
-                };
+                    };
                 waiting_since = Instant::now();
                 match r {
                     Ok(Message::Ack { checkpoint }) => {
@@ -429,18 +432,25 @@ impl TcpReplicator {
         self.pending_at = end;
         // A record too big for one frame (only a malformed one can be) goes raw; the
         // encoder never sees it, so both page caches stay in step.
-        let enc = match self.encoder.as_mut() {
+        let mut enc = match self.encoder.take() {
             Some(enc) if record.len() <= MAX_COMPRESSED_RECORD => enc,
-            _ => {
+            other => {
+                self.encoder = other;
                 for c in record.chunks(DATA_CHUNK) {
                     self.push(Message::Data(c.to_vec())).await?;
                 }
                 return Ok(());
             }
         };
-        let encoded = enc
-            .encode(&record)
-            .map_err(|e| format!("compressing a PAGE_DATA record: {e}"))?;
+        // Off the runtime thread: heartbeats must not wait for a 4 MiB compression.
+        let (enc, record, encoded) = tokio::task::spawn_blocking(move || {
+            let r = enc.encode(&record);
+            (enc, record, r)
+        })
+        .await
+        .map_err(|e| format!("the compression task failed: {e}"))?;
+        self.encoder = Some(enc);
+        let encoded = encoded.map_err(|e| format!("compressing a PAGE_DATA record: {e}"))?;
         let m = &self.shared.metrics;
         m.page_bytes_raw_total.add(record.len() as u64);
         m.page_bytes_wire_total.add(encoded.len() as u64);

@@ -23,6 +23,19 @@ pub use remus_user::relay::BANNER;
 use remus_user::stream::Event;
 use remus_user::stream::writer::{WriterConfig, Written, write};
 
+/// Heartbeats of the tests unless a test sets its own: generous, because debug builds
+/// share two cores with parallel tests (and other builds); only detection waits on it.
+pub const TEST_HEARTBEAT: [&str; 4] =
+    ["--heartbeat-interval", "100ms", "--heartbeat-timeout", "3s"];
+
+fn with_heartbeat<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v: Vec<&str> = extra.to_vec();
+    if !extra.iter().any(|a| a.starts_with("--heartbeat")) {
+        v.extend_from_slice(&TEST_HEARTBEAT);
+    }
+    v
+}
+
 /// Guards against hangs only: no test asserts on time.
 pub const HANG_GUARD: Duration = Duration::from_secs(120);
 
@@ -141,10 +154,8 @@ pub fn wait_status(
 ) -> serde_json::Value {
     let t = Instant::now();
     loop {
-        if let Some(v) = status(sock) {
-            if pred(&v) {
-                return v;
-            }
+        if let Some(v) = status(sock).filter(|v| pred(v)) {
+            return v;
         }
         assert!(
             t.elapsed() < HANG_GUARD,
@@ -195,7 +206,7 @@ impl Receiver {
             .arg(fake_receiver_cmd(dir.path()))
             .arg("--status-socket")
             .arg(&status_sock)
-            .args(extra)
+            .args(with_heartbeat(extra))
             .env("REMUS_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -268,7 +279,7 @@ impl Sender {
             .arg(key)
             .arg("--status-socket")
             .arg(&status_sock)
-            .args(extra)
+            .args(with_heartbeat(extra))
             .env("REMUS_LOG", "info")
             .stdin(Stdio::from(r))
             .stdout(Stdio::piped())
