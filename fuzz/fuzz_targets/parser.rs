@@ -4,6 +4,27 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use remus_user::stream::{Parser, writer};
+use std::sync::OnceLock;
+
+/// A valid one-checkpoint stream (PV or HVM), written once.
+fn prefix(hvm: bool) -> &'static [u8] {
+    static PV: OnceLock<Vec<u8>> = OnceLock::new();
+    static HVM: OnceLock<Vec<u8>> = OnceLock::new();
+    let cell = if hvm { &HVM } else { &PV };
+    cell.get_or_init(|| {
+        let base = if hvm {
+            writer::WriterConfig::hvm(1)
+        } else {
+            writer::WriterConfig::pv(1)
+        };
+        writer::write(&writer::WriterConfig {
+            guest_pages: 8,
+            dirty_pages: 2,
+            ..base
+        })
+        .bytes
+    })
+}
 
 fuzz_target!(|data: &[u8]| {
     // First byte picks a chunk size and whether to start behind a valid stream prefix,
@@ -13,16 +34,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let mut input = Vec::new();
     if ctl & 0x80 != 0 {
-        let w = writer::write(&writer::WriterConfig {
-            guest_pages: 8,
-            dirty_pages: 2,
-            ..if ctl & 0x40 != 0 {
-                writer::WriterConfig::hvm(1)
-            } else {
-                writer::WriterConfig::pv(1)
-            }
-        });
-        input.extend_from_slice(&w.bytes);
+        input.extend_from_slice(prefix(ctl & 0x40 != 0));
     }
     input.extend_from_slice(rest);
     let chunk = usize::from(ctl & 0x3f) + 1;
