@@ -582,6 +582,22 @@ mod tests {
     }
 
     #[test]
+    fn writer_page_records_take_the_xor_path() {
+        let w = stream();
+        let mut enc = PageEncoder::new(Codec::Lz4, 1 << 20);
+        for r in all_records(&w) {
+            let e = enc.encode(r).unwrap();
+            assert_eq!(e[4] & FLAG_XOR, FLAG_XOR, "PAGE_DATA encoded opaquely");
+        }
+        // A PAGE_DATA record whose length disagrees with its count is opaque.
+        let mut bad = all_records(&w)[0].to_vec();
+        bad.truncate(bad.len() - PAGE_SIZE);
+        let e = enc.encode(&bad).unwrap();
+        assert_eq!(e[4] & FLAG_XOR, 0);
+        assert_eq!(PageDecoder::new(4).decode(&e).unwrap(), bad);
+    }
+
+    #[test]
     fn non_page_records_pass_through_opaquely() {
         let w = stream();
         let mut enc = PageEncoder::new(Codec::Lz4, 100);

@@ -344,6 +344,22 @@ fn bad_xl_header() {
         48,
         "xl config length",
     );
+    // Optional data beyond the config (a newer xl's) is skipped.
+    let l = xl_end(&w);
+    let opt = u32::from_le_bytes(w.bytes[44..48].try_into().unwrap());
+    let mut v = w.bytes[..l].to_vec();
+    v[44..48].copy_from_slice(&(opt + 5).to_le_bytes());
+    v.extend_from_slice(b"extra");
+    v.extend_from_slice(&w.bytes[l..]);
+    let (p, ev) = parse_all(&v).unwrap();
+    assert_eq!(
+        ev[0],
+        Event::XlHeader {
+            end: l as u64 + 5,
+            config_len: opt - 4
+        }
+    );
+    assert_eq!(p.checkpoints_complete(), 1);
     // No optional data at all: straight to the libxl header.
     let mut v = w.bytes[..44].to_vec();
     v.extend_from_slice(&0u32.to_le_bytes());
