@@ -409,15 +409,18 @@ fn setopt(fd: &OwnedFd, level: i32, opt: i32, v: i32) {
     };
 }
 
-/// A 106-byte IPv4/UDP frame guest → peer, 64 bytes of payload, UDP checksum 0.
-fn small_frame() -> Vec<u8> {
+/// An IPv4/UDP frame guest → peer with `payload` bytes to `dport`, UDP checksum 0
+/// (64 bytes: 106 on the wire; 1472 bytes: a 1514-byte MTU frame).
+fn udp_frame(payload: usize, dport: u16) -> Vec<u8> {
     let mut f = Vec::new();
     f.extend_from_slice(&PEER_MAC);
     f.extend_from_slice(&GUEST_MAC);
     f.extend_from_slice(&[0x08, 0x00]);
+    let total = (20 + 8 + payload) as u16;
     let mut ip = vec![
-        0x45, 0, 0, 92, 0, 0, 0x40, 0, 64, 17, 0, 0, 10, 77, 0, 1, 10, 77, 0, 2,
+        0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0, 10, 77, 0, 1, 10, 77, 0, 2,
     ];
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
     let mut sum: u32 = ip
         .chunks(2)
         .map(|c| u16::from_be_bytes([c[0], c[1]]) as u32)
@@ -427,9 +430,55 @@ fn small_frame() -> Vec<u8> {
     }
     ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
     f.extend_from_slice(&ip);
-    f.extend_from_slice(&[0x9c, 0x40, 0x00, 0x09, 0x00, 72, 0, 0]);
-    f.extend_from_slice(&[0u8; 64]);
+    f.extend_from_slice(&40000u16.to_be_bytes());
+    f.extend_from_slice(&dport.to_be_bytes());
+    f.extend_from_slice(&((8 + payload) as u16).to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.resize(f.len() + payload, 0x5a);
     f
+}
+
+/// Sends `count` copies of `frame` (0: until `until`) from the guest's eth0 with
+/// sendmmsg; returns how many were sent.
+fn inject(guest: String, frame: Vec<u8>, count: u64, until: Duration) -> Result<u64> {
+    std::thread::spawn(move || -> std::io::Result<u64> {
+        enter_netns(&guest)?;
+        let fd = packet_socket("eth0")?;
+        const BATCH: usize = 64;
+        let mut iov: Vec<libc::iovec> = (0..BATCH)
+            .map(|_| libc::iovec {
+                iov_base: frame.as_ptr() as *mut libc::c_void,
+                iov_len: frame.len(),
+            })
+            .collect();
+        // SAFETY: zeroed mmsghdr is valid; each points at one iovec of the live frame.
+        let mut msgs: Vec<libc::mmsghdr> = (0..BATCH).map(|_| unsafe { mem::zeroed() }).collect();
+        for (m, v) in msgs.iter_mut().zip(iov.iter_mut()) {
+            m.msg_hdr.msg_iov = v;
+            m.msg_hdr.msg_iovlen = 1;
+        }
+        let end = Instant::now() + until;
+        let mut n = 0u64;
+        while (count == 0 || n < count)
+            && Instant::now() < end
+            && !INTERRUPTED.load(Ordering::Relaxed)
+        {
+            let want = if count == 0 {
+                BATCH
+            } else {
+                BATCH.min((count - n) as usize)
+            };
+            // SAFETY: msgs and the frame they point at are alive.
+            let r = unsafe { libc::sendmmsg(fd.as_raw_fd(), msgs.as_mut_ptr(), want as u32, 0) };
+            if r > 0 {
+                n += r as u64;
+            }
+        }
+        Ok(n)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("injector thread panicked"))?
+    .context("raw injection from the guest")
 }
 
 fn peer_rx_packets(b: &Bench) -> Result<u64> {
@@ -446,42 +495,39 @@ fn peer_rx_packets(b: &Bench) -> Result<u64> {
 /// Raw AF_PACKET injection from the guest for `secs`: (sent pps, received pps at the peer).
 fn raw_inject(b: &Bench, secs: u32) -> Result<(f64, f64)> {
     let rx0 = peer_rx_packets(b)?;
-    let guest = b.guest.clone();
     let t0 = Instant::now();
-    let sent = std::thread::spawn(move || -> std::io::Result<u64> {
-        enter_netns(&guest)?;
-        let fd = packet_socket("eth0")?;
-        let frame = small_frame();
-        const BATCH: usize = 64;
-        let mut iov: Vec<libc::iovec> = (0..BATCH)
-            .map(|_| libc::iovec {
-                iov_base: frame.as_ptr() as *mut libc::c_void,
-                iov_len: frame.len(),
-            })
-            .collect();
-        // SAFETY: zeroed mmsghdr is valid; each points at one iovec of the live frame.
-        let mut msgs: Vec<libc::mmsghdr> = (0..BATCH).map(|_| unsafe { mem::zeroed() }).collect();
-        for (m, v) in msgs.iter_mut().zip(iov.iter_mut()) {
-            m.msg_hdr.msg_iov = v;
-            m.msg_hdr.msg_iovlen = 1;
-        }
-        let end = Instant::now() + Duration::from_secs(secs as u64);
-        let mut n = 0u64;
-        while Instant::now() < end && !INTERRUPTED.load(Ordering::Relaxed) {
-            // SAFETY: msgs and the frame they point at are alive.
-            let r = unsafe { libc::sendmmsg(fd.as_raw_fd(), msgs.as_mut_ptr(), BATCH as u32, 0) };
-            if r > 0 {
-                n += r as u64;
-            }
-        }
-        Ok(n)
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("injector thread panicked"))??;
+    let sent = inject(
+        b.guest.clone(),
+        udp_frame(64, 9),
+        0,
+        Duration::from_secs(secs as u64),
+    )?;
     let wall = t0.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_millis(300));
     let rx = peer_rx_packets(b)?.saturating_sub(rx0);
     Ok((sent as f64 / wall, rx as f64 / wall))
+}
+
+/// Baseline for the release latency: `n` MTU frames injected raw from the guest without
+/// the buffer; ms from the first send to the last frame seen at the peer, and how many
+/// arrived.
+fn raw_burst(b: &Bench, n: u64, port: u16) -> Result<(f64, f64)> {
+    let stamps = Stamps::start(&b.peer, port)?;
+    let t0 = now_ns();
+    let sent = inject(
+        b.guest.clone(),
+        udp_frame(1472, port),
+        n,
+        Duration::from_secs(30),
+    )?;
+    let t1 = Instant::now();
+    while stamps.count.load(Ordering::Relaxed) < sent && t1.elapsed() < Duration::from_secs(2) {
+        check_interrupt()?;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let got = stamps.count.load(Ordering::Relaxed);
+    let last = stamps.last_ns.load(Ordering::Relaxed);
+    Ok((last.saturating_sub(t0) as f64 / 1e6, got as f64))
 }
 
 fn iperf(b: &Bench, args: &[&str]) -> Result<Value> {
@@ -885,12 +931,17 @@ pub fn run(a: NetArgs) -> Result<()> {
 
     eprintln!("bench net: release latency");
     let mut lat: Vec<(u64, Series)> = vec![(1000, Series::default()), (10_000, Series::default())];
+    let mut burst: Vec<(u64, Series)> =
+        vec![(1000, Series::default()), (10_000, Series::default())];
     for _ in 0..a.repeats {
-        for (n, s) in lat.iter_mut() {
+        for ((n, s), (_, raw)) in lat.iter_mut().zip(burst.iter_mut()) {
             check_interrupt()?;
             let (ms, answer) = release_latency(&b, *n, 5999)?;
             s.vals.push(ms);
             s.extra.push(answer);
+            let (ms, got) = raw_burst(&b, *n, 5998)?;
+            raw.vals.push(ms);
+            raw.extra.push(got);
         }
     }
     drop(b);
@@ -945,6 +996,16 @@ pub fn run(a: NetArgs) -> Result<()> {
             runs.join(" / ")
         );
         rows.push(json!({"kind": "release_latency", "frames": n, "ms_median": s.med(), "ms_runs": s.vals, "commit_answer_ms_median": s.med_extra()}));
+    }
+    for (n, s) in &burst {
+        let runs: Vec<String> = s.vals.iter().map(|v| format!("{v:.2}")).collect();
+        println!(
+            "| baseline: {n} MTU frames injected raw, no buffer | {:.2} ms first send to last frame ({:.0} arrived) | {} | – | – |",
+            s.med(),
+            s.med_extra(),
+            runs.join(" / ")
+        );
+        rows.push(json!({"kind": "raw_burst_baseline", "frames": n, "ms_median": s.med(), "ms_runs": s.vals, "arrived_median": s.med_extra()}));
     }
     let e0 = tcp[1].med() / base_tcp;
     let l10k = lat[1].1.med();
