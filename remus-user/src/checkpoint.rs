@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tracing::{debug, info, info_span, warn};
+use tracing::{Span, debug, info, info_span, warn};
 
 use crate::metrics::Metrics;
 use crate::netbuf::{NetBuffer, NetBufferError, Released};
@@ -78,11 +78,13 @@ pub enum Decision {
     Merged { epoch: u64 },
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Switch {
     checkpoint: u64,
     read_at: u64,
     epoch: u64,
+    /// One span per checkpoint: its switch, proof and commit are logged inside it.
+    span: Span,
 }
 
 /// How a run ended.
@@ -104,8 +106,8 @@ pub struct Controller<B: NetBuffer> {
     pipe_capacity: u64,
     metrics: Arc<Metrics>,
     switch: Option<Switch>,
-    /// Proven checkpoints not yet acknowledged: checkpoint → epoch.
-    proven: BTreeMap<u64, u64>,
+    /// Proven checkpoints not yet acknowledged: checkpoint → (epoch, its span).
+    proven: BTreeMap<u64, (u64, Span)>,
     last_acked: u64,
     committed_epoch: u64,
     merges: u64,
@@ -149,18 +151,20 @@ impl<B: NetBuffer> Controller<B> {
         checkpoint: u64,
         read_so_far: u64,
     ) -> Result<u64, CheckpointError> {
-        if let Some(s) = self.switch {
+        if let Some(s) = &self.switch {
             return Err(CheckpointError::OutOfOrder(format!(
                 "post-suspend start of checkpoint {checkpoint} before the libxc CHECKPOINT of {}",
                 s.checkpoint
             )));
         }
         let epoch = self.buffer.checkpoint().await?;
-        debug!(checkpoint, epoch, read_so_far, "epoch switched");
+        let span = info_span!("checkpoint", n = checkpoint, epoch);
+        span.in_scope(|| debug!(read_so_far, "epoch switched at the first post-suspend byte"));
         self.switch = Some(Switch {
             checkpoint,
             read_at: read_so_far,
             epoch,
+            span,
         });
         Ok(epoch)
     }
@@ -176,13 +180,14 @@ impl<B: NetBuffer> Controller<B> {
             other => {
                 return Err(CheckpointError::OutOfOrder(format!(
                     "libxc CHECKPOINT of checkpoint {checkpoint} without its post-suspend start (pending: {:?})",
-                    other.map(|s| s.checkpoint)
+                    other.as_ref().map(|s| s.checkpoint)
                 )));
             }
         };
         let bound = s.read_at.saturating_add(self.pipe_capacity);
+        let _in_span = s.span.clone().entered();
         if end > bound {
-            self.proven.insert(checkpoint, s.epoch);
+            self.proven.insert(checkpoint, (s.epoch, s.span.clone()));
             debug!(
                 checkpoint,
                 epoch = s.epoch,
@@ -218,7 +223,12 @@ impl<B: NetBuffer> Controller<B> {
             return Ok(None);
         }
         self.last_acked = checkpoint;
-        let Some((_, &epoch)) = self.proven.range(..=checkpoint).next_back() else {
+        let Some((epoch, span)) = self
+            .proven
+            .range(..=checkpoint)
+            .next_back()
+            .map(|(_, v)| v.clone())
+        else {
             return Ok(None);
         };
         // Everything at or below N is now covered.
@@ -226,13 +236,14 @@ impl<B: NetBuffer> Controller<B> {
         let r = self.buffer.commit(epoch).await?;
         self.committed_epoch = epoch;
         self.metrics.committed_epoch.set(epoch);
-        debug!(
-            checkpoint,
-            epoch,
-            frames = r.frames,
-            bytes = r.bytes,
-            "committed"
-        );
+        span.in_scope(|| {
+            debug!(
+                acked = checkpoint,
+                frames = r.frames,
+                bytes = r.bytes,
+                "committed"
+            )
+        });
         Ok(Some(r))
     }
 
@@ -250,9 +261,7 @@ impl<B: NetBuffer> Controller<B> {
                 self.post_suspend(checkpoint, read_so_far).await?;
             }
             Event::LibxcCheckpoint { checkpoint, end } => {
-                let d = self.libxc_checkpoint(checkpoint, end)?;
-                let _s = info_span!("checkpoint", n = checkpoint).entered();
-                debug!(?d, "decided");
+                self.libxc_checkpoint(checkpoint, end)?;
             }
             Event::CheckpointComplete { checkpoint, .. } => {
                 self.metrics.checkpoints_total.inc();
@@ -279,8 +288,6 @@ impl<B: NetBuffer> Controller<B> {
             tokio::select! {
                 ev = rep.next_event() => match ev {
                     BackupEvent::Ack(n) => {
-                        let _s = info_span!("checkpoint", n).entered();
-                        drop(_s);
                         self.ack(n).await?;
                     }
                     BackupEvent::Lost(reason) => return self.lost(reason).await,

@@ -438,7 +438,12 @@ async fn serve(
                     m.last_checkpoint.set(n);
                     m.last_acked.set(n);
                     m.acks_total.inc();
-                    debug!(checkpoint = n, "checkpoint written; acknowledging");
+                    info_span!("checkpoint", n).in_scope(|| {
+                        debug!(
+                            held = cutter.held(),
+                            "checkpoint written whole; acknowledging"
+                        )
+                    });
                     if tx.send(Message::Ack { checkpoint: n }).await.is_err() {
                         break 'session End::Lost("the connection to the primary broke".into());
                     }
