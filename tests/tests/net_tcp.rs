@@ -21,8 +21,16 @@ fn pattern(i: usize) -> u8 {
     (i.wrapping_mul(31) ^ (i >> 11)) as u8
 }
 
-fn bulk(tag: &str, offloads: bool) {
+fn bulk(tag: &str, offloads: bool, ipv6: bool) {
     let t = Topo::new(tag);
+    if ipv6 {
+        t.enable_ipv6();
+    }
+    let (listen, connect) = if ipv6 {
+        ("[fd77::2]:7400", "[fd77::2]:7400")
+    } else {
+        ("10.77.0.2:7400", "10.77.0.2:7400")
+    };
     if !offloads {
         run_in(
             &t.guest,
@@ -40,7 +48,7 @@ fn bulk(tag: &str, offloads: bool) {
     let peer = t.peer.clone();
     let receiver = std::thread::spawn(move || -> Result<usize, String> {
         enter_netns(&peer).map_err(|e| e.to_string())?;
-        let l = TcpListener::bind("10.77.0.2:7400").map_err(|e| e.to_string())?;
+        let l = TcpListener::bind(listen).map_err(|e| e.to_string())?;
         let _ = ready_tx.send(());
         let (mut s, _) = l.accept().map_err(|e| e.to_string())?;
         s.set_read_timeout(Some(Duration::from_secs(60)))
@@ -96,7 +104,7 @@ fn bulk(tag: &str, offloads: bool) {
     let sender = std::thread::spawn(move || -> Result<(), String> {
         enter_netns(&guest).map_err(|e| e.to_string())?;
         let mut s = TcpStream::connect_timeout(
-            &"10.77.0.2:7400".parse().map_err(|_| "addr")?,
+            &connect.parse().map_err(|_| "addr")?,
             Duration::from_secs(30),
         )
         .map_err(|e| format!("connect: {e}"))?;
@@ -160,10 +168,16 @@ fn bulk(tag: &str, offloads: bool) {
 
 #[test]
 fn root_tcp_bulk_survives_many_commits_with_offloads_on() {
-    bulk("to", true);
+    bulk("to", true, false);
 }
 
 #[test]
 fn root_tcp_bulk_survives_many_commits_with_offloads_off() {
-    bulk("tf", false);
+    bulk("tf", false, false);
+}
+
+/// The same over IPv6 (GSO type TCPV6 rebuilt on release).
+#[test]
+fn root_tcp_bulk_over_ipv6_survives_many_commits_with_offloads_on() {
+    bulk("t6", true, true);
 }
