@@ -333,3 +333,44 @@ fn root_attach_after_sigkill_takes_over_and_never_releases_the_dead_holders_fram
     );
     t.remus(&["detach", &t.vif]).ok("detach");
 }
+
+/// A clsact qdisc that was on the vif before attach (someone else's) stays after detach,
+/// both from a live holder and from a fresh process after SIGKILL; remus-net removes only
+/// its own filter.
+#[test]
+fn root_detach_keeps_a_clsact_qdisc_remus_net_did_not_add() {
+    let t = Topo::new("qk");
+    run_in(&t.host, "tc", &["qdisc", "add", "dev", &t.vif, "clsact"]).ok("tc qdisc add clsact");
+    for kill_first in [false, true] {
+        let o = t.attach(&["--attach", "netlink", "-j"]);
+        assert_eq!(
+            o.json()["attach_kind"]["netlink"]["created_clsact"],
+            false,
+            "{}",
+            o.stdout
+        );
+        if kill_first {
+            let pid = t.holder_pid().expect("holder pid");
+            // SAFETY: kill of the holder this test started.
+            assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+            wait_until("the holder to die", Duration::from_secs(10), || {
+                !pid_alive(pid)
+            });
+        }
+        t.remus(&["detach", &t.vif]).ok("detach");
+        assert!(
+            t.vif_qdiscs().contains("clsact"),
+            "detach removed a clsact it did not add (killed: {kill_first})"
+        );
+        let f = run_in(&t.host, "tc", &["filter", "show", "dev", &t.vif, "ingress"])
+            .ok("tc filter show")
+            .stdout;
+        assert!(
+            !f.contains("remus_vif_in"),
+            "remus filter left (killed: {kill_first}): {f}"
+        );
+        let sn = t.sniff_peer();
+        send_udp(&t.guest, addr("10.77.0.2:7960"), datagrams(1));
+        sn.wait_for("frames flow after detach", |fs| udp_to(fs, 7960) == 1);
+    }
+}
