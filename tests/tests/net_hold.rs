@@ -794,7 +794,10 @@ fn root_concurrent_senders_keep_per_sender_order_across_an_epoch_boundary() {
     let st = t.status();
     let n1 = st["epochs"][0]["frames"].as_u64().expect("epoch 1 frames");
     assert_eq!(st["epochs"][0]["epoch"], 1, "{st}");
-    eprintln!("epoch 1: {n1} frames, epoch 2: {} frames", 2 * N as u64 - n1);
+    eprintln!(
+        "epoch 1: {n1} frames, epoch 2: {} frames",
+        2 * N as u64 - n1
+    );
     let r = t.commit(1);
     assert_eq!(r["frames"], n1);
     let total = |fs: &[Captured]| count_port(fs, 7800) + count_port(fs, 7801);
@@ -819,4 +822,56 @@ fn root_concurrent_senders_keep_per_sender_order_across_an_epoch_boundary() {
             "sender {port}: order after commit 2"
         );
     }
+}
+
+/// A frame that does not fit the kernel ring (a 65,042-byte GSO frame into a 4 KiB ring)
+/// is dropped and counted as a ring overflow; it is never passed and never released.
+#[test]
+fn root_ring_overflow_drops_and_counts_and_releases_nothing() {
+    let t = Topo::new("rf");
+    t.attach(&["--ring-bytes", "4096"]);
+    let sn = t.sniff_peer();
+    in_netns(&t.guest, || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("udp bind");
+        let seg: libc::c_int = 1400;
+        // SAFETY: setsockopt(SOL_UDP, UDP_SEGMENT) with an int that outlives the call.
+        let r = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&s),
+                libc::SOL_UDP,
+                libc::UDP_SEGMENT,
+                &seg as *const libc::c_int as *const libc::c_void,
+                4,
+            )
+        };
+        assert_eq!(r, 0, "UDP_SEGMENT: {}", std::io::Error::last_os_error());
+        s.send_to(&vec![7u8; 65_000], "10.77.0.2:7310")
+            .expect("gso send");
+    });
+    remus_tests::netns::wait_until(
+        "the ring overflow to be counted",
+        Duration::from_secs(20),
+        || {
+            t.status()["kernel"]["dropped_ring_full_frames"]
+                .as_u64()
+                .unwrap_or(0)
+                >= 1
+        },
+    );
+    // A small frame still fits and is held behind it.
+    send_udp(&t.guest, addr("10.77.0.2:7311"), numbered(0..1));
+    t.wait_held(1);
+    let st = t.status();
+    assert_eq!(st["kernel"]["dropped_ring_full_frames"], 1, "{st}");
+    assert_eq!(st["held_frames"], 1, "{st}");
+    assert_eq!(t.checkpoint(), 1);
+    assert_eq!(t.commit(1)["frames"], 1);
+    sn.wait_for("the small frame", |fs| count_port(fs, 7311) == 1);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        sn.frames()
+            .iter()
+            .all(|f| f.udp().is_none_or(|(p, _)| p != 7310)),
+        "the dropped frame reached the peer"
+    );
 }
