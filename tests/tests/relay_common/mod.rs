@@ -264,18 +264,37 @@ pub struct Sender {
 impl Sender {
     /// Starts `remus relay send --no-buffer` (the buffer is tested elsewhere) as xl would.
     pub fn start(dir: &Scratch, name: &str, addr: &str, key: &Path, extra: &[&str]) -> Sender {
+        Sender::start_in(None, dir, name, &["--no-buffer"], addr, key, extra)
+    }
+
+    /// Starts `remus relay send BUFFER…` inside network namespace `netns` (through
+    /// `nsenter`, so its BPF pins stay in the real bpffs), or in ours.
+    pub fn start_in(
+        netns: Option<&str>,
+        dir: &Scratch,
+        name: &str,
+        buffer: &[&str],
+        addr: &str,
+        key: &Path,
+        extra: &[&str],
+    ) -> Sender {
         let (r, w) = pipe();
         let status_sock = dir.path().join(format!("relay-send-{name}.sock"));
         let log = dir.path().join(format!("send-{name}.log"));
-        let child = Command::new(remus_bin())
-            .args([
-                "relay",
-                "send",
-                "--no-buffer",
-                "--backup",
-                addr,
-                "--key-file",
-            ])
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}"))
+                    .arg("--")
+                    .arg(remus_bin());
+                c
+            }
+            None => Command::new(remus_bin()),
+        };
+        let child = cmd
+            .args(["relay", "send"])
+            .args(buffer)
+            .args(["--backup", addr, "--key-file"])
             .arg(key)
             .arg("--status-socket")
             .arg(&status_sock)

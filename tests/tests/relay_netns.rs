@@ -1,0 +1,180 @@
+//! Output commit end to end (root): `remus relay send --vif` with the real eBPF buffer in
+//! a network namespace, a fake backup played by this test (it acknowledges only when told
+//! to), and a LAN peer watched with a raw socket. No frame the guest sends in epoch N
+//! reaches the peer before the backup's ACK(N); losing the backup releases the rest.
+mod relay_common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use relay_common::*;
+use remus_tests::netns::{Captured, Topo, in_netns, send_udp};
+use remus_user::replication::{self, FrameReader, Key, Message, ServerConfig};
+use remus_user::stream::writer::WriterConfig;
+use tokio::sync::mpsc;
+
+const KEY: &str = "netns-relay-key-0123456789";
+const PORT: u16 = 7300;
+
+enum Cmd {
+    Ack(u64),
+    Drop,
+}
+
+/// A backup that authenticates, sends the banner, swallows the stream, heartbeats, and
+/// sends ACK(N) only on command. Runs on its own thread; `listener` is bound in the
+/// sender's namespace.
+fn fake_backup(
+    listener: std::net::TcpListener,
+    mut cmds: mpsc::UnboundedReceiver<Cmd>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            listener.set_nonblocking(true).unwrap();
+            let l = tokio::net::TcpListener::from_std(listener).unwrap();
+            let (mut s, _) = l.accept().await.unwrap();
+            let cfg = ServerConfig { key: Key::from_bytes(KEY.as_bytes()).unwrap(), timeout: Duration::from_secs(30) };
+            replication::server_handshake(&mut s, &cfg).await.expect("the sender authenticates");
+            replication::send(&mut s, &Message::Welcome).await.unwrap();
+            replication::send(&mut s, &Message::Banner(BANNER.to_vec())).await.unwrap();
+            let (r, mut w) = s.into_split();
+            let mut r = FrameReader::new(r);
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tokio::select! {
+                    m = r.next() => if m.is_err() { return },
+                    _ = tick.tick() => {
+                        if replication::send(&mut w, &Message::Heartbeat { seq: 0 }).await.is_err() { return }
+                    }
+                    c = cmds.recv() => match c {
+                        Some(Cmd::Ack(n)) => replication::send(&mut w, &Message::Ack { checkpoint: n }).await.unwrap(),
+                        // Dropping both halves resets the connection: the backup is gone.
+                        Some(Cmd::Drop) | None => return,
+                    },
+                }
+            }
+        });
+    })
+}
+
+/// Payloads "eN:i" to PORT seen at the peer, in arrival order.
+fn seen(frames: &[Captured]) -> Vec<String> {
+    frames
+        .iter()
+        .filter(|f| f.from_guest())
+        .filter_map(|f| f.udp())
+        .filter(|(p, _)| *p == PORT)
+        .filter_map(|(_, pl)| std::str::from_utf8(pl).ok().map(str::to_string))
+        .collect()
+}
+
+fn epoch_payloads(e: u32) -> Vec<Vec<u8>> {
+    (0..10).map(|i| format!("e{e}:{i}").into_bytes()).collect()
+}
+
+fn of_epoch(v: &[String], e: u32) -> Vec<String> {
+    v.iter()
+        .filter(|s| s.starts_with(&format!("e{e}:")))
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn root_relay_no_frame_of_epoch_n_reaches_the_peer_before_ack_n() {
+    let t = Topo::new("rn");
+    let sn = t.sniff_peer();
+    let dir = Scratch::new("netns");
+    let key = dir.key("key", KEY);
+    let listener = in_netns(&t.host, || {
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap()
+    });
+    let addr = listener.local_addr().unwrap().to_string();
+    let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+    let backup = fake_backup(listener, cmd_rx);
+
+    // Long heartbeat timeout: the ACKs are withheld on purpose, the heartbeats are not.
+    let hb = [
+        "--heartbeat-interval",
+        "100ms",
+        "--heartbeat-timeout",
+        "30s",
+    ];
+    let mut tx = Sender::start_in(
+        Some(&t.host),
+        &dir,
+        "a",
+        &["--vif", &t.vif],
+        &addr,
+        &key,
+        &hb,
+    );
+    assert_eq!(tx.read_banner(), BANNER, "sender log:\n{}", tx.log());
+    let st = Stream::new(&WriterConfig::pv(3));
+    let peer: SocketAddr = format!("10.77.0.2:{PORT}").parse().unwrap();
+
+    // Epoch 1: before the first checkpoint's post-suspend bytes. Held from the start.
+    send_udp(&t.guest, peer, epoch_payloads(1));
+    t.wait_held(10);
+    tx.write(st.checkpoint(1));
+    wait_status(&tx.status_sock, "checkpoint 1 parsed", |v| {
+        v["last_checkpoint"] == 1
+    });
+    // Epoch 2, then checkpoint 2; epoch 3.
+    send_udp(&t.guest, peer, epoch_payloads(2));
+    t.wait_held(20);
+    tx.write(st.checkpoint(2));
+    let s = wait_status(&tx.status_sock, "checkpoint 2 parsed", |v| {
+        v["last_checkpoint"] == 2
+    });
+    assert_eq!(
+        s["epoch_merges_total"], 0,
+        "both switches must be proven in time: {s}"
+    );
+    send_udp(&t.guest, peer, epoch_payloads(3));
+    t.wait_held(30);
+    assert!(
+        seen(&sn.frames()).is_empty(),
+        "nothing may leave before any ACK"
+    );
+
+    // ACK(1): exactly epoch 1, in order.
+    cmd_tx.send(Cmd::Ack(1)).unwrap();
+    let f = sn.wait_for("epoch 1 at the peer", |f| of_epoch(&seen(f), 1).len() == 10);
+    let v = seen(&f);
+    assert_eq!(
+        of_epoch(&v, 1),
+        (0..10).map(|i| format!("e1:{i}")).collect::<Vec<_>>()
+    );
+    assert!(
+        of_epoch(&v, 2).is_empty() && of_epoch(&v, 3).is_empty(),
+        "released early: {v:?}"
+    );
+    assert_eq!(t.held_frames(), 20);
+
+    // ACK(2): epoch 2; epoch 3 stays held.
+    cmd_tx.send(Cmd::Ack(2)).unwrap();
+    let f = sn.wait_for("epoch 2 at the peer", |f| of_epoch(&seen(f), 2).len() == 10);
+    assert!(
+        of_epoch(&seen(&f), 3).is_empty(),
+        "epoch 3 released before its ACK"
+    );
+    assert_eq!(t.held_frames(), 10);
+
+    // The backup is lost: the sender releases everything and exits 4.
+    cmd_tx.send(Cmd::Drop).unwrap();
+    backup.join().unwrap();
+    let code = wait_child(&mut tx.child, "relay send").code();
+    assert_eq!(code, Some(4), "sender log:\n{}", tx.log());
+    let f = sn.wait_for("epoch 3 after fail-open", |f| {
+        of_epoch(&seen(f), 3).len() == 10
+    });
+    let v = seen(&f);
+    assert_eq!(v.len(), 30, "every frame exactly once: {v:?}");
+    // The buffer stays open after the relay exited: later frames pass straight through.
+    send_udp(&t.guest, peer, epoch_payloads(4));
+    sn.wait_for("epoch 4 passing through", |f| of_epoch(&seen(f), 4).len() == 10);
+}
