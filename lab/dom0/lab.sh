@@ -23,6 +23,9 @@ GUEST_IP=169.254.0.2
 CLIENT_IP=169.254.0.10
 PORT=7000
 INTERVAL=${LAB_INTERVAL:-200}
+# The relay's heartbeat: looser than its 1 s default because dom0 runs under software
+# emulation on a shared host, where a 1 s scheduling stall is not a dead primary.
+HB=${LAB_HEARTBEAT:---heartbeat-interval 300ms --heartbeat-timeout 3s}
 mkdir -p "$S" "$L"
 
 die() { echo "lab: $*" >&2; exit 1; }
@@ -123,12 +126,16 @@ remus_start() {
             "sh -c 'tee $L/stream.bin | xl migrate-receive -r -e'"
         ;;
     relay)
-        [ -f /root/remus.key ] || head -c 32 /dev/urandom >/root/remus.key
-        bg receiver remus relay receive --listen 127.0.0.1:7788 --key-file /root/remus.key
+        if [ ! -s /root/remus.key ]; then
+            head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >/root/remus.key
+            echo >>/root/remus.key
+        fi
+        chmod 600 /root/remus.key
+        bg receiver remus relay receive --listen 127.0.0.1:7788 --key-file /root/remus.key $HB
         sleep 1
         kill -0 "$(cat "$S/receiver.pid")" 2>/dev/null || die "remus relay receive exited: $(tail -n 20 "$L/receiver.log")"
         bg sender xl -vvv remus -F -n -i "$INTERVAL" -s '' guest \
-            "remus relay send --backup 127.0.0.1:7788 --key-file /root/remus.key --vif vif$d.0"
+            "remus relay send --backup 127.0.0.1:7788 --key-file /root/remus.key --vif vif$d.0 $HB"
         ;;
     *) die "unknown mode $mode" ;;
     esac
@@ -165,10 +172,12 @@ freeze_primary() {
     t=$(now)
     # Freeze the sender first so it cannot react to its children stopping.
     for p in $pids; do kill -STOP "$p"; done
-    xl destroy "$d" || die "xl destroy $d failed"
     echo "$pids" >"$S/frozen.pids"
+    xl destroy "$d" || die "xl destroy $d failed"
+    # The guest ran (and answered) until destroyed: that is the moment of death.
+    t2=$(now)
     for p in $pids; do echo "frozen pid=$p: $(tr '\0' ' ' <"/proc/$p/cmdline")"; done
-    echo "death=$t destroyed_domid=$d"
+    echo "frozen_at=$t death=$t2 destroyed_domid=$d"
 }
 
 # Freeze the primary side without destroying anything (capture: end the stream cleanly).

@@ -101,12 +101,15 @@ struct Ctx {
     t0: Instant,
 }
 
+/// Checkpoints started so far, from `xl -vvv`'s log: libxl logs "guest has suspended"
+/// once per checkpoint (the first ends the initial live copy). xl's "Checkpointed save"
+/// progress lines are rate-limited and undercount.
 fn checkpoints() -> u64 {
     let p = vm::share().join("run/sender.log");
     fs::read(&p)
         .map(|b| {
             String::from_utf8_lossy(&b)
-                .matches("Checkpointed save")
+                .matches("guest has suspended")
                 .count() as u64
         })
         .unwrap_or(0)
@@ -474,7 +477,6 @@ fn steps(c: &Ctx, r: &mut RunReport, step: &mut String) -> Result<()> {
     }
 
     begin(step, "e: the backup copy is now the guest");
-    let xl = lab("xl list", "status", 30).unwrap_or_default();
     let backup = exec_ok(
         "backup domain",
         "xl list | awk '$1==\"guest\" {print $2}'",
@@ -483,7 +485,7 @@ fn steps(c: &Ctx, r: &mut RunReport, step: &mut String) -> Result<()> {
     let backup = backup.trim().to_string();
     r.backup_took_over = !backup.is_empty() && backup != primary;
     c.say(&format!(
-        "primary domid was {primary}, guest is now domid {backup:?} {xl}"
+        "primary domid was {primary}, the domain named guest is now {backup:?}"
     ));
 
     lab("client stop", "client-stop", 60)?;
@@ -607,8 +609,41 @@ pub fn table(runs: &[RunReport]) -> String {
     s
 }
 
-/// Captures a real Remus stream of a few checkpoints (stock `xl remus -s ''`, the stream
-/// teed to the share) and writes it zstd-compressed as the parser's fixture.
+/// Where a Remus stream's `n`-th complete checkpoint ends (after its libxl
+/// CHECKPOINT_END), and how many complete checkpoints it holds. Minimal, for cutting the
+/// fixture: xl header (32-byte magic, 4 u32, optional data), libxl header (16 bytes), then
+/// records `u32 type, u32 len, body padded to 8`, tracking the libxl/libxc layers (the
+/// libxc image and domain headers, 24 + 16 bytes, come once, first thing in libxc).
+fn checkpoint_ends(b: &[u8]) -> Vec<usize> {
+    let u32_at =
+        |o: usize| -> Option<u32> { Some(u32::from_le_bytes(b.get(o..o + 4)?.try_into().ok()?)) };
+    let mut ends = vec![];
+    let Some(odl) = u32_at(44) else { return ends };
+    let mut o = 48 + odl as usize + 16;
+    let (mut libxc, mut headers_done) = (false, false);
+    while let (Some(t), Some(l)) = (u32_at(o), u32_at(o + 4)) {
+        if libxc && !headers_done {
+            o += 40;
+            headers_done = true;
+            continue;
+        }
+        o += 8 + ((l as usize + 7) & !7);
+        if o > b.len() {
+            break;
+        }
+        match (libxc, t) {
+            (false, 1) => libxc = true,
+            (true, 0x0e) | (true, 0) => libxc = false,
+            (false, 4) => ends.push(o),
+            _ => {}
+        }
+    }
+    ends
+}
+
+/// Captures a real Remus stream (stock `xl remus -s ''`, the stream teed to the share),
+/// cuts it after `checkpoints_wanted` complete checkpoints after the initial copy, and
+/// writes it zstd-compressed, with a README, as the stream parser's fixture.
 pub fn capture(checkpoints_wanted: u64) -> Result<PathBuf> {
     let lab = |what: &str, args: &str, secs: u64| {
         exec_ok(
@@ -621,45 +656,154 @@ pub fn capture(checkpoints_wanted: u64) -> Result<PathBuf> {
     lab("guest up", &format!("guest-up {GUEST_MEM_MB}"), 300)?;
     lab("capture start", "remus-start capture", 60)?;
     let t = Instant::now();
-    // "Checkpointed save" is printed once per checkpoint after the first (the live copy).
-    while checkpoints() < checkpoints_wanted {
-        if t.elapsed() > Duration::from_secs(400) {
+    // One more than wanted: the first checkpoint is the initial copy; one more to be sure
+    // the last wanted one is complete in the file.
+    while checkpoints() < checkpoints_wanted + 2 {
+        if t.elapsed() > Duration::from_secs(600) {
             bail!(
-                "only {} checkpoints after 400 s:\n{}",
+                "only {} checkpoints after 600 s:\n{}",
                 checkpoints(),
                 tail_file(&vm::share().join("run/sender.log"), 20)
             );
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(200));
     }
-    // The sender now sleeps for the interval after CHECKPOINT_END: stop it there.
-    std::thread::sleep(Duration::from_millis(30));
     lab("stop sender", "stop-sender", 60)?;
     std::thread::sleep(Duration::from_secs(2));
-    let n = checkpoints();
     let raw = vm::share().join("run/stream.bin");
     let bytes = fs::read(&raw).with_context(|| format!("reading {}", raw.display()))?;
+    let info = exec_ok(
+        "versions",
+        "xl info | grep -E '^(xen_version|xen_extra)'; uname -r",
+        Duration::from_secs(30),
+    )
+    .unwrap_or_default();
     lab("cleanup", "cleanup", 120)?;
-    let tail_ok = bytes.len() >= 8 && bytes[bytes.len() - 8..] == [4, 0, 0, 0, 0, 0, 0, 0];
-    if !tail_ok {
-        bail!("the captured stream does not end with a CHECKPOINT_END record; try again");
+    let ends = checkpoint_ends(&bytes);
+    let want = checkpoints_wanted as usize + 1;
+    if ends.len() < want {
+        bail!(
+            "the captured stream ({} bytes) holds only {} complete checkpoints, {want} wanted",
+            bytes.len(),
+            ends.len()
+        );
     }
+    let cut = &bytes[..ends[want - 1]];
+    let cut_path = vm::share().join("run/stream-cut.bin");
+    fs::write(&cut_path, cut)?;
     let dir = crate::util::root().join("remus-user/tests/fixtures");
     fs::create_dir_all(&dir)?;
     let out = dir.join("remus-pv-stream.bin.zst");
     crate::util::run(
         crate::util::cmd("zstd")
-            .args(["-19", "-T2", "-q", "-f", "-o"])
+            .args(["-19", "--long=27", "-T2", "-q", "-f", "-o"])
             .arg(&out)
-            .arg(&raw),
+            .arg(&cut_path),
     )?;
     let z = fs::metadata(&out)?.len();
+    let readme = format!(
+        "# remus-pv-stream.bin.zst\n\n\
+         A real Remus migration stream captured in the Xen lab by `cargo xtask lab \
+         capture-stream --checkpoints {checkpoints_wanted}`:\n\
+         `xl remus -F -n -i 200 -s '' guest \"sh -c 'tee stream.bin | xl migrate-receive -r -e'\"`.\n\n\
+         - Xen and dom0 kernel: {}\n\
+         - guest: PV, {GUEST_MEM_MB} MiB, 1 vCPU, Debian 6.1 kernel, busybox initramfs running \
+         the lab's counter service (idle apart from a client's request every 100 ms)\n\
+         - interval: 200 ms (`-i 200`); no network buffer (`-n`)\n\
+         - {} complete checkpoints: checkpoint 1 is the initial live copy, then \
+         {checkpoints_wanted} more; the file is cut right after the libxl CHECKPOINT_END \
+         of the last one (at byte {})\n\
+         - {} bytes raw, {z} bytes compressed (`zstd -19 --long=27`; decompress with \
+         `zstd -d --long=27`)\n\n\
+         Layout: xl header + JSON config, libxl header, LIBXC_CONTEXT, libxc image and \
+         domain headers, then per checkpoint the libxc records up to CHECKPOINT (0x0E) and \
+         the libxl records up to CHECKPOINT_END (4). Checkpoint record ends (byte offsets): \
+         {:?}\n",
+        info.split_whitespace().collect::<Vec<_>>().join(" "),
+        want,
+        cut.len(),
+        cut.len(),
+        &ends[..want]
+    );
+    fs::write(dir.join("README.md"), readme)?;
     eprintln!(
-        "[lab] captured {} bytes ({} checkpoints after the initial copy), {} bytes compressed: {}",
+        "[lab] captured {} bytes, cut after {want} checkpoints at {} bytes, {z} bytes \
+         compressed: {}",
         bytes.len(),
-        n,
-        z,
+        cut.len(),
         out.display()
     );
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(t: u32, body: &[u8]) -> Vec<u8> {
+        let mut v = t.to_le_bytes().to_vec();
+        v.extend((body.len() as u32).to_le_bytes());
+        v.extend(body);
+        v.resize(v.len().div_ceil(8) * 8, 0);
+        v
+    }
+
+    /// A synthetic stream shaped like xl's: headers, the initial copy, two checkpoints and
+    /// a torn third one. Type 1 means LIBXC_CONTEXT in libxl and PAGE_DATA in libxc.
+    #[test]
+    fn checkpoint_ends_tracks_layers_and_ignores_a_torn_tail() {
+        let mut b = vec![b'X'; 32];
+        for x in [0x0102_0304u32, 3, 0, 5] {
+            b.extend(x.to_le_bytes());
+        }
+        b.extend(b"{cfg}");
+        b.extend([0u8; 16]); // libxl header
+        b.extend(rec(1, b"")); // LIBXC_CONTEXT
+        b.extend([0xffu8; 40]); // libxc image + domain headers
+        let mut ends = vec![];
+        for _ in 0..2 {
+            b.extend(rec(1, &[7; 20])); // PAGE_DATA
+            b.extend(rec(4, &[0; 8])); // libxc type 4 is not CHECKPOINT_END
+            b.extend(rec(0x0e, b"")); // CHECKPOINT
+            b.extend(rec(4, b"")); // libxl CHECKPOINT_END
+            ends.push(b.len());
+        }
+        b.extend(rec(1, &[9; 100])[..50].iter());
+        assert_eq!(checkpoint_ends(&b), ends);
+    }
+
+    fn reply(t: f64, v: u64) -> Value {
+        serde_json::json!({"t": t, "event": "reply", "seq": v, "value": v, "rtt_ms": 1.0})
+    }
+
+    #[test]
+    fn analyse_counts_repeats_gaps_and_failover_time() {
+        let mut ev = vec![serde_json::json!({"t": 0.0, "event": "connected", "local": "a:1"})];
+        ev.extend([reply(1.0, 5), reply(2.0, 6), reply(3.0, 7)]);
+        // death at 3.5; the backup resumed from an older checkpoint: 6 again, then on.
+        ev.extend([reply(10.0, 6), reply(11.0, 7), reply(12.0, 9)]);
+        let s = analyse(&ev, Some(3.5));
+        assert_eq!(s.connections, 1);
+        assert_eq!(s.replies, 6);
+        assert_eq!(s.replies_after_death, 3);
+        assert_eq!(s.repeats_or_regressions, 1);
+        assert_eq!(s.gaps, 1);
+        assert_eq!(s.first_reply_after_death_s, Some(6.5));
+        assert_eq!(s.first_good_reply_after_death_s, Some(7.5));
+        assert_eq!(s.first_anomaly.as_deref(), Some("7 -> 6 at t=10.000"));
+    }
+
+    #[test]
+    fn analyse_clean_failover_and_terminal_event() {
+        let mut ev: Vec<Value> = (1..=5).map(|v| reply(v as f64, v)).collect();
+        ev.push(serde_json::json!({"t": 9.0, "event": "reset", "seq": 6, "detail": "read: x"}));
+        let s = analyse(&ev, Some(4.5));
+        assert_eq!(s.repeats_or_regressions + s.gaps, 0);
+        assert_eq!(s.first_good_reply_after_death_s, Some(0.5));
+        assert!(
+            s.terminal_event
+                .as_deref()
+                .is_some_and(|t| t.starts_with("reset"))
+        );
+    }
 }
