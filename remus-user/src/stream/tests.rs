@@ -507,16 +507,22 @@ fn bad_records() {
         ck + 4,
         "CHECKPOINT record must have body length 0",
     );
-    // Non-zero padding.
-    let ext = record_start(&pv, Layer::Libxc, libxc_type::X86_PV_VCPU_EXTENDED, 0);
-    let len = u32::from_le_bytes(pv.bytes[ext + 4..ext + 8].try_into().unwrap()) as usize;
-    let padpos = ext + 8 + len;
+    // Non-zero padding (HVM_CONTEXT has an odd length in the writer).
+    let hc = record_start(&hvm, Layer::Libxc, libxc_type::HVM_CONTEXT, 1);
+    let len = u32::from_le_bytes(hvm.bytes[hc + 4..hc + 8].try_into().unwrap()) as usize;
+    let padpos = hc + 8 + len;
     assert_ne!(len % 8, 0);
     expect(
-        &patched(&pv, padpos, &[0xaa]),
+        &patched(&hvm, padpos, &[0xaa]),
         padpos,
         "padding byte is 0xaa",
     );
+    // The last padding byte of the emulator context too.
+    let ec = record_start(&hvm, Layer::Libxl, libxl_type::EMULATOR_CONTEXT, 0);
+    let len = u32::from_le_bytes(hvm.bytes[ec + 4..ec + 8].try_into().unwrap()) as usize;
+    assert_ne!(len % 8, 0);
+    let padpos = ec + 8 + len.next_multiple_of(8) - 1;
+    expect(&patched(&hvm, padpos, &[1]), padpos, "padding byte is 0x01");
     // Optional types are fine anywhere a record may start.
     let v = patched(
         &pv,

@@ -28,6 +28,9 @@ pub const MAX_BATCH: usize = 1024;
 /// PFN type field values (bits 63..60 of a PAGE_DATA pfn entry).
 pub const PFINFO_NOTAB: u64 = 0x0;
 pub const PFINFO_L1TAB: u64 = 0x1;
+pub const PFINFO_L3TAB: u64 = 0x3;
+pub const PFINFO_L1TAB_PIN: u64 = 0x9;
+pub const PFINFO_L4TAB_PIN: u64 = 0xc;
 pub const PFINFO_XTAB: u64 = 0xf;
 
 /// Guest kind: decides the domain header and the end-of-checkpoint records.
@@ -316,10 +319,13 @@ fn page_data(out: &mut Out, mem: &GuestMemory, pfns: &[u64], kind: GuestKind, wi
         let mut parts: Vec<&[u8]> = Vec::with_capacity(chunk.len() + 1);
         for &pfn in chunk {
             // PV guests have typed page-table pages; HVM pages are all NOTAB.
-            let t = if kind == GuestKind::Pv && pfn % 64 == 1 {
-                PFINFO_L1TAB
-            } else {
-                PFINFO_NOTAB
+            let t = match (kind, pfn % 512) {
+                (GuestKind::Hvm, _) => PFINFO_NOTAB,
+                (GuestKind::Pv, 3) => PFINFO_L4TAB_PIN,
+                (GuestKind::Pv, 2 | 66) => PFINFO_L3TAB,
+                (GuestKind::Pv, r) if r % 64 == 1 => PFINFO_L1TAB,
+                (GuestKind::Pv, r) if r % 128 == 5 => PFINFO_L1TAB_PIN,
+                _ => PFINFO_NOTAB,
             };
             head.extend_from_slice(&(t << 60 | pfn).to_le_bytes());
         }
@@ -361,15 +367,15 @@ fn end_of_checkpoint(out: &mut Out, cfg: &WriterConfig, rng: &mut Rng, n: u64) {
                 let mut h = Vec::new();
                 h.extend_from_slice(&v.to_le_bytes());
                 h.extend_from_slice(&0u32.to_le_bytes());
+                // Sizes as in the lab's captured 64-bit PV stream; XSAVE as on a host
+                // with AVX (the lab's emulated CPU had none); MSRS is elided when a
+                // vCPU has no MSRs to send, as it was there.
                 let basic = noise(rng, 5168);
                 out.libxc(libxc_type::X86_PV_VCPU_BASIC, &[&h, &basic]);
-                // Odd lengths exercise the padding.
-                let ext = noise(rng, 124);
+                let ext = noise(rng, 64);
                 out.libxc(libxc_type::X86_PV_VCPU_EXTENDED, &[&h, &ext]);
                 let xsave = noise(rng, 16 + 0x340);
                 out.libxc(libxc_type::X86_PV_VCPU_XSAVE, &[&h, &xsave]);
-                let msrs = noise(rng, 16 * 3);
-                out.libxc(libxc_type::X86_PV_VCPU_MSRS, &[&h, &msrs]);
             }
         }
         GuestKind::Hvm => {
@@ -464,9 +470,9 @@ pub fn write(cfg: &WriterConfig) -> Written {
     if cfg.kind == GuestKind::Pv {
         out.libxc(libxc_type::X86_PV_INFO, &[&[8, 4, 0, 0, 0, 0, 0, 0]]);
     }
-    let cpuid: Vec<u8> = (0..24 * 40).map(|i| (i * 7 % 251) as u8).collect();
+    let cpuid: Vec<u8> = (0..24 * 51).map(|i| (i * 7 % 251) as u8).collect();
     out.libxc(libxc_type::X86_CPUID_POLICY, &[&cpuid]);
-    let msr: Vec<u8> = (0..16 * 6).map(|i| (i * 13 % 251) as u8).collect();
+    let msr: Vec<u8> = (0..16 * 2).map(|i| (i * 13 % 251) as u8).collect();
     out.libxc(libxc_type::X86_MSR_POLICY, &[&msr]);
     out.libxc(libxc_type::STATIC_DATA_END, &[]);
     if cfg.optional_records {
