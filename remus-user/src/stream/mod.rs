@@ -90,6 +90,18 @@ pub enum Event {
     },
 }
 
+impl Event {
+    /// For `Record`: the stream range of its body (without header and padding).
+    pub fn record_body(&self) -> Option<std::ops::Range<u64>> {
+        match *self {
+            Event::Record {
+                start, body_len, ..
+            } => Some(start + 8..start + 8 + u64::from(body_len)),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StreamError {
     #[error("at byte {pos}: {what}")]

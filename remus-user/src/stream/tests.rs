@@ -138,6 +138,23 @@ fn pv_stream_events_match_the_writer() {
         );
     }
     assert_eq!(ends[3].1, w.bytes.len() as u64);
+    // Record bodies: the TSC_INFO body is 24 bytes right after its header.
+    let tsc = ev
+        .iter()
+        .find(|e| {
+            matches!(
+                e,
+                Event::Record {
+                    rtype: libxc_type::X86_TSC_INFO,
+                    layer: Layer::Libxc,
+                    ..
+                }
+            )
+        })
+        .and_then(Event::record_body)
+        .unwrap();
+    assert_eq!(tsc, ps[0].1 + 8..ps[0].1 + 32);
+    assert_eq!(ev[0].record_body(), None);
 }
 
 #[test]
