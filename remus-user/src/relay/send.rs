@@ -24,6 +24,9 @@ use crate::replication::{
 };
 use crate::stream::{Event, Layer, libxc_type};
 
+/// Raw stream bytes are sent once this many are pending (or at a checkpoint's end).
+const COALESCE: usize = 64 * 1024;
+
 /// PAGE_DATA records up to this size are compressed (1024 pages + PFNs is ~4 MiB); the
 /// encoded form stays well under `replication::MAX_PAYLOAD`.
 const MAX_COMPRESSED_RECORD: usize = 8 << 20;
@@ -470,6 +473,7 @@ impl Replicator for TcpReplicator {
         self.pending.extend_from_slice(bytes);
         let read_to = self.pending_at + self.pending.len() as u64;
         let mut completed = Vec::new();
+        let mut urgent = false;
         for ev in events {
             match *ev {
                 Event::Record {
@@ -484,11 +488,15 @@ impl Replicator for TcpReplicator {
                 }
                 Event::Record { end, .. }
                 | Event::XlHeader { end, .. }
-                | Event::LibxcCheckpoint { end, .. }
-                | Event::End { end } => self.safe_to = self.safe_to.max(end),
+                | Event::LibxcCheckpoint { end, .. } => self.safe_to = self.safe_to.max(end),
+                Event::End { end } => {
+                    self.safe_to = self.safe_to.max(end);
+                    urgent = true;
+                }
                 Event::CheckpointComplete { checkpoint, end } => {
                     self.safe_to = self.safe_to.max(end);
                     completed.push(checkpoint);
+                    urgent = true;
                 }
                 Event::PostSuspendStart { .. } => {}
             }
@@ -500,7 +508,11 @@ impl Replicator for TcpReplicator {
         } else {
             read_to
         };
-        self.send_raw(to).await?;
+        // Coalesce raw bytes into frames of COALESCE bytes (xl's pipe gives them a page
+        // at a time); the end of a checkpoint goes out at once, its ACK is waited for.
+        if urgent || to.saturating_sub(self.pending_at) >= COALESCE as u64 {
+            self.send_raw(to).await?;
+        }
         let now = Instant::now();
         for c in completed {
             self.sent_at.insert(c, now);
