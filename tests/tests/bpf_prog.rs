@@ -8,8 +8,7 @@ use std::path::PathBuf;
 
 use aya::programs::{TestRun, TestRunOptions};
 use remus_common::{
-    CTL_EPOCH, CTL_MODE, CTL_VIF_IFINDEX, FRAME_HDR_LEN, FrameHdr, MODE_PASSTHROUGH,
-    RELEASE_MARK,
+    CTL_EPOCH, CTL_MODE, CTL_VIF_IFINDEX, FRAME_HDR_LEN, FrameHdr, MODE_PASSTHROUGH, RELEASE_MARK,
 };
 use remus_user::datapath::{KernelStats, Loaded};
 
@@ -26,7 +25,10 @@ impl Drop for PinDir {
 }
 
 fn load(name: &str, ring_bytes: u32) -> (Loaded, PinDir) {
-    let dir = PathBuf::from(format!("/sys/fs/bpf/remus-test/{}-{name}", std::process::id()));
+    let dir = PathBuf::from(format!(
+        "/sys/fs/bpf/remus-test/{}-{name}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     let guard = PinDir(dir.clone());
     let loaded = Loaded::load(&dir, "test", ring_bytes).expect("loading the real eBPF object");
@@ -54,7 +56,9 @@ impl Ctx {
 }
 
 fn frame(len: usize, seed: u8) -> Vec<u8> {
-    let mut f: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
+    let mut f: Vec<u8> = (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect();
     f[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x02]);
     f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
     f[12..14].copy_from_slice(&0x88b5u16.to_be_bytes()); // local experimental ethertype
@@ -86,7 +90,10 @@ fn records(l: &mut Loaded) -> Vec<(FrameHdr, Vec<u8>)> {
     let mut out = Vec::new();
     while let Some(item) = ring.next() {
         let h = FrameHdr::from_bytes(&item).expect("record header");
-        out.push((h, item[FRAME_HDR_LEN..FRAME_HDR_LEN + h.len as usize].to_vec()));
+        out.push((
+            h,
+            item[FRAME_HDR_LEN..FRAME_HDR_LEN + h.len as usize].to_vec(),
+        ));
     }
     out
 }
@@ -106,7 +113,10 @@ fn root_bpf_frame_is_recorded_with_its_epoch_and_dropped() {
     assert_eq!(recs.len(), 1);
     assert_eq!(recs[0].0.epoch, 7);
     assert_eq!(recs[0].0.len, 98);
-    assert_eq!(recs[0].0.protocol, 0x88b5, "skb->protocol comes from the ethertype");
+    assert_eq!(
+        recs[0].0.protocol, 0x88b5,
+        "skb->protocol comes from the ethertype"
+    );
     assert_eq!(recs[0].1, f, "the copy must be byte-identical");
     let s = stats(&l);
     assert_eq!((s.captured_frames, s.captured_bytes), (1, 98));
