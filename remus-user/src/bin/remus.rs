@@ -369,9 +369,24 @@ async fn relay_receive(a: ReceiveArgs) -> ExitCode {
             Ok(()) => ExitCode::Ok,
             Err(e) => fail(format!("relay receive: {e}"), e.exit_code()),
         },
-        _ = tokio::signal::ctrl_c() => {
-            tracing::info!("interrupted");
+        sig = stop_signal() => {
+            tracing::warn!(signal = sig, "stopping: a primary being replicated loses its backup and the receiver's stream closes (it fails over, as stock Remus does when its transport dies)");
             ExitCode::Ok
+        }
+    }
+}
+
+/// SIGINT or SIGTERM.
+async fn stop_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => tokio::select! {
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        },
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            "SIGINT"
         }
     }
 }
