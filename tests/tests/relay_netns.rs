@@ -176,5 +176,42 @@ fn root_relay_no_frame_of_epoch_n_reaches_the_peer_before_ack_n() {
     assert_eq!(v.len(), 30, "every frame exactly once: {v:?}");
     // The buffer stays open after the relay exited: later frames pass straight through.
     send_udp(&t.guest, peer, epoch_payloads(4));
-    sn.wait_for("epoch 4 passing through", |f| of_epoch(&seen(f), 4).len() == 10);
+    sn.wait_for("epoch 4 passing through", |f| {
+        of_epoch(&seen(f), 4).len() == 10
+    });
+}
+
+#[test]
+fn root_relay_unreachable_backup_leaves_the_guest_unblocked() {
+    let t = Topo::new("ru");
+    let sn = t.sniff_peer();
+    let dir = Scratch::new("netns-unreach");
+    let key = dir.key("key", KEY);
+    // A port in the host namespace that nobody listens on.
+    let closed = in_netns(&t.host, || {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    });
+    let mut tx = Sender::start_in(
+        Some(&t.host),
+        &dir,
+        "a",
+        &["--vif", &t.vif],
+        &closed,
+        &key,
+        &[],
+    );
+    let code = wait_child(&mut tx.child, "relay send").code();
+    assert_eq!(code, Some(4), "sender log:\n{}", tx.log());
+    assert!(
+        tx.log().contains("connecting to the backup"),
+        "{}",
+        tx.log()
+    );
+    // xl resumes the guest unprotected: its output must not stay held by the buffer.
+    let peer: SocketAddr = format!("10.77.0.2:{PORT}").parse().unwrap();
+    send_udp(&t.guest, peer, epoch_payloads(1));
+    sn.wait_for("the guest's frames at the peer", |f| {
+        of_epoch(&seen(f), 1).len() == 10
+    });
 }

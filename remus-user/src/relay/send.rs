@@ -201,14 +201,21 @@ pub async fn connect(opts: &SendOptions) -> Result<(Session, TcpStream), SendErr
 /// The whole primary end: connect, banner to xl, then the controller loop. Returns how
 /// the run ended; a lost backup has already failed the buffer open when this returns
 /// `Err(SendError::PeerLost)`.
-pub async fn run<B: NetBuffer>(
-    opts: SendOptions,
-    pipe: XlPipe,
-    buffer: B,
-    shared: Arc<Shared>,
-) -> Result<Outcome, SendError> {
+/// Connect, authenticate, pass the banner to xl.
+async fn setup(
+    opts: &SendOptions,
+    shared: &Arc<Shared>,
+) -> Result<
+    (
+        Session,
+        FrameReader<tokio::net::tcp::OwnedReadHalf>,
+        tokio::net::tcp::OwnedWriteHalf,
+        String,
+    ),
+    SendError,
+> {
     shared.set(|s| s.state = "connecting".into());
-    let (session, stream) = connect(&opts).await?;
+    let (session, stream) = connect(opts).await?;
     let peer = stream
         .peer_addr()
         .map(|a| a.to_string())
@@ -254,6 +261,30 @@ pub async fn run<B: NetBuffer>(
         out.write_all(&banner).map_err(SendError::Stdout)?;
         out.flush().map_err(SendError::Stdout)?;
     }
+    Ok((session, reader, w, peer))
+}
+
+pub async fn run<B: NetBuffer>(
+    opts: SendOptions,
+    pipe: XlPipe,
+    mut buffer: B,
+    shared: Arc<Shared>,
+) -> Result<Outcome, SendError> {
+    let (session, reader, w, peer) = match setup(&opts, &shared).await {
+        Ok(x) => x,
+        Err(e) => {
+            // Nothing was replicated, and xl resumes the guest when we exit: what the
+            // buffer held since attach must not stay blocked.
+            match buffer.fail_open().await {
+                Ok(r) => warn!(
+                    released_frames = r.frames,
+                    "no backup: released what was held; the buffer passes traffic"
+                ),
+                Err(fe) => error!(error = %fe, "no backup, and opening the buffer failed too"),
+            }
+            return Err(e);
+        }
+    };
     shared.metrics.connected.set(1);
     shared.set(|s| s.state = "replicating".into());
 
