@@ -84,6 +84,19 @@ impl Histogram {
     }
 }
 
+/// How many recent ACK latencies are kept for exact quantiles.
+pub const RECENT_ACKS: usize = 4096;
+
+/// Exact quantiles of the recent ACK latencies, in microseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Quantiles {
+    pub n: usize,
+    pub p50: u32,
+    pub p90: u32,
+    pub p99: u32,
+    pub max: u32,
+}
+
 /// Every metric of one relay end. `role` is "send" or "receive" (a label on each line).
 #[derive(Debug)]
 pub struct Metrics {
@@ -101,6 +114,8 @@ pub struct Metrics {
     pub page_bytes_wire_total: Counter,
     /// From the last byte of a checkpoint sent to its ACK.
     pub ack_latency: Histogram,
+    /// The last RECENT_ACKS ACK latencies in microseconds, for exact quantiles.
+    recent_acks: std::sync::Mutex<std::collections::VecDeque<u32>>,
     pub epoch_merges_total: Counter,
     pub heartbeats_sent_total: Counter,
     pub heartbeats_missed_total: Counter,
@@ -125,6 +140,9 @@ impl Metrics {
             page_bytes_raw_total: Counter::default(),
             page_bytes_wire_total: Counter::default(),
             ack_latency: Histogram::default(),
+            recent_acks: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(
+                RECENT_ACKS,
+            )),
             epoch_merges_total: Counter::default(),
             heartbeats_sent_total: Counter::default(),
             heartbeats_missed_total: Counter::default(),
@@ -136,6 +154,34 @@ impl Metrics {
             last_acked: Gauge::default(),
             committed_epoch: Gauge::default(),
         }
+    }
+
+    /// Records one ACK latency (histogram and the recent window).
+    pub fn observe_ack(&self, d: Duration) {
+        self.ack_latency.observe(d);
+        if let Ok(mut r) = self.recent_acks.lock() {
+            if r.len() == RECENT_ACKS {
+                r.pop_front();
+            }
+            r.push_back(d.as_micros().min(u32::MAX as u128) as u32);
+        }
+    }
+
+    /// Exact quantiles over the recent window (`None` before the first ACK).
+    pub fn ack_quantiles(&self) -> Option<Quantiles> {
+        let mut v: Vec<u32> = self.recent_acks.lock().ok()?.iter().copied().collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_unstable();
+        let q = |f: f64| v[((v.len() - 1) as f64 * f).round() as usize];
+        Some(Quantiles {
+            n: v.len(),
+            p50: q(0.5),
+            p90: q(0.9),
+            p99: q(0.99),
+            max: v[v.len() - 1],
+        })
     }
 
     /// The Prometheus text exposition of every metric.
@@ -343,6 +389,18 @@ mod tests {
             let (_, v) = line.rsplit_once(' ').expect("value");
             assert!(v.parse::<f64>().is_ok(), "{line}");
         }
+    }
+
+    #[test]
+    fn ack_quantiles_are_exact_over_the_window() {
+        let m = Metrics::new("send");
+        assert_eq!(m.ack_quantiles(), None);
+        for us in 1..=100u64 {
+            m.observe_ack(Duration::from_micros(us));
+        }
+        let q = m.ack_quantiles().unwrap();
+        assert_eq!((q.n, q.p50, q.p99, q.max), (100, 51, 99, 100));
+        assert_eq!(m.ack_latency.count(), 100);
     }
 
     #[tokio::test]

@@ -117,6 +117,8 @@ pub struct RelayStatus {
     pub failovers_total: u64,
     pub auth_failures_total: u64,
     pub ack_latency_mean_us: Option<f64>,
+    /// Exact quantiles over the last `metrics::RECENT_ACKS` ACKs.
+    pub ack_latency_recent_us: Option<crate::metrics::Quantiles>,
     /// Cumulative ACK latency histogram: `{le_us, count}` per bucket.
     pub ack_latency_buckets_us: Vec<LatencyBucket>,
     pub last_event: Option<String>,
@@ -184,6 +186,7 @@ impl Shared {
         s.failovers_total = m.failovers_total.get();
         s.auth_failures_total = m.auth_failures_total.get();
         let n = m.ack_latency.count();
+        s.ack_latency_recent_us = m.ack_quantiles();
         s.ack_latency_buckets_us = m
             .ack_latency
             .cumulative()

@@ -565,7 +565,7 @@ impl Replicator for TcpReplicator {
             Got::Ack(Some(n)) => {
                 let m = &self.shared.metrics;
                 if let Some(t) = self.sent_at.remove(&n) {
-                    m.ack_latency.observe(t.elapsed());
+                    m.observe_ack(t.elapsed());
                 }
                 self.sent_at.retain(|&c, _| c > n);
                 m.acks_total.inc();

@@ -104,8 +104,15 @@ pub fn render(s: &RelayStatus) -> String {
             ),
         );
     }
-    if let Some(us) = s.ack_latency_mean_us {
-        line(&mut o, "ack latency (mean)", format!("{us:.0} us"));
+    if let Some(q) = s.ack_latency_recent_us {
+        line(
+            &mut o,
+            "ack latency",
+            format!(
+                "median {} us, p99 {} us, max {} us (last {})",
+                q.p50, q.p99, q.max, q.n
+            ),
+        );
     }
     line(
         &mut o,

@@ -145,32 +145,35 @@ pub fn run(a: RelayArgs) -> Result<()> {
     let lat = relay_once(&p, &lat_stream, "lz4", Some(&ends))?;
     let rtt = loopback_rtt(2000)?;
     let ack = lat.ack.context("no ACK latency measured")?;
-    let above_rtt_us = ack.mean_us - rtt.median_us;
+    let above_rtt_us = ack.p50_us - rtt.median_us;
     rows.push((
         "loopback RTT (median)".into(),
         format!("{:.0} us", rtt.median_us),
     ));
     rows.push((
-        "ACK latency mean (p50 <=, p99 <=)".into(),
+        "ACK latency median (p90, p99, max)".into(),
         format!(
-            "{:.0} us ({:.0}, {:.0})",
-            ack.mean_us, ack.p50_le_us, ack.p99_le_us
+            "{:.0} us ({:.0}, {:.0}, {:.0})",
+            ack.p50_us, ack.p90_us, ack.p99_us, ack.max_us
         ),
     ));
+    rows.push(("ACK latency mean".into(), format!("{:.0} us", ack.mean_us)));
     rows.push((
-        "ACK latency above RTT (target <= 200 us)".into(),
+        "ACK latency median above RTT (target <= 200 us)".into(),
         format!("{above_rtt_us:.0} us {}", verdict(above_rtt_us <= 200.0)),
     ));
     out.insert(
         "ack_latency_us".into(),
         json!({
             "mean": ack.mean_us,
-            "p50_le": ack.p50_le_us,
-            "p99_le": ack.p99_le_us,
+            "p50": ack.p50_us,
+            "p90": ack.p90_us,
+            "p99": ack.p99_us,
+            "max": ack.max_us,
             "count": ack.count,
             "loopback_rtt_median": rtt.median_us,
             "loopback_rtt_mean": rtt.mean_us,
-            "mean_above_rtt": above_rtt_us,
+            "median_above_rtt": above_rtt_us,
             "target_above_rtt": 200.0,
         }),
     );
@@ -353,8 +356,10 @@ fn wait_for(sock: &Path, pred: impl Fn(&Value) -> bool) -> Result<Value> {
 
 struct Ack {
     mean_us: f64,
-    p50_le_us: f64,
-    p99_le_us: f64,
+    p50_us: f64,
+    p90_us: f64,
+    p99_us: f64,
+    max_us: f64,
     count: u64,
 }
 
@@ -458,27 +463,16 @@ fn relay_once(p: &Paths, stream: &[u8], codec: &str, paced: Option<&[u64]>) -> R
 }
 
 fn ack_from_status(st: &Value) -> Ack {
-    // Status carries the mean; quantile bounds come from the histogram when present.
-    let mean = st["ack_latency_mean_us"].as_f64().unwrap_or(f64::NAN);
-    let hist = st["ack_latency_buckets_us"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    let count = st["acks_total"].as_u64().unwrap_or(0);
-    let q = |frac: f64| -> f64 {
-        let need = (count as f64 * frac).ceil() as u64;
-        for b in &hist {
-            if b["count"].as_u64().unwrap_or(0) >= need {
-                return b["le_us"].as_f64().unwrap_or(f64::INFINITY);
-            }
-        }
-        f64::INFINITY
-    };
+    // Exact quantiles over the sender's recent window of ACK latencies.
+    let q = &st["ack_latency_recent_us"];
+    let f = |k: &str| q[k].as_f64().unwrap_or(f64::NAN);
     Ack {
-        mean_us: mean,
-        p50_le_us: q(0.5),
-        p99_le_us: q(0.99),
-        count,
+        mean_us: st["ack_latency_mean_us"].as_f64().unwrap_or(f64::NAN),
+        p50_us: f("p50"),
+        p90_us: f("p90"),
+        p99_us: f("p99"),
+        max_us: f("max"),
+        count: st["acks_total"].as_u64().unwrap_or(0),
     }
 }
 
