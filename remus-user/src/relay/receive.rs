@@ -257,6 +257,45 @@ fn spawn_receiver(cmd: &str) -> std::io::Result<Child> {
         .spawn()
 }
 
+/// Writes steps to the receiver in order; acknowledges a checkpoint once its bytes are
+/// written. Ends (closing the receiver's stdin) when the queue closes or a write fails.
+fn spawn_feeder(
+    mut stdin: tokio::process::ChildStdin,
+    acks: mpsc::Sender<Message>,
+    m: Arc<crate::metrics::Metrics>,
+) -> (
+    mpsc::Sender<Step>,
+    tokio::task::JoinHandle<Result<(), String>>,
+) {
+    let (feed_tx, mut feed_rx) = mpsc::channel::<Step>(64);
+    let h = tokio::spawn(async move {
+        while let Some(step) = feed_rx.recv().await {
+            match step {
+                Step::Write(b) => {
+                    stdin
+                        .write_all(&b)
+                        .await
+                        .map_err(|e| format!("writing to the receiver: {e}"))?;
+                    m.stream_bytes_total.add(b.len() as u64);
+                }
+                Step::Ack(n) => {
+                    m.checkpoints_total.inc();
+                    m.last_checkpoint.set(n);
+                    m.last_acked.set(n);
+                    m.acks_total.inc();
+                    info_span!("checkpoint", n)
+                        .in_scope(|| debug!("checkpoint written whole; acknowledging"));
+                    // A primary that is gone cannot hear it; the receiver still gets the rest.
+                    let _ = acks.send(Message::Ack { checkpoint: n }).await;
+                }
+            }
+        }
+        drop(stdin);
+        Ok(())
+    });
+    (feed_tx, h)
+}
+
 /// Decodes on a blocking thread, so heartbeats keep flowing during a large record.
 /// Returns the encoded bytes back (for the metrics) with the decoded ones.
 async fn decode_off_thread(
@@ -310,7 +349,7 @@ async fn serve(
             return;
         }
     };
-    let (Some(mut stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+    let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
         let _ = replication::send(&mut w, &Message::abort("the receiver has no pipes")).await;
         return;
     };
@@ -364,6 +403,10 @@ async fn serve(
     let writer = super::spawn_writer(w, rx, opts.heartbeat.interval, m.clone(), Arc::new(lost_tx));
     m.connected.set(1);
     shared.set(|s| s.state = "replicating".into());
+
+    // The feeder writes whole checkpoints to the receiver and acknowledges each once
+    // written, while this loop keeps reading the next one (and watching for silence).
+    let (feed_tx, feeder) = spawn_feeder(stdin, tx.clone(), m.clone());
 
     let mut reader = FrameReader::new(r);
     let mut cutter = Cutter::new();
@@ -424,30 +467,8 @@ async fn serve(
             break End::Lost(format!("the primary sent a malformed stream: {e}"));
         }
         for s in steps.drain(..) {
-            match s {
-                Step::Write(b) => {
-                    if let Err(e) = stdin.write_all(&b).await {
-                        break 'session End::ReceiverFailed(format!(
-                            "writing to the receiver: {e}"
-                        ));
-                    }
-                    m.stream_bytes_total.add(b.len() as u64);
-                }
-                Step::Ack(n) => {
-                    m.checkpoints_total.inc();
-                    m.last_checkpoint.set(n);
-                    m.last_acked.set(n);
-                    m.acks_total.inc();
-                    info_span!("checkpoint", n).in_scope(|| {
-                        debug!(
-                            held = cutter.held(),
-                            "checkpoint written whole; acknowledging"
-                        )
-                    });
-                    if tx.send(Message::Ack { checkpoint: n }).await.is_err() {
-                        break 'session End::Lost("the connection to the primary broke".into());
-                    }
-                }
+            if feed_tx.send(s).await.is_err() {
+                break 'session End::ReceiverFailed("the receiver stopped taking data".into());
             }
         }
         // Heartbeats resume counting from now: time spent writing to the receiver is
@@ -457,8 +478,14 @@ async fn serve(
     m.connected.set(0);
 
     let n = cutter.complete();
-    // Closing stdin is the failover signal (or the normal end of a plain migration).
-    drop(stdin);
+    // The feeder writes what is queued (whole checkpoints only), then closes stdin:
+    // the failover signal, or the normal end of a plain migration.
+    drop(feed_tx);
+    let end = match feeder.await {
+        Ok(Ok(())) => end,
+        Ok(Err(e)) => End::ReceiverFailed(e),
+        Err(e) => End::ReceiverFailed(format!("the receiver's feeder failed: {e}")),
+    };
     match &end {
         End::Closed { finished: true } => {
             info!(
