@@ -107,18 +107,31 @@ pub fn run(a: RelayArgs) -> Result<()> {
     let captured = util::root().join(CAPTURED);
     if captured.exists() {
         let file = p.work.join("captured.bin");
-        let info = helper(
-            &p,
-            &["captured", path_str(&captured)?, path_str(&file)?, "262144"],
-        )?;
-        let stream = std::fs::read(&file)?;
-        let _ = std::fs::remove_file(&file);
-        eprintln!("captured stream: {} bytes", stream.len());
-        let t = throughput(&p, &stream, a.repeat)?;
-        t.rows("captured", stream.len(), &mut rows);
-        compression_rows("captured", &info["compression"], &mut rows);
-        out.insert("captured".into(), json!({ "stream_bytes": stream.len(), "checkpoints": info["ends"].as_array().map(Vec::len),
-            "throughput": t.json(), "compression": info["compression"] }));
+        let run = || -> Result<(Value, Tput, usize)> {
+            let info = helper(
+                &p,
+                &["captured", path_str(&captured)?, path_str(&file)?, "262144"],
+            )?;
+            let stream = std::fs::read(&file)?;
+            let _ = std::fs::remove_file(&file);
+            eprintln!("captured stream: {} bytes", stream.len());
+            Ok((info, throughput(&p, &stream, a.repeat)?, stream.len()))
+        };
+        match run() {
+            Ok((info, t, len)) => {
+                t.rows("captured", len, &mut rows);
+                compression_rows("captured", &info["compression"], &mut rows);
+                out.insert(
+                    "captured".into(),
+                    json!({ "stream_bytes": len, "checkpoints": info["ends"].as_array().map(Vec::len),
+                        "throughput": t.json(), "compression": info["compression"] }),
+                );
+            }
+            Err(e) => {
+                eprintln!("captured stream skipped: {e:#}");
+                rows.push(("captured stream".into(), "unusable (see stderr)".into()));
+            }
+        }
     } else {
         eprintln!("no captured stream at {CAPTURED}: synthetic only");
     }
