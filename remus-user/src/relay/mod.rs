@@ -67,6 +67,15 @@ impl Heartbeat {
     }
 }
 
+/// How long to wait for the next frame before looking at the silence again: two
+/// heartbeat intervals (one missed heartbeat is counted then), but never past the
+/// timeout, so a silent peer is declared lost right when the timeout expires.
+pub(crate) fn silence_check(hb: &Heartbeat, since: std::time::Instant) -> Duration {
+    (hb.interval * 2)
+        .min(hb.timeout.saturating_sub(since.elapsed()))
+        .max(Duration::from_millis(1))
+}
+
 /// Parses "200ms", "1s", "1.5s", "250" (milliseconds) for the CLI.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -342,6 +351,18 @@ mod tests {
         assert_eq!(parse_duration("250").unwrap(), Duration::from_millis(250));
         assert!(parse_duration("fast").is_err());
         assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn silence_is_checked_every_two_intervals_and_at_the_timeout() {
+        let hb = Heartbeat::new(Duration::from_millis(100), Duration::from_millis(1000)).unwrap();
+        let now = std::time::Instant::now();
+        assert!(silence_check(&hb, now) <= Duration::from_millis(200));
+        assert!(silence_check(&hb, now) > Duration::from_millis(150));
+        let long_ago = now - Duration::from_millis(900);
+        assert!(silence_check(&hb, long_ago) <= Duration::from_millis(100));
+        let past = now - Duration::from_secs(5);
+        assert_eq!(silence_check(&hb, past), Duration::from_millis(1));
     }
 
     #[test]
