@@ -40,12 +40,14 @@ probe_service() {
 guest_up() {
     mem=${1:-64}
     for d in $(xl list | awk 'NR>1 && $1!="Domain-0" {print $1}'); do xl destroy "$d" || true; done
+    # init_on_free=1: the guest zeroes what it frees (its unpacked initramfs, init
+    # memory), so its idle pages are zeros and a captured stream compresses well.
     cat >"$S/guest.cfg" <<CFG
 name = "guest"
 type = "pv"
 kernel = "/share/guest/vmlinuz"
 ramdisk = "/share/guest/initrd.img"
-extra = "console=hvc0 loglevel=4"
+extra = "console=hvc0 loglevel=4 init_on_free=1"
 memory = $mem
 maxmem = $mem
 vcpus = 1

@@ -674,7 +674,7 @@ pub fn capture(checkpoints_wanted: u64) -> Result<PathBuf> {
     let bytes = fs::read(&raw).with_context(|| format!("reading {}", raw.display()))?;
     let info = exec_ok(
         "versions",
-        "xl info | grep -E '^(xen_version|xen_extra)'; uname -r",
+        "echo \"Xen $(xl info | sed -n 's/^xen_version *: //p'), dom0 kernel $(uname -r)\"",
         Duration::from_secs(30),
     )
     .unwrap_or_default();
@@ -706,20 +706,22 @@ pub fn capture(checkpoints_wanted: u64) -> Result<PathBuf> {
          A real Remus migration stream captured in the Xen lab by `cargo xtask lab \
          capture-stream --checkpoints {checkpoints_wanted}`:\n\
          `xl remus -F -n -i 200 -s '' guest \"sh -c 'tee stream.bin | xl migrate-receive -r -e'\"`.\n\n\
-         - Xen and dom0 kernel: {}\n\
+         - {}\n\
          - guest: PV, {GUEST_MEM_MB} MiB, 1 vCPU, Debian 6.1 kernel, busybox initramfs running \
-         the lab's counter service (idle apart from a client's request every 100 ms)\n\
+         the lab's counter service, `init_on_free=1`; most of the compressed size is the \
+         guest kernel's own pages in the initial copy\n\
          - interval: 200 ms (`-i 200`); no network buffer (`-n`)\n\
          - {} complete checkpoints: checkpoint 1 is the initial live copy, then \
          {checkpoints_wanted} more; the file is cut right after the libxl CHECKPOINT_END \
          of the last one (at byte {})\n\
          - {} bytes raw, {z} bytes compressed (`zstd -19 --long=27`; decompress with \
          `zstd -d --long=27`)\n\n\
-         Layout: xl header + JSON config, libxl header, LIBXC_CONTEXT, libxc image and \
-         domain headers, then per checkpoint the libxc records up to CHECKPOINT (0x0E) and \
-         the libxl records up to CHECKPOINT_END (4). Checkpoint record ends (byte offsets): \
+         Layout: xl header + JSON config, libxl header, then per checkpoint a libxl \
+         LIBXC_CONTEXT record (type 1; it repeats at the start of every checkpoint), the \
+         libxc records (the first time preceded by the libxc image and domain headers) up \
+         to CHECKPOINT (0x0E), and the libxl records up to CHECKPOINT_END (4). Checkpoint record ends (byte offsets): \
          {:?}\n",
-        info.split_whitespace().collect::<Vec<_>>().join(" "),
+        info.trim(),
         want,
         cut.len(),
         cut.len(),
