@@ -14,7 +14,6 @@ use std::path::PathBuf;
 const FIXTURE: &str = "tests/fixtures/remus-pv-stream.bin.zst";
 
 #[test]
-#[ignore = "fixture not captured yet"]
 fn captured_remus_pv_stream_parses_with_complete_checkpoints() {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(FIXTURE);
     let file = std::fs::File::open(&path).unwrap_or_else(|e| {
