@@ -67,6 +67,58 @@ fn relay_pair_is_byte_identical_without_compression() {
     pair("none", WriterConfig::hvm(5));
 }
 
+/// The real stream `xl remus` wrote in the lab (remus-user/tests/fixtures, from the lab).
+#[test]
+fn relay_pair_is_byte_identical_on_the_captured_lab_stream() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../remus-user/tests/fixtures/remus-pv-stream.bin.zst");
+    let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut d = ruzstd::decoding::StreamingDecoder::new(std::io::BufReader::new(file)).unwrap();
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut d, &mut bytes).unwrap();
+    let st = Stream::from_bytes(bytes);
+    assert!(
+        st.ends.len() >= 2,
+        "the capture holds at least two checkpoints"
+    );
+
+    let dir = Scratch::new("captured");
+    let key = dir.key("key", "0123456789abcdef0123456789abcdef\n");
+    let mut rx = Receiver::start(&dir, &key, true, &[]);
+    let mut tx = Sender::start(&dir, "a", &rx.addr, &key, &[]);
+    assert_eq!(tx.read_banner(), BANNER);
+    let n = st.ends.len();
+    feed(&mut tx, &st, 1, n);
+    let s = wait_status(&tx.status_sock, "the last ACK", |v| {
+        v["last_acked"] == n as u64
+    });
+    let raw = s["page_data_raw_bytes_total"].as_u64().unwrap();
+    let wire = s["page_data_wire_bytes_total"].as_u64().unwrap();
+    assert!(
+        wire < raw,
+        "real page data compresses: {raw} raw, {wire} on the wire"
+    );
+    tx.close_stdin();
+    assert_eq!(
+        wait_child(&mut tx.child, "relay send").code(),
+        Some(0),
+        "{}",
+        tx.log()
+    );
+    assert_eq!(
+        wait_child(&mut rx.child, "relay receive").code(),
+        Some(0),
+        "{}",
+        rx.log()
+    );
+    let sessions = dir.sessions();
+    assert_eq!(sessions.len(), 1);
+    assert!(
+        sessions[0] == st.bytes(),
+        "the receiver's stream differs from the captured one"
+    );
+}
+
 #[test]
 fn relay_send_refuses_a_stdin_that_is_not_a_pipe() {
     let dir = Scratch::new("notpipe");

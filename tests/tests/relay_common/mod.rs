@@ -375,6 +375,29 @@ impl Stream {
         Stream { w, ends }
     }
 
+    /// A stream from its bytes (e.g. a captured one); the parser finds the ends.
+    pub fn from_bytes(bytes: Vec<u8>) -> Stream {
+        let mut events = Vec::new();
+        remus_user::stream::Parser::new()
+            .feed(&bytes, &mut events)
+            .expect("the stream parses");
+        let ends = events
+            .iter()
+            .filter_map(|e| match *e {
+                Event::CheckpointComplete { end, .. } => Some(end),
+                _ => None,
+            })
+            .collect();
+        Stream {
+            w: Written {
+                bytes,
+                events,
+                page_records: Vec::new(),
+            },
+            ends,
+        }
+    }
+
     pub fn bytes(&self) -> &[u8] {
         &self.w.bytes
     }
