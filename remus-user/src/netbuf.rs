@@ -687,6 +687,7 @@ async fn run(
     auto.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(io_err("installing the SIGTERM handler"))?;
+    let mut conns = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             guard = svc.ring.readable_mut() => {
@@ -706,14 +707,22 @@ async fn run(
                 let (resp, ended) = svc.handle(req).await;
                 let _ = reply.send(resp);
                 if let Some(e) = ended {
+                    // The process may exit as soon as this returns: let the connection
+                    // tasks write their answers (the detach report) first, or the
+                    // client sees the socket close without one.
+                    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                        while conns.join_next().await.is_some() {}
+                    })
+                    .await;
                     return Ok(e);
                 }
             }
             conn = listener.accept() => {
                 if let Ok((stream, _)) = conn {
-                    tokio::spawn(serve_conn(stream, tx.clone()));
+                    conns.spawn(serve_conn(stream, tx.clone()));
                 }
             }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
             _ = vif_check.tick() => {
                 let gone = match svc.nl.name_of(svc.ifindex).await {
                     Ok(Some(name)) => name != svc.iface,
