@@ -142,9 +142,10 @@ pub fn kernel_has_tcx() -> bool {
         .unwrap_or(false)
 }
 
-/// Pin directory of one interface.
+/// Pin directory of one interface. bpffs refuses names containing '.' (EPERM), and every
+/// Xen vif has one (vif5.0): '.' becomes ':', which no interface name can contain.
 pub fn pin_dir(iface: &str) -> PathBuf {
-    Path::new(PIN_ROOT).join(iface)
+    Path::new(PIN_ROOT).join(iface.replace('.', ":"))
 }
 
 /// Mounts bpffs on /sys/fs/bpf if it is not mounted (it is not, by default, in a fresh
