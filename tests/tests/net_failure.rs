@@ -165,11 +165,10 @@ fn root_vif_vanishing_foreground_holder_exits_4_and_leaves_nothing() {
 }
 
 /// The same with the daemon: it exits 4 and says so in its log; nothing is left.
-#[test]
-fn root_vif_vanishing_daemon_exits_4_logs_it_and_leaves_nothing() {
-    let t = Topo::new("vd");
+fn vif_vanishing_daemon(tag: &str, how: &str) {
+    let t = Topo::new(tag);
     let tap = format!("rms{}", t.vif_ifindex());
-    t.attach(&[]);
+    t.attach(&["--attach", how]);
     let pid = t.holder_pid().expect("holder pid");
     let sn = t.sniff_peer();
     send_udp(&t.guest, addr("10.77.0.2:7901"), datagrams(3));
@@ -190,6 +189,16 @@ fn root_vif_vanishing_daemon_exits_4_logs_it_and_leaves_nothing() {
     assert!(!t.host_links().contains(&tap), "tap left");
     let o = t.remus(&["status", &t.vif]);
     assert_eq!(o.code, 2, "nothing attached any more: {o:?}");
+}
+
+#[test]
+fn root_vif_vanishing_daemon_exits_4_logs_it_and_leaves_nothing_tcx() {
+    vif_vanishing_daemon("vd", "tcx");
+}
+
+#[test]
+fn root_vif_vanishing_daemon_exits_4_logs_it_and_leaves_nothing_netlink() {
+    vif_vanishing_daemon("vn", "netlink");
 }
 
 /// Bad input: unknown interface, bad sizes, commands on a vif that is not attached,
