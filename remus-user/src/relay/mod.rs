@@ -32,6 +32,9 @@ pub const BANNER: &[u8] = b"xl migration receiver ready, send binary domain data
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(200);
 pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(1);
 pub const MIN_HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(100);
+/// Page records up to this size are (de)compressed on the runtime thread; bigger ones
+/// on a blocking thread, so heartbeats never wait for them.
+pub const INLINE_CODEC_BYTES: usize = 256 * 1024;
 /// PFN cache for the XOR base of page compression (pages; 4 KiB each, both ends).
 pub const DEFAULT_CACHE_PAGES: u32 = 262_144;
 

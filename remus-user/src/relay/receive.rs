@@ -305,12 +305,21 @@ async fn decode_off_thread(
     let Some(mut d) = dec.take() else {
         return Err("the page decoder was lost after an earlier failure".into());
     };
-    let (d, e, r) = tokio::task::spawn_blocking(move || {
+    // The encoded header carries the original length (u32 LE at offset 8).
+    let original = e.get(8..12).map_or(usize::MAX, |b| {
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize
+    });
+    let (d, e, r) = if original <= super::INLINE_CODEC_BYTES {
         let r = d.decode(&e);
         (d, e, r)
-    })
-    .await
-    .map_err(|err| format!("the decompression task failed: {err}"))?;
+    } else {
+        tokio::task::spawn_blocking(move || {
+            let r = d.decode(&e);
+            (d, e, r)
+        })
+        .await
+        .map_err(|err| format!("the decompression task failed: {err}"))?
+    };
     *dec = Some(d);
     r.map(|out| (e, out)).map_err(|err| err.to_string())
 }

@@ -478,13 +478,19 @@ impl TcpReplicator {
                 return Ok(());
             }
         };
-        // Off the runtime thread: heartbeats must not wait for a 4 MiB compression.
-        let (enc, record, encoded) = tokio::task::spawn_blocking(move || {
+        // Big records off the runtime thread (heartbeats must not wait for a 4 MiB
+        // compression); small ones inline (a thread hop would dominate their latency).
+        let (enc, record, encoded) = if record.len() <= super::INLINE_CODEC_BYTES {
             let r = enc.encode(&record);
             (enc, record, r)
-        })
-        .await
-        .map_err(|e| format!("the compression task failed: {e}"))?;
+        } else {
+            tokio::task::spawn_blocking(move || {
+                let r = enc.encode(&record);
+                (enc, record, r)
+            })
+            .await
+            .map_err(|e| format!("the compression task failed: {e}"))?
+        };
         self.encoder = Some(enc);
         let encoded = encoded.map_err(|e| format!("compressing a PAGE_DATA record: {e}"))?;
         let m = &self.shared.metrics;
