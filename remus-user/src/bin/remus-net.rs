@@ -590,6 +590,9 @@ fn spawn_daemon(opts: &AttachOptions, json: bool) -> Result<ExitCode, NetError> 
         source: e,
     })?;
     let log_path = netbuf::log_path(&opts.iface);
+    // A refused attach (unknown interface, bad input) must not leave a log behind; an
+    // existing log may belong to a live holder of the same interface: keep that one.
+    let log_existed = log_path.exists();
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -649,6 +652,9 @@ fn spawn_daemon(opts: &AttachOptions, json: bool) -> Result<ExitCode, NetError> 
     }
     let _ = child.wait();
     if let Some(rest) = line.strip_prefix("ERROR ") {
+        if !log_existed {
+            let _ = std::fs::remove_file(&log_path);
+        }
         let (code, msg) = rest.trim().split_once(' ').unwrap_or(("1", rest.trim()));
         let code = match code {
             "2" => ExitCode::Usage,
