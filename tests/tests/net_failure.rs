@@ -220,7 +220,10 @@ fn root_bad_input_gets_its_exit_code_and_leaves_nothing() {
     expect(&["attach", &missing], 2, &missing);
     for ext in ["json", "sock", "log"] {
         let f = format!("/run/remus/net-{missing}.{ext}");
-        assert!(!std::path::Path::new(&f).exists(), "attach of an unknown interface left {f}");
+        assert!(
+            !std::path::Path::new(&f).exists(),
+            "attach of an unknown interface left {f}"
+        );
     }
     assert!(!std::path::Path::new(&format!("/sys/fs/bpf/remus/{missing}")).exists());
     expect(&["attach", v, "--limit-bytes", "1000"], 2, "limit");
