@@ -58,6 +58,10 @@ pub enum SendError {
     Stdin(std::io::Error),
     #[error("shrinking xl's pipe to one page with F_SETPIPE_SZ: {0}")]
     PipeSize(std::io::Error),
+    #[error(
+        "stdin already holds more than one page: the writer started before the banner (xl waits for it; a test writer must too)"
+    )]
+    PipeBusy,
     #[error("connecting to the backup {addr}: {source}")]
     Connect {
         addr: String,
@@ -80,7 +84,7 @@ pub enum SendError {
 impl HasExitCode for SendError {
     fn exit_code(&self) -> ExitCode {
         match self {
-            SendError::StdinNotPipe(_) => ExitCode::Usage,
+            SendError::StdinNotPipe(_) | SendError::PipeBusy => ExitCode::Usage,
             SendError::Connect { .. }
             | SendError::ConnectTimeout(_)
             | SendError::Banner(_)
@@ -121,7 +125,11 @@ pub fn prepare_pipe(fd: BorrowedFd<'_>) -> Result<XlPipe, SendError> {
     // SAFETY: fcntl on a valid fd with integer arguments.
     let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, page) };
     if r < 0 {
-        return Err(SendError::PipeSize(std::io::Error::last_os_error()));
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EBUSY) {
+            return Err(SendError::PipeBusy);
+        }
+        return Err(SendError::PipeSize(e));
     }
     // SAFETY: as above.
     let cap = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETPIPE_SZ) };
