@@ -195,13 +195,23 @@ pub struct Topo {
 impl Topo {
     /// Builds the topology with a prefix unique to this test (`tag`: 2-3 characters).
     pub fn new(tag: &str) -> Topo {
+        Topo::build_with_vif(tag, "v")
+    }
+
+    /// The same with the vif named like Xen's (`<prefix>v.0`, as in vif5.0): names
+    /// with a dot cannot be bpffs pin names, remus-net must map them.
+    pub fn new_xen_named(tag: &str) -> Topo {
+        Topo::build_with_vif(tag, "v.0")
+    }
+
+    fn build_with_vif(tag: &str, vif_suffix: &str) -> Topo {
         let prefix = format!("r{}{:04x}", tag, std::process::id() & 0xffff);
         assert!(prefix.len() <= 9, "tag {tag:?} too long");
         let t = Topo {
             host: format!("{prefix}h"),
             guest: format!("{prefix}g"),
             peer: format!("{prefix}p"),
-            vif: format!("{prefix}v"),
+            vif: format!("{prefix}{vif_suffix}"),
             lan: format!("{prefix}l"),
             prefix,
             bin: remus_net_bin(),
@@ -402,8 +412,10 @@ impl Topo {
     pub fn log_file(&self) -> PathBuf {
         PathBuf::from(format!("/run/remus/net-{}.log", self.vif))
     }
+    /// remus-net's pin directory of the vif ('.' is not allowed in bpffs names and is
+    /// mapped to ':').
     pub fn pin_dir(&self) -> PathBuf {
-        PathBuf::from(format!("/sys/fs/bpf/remus/{}", self.vif))
+        PathBuf::from(format!("/sys/fs/bpf/remus/{}", self.vif.replace('.', ":")))
     }
 
     /// The vif's ifindex in the host namespace.

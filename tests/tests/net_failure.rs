@@ -36,7 +36,8 @@ fn pid_alive(pid: u32) -> bool {
 /// reach the peer), `status` reports the dead holder, and `detach` from a fresh process
 /// removes pins, state files, the tap and any clsact, and reports the lost frames.
 fn sigkill_fails_closed(tag: &str, how: &str) {
-    let t = Topo::new(tag);
+    // Named like a Xen vif (dot in the name): the pins must survive the holder anyway.
+    let t = Topo::new_xen_named(tag);
     t.attach(&["--attach", how]);
     let tap = format!("rms{}", t.vif_ifindex());
     let sn = t.sniff_peer();

@@ -621,8 +621,12 @@ fn root_passthrough_at_attach_and_mode_switches_at_run_time() {
 }
 
 /// One hold → checkpoint → commit cycle and a clean detach with the given attach kind.
-fn hold_commit_detach(tag: &str, how: &str) {
-    let t = Topo::new(tag);
+fn hold_commit_detach(tag: &str, how: &str, xen_name: bool) {
+    let t = if xen_name {
+        Topo::new_xen_named(tag)
+    } else {
+        Topo::new(tag)
+    };
     let o = t.attach(&["--attach", how, "-j"]);
     let kind = o.json()["attach_kind"].clone();
     let qd = t.vif_qdiscs();
@@ -695,13 +699,19 @@ fn hold_commit_detach(tag: &str, how: &str) {
 
 #[test]
 fn root_attach_tcx_holds_commits_and_detaches_cleanly() {
-    hold_commit_detach("tx", "tcx");
+    hold_commit_detach("tx", "tcx", false);
+}
+
+/// A vif named like Xen's (vif5.0: a dot, which bpffs refuses in pin names).
+#[test]
+fn root_attach_to_a_xen_named_vif_holds_commits_and_detaches_cleanly() {
+    hold_commit_detach("xn", "tcx", true);
 }
 
 /// The netlink (clsact + cls_bpf) attach is what dom0's Linux 6.1 uses.
 #[test]
 fn root_attach_netlink_clsact_holds_commits_and_detaches_cleanly() {
-    hold_commit_detach("nl", "netlink");
+    hold_commit_detach("nl", "netlink", false);
 }
 
 /// `detach --drop` (the default) discards held frames and reports them; `detach
