@@ -69,6 +69,11 @@ fn sigkill_fails_closed(tag: &str, how: &str) {
         .ok("status of a dead holder")
         .json();
     assert_eq!(st["holder"], "dead", "{st}");
+    assert!(
+        t.pin_dir().exists(),
+        "no pins at {} while failing closed",
+        t.pin_dir().display()
+    );
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(
         udp_to(&sn.frames(), 7800),
