@@ -15,6 +15,7 @@
 #   lab unfreeze-kill         SIGKILL the frozen primary-side processes (closes their sockets)
 #   lab cleanup               kill everything the lab started, destroy all guests
 # State in /run/lab, logs in /share/run. Times are dom0's clock, Unix seconds.
+# LAB_RELAY_BUFFER replaces the relay's `--vif vifN.0` (e.g. `--no-buffer`, diagnostics).
 set -u
 export PATH=/share/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 S=/run/lab
@@ -137,7 +138,7 @@ remus_start() {
         sleep 1
         kill -0 "$(cat "$S/receiver.pid")" 2>/dev/null || die "remus relay receive exited: $(tail -n 20 "$L/receiver.log")"
         bg sender xl -vvv remus -F -n -i "$INTERVAL" -s '' guest \
-            "remus relay send --backup 127.0.0.1:7788 --key-file /root/remus.key --vif vif$d.0 $HB"
+            "remus relay send --backup 127.0.0.1:7788 --key-file /root/remus.key ${LAB_RELAY_BUFFER:---vif vif$d.0} $HB"
         ;;
     *) die "unknown mode $mode" ;;
     esac

@@ -37,6 +37,10 @@ pub struct TestArgs {
     /// Leave the lab running afterwards.
     #[arg(long)]
     pub keep: bool,
+    /// Diagnostics: run the relay with `--no-buffer` (no output commit: the remus run's
+    /// client may then see repeats; tests the relay's transport and failover alone).
+    #[arg(long)]
+    pub relay_no_buffer: bool,
 }
 
 #[derive(Subcommand)]
@@ -96,6 +100,9 @@ pub fn run(c: LabCmd) -> Result<()> {
                 Some(Only::Anchor) => vec![Mode::Anchor],
                 Some(Only::Remus) => vec![Mode::Remus],
             };
+            if a.relay_no_buffer {
+                scenario::set_relay_buffer("--no-buffer");
+            }
             test(&modes, false, a.keep)
         }
         LabCmd::CaptureStream { checkpoints } => {

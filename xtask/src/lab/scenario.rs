@@ -32,6 +32,13 @@ const REMUS_BOUND: Duration = Duration::from_secs(120);
 /// How long checkpoints are counted before the death.
 const MEASURE: Duration = Duration::from_secs(15);
 
+static RELAY_BUFFER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Replaces the relay's `--vif vifN.0` for this process's runs (diagnostics).
+pub fn set_relay_buffer(args: &str) {
+    let _ = RELAY_BUFFER.set(args.to_string());
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Mode {
     Anchor,
@@ -345,10 +352,17 @@ fn steps(c: &Ctx, r: &mut RunReport, step: &mut String) -> Result<()> {
     }
 
     begin(step, "c: protection starts (xl remus)");
-    let out = lab(
+    let env = RELAY_BUFFER
+        .get()
+        .map(|b| format!("LAB_RELAY_BUFFER='{b}' "))
+        .unwrap_or_default();
+    let out = exec_ok(
         "remus start",
-        &format!("remus-start {}", c.mode.start_arg()),
-        60,
+        &format!(
+            "{env}sh /share/lab/dom0/lab.sh remus-start {}",
+            c.mode.start_arg()
+        ),
+        Duration::from_secs(60),
     )?;
     c.say(out.trim());
     let started = Instant::now();
