@@ -290,7 +290,15 @@ pub enum Response {
 }
 
 enum Cmd {
-    Req(Request, oneshot::Sender<Response>),
+    Req(Request, oneshot::Sender<Reply>),
+}
+
+/// An answer, and for the last one (detach) a way to say it has been written out: the
+/// holder waits for that before it ends, so the process cannot exit with the answer
+/// still unsent (under load the connection task may not have run yet).
+struct Reply {
+    resp: Response,
+    written: Option<oneshot::Sender<()>>,
 }
 
 /// Why the holder task ended.
@@ -687,7 +695,6 @@ async fn run(
     auto.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(io_err("installing the SIGTERM handler"))?;
-    let mut conns = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             guard = svc.ring.readable_mut() => {
@@ -705,24 +712,21 @@ async fn run(
             }
             Some(Cmd::Req(req, reply)) = rx.recv() => {
                 let (resp, ended) = svc.handle(req).await;
-                let _ = reply.send(resp);
                 if let Some(e) = ended {
-                    // The process may exit as soon as this returns: let the connection
-                    // tasks write their answers (the detach report) first, or the
-                    // client sees the socket close without one.
-                    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                        while conns.join_next().await.is_some() {}
-                    })
-                    .await;
+                    let (wtx, wrx) = oneshot::channel();
+                    if reply.send(Reply { resp, written: Some(wtx) }).is_ok() {
+                        // Err: the requester dropped the sender (in-process): nothing to wait for.
+                        let _ = tokio::time::timeout(Duration::from_secs(10), wrx).await;
+                    }
                     return Ok(e);
                 }
+                let _ = reply.send(Reply { resp, written: None });
             }
             conn = listener.accept() => {
                 if let Ok((stream, _)) = conn {
-                    conns.spawn(serve_conn(stream, tx.clone()));
+                    tokio::spawn(serve_conn(stream, tx.clone()));
                 }
             }
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
             _ = vif_check.tick() => {
                 let gone = match svc.nl.name_of(svc.ifindex).await {
                     Ok(Some(name)) => name != svc.iface,
@@ -751,7 +755,7 @@ async fn serve_conn(stream: UnixStream, tx: mpsc::Sender<Cmd>) {
     let (r, mut w) = stream.into_split();
     let mut lines = BufReader::new(r).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        let resp = match serde_json::from_str::<Request>(&line) {
+        let reply = match serde_json::from_str::<Request>(&line) {
             Ok(req) => {
                 let (otx, orx) = oneshot::channel();
                 if tx.send(Cmd::Req(req, otx)).await.is_err() {
@@ -762,14 +766,21 @@ async fn serve_conn(stream: UnixStream, tx: mpsc::Sender<Cmd>) {
                     Err(_) => break,
                 }
             }
-            Err(e) => Response::Error {
-                message: format!("bad request: {e}"),
-                code: ExitCode::Usage,
+            Err(e) => Reply {
+                resp: Response::Error {
+                    message: format!("bad request: {e}"),
+                    code: ExitCode::Usage,
+                },
+                written: None,
             },
         };
-        let mut out = serde_json::to_string(&resp).unwrap_or_default();
+        let mut out = serde_json::to_string(&reply.resp).unwrap_or_default();
         out.push('\n');
-        if w.write_all(out.as_bytes()).await.is_err() {
+        let ok = w.write_all(out.as_bytes()).await.is_ok() && w.flush().await.is_ok();
+        if let Some(done) = reply.written {
+            let _ = done.send(());
+        }
+        if !ok {
             break;
         }
     }
@@ -786,7 +797,9 @@ impl LocalBuffer {
             .send(Cmd::Req(req, otx))
             .await
             .map_err(|_| NetError::Stopped(self.iface.clone()))?;
-        orx.await.map_err(|_| NetError::Stopped(self.iface.clone()))
+        orx.await
+            .map(|r| r.resp)
+            .map_err(|_| NetError::Stopped(self.iface.clone()))
     }
 }
 
