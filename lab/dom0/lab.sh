@@ -4,6 +4,7 @@
 #   lab guest-up [MEM_MB]     (re)create the PV guest "guest", wait until its service answers
 #   lab client-start NAME     start counter-client in netns "client" behind a veth on xenbr0
 #   lab client-stop           ask the client to finish (stop file), wait for it
+#   lab client-tcp            the client's TCP state (ss -tni: retransmits, backoff, rto)
 #   lab remus-start MODE      start the primary side in the background; MODE is
 #                             anchor  (stock: xl remus -F -n -i 200 guest localhost, over ssh)
 #                             relay   (remus relay receive + xl remus -s '' … remus relay send)
@@ -222,6 +223,7 @@ client-start) client_start "$@" ;;
 client-stop) client_stop ;;
 remus-start) remus_start "$@" ;;
 status) xl list ;;
+client-tcp) ip netns exec client ss -tni state established 2>/dev/null | tail -n +2 | tr -s ' \t\n' ' ' ;;
 remus-alive) kill -0 "$(cat "$S/sender.pid")" 2>/dev/null ;;
 freeze-primary) freeze_primary ;;
 unfreeze-kill) unfreeze_kill ;;

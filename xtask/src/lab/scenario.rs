@@ -99,6 +99,9 @@ pub struct RunReport {
     pub after_kill_first_reply_s: Option<f64>,
     pub verdict: String,
     pub client: Seen,
+    /// The client's TCP socket just before it was stopped (`ss -tni`): shows a connection
+    /// stuck in retransmission when the backup's TCP state is behind what the client saw.
+    pub client_tcp: String,
 }
 
 struct Ctx {
@@ -475,12 +478,19 @@ fn steps(c: &Ctx, r: &mut RunReport, step: &mut String) -> Result<()> {
         })?;
     } else {
         if !took_over {
+            r.client_tcp = lab("client tcp", "client-tcp", 30)
+                .unwrap_or_default()
+                .trim()
+                .to_string();
+            r.verdict = verdict(c.mode, &seen, r);
+            r.client = seen.clone();
             bail!(
-                "no reply from the backup within {} s of the primary's death ({})",
+                "no reply from the backup within {} s of the primary's death ({}); client TCP: {}",
                 REMUS_BOUND.as_secs(),
                 seen.terminal_event
                     .clone()
-                    .unwrap_or_else(|| "connection still open".into())
+                    .unwrap_or_else(|| "connection still open".into()),
+                r.client_tcp
             );
         }
         let base = seen.replies;
@@ -502,6 +512,10 @@ fn steps(c: &Ctx, r: &mut RunReport, step: &mut String) -> Result<()> {
         "primary domid was {primary}, the domain named guest is now {backup:?}"
     ));
 
+    r.client_tcp = lab("client tcp", "client-tcp", 30)
+        .unwrap_or_default()
+        .trim()
+        .to_string();
     lab("client stop", "client-stop", 60)?;
     let seen = analyse(&client_events(&c.log), Some(death));
     r.verdict = verdict(c.mode, &seen, r);
