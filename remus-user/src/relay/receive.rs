@@ -257,6 +257,20 @@ fn spawn_receiver(cmd: &str) -> std::io::Result<Child> {
         .spawn()
 }
 
+/// Bytes of the receiver's stdin pipe (the usual maximum, /proc/sys/fs/pipe-max-size):
+/// a small checkpoint then fits whole, and is acknowledged without waiting for the
+/// receiver to be scheduled.
+pub const RECEIVER_PIPE_BYTES: i32 = 1 << 20;
+
+fn grow_pipe(stdin: &tokio::process::ChildStdin) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl on a pipe fd we own, integer argument.
+    let r = unsafe { libc::fcntl(stdin.as_raw_fd(), libc::F_SETPIPE_SZ, RECEIVER_PIPE_BYTES) };
+    if r < 0 {
+        debug!(error = %std::io::Error::last_os_error(), "could not grow the receiver's pipe; keeping its size");
+    }
+}
+
 /// Writes steps to the receiver in order; acknowledges a checkpoint once its bytes are
 /// written. Ends (closing the receiver's stdin) when the queue closes or a write fails.
 fn spawn_feeder(
@@ -362,6 +376,7 @@ async fn serve(
         let _ = replication::send(&mut w, &Message::abort("the receiver has no pipes")).await;
         return;
     };
+    grow_pipe(&stdin);
     // The banner: one line, before the receiver reads anything.
     let mut out = BufReader::new(stdout);
     let mut banner = Vec::new();

@@ -38,6 +38,9 @@ pub struct RelayArgs {
     /// Repetitions of each throughput case (the best is kept).
     #[arg(long, default_value_t = 3)]
     repeat: usize,
+    /// Only the ACK latency part (quick).
+    #[arg(long)]
+    latency_only: bool,
     /// Checkpoints for the ACK latency run (16 dirty pages each, paced).
     #[arg(long, default_value_t = 200)]
     latency_checkpoints: u64,
@@ -74,66 +77,68 @@ pub fn run(a: RelayArgs) -> Result<()> {
     let mut rows: Vec<(String, String)> = Vec::new();
     let mut out = serde_json::Map::new();
 
-    // 1. Synthetic stream (stream::writer): throughput and compression.
-    let stream_file = p.work.join("stream.bin");
-    let info = helper(
-        &p,
-        &[
-            "stream",
-            path_str(&stream_file)?,
-            &a.pages.to_string(),
-            &a.dirty.to_string(),
-            &a.checkpoints.to_string(),
-        ],
-    )?;
-    let stream = std::fs::read(&stream_file)?;
-    let _ = std::fs::remove_file(&stream_file);
-    eprintln!(
-        "synthetic stream: {} bytes, {} checkpoints",
-        stream.len(),
-        a.checkpoints
-    );
-    let t = throughput(&p, &stream, a.repeat)?;
-    t.rows("synthetic", stream.len(), &mut rows);
-    out.insert(
-        "synthetic".into(),
-        json!({ "stream": info, "throughput": t.json(), "compression":
+    if !a.latency_only {
+        // 1. Synthetic stream (stream::writer): throughput and compression.
+        let stream_file = p.work.join("stream.bin");
+        let info = helper(
+            &p,
+            &[
+                "stream",
+                path_str(&stream_file)?,
+                &a.pages.to_string(),
+                &a.dirty.to_string(),
+                &a.checkpoints.to_string(),
+            ],
+        )?;
+        let stream = std::fs::read(&stream_file)?;
+        let _ = std::fs::remove_file(&stream_file);
+        eprintln!(
+            "synthetic stream: {} bytes, {} checkpoints",
+            stream.len(),
+            a.checkpoints
+        );
+        let t = throughput(&p, &stream, a.repeat)?;
+        t.rows("synthetic", stream.len(), &mut rows);
+        out.insert(
+            "synthetic".into(),
+            json!({ "stream": info, "throughput": t.json(), "compression":
         helper(&p, &["compress", &a.pages.to_string(), &a.dirty.to_string(), "10", "262144"])? }),
-    );
-    compression_rows("synthetic", &out["synthetic"]["compression"], &mut rows);
-    drop(stream);
+        );
+        compression_rows("synthetic", &out["synthetic"]["compression"], &mut rows);
+        drop(stream);
 
-    // 2. The real stream captured from `xl remus` in the lab, if present.
-    let captured = util::root().join(CAPTURED);
-    if captured.exists() {
-        let file = p.work.join("captured.bin");
-        let run = || -> Result<(Value, Tput, usize)> {
-            let info = helper(
-                &p,
-                &["captured", path_str(&captured)?, path_str(&file)?, "262144"],
-            )?;
-            let stream = std::fs::read(&file)?;
-            let _ = std::fs::remove_file(&file);
-            eprintln!("captured stream: {} bytes", stream.len());
-            Ok((info, throughput(&p, &stream, a.repeat)?, stream.len()))
-        };
-        match run() {
-            Ok((info, t, len)) => {
-                t.rows("captured", len, &mut rows);
-                compression_rows("captured", &info["compression"], &mut rows);
-                out.insert(
+        // 2. The real stream captured from `xl remus` in the lab, if present.
+        let captured = util::root().join(CAPTURED);
+        if captured.exists() {
+            let file = p.work.join("captured.bin");
+            let run = || -> Result<(Value, Tput, usize)> {
+                let info = helper(
+                    &p,
+                    &["captured", path_str(&captured)?, path_str(&file)?, "262144"],
+                )?;
+                let stream = std::fs::read(&file)?;
+                let _ = std::fs::remove_file(&file);
+                eprintln!("captured stream: {} bytes", stream.len());
+                Ok((info, throughput(&p, &stream, a.repeat)?, stream.len()))
+            };
+            match run() {
+                Ok((info, t, len)) => {
+                    t.rows("captured", len, &mut rows);
+                    compression_rows("captured", &info["compression"], &mut rows);
+                    out.insert(
                     "captured".into(),
                     json!({ "stream_bytes": len, "checkpoints": info["ends"].as_array().map(Vec::len),
                         "throughput": t.json(), "compression": info["compression"] }),
                 );
+                }
+                Err(e) => {
+                    eprintln!("captured stream skipped: {e:#}");
+                    rows.push(("captured stream".into(), "unusable (see stderr)".into()));
+                }
             }
-            Err(e) => {
-                eprintln!("captured stream skipped: {e:#}");
-                rows.push(("captured stream".into(), "unusable (see stderr)".into()));
-            }
+        } else {
+            eprintln!("no captured stream at {CAPTURED}: synthetic only");
         }
-    } else {
-        eprintln!("no captured stream at {CAPTURED}: synthetic only");
     }
 
     // 3. ACK latency: small paced checkpoints, the sender's own histogram; vs loopback RTT.
@@ -451,13 +456,17 @@ fn relay_once(p: &Paths, stream: &[u8], codec: &str, paced: Option<&[u64]>) -> R
     match paced {
         None => w.write_all(stream)?,
         Some(ends) => {
+            // Paced like `xl remus -i 5`: each ACK is back long before the next
+            // checkpoint. The status socket is not polled meanwhile (answering it costs
+            // the sender's thread time that would show up as latency).
             let mut start = 0usize;
-            for (i, &e) in ends.iter().enumerate() {
+            for &e in ends {
                 w.write_all(&stream[start..e as usize])?;
                 start = e as usize;
-                let n = i as u64 + 1;
-                wait_for(&ssock, |v| v["last_acked"].as_u64() >= Some(n))?;
+                std::thread::sleep(Duration::from_millis(5));
             }
+            let n = ends.len() as u64;
+            wait_for(&ssock, |v| v["last_acked"].as_u64() >= Some(n))?;
         }
     }
     let ack = if paced.is_some() {
