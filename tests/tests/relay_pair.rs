@@ -40,6 +40,24 @@ fn pair(compress: &str, cfg: WriterConfig) {
     }
     let r = rx.status();
     assert_eq!(r["last_acked"], n as u64);
+    // `remus relay status -j` reads both ends through their sockets.
+    let out = std::process::Command::new(remus_bin())
+        .args(["relay", "status", "-j", "--socket"])
+        .arg(&tx.status_sock)
+        .arg("--socket")
+        .arg(&rx.status_sock)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(all[0]["role"], "send");
+    assert_eq!(all[1]["role"], "receive");
+    assert_eq!(all[1]["state"], "replicating");
+    assert_eq!(all[0]["ack_latency_recent_us"]["n"], n as u64);
 
     // xl ends the stream: orderly close on both ends.
     tx.close_stdin();
