@@ -85,9 +85,27 @@ fn of_epoch(v: &[String], e: u32) -> Vec<String> {
 
 #[test]
 fn root_relay_no_frame_of_epoch_n_reaches_the_peer_before_ack_n() {
-    let t = Topo::new("rn");
+    ordering("rn", false);
+}
+
+/// The same with a buffer attached beforehand by `remus-net attach` (`--attached`).
+#[test]
+fn root_relay_attached_buffer_no_frame_of_epoch_n_before_ack_n() {
+    ordering("ra", true);
+}
+
+fn ordering(tag: &str, attached: bool) {
+    let t = Topo::new(tag);
+    if attached {
+        t.attach(&[]);
+    }
+    let buffer = if attached {
+        ["--attached", t.vif.as_str()]
+    } else {
+        ["--vif", t.vif.as_str()]
+    };
     let sn = t.sniff_peer();
-    let dir = Scratch::new("netns");
+    let dir = Scratch::new(&format!("netns-{tag}"));
     let key = dir.key("key", KEY);
     let listener = in_netns(&t.host, || {
         std::net::TcpListener::bind("127.0.0.1:0").unwrap()
@@ -103,15 +121,7 @@ fn root_relay_no_frame_of_epoch_n_reaches_the_peer_before_ack_n() {
         "--heartbeat-timeout",
         "30s",
     ];
-    let mut tx = Sender::start_in(
-        Some(&t.host),
-        &dir,
-        "a",
-        &["--vif", &t.vif],
-        &addr,
-        &key,
-        &hb,
-    );
+    let mut tx = Sender::start_in(Some(&t.host), &dir, "a", &buffer, &addr, &key, &hb);
     assert_eq!(tx.read_banner(), BANNER, "sender log:\n{}", tx.log());
     let st = Stream::new(&WriterConfig::pv(3));
     let peer: SocketAddr = format!("10.77.0.2:{PORT}").parse().unwrap();
