@@ -250,6 +250,17 @@ fn load_key(p: &std::path::Path) -> Result<Key, ExitCode> {
     Key::load(p).map_err(|e| fail(e, ExitCode::Usage))
 }
 
+/// The status socket is for observation only: without it the relay still works.
+fn status_socket(path: &std::path::Path, shared: &Arc<Shared>) -> Option<relay::StatusGuard> {
+    match relay::serve_status(path, shared.clone()) {
+        Ok(g) => Some(g),
+        Err(e) => {
+            tracing::warn!(error = %e, "no status socket; `remus relay status` will not see this relay");
+            None
+        }
+    }
+}
+
 async fn start_metrics(addr: Option<SocketAddr>, shared: &Arc<Shared>) -> Result<(), ExitCode> {
     if let Some(a) = addr {
         remus_user::metrics::serve(a, shared.metrics.clone())
@@ -290,8 +301,7 @@ async fn relay_send_inner(a: SendArgs) -> Result<ExitCode, ExitCode> {
         PathBuf::from(RUN_DIR).join(format!("relay-send-{}.sock", relay::sanitize(&name)))
     });
     let shared = Shared::new("send", a.backup.clone(), iface.clone());
-    let _status =
-        relay::serve_status(&sock, shared.clone()).map_err(|e| fail(e, ExitCode::Failure))?;
+    let _status = status_socket(&sock, &shared);
     start_metrics(a.metrics, &shared).await?;
     tracing::info!(capacity = pipe.capacity, "xl's pipe shrunk");
 
@@ -348,10 +358,7 @@ async fn relay_receive(a: ReceiveArgs) -> ExitCode {
         PathBuf::from(RUN_DIR).join(format!("relay-receive-{}.sock", relay::sanitize(&port)))
     });
     let shared = Shared::new("receive", a.listen.clone(), None);
-    let _status = match relay::serve_status(&sock, shared.clone()) {
-        Ok(g) => g,
-        Err(e) => return fail(e, ExitCode::Failure),
-    };
+    let _status = status_socket(&sock, &shared);
     if let Err(c) = start_metrics(a.metrics, &shared).await {
         return c;
     }
