@@ -164,6 +164,7 @@ primary_pids() {
     for p in $(descendants "$sp"); do
         a=$(tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null) || continue
         case $a in
+        ssh\ * | */ssh\ *) echo "$p" ;; # the transport to the backup (its argv names the receiver)
         *migrate-receive* | *--restore-domain* | *"relay receive"*) ;;
         *) echo "$p" ;;
         esac

@@ -570,10 +570,20 @@ fn verdict(mode: Mode, s: &Seen, r: &RunReport) -> String {
                 Some(t) => v.push(format!(
                     "after the frozen sender was killed: reply after {t:.1} s"
                 )),
-                None => v.push("none after the sender was killed either".into()),
+                None => v.push("no reply after the sender was killed either".into()),
             }
         }
         None => v.push("no reply after the death".into()),
+    }
+    if r.backup_took_over
+        && s.first_reply_after_death_s.is_none()
+        && r.after_kill_first_reply_s.is_none()
+    {
+        v.push(
+            "the backup copy did take over, but the client's connection never answered again, most likely because \
+             without output commit the client had acknowledged replies that the backup's older TCP state never sent (see client_tcp)"
+                .into(),
+        );
     }
     if s.repeats_or_regressions > 0 {
         v.push(format!(
