@@ -62,11 +62,13 @@ pub trait Replicator: Send {
     /// The next thing the backup says. Must be cancel-safe (it is raced against stdin).
     fn next_event(&mut self) -> impl std::future::Future<Output = BackupEvent> + Send;
     /// xl's stream ended: tell the backup (orderly close) and wait for its answer.
+    /// Returns, in order, the checkpoints it acknowledged meanwhile (not yet returned by
+    /// `next_event`), so their epochs can still be committed.
     fn finish(
         &mut self,
         checkpoints: u64,
         finished: bool,
-    ) -> impl std::future::Future<Output = Result<(), String>> + Send;
+    ) -> impl std::future::Future<Output = Result<Vec<u64>, String>> + Send;
 }
 
 /// The decision taken at the libxc CHECKPOINT record of checkpoint N.
@@ -304,8 +306,14 @@ impl<B: NetBuffer> Controller<B> {
                     if n == 0 {
                         let checkpoints = parser.checkpoints_complete();
                         info!(checkpoints, finished, "xl closed the stream");
-                        if let Err(reason) = rep.finish(checkpoints, finished).await {
-                            warn!(%reason, "the backup did not confirm the orderly close");
+                        match rep.finish(checkpoints, finished).await {
+                            // The backup holds these whole: their output may go.
+                            Ok(acks) => {
+                                for a in acks {
+                                    self.ack(a).await?;
+                                }
+                            }
+                            Err(reason) => warn!(%reason, "the backup did not confirm the orderly close"),
                         }
                         return Ok(Outcome::StreamEnded { checkpoints, finished });
                     }
@@ -559,9 +567,9 @@ mod tests {
                 None => std::future::pending().await,
             }
         }
-        async fn finish(&mut self, checkpoints: u64, finished: bool) -> Result<(), String> {
+        async fn finish(&mut self, checkpoints: u64, finished: bool) -> Result<Vec<u64>, String> {
             self.finished = Some((checkpoints, finished));
-            Ok(())
+            Ok(Vec::new())
         }
     }
 
@@ -589,8 +597,8 @@ mod tests {
                 None => std::future::pending().await,
             }
         }
-        async fn finish(&mut self, _: u64, _: bool) -> Result<(), String> {
-            Ok(())
+        async fn finish(&mut self, _: u64, _: bool) -> Result<Vec<u64>, String> {
+            Ok(self.acks.drain(..).collect())
         }
     }
 
@@ -660,6 +668,52 @@ mod tests {
             c.buffer().calls,
             ["checkpoint->1", "checkpoint->2", "checkpoint->3"]
         );
+    }
+
+    /// A fake backup whose ACKs all arrive with its CLOSE answer (tests only).
+    #[derive(Default)]
+    struct FakeLateAckReplicator {
+        completed: Vec<u64>,
+    }
+
+    impl Replicator for FakeLateAckReplicator {
+        async fn forward(&mut self, _: &[u8], events: &[Event]) -> Result<(), String> {
+            for e in events {
+                if let Event::CheckpointComplete { checkpoint, .. } = e {
+                    self.completed.push(*checkpoint);
+                }
+            }
+            Ok(())
+        }
+        async fn next_event(&mut self) -> BackupEvent {
+            std::future::pending().await
+        }
+        async fn finish(&mut self, _: u64, _: bool) -> Result<Vec<u64>, String> {
+            Ok(std::mem::take(&mut self.completed))
+        }
+    }
+
+    #[tokio::test]
+    async fn acks_that_come_with_the_close_answer_still_commit() {
+        let w = crate::stream::writer::write(&crate::stream::writer::WriterConfig::pv(3));
+        let (mut wr, r) = tokio::io::duplex(4096);
+        let writer = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            wr.write_all(&w.bytes).await.unwrap();
+        });
+        let mut c = ctl();
+        let mut rep = FakeLateAckReplicator::default();
+        let out = c.run(r, &mut rep).await.unwrap();
+        writer.await.unwrap();
+        assert_eq!(
+            out,
+            Outcome::StreamEnded {
+                checkpoints: 3,
+                finished: false
+            }
+        );
+        assert_eq!(c.last_acked(), 3);
+        assert_eq!(c.committed_epoch(), 3);
     }
 
     #[tokio::test]

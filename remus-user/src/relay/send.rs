@@ -445,6 +445,17 @@ impl TcpReplicator {
         }
     }
 
+    /// Metrics of one ACK: latency from the checkpoint's last byte sent.
+    fn note_ack(&mut self, n: u64) {
+        let m = &self.shared.metrics;
+        if let Some(t) = self.sent_at.remove(&n) {
+            m.observe_ack(t.elapsed());
+        }
+        self.sent_at.retain(|&c, _| c > n);
+        m.acks_total.inc();
+        m.last_acked.set(n);
+    }
+
     async fn push(&mut self, m: Message) -> Result<(), String> {
         let Some(tx) = &self.tx else {
             return Err("the connection is closed".into());
@@ -579,13 +590,7 @@ impl Replicator for TcpReplicator {
         };
         match got {
             Got::Ack(Some(n)) => {
-                let m = &self.shared.metrics;
-                if let Some(t) = self.sent_at.remove(&n) {
-                    m.observe_ack(t.elapsed());
-                }
-                self.sent_at.retain(|&c, _| c > n);
-                m.acks_total.inc();
-                m.last_acked.set(n);
+                self.note_ack(n);
                 BackupEvent::Ack(n)
             }
             // The reader ended: it set the reason before dropping the channel.
@@ -597,7 +602,7 @@ impl Replicator for TcpReplicator {
         }
     }
 
-    async fn finish(&mut self, checkpoints: u64, finished: bool) -> Result<(), String> {
+    async fn finish(&mut self, checkpoints: u64, finished: bool) -> Result<Vec<u64>, String> {
         // Whatever is still pending is an incomplete record: the backup drops it anyway,
         // but a finished stream has none.
         let end = self.pending_at + self.pending.len() as u64;
@@ -611,7 +616,15 @@ impl Replicator for TcpReplicator {
         self.tx = None;
         let mut closed = self.closed.clone();
         match tokio::time::timeout(self.finish_timeout, closed.wait_for(|c| *c)).await {
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(_)) => {
+                // ACKs sent before the CLOSE answer are queued ahead of it.
+                let mut acks = Vec::new();
+                while let Ok(n) = self.acks.try_recv() {
+                    self.note_ack(n);
+                    acks.push(n);
+                }
+                Ok(acks)
+            }
             _ => Err("no CLOSE answer from the backup".into()),
         }
     }
