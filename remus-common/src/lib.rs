@@ -19,6 +19,10 @@ pub const RELEASE_MARK: u32 = 0x5245_4d53;
 /// link-layer headers. Larger frames are dropped and counted (never passed unheld).
 pub const MAX_FRAME: u32 = 65536 + 256;
 
+/// Shortest frame the capture program copies (an Ethernet header); shorter ones are
+/// dropped and counted.
+pub const ETH_HLEN: u32 = 14;
+
 /// Program names as they appear in the object, in `bpftool prog`, and in pins.
 pub const PROG_VIF_IN: &str = "remus_vif_in";
 pub const PROG_RELEASE: &str = "remus_release";
@@ -65,11 +69,13 @@ pub enum Stat {
     Redirected = 7,
     /// Redirect failed (vif gone, or no vif ifindex configured).
     RedirectErr = 8,
+    /// Frames shorter than an Ethernet header: dropped.
+    DropRunt = 9,
 }
 pub const STATS_LEN: u32 = 16;
 
 impl Stat {
-    pub const ALL: [Stat; 9] = [
+    pub const ALL: [Stat; 10] = [
         Stat::Captured,
         Stat::CapturedBytes,
         Stat::PassedReleased,
@@ -79,6 +85,7 @@ impl Stat {
         Stat::DropLoad,
         Stat::Redirected,
         Stat::RedirectErr,
+        Stat::DropRunt,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -92,6 +99,7 @@ impl Stat {
             Stat::DropLoad => "dropped_load_error_frames",
             Stat::Redirected => "redirected_frames",
             Stat::RedirectErr => "redirect_error_frames",
+            Stat::DropRunt => "dropped_runt_frames",
         }
     }
 }

@@ -21,7 +21,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use remus_common::{
-    CONTROL_LEN, CTL_EPOCH, CTL_MODE, CTL_VIF_IFINDEX, FRAME_HDR_LEN, FrameHdr, MAX_FRAME,
+    CONTROL_LEN, CTL_EPOCH, CTL_MODE, CTL_VIF_IFINDEX, ETH_HLEN, FRAME_HDR_LEN, FrameHdr, MAX_FRAME,
     MODE_PASSTHROUGH, RELEASE_MARK, STATS_LEN, Stat,
 };
 
@@ -69,6 +69,14 @@ pub fn remus_vif_in(ctx: TcContext) -> i32 {
         return TC_ACT_OK as i32;
     }
     let len = skb.len;
+    // Two separate checks with separate counters, on purpose: the verifier of older
+    // kernels (6.1, dom0) cannot learn "len != 0" from `len == 0`, and LLVM would fold a
+    // combined range check into arithmetic on a copy of len. Comparing len itself against
+    // non-zero bounds gives the verifier len in [ETH_HLEN, MAX_FRAME] for the copy below.
+    if len < ETH_HLEN {
+        count(Stat::DropRunt, 1);
+        return TC_ACT_SHOT as i32;
+    }
     if len > MAX_FRAME {
         count(Stat::DropOversize, 1);
         return TC_ACT_SHOT as i32;
@@ -88,7 +96,7 @@ pub fn remus_vif_in(ctx: TcContext) -> i32 {
         protocol: u16::from_be(skb.protocol as u16),
         flags: 0,
     };
-    let ok = capture(&ctx, &hdr);
+    let ok = capture(&ctx, &hdr, len);
     if ok {
         count(Stat::Captured, 1);
         count(Stat::CapturedBytes, len as u64);
@@ -100,24 +108,24 @@ pub fn remus_vif_in(ctx: TcContext) -> i32 {
 /// Reserves the smallest size class that fits, copies header and frame in, submits.
 /// The verifier needs a constant size per reservation, hence one arm per class.
 #[inline(always)]
-fn capture(ctx: &TcContext, hdr: &FrameHdr) -> bool {
-    let total = hdr.len + FRAME_HDR_LEN as u32;
+fn capture(ctx: &TcContext, hdr: &FrameHdr, len: u32) -> bool {
+    let total = len + FRAME_HDR_LEN as u32;
     macro_rules! class {
         ($($n:expr),*) => {
             $(
                 if total <= $n {
-                    return capture_class::<{ $n }>(ctx, hdr);
+                    return capture_class::<{ $n }>(ctx, hdr, len);
                 }
             )*
         };
     }
     // Keep in step with remus_common::SIZE_CLASSES (a unit test there checks coverage).
     class!(128, 256, 512, 1024, 1600, 2048, 4096, 8192, 16384, 32768, 49152);
-    capture_class::<{ (MAX_FRAME as usize) + FRAME_HDR_LEN }>(ctx, hdr)
+    capture_class::<{ (MAX_FRAME as usize) + FRAME_HDR_LEN }>(ctx, hdr, len)
 }
 
 #[inline(always)]
-fn capture_class<const N: usize>(ctx: &TcContext, hdr: &FrameHdr) -> bool {
+fn capture_class<const N: usize>(ctx: &TcContext, hdr: &FrameHdr, len: u32) -> bool {
     let Some(mut entry) = REMUS_RING.reserve::<[u8; N]>(0) else {
         count(Stat::DropRingFull, 1);
         return false;
@@ -126,8 +134,8 @@ fn capture_class<const N: usize>(ctx: &TcContext, hdr: &FrameHdr) -> bool {
     // SAFETY: the reservation is N >= FRAME_HDR_LEN bytes, 8-byte aligned.
     unsafe { core::ptr::write(base as *mut FrameHdr, *hdr) };
     let max = (N - FRAME_HDR_LEN) as u32;
-    let len = hdr.len;
-    if len == 0 || len > max {
+    // `len` is the caller's register, already known to be >= ETH_HLEN.
+    if len > max {
         entry.discard(0);
         count(Stat::DropLoad, 1);
         return false;

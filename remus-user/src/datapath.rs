@@ -183,6 +183,7 @@ pub struct KernelStats {
     pub dropped_load_error_frames: u64,
     pub redirected_frames: u64,
     pub redirect_error_frames: u64,
+    pub dropped_runt_frames: u64,
 }
 
 impl KernelStats {
@@ -198,13 +199,14 @@ impl KernelStats {
             dropped_load_error_frames: g(Stat::DropLoad),
             redirected_frames: g(Stat::Redirected),
             redirect_error_frames: g(Stat::RedirectErr),
+            dropped_runt_frames: g(Stat::DropRunt),
         }
     }
 }
 
 fn sum_stats(stats: &PerCpuArray<MapData, u64>) -> Result<KernelStats, DatapathError> {
     let mut slots = Vec::with_capacity(Stat::ALL.len());
-    for i in 0..=(Stat::RedirectErr as u32) {
+    for i in 0..Stat::ALL.len() as u32 {
         let v = stats.get(&i, 0).map_err(map_err(MAP_STATS))?;
         slots.push(v.iter().sum());
     }
