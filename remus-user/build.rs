@@ -14,13 +14,21 @@ fn main() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let root = manifest.parent().unwrap().to_path_buf();
     let out = PathBuf::from(env::var("OUT_DIR").unwrap());
-    for p in ["remus-ebpf/src", "remus-ebpf/Cargo.toml", "remus-common/src"] {
+    for p in [
+        "remus-ebpf/src",
+        "remus-ebpf/Cargo.toml",
+        "remus-common/src",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(p).display());
     }
     println!("cargo:rerun-if-env-changed=REMUS_CACHE");
     let cache = env::var("REMUS_CACHE").unwrap_or_else(|_| "/var/cache/remus".into());
     let tool_bin = Path::new(&cache).join("bin");
-    let path = format!("{}:{}", tool_bin.display(), env::var("PATH").unwrap_or_default());
+    let path = format!(
+        "{}:{}",
+        tool_bin.display(),
+        env::var("PATH").unwrap_or_default()
+    );
     if !tool_bin.join("bpf-linker").exists() && which("bpf-linker", &path).is_none() {
         panic!(
             "bpf-linker not found (looked in {} and on PATH). Run `bash scripts/install-deps.sh` \
@@ -41,8 +49,21 @@ fn main() {
     ]
     .join("\x1f");
     let status = Command::new("rustup")
-        .args(["run", "nightly", "cargo", "build", "--package", "remus-ebpf", "--bins"])
-        .args(["--release", "--target", "bpfel-unknown-none", "-Zbuild-std=core"])
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "build",
+            "--package",
+            "remus-ebpf",
+            "--bins",
+        ])
+        .args([
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Zbuild-std=core",
+        ])
         .arg("--ignore-rust-version")
         .arg("--target-dir")
         .arg(&target_dir)

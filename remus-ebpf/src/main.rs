@@ -21,8 +21,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use remus_common::{
-    CONTROL_LEN, CTL_EPOCH, CTL_MODE, CTL_VIF_IFINDEX, ETH_HLEN, FRAME_HDR_LEN, FrameHdr, MAX_FRAME,
-    MODE_PASSTHROUGH, RELEASE_MARK, STATS_LEN, Stat,
+    CONTROL_LEN, CTL_EPOCH, CTL_MODE, CTL_VIF_IFINDEX, ETH_HLEN, FRAME_HDR_LEN, FrameHdr,
+    MAX_FRAME, MODE_PASSTHROUGH, RELEASE_MARK, STATS_LEN, Stat,
 };
 
 /// Control slots (epoch, mode, vif ifindex, ABI): written by userspace only.
@@ -87,7 +87,11 @@ pub fn remus_vif_in(ctx: TcContext) -> i32 {
         gso_size: skb.gso_size,
         gso_segs: skb.gso_segs,
         priority: skb.priority,
-        vlan_tci: if skb.vlan_present != 0 { skb.vlan_tci as u16 } else { 0 },
+        vlan_tci: if skb.vlan_present != 0 {
+            skb.vlan_tci as u16
+        } else {
+            0
+        },
         vlan_proto: if skb.vlan_present != 0 {
             u16::from_be(skb.vlan_proto as u16)
         } else {
@@ -120,7 +124,9 @@ fn capture(ctx: &TcContext, hdr: &FrameHdr, len: u32) -> bool {
         };
     }
     // Keep in step with remus_common::SIZE_CLASSES (a unit test there checks coverage).
-    class!(128, 256, 512, 1024, 1600, 2048, 4096, 8192, 16384, 32768, 49152);
+    class!(
+        128, 256, 512, 1024, 1600, 2048, 4096, 8192, 16384, 32768, 49152
+    );
     capture_class::<{ (MAX_FRAME as usize) + FRAME_HDR_LEN }>(ctx, hdr, len)
 }
 

@@ -353,7 +353,11 @@ impl Loaded {
     /// Attaches `remus_vif_in` to the vif's TC ingress so that it outlives this process.
     /// If a pinned tcx link from an earlier holder exists, the program behind it is
     /// replaced atomically (no frame passes unheld in between).
-    pub fn attach_vif(&mut self, iface: &str, mode: AttachMode) -> Result<AttachKind, DatapathError> {
+    pub fn attach_vif(
+        &mut self,
+        iface: &str,
+        mode: AttachMode,
+    ) -> Result<AttachKind, DatapathError> {
         let link_pin = self.pin_dir.join(PIN_LINK_VIF);
         let prog_pin = self.pin_dir.join(PIN_PROG_VIF);
         let attach_err = |e| DatapathError::Attach {
@@ -370,9 +374,9 @@ impl Loaded {
             let old = PinnedLink::from_pin(&link_pin).map_err(|e| pin_err(&link_pin, &e))?;
             let fd_link = FdLink::from(old);
             let prog = self.prog(PROG_VIF_IN)?;
-            let link = fd_link.try_into().map_err(|e: aya::programs::links::LinkError| {
-                pin_err(&link_pin, &e)
-            })?;
+            let link = fd_link
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| pin_err(&link_pin, &e))?;
             let id = prog.attach_to_link(link).map_err(attach_err)?;
             let link = prog.take_link(id).map_err(attach_err)?;
             // The link stays pinned at the same path; dropping our fd keeps it alive.
@@ -391,9 +395,7 @@ impl Loaded {
             let fd_link: FdLink = link
                 .try_into()
                 .map_err(|e: aya::programs::links::LinkError| pin_err(&link_pin, &e))?;
-            fd_link
-                .pin(&link_pin)
-                .map_err(|e| pin_err(&link_pin, &e))?;
+            fd_link.pin(&link_pin).map_err(|e| pin_err(&link_pin, &e))?;
             AttachKind::Tcx
         } else {
             let created_clsact = match tc::qdisc_add_clsact(iface) {
@@ -491,8 +493,11 @@ pub fn read_pinned(dir: &Path) -> Result<Option<PinnedState>, DatapathError> {
         let md = MapData::from_pin(dir.join(name)).map_err(map_err(name))?;
         Map::from_map_data(md).map_err(map_err(name))
     };
-    let control: Array<MapData, u64> = open(MAP_CONTROL)?.try_into().map_err(map_err(MAP_CONTROL))?;
-    let stats: PerCpuArray<MapData, u64> = open(MAP_STATS)?.try_into().map_err(map_err(MAP_STATS))?;
+    let control: Array<MapData, u64> = open(MAP_CONTROL)?
+        .try_into()
+        .map_err(map_err(MAP_CONTROL))?;
+    let stats: PerCpuArray<MapData, u64> =
+        open(MAP_STATS)?.try_into().map_err(map_err(MAP_STATS))?;
     let get = |s: u32| control.get(&s, 0).map_err(map_err(MAP_CONTROL));
     Ok(Some(PinnedState {
         abi: Some(get(CTL_ABI)?),

@@ -369,7 +369,8 @@ pub fn prepare(meta: &FrameHdr, frame: &mut [u8]) -> Result<Prepared, PrepareErr
         0x86dd if frame.len() >= l3 + 40 => {
             let nh = frame[l3 + 6];
             let l4len = (frame.len() - l3 - 40) as u32;
-            let acc = sum16(&frame[l3 + 8..l3 + 40], 0) + (l4len >> 16) + (l4len & 0xffff) + nh as u32;
+            let acc =
+                sum16(&frame[l3 + 8..l3 + 40], 0) + (l4len >> 16) + (l4len & 0xffff) + nh as u32;
             Some((l3 + 40, nh, acc, true))
         }
         _ => None,
@@ -456,7 +457,14 @@ mod tests {
         assert_eq!(out[0].epoch, 2);
         assert_eq!(h.counters().held_frames, 1);
         assert_eq!(h.counters().released_frames, 3);
-        assert_eq!(h.epochs(), vec![EpochSummary { epoch: 3, frames: 1, bytes: 2 }]);
+        assert_eq!(
+            h.epochs(),
+            vec![EpochSummary {
+                epoch: 3,
+                frames: 1,
+                bytes: 2
+            }]
+        );
     }
 
     #[test]
@@ -592,7 +600,10 @@ mod tests {
         let before = frag.clone();
         prepare(&FrameHdr::default(), &mut frag).unwrap();
         assert_eq!(frag, before);
-        assert_eq!(prepare(&FrameHdr::default(), &mut [0u8; 6]), Err(PrepareError::Runt));
+        assert_eq!(
+            prepare(&FrameHdr::default(), &mut [0u8; 6]),
+            Err(PrepareError::Runt)
+        );
     }
 
     #[test]

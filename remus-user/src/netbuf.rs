@@ -63,8 +63,9 @@ pub enum NetBufferError {
 /// fakes in state-machine tests.
 pub trait NetBuffer: Send {
     /// Closes the current epoch; returns the number of the epoch just closed.
-    fn checkpoint(&mut self)
-    -> impl std::future::Future<Output = Result<u64, NetBufferError>> + Send;
+    fn checkpoint(
+        &mut self,
+    ) -> impl std::future::Future<Output = Result<u64, NetBufferError>> + Send;
     /// Releases every held frame of epochs <= `epoch`.
     fn commit(
         &mut self,
@@ -152,8 +153,14 @@ pub enum NetError {
         message: String,
         code: ExitCode,
     },
-    #[error("vif {iface} disappeared while attached (guest destroyed?): {frames} held frames ({bytes} bytes) dropped, nothing released")]
-    VifGone { iface: String, frames: u64, bytes: u64 },
+    #[error(
+        "vif {iface} disappeared while attached (guest destroyed?): {frames} held frames ({bytes} bytes) dropped, nothing released"
+    )]
+    VifGone {
+        iface: String,
+        frames: u64,
+        bytes: u64,
+    },
     #[error(
         "the holder of {iface} (pid {pid}) is dead; {iface} stays blocked (fail closed). \
          Run `remus-net detach {iface}` to remove the program and see what was lost"
@@ -305,7 +312,10 @@ struct Reply {
 #[derive(Debug)]
 pub enum Ended {
     Detached(DetachReport),
-    VifGone { frames: u64, bytes: u64 },
+    VifGone {
+        frames: u64,
+        bytes: u64,
+    },
     /// Asked to stop without releasing (SIGTERM): the program stays attached and keeps
     /// dropping (fail closed) until `remus-net detach`.
     StoppedHolding,
@@ -644,12 +654,15 @@ pub async fn attach(opts: AttachOptions) -> Result<Running, NetError> {
     };
     let sock = socket_path(&opts.iface);
     let _ = std::fs::remove_file(&sock);
-    let listener = UnixListener::bind(&sock).map_err(io_err(format!("binding {}", sock.display())))?;
+    let listener =
+        UnixListener::bind(&sock).map_err(io_err(format!("binding {}", sock.display())))?;
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))
         .map_err(io_err(format!("chmod 0600 {}", sock.display())))?;
     let state_json = serde_json::to_string_pretty(&state).unwrap_or_default();
-    std::fs::write(state_path(&opts.iface), state_json)
-        .map_err(io_err(format!("writing {}", state_path(&opts.iface).display())))?;
+    std::fs::write(state_path(&opts.iface), state_json).map_err(io_err(format!(
+        "writing {}",
+        state_path(&opts.iface).display()
+    )))?;
     let svc = Service {
         iface: opts.iface.clone(),
         ifindex,
@@ -882,31 +895,48 @@ macro_rules! impl_netbuffer {
         impl NetBuffer for $t {
             async fn checkpoint(&mut self) -> Result<u64, NetBufferError> {
                 let iface = self.iface.clone();
-                match check(&iface, self.request(Request::Checkpoint).await.map_err(to_nb)?)
-                    .map_err(to_nb)?
+                match check(
+                    &iface,
+                    self.request(Request::Checkpoint).await.map_err(to_nb)?,
+                )
+                .map_err(to_nb)?
                 {
                     Response::Epoch { epoch } => Ok(epoch),
-                    other => Err(NetBufferError::Failed(format!("unexpected answer {other:?}"))),
+                    other => Err(NetBufferError::Failed(format!(
+                        "unexpected answer {other:?}"
+                    ))),
                 }
             }
 
             async fn commit(&mut self, epoch: u64) -> Result<Released, NetBufferError> {
                 let iface = self.iface.clone();
-                match check(&iface, self.request(Request::Commit { epoch }).await.map_err(to_nb)?)
-                    .map_err(to_nb)?
+                match check(
+                    &iface,
+                    self.request(Request::Commit { epoch })
+                        .await
+                        .map_err(to_nb)?,
+                )
+                .map_err(to_nb)?
                 {
                     Response::Released(r) => Ok(r),
-                    other => Err(NetBufferError::Failed(format!("unexpected answer {other:?}"))),
+                    other => Err(NetBufferError::Failed(format!(
+                        "unexpected answer {other:?}"
+                    ))),
                 }
             }
 
             async fn fail_open(&mut self) -> Result<Released, NetBufferError> {
                 let iface = self.iface.clone();
-                match check(&iface, self.request(Request::FailOpen).await.map_err(to_nb)?)
-                    .map_err(to_nb)?
+                match check(
+                    &iface,
+                    self.request(Request::FailOpen).await.map_err(to_nb)?,
+                )
+                .map_err(to_nb)?
                 {
                     Response::Released(r) => Ok(r),
-                    other => Err(NetBufferError::Failed(format!("unexpected answer {other:?}"))),
+                    other => Err(NetBufferError::Failed(format!(
+                        "unexpected answer {other:?}"
+                    ))),
                 }
             }
         }
@@ -953,8 +983,12 @@ pub async fn detach_offline(iface: &str) -> Result<DetachReport, NetError> {
         }) = kind
     {
         match nl.delete_clsact(iface).await {
-            Ok(()) => report.notes.push("removed the clsact qdisc remus-net added".into()),
-            Err(e) => report.notes.push(format!("could not remove the clsact qdisc: {e}")),
+            Ok(()) => report
+                .notes
+                .push("removed the clsact qdisc remus-net added".into()),
+            Err(e) => report
+                .notes
+                .push(format!("could not remove the clsact qdisc: {e}")),
         }
     }
     remove_runtime_files(iface);
@@ -967,7 +1001,10 @@ pub fn attached_ifaces() -> Vec<String> {
     if let Ok(rd) = std::fs::read_dir(RUN_DIR) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
-            if let Some(i) = name.strip_prefix("net-").and_then(|n| n.strip_suffix(".json")) {
+            if let Some(i) = name
+                .strip_prefix("net-")
+                .and_then(|n| n.strip_suffix(".json"))
+            {
                 out.push(i.to_string());
             }
         }

@@ -39,7 +39,9 @@ pub fn validate_name(name: &str) -> Result<(), NetlinkError> {
         && name.len() < 16
         && name != "."
         && name != ".."
-        && !name.bytes().any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0);
+        && !name
+            .bytes()
+            .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0);
     if ok {
         Ok(())
     } else {
@@ -61,7 +63,12 @@ impl Netlink {
 
     async fn link_by_name(&self, name: &str) -> Result<Option<LinkMessage>, NetlinkError> {
         validate_name(name)?;
-        let mut req = self.handle.link().get().match_name(name.to_string()).execute();
+        let mut req = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
         match req.try_next().await {
             Ok(m) => Ok(m),
             Err(e) if is_enodev(&e) => Ok(None),
@@ -149,12 +156,10 @@ impl Netlink {
             major: 0xffff,
             minor: 0,
         };
-        req.execute()
-            .await
-            .map_err(|source| NetlinkError::Request {
-                op: "delete clsact qdisc",
-                source,
-            })
+        req.execute().await.map_err(|source| NetlinkError::Request {
+            op: "delete clsact qdisc",
+            source,
+        })
     }
 }
 

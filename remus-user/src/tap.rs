@@ -78,7 +78,12 @@ impl Tap {
     /// Writes one frame: the virtio-net header, then the frame, with an optional 4-byte
     /// VLAN tag inserted after the two MAC addresses. One write() per frame: tun takes
     /// exactly one frame per write.
-    pub fn send(&mut self, vnet: &[u8; 10], frame: &[u8], vlan: Option<&[u8; 4]>) -> io::Result<()> {
+    pub fn send(
+        &mut self,
+        vnet: &[u8; 10],
+        frame: &[u8],
+        vlan: Option<&[u8; 4]>,
+    ) -> io::Result<()> {
         let n = match vlan {
             None => self
                 .file

@@ -13,7 +13,10 @@ mod test;
 mod util;
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "remus build, tests, benchmarks and the Xen lab")]
+#[command(
+    name = "cargo xtask",
+    about = "remus build, tests, benchmarks and the Xen lab"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

@@ -1,7 +1,6 @@
-//! `cargo xtask test`: every tier, in order: install what is missing, build, then
-//! 1. unit tests (no root), 2. the real eBPF object under BPF_PROG_TEST_RUN (root),
-//! 3. network-namespace and relay-pair tests (root), 4. the Xen lab (root, slow).
-//! Tiers 1–3 are `cargo test` over the workspace (root-only tests are named `root_…` and
+//! `cargo xtask test`: every tier, in order: install what is missing, build, then unit
+//! tests (no root), the real eBPF object under BPF_PROG_TEST_RUN (root), network-namespace
+//! and relay-pair tests (root), and the Xen lab (root, slow). The first three tiers are `cargo test` over the workspace (root-only tests are named `root_…` and
 //! run because CI is root); tier 4 is `cargo xtask lab test`. Prints one summary line at
 //! the end ("N passed, N failed, N skipped") and fails if any tier failed.
 use std::{
@@ -38,7 +37,12 @@ fn parse_result(line: &str, t: &mut Totals) {
     };
     for part in rest.split(';') {
         let words: Vec<&str> = part.split_whitespace().collect();
-        let n = |w: &str| w.trim_start_matches("ok.").trim_start_matches("FAILED.").parse::<u64>().ok();
+        let n = |w: &str| {
+            w.trim_start_matches("ok.")
+                .trim_start_matches("FAILED.")
+                .parse::<u64>()
+                .ok()
+        };
         if let [.., num, kind] = words.as_slice()
             && let Some(v) = n(num)
         {

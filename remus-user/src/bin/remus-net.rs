@@ -220,7 +220,8 @@ async fn run(cli: Cli) -> Result<ExitCode, NetError> {
             let opts = AttachOptions {
                 iface,
                 limit_bytes,
-                ring_bytes: u32::try_from(ring_bytes).map_err(|_| NetError::BadRingSize(ring_bytes))?,
+                ring_bytes: u32::try_from(ring_bytes)
+                    .map_err(|_| NetError::BadRingSize(ring_bytes))?,
                 passthrough,
                 attach_mode: match attach {
                     AttachHow::Auto => AttachMode::Auto,
@@ -241,7 +242,10 @@ async fn run(cli: Cli) -> Result<ExitCode, NetError> {
             match ask(&iface, Request::Checkpoint).await? {
                 Response::Epoch { epoch } => {
                     if j.json {
-                        println!("{}", serde_json::json!({"iface": iface, "closed_epoch": epoch}));
+                        println!(
+                            "{}",
+                            serde_json::json!({"iface": iface, "closed_epoch": epoch})
+                        );
                     } else {
                         println!("{epoch}");
                     }
@@ -293,7 +297,10 @@ async fn run(cli: Cli) -> Result<ExitCode, NetError> {
             };
             let report = detach(&iface, policy).await?;
             if j.json {
-                println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
             } else {
                 print_detach(&report);
             }
@@ -393,7 +400,9 @@ async fn status(iface: Option<String>, json: bool) -> Result<ExitCode, NetError>
         let alive = st.as_ref().is_some_and(|s| netbuf::pid_alive(s.pid));
         if alive {
             match ask(i, Request::Status).await? {
-                Response::Status(s) => out.push(serde_json::json!({"holder": "alive", "status": s})),
+                Response::Status(s) => {
+                    out.push(serde_json::json!({"holder": "alive", "status": s}))
+                }
                 other => unexpected(i, other)?,
             }
         } else {
@@ -425,7 +434,10 @@ async fn status(iface: Option<String>, json: bool) -> Result<ExitCode, NetError>
         println!("no interface is attached");
     } else {
         for v in &out {
-            if let Some(s) = v.get("status").and_then(|s| serde_json::from_value::<Status>(s.clone()).ok()) {
+            if let Some(s) = v
+                .get("status")
+                .and_then(|s| serde_json::from_value::<Status>(s.clone()).ok())
+            {
                 print_status(&s);
             } else {
                 println!(
@@ -456,7 +468,10 @@ fn print_status(s: &Status) {
         s.held_frames, s.held_bytes, s.limit_bytes
     );
     for e in &s.epochs {
-        println!("    epoch {}: {} frames, {} bytes", e.epoch, e.frames, e.bytes);
+        println!(
+            "    epoch {}: {} frames, {} bytes",
+            e.epoch, e.frames, e.bytes
+        );
     }
     let h = &s.holder;
     println!(
@@ -564,7 +579,10 @@ async fn daemon_main(opts: AttachOptions) -> Result<ExitCode, NetError> {
                     ExitCode::Ok
                 }
             };
-            eprintln!("remus-net daemon for {iface} exiting with code {}", code.code());
+            eprintln!(
+                "remus-net daemon for {iface} exiting with code {}",
+                code.code()
+            );
             Ok(code)
         }
         Err(e) => {
@@ -622,7 +640,8 @@ fn spawn_daemon(opts: &AttachOptions, json: bool) -> Result<ExitCode, NetError> 
         cmd.arg("--passthrough");
     }
     if let Some(d) = opts.autocommit {
-        cmd.arg("--autocommit-unsafe").arg(d.as_millis().to_string());
+        cmd.arg("--autocommit-unsafe")
+            .arg(d.as_millis().to_string());
     }
     // SAFETY: setsid is async-signal-safe; the daemon leaves our session and terminal.
     unsafe {
