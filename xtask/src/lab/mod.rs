@@ -21,6 +21,9 @@ pub struct DemoArgs {
     /// Leave the lab running afterwards (`cargo xtask lab down` stops it).
     #[arg(long)]
     pub keep: bool,
+    /// Diagnostics: run the relay with `--no-buffer` (no output commit).
+    #[arg(long)]
+    pub relay_no_buffer: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -163,5 +166,8 @@ fn test(modes: &[Mode], live: bool, keep: bool) -> Result<()> {
 /// The main job: build, boot, protect the guest with the relay, live view, silent death of
 /// the primary, failover, summary.
 pub fn demo(a: DemoArgs) -> Result<()> {
+    if a.relay_no_buffer {
+        scenario::set_relay_buffer("--no-buffer");
+    }
     test(&[Mode::Remus], true, a.keep)
 }
