@@ -8,7 +8,7 @@ export PATH=/share/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/
 mkdir -p /run/lab /share/run/console /var/log/xen /run/xen /run/sshd
 ip link set lo up
 modprobe -a xen-evtchn xen-gntdev xen-gntalloc xen-blkback xen-netback xen-privcmd \
-    bridge veth sch_plug sch_ingress cls_bpf act_bpf || true
+    bridge veth tun sch_plug sch_ingress cls_bpf act_bpf || true
 mountpoint -q /proc/xen || mount -t xenfs xenfs /proc/xen
 mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
 # xenconsoled logs every guest console under the share (debugging, `lab console`).
