@@ -20,12 +20,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// QEMU's memory (MiB), Xen's command line. `bootscrub=idle`: free memory is scrubbed
+/// QEMU's memory (MiB), Xen's command line. dom0 gets 1 GiB: the relay's two ends (page
+/// caches for compression, the buffer's ring) run there side by side, and with 512 MiB
+/// the sender was OOM-killed. `bootscrub=idle`: free memory is scrubbed
 /// in the background and before it is handed out, so guests start from zeroed pages
 /// (with `bootscrub=false` they got leftovers of the boot modules, which made the
 /// migration stream incompressible); boot time is unchanged.
-const QEMU_MEM_MB: &str = "1536";
-const XEN_ARGS: &str = "console=com1 com1=115200,8n1 dom0_mem=512M,max:512M dom0_max_vcpus=2 \
+const QEMU_MEM_MB: &str = "2048";
+const XEN_ARGS: &str = "console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M dom0_max_vcpus=2 \
     loglvl=all guest_loglvl=all noreboot console_timestamps=boot bootscrub=idle";
 const DOM0_ARGS: &str = "console=hvc0 earlyprintk=xen root=/dev/vda rw init=/lab/bin/init";
 /// Bound on QEMU start → dom0 ready (measured 40–70 s on 2 shared cores).
