@@ -166,6 +166,9 @@ fn test(modes: &[Mode], live: bool, keep: bool) -> Result<()> {
 /// The main job: build, boot, protect the guest with the relay, live view, silent death of
 /// the primary, failover, summary.
 pub fn demo(a: DemoArgs) -> Result<()> {
+    // The README's main-job command installs what it needs itself (idempotent): the
+    // project's binaries need bpf-linker and the nightly rust-src to build.
+    crate::deps::install()?;
     if a.relay_no_buffer {
         scenario::set_relay_buffer("--no-buffer");
     }
