@@ -479,10 +479,11 @@ fn print_status(s: &Status) {
         h.released_frames, h.released_bytes, h.late_frames, s.release_errors, s.unreleasable_frames
     );
     println!(
-        "  dropped: limit {}, ring full {}, oversize {}, stale {}, detach {}",
+        "  dropped: limit {}, ring full {}, oversize {}, runt {}, stale {}, detach {}",
         h.dropped_limit_frames,
         s.kernel.dropped_ring_full_frames,
         s.kernel.dropped_oversize_frames,
+        s.kernel.dropped_runt_frames,
         h.dropped_stale_frames,
         h.dropped_detach_frames
     );
