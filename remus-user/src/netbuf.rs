@@ -702,6 +702,7 @@ async fn run(
     tx: mpsc::Sender<Cmd>,
 ) -> Result<Ended, NetError> {
     let mut vif_check = tokio::time::interval(Duration::from_millis(200));
+    let mut vif_missing = false;
     let every = svc.autocommit.filter(|d| !d.is_zero());
     let after_drain = svc.autocommit.is_some_and(|d| d.is_zero());
     let mut auto = tokio::time::interval(every.unwrap_or(Duration::from_secs(3600)));
@@ -741,12 +742,19 @@ async fn run(
                 }
             }
             _ = vif_check.tick() => {
-                let gone = match svc.nl.name_of(svc.ifindex).await {
-                    Ok(Some(name)) => name != svc.iface,
-                    Ok(None) => true,
+                // Gone means: the name no longer resolves to our ifindex, seen twice in a
+                // row (a single odd netlink answer must not tear down a protected vif).
+                let gone_now = match svc.nl.ifindex(&svc.iface).await {
+                    Ok(i) => i != svc.ifindex,
+                    Err(NetlinkError::NoSuchInterface(_)) => true,
                     Err(_) => false,
                 };
+                let gone = gone_now && std::mem::replace(&mut vif_missing, true);
+                if !gone_now {
+                    vif_missing = false;
+                }
                 if gone {
+                    tracing::warn!(iface = %svc.iface, ifindex = svc.ifindex, "the vif is gone");
                     svc.drain();
                     let (frames, bytes) = svc.holder.drop_all();
                     let _ = svc.teardown().await;

@@ -340,13 +340,38 @@ async fn detach(iface: &str, policy: DetachPolicy) -> Result<DetachReport, NetEr
     if !netbuf::is_root() {
         return Err(NetError::NotRoot);
     }
-    let alive = netbuf::read_state(iface).is_some_and(|s| netbuf::pid_alive(s.pid));
+    let state = netbuf::read_state(iface);
+    let alive = state.as_ref().is_some_and(|s| netbuf::pid_alive(s.pid));
     if alive && let Ok(mut rb) = RemoteBuffer::connect(iface).await {
-        match netbuf::check(iface, rb.request(Request::Detach { policy }).await?)? {
-            Response::Detached(r) => return Ok(r),
-            other => {
-                unexpected(iface, other)?;
+        match rb.request(Request::Detach { policy }).await {
+            Ok(resp) => match netbuf::check(iface, resp)? {
+                Response::Detached(r) => return Ok(r),
+                other => unexpected(iface, other)?,
+            },
+            Err(NetError::Stopped(_)) => {
+                // The holder closed the connection without an answer (it died, or ended
+                // for another reason). Wait for it to be gone, then clean up from here.
+                let pid = state.as_ref().map_or(0, |s| s.pid);
+                for _ in 0..50 {
+                    if !netbuf::pid_alive(pid) {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                eprintln!(
+                    "remus-net: the holder of {iface} (pid {pid}) ended without answering; \
+                     see {} (cleaning up from this process)",
+                    netbuf::log_path(iface).display()
+                );
+                if netbuf::read_state(iface).is_none() && !datapath::pin_dir(iface).exists() {
+                    return Ok(DetachReport {
+                        iface: iface.to_string(),
+                        notes: vec!["the holder had already removed its program and pins".into()],
+                        ..Default::default()
+                    });
+                }
             }
+            Err(e) => return Err(e),
         }
     }
     let mut r = netbuf::detach_offline(iface).await?;
