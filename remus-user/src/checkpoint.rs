@@ -35,6 +35,11 @@ pub enum CheckpointError {
     Input(std::io::Error),
     #[error("stream events out of order: {0}")]
     OutOfOrder(String),
+    #[error(
+        "the backup acknowledged checkpoint {acked}, but only checkpoints up to {completed} \
+         were sent: refusing it and releasing nothing (the guest's output stays held)"
+    )]
+    BogusAck { acked: u64, completed: u64 },
 }
 
 /// What the backup said, as the controller needs it.
@@ -111,6 +116,9 @@ pub struct Controller<B: NetBuffer> {
     /// Proven checkpoints not yet acknowledged: checkpoint → (epoch, its span).
     proven: BTreeMap<u64, (u64, Span)>,
     last_acked: u64,
+    /// Last checkpoint whose CHECKPOINT_END was parsed (and so forwarded): no ACK may
+    /// exceed it.
+    completed: u64,
     committed_epoch: u64,
     merges: u64,
 }
@@ -125,9 +133,16 @@ impl<B: NetBuffer> Controller<B> {
             switch: None,
             proven: BTreeMap::new(),
             last_acked: 0,
+            completed: 0,
             committed_epoch: 0,
             merges: 0,
         }
+    }
+
+    /// Checkpoint N's CHECKPOINT_END was parsed: its bytes go to the backup next, so from
+    /// now on ACK(N) is legitimate.
+    pub fn checkpoint_complete(&mut self, checkpoint: u64) {
+        self.completed = self.completed.max(checkpoint);
     }
 
     pub fn buffer(&self) -> &B {
@@ -216,6 +231,14 @@ impl<B: NetBuffer> Controller<B> {
     /// ACK(N): commit the epoch of the highest proven checkpoint <= N. Returns what was
     /// released, or `None` when there was nothing to commit (merged or duplicate).
     pub async fn ack(&mut self, checkpoint: u64) -> Result<Option<Released>, CheckpointError> {
+        // An ACK for a checkpoint not yet sent would release frames whose state the backup
+        // cannot hold: a broken or hostile peer. Fail closed (the caller exits holding).
+        if checkpoint > self.completed {
+            return Err(CheckpointError::BogusAck {
+                acked: checkpoint,
+                completed: self.completed,
+            });
+        }
         if checkpoint <= self.last_acked {
             warn!(
                 checkpoint,
@@ -234,7 +257,7 @@ impl<B: NetBuffer> Controller<B> {
             return Ok(None);
         };
         // Everything at or below N is now covered.
-        self.proven = self.proven.split_off(&(checkpoint + 1));
+        self.proven = self.proven.split_off(&checkpoint.saturating_add(1));
         let r = self.buffer.commit(epoch).await?;
         self.committed_epoch = epoch;
         self.metrics.committed_epoch.set(epoch);
@@ -266,6 +289,7 @@ impl<B: NetBuffer> Controller<B> {
                 self.libxc_checkpoint(checkpoint, end)?;
             }
             Event::CheckpointComplete { checkpoint, .. } => {
+                self.checkpoint_complete(checkpoint);
                 self.metrics.checkpoints_total.inc();
                 self.metrics.last_checkpoint.set(checkpoint);
             }
@@ -431,6 +455,7 @@ mod tests {
             c.libxc_checkpoint(2, 90_000).unwrap(),
             Decision::Proven { epoch: 2 }
         );
+        c.checkpoint_complete(2);
         assert_eq!(c.ack(1).await.unwrap().map(|r| r.epoch), Some(1));
         assert_eq!(c.ack(2).await.unwrap().map(|r| r.epoch), Some(2));
         assert_eq!(
@@ -462,6 +487,7 @@ mod tests {
             Decision::Merged { epoch: 1 }
         );
         // ACK(1) must release nothing: epoch 1 may hold frames of after the resume.
+        c.checkpoint_complete(1);
         assert_eq!(c.ack(1).await.unwrap(), None);
         c.post_suspend(2, 50_000).await.unwrap();
         assert_eq!(
@@ -469,6 +495,7 @@ mod tests {
             Decision::Proven { epoch: 2 }
         );
         // ACK(2) commits epoch 2 and with it (commit is cumulative) epoch 1.
+        c.checkpoint_complete(2);
         assert_eq!(c.ack(2).await.unwrap().map(|r| r.epoch), Some(2));
         assert_eq!(
             c.buffer().calls,
@@ -483,6 +510,7 @@ mod tests {
         for n in 1..=3u64 {
             c.post_suspend(n, n * 100_000).await.unwrap();
             c.libxc_checkpoint(n, n * 100_000 + 2 * C).unwrap();
+            c.checkpoint_complete(n);
         }
         // ACK(3) alone: one commit of the highest epoch; later ACK(2) is stale.
         assert_eq!(c.ack(3).await.unwrap().map(|r| r.epoch), Some(3));
@@ -504,6 +532,7 @@ mod tests {
         c.libxc_checkpoint(1, 2000).unwrap();
         c.post_suspend(2, 3000).await.unwrap();
         c.libxc_checkpoint(2, 3500).unwrap();
+        c.checkpoint_complete(2);
         assert_eq!(c.ack(2).await.unwrap(), None);
         assert_eq!(c.merges(), 2);
         assert!(c.buffer().calls.iter().all(|s| !s.starts_with("commit")));
@@ -540,13 +569,39 @@ mod tests {
         let mut c = ctl();
         c.post_suspend(1, 1000).await.unwrap();
         c.libxc_checkpoint(1, 100_000).unwrap();
-        let r = c.peer_lost().await.unwrap();
-        assert_eq!(r.frames, 3);
+        c.checkpoint_complete(1);
+        c.peer_lost().await.unwrap();
         assert!(c.buffer().open);
         assert_eq!(
             c.buffer().calls.last().map(String::as_str),
             Some("fail_open")
         );
+        // The pending proven checkpoint was forgotten: a late ACK(1) commits nothing.
+        assert_eq!(c.ack(1).await.unwrap(), None);
+        assert!(c.buffer().calls.iter().all(|s| !s.starts_with("commit")));
+    }
+
+    #[tokio::test]
+    async fn an_ack_beyond_what_was_sent_is_refused_and_releases_nothing() {
+        let mut c = ctl();
+        c.post_suspend(1, 1000).await.unwrap();
+        c.libxc_checkpoint(1, 100_000).unwrap();
+        // CHECKPOINT_END of 1 not parsed yet: the backup cannot hold checkpoint 1.
+        assert!(matches!(
+            c.ack(1).await,
+            Err(CheckpointError::BogusAck {
+                acked: 1,
+                completed: 0
+            })
+        ));
+        c.checkpoint_complete(1);
+        assert!(matches!(
+            c.ack(u64::MAX).await,
+            Err(CheckpointError::BogusAck { .. })
+        ));
+        assert!(c.buffer().calls.iter().all(|s| !s.starts_with("commit")));
+        assert!(!c.buffer().open, "a bogus ACK must fail closed, not open");
+        assert_eq!(c.ack(1).await.unwrap().map(|r| r.epoch), Some(1));
     }
 
     /// A fake backup: records what it was sent; answers with scripted events.
