@@ -593,8 +593,12 @@ impl Replicator for TcpReplicator {
                 self.note_ack(n);
                 BackupEvent::Ack(n)
             }
-            // The reader ended: it set the reason before dropping the channel.
+            // The reader ended: on a CLOSE from the backup (we did not ask: `finish` does
+            // not come through here), else it set the reason before dropping the channel.
             Got::Ack(None) => {
+                if *self.closed.borrow() {
+                    return BackupEvent::Lost("the backup closed the session".into());
+                }
                 let r = lost_reason(lost.wait_for(Option::is_some).await);
                 BackupEvent::Lost(r)
             }
