@@ -1,4 +1,5 @@
-//! The exit codes of `remus-net` and `remus`, in one place (documented in docs/cli.md).
+//! The exit codes of `remus-net` and `remus`, in one place (documented in README.md, in
+//! both binaries' `--help`, docs/remus-net.md and docs/relay.md).
 //!
 //! Owns: the mapping from error kinds to process exit codes. Never touches: I/O.
 

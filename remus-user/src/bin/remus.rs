@@ -265,7 +265,14 @@ async fn start_metrics(addr: Option<SocketAddr>, shared: &Arc<Shared>) -> Result
     if let Some(a) = addr {
         remus_user::metrics::serve(a, shared.metrics.clone())
             .await
-            .map_err(|e| fail(e, ExitCode::Usage))?;
+            .map_err(|e| {
+                // A non-loopback address is a usage error; a port in use is operational.
+                let code = match e {
+                    remus_user::metrics::MetricsError::NotLoopback(_) => ExitCode::Usage,
+                    _ => ExitCode::Failure,
+                };
+                fail(e, code)
+            })?;
         tracing::info!(addr = %a, "serving Prometheus metrics");
     }
     Ok(())
