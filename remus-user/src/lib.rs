@@ -14,6 +14,9 @@
 //! - `relay`: `remus relay send|receive|status`, joining xl, the wire and the buffer.
 //! - `metrics`: Prometheus text exposition.
 //! - `exit`: the one exit-code enum of both binaries.
+//!
+//! The library itself owns no state and touches nothing at load time: the binaries (and
+//! the controller) choose what to start.
 pub mod checkpoint;
 pub mod compress;
 pub mod datapath;

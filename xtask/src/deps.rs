@@ -1,4 +1,5 @@
-//! `cargo xtask deps`: runs scripts/install-deps.sh (idempotent).
+//! `cargo xtask deps`: runs scripts/install-deps.sh (idempotent). Owns nothing else;
+//! never touches the lab images (`cargo xtask lab build` does).
 use crate::util;
 use anyhow::Result;
 

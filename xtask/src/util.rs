@@ -1,4 +1,5 @@
 //! Small helpers shared by the xtask subcommands: paths, running commands loudly.
+//! Never touches: the product or the lab; it only locates and runs things.
 use anyhow::{Context, Result, bail};
 use std::{
     path::PathBuf,

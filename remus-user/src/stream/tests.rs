@@ -1,4 +1,5 @@
 //! Parser tests on streams from `writer`, chunked in many ways, and every bad input.
+//! Never touches: files, sockets or the real fixture (remus-user/tests/stream_fixture.rs does).
 use super::writer::{self, GuestKind, WriterConfig, Written};
 use super::*;
 use proptest::prelude::*;

@@ -1,5 +1,6 @@
 //! `cargo xtask bench net|relay`: benchmarks that print a table and write JSON under
 //! target/bench/. Ratios are measured side by side in one run (shared, noisy machines).
+//! Owns the subcommand dispatch only; never asserts timings (benchmarks report, tests check).
 use anyhow::Result;
 use clap::Subcommand;
 

@@ -2,7 +2,8 @@
 //! service, sends a request at a fixed pace and logs every reply as a JSON line with a
 //! timestamp. It never reconnects: a reset, EOF or timeout is logged as such and ends the
 //! run, because the point is to see whether the same connection survives a failover. The
-//! read timeout is long (default 300 s) so a failover pause does not end it.
+//! read timeout is long (default 300 s) so a failover pause does not end it. Never
+//! touches: anything but its one connection, its log file and the stop file.
 //!
 //! Log lines (one JSON object each, `t` = Unix seconds, float):
 //!   {"t":…,"event":"connected","local":"ip:port","peer":"ip:port"}

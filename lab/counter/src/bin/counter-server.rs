@@ -1,6 +1,7 @@
 //! `counter-server`: the lab guest's service. Listens on 0.0.0.0:PORT (or the address in
 //! argv[1]); for every line received on any connection it increments one in-memory counter
 //! and answers with its new value. One thread per connection; std only, built static.
+//! Never touches: anything but its listening socket and its connections.
 use lab_counter::PORT;
 use std::{
     io::{BufRead, BufReader, Write},
