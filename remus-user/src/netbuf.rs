@@ -353,11 +353,15 @@ impl Service {
         let mut late: Vec<(FrameHdr, Vec<u8>)> = Vec::new();
         let ring = self.ring.get_mut();
         while let Some(item) = ring.next() {
+            // A malformed record cannot come from our program; if one ever does, it is
+            // dropped and counted with the frames that could not be released.
             let Some(meta) = FrameHdr::from_bytes(&item) else {
+                self.unreleasable += 1;
                 continue;
             };
             let end = FRAME_HDR_LEN + meta.len as usize;
             if end > item.len() {
+                self.unreleasable += 1;
                 continue;
             }
             let bytes = &item[FRAME_HDR_LEN..end];
