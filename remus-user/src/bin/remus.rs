@@ -360,6 +360,14 @@ async fn relay_receive(a: ReceiveArgs) -> ExitCode {
         Ok(k) => k,
         Err(c) => return c,
     };
+    // A malformed --listen is the operator's typo: say so (exit 2) before anything starts.
+    if let Err(e) = std::net::ToSocketAddrs::to_socket_addrs(a.listen.as_str()) {
+        eprintln!(
+            "remus: --listen {}: {e} (expected ADDR:PORT, e.g. 0.0.0.0:7788 or [::]:7788)",
+            a.listen
+        );
+        return ExitCode::Usage;
+    }
     let port = a.listen.rsplit(':').next().unwrap_or("0").to_string();
     let sock = a.status_socket.clone().unwrap_or_else(|| {
         PathBuf::from(RUN_DIR).join(format!("relay-receive-{}.sock", relay::sanitize(&port)))
