@@ -79,6 +79,21 @@ pub(crate) fn silence_check(hb: &Heartbeat, since: std::time::Instant) -> Durati
         .max(Duration::from_millis(1))
 }
 
+/// Called when `silence_check` elapsed with no frame: counts a missed heartbeat after two
+/// silent intervals, and returns how long the peer has been silent once that reaches the
+/// timeout (the peer is lost then). Shared by both relay ends.
+pub(crate) fn judge_silence(
+    hb: &Heartbeat,
+    since: std::time::Instant,
+    m: &crate::metrics::Metrics,
+) -> Option<Duration> {
+    let silent = since.elapsed();
+    if silent >= hb.interval * 2 {
+        m.heartbeats_missed_total.inc();
+    }
+    (silent >= hb.timeout).then_some(silent)
+}
+
 /// Parses "200ms", "1s", "1.5s", "250" (milliseconds) for the CLI.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();

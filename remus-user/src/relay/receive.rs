@@ -21,7 +21,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use super::{Heartbeat, Shared, silence_check};
+use super::{Heartbeat, Shared, judge_silence, silence_check};
 use crate::compress::PageDecoder;
 use crate::exit::{ExitCode, HasExitCode};
 use crate::replication::{self, FrameReader, Key, MAX_BANNER, Message, ServerConfig, Session};
@@ -445,11 +445,7 @@ async fn serve(
             biased;
             r = reader.next() => r,
             _ = tokio::time::sleep(silence_check(&hb, waiting_since)) => {
-                let silent = waiting_since.elapsed();
-                if silent >= hb.interval * 2 {
-                    m.heartbeats_missed_total.inc();
-                }
-                if silent >= hb.timeout {
+                if let Some(silent) = judge_silence(&hb, waiting_since, &m) {
                     break End::Lost(format!(
                         "the primary was silent for {} ms (heartbeat timeout {} ms)",
                         silent.as_millis(), hb.timeout.as_millis()

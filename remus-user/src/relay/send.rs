@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
-use super::{Heartbeat, Shared, silence_check};
+use super::{Heartbeat, Shared, judge_silence, silence_check};
 use crate::checkpoint::{BackupEvent, CheckpointError, Controller, Outcome, Replicator};
 use crate::compress::{Codec, PageEncoder};
 use crate::exit::{ExitCode, HasExitCode};
@@ -382,11 +382,7 @@ impl TcpReplicator {
                 biased;
                         r = reader.next() => r,
                         _ = tokio::time::sleep(silence_check(&hb, waiting_since)) => {
-                            let silent = waiting_since.elapsed();
-                            if silent >= hb.interval * 2 {
-                                m.heartbeats_missed_total.inc();
-                            }
-                            if silent >= hb.timeout {
+                            if let Some(silent) = judge_silence(&hb, waiting_since, &m) {
                                 lost_tx.send_replace(Some(format!(
                                     "no heartbeat from the backup for {} ms (timeout {} ms)",
                                     silent.as_millis(), hb.timeout.as_millis()
