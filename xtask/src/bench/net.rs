@@ -20,6 +20,9 @@
 //!   counted at the peer's rx counter) without and with the buffer;
 //! - release latency: an epoch of 1k / 10k MTU frames held, commit sent on the control
 //!   socket, time until the last frame is seen at the peer (kernel receive timestamps).
+//!
+//! Configurations are interleaved per repeat; a ratio is the median of the per-repeat
+//! ratios against the unbuffered run of the same repeat.
 use std::{
     fs::File,
     io::{BufRead, BufReader, Write},
@@ -644,6 +647,26 @@ impl Series {
     fn cpu_pct(&self) -> Option<f64> {
         (self.wall > 0.0).then(|| self.cpu / self.wall * 100.0)
     }
+    /// Median of the per-repeat ratios to `base`: each pair ran back to back, so a drift
+    /// of the shared machine's speed between repeats cancels out of every ratio.
+    fn paired_ratio(&self, base: &Series) -> f64 {
+        let mut r: Vec<f64> = self
+            .vals
+            .iter()
+            .zip(&base.vals)
+            .filter(|(_, b)| **b > 0.0)
+            .map(|(v, b)| v / b)
+            .collect();
+        median(&mut r)
+    }
+}
+
+/// The 1-minute load average, recorded next to the numbers it disturbs.
+fn load_average() -> f64 {
+    let mut load = [0f64; 3];
+    // SAFETY: getloadavg writes at most 3 doubles into the array.
+    unsafe { libc::getloadavg(load.as_mut_ptr(), 3) };
+    load[0]
 }
 
 /// Runs `f` once under configuration `attach` (None: no buffer), adding the holder's CPU.
@@ -988,9 +1011,8 @@ pub fn run(a: NetArgs) -> Result<()> {
     }
     drop(b);
 
-    // Report.
-    let base_tcp = tcp[0].med();
-    let raw_base = small[2].med();
+    // Report. Ratios are paired (see Series::paired_ratio).
+    let load = load_average();
     let mut rows = Vec::new();
     println!();
     println!("| measurement | median | runs | ratio | holder CPU (% of one core) |");
@@ -1010,10 +1032,13 @@ pub fn run(a: NetArgs) -> Result<()> {
             s.med(),
             s.med_extra(),
             runs.join(" / "),
-            s.med() / base_tcp
+            s.paired_ratio(&tcp[0])
         );
-        rows.push(json!({"kind": "tcp", "config": name, "gbps_median": s.med(), "gbps_runs": s.vals,
-            "retransmits_median": s.med_extra(), "ratio_to_no_buffer": s.med() / base_tcp, "holder_cpu_pct": s.cpu_pct()}));
+        rows.push(
+            json!({"kind": "tcp", "config": name, "gbps_median": s.med(), "gbps_runs": s.vals,
+            "retransmits_median": s.med_extra(), "ratio_to_no_buffer": s.paired_ratio(&tcp[0]),
+            "ratio_of_medians": s.med() / tcp[0].med(), "holder_cpu_pct": s.cpu_pct()}),
+        );
     }
     for (i, (name, _, _)) in small_cfgs.iter().enumerate() {
         let s = &small[i];
@@ -1030,10 +1055,11 @@ pub fn run(a: NetArgs) -> Result<()> {
             s.med() / 1e3,
             s.med_extra() / 1e3,
             runs.join(" / "),
-            s.med() / raw_base
+            s.paired_ratio(&small[2])
         );
         rows.push(json!({"kind": "small_frames", "config": name, "recv_pps_median": s.med(), "recv_pps_runs": s.vals,
-            "sent_pps_median": s.med_extra(), "ratio_to_raw_injection": s.med() / raw_base, "holder_cpu_pct": s.cpu_pct()}));
+            "sent_pps_median": s.med_extra(), "ratio_to_raw_injection": s.paired_ratio(&small[2]),
+            "ratio_of_medians": s.med() / small[2].med(), "holder_cpu_pct": s.cpu_pct()}));
     }
     for (n, s) in lat.iter().filter(|(_, s)| !s.vals.is_empty()) {
         let runs: Vec<String> = s.vals.iter().map(|v| format!("{v:.2}")).collect();
@@ -1055,11 +1081,11 @@ pub fn run(a: NetArgs) -> Result<()> {
         );
         rows.push(json!({"kind": "raw_burst_baseline", "frames": n, "ms_median": s.med(), "ms_runs": s.vals, "arrived_median": s.med_extra()}));
     }
-    let e0 = tcp[1].med() / base_tcp;
+    let e0 = tcp[1].paired_ratio(&tcp[0]);
     let l10k = lat[1].1.med();
     // Same load generator with and without the buffer: raw injection through
     // capture + hold + release vs raw injection alone.
-    let hr = small[3].med() / raw_base;
+    let hr = small[3].paired_ratio(&small[2]);
     let verdict = |v: f64, ok: bool| {
         if v.is_nan() {
             "not measured"
@@ -1070,6 +1096,10 @@ pub fn run(a: NetArgs) -> Result<()> {
         }
     };
     println!();
+    println!(
+        "ratios: median of per-repeat ratios, each pair measured back to back; \
+         load average (1 min) at the end: {load:.2}"
+    );
     println!("targets (reported, not asserted):");
     println!(
         "  epoch-0 TCP >= 0.9 of no buffer: {e0:.2} {}",
@@ -1091,6 +1121,7 @@ pub fn run(a: NetArgs) -> Result<()> {
         "repeats": a.repeats,
         "kernel": must("uname", &["-r"]).unwrap_or_default().trim(),
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "load_average_1m": load,
         "binary": bin.display().to_string(),
         "rows": rows,
         "targets": {"epoch0_tcp_ratio": e0, "release_10k_ms": l10k, "small_frames_ratio_to_raw": hr},
