@@ -81,7 +81,10 @@ pub enum LabCmd {
 
 pub fn run(c: LabCmd) -> Result<()> {
     match c {
-        LabCmd::Build => build::build().map(|_| ()),
+        LabCmd::Build => {
+            let _lock = vm::take_lock()?;
+            build::build().map(|_| ())
+        }
         LabCmd::Up => vm::up(false).map(|_| ()),
         LabCmd::Down => vm::down(),
         LabCmd::Exec { timeout, cmd } => {

@@ -193,12 +193,76 @@ fn stage(a: &Artifacts, need_remus: bool) -> Result<()> {
     Ok(())
 }
 
+/// The machine-wide lab lock: one lab at a time per machine, whichever checkout boots it
+/// (two emulated Xen hosts of different checkouts on 2 shared cores starve each other
+/// into heartbeat timeouts). Taken before building or booting; the fd is inherited by
+/// QEMU, so the lock lives exactly as long as the lab's QEMU does (and is released by
+/// the kernel when it dies, however it dies).
+fn lock_path() -> PathBuf {
+    util::cache_dir().join("lab.lock")
+}
+
+/// How long `up` waits for another checkout's lab to finish.
+const LOCK_WAIT: Duration = Duration::from_secs(3 * 3600);
+
+/// Takes the lab lock (waiting for another lab to finish), and returns its fd with
+/// close-on-exec cleared, so the QEMU started next inherits it.
+pub fn take_lock() -> Result<fs::File> {
+    use std::io::{Read, Seek, Write};
+    use std::os::fd::AsRawFd;
+    fs::create_dir_all(util::cache_dir())?;
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(lock_path())
+        .with_context(|| format!("opening {}", lock_path().display()))?;
+    let t = Instant::now();
+    let mut said = false;
+    loop {
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            bail!("locking {}: {e}", lock_path().display());
+        }
+        if !said {
+            let mut owner = String::new();
+            let _ = f.read_to_string(&mut owner);
+            eprintln!(
+                "[lab] another lab is running on this machine ({}); waiting for it to stop",
+                owner.trim()
+            );
+            said = true;
+        }
+        if t.elapsed() > LOCK_WAIT {
+            bail!(
+                "another lab held {} for more than {} s",
+                lock_path().display(),
+                LOCK_WAIT.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    f.set_len(0)?;
+    f.rewind()?;
+    let _ = write!(f, "{} (pid {})", util::root().display(), std::process::id());
+    // SAFETY: F_SETFD on an fd we own: clear FD_CLOEXEC so QEMU inherits the lock.
+    unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFD, 0) };
+    Ok(f)
+}
+
 /// Boots the lab unless it is already up. Returns the boot time (None if it was up).
 pub fn up(need_remus: bool) -> Result<Option<Duration>> {
     if let Some(pid) = qemu_pid() {
         eprintln!("[lab] already up (QEMU pid {pid}); `cargo xtask lab down` to stop it");
         return Ok(None);
     }
+    // Held until this process exits; QEMU inherits it and holds it while it runs.
+    let _lock = take_lock()?;
     let a = super::build::build()?;
     stage(&a, need_remus)?;
     let rd = run_dir();
