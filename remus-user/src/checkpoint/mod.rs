@@ -22,8 +22,10 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tracing::{Span, debug, info, info_span, warn};
 
 use crate::metrics::Metrics;
-use crate::netbuf::{NetBuffer, NetBufferError, Released};
+pub mod ports;
+
 use crate::stream::{Event, Parser, StreamError};
+pub use ports::{BackupEvent, NetBuffer, NetBufferError, Released, Replicator};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -40,40 +42,6 @@ pub enum CheckpointError {
          were sent: refusing it and releasing nothing (the guest's output stays held)"
     )]
     BogusAck { acked: u64, completed: u64 },
-}
-
-/// What the backup said, as the controller needs it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum BackupEvent {
-    /// The backup holds checkpoint N completely.
-    Ack(u64),
-    /// The backup is gone (connection error, heartbeat timeout, abort); the reason is
-    /// for the operator.
-    Lost(String),
-}
-
-/// The backup as the controller drives it. Implemented over TCP by `relay::send`, and by
-/// fakes in tests.
-pub trait Replicator: Send {
-    /// Sends `bytes` (the next bytes of the stream, in order) to the backup. `events` are
-    /// the parser events these bytes completed (absolute offsets), so an implementation
-    /// can find record boundaries (e.g. to compress PAGE_DATA). `Err` means the backup is
-    /// lost (the reason).
-    fn forward(
-        &mut self,
-        bytes: &[u8],
-        events: &[Event],
-    ) -> impl std::future::Future<Output = Result<(), String>> + Send;
-    /// The next thing the backup says. Must be cancel-safe (it is raced against stdin).
-    fn next_event(&mut self) -> impl std::future::Future<Output = BackupEvent> + Send;
-    /// xl's stream ended: tell the backup (orderly close) and wait for its answer.
-    /// Returns, in order, the checkpoints it acknowledged meanwhile (not yet returned by
-    /// `next_event`), so their epochs can still be committed.
-    fn finish(
-        &mut self,
-        checkpoints: u64,
-        finished: bool,
-    ) -> impl std::future::Future<Output = Result<Vec<u64>, String>> + Send;
 }
 
 /// The decision taken at the libxc CHECKPOINT record of checkpoint N.
