@@ -305,10 +305,12 @@ pub fn sanitize(s: &str) -> String {
 }
 
 /// The write side of a relay connection: frames from `rx` in order, a heartbeat every
-/// `interval` (so the peer hears us even while xl or the receiver is slow), a flush
-/// whenever nothing more is queued. A write error is reported through `lost`.
+/// `interval` (so the peer hears us even while xl or the receiver is slow), each sealed
+/// with `sealer`, a flush whenever nothing more is queued. A write error is reported
+/// through `lost`.
 pub(crate) fn spawn_writer<W>(
     w: W,
+    sealer: crate::replication::Sealer,
     mut rx: tokio::sync::mpsc::Receiver<crate::replication::Message>,
     interval: Duration,
     m: Arc<Metrics>,
@@ -337,7 +339,10 @@ where
                 }
             };
             buf.clear();
-            msg.encode(&mut buf);
+            if let Err(e) = sealer.encode(&msg, &mut buf) {
+                lost.send_replace(Some(format!("sealing a frame failed: {e}")));
+                return;
+            }
             m.wire_bytes_total.add(buf.len() as u64);
             let r = async {
                 w.write_all(&buf).await?;

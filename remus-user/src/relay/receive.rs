@@ -212,14 +212,20 @@ async fn handle(
     };
     let Ok(_guard) = slot.clone().try_lock_owned() else {
         warn!(%peer, "refused a primary: another primary is connected");
-        let _ = replication::send(
-            &mut sock,
-            &Message::abort("busy: another primary is being replicated here"),
-        )
-        .await;
+        let _ = session
+            .keys
+            .sealer
+            .send(
+                &mut sock,
+                &Message::abort("busy: another primary is being replicated here"),
+            )
+            .await;
         return false;
     };
-    if replication::send(&mut sock, &Message::Welcome)
+    if session
+        .keys
+        .sealer
+        .send(&mut sock, &Message::Welcome)
         .await
         .is_err()
     {
@@ -368,12 +374,20 @@ async fn serve(
         Err(e) => {
             let reason = format!("cannot start the receiver `{}`: {e}", opts.receiver_cmd);
             error!("{reason}");
-            let _ = replication::send(&mut w, &Message::abort(reason)).await;
+            let _ = session
+                .keys
+                .sealer
+                .send(&mut w, &Message::abort(reason))
+                .await;
             return;
         }
     };
     let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
-        let _ = replication::send(&mut w, &Message::abort("the receiver has no pipes")).await;
+        let _ = session
+            .keys
+            .sealer
+            .send(&mut w, &Message::abort("the receiver has no pipes"))
+            .await;
         return;
     };
     grow_pipe(&stdin);
@@ -400,13 +414,20 @@ async fn serve(
             };
             let reason = format!("the receiver `{}` did not start: {why}", opts.receiver_cmd);
             error!("{reason}");
-            let _ = replication::send(&mut w, &Message::abort(reason)).await;
+            let _ = session
+                .keys
+                .sealer
+                .send(&mut w, &Message::abort(reason))
+                .await;
             drop(stdin);
             let _ = child.kill().await;
             return;
         }
     }
-    if replication::send(&mut w, &Message::Banner(banner))
+    if session
+        .keys
+        .sealer
+        .send(&mut w, &Message::Banner(banner))
         .await
         .is_err()
     {
@@ -424,7 +445,14 @@ async fn serve(
 
     let (tx, rx) = mpsc::channel::<Message>(1024);
     let (lost_tx, mut lost_rx) = watch::channel::<Option<String>>(None);
-    let writer = super::spawn_writer(w, rx, opts.heartbeat.interval, m.clone(), Arc::new(lost_tx));
+    let writer = super::spawn_writer(
+        w,
+        session.keys.sealer.clone(),
+        rx,
+        opts.heartbeat.interval,
+        m.clone(),
+        Arc::new(lost_tx),
+    );
     m.connected.set(1);
     shared.set(|s| s.state = "replicating".into());
 
@@ -432,7 +460,7 @@ async fn serve(
     // written, while this loop keeps reading the next one (and watching for silence).
     let (feed_tx, feeder) = spawn_feeder(stdin, tx.clone(), m.clone());
 
-    let mut reader = FrameReader::new(r);
+    let mut reader = FrameReader::new(r, session.keys.opener.clone());
     let mut cutter = Cutter::new();
     let mut decoder = Some(PageDecoder::new(session.cache_pages as usize));
     let mut steps = Vec::new();

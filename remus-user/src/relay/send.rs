@@ -85,6 +85,11 @@ impl HasExitCode for SendError {
     fn exit_code(&self) -> ExitCode {
         match self {
             SendError::StdinNotPipe(_) | SendError::PipeBusy => ExitCode::Usage,
+            // The two key files differ: the operator's to fix, like a bad key file.
+            SendError::Handshake {
+                source: WireError::AuthFailed(_),
+                ..
+            } => ExitCode::Usage,
             SendError::Connect { .. }
             | SendError::ConnectTimeout(_)
             | SendError::Banner(_)
@@ -241,7 +246,7 @@ async fn setup(
         });
     });
     let (r, w) = stream.into_split();
-    let mut reader = FrameReader::new(r);
+    let mut reader = FrameReader::new(r, session.keys.opener.clone());
     let banner = match tokio::time::timeout(opts.banner_timeout, reader.next()).await {
         Err(_) => {
             return Err(SendError::Banner(format!(
@@ -369,7 +374,14 @@ impl TcpReplicator {
         let lost_tx = Arc::new(lost_tx);
         let hb = opts.heartbeat;
 
-        super::spawn_writer(w, rx, hb.interval, shared.metrics.clone(), lost_tx.clone());
+        super::spawn_writer(
+            w,
+            session.keys.sealer.clone(),
+            rx,
+            hb.interval,
+            shared.metrics.clone(),
+            lost_tx.clone(),
+        );
 
         // Reader: acks and heartbeats; silence for the timeout means the backup is lost.
         let m = shared.metrics.clone();

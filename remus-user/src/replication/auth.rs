@@ -1,12 +1,15 @@
 //! The pre-shared key and the mutual HMAC-SHA256 challenge/response of the handshake.
 //!
 //! Owns: loading and checking the key file, nonces, the proofs both ways, version
-//! negotiation. Never touches: anything after WELCOME (stream data, acks, heartbeats).
+//! negotiation, and deriving the session's keys at its end (through `kdf`). Never
+//! touches: anything after WELCOME (stream data, acks, heartbeats), nor sealing itself
+//! (`seal`).
 //!
-//! Each side proves it holds the key over both nonces, with a different label per side
-//! so one side's proof can never be replayed as the other's. The backup proves first,
-//! but only over a nonce of its own choosing too, so a peer without the key learns
-//! nothing it can reuse.
+//! Each side proves it holds the key over the transcript (HELLO as the primary sent it,
+//! the chosen version, both nonces), with a different label per side so one side's proof
+//! can never be replayed as the other's. The backup proves first, but only over a nonce
+//! of its own choosing too, so a peer without the key learns nothing it can reuse; a
+//! HELLO rewritten on the way (an older version, no compression) makes the proofs fail.
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
@@ -16,14 +19,17 @@ use rand::RngCore;
 use sha2::Sha256;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::kdf;
+use super::seal::{Keys, Role};
 use super::{
-    Hello, MIN_VERSION, Message, VERSION, VERSION_COMPRESSION, WireError, read_message, send,
+    Hello, MIN_VERSION, Message, VERSION, VERSION_COMPRESSION, WireError, read_message,
+    read_sealed_or_plain, send,
 };
 
 type HmacSha256 = Hmac<Sha256>;
 
-const LABEL_SERVER: &[u8] = b"remus-relay backup proof";
-const LABEL_CLIENT: &[u8] = b"remus-relay primary proof";
+const LABEL_SERVER: &[u8] = b"remus-relay v3 backup proof";
+const LABEL_CLIENT: &[u8] = b"remus-relay v3 primary proof";
 
 /// Shorter keys are accepted with a warning.
 pub const MIN_RECOMMENDED_KEY: usize = 16;
@@ -84,47 +90,33 @@ impl Key {
         Ok(Key(bytes))
     }
 
-    fn proof(
-        &self,
-        label: &[u8],
-        version: u16,
-        nonce_p: &[u8; 32],
-        nonce_b: &[u8; 32],
-    ) -> HmacSha256 {
+    fn proof(&self, label: &[u8], transcript: &[u8; 32]) -> HmacSha256 {
         // HMAC takes keys of any length.
         let mut m = <HmacSha256 as Mac>::new_from_slice(&self.0).unwrap_or_else(|_| unreachable!());
         m.update(label);
-        m.update(&version.to_le_bytes());
-        m.update(nonce_p);
-        m.update(nonce_b);
+        m.update(transcript);
         m
     }
 
-    fn prove(
-        &self,
-        label: &[u8],
-        version: u16,
-        nonce_p: &[u8; 32],
-        nonce_b: &[u8; 32],
-    ) -> [u8; 32] {
-        self.proof(label, version, nonce_p, nonce_b)
-            .finalize()
-            .into_bytes()
-            .into()
+    fn prove(&self, label: &[u8], transcript: &[u8; 32]) -> [u8; 32] {
+        self.proof(label, transcript).finalize().into_bytes().into()
     }
 
     /// Constant-time check of a peer's proof.
-    fn verify(
+    fn verify(&self, label: &[u8], transcript: &[u8; 32], mac: &[u8; 32]) -> bool {
+        self.proof(label, transcript).verify_slice(mac).is_ok()
+    }
+
+    /// The session's keys for `role` (both ends derive the same pair).
+    fn keys(
         &self,
-        label: &[u8],
-        version: u16,
+        role: Role,
         nonce_p: &[u8; 32],
         nonce_b: &[u8; 32],
-        mac: &[u8; 32],
-    ) -> bool {
-        self.proof(label, version, nonce_p, nonce_b)
-            .verify_slice(mac)
-            .is_ok()
+        transcript: &[u8; 32],
+    ) -> Keys {
+        let (p2b, b2p) = kdf::traffic_secrets(&self.0, nonce_p, nonce_b, transcript);
+        Keys::new(role, &p2b, &b2p)
     }
 }
 
@@ -161,13 +153,16 @@ pub struct ServerConfig {
     pub timeout: Duration,
 }
 
-/// What both sides agreed on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What both sides agreed on, and the keys of the sealed channel that follows.
+#[derive(Clone, Debug)]
 pub struct Session {
     pub version: u16,
     /// 0 when the version does not allow compression.
     pub codec: u8,
     pub cache_pages: u32,
+    /// Seal every frame sent from now on with `keys.sealer`; read with a `FrameReader`
+    /// built on `keys.opener`. Clones share their counters.
+    pub keys: Keys,
 }
 
 fn random_nonce() -> [u8; 32] {
@@ -200,7 +195,7 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
         nonce: nonce_p,
     };
     send(s, &Message::Hello(hello)).await?;
-    let (version, nonce_b) = match recv(s, cfg.timeout, "the backup's challenge").await? {
+    let (version, nonce_b, th) = match recv(s, cfg.timeout, "the backup's challenge").await? {
         Message::Challenge {
             version,
             nonce,
@@ -215,20 +210,18 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
                     theirs_max: version,
                 });
             }
-            if !cfg
-                .key
-                .verify(LABEL_SERVER, version, &nonce_p, &nonce, &mac)
-            {
+            let th = kdf::transcript(&hello, version, &nonce);
+            if !cfg.key.verify(LABEL_SERVER, &th, &mac) {
                 let _ = send(
                     s,
                     &Message::abort("authentication failed: your proof of the key did not verify"),
                 )
                 .await;
                 return Err(WireError::AuthFailed(
-                    "the backup's proof of the key did not verify: the two key files differ".into(),
+                    "the backup's proof of the key did not verify: the two key files differ (or the handshake was altered on the way)".into(),
                 ));
             }
-            (version, nonce)
+            (version, nonce, th)
         }
         Message::Abort { reason } => return Err(WireError::Refused(reason)),
         other => {
@@ -238,17 +231,24 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
             });
         }
     };
-    let mac = cfg.key.prove(LABEL_CLIENT, version, &nonce_p, &nonce_b);
+    let mac = cfg.key.prove(LABEL_CLIENT, &th);
     send(s, &Message::Auth { mac }).await?;
-    match recv(s, cfg.timeout, "the backup's welcome").await? {
-        Message::Welcome => {}
-        Message::Abort { reason } => return Err(WireError::Refused(reason)),
-        other => {
+    let keys = cfg.key.keys(Role::Primary, &nonce_p, &nonce_b, &th);
+    // WELCOME is the first sealed frame: opening it proves the backup derived the same
+    // keys. A backup that found no key can only refuse in the clear.
+    let welcome = tokio::time::timeout(cfg.timeout, read_sealed_or_plain(s, &keys.opener))
+        .await
+        .map_err(|_| WireError::Timeout("the backup's welcome"))??;
+    match welcome {
+        (Message::Welcome, true) => {}
+        (Message::Abort { reason }, _) => return Err(WireError::Refused(reason)),
+        (other, true) => {
             return Err(WireError::Unexpected {
                 expected: "WELCOME",
                 got: other.kind(),
             });
         }
+        (other, false) => return Err(WireError::Unsealed { kind: other.kind() }),
     }
     let codec = if version >= VERSION_COMPRESSION {
         cfg.codec
@@ -259,12 +259,14 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
         version,
         codec,
         cache_pages: cfg.cache_pages,
+        keys,
     })
 }
 
 /// Backup side, up to and including verifying the primary's proof. The caller answers
-/// WELCOME (or ABORT, e.g. when another primary is connected). Every refusal is also
-/// answered with an ABORT naming the reason, then returned as an error for the log.
+/// WELCOME (or ABORT, e.g. when another primary is connected), sealed with
+/// `session.keys.sealer`. Every refusal here is answered with a plain ABORT naming the
+/// reason (no keys exist yet), then returned as an error for the log.
 pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     cfg: &ServerConfig,
@@ -277,6 +279,22 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
                 got: other.kind(),
             };
             let _ = send(s, &Message::abort(e.to_string())).await;
+            return Err(e);
+        }
+        Err(
+            e @ WireError::Version {
+                ours_min,
+                ours_max,
+                theirs_min,
+                theirs_max,
+            },
+        ) => {
+            // Said from the backup's side, so the primary's log reads right.
+            let why = format!(
+                "protocol version mismatch: this backup speaks {ours_min}..={ours_max}, the primary offered {theirs_min}..={theirs_max}; upgrade one side (version {} seals every frame; unsealed versions are refused)",
+                super::VERSION_SEALED
+            );
+            let _ = send(s, &Message::abort(why)).await;
             return Err(e);
         }
         Err(e) => {
@@ -300,7 +318,8 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
         return Err(e);
     }
     let nonce_b = random_nonce();
-    let mac = cfg.key.prove(LABEL_SERVER, version, &hello.nonce, &nonce_b);
+    let th = kdf::transcript(&hello, version, &nonce_b);
+    let mac = cfg.key.prove(LABEL_SERVER, &th);
     send(
         s,
         &Message::Challenge {
@@ -312,10 +331,7 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     .await?;
     match recv(s, cfg.timeout, "the primary's proof").await? {
         Message::Auth { mac } => {
-            if !cfg
-                .key
-                .verify(LABEL_CLIENT, version, &hello.nonce, &nonce_b, &mac)
-            {
+            if !cfg.key.verify(LABEL_CLIENT, &th, &mac) {
                 let _ = send(s, &Message::abort("authentication failed: wrong key")).await;
                 return Err(WireError::AuthFailed(
                     "the primary's proof of the key did not verify: it does not hold this key"
@@ -337,12 +353,14 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
         version,
         codec,
         cache_pages: hello.cache_pages,
+        keys: cfg.key.keys(Role::Backup, &hello.nonce, &nonce_b, &th),
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::replication::Kind;
 
     async fn pair(
         ckey: &[u8],
@@ -358,8 +376,13 @@ mod tests {
         };
         let server = async move {
             let r = server_handshake(&mut b, &s).await;
-            if r.is_ok() {
-                send(&mut b, &Message::Welcome).await.unwrap();
+            if let Ok(session) = &r {
+                session
+                    .keys
+                    .sealer
+                    .send(&mut b, &Message::Welcome)
+                    .await
+                    .unwrap();
             }
             r
         };
@@ -368,15 +391,154 @@ mod tests {
         (cr, sr)
     }
 
+    /// Seals `m` with `from` and opens it with `to`.
+    async fn carry(from: &Session, to: &Session, m: &Message) -> Result<Message, WireError> {
+        let mut wire = Vec::new();
+        from.keys.sealer.encode(m, &mut wire)?;
+        let mut r = &wire[..];
+        let (got, sealed) = read_sealed_or_plain(&mut r, &to.keys.opener).await?;
+        assert!(sealed);
+        Ok(got)
+    }
+
     #[tokio::test]
-    async fn same_key_authenticates_both_ways() {
+    async fn same_key_authenticates_both_ways_and_keys_match() {
         let (c, s) = pair(b"0123456789abcdef", b"0123456789abcdef", |_| {}).await;
         let c = c.unwrap();
         let s = s.unwrap();
-        assert_eq!(c, s);
+        assert_eq!(
+            (c.version, c.codec, c.cache_pages),
+            (s.version, s.codec, s.cache_pages)
+        );
         assert_eq!(c.version, VERSION);
         assert_eq!(c.codec, 1);
         assert_eq!(c.cache_pages, 1024);
+        // WELCOME was frame 0 backup → primary.
+        assert_eq!(c.keys.opener.frames(), 1);
+        let m = Message::Data(vec![7; 1000]);
+        assert_eq!(carry(&c, &s, &m).await.unwrap(), m);
+        let m = Message::Ack { checkpoint: 3 };
+        assert_eq!(carry(&s, &c, &m).await.unwrap(), m);
+        // Each direction has its own key: a frame sealed by the primary does not open
+        // as the backup's (reflection).
+        let mut wire = Vec::new();
+        c.keys.sealer.encode(&m, &mut wire).unwrap();
+        let mut r = &wire[..];
+        assert!(matches!(
+            read_sealed_or_plain(&mut r, &c.keys.opener).await,
+            Err(WireError::Forged { .. } | WireError::OutOfOrder { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn two_sessions_never_share_keys() {
+        let (c1, s1) = pair(b"k", b"k", |_| {}).await;
+        let (_, s2) = pair(b"k", b"k", |_| {}).await;
+        let (c1, s1, s2) = (c1.unwrap(), s1.unwrap(), s2.unwrap());
+        let m = Message::Heartbeat { seq: 1 };
+        assert!(carry(&c1, &s1, &m).await.is_ok());
+        // A frame of session 1 replayed into session 2 (same key file, fresh nonces).
+        let (c1b, _) = pair(b"k", b"k", |_| {}).await;
+        assert!(matches!(
+            carry(&c1b.unwrap(), &s2, &m).await,
+            Err(WireError::Forged { .. })
+        ));
+    }
+
+    /// A man in the middle that rewrites the primary's HELLO with `f`, then relays.
+    async fn through_mitm(
+        f: impl FnOnce(&mut Hello) + Send + 'static,
+    ) -> Result<Session, WireError> {
+        let (mut a, mut m1) = tokio::io::duplex(4096);
+        let (mut m2, mut b) = tokio::io::duplex(4096);
+        let c = ClientConfig::new(Key::from_bytes(b"same key").unwrap(), 1, 1024);
+        let s = ServerConfig {
+            key: Key::from_bytes(b"same key").unwrap(),
+            timeout: Duration::from_secs(5),
+        };
+        tokio::spawn(async move {
+            let Ok(Message::Hello(mut h)) = read_message(&mut m1).await else {
+                return;
+            };
+            f(&mut h);
+            if send(&mut m2, &Message::Hello(h)).await.is_ok() {
+                let _ = tokio::io::copy_bidirectional(&mut m1, &mut m2).await;
+            }
+        });
+        tokio::spawn(async move {
+            if let Ok(session) = server_handshake(&mut b, &s).await {
+                let _ = session.keys.sealer.send(&mut b, &Message::Welcome).await;
+                // Keep the connection open until the client has read.
+                let _ = read_message(&mut b).await;
+            }
+        });
+        client_handshake(&mut a, &c).await
+    }
+
+    #[tokio::test]
+    async fn a_rewritten_hello_is_refused() {
+        // Compression turned off, the cache size or the nonce changed, the version
+        // range narrowed: the backup's proof covers what it received, so the primary
+        // refuses (and the keys would differ anyway).
+        let untouched = through_mitm(|_| {}).await;
+        assert!(untouched.is_ok(), "{untouched:?}");
+        for r in [
+            through_mitm(|h| h.codec = 0).await,
+            through_mitm(|h| h.cache_pages = 1).await,
+            through_mitm(|h| h.nonce[0] ^= 1).await,
+            through_mitm(|h| h.max_version = VERSION + 1).await,
+        ] {
+            assert!(matches!(r, Err(WireError::AuthFailed(_))), "{r:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unsealed_welcome_is_refused() {
+        // A backup (or a man in the middle) answering WELCOME in the clear, as version 2 did.
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        let c = ClientConfig::new(Key::from_bytes(b"k").unwrap(), 1, 1024);
+        let s = ServerConfig {
+            key: Key::from_bytes(b"k").unwrap(),
+            timeout: Duration::from_secs(5),
+        };
+        let server = async move {
+            server_handshake(&mut b, &s).await.unwrap();
+            send(&mut b, &Message::Welcome).await.unwrap();
+        };
+        let (r, ()) = tokio::join!(client_handshake(&mut a, &c), server);
+        assert!(
+            matches!(
+                r,
+                Err(WireError::Unsealed {
+                    kind: Kind::Welcome
+                })
+            ),
+            "{r:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_sealed_refusal_after_the_handshake_reaches_the_primary() {
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        let c = ClientConfig::new(Key::from_bytes(b"k").unwrap(), 1, 1024);
+        let s = ServerConfig {
+            key: Key::from_bytes(b"k").unwrap(),
+            timeout: Duration::from_secs(5),
+        };
+        let server = async move {
+            let session = server_handshake(&mut b, &s).await.unwrap();
+            session
+                .keys
+                .sealer
+                .send(&mut b, &Message::abort("busy: another primary"))
+                .await
+                .unwrap();
+        };
+        let (r, ()) = tokio::join!(client_handshake(&mut a, &c), server);
+        match r {
+            Err(WireError::Refused(reason)) => assert!(reason.contains("busy"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[tokio::test]
@@ -422,16 +584,52 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn previous_version_is_accepted_without_compression() {
+    async fn an_unsealed_version_is_refused_naming_both_ranges() {
+        // A version 2 primary (range 1..=2, frames in the clear) meets this backup.
         let (c, s) = pair(b"k", b"k", |c| {
-            c.max_version = MIN_VERSION;
-            c.min_version = MIN_VERSION;
+            c.max_version = 2;
+            c.min_version = 1;
         })
         .await;
-        let c = c.unwrap();
-        assert_eq!(c.version, MIN_VERSION);
-        assert_eq!(c.codec, 0);
-        assert_eq!(s.unwrap().codec, 0);
+        assert!(matches!(s, Err(WireError::Version { .. })), "{s:?}");
+        match c {
+            Err(WireError::Refused(reason)) => {
+                assert!(reason.contains("1..=2"), "{reason}");
+                assert!(
+                    reason.contains(&format!("{MIN_VERSION}..={VERSION}")),
+                    "{reason}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_challenge_below_the_range_is_refused() {
+        // What this primary does if a backup picks an older version than it offered.
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        let c = ClientConfig::new(Key::from_bytes(b"k").unwrap(), 1, 1024);
+        let backup = async move {
+            let _hello = read_message(&mut b).await.unwrap();
+            send(
+                &mut b,
+                &Message::Challenge {
+                    version: 2,
+                    nonce: [0; 32],
+                    mac: [0; 32],
+                },
+            )
+            .await
+            .unwrap();
+        };
+        let (r, ()) = tokio::join!(client_handshake(&mut a, &c), backup);
+        match r {
+            Err(e @ WireError::Version { .. }) => {
+                let msg = e.to_string();
+                assert!(msg.contains("2..=2") && msg.contains("3..=3"), "{msg}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[tokio::test]
