@@ -32,16 +32,16 @@ Relay mode makes stock `xl remus` safe: `remus relay send` is the transport comm
 runs on the primary, `remus relay receive` its twin on the backup. Together they add what
 stock Remus lacks: the backup acknowledges each checkpoint, the guest's network output is
 held until then (eBPF buffer on the vif), heartbeats detect a dead or silent primary in
-about a second, the link is authenticated with a pre-shared key, and page data is
-compressed.
+about a second, page data is compressed, and the link is authenticated with a
+pre-shared key and encrypted (AES-256-GCM, every frame after the handshake).
 
   backup#  remus relay receive --listen 0.0.0.0:7788 --key-file /etc/remus/key
   primary# xl remus -F -n -s '' mydomain \\
              'remus relay send --backup backup:7788 --key-file /etc/remus/key --vif vif5.0'
   either#  remus relay status -j
 
-Exit codes: 0 ok; 1 operational failure; 2 usage (bad arguments, key file, stdin not a
-pipe); 3 environment unsupported (not root, no BPF); 4 peer lost (the backup, for
+Exit codes: 0 ok; 1 operational failure; 2 usage (bad arguments, key file, the two key
+files differ, stdin not a pipe); 3 environment unsupported (not root, no BPF); 4 peer lost (the backup, for
 `relay send`: the guest now runs unprotected).";
 
 #[derive(Parser)]
@@ -158,8 +158,8 @@ written straight through; every later checkpoint is kept in memory until its las
 has arrived, then written whole and acknowledged, so the receiver only ever holds whole
 checkpoints.
 
-When the primary is silent for --heartbeat-timeout, the connection breaks, or a frame is
-corrupt, it closes the receiver's stdin: libxl then fails over and starts the backup copy
+When the primary is silent for --heartbeat-timeout, the connection breaks, or a frame
+fails to open (altered, replayed, reordered, dropped), it closes the receiver's stdin: libxl then fails over and starts the backup copy
 from the last complete checkpoint. The failover is logged with that checkpoint's number.
 Primaries without the key, with an incompatible protocol version, or arriving while
 another is connected are refused and logged; they never disturb the running session.";
