@@ -391,6 +391,17 @@ mod tests {
         (cr, sr)
     }
 
+    /// A primary's and a backup's configuration with the same key.
+    fn configs() -> (ClientConfig, ServerConfig) {
+        (
+            ClientConfig::new(Key::from_bytes(b"k").unwrap(), 1, 1024),
+            ServerConfig {
+                key: Key::from_bytes(b"k").unwrap(),
+                timeout: Duration::from_secs(5),
+            },
+        )
+    }
+
     /// Seals `m` with `from` and opens it with `to`.
     async fn carry(from: &Session, to: &Session, m: &Message) -> Result<Message, WireError> {
         let mut wire = Vec::new();
@@ -496,11 +507,7 @@ mod tests {
     async fn an_unsealed_welcome_is_refused() {
         // A backup (or a man in the middle) answering WELCOME in the clear, as version 2 did.
         let (mut a, mut b) = tokio::io::duplex(4096);
-        let c = ClientConfig::new(Key::from_bytes(b"k").unwrap(), 1, 1024);
-        let s = ServerConfig {
-            key: Key::from_bytes(b"k").unwrap(),
-            timeout: Duration::from_secs(5),
-        };
+        let (c, s) = configs();
         let server = async move {
             server_handshake(&mut b, &s).await.unwrap();
             send(&mut b, &Message::Welcome).await.unwrap();
@@ -520,11 +527,7 @@ mod tests {
     #[tokio::test]
     async fn a_sealed_refusal_after_the_handshake_reaches_the_primary() {
         let (mut a, mut b) = tokio::io::duplex(4096);
-        let c = ClientConfig::new(Key::from_bytes(b"k").unwrap(), 1, 1024);
-        let s = ServerConfig {
-            key: Key::from_bytes(b"k").unwrap(),
-            timeout: Duration::from_secs(5),
-        };
+        let (c, s) = configs();
         let server = async move {
             let session = server_handshake(&mut b, &s).await.unwrap();
             session

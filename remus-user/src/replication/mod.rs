@@ -539,6 +539,16 @@ pub fn check_header(hdr: &FrameHeader) -> Result<(Kind, u32), WireError> {
     Ok((kind, len))
 }
 
+/// Reads and checks the header in `bytes` (exactly [`HEADER_LEN`] of them).
+fn parse_header(bytes: &[u8]) -> Result<(FrameHeader, Kind, u32), WireError> {
+    let hdr = FrameHeader::read_from_bytes(bytes).map_err(|_| WireError::BadPayload {
+        kind: Kind::Invalid,
+        what: "short header".into(),
+    })?;
+    let (kind, len) = check_header(&hdr)?;
+    Ok((hdr, kind, len))
+}
+
 /// Checks a plain frame's CRC (and that it is not a sealed frame).
 fn check_crc(hdr: &FrameHeader, kind: Kind, payload: &[u8]) -> Result<(), WireError> {
     if hdr.flags.get() & seal::FLAG_SEALED != 0 {
@@ -567,12 +577,7 @@ pub fn decode_frame(buf: &[u8]) -> Result<Option<(Message, usize)>, WireError> {
     if buf.len() < HEADER_LEN {
         return Ok(None);
     }
-    let hdr =
-        FrameHeader::read_from_bytes(&buf[..HEADER_LEN]).map_err(|_| WireError::BadPayload {
-            kind: Kind::Invalid,
-            what: "short header".into(),
-        })?;
-    let (kind, len) = check_header(&hdr)?;
+    let (hdr, kind, len) = parse_header(&buf[..HEADER_LEN])?;
     let total = HEADER_LEN + len as usize;
     if buf.len() < total {
         return Ok(None);
@@ -588,11 +593,7 @@ async fn read_frame<R: AsyncRead + Unpin>(
 ) -> Result<(FrameHeader, Kind, Vec<u8>), WireError> {
     let mut hb = [0u8; HEADER_LEN];
     read_exact_or(r, &mut hb, 0).await?;
-    let hdr = FrameHeader::read_from_bytes(&hb[..]).map_err(|_| WireError::BadPayload {
-        kind: Kind::Invalid,
-        what: "short header".into(),
-    })?;
-    let (kind, len) = check_header(&hdr)?;
+    let (hdr, kind, len) = parse_header(&hb)?;
     let mut payload = vec![0u8; len as usize];
     read_exact_or(r, &mut payload, HEADER_LEN).await?;
     Ok((hdr, kind, payload))
@@ -677,13 +678,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         if avail.len() < HEADER_LEN {
             return Ok(None);
         }
-        let hdr = FrameHeader::read_from_bytes(&avail[..HEADER_LEN]).map_err(|_| {
-            WireError::BadPayload {
-                kind: Kind::Invalid,
-                what: "short header".into(),
-            }
-        })?;
-        let (kind, len) = check_header(&hdr)?;
+        let (hdr, kind, len) = parse_header(&avail[..HEADER_LEN])?;
         let total = HEADER_LEN + len as usize;
         if avail.len() < total {
             return Ok(None);
