@@ -57,8 +57,10 @@ const fn has_data(entry: u64) -> bool {
     !matches!(entry >> 60, 0xd..=0xf)
 }
 
-/// Compression of page data.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+/// Compression of page data. Also what the relays agree on in their handshake (the
+/// wire carries [`Codec::to_wire`]), and what `remus relay status` shows ("none", "lz4").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Codec {
     /// Records are sent as they are (no XOR, no compression, caches untouched).
     None,
@@ -68,28 +70,47 @@ pub enum Codec {
 }
 
 impl Codec {
-    fn to_u8(self) -> u8 {
+    /// The codec's byte in encoded records and in the relays' HELLO.
+    pub fn to_wire(self) -> u8 {
         match self {
             Codec::None => 0,
             Codec::Lz4 => 1,
         }
     }
-    fn from_u8(v: u8) -> Option<Self> {
+    /// The codec a byte names; `None` for a byte no codec has.
+    pub fn from_wire(v: u8) -> Option<Self> {
         match v {
             0 => Some(Codec::None),
             1 => Some(Codec::Lz4),
             _ => None,
         }
     }
+    pub fn name(self) -> &'static str {
+        match self {
+            Codec::None => "none",
+            Codec::Lz4 => "lz4",
+        }
+    }
 }
 
+impl std::fmt::Display for Codec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A codec name that is neither "none" nor "lz4".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown codec {0:?} (expected none or lz4)")]
+pub struct UnknownCodecName(pub String);
+
 impl std::str::FromStr for Codec {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownCodecName;
+    fn from_str(s: &str) -> Result<Self, UnknownCodecName> {
         match s {
             "none" => Ok(Codec::None),
             "lz4" => Ok(Codec::Lz4),
-            _ => Err(format!("unknown codec {s:?} (expected none or lz4)")),
+            _ => Err(UnknownCodecName(s.to_string())),
         }
     }
 }
@@ -286,7 +307,7 @@ impl PageEncoder {
         let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
         out.extend_from_slice(&MAGIC);
         out.push(VERSION);
-        out.push(self.codec.to_u8());
+        out.push(self.codec.to_wire());
         out.extend_from_slice(&[flags, 0, 0, 0]);
         out.extend_from_slice(&(record.len() as u32).to_le_bytes());
         out.extend_from_slice(&(inner.len() as u32).to_le_bytes());
@@ -327,7 +348,7 @@ impl PageDecoder {
         if encoded[2] != VERSION {
             return Err(CompressError::UnsupportedVersion(encoded[2]));
         }
-        let codec = Codec::from_u8(encoded[3]).ok_or(CompressError::UnknownCodec(encoded[3]))?;
+        let codec = Codec::from_wire(encoded[3]).ok_or(CompressError::UnknownCodec(encoded[3]))?;
         let flags = encoded[4];
         if flags & !(FLAG_XOR | FLAG_LZ4) != 0
             || encoded[5..8] != [0, 0, 0]

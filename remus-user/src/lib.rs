@@ -10,9 +10,11 @@
 //! - `stream`: pure Xen migration-v2 / Remus stream parsing (bytes in, events out).
 //! - `compress`: pure page-data compression (XOR against last copy, then lz4).
 //! - `replication`: the wire protocol between the two relays (framing, versions, auth).
-//! - `checkpoint`: the controller state machine, driven through traits.
+//! - `checkpoint`: the checkpoint state machine, its ports (traits) and the relay-mode
+//!   driver.
+//! - `output_commit`: the one invariant, where it is enforced, and the ACK ledger.
 //! - `relay`: `remus relay send|receive|status`, joining xl, the wire and the buffer.
-//! - `metrics`: Prometheus text exposition.
+//! - `metrics`: the relay's metrics (prometheus-client registry, OpenMetrics text).
 //! - `exit`: the one exit-code enum of both binaries.
 //!
 //! The library itself owns no state and touches nothing at load time: the binaries (and
@@ -25,7 +27,12 @@ pub mod holder;
 pub mod metrics;
 pub mod netbuf;
 pub mod netlink;
+pub mod output_commit;
 pub mod relay;
 pub mod replication;
 pub mod stream;
 pub mod tap;
+
+/// Directory of the root-only runtime files of both binaries (status and control sockets,
+/// state files). The one definition: every module names it through this constant.
+pub const RUN_DIR: &str = "/run/remus";

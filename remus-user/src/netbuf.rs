@@ -870,7 +870,7 @@ fn to_nb(e: NetError) -> NetBufferError {
 macro_rules! impl_netbuffer {
     ($t:ty) => {
         impl NetBuffer for $t {
-            async fn checkpoint(&mut self) -> Result<u64, NetBufferError> {
+            async fn close_epoch(&mut self) -> Result<u64, NetBufferError> {
                 let iface = self.iface.clone();
                 match check(
                     &iface,

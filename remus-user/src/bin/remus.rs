@@ -1,4 +1,6 @@
 //! `remus`: the checkpoint controller. Today: relay mode (`remus relay send|receive|status`).
+//! Durations on the command line take humantime syntax ("200ms", "1.5s"); a bare number
+//! is milliseconds, as `xl remus -i 200`.
 //!
 //! Owns: the command line, logging set-up, choosing the output buffer, exit codes.
 //! Never touches: the wire, the stream, the kernel directly: everything goes through
@@ -18,7 +20,7 @@ use remus_user::relay::{
     self, DEFAULT_CACHE_PAGES, Heartbeat, RUN_DIR, Shared, parse_duration,
     receive::{self, DEFAULT_RECEIVER_CMD, ReceiveOptions},
     send::{self, SendOptions, Unbuffered},
-    status,
+    status::{self, Role},
 };
 use remus_user::replication::{Key, MIN_VERSION, VERSION};
 
@@ -307,7 +309,7 @@ async fn relay_send_inner(a: SendArgs) -> Result<ExitCode, ExitCode> {
     let sock = a.status_socket.clone().unwrap_or_else(|| {
         PathBuf::from(RUN_DIR).join(format!("relay-send-{}.sock", relay::sanitize(&name)))
     });
-    let shared = Shared::new("send", a.backup.clone(), iface.clone());
+    let shared = Shared::new(Role::Send, a.backup.clone(), iface.clone());
     let _status = status_socket(&sock, &shared);
     start_metrics(a.metrics, &shared).await?;
     tracing::info!(capacity = pipe.capacity, "xl's pipe shrunk");
@@ -336,7 +338,7 @@ async fn relay_send_inner(a: SendArgs) -> Result<ExitCode, ExitCode> {
 }
 
 fn finish_send(
-    r: Result<remus_user::checkpoint::Outcome, send::SendError>,
+    r: Result<remus_user::checkpoint::RunEnd, send::SendError>,
 ) -> Result<ExitCode, ExitCode> {
     match r {
         Ok(_) => Ok(ExitCode::Ok),
@@ -372,7 +374,7 @@ async fn relay_receive(a: ReceiveArgs) -> ExitCode {
     let sock = a.status_socket.clone().unwrap_or_else(|| {
         PathBuf::from(RUN_DIR).join(format!("relay-receive-{}.sock", relay::sanitize(&port)))
     });
-    let shared = Shared::new("receive", a.listen.clone(), None);
+    let shared = Shared::new(Role::Receive, a.listen.clone(), None);
     let _status = status_socket(&sock, &shared);
     if let Err(c) = start_metrics(a.metrics, &shared).await {
         return c;

@@ -16,6 +16,8 @@ use rand::RngCore;
 use sha2::Sha256;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::compress::Codec;
+
 use super::{
     Hello, MIN_VERSION, Message, VERSION, VERSION_COMPRESSION, WireError, read_message, send,
 };
@@ -132,8 +134,8 @@ impl Key {
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
     pub key: Key,
-    /// 0 = none, 1 = lz4 (see `compress`).
-    pub codec: u8,
+    /// Page-data compression asked for (see `compress`).
+    pub codec: Codec,
     pub cache_pages: u32,
     /// Version range announced (tests use other ranges to provoke skew).
     pub max_version: u16,
@@ -143,7 +145,7 @@ pub struct ClientConfig {
 }
 
 impl ClientConfig {
-    pub fn new(key: Key, codec: u8, cache_pages: u32) -> ClientConfig {
+    pub fn new(key: Key, codec: Codec, cache_pages: u32) -> ClientConfig {
         ClientConfig {
             key,
             codec,
@@ -165,8 +167,8 @@ pub struct ServerConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Session {
     pub version: u16,
-    /// 0 when the version does not allow compression.
-    pub codec: u8,
+    /// `Codec::None` when the version does not allow compression.
+    pub codec: Codec,
     pub cache_pages: u32,
 }
 
@@ -253,7 +255,7 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     let codec = if version >= VERSION_COMPRESSION {
         cfg.codec
     } else {
-        0
+        Codec::None
     };
     Ok(Session {
         version,
@@ -286,19 +288,12 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     };
     // `Message::decode` already refused ranges with nothing in common.
     let version = hello.max_version.min(VERSION);
+    // An unknown codec byte was refused when HELLO was decoded (and answered above).
     let codec = if version >= VERSION_COMPRESSION {
         hello.codec
     } else {
-        0
+        Codec::None
     };
-    if codec > 1 {
-        let e = WireError::BadPayload {
-            kind: super::Kind::Hello,
-            what: format!("unknown codec {codec}"),
-        };
-        let _ = send(s, &Message::abort(e.to_string())).await;
-        return Err(e);
-    }
     let nonce_b = random_nonce();
     let mac = cfg.key.prove(LABEL_SERVER, version, &hello.nonce, &nonce_b);
     send(
@@ -350,7 +345,7 @@ mod tests {
         tweak: impl FnOnce(&mut ClientConfig),
     ) -> (Result<Session, WireError>, Result<Session, WireError>) {
         let (mut a, mut b) = tokio::io::duplex(4096);
-        let mut c = ClientConfig::new(Key::from_bytes(ckey).unwrap(), 1, 1024);
+        let mut c = ClientConfig::new(Key::from_bytes(ckey).unwrap(), Codec::Lz4, 1024);
         tweak(&mut c);
         let s = ServerConfig {
             key: Key::from_bytes(skey).unwrap(),
@@ -375,7 +370,7 @@ mod tests {
         let s = s.unwrap();
         assert_eq!(c, s);
         assert_eq!(c.version, VERSION);
-        assert_eq!(c.codec, 1);
+        assert_eq!(c.codec, Codec::Lz4);
         assert_eq!(c.cache_pages, 1024);
     }
 
@@ -400,7 +395,7 @@ mod tests {
             let hello = Hello {
                 max_version: VERSION,
                 min_version: MIN_VERSION,
-                codec: 0,
+                codec: Codec::None,
                 cache_pages: 0,
                 nonce: [0; 32],
             };
@@ -430,8 +425,8 @@ mod tests {
         .await;
         let c = c.unwrap();
         assert_eq!(c.version, MIN_VERSION);
-        assert_eq!(c.codec, 0);
-        assert_eq!(s.unwrap().codec, 0);
+        assert_eq!(c.codec, Codec::None);
+        assert_eq!(s.unwrap().codec, Codec::None);
     }
 
     #[tokio::test]

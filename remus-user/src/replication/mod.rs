@@ -43,6 +43,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
+use crate::compress::Codec;
+
 pub mod auth;
 
 pub use auth::{ClientConfig, Key, ServerConfig, Session, client_handshake, server_handshake};
@@ -195,7 +197,7 @@ pub enum Message {
 pub struct Hello {
     pub max_version: u16,
     pub min_version: u16,
-    pub codec: u8,
+    pub codec: Codec,
     pub cache_pages: u32,
     pub nonce: [u8; 32],
 }
@@ -231,6 +233,8 @@ pub enum WireError {
         theirs_min: u16,
         theirs_max: u16,
     },
+    #[error("unknown page-data codec {0} in HELLO (this build speaks 0 none, 1 lz4)")]
+    UnknownCodec(u8),
     #[error("authentication failed: {0}")]
     AuthFailed(String),
     #[error("refused by the peer: {0}")]
@@ -282,7 +286,7 @@ impl Message {
                 HelloWire {
                     max_version: h.max_version.into(),
                     min_version: h.min_version.into(),
-                    codec: h.codec,
+                    codec: h.codec.to_wire(),
                     reserved: [0; 3],
                     cache_pages: h.cache_pages.into(),
                     nonce: h.nonce,
@@ -381,7 +385,7 @@ impl Message {
                 Message::Hello(Hello {
                     max_version,
                     min_version,
-                    codec: w.codec,
+                    codec: Codec::from_wire(w.codec).ok_or(WireError::UnknownCodec(w.codec))?,
                     cache_pages: w.cache_pages.get(),
                     nonce: w.nonce,
                 })
@@ -647,7 +651,7 @@ mod tests {
         let hello = Hello {
             max_version: VERSION,
             min_version: MIN_VERSION,
-            codec: 1,
+            codec: Codec::Lz4,
             cache_pages: 8192,
             nonce: [7; 32],
         };
@@ -850,7 +854,7 @@ mod tests {
             Message::Hello(Hello {
                 max_version: max,
                 min_version: min,
-                codec: 0,
+                codec: Codec::None,
                 cache_pages: 0,
                 nonce: [0; 32],
             })
