@@ -338,88 +338,37 @@ impl PageDecoder {
 
     /// Reconstructs the original record; on error the decoder is unchanged.
     pub fn decode(&mut self, encoded: &[u8]) -> Result<Vec<u8>, CompressError> {
-        if encoded.len() < HEADER_LEN {
-            return Err(CompressError::TooShort { len: encoded.len() });
-        }
-        let magic = [encoded[0], encoded[1]];
-        if magic != MAGIC {
-            return Err(CompressError::BadMagic(magic));
-        }
-        if encoded[2] != VERSION {
-            return Err(CompressError::UnsupportedVersion(encoded[2]));
-        }
-        let codec = Codec::from_wire(encoded[3]).ok_or(CompressError::UnknownCodec(encoded[3]))?;
-        let flags = encoded[4];
-        if flags & !(FLAG_XOR | FLAG_LZ4) != 0
-            || encoded[5..8] != [0, 0, 0]
-            || (codec == Codec::None && flags != 0)
-        {
-            return Err(CompressError::BadFlags(flags));
-        }
-        let orig_len = le32(encoded, 8);
-        let inner_len = le32(encoded, 12);
-        let payload_len = le32(encoded, 16);
-        let crc = le32(encoded, 20);
-        // XOR form: at most 8 bitmap bytes per page beyond the original.
-        let inner_max = orig_len as usize + orig_len as usize / 512 + 8;
-        if orig_len as usize > MAX_RECORD_LEN {
-            return Err(CompressError::TooLarge(orig_len));
-        }
-        if inner_len as usize > inner_max {
-            return Err(CompressError::TooLarge(inner_len));
-        }
+        let h = EncodedHeader::parse(encoded)?;
         let payload = &encoded[HEADER_LEN..];
-        if payload.len() != payload_len as usize {
-            return Err(CompressError::PayloadLength {
-                header: payload_len,
-                actual: payload.len(),
-            });
-        }
         let decompressed;
-        let inner: &[u8] = if flags & FLAG_LZ4 != 0 {
-            let mut out = vec![0u8; inner_len as usize];
-            match lz4_flex::block::decompress_into(payload, &mut out) {
-                Ok(n) if n == out.len() => {}
-                Ok(n) => {
-                    return Err(CompressError::Decompress {
-                        expected: inner_len,
-                        why: format!("got {n} bytes"),
-                    });
-                }
-                Err(e) => {
-                    return Err(CompressError::Decompress {
-                        expected: inner_len,
-                        why: e.to_string(),
-                    });
-                }
-            }
-            decompressed = out;
+        let inner: &[u8] = if h.flags & FLAG_LZ4 != 0 {
+            decompressed = h.decompress(payload)?;
             &decompressed
         } else {
-            if payload.len() != inner_len as usize {
+            if payload.len() != h.inner_len as usize {
                 return Err(CompressError::PayloadLength {
-                    header: inner_len,
+                    header: h.inner_len,
                     actual: payload.len(),
                 });
             }
             payload
         };
-        let (buf, pfns) = if flags & FLAG_XOR != 0 {
-            let (b, p) = self.unxor(inner, orig_len as usize)?;
+        let (buf, pfns) = if h.flags & FLAG_XOR != 0 {
+            let (b, p) = self.unxor(inner, h.orig_len as usize)?;
             (b, Some(p))
         } else {
-            if inner.len() != orig_len as usize {
+            if inner.len() != h.orig_len as usize {
                 return Err(CompressError::InnerLength {
-                    inner: inner_len,
-                    original: orig_len,
+                    inner: h.inner_len,
+                    original: h.orig_len,
                 });
             }
             (inner.to_vec(), None)
         };
         let actual = crc32fast::hash(&buf);
-        if actual != crc {
+        if actual != h.crc {
             return Err(CompressError::Checksum {
-                expected: crc,
+                expected: h.crc,
                 actual,
             });
         }
@@ -559,6 +508,78 @@ pub fn measure_primed(
         .map(|r| lz4_flex::block::compress(r).len().min(r.len()) as u64)
         .sum();
     Ok(m)
+}
+
+/// The checked header of an encoded record.
+struct EncodedHeader {
+    flags: u8,
+    orig_len: u32,
+    inner_len: u32,
+    crc: u32,
+}
+
+impl EncodedHeader {
+    /// Checks magic, version, codec, flags and every length against the limits and the
+    /// bytes that follow, before anything is allocated.
+    fn parse(encoded: &[u8]) -> Result<EncodedHeader, CompressError> {
+        if encoded.len() < HEADER_LEN {
+            return Err(CompressError::TooShort { len: encoded.len() });
+        }
+        let magic = [encoded[0], encoded[1]];
+        if magic != MAGIC {
+            return Err(CompressError::BadMagic(magic));
+        }
+        if encoded[2] != VERSION {
+            return Err(CompressError::UnsupportedVersion(encoded[2]));
+        }
+        let codec = Codec::from_wire(encoded[3]).ok_or(CompressError::UnknownCodec(encoded[3]))?;
+        let flags = encoded[4];
+        if flags & !(FLAG_XOR | FLAG_LZ4) != 0
+            || encoded[5..8] != [0, 0, 0]
+            || (codec == Codec::None && flags != 0)
+        {
+            return Err(CompressError::BadFlags(flags));
+        }
+        let h = EncodedHeader {
+            flags,
+            orig_len: le32(encoded, 8),
+            inner_len: le32(encoded, 12),
+            crc: le32(encoded, 20),
+        };
+        let payload_len = le32(encoded, 16);
+        // XOR form: at most 8 bitmap bytes per page beyond the original.
+        let inner_max = h.orig_len as usize + h.orig_len as usize / 512 + 8;
+        if h.orig_len as usize > MAX_RECORD_LEN {
+            return Err(CompressError::TooLarge(h.orig_len));
+        }
+        if h.inner_len as usize > inner_max {
+            return Err(CompressError::TooLarge(h.inner_len));
+        }
+        let actual = encoded.len() - HEADER_LEN;
+        if actual != payload_len as usize {
+            return Err(CompressError::PayloadLength {
+                header: payload_len,
+                actual,
+            });
+        }
+        Ok(h)
+    }
+
+    /// The lz4 payload decompressed to exactly `inner_len` bytes.
+    fn decompress(&self, payload: &[u8]) -> Result<Vec<u8>, CompressError> {
+        let mut out = vec![0u8; self.inner_len as usize];
+        match lz4_flex::block::decompress_into(payload, &mut out) {
+            Ok(n) if n == out.len() => Ok(out),
+            Ok(n) => Err(CompressError::Decompress {
+                expected: self.inner_len,
+                why: format!("got {n} bytes"),
+            }),
+            Err(e) => Err(CompressError::Decompress {
+                expected: self.inner_len,
+                why: e.to_string(),
+            }),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -185,6 +185,18 @@ impl Metrics {
 
     /// Puts every value in the registry under its one name.
     fn register(&mut self) {
+        self.register_counters();
+        self.register_gauges();
+        let r = &mut self.registry;
+        r.register_with_unit(
+            "ack_latency",
+            "From the last byte of a checkpoint sent to its ACK",
+            Unit::Seconds,
+            self.ack_latency_seconds.clone(),
+        );
+    }
+
+    fn register_counters(&mut self) {
         let r = &mut self.registry;
         for (name, help, c) in [
             (
@@ -250,6 +262,10 @@ impl Metrics {
         ] {
             r.register_with_unit(name, help, Unit::Bytes, c.clone());
         }
+    }
+
+    fn register_gauges(&mut self) {
+        let r = &mut self.registry;
         for (name, help, g) in [
             (
                 "connected",
@@ -274,12 +290,6 @@ impl Metrics {
         ] {
             r.register(name, help, g.clone());
         }
-        r.register_with_unit(
-            "ack_latency",
-            "From the last byte of a checkpoint sent to its ACK",
-            Unit::Seconds,
-            self.ack_latency_seconds.clone(),
-        );
     }
 
     /// Records one ACK latency (histogram and the recent window).

@@ -253,61 +253,68 @@ impl State {
                 | Input::Proof { .. }
                 | Input::Sent { .. },
             ) => Ok((s, vec![])),
-            (State::Running(p), Input::Suspended { checkpoint }) => {
-                expect(InputKind::Suspended, p.next, checkpoint)?;
-                Ok((
-                    State::Cutting { p, checkpoint },
-                    vec![Action::CutEpoch { checkpoint }],
-                ))
-            }
-            (State::Cutting { p, checkpoint: c }, Input::EpochCut { checkpoint, epoch }) => {
-                expect(InputKind::EpochCut, c, checkpoint)?;
-                Ok((
-                    State::Suspended {
-                        p,
-                        checkpoint,
-                        epoch,
-                    },
-                    vec![],
-                ))
-            }
-            (
+            (s, i) => cycle(s, i),
+        }
+    }
+}
+
+/// The main cycle: Running → Cutting → Suspended → Resumed → Running.
+fn cycle(s: State, input: Input) -> Step {
+    match (s, input) {
+        (State::Running(p), Input::Suspended { checkpoint }) => {
+            expect(InputKind::Suspended, p.next, checkpoint)?;
+            Ok((
+                State::Cutting { p, checkpoint },
+                vec![Action::CutEpoch { checkpoint }],
+            ))
+        }
+        (State::Cutting { p, checkpoint: c }, Input::EpochCut { checkpoint, epoch }) => {
+            expect(InputKind::EpochCut, c, checkpoint)?;
+            Ok((
                 State::Suspended {
-                    mut p,
-                    checkpoint: c,
+                    p,
+                    checkpoint,
                     epoch,
                 },
-                Input::Proof {
-                    checkpoint,
-                    in_time,
-                },
-            ) => {
-                expect(InputKind::Proof, c, checkpoint)?;
-                p.ledger.decided(checkpoint, epoch, in_time);
-                let mut actions = vec![];
-                if !in_time {
-                    p.merges += 1;
-                    actions.push(Action::Merged { checkpoint, epoch });
-                }
-                Ok((State::Resumed { p, checkpoint }, actions))
-            }
-            (
-                State::Resumed {
-                    mut p,
-                    checkpoint: c,
-                },
-                Input::Sent { checkpoint },
-            ) => {
-                expect(InputKind::Sent, c, checkpoint)?;
-                p.ledger.sent(checkpoint);
-                p.next = checkpoint + 1;
-                Ok((State::Running(p), vec![]))
-            }
-            (s, i) => Err(MachineError::Unexpected {
-                input: i.kind(),
-                phase: s.phase(),
-            }),
+                vec![],
+            ))
         }
+        (
+            State::Suspended {
+                mut p,
+                checkpoint: c,
+                epoch,
+            },
+            Input::Proof {
+                checkpoint,
+                in_time,
+            },
+        ) => {
+            expect(InputKind::Proof, c, checkpoint)?;
+            p.ledger.decided(checkpoint, epoch, in_time);
+            let mut actions = vec![];
+            if !in_time {
+                p.merges += 1;
+                actions.push(Action::Merged { checkpoint, epoch });
+            }
+            Ok((State::Resumed { p, checkpoint }, actions))
+        }
+        (
+            State::Resumed {
+                mut p,
+                checkpoint: c,
+            },
+            Input::Sent { checkpoint },
+        ) => {
+            expect(InputKind::Sent, c, checkpoint)?;
+            p.ledger.sent(checkpoint);
+            p.next = checkpoint + 1;
+            Ok((State::Running(p), vec![]))
+        }
+        (s, i) => Err(MachineError::Unexpected {
+            input: i.kind(),
+            phase: s.phase(),
+        }),
     }
 }
 

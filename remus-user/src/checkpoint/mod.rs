@@ -13,6 +13,7 @@
 //!                         (stale or duplicate: nothing; M > last sent: error → Aborted)
 //!     BackupLost(why)   → [FailOpen] → FailingOpen ── FailedOpen(released) ──► Unprotected
 //!     StreamEnded       → Ended(Closed)               Unprotected ── StreamEnded ──► Ended(Lost)
+//!   in FailingOpen / Unprotected: ACKs, suspends, cuts, proofs change nothing (no holding)
 //!   any error (out of order, wrong checkpoint, bogus ACK) → Aborted: nothing more is released
 //!
 //!   one checkpoint's life in the ledger (`output_commit::Ledger`):

@@ -19,7 +19,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::compress::Codec;
 
 use super::{
-    Hello, MIN_VERSION, Message, VERSION, VERSION_COMPRESSION, WireError, read_message, send,
+    Hello, KeyProblem, MIN_VERSION, Message, Prover, VERSION, VERSION_COMPRESSION, WireError,
+    read_message, send,
 };
 
 type HmacSha256 = Hmac<Sha256>;
@@ -46,7 +47,7 @@ impl Key {
         if b.is_empty() {
             return Err(WireError::KeyFile {
                 path: "<bytes>".into(),
-                what: "the key is empty".into(),
+                problem: KeyProblem::Empty,
             });
         }
         Ok(Key(b.to_vec()))
@@ -57,28 +58,27 @@ impl Key {
     /// trailing whitespace is trimmed (so `openssl rand -hex 32 > key` works on both ends).
     pub fn load(path: &Path) -> Result<Key, WireError> {
         let p = path.display().to_string();
-        let err = |what: String| WireError::KeyFile {
+        let err = |problem| WireError::KeyFile {
             path: p.clone(),
-            what,
+            problem,
         };
-        let meta = std::fs::metadata(path).map_err(|e| err(format!("cannot read it: {e}")))?;
+        let meta = std::fs::metadata(path).map_err(|e| err(KeyProblem::Unreadable(e)))?;
         if !meta.is_file() {
-            return Err(err("not a regular file".into()));
+            return Err(err(KeyProblem::NotAFile));
         }
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
-            return Err(err(format!(
-                "mode {mode:04o} lets group or others read the key; run `chmod 600 {p}`"
-            )));
+            return Err(err(KeyProblem::Readable {
+                mode,
+                path: p.clone(),
+            }));
         }
-        let mut bytes = std::fs::read(path).map_err(|e| err(format!("cannot read it: {e}")))?;
+        let mut bytes = std::fs::read(path).map_err(|e| err(KeyProblem::Unreadable(e)))?;
         while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
             bytes.pop();
         }
         if bytes.is_empty() {
-            return Err(err(
-                "the key file is empty; create one with `openssl rand -hex 32 > FILE`".into(),
-            ));
+            return Err(err(KeyProblem::Empty));
         }
         if bytes.len() < MIN_RECOMMENDED_KEY {
             tracing::warn!(path = %p, len = bytes.len(), "the key is short; use at least {MIN_RECOMMENDED_KEY} random bytes");
@@ -226,9 +226,7 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
                     &Message::abort("authentication failed: your proof of the key did not verify"),
                 )
                 .await;
-                return Err(WireError::AuthFailed(
-                    "the backup's proof of the key did not verify: the two key files differ".into(),
-                ));
+                return Err(WireError::AuthFailed(Prover::Backup));
             }
             (version, nonce)
         }
@@ -312,10 +310,7 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
                 .verify(LABEL_CLIENT, version, &hello.nonce, &nonce_b, &mac)
             {
                 let _ = send(s, &Message::abort("authentication failed: wrong key")).await;
-                return Err(WireError::AuthFailed(
-                    "the primary's proof of the key did not verify: it does not hold this key"
-                        .into(),
-                ));
+                return Err(WireError::AuthFailed(Prover::Primary));
             }
         }
         Message::Abort { reason } => return Err(WireError::Refused(reason)),
@@ -378,7 +373,10 @@ mod tests {
     async fn wrong_key_is_refused_by_both() {
         let (c, s) = pair(b"the primary key!", b"the backup key!!", |_| {}).await;
         // The primary notices first (the backup's proof fails) and tells the backup.
-        assert!(matches!(c, Err(WireError::AuthFailed(_))), "{c:?}");
+        assert!(
+            matches!(c, Err(WireError::AuthFailed(Prover::Backup))),
+            "{c:?}"
+        );
         assert!(matches!(s, Err(WireError::Refused(_))), "{s:?}");
     }
 
@@ -407,7 +405,10 @@ mod tests {
             read_message(&mut a).await.unwrap()
         };
         let (reply, sr) = tokio::join!(client, server);
-        assert!(matches!(sr, Err(WireError::AuthFailed(_))), "{sr:?}");
+        assert!(
+            matches!(sr, Err(WireError::AuthFailed(Prover::Primary))),
+            "{sr:?}"
+        );
         match reply {
             Message::Abort { reason } => {
                 assert!(reason.contains("authentication failed"), "{reason}")
@@ -453,17 +454,39 @@ mod tests {
     fn key_file_checks() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("key");
-        assert!(matches!(Key::load(&p), Err(WireError::KeyFile { .. })));
+        assert!(matches!(
+            Key::load(&p),
+            Err(WireError::KeyFile {
+                problem: KeyProblem::Unreadable(_),
+                ..
+            })
+        ));
         std::fs::write(&p, "\n").unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let e = Key::load(&p).unwrap_err().to_string();
-        assert!(e.contains("empty"), "{e}");
+        assert!(matches!(
+            Key::load(&p),
+            Err(WireError::KeyFile {
+                problem: KeyProblem::Empty,
+                ..
+            })
+        ));
         std::fs::write(&p, "abcdef0123456789abcdef\n").unwrap();
         assert_eq!(Key::load(&p).unwrap().0, b"abcdef0123456789abcdef");
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let e = Key::load(&p).unwrap_err().to_string();
-        assert!(e.contains("chmod 600"), "{e}");
-        assert!(Key::load(dir.path()).is_err());
+        assert!(matches!(
+            Key::load(&p),
+            Err(WireError::KeyFile {
+                problem: KeyProblem::Readable { mode: 0o644, .. },
+                ..
+            })
+        ));
+        assert!(matches!(
+            Key::load(dir.path()),
+            Err(WireError::KeyFile {
+                problem: KeyProblem::NotAFile,
+                ..
+            })
+        ));
         assert_eq!(
             format!("{:?}", Key::from_bytes(b"secret").unwrap()),
             "Key(6 bytes)"
