@@ -133,6 +133,9 @@ pub enum CompressError {
     TooLarge(u32),
     #[error("payload length {header} in the header, but {actual} bytes follow it")]
     PayloadLength { header: u32, actual: usize },
+    #[error("lz4 payload decompresses to {got} bytes, not {expected}")]
+    DecompressedLength { expected: u32, got: usize },
+    /// `why` is lz4's own message (its error type can be neither cloned nor compared).
     #[error("lz4 payload does not decompress to {expected} bytes: {why}")]
     Decompress { expected: u32, why: String },
     #[error("inner length {inner} does not match the original length {original}")]
@@ -570,9 +573,9 @@ impl EncodedHeader {
         let mut out = vec![0u8; self.inner_len as usize];
         match lz4_flex::block::decompress_into(payload, &mut out) {
             Ok(n) if n == out.len() => Ok(out),
-            Ok(n) => Err(CompressError::Decompress {
+            Ok(n) => Err(CompressError::DecompressedLength {
                 expected: self.inner_len,
-                why: format!("got {n} bytes"),
+                got: n,
             }),
             Err(e) => Err(CompressError::Decompress {
                 expected: self.inner_len,

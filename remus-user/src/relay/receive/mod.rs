@@ -381,23 +381,34 @@ async fn cut_and_feed(live: &mut Live, data: &[u8]) -> Result<(), Ending> {
     Ok(())
 }
 
+/// Why a PAGE_DATA frame could not be decoded.
+#[derive(Debug, thiserror::Error)]
+enum DecodeError {
+    #[error("the page decoder was lost after an earlier failure")]
+    NoDecoder,
+    #[error(transparent)]
+    Offload(#[from] super::connection::OffloadError),
+    #[error(transparent)]
+    Compress(#[from] CompressError),
+}
+
 /// Decodes a PAGE_DATA frame (off the runtime thread when big, so heartbeats keep
 /// flowing). Returns the encoded bytes back (for the metrics) with the decoded ones.
-async fn decode(dec: &mut Option<PageDecoder>, e: Vec<u8>) -> Result<(Vec<u8>, Vec<u8>), String> {
+async fn decode(
+    dec: &mut Option<PageDecoder>,
+    e: Vec<u8>,
+) -> Result<(Vec<u8>, Vec<u8>), DecodeError> {
     let Some(d) = dec.take() else {
-        return Err("the page decoder was lost after an earlier failure".into());
+        return Err(DecodeError::NoDecoder);
     };
     // The encoded header carries the original length (u32 LE at offset 8).
     let original = e.get(8..12).map_or(usize::MAX, |b| {
         u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize
     });
     let f = |d: &mut PageDecoder, e: &[u8]| d.decode(e);
-    let (d, e, r) = offload("decompression", original, d, e, f)
-        .await
-        .map_err(|err| err.to_string())?;
+    let (d, e, r) = offload("decompression", original, d, e, f).await?;
     *dec = Some(d);
-    r.map(|out| (e, out))
-        .map_err(|err: CompressError| err.to_string())
+    Ok((e, r?))
 }
 
 /// Closing → Done: the feeder writes what is queued (whole checkpoints only), then closes
