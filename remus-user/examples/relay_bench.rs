@@ -44,19 +44,7 @@ fn main() -> Result<(), String> {
             let n: u64 = cps.parse().map_err(|e| format!("CHECKPOINTS: {e}"))?;
             let records: Vec<&[u8]> = (2..=n).flat_map(|c| w.page_records_of(c)).collect();
             let m = compress::measure(&prime, &records, cache).map_err(|e| e.to_string())?;
-            println!(
-                "{}",
-                serde_json::json!({
-                    "records": m.records,
-                    "raw_bytes": m.raw_bytes,
-                    "encoded_bytes": m.encoded_bytes,
-                    "ratio": m.ratio(),
-                    "lz4_only_ratio": m.lz4_only_ratio(),
-                    "encode_mb_s": m.encode_mb_s(),
-                    "decode_mb_s": m.decode_mb_s(),
-                    "identical": m.identical,
-                })
-            );
+            println!("{}", measurement_json(&m));
         }
         ["captured", zst, out, cache] => captured(zst, out, cache)?,
         _ => return Err("usage: relay_bench stream OUT PAGES DIRTY CHECKPOINTS | compress PAGES DIRTY CHECKPOINTS CACHE | captured ZST OUT CACHE".into()),
@@ -112,17 +100,22 @@ fn captured(zst: &str, out: &str, cache: &str) -> Result<(), String> {
         serde_json::json!({
             "bytes": bytes.len(),
             "ends": ends,
-            "compression": {
-                "records": m.records,
-                "raw_bytes": m.raw_bytes,
-                "encoded_bytes": m.encoded_bytes,
-                "ratio": m.ratio(),
-                "lz4_only_ratio": m.lz4_only_ratio(),
-                "encode_mb_s": m.encode_mb_s(),
-                "decode_mb_s": m.decode_mb_s(),
-                "identical": m.identical,
-            },
+            "compression": measurement_json(&m),
         })
     );
     Ok(())
+}
+
+/// What `cargo xtask bench relay` reads of a compression measurement.
+fn measurement_json(m: &compress::Measurement) -> serde_json::Value {
+    serde_json::json!({
+        "records": m.records,
+        "raw_bytes": m.raw_bytes,
+        "encoded_bytes": m.encoded_bytes,
+        "ratio": m.ratio(),
+        "lz4_only_ratio": m.lz4_only_ratio(),
+        "encode_mb_s": m.encode_mb_s(),
+        "decode_mb_s": m.decode_mb_s(),
+        "identical": m.identical,
+    })
 }
