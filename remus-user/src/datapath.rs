@@ -75,14 +75,64 @@ pub enum DatapathError {
 
 impl DatapathError {
     /// True when the failure means "this kernel/environment cannot do BPF" rather than a
-    /// bug or a transient condition (drives exit code 3).
+    /// bug or a transient condition (drives exit code 3): bpffs cannot be had, or a BPF
+    /// syscall somewhere in the error's chain of sources failed with EPERM or ENOSYS.
     pub fn is_unsupported(&self) -> bool {
-        let text = format!("{self:?}");
-        matches!(self, DatapathError::Bpffs(_))
-            || text.contains("EPERM")
-            || text.contains("ENOSYS")
-            || text.contains("Operation not permitted")
-            || text.contains("Function not implemented")
+        // The boxed aya errors are opened here: a `Box<E>` in the chain is not an `E`.
+        let inner: &(dyn std::error::Error + 'static) = match self {
+            DatapathError::Bpffs(_) => return true,
+            DatapathError::Load(e) => &**e,
+            DatapathError::Verify { source, .. } | DatapathError::Attach { source, .. } => {
+                &**source
+            }
+            other => other,
+        };
+        errno_in_chain(inner).is_some_and(|e| e == libc::EPERM || e == libc::ENOSYS)
+    }
+}
+
+/// The first OS error number in `e`'s chain of sources. aya keeps the syscall's
+/// `io::Error` as the source of its load errors, but behind `#[error(transparent)]`
+/// wrappers (tc, map, program I/O errors) it is no source of its own: those are opened
+/// by type.
+pub fn errno_in_chain(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(errno) = errno_here(err) {
+            return Some(errno);
+        }
+        cur = err.source();
+    }
+    None
+}
+
+fn errno_here(err: &(dyn std::error::Error + 'static)) -> Option<i32> {
+    use aya::{maps::MapError, programs::ProgramError};
+    let of_tc = |t: &tc::TcError| match t {
+        tc::TcError::IoError(io) => io.raw_os_error(),
+        tc::TcError::NetlinkError(n) => n.raw_os_error(),
+        _ => None,
+    };
+    let of_map = |m: &MapError| match m {
+        MapError::IoError(io) => io.raw_os_error(),
+        _ => None,
+    };
+    if let Some(io) = err.downcast_ref::<std::io::Error>() {
+        io.raw_os_error()
+    } else if let Some(t) = err.downcast_ref::<tc::TcError>() {
+        of_tc(t)
+    } else if let Some(m) = err.downcast_ref::<MapError>() {
+        of_map(m)
+    } else if let Some(p) = err.downcast_ref::<ProgramError>() {
+        match p {
+            ProgramError::IOError(io) => io.raw_os_error(),
+            ProgramError::TcError(t) => of_tc(t),
+            ProgramError::NetlinkError(n) => n.raw_os_error(),
+            ProgramError::MapError(m) => of_map(m),
+            _ => None,
+        }
+    } else {
+        None
     }
 }
 
@@ -468,9 +518,16 @@ impl Loaded {
     }
 }
 
+/// The clsact qdisc is already there (ours from an earlier holder, or someone else's).
 fn is_eexist(e: &tc::TcError) -> bool {
-    let s = format!("{e:?}");
-    s.contains("EEXIST") || s.contains("File exists") || s.contains("AlreadyAttached")
+    matches!(e, tc::TcError::AlreadyAttached) || errno_in_chain(e) == Some(libc::EEXIST)
+}
+
+/// No filter of that name on the interface (aya reports it as `io::ErrorKind::NotFound`).
+fn is_no_filter(e: &tc::TcError) -> bool {
+    let not_found = |io: &std::io::Error| io.kind() == ErrorKind::NotFound;
+    matches!(e, tc::TcError::IoError(io) if not_found(io))
+        || errno_in_chain(e).is_some_and(|n| n == libc::ENOENT || n == libc::ENODEV)
 }
 
 /// What a fresh process learns from pins left behind (holder dead or alive).
@@ -541,12 +598,8 @@ pub fn teardown(
     if !matches!(kind, Some(AttachKind::Tcx)) && iface_present {
         match tc::qdisc_detach_program(iface, TcAttachType::Ingress, PROG_VIF_IN) {
             Ok(()) => notes.push(format!("removed clsact filter {PROG_VIF_IN}")),
-            Err(e) => {
-                let s = format!("{e:?}");
-                if !(s.contains("NotFound") || s.contains("ENOENT") || s.contains("No such")) {
-                    notes.push(format!("no clsact filter to remove ({e})"));
-                }
-            }
+            Err(e) if is_no_filter(&e) => {}
+            Err(e) => notes.push(format!("no clsact filter to remove ({e})")),
         }
     }
     if dir.exists() {
@@ -567,4 +620,58 @@ pub fn ring_fd(ring: &RingBuf<MapData>) -> std::os::fd::RawFd {
 /// True if `e` says the pin or map simply is not there.
 pub fn is_not_found(e: &std::io::Error) -> bool {
     e.kind() == ErrorKind::NotFound
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aya::programs::ProgramError;
+
+    fn attach_error(e: tc::TcError) -> DatapathError {
+        DatapathError::Attach {
+            prog: PROG_VIF_IN,
+            iface: "vif1.0".into(),
+            source: Box::new(ProgramError::from(e)),
+        }
+    }
+
+    fn os(errno: i32) -> tc::TcError {
+        tc::TcError::IoError(std::io::Error::from_raw_os_error(errno))
+    }
+
+    #[test]
+    fn unsupported_is_decided_by_the_errno_in_the_chain() {
+        assert!(attach_error(os(libc::EPERM)).is_unsupported());
+        assert!(attach_error(os(libc::ENOSYS)).is_unsupported());
+        assert!(!attach_error(os(libc::EINVAL)).is_unsupported());
+        assert!(DatapathError::Bpffs(std::io::Error::other("no bpffs")).is_unsupported());
+    }
+
+    #[test]
+    fn text_that_names_an_errno_does_not_count() {
+        let e = DatapathError::Pin {
+            path: "/sys/fs/bpf/remus/x".into(),
+            what: "EPERM Operation not permitted".into(),
+        };
+        assert!(!e.is_unsupported());
+        let e = attach_error(tc::TcError::IoError(std::io::Error::other("EPERM")));
+        assert!(!e.is_unsupported());
+    }
+
+    #[test]
+    fn qdisc_and_filter_answers_are_told_apart_by_errno() {
+        assert!(is_eexist(&os(libc::EEXIST)));
+        assert!(is_eexist(&tc::TcError::AlreadyAttached));
+        assert!(!is_eexist(&os(libc::EPERM)));
+        let missing = tc::TcError::IoError(std::io::Error::new(ErrorKind::NotFound, "none"));
+        assert!(is_no_filter(&missing));
+        assert!(is_no_filter(&os(libc::ENOENT)));
+        assert!(!is_no_filter(&os(libc::EPERM)));
+    }
+
+    #[test]
+    fn pin_dirs_of_xen_vifs_have_no_dot() {
+        assert_eq!(pin_dir("vif5.0"), Path::new(PIN_ROOT).join("vif5:0"));
+        assert_eq!(pin_dir("eth0"), Path::new(PIN_ROOT).join("eth0"));
+    }
 }

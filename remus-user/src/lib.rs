@@ -4,7 +4,7 @@
 //! - `datapath`: aya only (the eBPF object, maps, links, pins under /sys/fs/bpf/remus/).
 //! - `netlink`: rtnetlink only (ifindex, clsact, link watching).
 //! - `tap`: /dev/net/tun only (the release helper device).
-//! - `holder`: pure per-epoch queues and frame normalisation (no I/O).
+//! - `epochs`: pure per-epoch queues and frame normalisation (no I/O).
 //! - `netbuf`: the buffer as a service: the holder task, its control socket, the
 //!   `NetBuffer` trait the controller drives (in-process or through the socket).
 //! - `stream`: pure Xen migration-v2 / Remus stream parsing (bytes in, events out).
@@ -20,8 +20,8 @@
 pub mod checkpoint;
 pub mod compress;
 pub mod datapath;
+pub mod epochs;
 pub mod exit;
-pub mod holder;
 pub mod metrics;
 pub mod netbuf;
 pub mod netlink;
