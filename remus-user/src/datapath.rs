@@ -273,6 +273,23 @@ pub struct Loaded {
     pub reused: bool,
 }
 
+/// The TC program `name` of the object.
+fn classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, DatapathError> {
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::Map {
+            map: "programs",
+            what: format!("object has no program {name}"),
+        })?
+        .try_into()
+        .map_err(|e| DatapathError::Verify {
+            prog: name,
+            source: Box::new(e),
+        })
+}
+
 /// Reads slot `CTL_ABI` of a pinned control map, if there is one.
 fn pinned_abi(dir: &Path) -> Result<Option<u64>, DatapathError> {
     let path = dir.join(MAP_CONTROL);
@@ -317,21 +334,12 @@ impl Loaded {
             .load(OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
         for prog in [PROG_VIF_IN, PROG_RELEASE] {
-            let p: &mut SchedClassifier = ebpf
-                .program_mut(prog)
-                .ok_or(DatapathError::Map {
-                    map: "programs",
-                    what: format!("object has no program {prog}"),
-                })?
-                .try_into()
+            classifier(&mut ebpf, prog)?
+                .load()
                 .map_err(|e| DatapathError::Verify {
                     prog,
                     source: Box::new(e),
                 })?;
-            p.load().map_err(|e| DatapathError::Verify {
-                prog,
-                source: Box::new(e),
-            })?;
         }
         let take = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name).ok_or(DatapathError::Map {
@@ -387,17 +395,7 @@ impl Loaded {
     }
 
     fn prog(&mut self, name: &'static str) -> Result<&mut SchedClassifier, DatapathError> {
-        self.ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::Map {
-                map: "programs",
-                what: format!("object has no program {name}"),
-            })?
-            .try_into()
-            .map_err(|e| DatapathError::Verify {
-                prog: name,
-                source: Box::new(e),
-            })
+        classifier(&mut self.ebpf, name)
     }
 
     /// Attaches `remus_vif_in` to the vif's TC ingress so that it outlives this process.
@@ -409,70 +407,14 @@ impl Loaded {
         mode: AttachMode,
     ) -> Result<AttachKind, DatapathError> {
         let link_pin = self.pin_dir.join(PIN_LINK_VIF);
-        let prog_pin = self.pin_dir.join(PIN_PROG_VIF);
-        let attach_err = |e| DatapathError::Attach {
-            prog: PROG_VIF_IN,
-            iface: iface.to_string(),
-            source: Box::new(e),
-        };
-        let pin_err = |p: &Path, e: &dyn std::fmt::Display| DatapathError::Pin {
-            path: p.display().to_string(),
-            what: e.to_string(),
-        };
         let kind = if link_pin.exists() {
-            // Takeover: replace the program behind the pinned link.
-            let old = PinnedLink::from_pin(&link_pin).map_err(|e| pin_err(&link_pin, &e))?;
-            let fd_link = FdLink::from(old);
-            let prog = self.prog(PROG_VIF_IN)?;
-            let link = fd_link
-                .try_into()
-                .map_err(|e: aya::programs::links::LinkError| pin_err(&link_pin, &e))?;
-            let id = prog.attach_to_link(link).map_err(attach_err)?;
-            let link = prog.take_link(id).map_err(attach_err)?;
-            // The link stays pinned at the same path; dropping our fd keeps it alive.
-            drop(link);
-            AttachKind::Tcx
+            self.take_over_tcx(iface, &link_pin)?
         } else if mode.use_tcx() {
-            let prog = self.prog(PROG_VIF_IN)?;
-            let id = prog
-                .attach_with_options(
-                    iface,
-                    TcAttachType::Ingress,
-                    TcAttachOptions::TcxOrder(LinkOrder::first()),
-                )
-                .map_err(attach_err)?;
-            let link = prog.take_link(id).map_err(attach_err)?;
-            let fd_link: FdLink = link
-                .try_into()
-                .map_err(|e: aya::programs::links::LinkError| pin_err(&link_pin, &e))?;
-            fd_link.pin(&link_pin).map_err(|e| pin_err(&link_pin, &e))?;
-            AttachKind::Tcx
+            self.attach_tcx(iface, &link_pin)?
         } else {
-            let created_clsact = match tc::qdisc_add_clsact(iface) {
-                Ok(()) => true,
-                Err(e) if is_eexist(&e) => false,
-                Err(e) => {
-                    return Err(DatapathError::Attach {
-                        prog: PROG_VIF_IN,
-                        iface: iface.to_string(),
-                        source: Box::new(aya::programs::ProgramError::from(e)),
-                    });
-                }
-            };
-            let prog = self.prog(PROG_VIF_IN)?;
-            let id = prog
-                .attach_with_options(
-                    iface,
-                    TcAttachType::Ingress,
-                    TcAttachOptions::Netlink(NlOptions::default()),
-                )
-                .map_err(attach_err)?;
-            let link = prog.take_link(id).map_err(attach_err)?;
-            // Fail closed: the filter must outlive this process. Forgetting the link
-            // keeps aya from removing the filter on drop; detach removes it by name.
-            std::mem::forget(link);
-            AttachKind::Netlink { created_clsact }
+            self.attach_netlink(iface)?
         };
+        let prog_pin = self.pin_dir.join(PIN_PROG_VIF);
         let prog = self.prog(PROG_VIF_IN)?;
         if prog_pin.exists() {
             let _ = fs::remove_file(&prog_pin);
@@ -481,30 +423,62 @@ impl Loaded {
         Ok(kind)
     }
 
+    /// Takeover: replaces the program behind the dead holder's pinned tcx link.
+    fn take_over_tcx(&mut self, iface: &str, link_pin: &Path) -> Result<AttachKind, DatapathError> {
+        let old = PinnedLink::from_pin(link_pin).map_err(|e| pin_err(link_pin, &e))?;
+        let fd_link = FdLink::from(old);
+        let prog = self.prog(PROG_VIF_IN)?;
+        let link = fd_link
+            .try_into()
+            .map_err(|e: aya::programs::links::LinkError| pin_err(link_pin, &e))?;
+        let id = prog
+            .attach_to_link(link)
+            .map_err(attach_err(PROG_VIF_IN, iface))?;
+        let link = prog.take_link(id).map_err(attach_err(PROG_VIF_IN, iface))?;
+        // The link stays pinned at the same path; dropping our fd keeps it alive.
+        drop(link);
+        Ok(AttachKind::Tcx)
+    }
+
+    /// A new tcx link, first in the hook's order, pinned so it outlives this process.
+    fn attach_tcx(&mut self, iface: &str, link_pin: &Path) -> Result<AttachKind, DatapathError> {
+        let prog = self.prog(PROG_VIF_IN)?;
+        let opts = TcAttachOptions::TcxOrder(LinkOrder::first());
+        let id = prog
+            .attach_with_options(iface, TcAttachType::Ingress, opts)
+            .map_err(attach_err(PROG_VIF_IN, iface))?;
+        let link = prog.take_link(id).map_err(attach_err(PROG_VIF_IN, iface))?;
+        let fd_link: FdLink = link
+            .try_into()
+            .map_err(|e: aya::programs::links::LinkError| pin_err(link_pin, &e))?;
+        fd_link.pin(link_pin).map_err(|e| pin_err(link_pin, &e))?;
+        Ok(AttachKind::Tcx)
+    }
+
+    /// A cls_bpf direct-action filter under clsact: it stays with no process at all.
+    fn attach_netlink(&mut self, iface: &str) -> Result<AttachKind, DatapathError> {
+        let created_clsact = add_clsact(iface, PROG_VIF_IN)?;
+        let prog = self.prog(PROG_VIF_IN)?;
+        let opts = TcAttachOptions::Netlink(NlOptions::default());
+        let id = prog
+            .attach_with_options(iface, TcAttachType::Ingress, opts)
+            .map_err(attach_err(PROG_VIF_IN, iface))?;
+        let link = prog.take_link(id).map_err(attach_err(PROG_VIF_IN, iface))?;
+        // Fail closed: the filter must outlive this process. Forgetting the link
+        // keeps aya from removing the filter on drop; detach removes it by name.
+        std::mem::forget(link);
+        Ok(AttachKind::Netlink { created_clsact })
+    }
+
     /// Attaches `remus_release` to the helper tap's ingress. Not pinned: it goes away
     /// with the tap, which goes away with this process.
     pub fn attach_release(&mut self, tap: &str) -> Result<(), DatapathError> {
-        let use_tcx = kernel_has_tcx();
-        if !use_tcx {
-            match tc::qdisc_add_clsact(tap) {
-                Ok(()) => {}
-                Err(e) if is_eexist(&e) => {}
-                Err(e) => {
-                    return Err(DatapathError::Attach {
-                        prog: PROG_RELEASE,
-                        iface: tap.to_string(),
-                        source: Box::new(aya::programs::ProgramError::from(e)),
-                    });
-                }
-            }
+        if !kernel_has_tcx() {
+            add_clsact(tap, PROG_RELEASE)?;
         }
         let prog = self.prog(PROG_RELEASE)?;
         prog.attach(tap, TcAttachType::Ingress)
-            .map_err(|e| DatapathError::Attach {
-                prog: PROG_RELEASE,
-                iface: tap.to_string(),
-                source: Box::new(e),
-            })?;
+            .map_err(attach_err(PROG_RELEASE, tap))?;
         Ok(())
     }
 
@@ -515,6 +489,36 @@ impl Loaded {
 
     pub fn release_program(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
         self.prog(PROG_RELEASE)
+    }
+}
+
+fn pin_err(p: &Path, e: &dyn std::fmt::Display) -> DatapathError {
+    DatapathError::Pin {
+        path: p.display().to_string(),
+        what: e.to_string(),
+    }
+}
+
+fn attach_err(
+    prog: &'static str,
+    iface: &str,
+) -> impl FnOnce(aya::programs::ProgramError) -> DatapathError {
+    let iface = iface.to_string();
+    move |e| DatapathError::Attach {
+        prog,
+        iface,
+        source: Box::new(e),
+    }
+}
+
+/// Adds a clsact qdisc to `iface` for `prog`; true if we added it, false if it was there.
+fn add_clsact(iface: &str, prog: &'static str) -> Result<bool, DatapathError> {
+    match tc::qdisc_add_clsact(iface) {
+        Ok(()) => Ok(true),
+        Err(e) if is_eexist(&e) => Ok(false),
+        Err(e) => Err(attach_err(prog, iface)(aya::programs::ProgramError::from(
+            e,
+        ))),
     }
 }
 

@@ -590,11 +590,8 @@ mod tests {
     #[test]
     fn gso_superframes_get_their_type_size_and_header_length() {
         let mut f = ipv4_tcp(3000);
-        let m = FrameHdr {
-            gso_size: 1448,
-            gso_segs: 3,
-            ..Default::default()
-        };
+        let mut m = FrameHdr::default();
+        (m.gso_size, m.gso_segs) = (1448, 3);
         let p = prepare(&m, &mut f).unwrap();
         assert_eq!(p.vnet.gso_type, VIRTIO_NET_HDR_GSO_TCPV4);
         assert_eq!(p.vnet.gso_size, 1448);

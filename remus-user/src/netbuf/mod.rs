@@ -91,10 +91,10 @@ pub enum NetError {
     Tap(#[from] TapError),
     #[error("{iface} is already attached (holder pid {pid}); `remus-net status {iface}` shows it")]
     AlreadyAttached { iface: String, pid: u32 },
-    #[error("{iface} is not attached by remus-net (no {path})")]
-    NotAttached { iface: String, path: String },
     #[error("--ring-bytes {0} is not a power of two of at least 4096")]
     BadRingSize(u64),
+    #[error("{iface} is not attached by remus-net (no {path})")]
+    NotAttached { iface: String, path: String },
     #[error("--limit-bytes must be at least 64 KiB (got {0})")]
     BadLimit(u64),
     #[error(transparent)]
