@@ -1,12 +1,25 @@
 //! The kernel side of the buffer as aya sees it: the embedded eBPF object, its maps,
-//! program attachment, and pins under /sys/fs/bpf/remus/<iface>/.
+//! program attachment, and pins under `<host bpffs>/remus/<iface>/`.
 //!
 //! Owns: loading the object, reusing or creating pinned maps (after an ABI check),
-//! attaching `remus_vif_in` to the vif's TC ingress (tcx where the kernel has it, a
-//! netlink clsact filter otherwise) so that it outlives this process (fail closed),
-//! attaching `remus_release` to the helper tap, reading counters, and tearing all of it
-//! down from a fresh process. Never touches: netlink beyond what aya's tc helpers do
-//! (clsact creation), frame contents, the control socket.
+//! deciding where pins live so that they outlive this process (`Pins`), attaching
+//! `remus_vif_in` to the vif's TC ingress (tcx where the kernel has it and the pins
+//! outlive the holder, a netlink clsact filter otherwise) so that it outlives this
+//! process (fail closed), attaching `remus_release` to the helper tap, reading counters,
+//! and tearing all of it down from a fresh process. Never touches: netlink beyond what
+//! aya's tc helpers do (clsact creation), frame contents, the control socket.
+//!
+//! Where pins live, and why it matters: a tcx link stays attached only while something
+//! references it (an fd or a pin); a pin lives in one bpffs instance, which goes away
+//! when its last mount does. `ip netns exec` and containers give a process a private
+//! mount namespace (with a fresh /sys and no bpffs): pins made there die with the last
+//! process of that namespace, and the link, and the hold, with them. So pins go into the
+//! bpffs of the kernel's initial mount namespace, which never ends: /sys/fs/bpf when
+//! this process is in that namespace, else through kthreadd's root
+//! (/proc/2/root/sys/fs/bpf; kthreadd lives in the initial mount namespace and is
+//! visible only in the initial pid namespace). Where neither is possible (a container
+//! with its own pid namespace), pins are private, and the capture program is attached as
+//! a netlink cls_bpf filter, which stays attached with no pin and no process at all.
 use std::{
     fs,
     io::ErrorKind,
@@ -71,6 +84,13 @@ pub enum DatapathError {
     Map { map: &'static str, what: String },
     #[error("pin {path}: {what}")]
     Pin { path: String, what: String },
+    #[error(
+        "--attach tcx on {iface} cannot fail closed here: pins ({dir}) would die with this \
+         process's private mount namespace (a container?), and the tcx link with them. \
+         Use --attach auto (a netlink filter that needs no pin) or run remus-net in the \
+         host's mount namespace"
+    )]
+    PinsNotPersistent { iface: String, dir: String },
 }
 
 impl DatapathError {
@@ -80,7 +100,7 @@ impl DatapathError {
     pub fn is_unsupported(&self) -> bool {
         // The boxed aya errors are opened here: a `Box<E>` in the chain is not an `E`.
         let inner: &(dyn std::error::Error + 'static) = match self {
-            DatapathError::Bpffs(_) => return true,
+            DatapathError::Bpffs(_) | DatapathError::PinsNotPersistent { .. } => return true,
             DatapathError::Load(e) => &**e,
             DatapathError::Verify { source, .. } | DatapathError::Attach { source, .. } => {
                 &**source
@@ -192,10 +212,101 @@ pub fn kernel_has_tcx() -> bool {
         .unwrap_or(false)
 }
 
-/// Pin directory of one interface. bpffs refuses names containing '.' (EPERM), and every
-/// Xen vif has one (vif5.0): '.' becomes ':', which no interface name can contain.
-pub fn pin_dir(iface: &str) -> PathBuf {
-    Path::new(PIN_ROOT).join(iface.replace('.', ":"))
+/// Pin directory of one interface under `root`. bpffs refuses names containing '.'
+/// (EPERM), and every Xen vif has one (vif5.0): '.' becomes ':', which no interface name
+/// can contain.
+pub fn pin_dir_in(root: &Path, iface: &str) -> PathBuf {
+    root.join(iface.replace('.', ":"))
+}
+
+/// Whether pins outlive the process that made them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PinPlace {
+    /// The bpffs of the kernel's initial mount namespace: pins outlive every process.
+    Host,
+    /// A bpffs of this process's own mount namespace: pins die with its last process.
+    Private,
+}
+
+/// Where this process puts (and looks for) pins.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pins {
+    /// The directory holding one subdirectory per interface.
+    pub root: PathBuf,
+    pub place: PinPlace,
+}
+
+/// kthreadd's root seen from here: the initial mount namespace's root directory.
+const KTHREADD_ROOT: &str = "/proc/2/root";
+
+/// kthreadd (pid 2, parent 0) is visible only from the initial pid namespace; it lives in
+/// the initial mount namespace.
+fn kthreadd_visible() -> bool {
+    let Ok(st) = fs::read_to_string("/proc/2/status") else {
+        return false;
+    };
+    st.lines().any(|l| l == "Name:\tkthreadd") && st.lines().any(|l| l == "PPid:\t0")
+}
+
+/// True if this process is in the kernel's initial mount namespace.
+fn in_initial_mount_ns() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let ino = |p: &str| fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
+    kthreadd_visible()
+        && ino("/proc/self/ns/mnt").is_some()
+        && ino("/proc/self/ns/mnt") == ino("/proc/2/ns/mnt")
+}
+
+fn is_bpffs(p: &Path) -> bool {
+    nix::sys::statfs::statfs(p)
+        .map(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
+        .unwrap_or(false)
+}
+
+impl Pins {
+    /// Decides where pins go from this process (see the module docs); mounts bpffs on
+    /// /sys/fs/bpf where that is where they go and it is not mounted yet.
+    pub fn resolve() -> Result<Pins, DatapathError> {
+        let host_root = Path::new(KTHREADD_ROOT).join("sys/fs/bpf");
+        if in_initial_mount_ns() {
+            ensure_bpffs()?;
+            Ok(Pins {
+                root: PathBuf::from(PIN_ROOT),
+                place: PinPlace::Host,
+            })
+        } else if kthreadd_visible() && is_bpffs(&host_root) {
+            Ok(Pins {
+                root: host_root.join("remus"),
+                place: PinPlace::Host,
+            })
+        } else {
+            ensure_bpffs()?;
+            Ok(Pins {
+                root: PathBuf::from(PIN_ROOT),
+                place: PinPlace::Private,
+            })
+        }
+    }
+
+    /// The pin directory of `iface`.
+    pub fn dir(&self, iface: &str) -> PathBuf {
+        pin_dir_in(&self.root, iface)
+    }
+
+    /// The attach mechanism `mode` comes to here: private pins cannot keep a tcx link
+    /// alive after this process, so `Auto` becomes the netlink filter and an explicit
+    /// `Tcx` is refused.
+    pub fn attach_mode(&self, mode: AttachMode, iface: &str) -> Result<AttachMode, DatapathError> {
+        match (self.place, mode) {
+            (PinPlace::Host, m) => Ok(m),
+            (PinPlace::Private, AttachMode::Tcx) => Err(DatapathError::PinsNotPersistent {
+                iface: iface.to_string(),
+                dir: self.dir(iface).display().to_string(),
+            }),
+            (PinPlace::Private, _) => Ok(AttachMode::Netlink),
+        }
+    }
 }
 
 /// Mounts bpffs on /sys/fs/bpf if it is not mounted (it is not, by default, in a fresh
@@ -311,8 +422,8 @@ impl Loaded {
     /// Loads the object, creating the maps under `dir` or reusing pinned ones (after
     /// checking their ABI version). `ring_bytes` must be a power of two multiple of the
     /// page size; it is ignored when a pinned ring is reused.
+    /// `dir` must lie in a mounted bpffs (`Pins::resolve` sees to that).
     pub fn load(dir: &Path, iface: &str, ring_bytes: u32) -> Result<Loaded, DatapathError> {
-        ensure_bpffs()?;
         let reused = match pinned_abi(dir)? {
             Some(v) if v != ABI_VERSION && v != 0 => {
                 return Err(DatapathError::AbiMismatch {
@@ -675,7 +786,30 @@ mod tests {
 
     #[test]
     fn pin_dirs_of_xen_vifs_have_no_dot() {
-        assert_eq!(pin_dir("vif5.0"), Path::new(PIN_ROOT).join("vif5:0"));
-        assert_eq!(pin_dir("eth0"), Path::new(PIN_ROOT).join("eth0"));
+        let root = Path::new(PIN_ROOT);
+        assert_eq!(pin_dir_in(root, "vif5.0"), root.join("vif5:0"));
+        assert_eq!(pin_dir_in(root, "eth0"), root.join("eth0"));
+    }
+
+    #[test]
+    fn private_pins_turn_auto_into_the_netlink_filter_and_refuse_tcx() {
+        let private = Pins {
+            root: PathBuf::from(PIN_ROOT),
+            place: PinPlace::Private,
+        };
+        let m = |mode| private.attach_mode(mode, "vif1.0");
+        assert_eq!(m(AttachMode::Auto).ok(), Some(AttachMode::Netlink));
+        assert_eq!(m(AttachMode::Netlink).ok(), Some(AttachMode::Netlink));
+        match m(AttachMode::Tcx) {
+            Err(e @ DatapathError::PinsNotPersistent { .. }) => assert!(e.is_unsupported()),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        let host = Pins {
+            place: PinPlace::Host,
+            ..private
+        };
+        for mode in [AttachMode::Auto, AttachMode::Tcx, AttachMode::Netlink] {
+            assert_eq!(host.attach_mode(mode, "vif1.0").ok(), Some(mode));
+        }
     }
 }

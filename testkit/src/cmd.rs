@@ -49,8 +49,8 @@ pub fn run(program: &str, args: &[&str]) -> Result<Out> {
     Ok(Out::from(o))
 }
 
-/// `nsenter` arguments that run `program args` in network namespace `ns` (same mount
-/// namespace: never `ip netns exec`, whose private /sys would hide the host's bpffs).
+/// `nsenter` arguments that run `program args` in network namespace `ns`, staying in the
+/// caller's mount namespace (unlike `ip netns exec`, which gives it a fresh /sys).
 pub fn nsenter_args(ns: &str, program: &str, args: &[&str]) -> Vec<String> {
     let mut a = vec![format!("--net=/run/netns/{ns}"), program.to_string()];
     a.extend(args.iter().map(|s| s.to_string()));

@@ -130,10 +130,16 @@ impl Topo {
         o.json()["released"].clone()
     }
 
-    /// The holder's pid from its state file.
+    /// The holder's pid from its state file, if it means a process of this test's pid
+    /// namespace (a holder in a container writes its pid there).
     pub fn holder_pid(&self) -> Option<u32> {
+        use std::os::unix::fs::MetadataExt;
         let text = std::fs::read_to_string(self.state_file()).ok()?;
         let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        let ours = std::fs::metadata("/proc/self/ns/pid").ok()?.ino();
+        if v["pid_ns"].as_u64().is_some_and(|ns| ns != ours) {
+            return None;
+        }
         v["pid"].as_u64().map(|p| p as u32)
     }
 

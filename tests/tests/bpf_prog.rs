@@ -31,6 +31,7 @@ fn load(name: &str, ring_bytes: u32) -> (Loaded, PinDir) {
     ));
     let _ = std::fs::remove_dir_all(&dir);
     let guard = PinDir(dir.clone());
+    remus_user::datapath::ensure_bpffs().expect("bpffs at /sys/fs/bpf");
     let loaded = Loaded::load(&dir, "test", ring_bytes).expect("loading the real eBPF object");
     (loaded, guard)
 }

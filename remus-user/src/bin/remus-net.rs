@@ -319,7 +319,7 @@ async fn ask(iface: &str, req: Request) -> Result<Response, NetError> {
         return Err(NetError::NotRoot);
     }
     if let Some(st) = netbuf::read_state(iface)
-        && !netbuf::pid_alive(st.pid)
+        && !st.holder_alive()
     {
         return Err(NetError::HolderDead {
             iface: iface.to_string(),
@@ -336,7 +336,7 @@ async fn detach(iface: &str, policy: DetachPolicy) -> Result<DetachReport, NetEr
         return Err(NetError::NotRoot);
     }
     let state = netbuf::read_state(iface);
-    let alive = state.as_ref().is_some_and(|s| netbuf::pid_alive(s.pid));
+    let alive = state.as_ref().is_some_and(|s| s.holder_alive());
     if alive && let Ok(mut rb) = RemoteBuffer::connect(iface).await {
         match rb.request(Request::Detach { policy }).await {
             Ok(resp) => match netbuf::check(iface, resp)? {
@@ -348,7 +348,7 @@ async fn detach(iface: &str, policy: DetachPolicy) -> Result<DetachReport, NetEr
                 // for another reason). Wait for it to be gone, then clean up from here.
                 let pid = state.as_ref().map_or(0, |s| s.pid);
                 for _ in 0..50 {
-                    if !netbuf::pid_alive(pid) {
+                    if !state.as_ref().is_some_and(|s| s.holder_alive()) {
                         break;
                     }
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -396,6 +396,33 @@ fn print_detach(r: &DetachReport) {
     }
 }
 
+/// What `status` knows of one interface: the live holder's answer, or for a dead holder
+/// its state file and what its pins (where this process can see them) say.
+async fn status_of(i: &str) -> Result<serde_json::Value, NetError> {
+    let st = netbuf::read_state(i);
+    if st.as_ref().is_some_and(|s| s.holder_alive()) {
+        return match ask(i, Request::Status).await? {
+            Response::Status(s) => Ok(serde_json::json!({"holder": "alive", "status": s})),
+            other => unexpected(i, other).map(|()| serde_json::Value::Null),
+        };
+    }
+    let (pinned, looked_in) = netbuf::pinned_state(i)?;
+    if st.is_none() && pinned.is_none() {
+        return Err(NetError::NotAttached {
+            iface: i.to_string(),
+            path: netbuf::state_path(i).display().to_string(),
+        });
+    }
+    Ok(serde_json::json!({
+        "holder": "dead",
+        "iface": i,
+        "state": st,
+        "pinned": pinned,
+        "pins_looked_up_in": looked_in,
+        "hint": format!("fail closed: the vif is blocked; run `remus-net detach {i}`"),
+    }))
+}
+
 async fn status(iface: Option<String>, json: bool) -> Result<ExitCode, NetError> {
     if !netbuf::is_root() {
         return Err(NetError::NotRoot);
@@ -409,31 +436,7 @@ async fn status(iface: Option<String>, json: bool) -> Result<ExitCode, NetError>
     };
     let mut out = Vec::new();
     for i in &ifaces {
-        let st = netbuf::read_state(i);
-        let alive = st.as_ref().is_some_and(|s| netbuf::pid_alive(s.pid));
-        if alive {
-            match ask(i, Request::Status).await? {
-                Response::Status(s) => {
-                    out.push(serde_json::json!({"holder": "alive", "status": s}))
-                }
-                other => unexpected(i, other)?,
-            }
-        } else {
-            let pinned = netbuf::pinned_state(i)?;
-            if st.is_none() && pinned.is_none() {
-                return Err(NetError::NotAttached {
-                    iface: i.clone(),
-                    path: netbuf::state_path(i).display().to_string(),
-                });
-            }
-            out.push(serde_json::json!({
-                "holder": "dead",
-                "iface": i,
-                "state": st,
-                "pinned": pinned,
-                "hint": format!("fail closed: the vif is blocked; run `remus-net detach {i}`"),
-            }));
-        }
+        out.push(status_of(i).await?);
     }
     if json {
         let v = if out.len() == 1 {
@@ -442,28 +445,53 @@ async fn status(iface: Option<String>, json: bool) -> Result<ExitCode, NetError>
             serde_json::Value::Array(out)
         };
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-    } else if out.is_empty() {
+        return Ok(ExitCode::Ok);
+    }
+    if out.is_empty() {
         println!("no interface is attached");
-    } else {
-        for v in &out {
-            if let Some(s) = v
-                .get("status")
-                .and_then(|s| serde_json::from_value::<Status>(s.clone()).ok())
-            {
-                print_status(&s);
-            } else {
-                println!(
-                    "{}: HOLDER DEAD, vif blocked (fail closed); run `remus-net detach {}`",
-                    v["iface"].as_str().unwrap_or("?"),
-                    v["iface"].as_str().unwrap_or("?")
-                );
-            }
+    }
+    for v in &out {
+        if let Some(s) = v
+            .get("status")
+            .and_then(|s| serde_json::from_value::<Status>(s.clone()).ok())
+        {
+            print_status(&s);
+            continue;
+        }
+        let i = v["iface"].as_str().unwrap_or("?");
+        println!("{i}: HOLDER DEAD, vif blocked (fail closed); run `remus-net detach {i}`");
+        if let Some(dir) = v["state"]["pins"].as_str() {
+            let place = v["state"]["pin_place"].as_str().unwrap_or("unknown");
+            println!("  pins: {dir} ({})", place_words(place));
         }
     }
     Ok(ExitCode::Ok)
 }
 
+fn place_words(place: &str) -> &'static str {
+    match place {
+        "host" => "the host's bpffs: they outlive the holder",
+        "private" => {
+            "private to the holder's mount namespace: the capture program is a netlink \
+             filter that needs none"
+        }
+        _ => "written by an older remus-net",
+    }
+}
+
 fn print_status(s: &Status) {
+    print_status_head(s);
+    if let Some(p) = &s.pins {
+        let place = serde_json::to_value(p.place).unwrap_or_default();
+        println!(
+            "  pins: {} ({})",
+            p.dir(&s.iface).display(),
+            place_words(place.as_str().unwrap_or(""))
+        );
+    }
+}
+
+fn print_status_head(s: &Status) {
     println!(
         "{} (ifindex {}): {}, epoch {} (committed {}), attach {}, holder pid {}, tap {}",
         s.iface,

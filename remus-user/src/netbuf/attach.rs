@@ -13,12 +13,12 @@ use tokio::{io::unix::AsyncFd, net::UnixListener};
 use super::{
     AttachOptions, NetError,
     control::{DetachReport, Mode},
-    files::{RunDir, StateFile, is_root, now_unix, pid_alive},
+    files::{RunDir, StateFile, is_root, now_unix, pid_ns},
     io_err,
     service::{self, Holder, Running},
 };
 use crate::{
-    datapath::{self, AttachKind, Loaded},
+    datapath::{self, AttachKind, Loaded, PinPlace, Pins},
     epochs::EpochQueues,
     netlink::Netlink,
     tap::{TAP_PREFIX, Tap},
@@ -42,9 +42,8 @@ fn check_options(opts: &AttachOptions) -> Result<(), NetError> {
 /// Returns it with the epoch the new holder opens: a takeover continues the numbering,
 /// and frames of the dead holder's epochs still in the ring are dropped (their commit
 /// will never come).
-fn load(opts: &AttachOptions, ifindex: u32) -> Result<(Loaded, u64), NetError> {
-    let pins = datapath::pin_dir(&opts.iface);
-    let mut loaded = Loaded::load(&pins, &opts.iface, opts.ring_bytes)?;
+fn load(opts: &AttachOptions, pins: &Pins, ifindex: u32) -> Result<(Loaded, u64), NetError> {
+    let mut loaded = Loaded::load(&pins.dir(&opts.iface), &opts.iface, opts.ring_bytes)?;
     let first_epoch = if loaded.reused {
         loaded.control(CTL_EPOCH)? + 1
     } else {
@@ -106,15 +105,18 @@ pub async fn attach(opts: AttachOptions) -> Result<Running, NetError> {
         .ensure()
         .map_err(io_err(format!("creating {}", run_dir.path().display())))?;
     if let Some(st) = run_dir.read_state(&opts.iface)
-        && pid_alive(st.pid)
-        && st.pid != std::process::id()
+        && st.holder_alive()
+        && (st.pid != std::process::id() || st.pid_ns != pid_ns())
     {
         return Err(NetError::AlreadyAttached {
             iface: opts.iface.clone(),
             pid: st.pid,
         });
     }
-    let (mut loaded, first_epoch) = load(&opts, ifindex)?;
+    // Where the pins outlive this process decides how the capture program may attach.
+    let pins = Pins::resolve()?;
+    let attach_mode = pins.attach_mode(opts.attach_mode, &opts.iface)?;
+    let (mut loaded, first_epoch) = load(&opts, &pins, ifindex)?;
     let ring = loaded.take_ring()?;
     // SAFETY: the AsyncFd owns the RingBuf, which owns the fd: it stays open for as
     // long as it is registered.
@@ -124,7 +126,15 @@ pub async fn attach(opts: AttachOptions) -> Result<Running, NetError> {
             source: io::Error::other(e.to_string()),
         })?;
     let (tap, tap_name) = helper_tap(&nl, &mut loaded, ifindex).await?;
-    let kind = loaded.attach_vif(&opts.iface, opts.attach_mode)?;
+    let kind = loaded.attach_vif(&opts.iface, attach_mode)?;
+    if pins.place == PinPlace::Private {
+        tracing::warn!(
+            iface = %opts.iface,
+            pins = %pins.root.display(),
+            "pins are private to this mount namespace: the capture program is a netlink \
+             filter, which stays attached without them"
+        );
+    }
     let state = StateFile {
         iface: opts.iface.clone(),
         ifindex,
@@ -135,6 +145,8 @@ pub async fn attach(opts: AttachOptions) -> Result<Running, NetError> {
         limit_bytes: opts.limit_bytes,
         socket: run_dir.socket(&opts.iface),
         pins: loaded.pin_dir().to_path_buf(),
+        pin_place: Some(pins.place),
+        pid_ns: pid_ns(),
         started_unix: now_unix(),
     };
     let listener = publish(&run_dir, &state)?;
@@ -157,6 +169,7 @@ pub async fn attach(opts: AttachOptions) -> Result<Running, NetError> {
         unreleasable: 0,
         autocommit: opts.autocommit,
         run_dir,
+        pins,
     };
     service::spawn(holder, listener)
 }
@@ -185,11 +198,12 @@ pub async fn detach_offline(iface: &str) -> Result<DetachReport, NetError> {
     if !is_root() {
         return Err(NetError::NotRoot);
     }
-    datapath::ensure_bpffs()?;
+    let place = Pins::resolve()?;
     let run_dir = RunDir::default();
     let state = run_dir.read_state(iface);
-    let pins = datapath::pin_dir(iface);
+    let pins = place.dir(iface);
     let pinned = datapath::read_pinned(&pins)?;
+    check_reachable(iface, &place, state.as_ref(), pinned.is_some())?;
     if state.is_none() && pinned.is_none() {
         return Err(NetError::NotAttached {
             iface: iface.to_string(),
@@ -218,13 +232,35 @@ pub async fn detach_offline(iface: &str) -> Result<DetachReport, NetError> {
     Ok(report)
 }
 
-/// What the pins of `iface` say (counters, epoch, mode), for `status` of a dead holder.
-pub fn pinned_state(iface: &str) -> Result<Option<datapath::PinnedState>, NetError> {
-    datapath::ensure_bpffs()?;
-    Ok(datapath::read_pinned(&datapath::pin_dir(iface))?)
+/// A tcx link is removed through its pin: from a private mount namespace the host's
+/// pins cannot be seen, and detaching there would only pretend to.
+fn check_reachable(
+    iface: &str,
+    here: &Pins,
+    state: Option<&StateFile>,
+    pinned: bool,
+) -> Result<(), NetError> {
+    let tcx = state.is_some_and(|s| s.attach_kind == AttachKind::Tcx);
+    let held_by_host_pins = state.is_some_and(|s| s.pin_place != Some(PinPlace::Private));
+    if tcx && held_by_host_pins && !pinned && here.place == PinPlace::Private {
+        return Err(NetError::PinsUnreachable {
+            iface: iface.to_string(),
+            dir: state
+                .map(|s| s.pins.display().to_string())
+                .unwrap_or_default(),
+        });
+    }
+    Ok(())
+}
+
+/// What the pins of `iface` say (counters, epoch, mode), for `status` of a dead holder,
+/// and where this process looked for them.
+pub fn pinned_state(iface: &str) -> Result<(Option<datapath::PinnedState>, Pins), NetError> {
+    let pins = Pins::resolve()?;
+    Ok((datapath::read_pinned(&pins.dir(iface))?, pins))
 }
 
 /// Whether any pin of `iface` is left.
 pub fn pins_left(iface: &str) -> bool {
-    datapath::pin_dir(iface).exists()
+    Pins::resolve().is_ok_and(|p| p.dir(iface).exists())
 }

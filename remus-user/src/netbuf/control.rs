@@ -26,7 +26,7 @@ use tokio::{
 use super::{NetError, files::RunDir, io_err};
 use crate::{
     checkpoint::ports::Released,
-    datapath::{AttachKind, KernelStats},
+    datapath::{AttachKind, KernelStats, Pins},
     epochs::{EpochError, EpochSummary, QueueCounters},
     exit::{ExitCode, HasExitCode},
 };
@@ -77,6 +77,9 @@ pub struct Status {
     pub kernel: KernelStats,
     pub release_errors: u64,
     pub unreleasable_frames: u64,
+    /// Where the pins live and whether they outlive the holder (absent from older holders).
+    #[serde(default)]
+    pub pins: Option<Pins>,
 }
 
 /// What detach reports.

@@ -11,7 +11,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::datapath::AttachKind;
+use crate::datapath::{AttachKind, PinPlace};
 
 /// Runtime files of remus-net: the one definition lives in `relay` (shared with the relay's
 /// sockets), re-exported here.
@@ -111,7 +111,34 @@ pub struct StateFile {
     pub limit_bytes: u64,
     pub socket: PathBuf,
     pub pins: PathBuf,
+    /// Whether the pins outlive the holder (absent in files of older versions).
+    #[serde(default)]
+    pub pin_place: Option<PinPlace>,
+    /// The holder's pid namespace (inode of /proc/self/ns/pid): `pid` means something
+    /// only there (absent in files of older versions).
+    #[serde(default)]
+    pub pid_ns: Option<u64>,
     pub started_unix: u64,
+}
+
+impl StateFile {
+    /// Whether the holder that wrote this file is alive. Its pid is checked where it
+    /// means that process; from another pid namespace (a holder in a container) the
+    /// control socket is: it accepts connections exactly while the holder runs.
+    pub fn holder_alive(&self) -> bool {
+        match self.pid_ns {
+            Some(ns) if Some(ns) != pid_ns() => {
+                std::os::unix::net::UnixStream::connect(&self.socket).is_ok()
+            }
+            _ => pid_alive(self.pid),
+        }
+    }
+}
+
+/// This process's pid namespace (inode of /proc/self/ns/pid).
+pub fn pid_ns() -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/pid").map(|m| m.ino()).ok()
 }
 
 pub fn read_state(iface: &str) -> Option<StateFile> {
@@ -123,8 +150,19 @@ pub fn attached_ifaces() -> Vec<String> {
     RunDir::default().attached()
 }
 
+/// Whether process `pid` is alive. A zombie counts as dead: it holds nothing any more
+/// (a dead holder nobody has reaped yet must not pass for a live one).
 pub fn pid_alive(pid: u32) -> bool {
-    pid != 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+    if pid == 0 {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state is the first field after the command name, which may hold ')'.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
 }
 
 pub fn is_root() -> bool {
@@ -176,6 +214,8 @@ mod tests {
             limit_bytes: 1 << 24,
             socket: PathBuf::from("/run/remus/net-vif5.0.sock"),
             pins: PathBuf::from("/sys/fs/bpf/remus/vif5:0"),
+            pin_place: Some(PinPlace::Private),
+            pid_ns: Some(4026531836),
             started_unix: 1,
         }
     }
@@ -214,6 +254,24 @@ mod tests {
     }
 
     #[test]
+    fn a_holder_in_another_pid_namespace_is_alive_while_its_socket_answers() {
+        let s = Scratch::new("ns");
+        let mut st = state("vif4.0");
+        st.socket = s.0.socket("vif4.0");
+        // A pid that would be alive here (ours) must not count: it is not the holder.
+        st.pid = std::process::id();
+        st.pid_ns = pid_ns().map(|n| n + 1);
+        assert!(!st.holder_alive(), "no socket: dead, whatever the pid says");
+        let listener = std::os::unix::net::UnixListener::bind(&st.socket).expect("bind");
+        assert!(st.holder_alive(), "the socket answers: alive");
+        drop(listener);
+        let _ = std::fs::remove_file(&st.socket);
+        // In our own pid namespace the pid decides.
+        st.pid_ns = pid_ns();
+        assert!(st.holder_alive());
+    }
+
+    #[test]
     fn a_garbled_state_file_reads_as_none() {
         let s = Scratch::new("bad");
         std::fs::write(s.0.state("vif3.0"), "{not json").expect("write");
@@ -228,7 +286,31 @@ mod tests {
             .spawn()
             .expect("spawn true");
         let pid = c.id();
+        // Exited but not reaped: a zombie, dead for our purpose.
+        let t0 = std::time::Instant::now();
+        while pid_alive(pid) {
+            assert!(t0.elapsed().as_secs() < 10, "a zombie passed for alive");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("zombie's stat");
+        assert!(
+            stat.rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+        );
         c.wait().expect("wait");
         assert!(!pid_alive(pid));
+    }
+
+    #[test]
+    fn a_state_file_of_an_older_version_without_pin_place_still_reads() {
+        let s = Scratch::new("old");
+        let mut v = serde_json::to_value(state("vif2.0")).expect("json");
+        let o = v.as_object_mut().expect("object");
+        o.remove("pin_place");
+        o.remove("pid_ns");
+        std::fs::write(s.0.state("vif2.0"), v.to_string()).expect("write");
+        let st = s.0.read_state("vif2.0").expect("readable");
+        assert_eq!(st.pin_place, None);
+        assert_eq!(st.pid, 4242);
     }
 }

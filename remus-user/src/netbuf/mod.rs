@@ -127,12 +127,17 @@ pub enum NetError {
     HolderDead { iface: String, pid: u32 },
     #[error("the holder task of {0} has stopped")]
     Stopped(String),
+    #[error(
+        "the pins of {iface} ({dir}) are in the host's bpffs, which this mount namespace \
+         cannot see (a container?): run `remus-net detach {iface}` from the host"
+    )]
+    PinsUnreachable { iface: String, dir: String },
 }
 
 impl HasExitCode for NetError {
     fn exit_code(&self) -> ExitCode {
         match self {
-            NetError::NotRoot => ExitCode::Unsupported,
+            NetError::NotRoot | NetError::PinsUnreachable { .. } => ExitCode::Unsupported,
             NetError::Netlink(NetlinkError::NoSuchInterface(_) | NetlinkError::BadName(_)) => {
                 ExitCode::Usage
             }

@@ -25,7 +25,7 @@ use super::{
 };
 use crate::{
     checkpoint::ports::Released,
-    datapath::{self, AttachKind, Loaded},
+    datapath::{self, AttachKind, Loaded, Pins},
     epochs::{self, EpochQueue, EpochQueues, Pushed},
     netlink::{Netlink, NetlinkError},
     tap::Tap,
@@ -72,6 +72,7 @@ pub(super) struct Holder {
     pub unreleasable: u64,
     pub autocommit: Option<Duration>,
     pub run_dir: RunDir,
+    pub pins: Pins,
 }
 
 impl Holder {
@@ -209,6 +210,7 @@ impl Holder {
             kernel: self.loaded.stats()?,
             release_errors: self.release_errors,
             unreleasable_frames: self.unreleasable,
+            pins: Some(self.pins.clone()),
         })
     }
 
