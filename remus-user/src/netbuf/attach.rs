@@ -264,3 +264,62 @@ pub fn pinned_state(iface: &str) -> Result<(Option<datapath::PinnedState>, Pins)
 pub fn pins_left(iface: &str) -> bool {
     Pins::resolve().is_ok_and(|p| p.dir(iface).exists())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::exit::{ExitCode, HasExitCode};
+
+    fn state(kind: AttachKind, place: Option<PinPlace>) -> StateFile {
+        StateFile {
+            iface: "vif1.0".into(),
+            ifindex: 3,
+            pid: 1,
+            attach_kind: kind,
+            tap: "rms3".into(),
+            ring_bytes: 4096,
+            limit_bytes: 65536,
+            socket: PathBuf::from("/run/remus/net-vif1.0.sock"),
+            pins: PathBuf::from("/sys/fs/bpf/remus/vif1:0"),
+            pin_place: place,
+            pid_ns: None,
+            started_unix: 0,
+        }
+    }
+
+    fn here(place: PinPlace) -> Pins {
+        Pins {
+            root: PathBuf::from("/sys/fs/bpf/remus"),
+            place,
+        }
+    }
+
+    #[test]
+    fn a_tcx_link_in_the_hosts_bpffs_is_not_detached_from_where_it_cannot_be_seen() {
+        let tcx_host = state(AttachKind::Tcx, Some(PinPlace::Host));
+        match check_reachable("vif1.0", &here(PinPlace::Private), Some(&tcx_host), false) {
+            Err(e @ NetError::PinsUnreachable { .. }) => {
+                assert_eq!(e.exit_code(), ExitCode::Unsupported)
+            }
+            other => panic!("expected PinsUnreachable, got {other:?}"),
+        }
+        // Seen from the host, or with the pins in sight, it goes ahead.
+        assert!(check_reachable("vif1.0", &here(PinPlace::Host), Some(&tcx_host), false).is_ok());
+        assert!(check_reachable("vif1.0", &here(PinPlace::Private), Some(&tcx_host), true).is_ok());
+    }
+
+    #[test]
+    fn a_netlink_filter_or_private_pins_are_detached_from_anywhere() {
+        let created = AttachKind::Netlink {
+            created_clsact: true,
+        };
+        let nl = state(created, Some(PinPlace::Host));
+        let private_tcx = state(AttachKind::Tcx, Some(PinPlace::Private));
+        for st in [&nl, &private_tcx] {
+            assert!(check_reachable("vif1.0", &here(PinPlace::Private), Some(st), false).is_ok());
+        }
+        assert!(check_reachable("vif1.0", &here(PinPlace::Private), None, false).is_ok());
+    }
+}
