@@ -133,26 +133,22 @@ fn errno_here(err: &(dyn std::error::Error + 'static)) -> Option<i32> {
         tc::TcError::NetlinkError(n) => n.raw_os_error(),
         _ => None,
     };
-    let of_map = |m: &MapError| match m {
-        MapError::IoError(io) => io.raw_os_error(),
-        _ => None,
-    };
     if let Some(io) = err.downcast_ref::<std::io::Error>() {
-        io.raw_os_error()
-    } else if let Some(t) = err.downcast_ref::<tc::TcError>() {
-        of_tc(t)
-    } else if let Some(m) = err.downcast_ref::<MapError>() {
-        of_map(m)
-    } else if let Some(p) = err.downcast_ref::<ProgramError>() {
-        match p {
-            ProgramError::IOError(io) => io.raw_os_error(),
-            ProgramError::TcError(t) => of_tc(t),
-            ProgramError::NetlinkError(n) => n.raw_os_error(),
-            ProgramError::MapError(m) => of_map(m),
-            _ => None,
+        return io.raw_os_error();
+    }
+    if let Some(t) = err.downcast_ref::<tc::TcError>() {
+        return of_tc(t);
+    }
+    if let Some(MapError::IoError(io)) = err.downcast_ref::<MapError>() {
+        return io.raw_os_error();
+    }
+    match err.downcast_ref::<ProgramError>()? {
+        ProgramError::IOError(io) | ProgramError::MapError(MapError::IoError(io)) => {
+            io.raw_os_error()
         }
-    } else {
-        None
+        ProgramError::TcError(t) => of_tc(t),
+        ProgramError::NetlinkError(n) => n.raw_os_error(),
+        _ => None,
     }
 }
 

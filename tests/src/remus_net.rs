@@ -258,6 +258,14 @@ impl Topo {
         );
     }
 
+    /// `remus-net detach <vif> -j` from a fresh process after the holder died: the report,
+    /// which must say the holder was dead.
+    pub fn detach_dead_holder(&self, what: &str) -> serde_json::Value {
+        let d = self.remus(&["detach", &self.vif, "-j"]).ok(what).json();
+        assert_eq!(d["holder_was_alive"], false, "{what}: {d}");
+        d
+    }
+
     /// Records every frame arriving on the peer's eth0 from now on.
     pub fn sniff_peer(&self) -> Sniffer {
         Sniffer::start(&self.peer, "eth0")

@@ -56,14 +56,9 @@ fn assert_blocked(t: &Topo, sn: &remus_tests::netns::Sniffer, port: u16, what: &
         addr(&format!("[fd77::2]:{port}")),
         vec![b"v6".to_vec()],
     );
-    send_raw(
-        &t.guest,
-        "eth0",
-        vec![
-            arp_request([10, 77, 0, 2]),
-            eth_frame(PEER_MAC, 0x88b5, b"remus-raw-ethertype"),
-        ],
-    );
+    let arp = arp_request([10, 77, 0, 2]);
+    let raw = eth_frame(PEER_MAC, 0x88b5, b"remus-raw-ethertype");
+    send_raw(&t.guest, "eth0", vec![arp, raw]);
     std::thread::sleep(Duration::from_millis(500));
     let leaked: Vec<Captured> = sn.from_guest();
     assert!(
@@ -249,11 +244,7 @@ fn root_holder_in_a_container_fails_closed_when_the_container_dies() {
     assert_eq!(st["holder"], "dead", "{st}");
     assert_eq!(st["state"]["pin_place"], "private", "{st}");
     assert_blocked(&t, &sn, 7980, "container");
-    let d = t
-        .remus(&["detach", &t.vif, "-j"])
-        .ok("detach from the host")
-        .json();
-    assert_eq!(d["holder_was_alive"], false, "{d}");
+    t.detach_dead_holder("detach from the host");
     assert!(
         !t.vif_qdiscs().contains("clsact"),
         "the clsact remus-net added is left: {}",

@@ -66,11 +66,7 @@ fn sigkill_fails_closed(tag: &str, how: &str) {
         || !t.host_links().contains(&tap),
     );
 
-    let d = t
-        .remus(&["detach", &t.vif, "-j"])
-        .ok("detach from a fresh process")
-        .json();
-    assert_eq!(d["holder_was_alive"], false, "{d}");
+    let d = t.detach_dead_holder("detach from a fresh process");
     assert!(
         d["lost_frames"].as_u64().unwrap_or(0) >= 10,
         "lost frames reported: {d}"
