@@ -9,6 +9,7 @@ mod relay_common;
 use std::time::Duration;
 
 use relay_common::*;
+use remus_user::compress::Codec;
 use remus_user::replication::{
     self, ClientConfig, FrameReader, Hello, Key, MIN_VERSION, Message, VERSION, WireError,
 };
@@ -43,7 +44,7 @@ fn rogue_client(addr: &str) -> Message {
         let hello = Hello {
             max_version: VERSION,
             min_version: MIN_VERSION,
-            codec: 0,
+            codec: Codec::None,
             cache_pages: 0,
             nonce: [9; 32],
         };
@@ -61,7 +62,7 @@ fn rogue_client(addr: &str) -> Message {
 fn skewed_client(addr: &str, min: u16, max: u16) -> Result<replication::Session, WireError> {
     rt().block_on(async {
         let mut s = TcpStream::connect(addr).await.unwrap();
-        let mut cfg = ClientConfig::new(Key::from_bytes(KEY.as_bytes()).unwrap(), 0, 0);
+        let mut cfg = ClientConfig::new(Key::from_bytes(KEY.as_bytes()).unwrap(), Codec::None, 0);
         cfg.max_version = max;
         cfg.min_version = min;
         replication::client_handshake(&mut s, &cfg).await
@@ -167,9 +168,9 @@ fn corrupted_frame_ends_the_session_at_the_last_complete_checkpoint() {
     let st = Stream::new(&WriterConfig::hvm(4));
     let reason = rt().block_on(async {
         let mut s = TcpStream::connect(&rx.addr).await.unwrap();
-        let cfg = ClientConfig::new(Key::from_bytes(KEY.as_bytes()).unwrap(), 0, 0);
+        let cfg = ClientConfig::new(Key::from_bytes(KEY.as_bytes()).unwrap(), Codec::None, 0);
         let session = replication::client_handshake(&mut s, &cfg).await.unwrap();
-        assert_eq!(session.codec, 0);
+        assert_eq!(session.codec, Codec::None);
         let sealer = session.keys.sealer.clone();
         let (r, mut w) = s.into_split();
         let mut r = FrameReader::new(r, session.keys.opener.clone());

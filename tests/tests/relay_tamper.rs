@@ -354,9 +354,9 @@ fn ack_refused(name: &str, action: Action, reason: &str, last_acked: &[u64]) {
     assert!(
         slog.contains("BACKUP LOST")
             && slog.contains(reason)
-            && last_acked
-                .iter()
-                .any(|n| slog.contains(&format!("last_acked={n} "))),
+            && last_acked.iter().any(|n| slog
+                .split_whitespace()
+                .any(|field| field == format!("last_acked={n}"))),
         "the primary must refuse the attacked ACK naming `{reason}`, its last ACK one of {last_acked:?}:\n{slog}"
     );
     // The backup did hold checkpoint 3 (its ACK was genuine before the proxy changed it).

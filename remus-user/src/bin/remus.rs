@@ -1,4 +1,6 @@
 //! `remus`: the checkpoint controller. Today: relay mode (`remus relay send|receive|status`).
+//! Durations on the command line take humantime syntax ("200ms", "1.5s"); a bare number
+//! is milliseconds, as `xl remus -i 200`.
 //!
 //! Owns: the command line, logging set-up, choosing the output buffer, exit codes.
 //! Never touches: the wire, the stream, the kernel directly: everything goes through
@@ -18,7 +20,7 @@ use remus_user::relay::{
     self, DEFAULT_CACHE_PAGES, Heartbeat, RUN_DIR, Shared, parse_duration,
     receive::{self, DEFAULT_RECEIVER_CMD, ReceiveOptions},
     send::{self, SendOptions, Unbuffered},
-    status,
+    status::{self, Role},
 };
 use remus_user::replication::{Key, MIN_VERSION, VERSION};
 
@@ -121,19 +123,25 @@ struct SendArgs {
     cache_pages: u32,
     #[command(flatten)]
     hb: HeartbeatArgs,
-    /// Serve Prometheus metrics on this loopback address (e.g. 127.0.0.1:9788).
-    #[arg(long, value_name = "ADDR:PORT")]
-    metrics: Option<SocketAddr>,
-    /// Status socket (root-only) for `remus relay status`. Default:
-    /// /run/remus/relay-send-<vif or pid>.sock
-    #[arg(long, value_name = "PATH")]
-    status_socket: Option<PathBuf>,
+    #[command(flatten)]
+    observe: ObserveArgs,
     /// How long to wait for the backup's TCP connection and handshake.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     connect_timeout: Duration,
     /// How long the backup may take to start its receiver and send xl's banner.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     banner_timeout: Duration,
+}
+
+#[derive(Args)]
+struct ObserveArgs {
+    /// Serve metrics (OpenMetrics text) on this loopback address (e.g. 127.0.0.1:9788).
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<SocketAddr>,
+    /// Status socket (root-only) for `remus relay status`. Default:
+    /// /run/remus/relay-send-<vif or pid>.sock, /run/remus/relay-receive-<port>.sock
+    #[arg(long, value_name = "PATH")]
+    status_socket: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -180,12 +188,8 @@ struct ReceiveArgs {
     receiver_cmd: String,
     #[command(flatten)]
     hb: HeartbeatArgs,
-    /// Serve Prometheus metrics on this loopback address (e.g. 127.0.0.1:9789).
-    #[arg(long, value_name = "ADDR:PORT")]
-    metrics: Option<SocketAddr>,
-    /// Status socket (root-only). Default: /run/remus/relay-receive-<port>.sock
-    #[arg(long, value_name = "PATH")]
-    status_socket: Option<PathBuf>,
+    #[command(flatten)]
+    observe: ObserveArgs,
     /// Serve one primary, then exit (tests, benchmarks).
     #[arg(long)]
     once: bool,
@@ -304,12 +308,12 @@ async fn relay_send_inner(a: SendArgs) -> Result<ExitCode, ExitCode> {
     let name = iface
         .clone()
         .unwrap_or_else(|| std::process::id().to_string());
-    let sock = a.status_socket.clone().unwrap_or_else(|| {
+    let sock = a.observe.status_socket.clone().unwrap_or_else(|| {
         PathBuf::from(RUN_DIR).join(format!("relay-send-{}.sock", relay::sanitize(&name)))
     });
-    let shared = Shared::new("send", a.backup.clone(), iface.clone());
+    let shared = Shared::new(Role::Send, a.backup.clone(), iface.clone());
     let _status = status_socket(&sock, &shared);
-    start_metrics(a.metrics, &shared).await?;
+    start_metrics(a.observe.metrics, &shared).await?;
     tracing::info!(capacity = pipe.capacity, "xl's pipe shrunk");
 
     // The buffer holds from before the banner reaches xl, i.e. from the stream's first byte.
@@ -336,7 +340,7 @@ async fn relay_send_inner(a: SendArgs) -> Result<ExitCode, ExitCode> {
 }
 
 fn finish_send(
-    r: Result<remus_user::checkpoint::Outcome, send::SendError>,
+    r: Result<remus_user::checkpoint::RunEnd, send::SendError>,
 ) -> Result<ExitCode, ExitCode> {
     match r {
         Ok(_) => Ok(ExitCode::Ok),
@@ -369,12 +373,12 @@ async fn relay_receive(a: ReceiveArgs) -> ExitCode {
         return ExitCode::Usage;
     }
     let port = a.listen.rsplit(':').next().unwrap_or("0").to_string();
-    let sock = a.status_socket.clone().unwrap_or_else(|| {
+    let sock = a.observe.status_socket.clone().unwrap_or_else(|| {
         PathBuf::from(RUN_DIR).join(format!("relay-receive-{}.sock", relay::sanitize(&port)))
     });
-    let shared = Shared::new("receive", a.listen.clone(), None);
+    let shared = Shared::new(Role::Receive, a.listen.clone(), None);
     let _status = status_socket(&sock, &shared);
-    if let Err(c) = start_metrics(a.metrics, &shared).await {
+    if let Err(c) = start_metrics(a.observe.metrics, &shared).await {
         return c;
     }
     let opts = ReceiveOptions {

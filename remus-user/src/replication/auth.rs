@@ -19,11 +19,13 @@ use rand::RngCore;
 use sha2::Sha256;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::compress::Codec;
+
 use super::kdf;
 use super::seal::{Keys, Role};
 use super::{
-    Hello, MIN_VERSION, Message, VERSION, VERSION_COMPRESSION, WireError, read_message,
-    read_sealed_or_plain, send,
+    Hello, KeyProblem, MIN_VERSION, Message, Prover, VERSION, VERSION_COMPRESSION, WireError,
+    read_message, read_sealed_or_plain, send,
 };
 
 type HmacSha256 = Hmac<Sha256>;
@@ -50,7 +52,7 @@ impl Key {
         if b.is_empty() {
             return Err(WireError::KeyFile {
                 path: "<bytes>".into(),
-                what: "the key is empty".into(),
+                problem: KeyProblem::Empty,
             });
         }
         Ok(Key(b.to_vec()))
@@ -61,28 +63,27 @@ impl Key {
     /// trailing whitespace is trimmed (so `openssl rand -hex 32 > key` works on both ends).
     pub fn load(path: &Path) -> Result<Key, WireError> {
         let p = path.display().to_string();
-        let err = |what: String| WireError::KeyFile {
+        let err = |problem| WireError::KeyFile {
             path: p.clone(),
-            what,
+            problem,
         };
-        let meta = std::fs::metadata(path).map_err(|e| err(format!("cannot read it: {e}")))?;
+        let meta = std::fs::metadata(path).map_err(|e| err(KeyProblem::Unreadable(e)))?;
         if !meta.is_file() {
-            return Err(err("not a regular file".into()));
+            return Err(err(KeyProblem::NotAFile));
         }
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
-            return Err(err(format!(
-                "mode {mode:04o} lets group or others read the key; run `chmod 600 {p}`"
-            )));
+            return Err(err(KeyProblem::Readable {
+                mode,
+                path: p.clone(),
+            }));
         }
-        let mut bytes = std::fs::read(path).map_err(|e| err(format!("cannot read it: {e}")))?;
+        let mut bytes = std::fs::read(path).map_err(|e| err(KeyProblem::Unreadable(e)))?;
         while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
             bytes.pop();
         }
         if bytes.is_empty() {
-            return Err(err(
-                "the key file is empty; create one with `openssl rand -hex 32 > FILE`".into(),
-            ));
+            return Err(err(KeyProblem::Empty));
         }
         if bytes.len() < MIN_RECOMMENDED_KEY {
             tracing::warn!(path = %p, len = bytes.len(), "the key is short; use at least {MIN_RECOMMENDED_KEY} random bytes");
@@ -124,8 +125,8 @@ impl Key {
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
     pub key: Key,
-    /// 0 = none, 1 = lz4 (see `compress`).
-    pub codec: u8,
+    /// Page-data compression asked for (see `compress`).
+    pub codec: Codec,
     pub cache_pages: u32,
     /// Version range announced (tests use other ranges to provoke skew).
     pub max_version: u16,
@@ -135,7 +136,7 @@ pub struct ClientConfig {
 }
 
 impl ClientConfig {
-    pub fn new(key: Key, codec: u8, cache_pages: u32) -> ClientConfig {
+    pub fn new(key: Key, codec: Codec, cache_pages: u32) -> ClientConfig {
         ClientConfig {
             key,
             codec,
@@ -157,8 +158,8 @@ pub struct ServerConfig {
 #[derive(Clone, Debug)]
 pub struct Session {
     pub version: u16,
-    /// 0 when the version does not allow compression.
-    pub codec: u8,
+    /// `Codec::None` when the version does not allow compression.
+    pub codec: Codec,
     pub cache_pages: u32,
     /// Seal every frame sent from now on with `keys.sealer`; read with a `FrameReader`
     /// built on `keys.opener`. Clones share their counters.
@@ -217,9 +218,7 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
                     &Message::abort("authentication failed: your proof of the key did not verify"),
                 )
                 .await;
-                return Err(WireError::AuthFailed(
-                    "the backup's proof of the key did not verify: the two key files differ (or the handshake was altered on the way)".into(),
-                ));
+                return Err(WireError::AuthFailed(Prover::Backup));
             }
             (version, nonce, th)
         }
@@ -253,7 +252,7 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     let codec = if version >= VERSION_COMPRESSION {
         cfg.codec
     } else {
-        0
+        Codec::None
     };
     Ok(Session {
         version,
@@ -304,19 +303,12 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     };
     // `Message::decode` already refused ranges with nothing in common.
     let version = hello.max_version.min(VERSION);
+    // An unknown codec byte was refused when HELLO was decoded (and answered above).
     let codec = if version >= VERSION_COMPRESSION {
         hello.codec
     } else {
-        0
+        Codec::None
     };
-    if codec > 1 {
-        let e = WireError::BadPayload {
-            kind: super::Kind::Hello,
-            what: format!("unknown codec {codec}"),
-        };
-        let _ = send(s, &Message::abort(e.to_string())).await;
-        return Err(e);
-    }
     let nonce_b = random_nonce();
     let th = kdf::transcript(&hello, version, &nonce_b);
     let mac = cfg.key.prove(LABEL_SERVER, &th);
@@ -333,10 +325,7 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
         Message::Auth { mac } => {
             if !cfg.key.verify(LABEL_CLIENT, &th, &mac) {
                 let _ = send(s, &Message::abort("authentication failed: wrong key")).await;
-                return Err(WireError::AuthFailed(
-                    "the primary's proof of the key did not verify: it does not hold this key"
-                        .into(),
-                ));
+                return Err(WireError::AuthFailed(Prover::Primary));
             }
         }
         Message::Abort { reason } => return Err(WireError::Refused(reason)),
@@ -368,7 +357,7 @@ mod tests {
         tweak: impl FnOnce(&mut ClientConfig),
     ) -> (Result<Session, WireError>, Result<Session, WireError>) {
         let (mut a, mut b) = tokio::io::duplex(4096);
-        let mut c = ClientConfig::new(Key::from_bytes(ckey).unwrap(), 1, 1024);
+        let mut c = ClientConfig::new(Key::from_bytes(ckey).unwrap(), Codec::Lz4, 1024);
         tweak(&mut c);
         let s = ServerConfig {
             key: Key::from_bytes(skey).unwrap(),
@@ -394,7 +383,7 @@ mod tests {
     /// A primary's and a backup's configuration with the same key.
     fn configs() -> (ClientConfig, ServerConfig) {
         (
-            ClientConfig::new(Key::from_bytes(b"k").unwrap(), 1, 1024),
+            ClientConfig::new(Key::from_bytes(b"k").unwrap(), Codec::Lz4, 1024),
             ServerConfig {
                 key: Key::from_bytes(b"k").unwrap(),
                 timeout: Duration::from_secs(5),
@@ -422,7 +411,7 @@ mod tests {
             (s.version, s.codec, s.cache_pages)
         );
         assert_eq!(c.version, VERSION);
-        assert_eq!(c.codec, 1);
+        assert_eq!(c.codec, Codec::Lz4);
         assert_eq!(c.cache_pages, 1024);
         // WELCOME was frame 0 backup → primary.
         assert_eq!(c.keys.opener.frames(), 1);
@@ -462,7 +451,7 @@ mod tests {
     ) -> Result<Session, WireError> {
         let (mut a, mut m1) = tokio::io::duplex(4096);
         let (mut m2, mut b) = tokio::io::duplex(4096);
-        let c = ClientConfig::new(Key::from_bytes(b"same key").unwrap(), 1, 1024);
+        let c = ClientConfig::new(Key::from_bytes(b"same key").unwrap(), Codec::Lz4, 1024);
         let s = ServerConfig {
             key: Key::from_bytes(b"same key").unwrap(),
             timeout: Duration::from_secs(5),
@@ -494,12 +483,15 @@ mod tests {
         let untouched = through_mitm(|_| {}).await;
         assert!(untouched.is_ok(), "{untouched:?}");
         for r in [
-            through_mitm(|h| h.codec = 0).await,
+            through_mitm(|h| h.codec = Codec::None).await,
             through_mitm(|h| h.cache_pages = 1).await,
             through_mitm(|h| h.nonce[0] ^= 1).await,
             through_mitm(|h| h.max_version = VERSION + 1).await,
         ] {
-            assert!(matches!(r, Err(WireError::AuthFailed(_))), "{r:?}");
+            assert!(
+                matches!(r, Err(WireError::AuthFailed(Prover::Backup))),
+                "{r:?}"
+            );
         }
     }
 
@@ -548,7 +540,10 @@ mod tests {
     async fn wrong_key_is_refused_by_both() {
         let (c, s) = pair(b"the primary key!", b"the backup key!!", |_| {}).await;
         // The primary notices first (the backup's proof fails) and tells the backup.
-        assert!(matches!(c, Err(WireError::AuthFailed(_))), "{c:?}");
+        assert!(
+            matches!(c, Err(WireError::AuthFailed(Prover::Backup))),
+            "{c:?}"
+        );
         assert!(matches!(s, Err(WireError::Refused(_))), "{s:?}");
     }
 
@@ -565,7 +560,7 @@ mod tests {
             let hello = Hello {
                 max_version: VERSION,
                 min_version: MIN_VERSION,
-                codec: 0,
+                codec: Codec::None,
                 cache_pages: 0,
                 nonce: [0; 32],
             };
@@ -577,7 +572,10 @@ mod tests {
             read_message(&mut a).await.unwrap()
         };
         let (reply, sr) = tokio::join!(client, server);
-        assert!(matches!(sr, Err(WireError::AuthFailed(_))), "{sr:?}");
+        assert!(
+            matches!(sr, Err(WireError::AuthFailed(Prover::Primary))),
+            "{sr:?}"
+        );
         match reply {
             Message::Abort { reason } => {
                 assert!(reason.contains("authentication failed"), "{reason}")
@@ -594,7 +592,19 @@ mod tests {
             c.min_version = 1;
         })
         .await;
-        assert!(matches!(s, Err(WireError::Version { .. })), "{s:?}");
+        assert!(
+            matches!(
+                s,
+                Err(WireError::Version {
+                    ours_min: MIN_VERSION,
+                    ours_max: VERSION,
+                    theirs_min: 1,
+                    theirs_max: 2,
+                })
+            ),
+            "{s:?}"
+        );
+        // The ABORT's reason is all the primary gets: text written for its log.
         match c {
             Err(WireError::Refused(reason)) => {
                 assert!(reason.contains("1..=2"), "{reason}");
@@ -611,7 +621,7 @@ mod tests {
     async fn a_challenge_below_the_range_is_refused() {
         // What this primary does if a backup picks an older version than it offered.
         let (mut a, mut b) = tokio::io::duplex(4096);
-        let c = ClientConfig::new(Key::from_bytes(b"k").unwrap(), 1, 1024);
+        let c = ClientConfig::new(Key::from_bytes(b"k").unwrap(), Codec::Lz4, 1024);
         let backup = async move {
             let _hello = read_message(&mut b).await.unwrap();
             send(
@@ -626,13 +636,18 @@ mod tests {
             .unwrap();
         };
         let (r, ()) = tokio::join!(client_handshake(&mut a, &c), backup);
-        match r {
-            Err(e @ WireError::Version { .. }) => {
-                let msg = e.to_string();
-                assert!(msg.contains("2..=2") && msg.contains("3..=3"), "{msg}");
-            }
-            other => panic!("{other:?}"),
-        }
+        assert!(
+            matches!(
+                r,
+                Err(WireError::Version {
+                    ours_min: MIN_VERSION,
+                    ours_max: VERSION,
+                    theirs_min: 2,
+                    theirs_max: 2,
+                })
+            ),
+            "{r:?}"
+        );
     }
 
     #[tokio::test]
@@ -659,17 +674,39 @@ mod tests {
     fn key_file_checks() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("key");
-        assert!(matches!(Key::load(&p), Err(WireError::KeyFile { .. })));
+        assert!(matches!(
+            Key::load(&p),
+            Err(WireError::KeyFile {
+                problem: KeyProblem::Unreadable(_),
+                ..
+            })
+        ));
         std::fs::write(&p, "\n").unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let e = Key::load(&p).unwrap_err().to_string();
-        assert!(e.contains("empty"), "{e}");
+        assert!(matches!(
+            Key::load(&p),
+            Err(WireError::KeyFile {
+                problem: KeyProblem::Empty,
+                ..
+            })
+        ));
         std::fs::write(&p, "abcdef0123456789abcdef\n").unwrap();
         assert_eq!(Key::load(&p).unwrap().0, b"abcdef0123456789abcdef");
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let e = Key::load(&p).unwrap_err().to_string();
-        assert!(e.contains("chmod 600"), "{e}");
-        assert!(Key::load(dir.path()).is_err());
+        assert!(matches!(
+            Key::load(&p),
+            Err(WireError::KeyFile {
+                problem: KeyProblem::Readable { mode: 0o644, .. },
+                ..
+            })
+        ));
+        assert!(matches!(
+            Key::load(dir.path()),
+            Err(WireError::KeyFile {
+                problem: KeyProblem::NotAFile,
+                ..
+            })
+        ));
         assert_eq!(
             format!("{:?}", Key::from_bytes(b"secret").unwrap()),
             "Key(6 bytes)"

@@ -97,12 +97,13 @@ pub fn epoch(secret: &Secret) -> ([u8; 32], [u8; 12], Secret) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compress::Codec;
 
     fn hello() -> Hello {
         Hello {
             max_version: 3,
             min_version: 3,
-            codec: 1,
+            codec: Codec::Lz4,
             cache_pages: 1024,
             nonce: [1; 32],
         }
@@ -131,7 +132,7 @@ mod tests {
             ),
             transcript(
                 &Hello {
-                    codec: 0,
+                    codec: Codec::None,
                     ..hello()
                 },
                 3,

@@ -49,6 +49,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
+use crate::compress::Codec;
+
 pub mod auth;
 pub mod kdf;
 pub mod seal;
@@ -208,7 +210,7 @@ pub enum Message {
 pub struct Hello {
     pub max_version: u16,
     pub min_version: u16,
-    pub codec: u8,
+    pub codec: Codec,
     pub cache_pages: u32,
     pub nonce: [u8; 32],
 }
@@ -233,8 +235,8 @@ pub enum WireError {
         expected: u32,
         found: u32,
     },
-    #[error("malformed {kind:?} frame: {what}")]
-    BadPayload { kind: Kind, what: String },
+    #[error("malformed {kind:?} frame: {problem}")]
+    BadPayload { kind: Kind, problem: PayloadProblem },
     #[error(
         "protocol version mismatch: peer speaks {theirs_min}..={theirs_max}, this build speaks {ours_min}..={ours_max}; upgrade one side"
     )]
@@ -244,8 +246,10 @@ pub enum WireError {
         theirs_min: u16,
         theirs_max: u16,
     },
+    #[error("unknown page-data codec {0} in HELLO (this build speaks 0 none, 1 lz4)")]
+    UnknownCodec(u8),
     #[error("authentication failed: {0}")]
-    AuthFailed(String),
+    AuthFailed(Prover),
     #[error(
         "unsealed {kind:?} frame after the handshake: every frame must be sealed (a frame injected on the way, or a peer that does not seal)"
     )]
@@ -254,7 +258,7 @@ pub enum WireError {
     SealedTooEarly { kind: Kind },
     #[error(
         "sealed {kind:?} frame #{found} arrived where #{expected} was due: {}",
-        seal::order_reason(*found, *expected)
+        seal::misorder(*found, *expected)
     )]
     OutOfOrder {
         kind: Kind,
@@ -275,10 +279,49 @@ pub enum WireError {
     Refused(String),
     #[error("protocol error: expected {expected}, got {got:?}")]
     Unexpected { expected: &'static str, got: Kind },
-    #[error("key file {path}: {what}")]
-    KeyFile { path: String, what: String },
+    #[error("key file {path}: {problem}")]
+    KeyFile { path: String, problem: KeyProblem },
     #[error("timed out waiting for {0}")]
     Timeout(&'static str),
+}
+
+/// Whose proof of the key did not verify (seen from the side that checked it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Prover {
+    #[error(
+        "the backup's proof of the key did not verify: the two key files differ (or the handshake was altered on the way)"
+    )]
+    Backup,
+    #[error("the primary's proof of the key did not verify: it does not hold this key")]
+    Primary,
+}
+
+/// What is wrong with a key file.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyProblem {
+    #[error("cannot read it: {0}")]
+    Unreadable(io::Error),
+    #[error("not a regular file")]
+    NotAFile,
+    #[error("mode {mode:04o} lets group or others read the key; run `chmod 600 {path}`")]
+    Readable { mode: u32, path: String },
+    #[error("the key file is empty; create one with `openssl rand -hex 32 > FILE`")]
+    Empty,
+}
+
+/// What is wrong with a frame's payload (or its header's reserved bits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PayloadProblem {
+    #[error("payload is {got} bytes, expected {expected}")]
+    Length { got: usize, expected: usize },
+    #[error("payload is {got} bytes, too short for a version")]
+    NoVersion { got: usize },
+    #[error("payload is {got} bytes, expected at least {min}")]
+    TooShort { got: usize, min: usize },
+    #[error("{got} bytes exceed the limit of {max}")]
+    TooLong { got: usize, max: usize },
+    #[error("reserved flags {0:#x} set")]
+    ReservedFlags(u16),
 }
 
 impl Message {
@@ -340,7 +383,7 @@ impl Message {
                 HelloWire {
                     max_version: h.max_version.into(),
                     min_version: h.min_version.into(),
-                    codec: h.codec,
+                    codec: h.codec.to_wire(),
                     reserved: [0; 3],
                     cache_pages: h.cache_pages.into(),
                     nonce: h.nonce,
@@ -384,61 +427,29 @@ impl Message {
 
     /// Decodes one payload of a frame whose header has been checked.
     pub fn decode(kind: Kind, payload: Vec<u8>) -> Result<Message, WireError> {
-        let bad = |what: String| WireError::BadPayload { kind, what };
-        let exact = |n: usize, p: &[u8]| {
-            if p.len() == n {
+        let bad = |problem| WireError::BadPayload { kind, problem };
+        let exact = |expected: usize, p: &[u8]| {
+            if p.len() == expected {
                 Ok(())
             } else {
-                Err(WireError::BadPayload {
-                    kind,
-                    what: format!("payload is {} bytes, expected {n}", p.len()),
-                })
+                Err(bad(PayloadProblem::Length {
+                    got: p.len(),
+                    expected,
+                }))
+            }
+        };
+        let at_most = |max: usize, p: &[u8]| {
+            if p.len() <= max {
+                Ok(())
+            } else {
+                Err(bad(PayloadProblem::TooLong { got: p.len(), max }))
             }
         };
         Ok(match kind {
             Kind::Invalid => return Err(WireError::UnknownKind(0)),
-            Kind::Hello => {
-                // The version range first, so a version mismatch is reported as such.
-                if payload.len() < 4 {
-                    return Err(bad(format!(
-                        "payload is {} bytes, too short for a version",
-                        payload.len()
-                    )));
-                }
-                let max_version = u16::from_le_bytes([payload[0], payload[1]]);
-                let min_version = u16::from_le_bytes([payload[2], payload[3]]);
-                if max_version < MIN_VERSION || min_version > VERSION || min_version > max_version {
-                    return Err(WireError::Version {
-                        ours_min: MIN_VERSION,
-                        ours_max: VERSION,
-                        theirs_min: min_version,
-                        theirs_max: max_version,
-                    });
-                }
-                // A newer peer may append fields: read our prefix.
-                let (w, _) = HelloWire::read_from_prefix(&payload[..]).map_err(|_| {
-                    bad(format!(
-                        "payload is {} bytes, expected at least {}",
-                        payload.len(),
-                        size_of::<HelloWire>()
-                    ))
-                })?;
-                Message::Hello(Hello {
-                    max_version,
-                    min_version,
-                    codec: w.codec,
-                    cache_pages: w.cache_pages.get(),
-                    nonce: w.nonce,
-                })
-            }
+            Kind::Hello => Message::Hello(decode_hello(&payload)?),
             Kind::Challenge => {
-                let w = ChallengeWire::read_from_bytes(&payload[..]).map_err(|_| {
-                    bad(format!(
-                        "payload is {} bytes, expected {}",
-                        payload.len(),
-                        size_of::<ChallengeWire>()
-                    ))
-                })?;
+                let w: ChallengeWire = fixed(kind, &payload)?;
                 Message::Challenge {
                     version: w.version.get(),
                     nonce: w.nonce,
@@ -456,12 +467,7 @@ impl Message {
                 Message::Welcome
             }
             Kind::Banner => {
-                if payload.len() > MAX_BANNER {
-                    return Err(bad(format!(
-                        "banner of {} bytes exceeds {MAX_BANNER}",
-                        payload.len()
-                    )));
-                }
+                at_most(MAX_BANNER, &payload)?;
                 Message::Banner(payload)
             }
             Kind::Data => Message::Data(payload),
@@ -479,30 +485,76 @@ impl Message {
                 }
             }
             Kind::Close => {
-                let w = CloseWire::read_from_bytes(&payload[..]).map_err(|_| {
-                    bad(format!(
-                        "payload is {} bytes, expected {}",
-                        payload.len(),
-                        size_of::<CloseWire>()
-                    ))
-                })?;
+                let w: CloseWire = fixed(kind, &payload)?;
                 Message::Close {
                     checkpoints: w.checkpoints.get(),
                     finished: w.finished != 0,
                 }
             }
             Kind::Abort => {
-                if payload.len() > MAX_REASON {
-                    return Err(bad(format!(
-                        "reason of {} bytes exceeds {MAX_REASON}",
-                        payload.len()
-                    )));
-                }
+                at_most(MAX_REASON, &payload)?;
                 Message::Abort {
                     reason: String::from_utf8_lossy(&payload).into_owned(),
                 }
             }
         })
+    }
+}
+
+/// A fixed-size payload of `kind`.
+fn fixed<T: FromBytes + KnownLayout + Immutable>(kind: Kind, p: &[u8]) -> Result<T, WireError> {
+    T::read_from_bytes(p).map_err(|_| WireError::BadPayload {
+        kind,
+        problem: PayloadProblem::Length {
+            got: p.len(),
+            expected: size_of::<T>(),
+        },
+    })
+}
+
+/// HELLO: the version range first, so a version mismatch is reported as such; then the
+/// rest (a newer peer may append fields: our prefix is read).
+fn decode_hello(payload: &[u8]) -> Result<Hello, WireError> {
+    let bad = |problem| WireError::BadPayload {
+        kind: Kind::Hello,
+        problem,
+    };
+    if payload.len() < 4 {
+        return Err(bad(PayloadProblem::NoVersion { got: payload.len() }));
+    }
+    let max_version = u16::from_le_bytes([payload[0], payload[1]]);
+    let min_version = u16::from_le_bytes([payload[2], payload[3]]);
+    if max_version < MIN_VERSION || min_version > VERSION || min_version > max_version {
+        return Err(WireError::Version {
+            ours_min: MIN_VERSION,
+            ours_max: VERSION,
+            theirs_min: min_version,
+            theirs_max: max_version,
+        });
+    }
+    let (w, _) = HelloWire::read_from_prefix(payload).map_err(|_| {
+        bad(PayloadProblem::TooShort {
+            got: payload.len(),
+            min: size_of::<HelloWire>(),
+        })
+    })?;
+    Ok(Hello {
+        max_version,
+        min_version,
+        codec: Codec::from_wire(w.codec).ok_or(WireError::UnknownCodec(w.codec))?,
+        cache_pages: w.cache_pages.get(),
+        nonce: w.nonce,
+    })
+}
+
+/// A header slice of the wrong size (cannot happen: the callers cut exactly HEADER_LEN).
+fn short_header(got: usize) -> WireError {
+    WireError::BadPayload {
+        kind: Kind::Invalid,
+        problem: PayloadProblem::Length {
+            got,
+            expected: HEADER_LEN,
+        },
     }
 }
 
@@ -526,7 +578,7 @@ pub fn check_header(hdr: &FrameHeader) -> Result<(Kind, u32), WireError> {
     if hdr.flags.get() & !seal::FLAG_SEALED != 0 {
         return Err(WireError::BadPayload {
             kind,
-            what: format!("reserved flags {:#x} set", hdr.flags.get()),
+            problem: PayloadProblem::ReservedFlags(hdr.flags.get()),
         });
     }
     let len = hdr.len.get();
@@ -541,10 +593,7 @@ pub fn check_header(hdr: &FrameHeader) -> Result<(Kind, u32), WireError> {
 
 /// Reads and checks the header in `bytes` (exactly [`HEADER_LEN`] of them).
 fn parse_header(bytes: &[u8]) -> Result<(FrameHeader, Kind, u32), WireError> {
-    let hdr = FrameHeader::read_from_bytes(bytes).map_err(|_| WireError::BadPayload {
-        kind: Kind::Invalid,
-        what: "short header".into(),
-    })?;
+    let hdr = FrameHeader::read_from_bytes(bytes).map_err(|_| short_header(bytes.len()))?;
     let (kind, len) = check_header(&hdr)?;
     Ok((hdr, kind, len))
 }
@@ -768,7 +817,7 @@ mod tests {
         let hello = Hello {
             max_version: VERSION,
             min_version: MIN_VERSION,
-            codec: 1,
+            codec: Codec::Lz4,
             cache_pages: 8192,
             nonce: [7; 32],
         };
@@ -816,11 +865,7 @@ mod tests {
 
     /// Both ends' keys of one made-up session.
     fn keys() -> (Keys, Keys) {
-        let (p2b, b2p) = kdf::traffic_secrets(b"k", &[1; 32], &[2; 32], &[3; 32]);
-        (
-            Keys::new(seal::Role::Primary, &p2b, &b2p),
-            Keys::new(seal::Role::Backup, &p2b, &b2p),
-        )
+        seal::test_pair(seal::LIMITS)
     }
 
     #[tokio::test]
@@ -1015,10 +1060,13 @@ mod tests {
             );
         }
         let mut b = buf.clone();
-        b[6] = 2; // reserved flags
+        b[6] = 2; // reserved flags (bit 0 is `seal::FLAG_SEALED`)
         assert!(matches!(
             decode_frame(&b),
-            Err(WireError::BadPayload { .. })
+            Err(WireError::BadPayload {
+                kind: Kind::Data,
+                problem: PayloadProblem::ReservedFlags(2)
+            })
         ));
         // A sealed frame is not taken for a plain one.
         let mut b = buf.clone();
@@ -1031,22 +1079,71 @@ mod tests {
 
     #[test]
     fn malformed_payloads_are_named() {
-        for (kind, len) in [
-            (Kind::Ack, 7),
-            (Kind::Heartbeat, 9),
-            (Kind::Auth, 31),
-            (Kind::Welcome, 1),
+        for (kind, len, expected) in [
+            (Kind::Ack, 7, 8),
+            (Kind::Heartbeat, 9, 8),
+            (Kind::Auth, 31, 32),
+            (Kind::Welcome, 1, 0),
+            (Kind::Close, 15, 16),
         ] {
             match Message::decode(kind, vec![0; len]) {
-                Err(WireError::BadPayload { kind: k, what }) => {
+                Err(WireError::BadPayload { kind: k, problem }) => {
                     assert_eq!(k, kind);
-                    assert!(what.contains(&len.to_string()), "{what}");
+                    assert_eq!(problem, PayloadProblem::Length { got: len, expected });
                 }
                 other => panic!("{kind:?}: {other:?}"),
             }
         }
-        assert!(Message::decode(Kind::Banner, vec![b'x'; MAX_BANNER + 1]).is_err());
-        assert!(Message::decode(Kind::Abort, vec![b'x'; MAX_REASON + 1]).is_err());
+        assert!(matches!(
+            Message::decode(Kind::Banner, vec![b'x'; MAX_BANNER + 1]),
+            Err(WireError::BadPayload {
+                kind: Kind::Banner,
+                problem: PayloadProblem::TooLong { got, max: MAX_BANNER }
+            }) if got == MAX_BANNER + 1
+        ));
+        assert!(matches!(
+            Message::decode(Kind::Abort, vec![b'x'; MAX_REASON + 1]),
+            Err(WireError::BadPayload {
+                kind: Kind::Abort,
+                problem: PayloadProblem::TooLong { .. }
+            })
+        ));
+        assert!(matches!(
+            Message::decode(Kind::Hello, vec![2, 0]),
+            Err(WireError::BadPayload {
+                kind: Kind::Hello,
+                problem: PayloadProblem::NoVersion { got: 2 }
+            })
+        ));
+    }
+
+    #[test]
+    fn an_unknown_codec_in_hello_is_refused() {
+        let mut buf = Vec::new();
+        Message::Hello(Hello {
+            max_version: VERSION,
+            min_version: MIN_VERSION,
+            codec: Codec::Lz4,
+            cache_pages: 0,
+            nonce: [0; 32],
+        })
+        .encode(&mut buf);
+        // The codec byte: header, then max, min (u16 each).
+        buf[HEADER_LEN + 4] = 7;
+        let crc_of = |b: &[u8]| {
+            let mut h = crc32fast::Hasher::new();
+            let mut hdr = b[..HEADER_LEN].to_vec();
+            hdr[12..16].copy_from_slice(&[0; 4]);
+            h.update(&hdr);
+            h.update(&b[HEADER_LEN..]);
+            h.finalize()
+        };
+        let crc = crc_of(&buf);
+        buf[12..16].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(
+            decode_frame(&buf),
+            Err(WireError::UnknownCodec(7))
+        ));
     }
 
     #[test]
@@ -1056,7 +1153,7 @@ mod tests {
             Message::Hello(Hello {
                 max_version: max,
                 min_version: min,
-                codec: 0,
+                codec: Codec::None,
                 cache_pages: 0,
                 nonce: [0; 32],
             })
@@ -1070,10 +1167,14 @@ mod tests {
         // naming both ranges.
         for (max, min) in [(VERSION + 5, VERSION + 1), (2, 1), (2, 2), (1, 1), (0, 0)] {
             match enc(max, min) {
-                Err(e @ WireError::Version { .. }) => {
-                    let msg = e.to_string();
-                    assert!(msg.contains(&format!("{min}..={max}")), "{msg}");
-                    assert!(msg.contains(&format!("{MIN_VERSION}..={VERSION}")), "{msg}");
+                Err(WireError::Version {
+                    ours_min,
+                    ours_max,
+                    theirs_min,
+                    theirs_max,
+                }) => {
+                    assert_eq!((theirs_min, theirs_max), (min, max));
+                    assert_eq!((ours_min, ours_max), (MIN_VERSION, VERSION));
                 }
                 other => panic!("{max}/{min}: {other:?}"),
             }
