@@ -28,6 +28,23 @@ pub enum NetBufferError {
     Gone { iface: String, reason: String },
     #[error("buffer operation failed: {0}")]
     Failed(String),
+    /// A vif of a group numbers its epochs out of step with the others.
+    #[error(
+        "the epochs of {iface} drifted from the other vifs' (expected {expected}, got {got}): nothing more is released"
+    )]
+    Diverged {
+        iface: String,
+        expected: u64,
+        got: u64,
+    },
+    /// An earlier failure on `iface` stopped the group of vifs: nothing more is released.
+    #[error(
+        "the output buffer of {iface} failed earlier; the guest's vifs stay held (fail closed)"
+    )]
+    Stopped { iface: String },
+    /// Opening (backup lost) failed on these vifs (`iface: why`); the others are open.
+    #[error("could not open the output buffer of {}: they stay blocked", failed.join("; "))]
+    NotOpened { failed: Vec<String> },
 }
 
 /// The controller's view of an output buffer. Implemented by the real eBPF buffer and by

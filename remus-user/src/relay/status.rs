@@ -108,7 +108,11 @@ pub struct RelayStatus {
     pub peer: Option<String>,
     /// Listen address (receive) or backup address (send).
     pub address: String,
+    /// The first protected vif (kept for scripts); `vifs` has them all.
     pub vif: Option<String>,
+    /// Every vif whose output is held, in the order they are cut and released.
+    #[serde(default)]
+    pub vifs: Vec<String>,
     pub protocol_version: Option<u16>,
     pub compression: Option<Codec>,
     pub last_checkpoint: u64,
@@ -354,7 +358,9 @@ pub fn render(s: &RelayStatus) -> String {
     if let Some(p) = &s.peer {
         line(&mut o, "peer", p.clone());
     }
-    if let Some(v) = &s.vif {
+    if s.vifs.len() > 1 {
+        line(&mut o, "vifs", s.vifs.join(", "));
+    } else if let Some(v) = &s.vif {
         line(&mut o, "vif", v.clone());
     }
     if let (Some(v), Some(c)) = (s.protocol_version, &s.compression) {

@@ -20,6 +20,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub use remus_user::relay::BANNER;
+use remus_user::replication::{self, FrameReader, Key, Message, ServerConfig};
 use remus_user::stream::Event;
 use remus_user::stream::writer::{WriterConfig, Written, write};
 
@@ -393,4 +394,51 @@ pub fn feed(s: &mut Sender, st: &Stream, from: usize, to: usize) {
         s.write(st.checkpoint(n));
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// What the fake backup of `fake_backup` is told to do.
+pub enum Cmd {
+    Ack(u64),
+    Drop,
+}
+
+/// A backup that authenticates, sends the banner, swallows the stream, heartbeats, and
+/// sends ACK(N) only on command. Runs on its own thread; `listener` is bound in the
+/// sender's namespace.
+pub fn fake_backup(
+    listener: std::net::TcpListener,
+    mut cmds: tokio::sync::mpsc::UnboundedReceiver<Cmd>,
+    key: &'static str,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            listener.set_nonblocking(true).unwrap();
+            let l = tokio::net::TcpListener::from_std(listener).unwrap();
+            let (mut s, _) = l.accept().await.unwrap();
+            let cfg = ServerConfig { key: Key::from_bytes(key.as_bytes()).unwrap(), timeout: Duration::from_secs(30) };
+            replication::server_handshake(&mut s, &cfg).await.expect("the sender authenticates");
+            replication::send(&mut s, &Message::Welcome).await.unwrap();
+            replication::send(&mut s, &Message::Banner(BANNER.to_vec())).await.unwrap();
+            let (r, mut w) = s.into_split();
+            let mut r = FrameReader::new(r);
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tokio::select! {
+                    m = r.next() => if m.is_err() { return },
+                    _ = tick.tick() => {
+                        if replication::send(&mut w, &Message::Heartbeat { seq: 0 }).await.is_err() { return }
+                    }
+                    c = cmds.recv() => match c {
+                        Some(Cmd::Ack(n)) => replication::send(&mut w, &Message::Ack { checkpoint: n }).await.unwrap(),
+                        // Dropping both halves resets the connection: the backup is gone.
+                        Some(Cmd::Drop) | None => return,
+                    },
+                }
+            }
+        });
+    })
 }
