@@ -25,6 +25,7 @@ use remus_user::relay::{
     status::{self, Role},
 };
 use remus_user::replication::{Key, MIN_VERSION, VERSION};
+use remus_user::xen::XenDomain;
 
 const ABOUT: &str =
     "Remus-style high availability for Xen guests: checkpoint transport and output commit.";
@@ -117,6 +118,13 @@ struct SendArgs {
     /// one per vif, as --vif).
     #[arg(long, value_name = "IFACE")]
     attached: Vec<String>,
+    /// The protected domain (name or id), for the operator's report: how libxl suspends
+    /// it (event channel, xenstore control node or SHUTDOWN_suspend) and how long a
+    /// suspend takes, in `relay status`, the metrics and the log; a PV guest without the
+    /// suspend event channel is warned about. xl passes only the stream, so name it here.
+    /// Without it there is no suspend report.
+    #[arg(long, value_name = "NAME|ID")]
+    domain: Option<String>,
     /// UNSAFE, testing only: no output buffer at all (the guest's output is not held, so
     /// a failover can lose what the world has seen). For relay tests and benchmarks.
     #[arg(long)]
@@ -331,6 +339,14 @@ async fn relay_send_inner(a: SendArgs) -> Result<ExitCode, ExitCode> {
     let _status = status_socket(&sock, &shared);
     start_metrics(a.observe.metrics, &shared).await?;
     tracing::info!(capacity = pipe.capacity, "xl's pipe shrunk");
+    // The domain before any buffer: a wrong name leaves nothing attached.
+    if let Some(d) = &a.domain {
+        let dom = XenDomain::open(d)
+            .await
+            .map_err(|e| fail(format!("--domain {d}: {e}"), e.exit_code()))?;
+        tracing::info!(domain = %d, domid = dom.domid(), xenstore = dom.endpoint(), "watching the domain's suspends");
+        tokio::spawn(send::suspend::watch(dom, shared.clone()));
+    }
 
     // The buffer holds from before the banner reaches xl, i.e. from the stream's first byte.
     if !a.vif.is_empty() {

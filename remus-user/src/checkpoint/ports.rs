@@ -2,8 +2,8 @@
 //! backup ([`Replicator`]). They live beside their user so every implementation (the real
 //! eBPF buffer, the TCP replicator, the fakes of the state-machine tests) conforms to what
 //! the checkpoint loop needs, not the other way round. The ports the next issues add (a
-//! `DiskBarrier` cut at the same instant as the buffer's epoch, a `Hypervisor` asked
-//! whether the guest is still suspended) join them here.
+//! `DiskBarrier` cut at the same instant as the buffer's epoch) join them here; the
+//! `Hypervisor` port, with its own rules, is `checkpoint::hypervisor`.
 //!
 //! Owns: the traits and the types that cross them (including why a peer was lost).
 //! Never touches: any implementation.
