@@ -299,6 +299,21 @@ mod tests {
     }
 
     #[test]
+    fn a_missing_domain_is_a_usage_error_and_no_xenstore_is_unsupported() {
+        use crate::exit::{ExitCode, HasExitCode};
+        assert_eq!(
+            HypervisorError::NoSuchDomain("x".into()).exit_code(),
+            ExitCode::Usage
+        );
+        let nox = HypervisorError::Unreachable {
+            tried: "/run/xenstored/socket".into(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        };
+        assert_eq!(nox.exit_code(), ExitCode::Unsupported);
+        assert_eq!(HypervisorError::Closed.exit_code(), ExitCode::Failure);
+    }
+
+    #[test]
     fn the_clock_times_request_ack_and_suspend() {
         let t = Instant::now();
         let ms = |n| t + Duration::from_millis(n);
