@@ -416,10 +416,28 @@ fn end_of_checkpoint(out: &mut Out, cfg: &WriterConfig, rng: &mut Rng, n: u64) {
             }
         }
         GuestKind::Hvm | GuestKind::Pvh => {
-            let ctx = noise(rng, 0x1a3b + 1000 * cfg.vcpus as usize);
+            // PVH: sizes and parameters as in the lab's captured PVH stream (1 vCPU:
+            // HVM_CONTEXT of 2504 bytes; 8 parameters, the special pages' PFNs among
+            // them); more vCPUs add about a CPU record each.
+            let ctx_len = match cfg.kind {
+                GuestKind::Pvh => 2504 + 1024 * (cfg.vcpus.max(1) as usize - 1),
+                _ => 0x1a3b + 1000 * cfg.vcpus as usize,
+            };
+            let ctx = noise(rng, ctx_len);
             out.libxc(libxc_type::HVM_CONTEXT, &[&ctx]);
             let mut params = Vec::new();
-            let list: &[(u64, u64)] = &[(2, 0xfeffe), (1, 0xfefff), (5, 0xfeffc), (17, 1)];
+            let pvh: &[(u64, u64)] = &[
+                (1, 1_044_476),
+                (5, 1_044_477),
+                (6, 1_044_475),
+                (27, 1_044_472),
+                (28, 1_044_473),
+                (29, 1_044_474),
+                (17, 1_044_479),
+                (12, 4_278_181_888),
+            ];
+            let hvm: &[(u64, u64)] = &[(2, 0xfeffe), (1, 0xfefff), (5, 0xfeffc), (17, 1)];
+            let list = if cfg.kind == GuestKind::Pvh { pvh } else { hvm };
             params.extend_from_slice(&(list.len() as u32).to_le_bytes());
             params.extend_from_slice(&0u32.to_le_bytes());
             for (i, v) in list {
