@@ -1,7 +1,8 @@
 //! The parser and the page codec on real streams captured from `xl remus` in the lab
 //! (`tests/fixtures/remus-pv-stream.bin.zst` of a PV guest, `remus-pvh-stream.bin.zst` of
-//! a PVH guest: an HVM stream without a device model; zstd-compressed; their READMEs say
-//! how each was captured).
+//! a PVH guest: an HVM stream without a device model, `remus-hvm-stream.bin.zst` of an
+//! HVM guest with Debian 12's QEMU; zstd-compressed; their READMEs say how each was
+//! captured).
 //!
 //! Fed in pipe-sized chunks, as the relay reads it: it must parse without error, with
 //! at least two complete checkpoints, each announced in contract order
@@ -19,8 +20,10 @@ struct Expect {
     domain: DomainType,
     /// libxc records every checkpoint must carry (its CPU state).
     per_checkpoint: &'static [u32],
-    /// Records that must never appear.
-    never: &'static [(Layer, u32)],
+    /// Exactly the libxl records of every checkpoint's tail (after libxc CHECKPOINT).
+    tail: &'static [u32],
+    /// libxc records that must never appear.
+    never: &'static [u32],
 }
 
 #[test]
@@ -29,7 +32,8 @@ fn captured_remus_pv_stream_parses_with_complete_checkpoints() {
         file: "tests/fixtures/remus-pv-stream.bin.zst",
         domain: DomainType::X86Pv,
         per_checkpoint: &[libxc_type::SHARED_INFO, libxc_type::X86_PV_VCPU_BASIC],
-        never: &[(Layer::Libxc, libxc_type::HVM_CONTEXT)],
+        tail: &[libxl_type::CHECKPOINT_END],
+        never: &[libxc_type::HVM_CONTEXT],
     });
 }
 
@@ -41,12 +45,22 @@ fn captured_remus_pvh_stream_parses_as_hvm_without_emulator_records() {
         file: "tests/fixtures/remus-pvh-stream.bin.zst",
         domain: DomainType::X86Hvm,
         per_checkpoint: &[libxc_type::HVM_CONTEXT, libxc_type::HVM_PARAMS],
-        never: &[
-            (Layer::Libxl, libxl_type::EMULATOR_XENSTORE_DATA),
-            (Layer::Libxl, libxl_type::EMULATOR_CONTEXT),
-            (Layer::Libxc, libxc_type::SHARED_INFO),
-            (Layer::Libxc, libxc_type::X86_PV_VCPU_BASIC),
-        ],
+        tail: &[libxl_type::CHECKPOINT_END],
+        never: &[libxc_type::SHARED_INFO, libxc_type::X86_PV_VCPU_BASIC],
+    });
+}
+
+/// HVM with Debian 12's device model (QEMU upstream): the device model's state,
+/// EMULATOR_CONTEXT, at every checkpoint before CHECKPOINT_END (its xenstore subtree was
+/// empty, so libxl wrote no EMULATOR_XENSTORE_DATA).
+#[test]
+fn captured_remus_hvm_stream_carries_the_device_model_at_every_checkpoint() {
+    check(Expect {
+        file: "tests/fixtures/remus-hvm-stream.bin.zst",
+        domain: DomainType::X86Hvm,
+        per_checkpoint: &[libxc_type::HVM_CONTEXT, libxc_type::HVM_PARAMS],
+        tail: &[libxl_type::EMULATOR_CONTEXT, libxl_type::CHECKPOINT_END],
+        never: &[libxc_type::SHARED_INFO, libxc_type::X86_PV_VCPU_BASIC],
     });
 }
 
@@ -113,10 +127,12 @@ fn check(x: Expect) {
         eprintln!("note: capture ends inside a record: {e}");
     }
     assert_eq!(parser.domain_type(), Some(x.domain));
-    for (layer, rtype) in x.never {
+    for rtype in x.never {
         assert!(
-            !all.iter().any(|e| matches!(e, Event::Record { layer: l, rtype: t, .. } if l == layer && t == rtype)),
-            "{layer:?} record {rtype:#x} in {}",
+            !all.iter().any(
+                |e| matches!(e, Event::Record { layer: Layer::Libxc, rtype: t, .. } if t == rtype)
+            ),
+            "libxc record {rtype:#x} in {}",
             x.file
         );
     }
@@ -138,8 +154,24 @@ fn check(x: Expect) {
             (Some(a), Some(b), Some(c)) => assert!(a < b && b < c, "checkpoint {n} out of order"),
             other => panic!("checkpoint {n} lacks events: {other:?}"),
         }
-        // Its CPU state, between its suspend and its CHECKPOINT.
-        let (a, b) = (ps.unwrap_or(0), lc.unwrap_or(0));
+        // Its CPU state, between its suspend and its CHECKPOINT; then libxl's records.
+        let (a, b, c) = (ps.unwrap_or(0), lc.unwrap_or(0), cc.unwrap_or(0));
+        let tail: Vec<u32> = all[b..c]
+            .iter()
+            .filter_map(|e| match *e {
+                Event::Record {
+                    layer: Layer::Libxl,
+                    rtype,
+                    ..
+                } => Some(rtype),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            tail, x.tail,
+            "libxl records of checkpoint {n} of {}",
+            x.file
+        );
         for want in x.per_checkpoint {
             assert!(
                 all[a..b].iter().any(|e| matches!(e, Event::Record { layer: Layer::Libxc, rtype, .. } if rtype == want)),

@@ -415,10 +415,11 @@ fn finish_names_where_the_input_stops() {
             }
         );
     }
-    // A cut in the padding is inside the record too.
-    let hc = record_start(&w, Layer::Libxc, libxc_type::HVM_CONTEXT, 0);
+    // A cut in the padding is inside the record too (the emulator's xenstore record has
+    // an odd length; HVM_CONTEXT, as captured, is a multiple of 8).
+    let hc = record_start(&w, Layer::Libxl, libxl_type::EMULATOR_XENSTORE_DATA, 0);
     let len = u32::from_le_bytes(w.bytes[hc + 4..hc + 8].try_into().unwrap()) as usize;
-    assert_ne!(len % 8, 0, "the writer's HVM_CONTEXT should need padding");
+    assert_ne!(len % 8, 0, "the writer's EMULATOR_XENSTORE_DATA should need padding");
     assert!(matches!(
         err_of(&w.bytes[..hc + 8 + len + 1]),
         StreamError::TruncatedRecord { body_left: 0, pad_left, .. } if pad_left as usize == (8 - len % 8) - 1
@@ -665,8 +666,8 @@ fn bad_records() {
             len: 16,
         },
     );
-    // Non-zero padding (HVM_CONTEXT has an odd length in the writer).
-    let hc = record_start(&hvm, xc, libxc_type::HVM_CONTEXT, 1);
+    // Non-zero padding (EMULATOR_XENSTORE_DATA has an odd length in the writer).
+    let hc = record_start(&hvm, xl, libxl_type::EMULATOR_XENSTORE_DATA, 1);
     let len = u32::from_le_bytes(hvm.bytes[hc + 4..hc + 8].try_into().unwrap()) as usize;
     let padpos = hc + 8 + len;
     assert_ne!(len % 8, 0);

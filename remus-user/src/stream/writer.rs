@@ -416,12 +416,14 @@ fn end_of_checkpoint(out: &mut Out, cfg: &WriterConfig, rng: &mut Rng, n: u64) {
             }
         }
         GuestKind::Hvm | GuestKind::Pvh => {
-            // PVH: sizes and parameters as in the lab's captured PVH stream (1 vCPU:
-            // HVM_CONTEXT of 2504 bytes; 8 parameters, the special pages' PFNs among
-            // them); more vCPUs add about a CPU record each.
+            // Sizes and parameters as in the lab's captured streams (1 vCPU: HVM_CONTEXT
+            // of 2504 bytes for PVH, 4112 for HVM with its emulated platform; 8 and 12
+            // parameters, the special pages' PFNs among them); more vCPUs add about a
+            // CPU record each.
+            let per_vcpu = 1024 * (cfg.vcpus.max(1) as usize - 1);
             let ctx_len = match cfg.kind {
-                GuestKind::Pvh => 2504 + 1024 * (cfg.vcpus.max(1) as usize - 1),
-                _ => 0x1a3b + 1000 * cfg.vcpus as usize,
+                GuestKind::Pvh => 2504 + per_vcpu,
+                _ => 4112 + per_vcpu,
             };
             let ctx = noise(rng, ctx_len);
             out.libxc(libxc_type::HVM_CONTEXT, &[&ctx]);
@@ -436,7 +438,20 @@ fn end_of_checkpoint(out: &mut Out, cfg: &WriterConfig, rng: &mut Rng, n: u64) {
                 (17, 1_044_479),
                 (12, 4_278_181_888),
             ];
-            let hvm: &[(u64, u64)] = &[(2, 0xfeffe), (1, 0xfefff), (5, 0xfeffc), (17, 1)];
+            let hvm: &[(u64, u64)] = &[
+                (1, 1_044_476),
+                (5, 1_044_477),
+                (6, 1_044_475),
+                (27, 1_044_472),
+                (28, 1_044_473),
+                (29, 1_044_474),
+                (37, 1_653_496_349_312),
+                (17, 1_044_479),
+                (19, 1),
+                (12, 4_278_181_888),
+                (32, 1_044_464),
+                (33, 8),
+            ];
             let list = if cfg.kind == GuestKind::Pvh { pvh } else { hvm };
             params.extend_from_slice(&(list.len() as u32).to_le_bytes());
             params.extend_from_slice(&0u32.to_le_bytes());
@@ -459,8 +474,10 @@ fn emulator_records(out: &mut Out, cfg: &WriterConfig, rng: &mut Rng, n: u64) {
         let xs = format!("physmap/f0000/start_addr\0f0000\0physmap/f0000/size\0{n:x}\0");
         out.libxl(libxl_type::EMULATOR_XENSTORE_DATA, &[emu, xs.as_bytes()]);
     }
+    // QEMU's device state as libxl copies it from QEMU's save file (8066 bytes in the
+    // lab's captured HVM stream, in a record of 8074 with the emulator header).
     let mut blob = b"QEVM\0\0\0\x03".to_vec();
-    blob.extend((0..3001).map(|i| if i % 5 == 0 { rng.next_u64() as u8 } else { 0 }));
+    blob.extend((0..8058).map(|i| if i % 5 == 0 { rng.next_u64() as u8 } else { 0 }));
     out.libxl(libxl_type::EMULATOR_CONTEXT, &[emu, &blob]);
 }
 
