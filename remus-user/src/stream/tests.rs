@@ -419,7 +419,11 @@ fn finish_names_where_the_input_stops() {
     // an odd length; HVM_CONTEXT, as captured, is a multiple of 8).
     let hc = record_start(&w, Layer::Libxl, libxl_type::EMULATOR_XENSTORE_DATA, 0);
     let len = u32::from_le_bytes(w.bytes[hc + 4..hc + 8].try_into().unwrap()) as usize;
-    assert_ne!(len % 8, 0, "the writer's EMULATOR_XENSTORE_DATA should need padding");
+    assert_ne!(
+        len % 8,
+        0,
+        "the writer's EMULATOR_XENSTORE_DATA should need padding"
+    );
     assert!(matches!(
         err_of(&w.bytes[..hc + 8 + len + 1]),
         StreamError::TruncatedRecord { body_left: 0, pad_left, .. } if pad_left as usize == (8 - len % 8) - 1
