@@ -348,13 +348,18 @@ impl XenDomain {
     pub async fn open(name_or_id: &str) -> Result<XenDomain, HypervisorError> {
         let mut xs = Xenstore::connect()?;
         let (domid, name) = find_domain(&mut xs, name_or_id).await?;
-        Ok(XenDomain {
+        Ok(XenDomain::over(xs, domid, name))
+    }
+
+    /// The domain `domid` through an open connection.
+    pub fn over(xs: Xenstore, domid: u32, name: String) -> XenDomain {
+        XenDomain {
             xs,
             domid,
             name,
             watching: false,
             initial_left: [true, true],
-        })
+        }
     }
 
     pub fn domid(&self) -> u32 {
@@ -437,6 +442,17 @@ mod tests {
     use super::*;
     use std::os::unix::net::UnixStream;
 
+    fn watch_event(path: &str, token: &str) -> Msg {
+        let mut payload = Xenstore::nul(path);
+        payload.extend(Xenstore::nul(token));
+        Msg {
+            kind: xs_type::WATCH_EVENT,
+            req_id: 0,
+            tx_id: 0,
+            payload,
+        }
+    }
+
     /// A fake xenstored (test only): answers READ/DIRECTORY from a table, acknowledges
     /// WATCH with "OK" and the initial event, and fires each watch on demand.
     fn fake_xenstored(
@@ -452,15 +468,7 @@ mod tests {
             while let Ok(path) = fire_rx.recv() {
                 for (p, tok) in w2.lock().unwrap().iter() {
                     if p == path {
-                        let mut pl = Xenstore::nul(p);
-                        pl.extend(Xenstore::nul(tok));
-                        let m = Msg {
-                            kind: xs_type::WATCH_EVENT,
-                            req_id: 0,
-                            tx_id: 0,
-                            payload: pl,
-                        };
-                        let _ = fire_w.write_all(&m.encode());
+                        let _ = fire_w.write_all(&watch_event(p, tok).encode());
                     }
                 }
             }
@@ -502,14 +510,7 @@ mod tests {
                         srv_w
                             .write_all(&reply(xs_type::WATCH, b"OK\0".to_vec()).encode())
                             .unwrap();
-                        let mut pl = Xenstore::nul(&s[0]);
-                        pl.extend(Xenstore::nul(&s[1]));
-                        Msg {
-                            kind: xs_type::WATCH_EVENT,
-                            req_id: 0,
-                            tx_id: 0,
-                            payload: pl,
-                        }
+                        watch_event(&s[0], &s[1])
                     }
                     _ => reply(xs_type::ERROR, b"ENOSYS\0".to_vec()),
                 };
@@ -572,13 +573,7 @@ mod tests {
             find_domain(&mut xs, "9").await,
             Err(HypervisorError::NoSuchDomain(_))
         ));
-        let mut d = XenDomain {
-            xs,
-            domid: 4,
-            name: "guest".into(),
-            watching: false,
-            initial_left: [true, true],
-        };
+        let mut d = XenDomain::over(xs, 4, "guest".into());
         let f = d.facts().await.unwrap();
         assert_eq!(f.guest_type, GuestType::Pvh);
         assert!(f.feature_suspend && !f.event_channel && !f.device_model);
@@ -587,13 +582,7 @@ mod tests {
     #[tokio::test]
     async fn watch_events_skip_the_registration_echo_and_carry_their_kind() {
         let (xs, fire) = fake_xenstored(vec![("/local/domain/4/name", "guest")]);
-        let mut d = XenDomain {
-            xs,
-            domid: 4,
-            name: "guest".into(),
-            watching: false,
-            initial_left: [true, true],
-        };
+        let mut d = XenDomain::over(xs, 4, "guest".into());
         let first = tokio::spawn(async move {
             let a = d.next_event().await.unwrap().0;
             let b = d.next_event().await.unwrap().0;

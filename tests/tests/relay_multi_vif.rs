@@ -16,9 +16,8 @@ use std::path::{Path, PathBuf};
 
 use relay_common::*;
 use remus_testkit::frames::mac_str;
-use remus_tests::netns::{Captured, PEER_IP, PEER_MAC, Topo, in_netns, send_udp};
+use remus_tests::netns::{Captured, PEER_IP, PEER_MAC, Topo, send_udp};
 use remus_user::stream::writer::WriterConfig;
-use tokio::sync::mpsc;
 
 const KEY: &str = "multi-vif-relay-key-0123456789";
 const PORT: u16 = 7400;
@@ -180,22 +179,8 @@ fn two_vifs(tag: &str, attached: bool) {
     };
     let buffer = [flag, t.vif.as_str(), flag, second.vif.as_str()];
     let sn = t.sniff_peer();
-    let dir = Scratch::new(&format!("multi-{tag}"));
-    let key = dir.key("key", KEY);
-    let listener = in_netns(&t.host, || {
-        std::net::TcpListener::bind("127.0.0.1:0").unwrap()
-    });
-    let addr = listener.local_addr().unwrap().to_string();
-    let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
-    let backup = fake_backup(listener, cmd_rx, KEY);
-    let hb = [
-        "--heartbeat-interval",
-        "100ms",
-        "--heartbeat-timeout",
-        "30s",
-    ];
-    let mut tx = Sender::start_in(Some(&t.host), &dir, "m", &buffer, &addr, &key, &hb);
-    assert_eq!(tx.read_banner(), BANNER, "sender log:\n{}", tx.log());
+    let run = relay_against_fake_backup(&t.host, &format!("multi-{tag}"), &buffer, KEY);
+    let (mut tx, cmd_tx, backup) = (run.tx, run.cmds, run.backup);
     let st = Stream::new(&WriterConfig::pv(3));
 
     send_epoch(&t, &second, 1);

@@ -9,7 +9,6 @@ use std::net::SocketAddr;
 use relay_common::*;
 use remus_tests::netns::{Captured, Topo, in_netns, send_udp};
 use remus_user::stream::writer::WriterConfig;
-use tokio::sync::mpsc;
 
 const KEY: &str = "netns-relay-key-0123456789";
 const PORT: u16 = 7300;
@@ -58,24 +57,8 @@ fn ordering(tag: &str, attached: bool) {
         ["--vif", t.vif.as_str()]
     };
     let sn = t.sniff_peer();
-    let dir = Scratch::new(&format!("netns-{tag}"));
-    let key = dir.key("key", KEY);
-    let listener = in_netns(&t.host, || {
-        std::net::TcpListener::bind("127.0.0.1:0").unwrap()
-    });
-    let addr = listener.local_addr().unwrap().to_string();
-    let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
-    let backup = fake_backup(listener, cmd_rx, KEY);
-
-    // Long heartbeat timeout: the ACKs are withheld on purpose, the heartbeats are not.
-    let hb = [
-        "--heartbeat-interval",
-        "100ms",
-        "--heartbeat-timeout",
-        "30s",
-    ];
-    let mut tx = Sender::start_in(Some(&t.host), &dir, "a", &buffer, &addr, &key, &hb);
-    assert_eq!(tx.read_banner(), BANNER, "sender log:\n{}", tx.log());
+    let run = relay_against_fake_backup(&t.host, &format!("netns-{tag}"), &buffer, KEY);
+    let (mut tx, cmd_tx, backup) = (run.tx, run.cmds, run.backup);
     let st = Stream::new(&WriterConfig::pv(3));
     let peer: SocketAddr = format!("10.77.0.2:{PORT}").parse().unwrap();
 

@@ -442,3 +442,42 @@ pub fn fake_backup(
         });
     })
 }
+
+/// `remus relay send BUFFER…` started in network namespace `host` against a
+/// [`fake_backup`] listening there, past the banner. The heartbeat timeout is long: the
+/// ACKs are withheld on purpose, the heartbeats are not.
+pub struct FakeBackupRun {
+    pub dir: Scratch,
+    pub tx: Sender,
+    pub cmds: tokio::sync::mpsc::UnboundedSender<Cmd>,
+    pub backup: std::thread::JoinHandle<()>,
+}
+
+pub fn relay_against_fake_backup(
+    host: &str,
+    scratch: &str,
+    buffer: &[&str],
+    key: &'static str,
+) -> FakeBackupRun {
+    let dir = Scratch::new(scratch);
+    let key_file = dir.key("key", key);
+    let listener =
+        remus_tests::netns::in_netns(host, || std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    let addr = listener.local_addr().unwrap().to_string();
+    let (cmds, cmd_rx) = tokio::sync::mpsc::unbounded_channel();
+    let backup = fake_backup(listener, cmd_rx, key);
+    let hb = [
+        "--heartbeat-interval",
+        "100ms",
+        "--heartbeat-timeout",
+        "30s",
+    ];
+    let mut tx = Sender::start_in(Some(host), &dir, "a", buffer, &addr, &key_file, &hb);
+    assert_eq!(tx.read_banner(), BANNER, "sender log:\n{}", tx.log());
+    FakeBackupRun {
+        dir,
+        tx,
+        cmds,
+        backup,
+    }
+}
