@@ -17,6 +17,8 @@
 //! - `output_commit`: the one invariant, where it is enforced, and the ACK ledger.
 //! - `relay`: `remus relay send|receive|status`, joining xl, the wire and the buffer.
 //! - `metrics`: the relay's metrics (prometheus-client registry, OpenMetrics text).
+//! - `xen`: xenstore only (the protected domain's suspend path and suspend events; the
+//!   only module that talks to Xen).
 //! - `exit`: the one exit-code enum of both binaries.
 //!
 //! The library itself owns no state and touches nothing at load time: the binaries (and
@@ -34,6 +36,7 @@ pub mod relay;
 pub mod replication;
 pub mod stream;
 pub mod tap;
+pub mod xen;
 
 /// Directory of the root-only runtime files of both binaries (status and control sockets,
 /// state files). The one definition: every module names it through this constant.

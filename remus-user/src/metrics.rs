@@ -147,6 +147,9 @@ pub struct Metrics {
     pub last_checkpoint: Gauge,
     pub last_acked_checkpoint: Gauge,
     pub committed_epoch: Gauge,
+    /// Send with `--domain`: from libxl's suspend request to the domain suspended, as
+    /// xenstore shows it (xenstore control path only).
+    pub suspend_seconds: Histogram,
     registry: Registry,
 }
 
@@ -174,6 +177,7 @@ impl Metrics {
             last_checkpoint: Gauge::default(),
             last_acked_checkpoint: Gauge::default(),
             committed_epoch: Gauge::default(),
+            suspend_seconds: Histogram::default(),
             registry: Registry::with_prefix_and_labels(
                 "remus_relay",
                 [(Cow::Borrowed("role"), Cow::Borrowed(role))].into_iter(),
@@ -193,6 +197,12 @@ impl Metrics {
             "From the last byte of a checkpoint sent to its ACK",
             Unit::Seconds,
             self.ack_latency_seconds.clone(),
+        );
+        r.register_with_unit(
+            "suspend",
+            "From libxl's suspend request to the domain suspended (xenstore control path)",
+            Unit::Seconds,
+            self.suspend_seconds.clone(),
         );
     }
 
@@ -396,6 +406,7 @@ mod tests {
             "remus_relay_ack_latency_seconds_bucket{role=\"send\",le=\"+Inf\"} 2\n",
             "remus_relay_ack_latency_seconds_count{role=\"send\"} 2\n",
             "# TYPE remus_relay_ack_latency_seconds histogram\n",
+            "# TYPE remus_relay_suspend_seconds histogram\n",
         ] {
             assert!(t.contains(line), "missing {line:?} in\n{t}");
         }
@@ -416,7 +427,8 @@ mod tests {
             let (_, v) = line.rsplit_once(' ').expect("value");
             assert!(v.parse::<f64>().is_ok(), "{line}");
         }
-        assert_eq!(described.len(), 17, "{t}");
+        // 16 series plus the two histograms (ACK latency, suspend time).
+        assert_eq!(described.len(), 18, "{t}");
     }
 
     #[test]

@@ -15,7 +15,9 @@ use std::time::Duration;
 use clap::{ArgGroup, Args, Parser, Subcommand};
 use remus_user::compress::Codec;
 use remus_user::exit::{ExitCode, HasExitCode};
-use remus_user::netbuf::{self, AttachOptions, RemoteBuffer};
+use remus_user::netbuf::{
+    self, AttachOptions, DetachPolicy, LocalBuffer, RemoteBuffer, Request, VifGroup,
+};
 use remus_user::relay::{
     self, DEFAULT_CACHE_PAGES, Heartbeat, RUN_DIR, Shared, parse_duration,
     receive::{self, DEFAULT_RECEIVER_CMD, ReceiveOptions},
@@ -23,6 +25,7 @@ use remus_user::relay::{
     status::{self, Role},
 };
 use remus_user::replication::{Key, MIN_VERSION, VERSION};
+use remus_user::xen::XenDomain;
 
 const ABOUT: &str =
     "Remus-style high availability for Xen guests: checkpoint transport and output commit.";
@@ -90,7 +93,11 @@ If the backup is lost (connection error, or silent for --heartbeat-timeout), eve
 held is released, the buffer passes traffic from then on, and it exits with code 4, so
 xl prints \"Backup failed? resuming domain at primary\": the guest runs UNPROTECTED.
 
-Exactly one of --vif, --attached, --no-buffer chooses the output buffer.";
+Exactly one of --vif, --attached, --no-buffer chooses the output buffer. --vif and
+--attached may be repeated, one per vif of the guest: every vif's epoch is closed at the
+same instant (while the guest is suspended) and ACK(N) releases epoch by epoch across
+the vifs, so no frame of a newer epoch leaves on one vif before an older epoch's frames
+on another. If any vif's buffer fails, none releases anything more (fail closed).";
 
 #[derive(Args)]
 #[command(long_about = SEND_LONG, group(ArgGroup::new("buffer").required(true).args(["vif", "attached", "no_buffer"])))]
@@ -102,12 +109,22 @@ struct SendArgs {
     /// Pre-shared key file, identical on both hosts, mode 0600 (`openssl rand -hex 32 > FILE`).
     #[arg(long, value_name = "FILE")]
     key_file: PathBuf,
-    /// The guest's vif on this dom0 (e.g. vif5.0): attach the output buffer to it in-process.
+    /// A vif of the guest on this dom0 (e.g. vif5.0): attach the output buffer to it
+    /// in-process. Repeat it for every vif of the guest (an HVM guest's emulated NIC
+    /// `vif5.0-emu` too): all share one epoch sequence and are released together.
     #[arg(long, value_name = "IFACE")]
-    vif: Option<String>,
-    /// Drive a buffer already attached with `remus-net attach IFACE` instead.
+    vif: Vec<String>,
+    /// Drive a buffer already attached with `remus-net attach IFACE` instead (repeatable,
+    /// one per vif, as --vif).
     #[arg(long, value_name = "IFACE")]
-    attached: Option<String>,
+    attached: Vec<String>,
+    /// The protected domain (name or id), for the operator's report: how libxl suspends
+    /// it (event channel, xenstore control node or SHUTDOWN_suspend) and how long a
+    /// suspend takes, in `relay status`, the metrics and the log; a PV guest without the
+    /// suspend event channel is warned about. xl passes only the stream, so name it here.
+    /// Without it there is no suspend report.
+    #[arg(long, value_name = "NAME|ID")]
+    domain: Option<String>,
     /// UNSAFE, testing only: no output buffer at all (the guest's output is not held, so
     /// a failover can lose what the world has seen). For relay tests and benchmarks.
     #[arg(long)]
@@ -304,7 +321,13 @@ async fn relay_send_inner(a: SendArgs) -> Result<ExitCode, ExitCode> {
         max_version: VERSION,
         min_version: MIN_VERSION,
     };
-    let iface = a.vif.clone().or(a.attached.clone());
+    let vifs = if a.vif.is_empty() {
+        a.attached.clone()
+    } else {
+        a.vif.clone()
+    };
+    check_vifs(&vifs)?;
+    let iface = vifs.first().cloned();
     let name = iface
         .clone()
         .unwrap_or_else(|| std::process::id().to_string());
@@ -312,31 +335,84 @@ async fn relay_send_inner(a: SendArgs) -> Result<ExitCode, ExitCode> {
         PathBuf::from(RUN_DIR).join(format!("relay-send-{}.sock", relay::sanitize(&name)))
     });
     let shared = Shared::new(Role::Send, a.backup.clone(), iface.clone());
+    shared.set(|s| s.vifs = vifs.clone());
     let _status = status_socket(&sock, &shared);
     start_metrics(a.observe.metrics, &shared).await?;
     tracing::info!(capacity = pipe.capacity, "xl's pipe shrunk");
+    // The domain before any buffer: a wrong name leaves nothing attached.
+    if let Some(d) = &a.domain {
+        let dom = XenDomain::open(d)
+            .await
+            .map_err(|e| fail(format!("--domain {d}: {e}"), e.exit_code()))?;
+        tracing::info!(domain = %d, domid = dom.domid(), xenstore = dom.endpoint(), "watching the domain's suspends");
+        tokio::spawn(send::suspend::watch(dom, shared.clone()));
+    }
 
     // The buffer holds from before the banner reaches xl, i.e. from the stream's first byte.
-    if let Some(vif) = &a.vif {
-        let mut o = AttachOptions::new(vif.clone());
-        o.limit_bytes = a.limit_bytes;
-        let running = netbuf::attach(o)
-            .await
-            .map_err(|e| fail(&e, e.exit_code()))?;
-        tracing::info!(vif, "output buffer attached in-process: holding");
-        finish_send(send::run(opts, pipe, running.buffer, shared).await)
-    } else if let Some(iface) = &a.attached {
-        let b = RemoteBuffer::connect(iface)
-            .await
-            .map_err(|e| fail(&e, e.exit_code()))?;
-        tracing::info!(iface, "driving the output buffer attached by remus-net");
-        finish_send(send::run(opts, pipe, b, shared).await)
+    if !a.vif.is_empty() {
+        let group = attach_all(&a.vif, a.limit_bytes).await?;
+        finish_send(send::run(opts, pipe, group, shared).await)
+    } else if !a.attached.is_empty() {
+        let mut members = Vec::new();
+        for iface in &a.attached {
+            let b = RemoteBuffer::connect(iface)
+                .await
+                .map_err(|e| fail(&e, e.exit_code()))?;
+            tracing::info!(iface, "driving the output buffer attached by remus-net");
+            members.push((iface.clone(), b));
+        }
+        finish_send(send::run(opts, pipe, VifGroup::new(members), shared).await)
     } else {
         tracing::warn!(
             "--no-buffer: the guest's output is NOT held; this protects nothing (testing only)"
         );
         finish_send(send::run(opts, pipe, Unbuffered::new(), shared).await)
     }
+}
+
+/// The same vif twice would be cut twice per checkpoint: refuse it as a typo.
+fn check_vifs(vifs: &[String]) -> Result<(), ExitCode> {
+    let mut seen = std::collections::BTreeSet::new();
+    for v in vifs {
+        if !seen.insert(v.as_str()) {
+            return Err(fail(
+                format!("--vif/--attached {v} given twice: name each vif of the guest once"),
+                ExitCode::Usage,
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Attaches the buffer to every vif in-process, holding from here on. If one cannot be
+/// attached, the ones already attached are detached again, releasing what they held
+/// (no stream has started: there is no backup state to be inconsistent with).
+async fn attach_all(vifs: &[String], limit_bytes: u64) -> Result<VifGroup<LocalBuffer>, ExitCode> {
+    let mut members: Vec<(String, LocalBuffer)> = Vec::new();
+    for vif in vifs {
+        let mut o = AttachOptions::new(vif.clone());
+        o.limit_bytes = limit_bytes;
+        match netbuf::attach(o).await {
+            Ok(running) => {
+                tracing::info!(vif, "output buffer attached in-process: holding");
+                members.push((vif.clone(), running.buffer));
+            }
+            Err(e) => {
+                for (done, b) in &members {
+                    let undo = b
+                        .request(Request::Detach {
+                            policy: DetachPolicy::Release,
+                        })
+                        .await;
+                    if let Err(de) = undo {
+                        tracing::error!(vif = %done, error = %de, "could not detach again: run `remus-net detach {done}`");
+                    }
+                }
+                return Err(fail(format!("{vif}: {e}"), e.exit_code()));
+            }
+        }
+    }
+    Ok(VifGroup::new(members))
 }
 
 fn finish_send(

@@ -20,7 +20,9 @@
 //!     cut decided (proven | merged) → sent whole → acknowledged (commit, or ride on a later one)
 //! ```
 //!
-//! Owns: the phases ([`machine`], pure), the ports they drive ([`ports`]), and the relay-mode
+//! Owns: the phases ([`machine`], pure), the ports they drive ([`ports`]), the hypervisor
+//! port and its pure rules ([`hypervisor`]: how the guest is suspended, how long that
+//! takes; observed only, never an input of the machine today), and the relay-mode
 //! driver ([`relay_mode`]) that feeds the machine from xl's stream today. Never touches:
 //! sockets, processes or the kernel directly: the output buffer is reached through
 //! [`NetBuffer`], the backup through [`Replicator`], so all of this is tested with fakes,
@@ -34,6 +36,7 @@
 //! port is cut at the same instant as the output buffer when it arrives, and merged with
 //! it. The invariant it all serves is described, with where it is enforced, in
 //! [`crate::output_commit`].
+pub mod hypervisor;
 pub mod machine;
 pub mod ports;
 pub mod relay_mode;

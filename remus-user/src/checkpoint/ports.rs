@@ -2,8 +2,8 @@
 //! backup ([`Replicator`]). They live beside their user so every implementation (the real
 //! eBPF buffer, the TCP replicator, the fakes of the state-machine tests) conforms to what
 //! the checkpoint loop needs, not the other way round. The ports the next issues add (a
-//! `DiskBarrier` cut at the same instant as the buffer's epoch, a `Hypervisor` asked
-//! whether the guest is still suspended) join them here.
+//! `DiskBarrier` cut at the same instant as the buffer's epoch) join them here; the
+//! `Hypervisor` port, with its own rules, is `checkpoint::hypervisor`.
 //!
 //! Owns: the traits and the types that cross them (including why a peer was lost).
 //! Never touches: any implementation.
@@ -28,6 +28,23 @@ pub enum NetBufferError {
     Gone { iface: String, reason: String },
     #[error("buffer operation failed: {0}")]
     Failed(String),
+    /// A vif of a group numbers its epochs out of step with the others.
+    #[error(
+        "the epochs of {iface} drifted from the other vifs' (expected {expected}, got {got}): nothing more is released"
+    )]
+    Diverged {
+        iface: String,
+        expected: u64,
+        got: u64,
+    },
+    /// An earlier failure on `iface` stopped the group of vifs: nothing more is released.
+    #[error(
+        "the output buffer of {iface} failed earlier; the guest's vifs stay held (fail closed)"
+    )]
+    Stopped { iface: String },
+    /// Opening (backup lost) failed on these vifs (`iface: why`); the others are open.
+    #[error("could not open the output buffer of {}: they stay blocked", failed.join("; "))]
+    NotOpened { failed: Vec<String> },
 }
 
 /// The controller's view of an output buffer. Implemented by the real eBPF buffer and by

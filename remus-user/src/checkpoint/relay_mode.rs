@@ -12,6 +12,14 @@
 //! for the cut. When libxc's CHECKPOINT record of N is seen ending at P, the cut is proven
 //! in time iff P > R + C (C = pipe capacity): libxc cannot have finished writing it, so
 //! the guest, resumed only after that write returns, was still suspended at the cut.
+//!
+//! Several vifs (`netbuf::VifGroup`): the cut is one `close_epoch` on the group, which
+//! closes every vif's epoch in turn. R is noted before the first vif is cut, and nothing
+//! is read from the pipe until the last vif's cut has returned (the read loop awaits the
+//! cut), so at every instant of the cutting xl had written at most R + C bytes. P > R + C
+//! therefore proves the *last* cut, and with it every earlier one, came while the guest
+//! was suspended: one proof covers all the vifs, and a failed proof merges the epoch on
+//! all of them (the group's epoch is one number).
 use std::collections::BTreeMap;
 use std::sync::Arc;
 

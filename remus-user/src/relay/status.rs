@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::RUN_DIR;
+use crate::checkpoint::hypervisor::SuspendReport;
 use crate::compress::Codec;
 use crate::metrics::{Metrics, Quantiles};
 
@@ -108,7 +109,11 @@ pub struct RelayStatus {
     pub peer: Option<String>,
     /// Listen address (receive) or backup address (send).
     pub address: String,
+    /// The first protected vif (kept for scripts); `vifs` has them all.
     pub vif: Option<String>,
+    /// Every vif whose output is held, in the order they are cut and released.
+    #[serde(default)]
+    pub vifs: Vec<String>,
     pub protocol_version: Option<u16>,
     pub compression: Option<Codec>,
     pub last_checkpoint: u64,
@@ -131,6 +136,25 @@ pub struct RelayStatus {
     pub ack_latency_buckets_us: Vec<LatencyBucket>,
     pub last_event: Option<String>,
     pub since_unix: u64,
+    /// Send with `--domain`: how the guest is suspended and how long that takes.
+    #[serde(default)]
+    pub suspend: Option<SuspendStatus>,
+}
+
+/// The protected domain's suspend path and timings (`relay send --domain`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SuspendStatus {
+    /// What xenstore said (domain, domid, guest_type, device_model, path, warning); absent
+    /// if it could not be asked (`error` says why).
+    pub report: Option<SuspendReport>,
+    /// How the timings are measured, or why they cannot be.
+    pub timing: String,
+    /// Suspends measured from request to suspended.
+    pub measured: u64,
+    pub last_request_to_suspended_us: Option<u64>,
+    pub last_request_to_ack_us: Option<u64>,
+    pub mean_request_to_suspended_us: Option<f64>,
+    pub error: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
@@ -177,6 +201,13 @@ impl Shared {
         }
     }
 
+    /// Updates counters-like fields without marking a change of state (`since_unix`).
+    pub fn set_quietly(&self, f: impl FnOnce(&mut RelayStatus)) {
+        if let Ok(mut g) = self.info.lock() {
+            f(&mut g);
+        }
+    }
+
     /// Moves to `state`.
     pub fn enter(&self, state: RelayState) {
         self.set(|s| s.state = state);
@@ -214,6 +245,13 @@ impl Shared {
             })
             .collect();
         s.ack_latency_mean_us = (n > 0).then(|| h.sum().as_secs_f64() * 1e6 / n as f64);
+        if let Some(sus) = &mut s.suspend {
+            let h = &m.suspend_seconds;
+            let n = h.count();
+            sus.measured = n;
+            sus.mean_request_to_suspended_us =
+                (n > 0).then(|| h.sum().as_secs_f64() * 1e6 / n as f64);
+        }
         s
     }
 }
@@ -354,7 +392,9 @@ pub fn render(s: &RelayStatus) -> String {
     if let Some(p) = &s.peer {
         line(&mut o, "peer", p.clone());
     }
-    if let Some(v) = &s.vif {
+    if s.vifs.len() > 1 {
+        line(&mut o, "vifs", s.vifs.join(", "));
+    } else if let Some(v) = &s.vif {
         line(&mut o, "vif", v.clone());
     }
     if let (Some(v), Some(c)) = (s.protocol_version, &s.compression) {
@@ -404,10 +444,54 @@ pub fn render(s: &RelayStatus) -> String {
             s.auth_failures_total.to_string(),
         );
     }
+    if let Some(sus) = &s.suspend {
+        render_suspend(&mut o, sus);
+    }
     if let Some(e) = &s.last_event {
         line(&mut o, "last event", e.clone());
     }
     o
+}
+
+fn render_suspend(o: &mut String, sus: &SuspendStatus) {
+    let mut line = |k: &str, v: String| o.push_str(&format!("  {k:<22}{v}\n"));
+    match &sus.report {
+        Some(r) => {
+            line(
+                "domain",
+                format!(
+                    "{} (id {}, {:?}{})",
+                    r.domain,
+                    r.domid,
+                    r.guest_type,
+                    if r.device_model { ", device model" } else { "" }
+                ),
+            );
+            line("suspend path", r.path.describe().to_string());
+            if let Some(w) = &r.warning {
+                line("WARNING", w.clone());
+            }
+        }
+        None => line(
+            "suspend path",
+            format!("unknown: {}", sus.error.as_deref().unwrap_or("not asked")),
+        ),
+    }
+    match (
+        sus.mean_request_to_suspended_us,
+        sus.last_request_to_suspended_us,
+    ) {
+        (Some(mean), Some(last)) => line(
+            "suspend time",
+            format!(
+                "mean {:.1} ms, last {:.1} ms over {} suspends (request to suspended)",
+                mean / 1e3,
+                last as f64 / 1e3,
+                sus.measured
+            ),
+        ),
+        _ => line("suspend time", sus.timing.clone()),
+    }
 }
 
 #[cfg(test)]

@@ -3,7 +3,8 @@
 //! Owns: xl's pipe (checked, shrunk to one page), setting up the connection to the backup
 //! (connect, handshake, banner), and running the relay-mode checkpoint driver over them.
 //! Never touches: the epoch rules (`checkpoint` decides), the connection once it runs
-//! ([`replicator`]), the kernel (the `NetBuffer` it is handed does that).
+//! ([`replicator`]), the kernel (the `NetBuffer` it is handed does that), Xen (the
+//! suspend report of `--domain`, [`suspend`], asks it through the `Hypervisor` port).
 use std::io::Write as _;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use crate::exit::{ExitCode, HasExitCode};
 use crate::replication::{self, ClientConfig, FrameReader, Key, Message, Session, WireError};
 
 pub mod replicator;
+pub mod suspend;
 
 pub use replicator::TcpReplicator;
 
