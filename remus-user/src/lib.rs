@@ -14,11 +14,13 @@
 //! - `relay`: `remus relay send|receive|status`, joining xl, the wire and the buffer.
 //! - `metrics`: Prometheus text exposition.
 //! - `exit`: the one exit-code enum of both binaries.
+//! - `config`: /etc/remus/remus.toml (parsing, located errors, merged settings).
 //!
 //! The library itself owns no state and touches nothing at load time: the binaries (and
 //! the controller) choose what to start.
 pub mod checkpoint;
 pub mod compress;
+pub mod config;
 pub mod datapath;
 pub mod exit;
 pub mod holder;
