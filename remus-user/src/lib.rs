@@ -15,9 +15,13 @@
 //! - `metrics`: Prometheus text exposition.
 //! - `exit`: the one exit-code enum of both binaries.
 //! - `config`: /etc/remus/remus.toml (parsing, located errors, merged settings).
+//! - `protect`: `remus protect|unprotect|status|backup`: xl, xenstore and the relay's
+//!   CLI composed into one command per host.
+//! - `assets`: man pages and shell completions from the binaries' clap definitions.
 //!
 //! The library itself owns no state and touches nothing at load time: the binaries (and
 //! the controller) choose what to start.
+pub mod assets;
 pub mod checkpoint;
 pub mod compress;
 pub mod config;
@@ -27,6 +31,7 @@ pub mod holder;
 pub mod metrics;
 pub mod netbuf;
 pub mod netlink;
+pub mod protect;
 pub mod relay;
 pub mod replication;
 pub mod stream;

@@ -14,6 +14,7 @@ use clap::{ArgGroup, Args, Parser, Subcommand};
 use remus_user::compress::Codec;
 use remus_user::exit::{ExitCode, HasExitCode};
 use remus_user::netbuf::{self, AttachOptions, RemoteBuffer};
+use remus_user::protect::cli as protect_cli;
 use remus_user::relay::{
     self, DEFAULT_CACHE_PAGES, Heartbeat, RUN_DIR, Shared, parse_duration,
     receive::{self, DEFAULT_RECEIVER_CMD, ReceiveOptions},
@@ -56,6 +57,30 @@ enum Cmd {
     /// The checkpoint relay for stock `xl remus` (send on the primary, receive on the backup).
     #[command(subcommand)]
     Relay(RelayCmd),
+    #[command(flatten)]
+    Operator(OperatorCmd),
+}
+
+/// The operator's commands (issue #12), defined in `remus_user::protect::cli`.
+#[derive(Subcommand)]
+enum OperatorCmd {
+    /// Protect a running domain: check everything, then run `xl remus` with the relay (primary).
+    Protect(protect_cli::ProtectArgs),
+    /// End a protection: discards the backup's copy (run on the backup).
+    Unprotect(protect_cli::UnprotectArgs),
+    /// Both ends of every protection on this host, as a table or JSON.
+    Status(protect_cli::StatusArgs),
+    /// The backup's listener for one domain (runs `remus relay receive` as configured).
+    Backup(protect_cli::BackupArgs),
+    /// Check /etc/remus/remus.toml, or show the settings a domain gets.
+    #[command(subcommand)]
+    Config(protect_cli::ConfigCmd),
+    /// Internal: the wrapper xl runs around `remus relay send` for `remus protect`.
+    #[command(name = "__relay-child", hide = true)]
+    RelayChild(protect_cli::RelayChildArgs),
+    /// Internal: write man pages and shell completions into DIR (packaging).
+    #[command(name = "__generate", hide = true)]
+    Generate { dir: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -230,11 +255,38 @@ fn main() -> ProcessExit {
             Cmd::Relay(RelayCmd::Send(a)) => relay_send(a).await,
             Cmd::Relay(RelayCmd::Receive(a)) => relay_receive(a).await,
             Cmd::Relay(RelayCmd::Status(a)) => relay_status(a).await,
+            Cmd::Operator(c) => operator(c).await,
         }
     });
     // Do not wait for lingering tasks (the buffer's holder, sockets).
     rt.shutdown_timeout(Duration::from_millis(200));
     code.into()
+}
+
+async fn operator(c: OperatorCmd) -> ExitCode {
+    match c {
+        OperatorCmd::Protect(a) => protect_cli::protect(a).await,
+        OperatorCmd::Unprotect(a) => protect_cli::unprotect(a).await,
+        OperatorCmd::Status(a) => protect_cli::status(a).await,
+        OperatorCmd::Backup(a) => protect_cli::backup(a).await,
+        OperatorCmd::Config(c) => protect_cli::config(c).await,
+        OperatorCmd::RelayChild(a) => protect_cli::relay_child(a),
+        OperatorCmd::Generate { dir } => {
+            use clap::CommandFactory;
+            match remus_user::assets::generate(Cli::command(), &dir) {
+                Ok(files) => {
+                    for f in files {
+                        println!("{}", dir.join(f).display());
+                    }
+                    ExitCode::Ok
+                }
+                Err(e) => fail(
+                    format!("writing into {}: {e}", dir.display()),
+                    ExitCode::Failure,
+                ),
+            }
+        }
+    }
 }
 
 fn fail(what: impl std::fmt::Display, code: ExitCode) -> ExitCode {

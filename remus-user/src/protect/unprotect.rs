@@ -1,0 +1,329 @@
+//! `remus unprotect DOMAIN`: ending a protection as far as today's relay allows.
+//!
+//! The relay has no message meaning "protection ended, discard your copy": whatever ends
+//! the stream on the primary (xl remus stopping, the relay closing) makes the backup
+//! activate its copy. So:
+//! - on the **backup** host, unprotect discards the backup's copy: it freezes, then kills
+//!   the receiver (`xl migrate-receive` and its restore helper) before it can see the end
+//!   of its stream, and destroys `DOMAIN--incoming`. The primary's relay then loses its
+//!   backup, releases what it held (safe: no other copy exists any more) and the guest
+//!   runs on, unprotected; `remus protect` there ends with exit 4.
+//! - on the **primary**, while protection runs, it refuses (exit 3) and says the above.
+//! - where protection already ended, it removes what is left (state files, a buffer
+//!   left in pass-through mode, which holds nothing) and says how it had ended.
+//!
+//! Owns: those three decisions and their actions. Never touches: a buffer that still
+//! holds output (only an operator can judge it), the relay's code paths, a running guest.
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::exit::ExitCode;
+
+use super::checks::{Host, LeftBuffer};
+use super::host;
+use super::state::{self, BackupState, ProtectState};
+use super::xen::{self, Xen};
+
+#[derive(Debug, thiserror::Error)]
+pub enum UnprotectError {
+    #[error("must run as root: it reads /run/remus and signals xl's processes")]
+    NotRoot,
+    #[error(
+        "cannot end the protection of `{domain}` from the primary yet: the relay has no message that tells the backup \"protection ended\", so anything that ends the stream here makes the backup ACTIVATE its copy. To keep `{domain}` running here, unprotected: run `remus unprotect {domain}` on the backup host ({backup}); this host's relay then loses its backup, releases what it holds, and `remus protect` ends with exit 4. To hand `{domain}` over to the backup instead: stop `remus protect` (systemctl stop remus-protect@{domain}), then `xl destroy {domain}` here"
+    )]
+    FromPrimary { domain: String, backup: String },
+    #[error(
+        "`{domain}` is replicated by an xl remus (pid {pid}) that remus protect does not supervise: end it where it was started"
+    )]
+    Unsupervised { domain: String, pid: u32 },
+    #[error(
+        "`{domain}` is not protected on this host (no remus protect, no remus backup, no {domain}--incoming)"
+    )]
+    NotProtected { domain: String },
+    #[error(
+        "several receivers run here and none is known to belong to `{domain}` (pids {pids}); stop the right `remus backup` unit, or kill that receiver by hand"
+    )]
+    Ambiguous { domain: String, pids: String },
+    #[error("could not stop the receiver (pid {pid}): {why}")]
+    Kill { pid: u32, why: String },
+    #[error("could not destroy {name}: {why}")]
+    Destroy { name: String, why: String },
+    #[error("xl: {0}")]
+    Xen(#[from] xen::XenError),
+}
+
+impl UnprotectError {
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            UnprotectError::NotRoot
+            | UnprotectError::FromPrimary { .. }
+            | UnprotectError::Xen(xen::XenError::Missing { .. }) => ExitCode::Unsupported,
+            UnprotectError::Unsupervised { .. }
+            | UnprotectError::NotProtected { .. }
+            | UnprotectError::Ambiguous { .. } => ExitCode::Usage,
+            UnprotectError::Kill { .. }
+            | UnprotectError::Destroy { .. }
+            | UnprotectError::Xen(_) => ExitCode::Failure,
+        }
+    }
+}
+
+/// The ppid of every process, from /proc.
+fn parents() -> Vec<(u32, u32)> {
+    let mut v = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return v;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid …": comm may hold spaces and parentheses.
+        if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r)
+            && let Some(ppid) = rest.split_whitespace().nth(1).and_then(|p| p.parse().ok())
+        {
+            v.push((pid, ppid));
+        }
+    }
+    v
+}
+
+/// Every descendant of `root` (not `root` itself), parents before children.
+pub fn descendants(root: u32, table: &[(u32, u32)]) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut frontier = vec![root];
+    while let Some(p) = frontier.pop() {
+        for &(c, pp) in table {
+            if pp == p && !out.contains(&c) {
+                out.push(c);
+                frontier.push(c);
+            }
+        }
+    }
+    out
+}
+
+/// The receiver processes under a relay: the `sh -c` it started and everything below.
+fn receiver_tree(relay_pid: u32, table: &[(u32, u32)]) -> Vec<u32> {
+    descendants(relay_pid, table)
+}
+
+fn kill(pid: u32, sig: i32) -> Result<(), String> {
+    // SAFETY: kill(2) with a pid read from /proc; a pid that vanished gives ESRCH.
+    if unsafe { libc::kill(pid as i32, sig) } == 0 {
+        Ok(())
+    } else {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ESRCH) {
+            Ok(())
+        } else {
+            Err(e.to_string())
+        }
+    }
+}
+
+/// Freezes every process first (none may react to another's death: a receiver that saw
+/// its stream end would activate the copy), then kills them all.
+fn freeze_and_kill(pids: &[u32]) -> Result<(), UnprotectError> {
+    for &p in pids {
+        kill(p, libc::SIGSTOP).map_err(|why| UnprotectError::Kill { pid: p, why })?;
+    }
+    for &p in pids {
+        kill(p, libc::SIGKILL).map_err(|why| UnprotectError::Kill { pid: p, why })?;
+    }
+    let t = Instant::now();
+    while pids.iter().any(|p| host::pid_alive(*p) && !is_zombie(*p))
+        && t.elapsed() < Duration::from_secs(5)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, r)| r.split_whitespace().next().map(|x| x == "Z"))
+        })
+        .unwrap_or(true)
+}
+
+/// What unprotect did, for the operator.
+#[derive(Debug)]
+pub struct Done {
+    pub message: String,
+}
+
+pub fn unprotect(
+    domain: &str,
+    dir: &Path,
+    xen: &impl Xen,
+    h: &impl Host,
+) -> Result<Done, UnprotectError> {
+    if !h.is_root() {
+        return Err(UnprotectError::NotRoot);
+    }
+    let protect: Option<ProtectState> = state::read_json(&state::protect_path(dir, domain));
+    let list = xen::parse_list(&xen.list()?).map_err(|what| xen::XenError::Parse {
+        cmd: "xl list".into(),
+        what,
+    })?;
+    // Backup: discard the copy being received.
+    let incoming = format!("{domain}--incoming");
+    let copy = list.iter().find(|d| d.name == incoming);
+    let backup: Option<BackupState> = state::read_json(&state::backup_path(dir, domain));
+    let table = parents();
+    let mut killed = Vec::new();
+    let relay_pid = backup
+        .as_ref()
+        .map(|b| b.pid)
+        .filter(|p| host::pid_alive(*p));
+    let tree = match relay_pid {
+        Some(p) => receiver_tree(p, &table),
+        None if copy.is_some() => {
+            // A relay started by hand: accept it only if exactly one relay has a receiver.
+            let relays: Vec<u32> = table
+                .iter()
+                .map(|(p, _)| *p)
+                .filter(|p| {
+                    host::cmdline(*p)
+                        .is_some_and(|a| a.windows(2).any(|w| w[0] == "relay" && w[1] == "receive"))
+                })
+                .filter(|p| !receiver_tree(*p, &table).is_empty())
+                .collect();
+            match relays.as_slice() {
+                [] => Vec::new(),
+                [one] => receiver_tree(*one, &table),
+                many => {
+                    return Err(UnprotectError::Ambiguous {
+                        domain: domain.into(),
+                        pids: many
+                            .iter()
+                            .map(u32::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    });
+                }
+            }
+        }
+        None => Vec::new(),
+    };
+    if !tree.is_empty() {
+        freeze_and_kill(&tree)?;
+        killed = tree;
+    }
+    let mut destroyed = None;
+    if let Some(c) = copy {
+        xen.destroy(&incoming)
+            .map_err(|e| UnprotectError::Destroy {
+                name: incoming.clone(),
+                why: e.to_string(),
+            })?;
+        destroyed = Some(c.domid);
+    }
+    let pids = killed
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let what = match (killed.is_empty(), destroyed) {
+        (false, Some(id)) => Some(format!(
+            "stopped its receiver (pids {pids}) before it could activate the copy and destroyed {incoming} (domid {id})"
+        )),
+        (false, None) => Some(format!(
+            "stopped its receiver (pids {pids}) before it could activate the copy"
+        )),
+        (true, Some(id)) => Some(format!(
+            "destroyed the leftover copy {incoming} (domid {id})"
+        )),
+        (true, None) => None,
+    };
+    if let Some(what) = what {
+        return Ok(Done {
+            message: format!(
+                "discarded the backup copy of `{domain}`: {what}. The primary's relay now loses its backup: it releases what it holds and `{domain}` runs there UNPROTECTED (its `remus protect` ends with exit 4). `remus backup {domain}` keeps listening for the next `remus protect {domain}`."
+            ),
+        });
+    }
+
+    // Primary, running: refuse (see the module docs). The backup role is looked at first:
+    // a one-host test setup (the lab) is both, and there discarding the copy is the way.
+    if let Some(s) = &protect
+        && host::protect_pid_matches(s.pid)
+    {
+        return Err(UnprotectError::FromPrimary {
+            domain: domain.into(),
+            backup: s.backup.clone(),
+        });
+    }
+    if let Some(d) = list.iter().find(|d| d.name == domain)
+        && let Some(pid) = h.xl_remus_running(domain, d.domid)
+    {
+        return Err(UnprotectError::Unsupervised {
+            domain: domain.into(),
+            pid,
+        });
+    }
+
+    // Ended already: clean up what is left.
+    if let Some(s) = protect {
+        let mut notes = vec![format!(
+            "`{domain}` was not protected any more ({}{})",
+            s.phase.words(),
+            s.detail
+                .as_ref()
+                .map(|d| format!(": {d}"))
+                .unwrap_or_default()
+        )];
+        match h.buffer_on(&s.vif) {
+            LeftBuffer::Passthrough => notes.push(format!(
+                "{} still carries a pass-through buffer (holds nothing): remove it with `remus-net detach {}`",
+                s.vif, s.vif
+            )),
+            LeftBuffer::Holding => notes.push(format!(
+                "{} still HOLDS the guest's output (fail closed); if the backup activated its copy, destroy this one (xl destroy {domain}); otherwise `remus-net detach {}` drops what is held",
+                s.vif, s.vif
+            )),
+            LeftBuffer::Live { pid } => notes.push(format!(
+                "{} has a live buffer holder (pid {pid}) that remus protect did not start",
+                s.vif
+            )),
+            LeftBuffer::None => {}
+        }
+        let _ = std::fs::remove_file(state::protect_path(dir, domain));
+        let _ = std::fs::remove_file(state::relay_exit_path(dir, domain));
+        notes.push("removed its state file".into());
+        return Ok(Done {
+            message: notes.join("; "),
+        });
+    }
+    Err(UnprotectError::NotProtected {
+        domain: domain.into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descendants_follow_the_tree() {
+        let t = [(10, 1), (11, 10), (12, 11), (13, 1), (14, 12)];
+        let mut d = descendants(10, &t);
+        d.sort();
+        assert_eq!(d, [11, 12, 14]);
+        assert!(descendants(13, &t).is_empty());
+    }
+
+    #[test]
+    fn this_process_is_in_the_parent_table() {
+        let me = std::process::id();
+        assert!(parents().iter().any(|(p, _)| *p == me));
+        assert!(!is_zombie(me));
+    }
+}
