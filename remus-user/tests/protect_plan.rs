@@ -474,6 +474,44 @@ const ONE_DISK: &str = r#""disks": [ { "pdev_path": "/dev/vg0/guest", "vdev": "x
                            { "pdev_path": "/srv/iso/install.iso", "vdev": "xvdc", "format": "raw", "readwrite": 0, "is_cdrom": 1 } ],"#;
 
 #[test]
+fn the_captured_two_vif_domain_with_a_disk_is_refused_for_each_reason() {
+    // `multi` as captured (paused, never booted), shown running so the device checks run.
+    let k = keys();
+    let mut xen = FakeXen::lab();
+    xen.list = fixture("xl-list-with-multi.txt").replace("--p---", "-b----");
+    xen.long
+        .insert("multi".into(), fixture("xl-list-l-multi.txt"));
+    xen.store =
+        fixture("xenstore-ls-vif-backend-multi.txt") + &fixture("xenstore-ls-guest-multi.txt");
+    let host = FakeHost {
+        ifaces: vec!["vif2.0".into(), "multi-lan".into()],
+        ..Default::default()
+    };
+    let (code, f) = failures(run(
+        &request("multi", BACKUP, &k.good),
+        &xen,
+        &host,
+        &FakeBackup::ok(),
+    ));
+    assert_eq!(code, ExitCode::Unsupported);
+    let kinds: Vec<&str> = f.iter().map(CheckFailure::summary).collect();
+    assert_eq!(
+        kinds,
+        [
+            "vifs (",
+            "has writable disks that are not replicated",
+            "advertises no suspend path"
+        ]
+    );
+    assert!(f[0].to_string().contains("vif2.0, multi-lan"), "{}", f[0]);
+    assert!(
+        f[1].to_string().contains("xvda: /run/lab/multi-disk.img"),
+        "{}",
+        f[1]
+    );
+}
+
+#[test]
 fn several_vifs_are_refused_naming_each() {
     let k = keys();
     let (code, f) = failures(run(

@@ -308,10 +308,10 @@ pub async fn protect(a: ProtectArgs) -> ExitCode {
     let dir = state::run_dir();
     if a.dry_run {
         println!(
-            "{}: all checks passed (domid {}, {:?} guest, vif {}, backup {}, interval {} ms)",
+            "{}: all checks passed (domid {}, {} guest, vif {}, backup {}, interval {} ms)",
             plan.domain,
             plan.domid,
-            plan.guest_type,
+            plan.guest_type.as_str(),
             plan.vif,
             plan.backup,
             plan.settings.interval_ms

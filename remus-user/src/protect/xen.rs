@@ -124,6 +124,16 @@ pub enum GuestType {
     Hvm,
 }
 
+impl GuestType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GuestType::Pv => "PV",
+            GuestType::Pvh => "PVH",
+            GuestType::Hvm => "HVM",
+        }
+    }
+}
+
 /// One NIC of the domain's libxl config.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Nic {
