@@ -198,6 +198,16 @@ fn run(req: &Request, xen: &FakeXen, host: &FakeHost, b: &FakeBackup) -> Result<
         .block_on(plan(req, xen, host, b))
 }
 
+/// The checks against the lab as captured, a host and a backup with nothing to say.
+fn lab_plan(domain: &str, toml: &str, key: &Path) -> Result<Plan, Failures> {
+    run(
+        &request(domain, toml, key),
+        &FakeXen::lab(),
+        &FakeHost::default(),
+        &FakeBackup::ok(),
+    )
+}
+
 fn failures(r: Result<Plan, Failures>) -> (ExitCode, Vec<CheckFailure>) {
     match r {
         Ok(p) => panic!("expected failures, got a plan: {p:?}"),
@@ -248,13 +258,7 @@ fn the_lab_guest_gets_the_exact_xl_remus_command() {
 fn the_transport_command_survives_sh_quoting() {
     // xl runs the last argument with `sh -c`: odd paths must arrive as one word each.
     let k = keys();
-    let p = run(
-        &request("guest", BACKUP, &k.good),
-        &FakeXen::lab(),
-        &FakeHost::default(),
-        &FakeBackup::ok(),
-    )
-    .unwrap();
+    let p = lab_plan("guest", BACKUP, &k.good).unwrap();
     let odd = Path::new("/opt/my remus/it's");
     let argv = p.relay_argv(odd, Path::new("/run/re mus"));
     let rune = p.xl_argv("xl", odd, Path::new("/run/re mus"))[9].clone();
@@ -294,13 +298,7 @@ fn a_named_vif_comes_from_xenstore() {
 #[test]
 fn a_domain_can_be_named_by_its_domid() {
     let k = keys();
-    let p = run(
-        &request("1", BACKUP, &k.good),
-        &FakeXen::lab(),
-        &FakeHost::default(),
-        &FakeBackup::ok(),
-    )
-    .unwrap();
+    let p = lab_plan("1", BACKUP, &k.good).unwrap();
     assert_eq!(p.domain, "guest");
 }
 

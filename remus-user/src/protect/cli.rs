@@ -62,12 +62,8 @@ pub struct ProtectArgs {
     /// Pre-shared key file, the same on both hosts, mode 0600 (default /etc/remus/key).
     #[arg(long, value_name = "FILE")]
     pub key_file: Option<PathBuf>,
-    /// Heartbeat period (e.g. 200ms; at most half the timeout).
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-    pub heartbeat_interval: Option<Duration>,
-    /// Silence after which the backup counts as lost (e.g. 1s; at least 100ms).
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-    pub heartbeat_timeout: Option<Duration>,
+    #[command(flatten)]
+    pub hb: HeartbeatFlags,
     /// Page-data compression on the wire.
     #[arg(long, value_enum)]
     pub compress: Option<Compression>,
@@ -88,6 +84,17 @@ pub struct ProtectArgs {
     /// Configuration file.
     #[arg(short = 'c', long, value_name = "FILE", default_value = config::DEFAULT_PATH)]
     pub config: PathBuf,
+}
+
+/// The heartbeat of both ends (over the config's `heartbeat_*_ms`).
+#[derive(Args, Debug, Clone)]
+pub struct HeartbeatFlags {
+    /// Heartbeat period (e.g. 200ms; at most half the timeout).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub heartbeat_interval: Option<Duration>,
+    /// Silence after which the other end counts as lost (e.g. 1s; at least 100ms).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub heartbeat_timeout: Option<Duration>,
 }
 
 /// `remus unprotect DOMAIN`.
@@ -156,10 +163,8 @@ pub struct BackupArgs {
     /// Pre-shared key file, the same on both hosts, mode 0600.
     #[arg(long, value_name = "FILE")]
     pub key_file: Option<PathBuf>,
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-    pub heartbeat_interval: Option<Duration>,
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-    pub heartbeat_timeout: Option<Duration>,
+    #[command(flatten)]
+    pub hb: HeartbeatFlags,
     /// Run the checks and print the relay command, start nothing.
     #[arg(short = 'n', long)]
     pub dry_run: bool,
@@ -207,15 +212,11 @@ fn load_config(path: &Path) -> Result<Config, ExitCode> {
     })
 }
 
-fn apply_heartbeat(
-    s: &mut Settings,
-    i: Option<Duration>,
-    t: Option<Duration>,
-) -> Result<(), String> {
-    if let Some(i) = i {
+fn apply_heartbeat(s: &mut Settings, f: &HeartbeatFlags) -> Result<(), String> {
+    if let Some(i) = f.heartbeat_interval {
         s.heartbeat_interval = i;
     }
-    if let Some(t) = t {
+    if let Some(t) = f.heartbeat_timeout {
         s.heartbeat_timeout = t;
     }
     config::check_heartbeat(s.heartbeat_interval, s.heartbeat_timeout)
@@ -251,8 +252,7 @@ pub fn protect_settings(a: &ProtectArgs, cfg: &Config) -> Result<Settings, Strin
     if a.unsafe_unreplicated_disks {
         s.unsafe_unreplicated_disks = true;
     }
-    apply_heartbeat(&mut s, a.heartbeat_interval, a.heartbeat_timeout)
-        .map_err(|e| format!("heartbeat flags: {e}"))?;
+    apply_heartbeat(&mut s, &a.hb).map_err(|e| format!("heartbeat flags: {e}"))?;
     Ok(s)
 }
 
@@ -388,7 +388,7 @@ pub async fn backup(a: BackupArgs) -> ExitCode {
     if let Some(k) = &a.key_file {
         s.key_file = k.clone();
     }
-    if let Err(e) = apply_heartbeat(&mut s, a.heartbeat_interval, a.heartbeat_timeout) {
+    if let Err(e) = apply_heartbeat(&mut s, &a.hb) {
         say("backup", &a.domain, format!("heartbeat flags: {e}"));
         return ExitCode::Usage;
     }
