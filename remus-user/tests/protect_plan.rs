@@ -11,7 +11,7 @@ use remus_user::protect::checks::{
     Backup, CheckFailure, Failures, Host, LeftBuffer, Plan, Request, plan,
 };
 use remus_user::protect::probe::{ProbeError, ProbeOk};
-use remus_user::protect::xen::{GuestType, Xen, XenError};
+use remus_user::protect::xen::{GuestType, NotRunning, Xen, XenError};
 
 fn fixture(name: &str) -> String {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -336,7 +336,13 @@ fn unknown_domain0_in_transit_and_paused_domains_are_refused() {
     assert!(matches!(f[0], CheckFailure::InTransit { .. }));
     let (_, f) = failures(run(&request("guest", BACKUP, &k.good), &during, &host, &b));
     assert!(
-        matches!(&f[0], CheckFailure::NotRunning { what, .. } if what.starts_with("suspended")),
+        matches!(
+            &f[0],
+            CheckFailure::NotRunning {
+                why: NotRunning::Suspended,
+                ..
+            }
+        ),
         "{f:?}"
     );
 
@@ -346,7 +352,13 @@ fn unknown_domain0_in_transit_and_paused_domains_are_refused() {
     let (code, f) = failures(run(&request("novif", BACKUP, &k.good), &paused, &host, &b));
     assert_eq!(code, ExitCode::Usage);
     assert!(
-        matches!(&f[0], CheckFailure::NotRunning { what: "paused", .. }),
+        matches!(
+            &f[0],
+            CheckFailure::NotRunning {
+                why: NotRunning::Paused,
+                ..
+            }
+        ),
         "{f:?}"
     );
 }
@@ -501,11 +513,13 @@ fn the_captured_two_vif_domain_with_a_disk_is_refused_for_each_reason() {
             "advertises no suspend path"
         ]
     );
-    assert!(f[0].to_string().contains("vif2.0, multi-lan"), "{}", f[0]);
     assert!(
-        f[1].to_string().contains("xvda: /run/lab/multi-disk.img"),
-        "{}",
-        f[1]
+        matches!(&f[0], CheckFailure::SeveralVifs { n: 2, vifs, .. } if vifs == "vif2.0, multi-lan"),
+        "{f:?}"
+    );
+    assert!(
+        matches!(&f[1], CheckFailure::UnreplicatedDisks { disks, .. } if disks == "xvda: /run/lab/multi-disk.img"),
+        "{f:?}"
     );
 }
 
@@ -596,10 +610,7 @@ fn key_backup_and_probe_failures_each_have_their_code() {
         &FakeBackup::ok(),
     ));
     assert_eq!(code, ExitCode::Usage);
-    assert!(
-        matches!(&f[0], CheckFailure::Key(m) if m.contains("chmod 600")),
-        "{f:?}"
-    );
+    assert!(matches!(&f[0], CheckFailure::Key(_)), "{f:?}");
 
     let (code, f) = failures(run(
         &request("guest", "", &k.good),
@@ -700,8 +711,7 @@ fn every_check_failure_is_in_the_operator_guide() {
         CheckFailure::NotRunning {
             domain: String::new(),
             state: String::new(),
-            what: "",
-            fix: "",
+            why: NotRunning::Paused,
         },
         CheckFailure::AlreadyProtected {
             domain: String::new(),

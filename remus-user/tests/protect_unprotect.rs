@@ -82,6 +82,14 @@ fn fake_remus(dir: &Path, args: &[&str]) -> Child {
     c.spawn().unwrap()
 }
 
+fn grandchildren(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
 fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| {
@@ -111,6 +119,7 @@ fn protect_state(pid: u32, phase: Phase) -> ProtectState {
         relay_socket: PathBuf::from("/nonexistent"),
         unsafe_disks: vec![],
         exit_code: Some(4),
+        output: None,
     }
 }
 
@@ -137,13 +146,28 @@ fn on_the_backup_the_receiver_is_killed_before_it_can_activate_and_the_copy_dest
         list: fixture("xl-list-during-remus.txt"),
         destroyed: RefCell::new(vec![]),
     };
-    let children: Vec<u32> =
-        std::fs::read_to_string(format!("/proc/{}/task/{}/children", relay.id(), relay.id()))
-            .unwrap()
-            .split_whitespace()
-            .map(|p| p.parse().unwrap())
-            .collect();
+    let t0 = Instant::now();
+    let children = loop {
+        let c = grandchildren(relay.id());
+        if c.len() == 2 || t0.elapsed() > Duration::from_secs(10) {
+            break c;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert_eq!(children.len(), 2);
+    // The whole receiver tree: the inner sh and its sleep, and the other sleep (waited
+    // for: the inner sh may not have started its sleep yet on a busy machine).
+    let t0 = Instant::now();
+    let tree = loop {
+        let mut tree = children.clone();
+        tree.extend(children.iter().flat_map(|c| grandchildren(*c)));
+        tree.sort();
+        if tree.len() == 3 || t0.elapsed() > Duration::from_secs(10) {
+            break tree;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(tree.len(), 3, "{tree:?}");
     let done = unprotect(
         "guest",
         d.path(),
@@ -153,11 +177,11 @@ fn on_the_backup_the_receiver_is_killed_before_it_can_activate_and_the_copy_dest
         },
     )
     .unwrap();
-    assert!(
-        done.message.contains("discarded the backup copy"),
-        "{}",
-        done.message
-    );
+    // guest--incoming is domid 4 in the capture.
+    assert_eq!(done.destroyed, Some(4));
+    let mut killed = done.killed.clone();
+    killed.sort();
+    assert_eq!(killed, tree);
     assert_eq!(*xen.destroyed.borrow(), ["guest--incoming"]);
     let t = Instant::now();
     while children.iter().any(|p| alive(*p)) && t.elapsed() < Duration::from_secs(5) {
@@ -196,9 +220,11 @@ fn on_a_protecting_primary_it_refuses_and_says_where_to_run_it() {
         },
     )
     .unwrap_err();
-    assert!(matches!(e, UnprotectError::FromPrimary { .. }), "{e}");
+    assert!(
+        matches!(&e, UnprotectError::FromPrimary { backup, .. } if backup == "backup.example:7788"),
+        "{e}"
+    );
     assert_eq!(e.exit_code(), ExitCode::Unsupported);
-    assert!(e.to_string().contains("backup.example:7788"), "{e}");
     assert!(xen.destroyed.borrow().is_empty());
     // Nothing was touched: the protect stand-in still runs, its state file is there.
     assert!(alive(p.id()));
@@ -232,12 +258,11 @@ fn where_protection_ended_it_cleans_up_and_says_what_is_left() {
         },
     )
     .unwrap();
-    assert!(done.message.contains("backup lost"), "{}", done.message);
-    assert!(
-        done.message.contains("remus-net detach vif1.0"),
-        "{}",
-        done.message
+    assert_eq!(
+        done.ended,
+        Some((Phase::BackupLost, LeftBuffer::Passthrough))
     );
+    assert!(done.killed.is_empty() && done.destroyed.is_none());
     assert!(!state::protect_path(d.path(), "guest").exists());
     assert!(!state::relay_exit_path(d.path(), "guest").exists());
     // Twice: nothing is left, so it is not protected here.

@@ -132,15 +132,22 @@ mod tests {
         )
         .unwrap();
         let a = relay_args("web", &c.settings("web"), Path::new("/run/remus"));
-        let s = a.join(" ");
-        assert!(
-            s.starts_with("relay receive --listen 0.0.0.0:7790 --key-file /etc/remus/key"),
-            "{s}"
-        );
-        assert!(s.contains("--heartbeat-timeout 3000ms"), "{s}");
-        assert!(
-            s.ends_with("--status-socket /run/remus/relay-receive-web.sock"),
-            "{s}"
+        assert_eq!(
+            a,
+            [
+                "relay",
+                "receive",
+                "--listen",
+                "0.0.0.0:7790",
+                "--key-file",
+                "/etc/remus/key",
+                "--heartbeat-interval",
+                "200ms",
+                "--heartbeat-timeout",
+                "3000ms",
+                "--status-socket",
+                "/run/remus/relay-receive-web.sock"
+            ]
         );
     }
 }

@@ -79,13 +79,13 @@ pub enum CheckFailure {
     )]
     InTransit { domain: String },
     #[error(
-        "`{domain}` is not running (xl state `{state}`: {what}); protect a running domain{fix}"
+        "`{domain}` is not running (xl state `{state}`: {}); protect a running domain{}",
+        .why.words(), .why.fix()
     )]
     NotRunning {
         domain: String,
         state: String,
-        what: &'static str,
-        fix: &'static str,
+        why: xen::NotRunning,
     },
     #[error(
         "`{domain}` is already protected ({by}); `remus status {domain}` shows it, `remus unprotect {domain}` ends it"
@@ -449,23 +449,11 @@ fn check_domain<'a>(
         });
         return None;
     }
-    if let Some(n) = d.not_running() {
-        use xen::NotRunning::*;
-        let (what, fix) = match n {
-            Paused => ("paused", " (xl unpause it first)"),
-            Suspended => (
-                "suspended, e.g. by an xl save or migrate in progress",
-                " (wait for it to end)",
-            ),
-            Crashed => ("crashed", ""),
-            ShutDown => ("shut down", ""),
-            Dying => ("dying", ""),
-        };
+    if let Some(why) = d.not_running() {
         f.0.push(CheckFailure::NotRunning {
             domain: d.name.clone(),
             state: d.state.clone(),
-            what,
-            fix,
+            why,
         });
         return None;
     }

@@ -53,8 +53,36 @@ impl Rate {
     }
 }
 
+/// What is true of the vif's output once protection ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Output {
+    /// Released and passing: the relay opened the buffer (the backup was lost).
+    Open,
+    /// Still held by the program the dead relay left (fail closed).
+    Held,
+    /// Depends on where the relay failed (its messages say; `remus-net status` shows it).
+    Unknown,
+    /// The relay never ran: nothing was attached by this protection.
+    Untouched,
+}
+
+/// How a protection ended: what `remus protect` exits with, and the facts behind its
+/// sentence (the backup's copy, the vif's output).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ending {
+    pub phase: Phase,
+    pub code: ExitCode,
+    pub output: Output,
+    /// The backup activates (or activated) its copy.
+    pub backup_activates: bool,
+    /// Letting the held output out is safe: the backup never had a usable copy.
+    pub release_safe: bool,
+    pub detail: String,
+}
+
 /// How the protection ended, from xl's exit status, the relay's and whether a stop was
-/// asked for. Pure: the table below is the documented behaviour (docs/operator.md).
+/// asked for. Pure: this is the documented behaviour (docs/operator.md).
 pub fn outcome(
     domain: &str,
     vif: &str,
@@ -62,79 +90,120 @@ pub fn outcome(
     relay: Option<RelayExit>,
     stop_asked: bool,
     last_acked: u64,
-) -> (Phase, ExitCode, String) {
-    let held = format!(
-        "{vif}'s output stays held (fail closed): nothing the guest sent after checkpoint {last_acked} leaves this host"
-    );
+) -> Ending {
+    // Before the first acknowledged checkpoint the backup has no usable copy (it drops a
+    // partial initial copy), so nothing here can be inconsistent with it.
+    let copy = last_acked > 0;
+    let held = if copy {
+        format!(
+            "{vif}'s output stays held (fail closed): nothing the guest sent after checkpoint {last_acked} leaves this host"
+        )
+    } else {
+        format!(
+            "no checkpoint was acknowledged, so the backup has no usable copy to activate; {vif}'s output is still held: `remus-net detach {vif}` lets the guest's traffic out again (what the relay held is gone with it; TCP resends)"
+        )
+    };
+    let activates = if copy {
+        format!("the backup activates its copy of `{domain}` (checkpoint {last_acked} or later)")
+    } else {
+        "the backup has no complete checkpoint and activates nothing".to_string()
+    };
+    let xl_code = xl.map_or("unknown".into(), |c| c.to_string());
+    let end = |phase, code, output, backup_activates, detail: String| Ending {
+        phase,
+        code,
+        output,
+        backup_activates,
+        release_safe: output == Output::Held && !copy,
+        detail,
+    };
     match relay {
-        Some(RelayExit { code: Some(4), .. }) => (
+        Some(RelayExit { code: Some(4), .. }) => end(
             Phase::BackupLost,
             ExitCode::PeerLost,
+            Output::Open,
+            false,
             format!(
                 "the backup was lost: the relay released what it held and `{domain}` runs UNPROTECTED here; find out why (the backup's `remus status`, its journal), then protect again"
             ),
         ),
-        Some(RelayExit { code: Some(0), .. }) if stop_asked => (
+        Some(RelayExit { code: Some(0), .. }) if stop_asked => end(
             Phase::Stopped,
             ExitCode::Ok,
-            format!(
-                "stopped on request: the relay closed the stream, so the backup activates its copy of `{domain}` (checkpoint {last_acked} or later); {held}; destroy this copy (xl destroy {domain}) unless you discard the backup's (remus unprotect {domain} on the backup) and then `remus-net detach {vif}`"
-            ),
+            Output::Held,
+            copy,
+            if copy {
+                format!(
+                    "stopped on request: the relay closed the stream, so {activates}; {held}; destroy this copy (xl destroy {domain}) unless you discard the backup's (remus unprotect {domain} on the backup) and then `remus-net detach {vif}`"
+                )
+            } else {
+                format!("stopped on request: the relay closed the stream and {activates}; {held}")
+            },
         ),
-        Some(RelayExit { code: Some(0), .. }) if xl == Some(0) => (
+        Some(RelayExit { code: Some(0), .. }) if xl == Some(0) => end(
             Phase::DomainEnded,
             ExitCode::Ok,
+            Output::Held,
+            copy,
             format!(
-                "`{domain}` ended here (shut down or destroyed): xl closed the stream and the backup activated its copy from its last checkpoint"
+                "`{domain}` ended here (shut down or destroyed): xl closed the stream and {activates}"
             ),
         ),
-        Some(RelayExit { code: Some(0), .. }) => (
+        Some(RelayExit { code: Some(0), .. }) => end(
             Phase::Failed,
             ExitCode::Failure,
+            Output::Held,
+            copy,
             format!(
-                "xl remus failed (exit {}; its messages are above, e.g. the guest did not suspend) and closed the stream: the backup activates its copy; {held}",
-                xl.map_or("unknown".into(), |c| c.to_string())
+                "xl remus failed (exit {xl_code}; its messages are above, e.g. the guest did not suspend) and closed the stream: {activates}; {held}"
             ),
         ),
-        Some(RelayExit { code: Some(c), .. }) => (
+        Some(RelayExit { code: Some(c), .. }) => end(
             Phase::Failed,
             if c == 3 {
                 ExitCode::Unsupported
             } else {
                 ExitCode::Failure
             },
+            Output::Unknown,
+            copy,
             format!(
                 "the relay failed (exit {c}; its messages are above); if `remus-net status {vif}` still shows it holding, {held}"
             ),
         ),
         Some(RelayExit {
             signal: Some(s), ..
-        }) if stop_asked => (
+        }) if stop_asked => end(
             Phase::Stopped,
             ExitCode::Ok,
-            format!(
-                "stopped on request (the relay ended by signal {s}): the backup activates its copy of `{domain}`; {held}"
-            ),
+            Output::Held,
+            copy,
+            format!("stopped on request (the relay ended by signal {s}): {activates}; {held}"),
         ),
-        Some(RelayExit { signal, .. }) => (
+        Some(RelayExit { signal, .. }) => end(
             Phase::Failed,
             ExitCode::Failure,
+            Output::Held,
+            copy,
             format!(
-                "the relay was killed (signal {}): the backup activates its copy of `{domain}`; {held}",
+                "the relay was killed (signal {}): {activates}; {held}",
                 signal.map_or("unknown".into(), |s| s.to_string())
             ),
         ),
-        None if stop_asked => (
+        None if stop_asked => end(
             Phase::Stopped,
             ExitCode::Ok,
+            Output::Untouched,
+            false,
             format!("stopped on request before the relay started; `{domain}` was never protected"),
         ),
-        None => (
+        None => end(
             Phase::Failed,
             ExitCode::Failure,
+            Output::Untouched,
+            false,
             format!(
-                "xl remus ended (exit {}) before it started the relay (its messages are above); `{domain}` was never protected",
-                xl.map_or("unknown".into(), |c| c.to_string())
+                "xl remus ended (exit {xl_code}) before it started the relay (its messages are above); `{domain}` was never protected"
             ),
         ),
     }
@@ -218,6 +287,7 @@ pub async fn run(plan: Plan, o: RunOptions) -> ExitCode {
         relay_socket: state::relay_send_socket(&o.run_dir, &plan.vif),
         unsafe_disks: plan.unsafe_disks.clone(),
         exit_code: None,
+        output: None,
     };
     let save = |st: &ProtectState| {
         if let Err(e) = state::write_json(&path, st) {
@@ -304,7 +374,13 @@ pub async fn run(plan: Plan, o: RunOptions) -> ExitCode {
         tokio::time::sleep(Duration::from_millis(100)).await;
         relay = state::read_json(&exit_file);
     }
-    let (phase, code, detail) = outcome(
+    let Ending {
+        phase,
+        code,
+        output,
+        detail,
+        ..
+    } = outcome(
         &plan.domain,
         &plan.vif,
         xl_status,
@@ -314,6 +390,7 @@ pub async fn run(plan: Plan, o: RunOptions) -> ExitCode {
     );
     st.phase = phase;
     st.detail = Some(detail.clone());
+    st.output = Some(output);
     st.exit_code = Some(code.code());
     st.since_unix = state::now_unix();
     st.held_frames = None;
@@ -375,31 +452,35 @@ mod tests {
     }
 
     #[test]
-    fn each_ending_has_its_phase_and_code() {
+    fn each_ending_has_its_phase_code_and_facts() {
         let o = |xl, relay, stop| {
-            let (p, c, _) = outcome("web", "vif3.0", xl, relay, stop, 7);
-            (p, c)
+            let e = outcome("web", "vif3.0", xl, relay, stop, 7);
+            (e.phase, e.code, e.output, e.backup_activates)
         };
+        use Output::*;
         assert_eq!(
             o(Some(1), exit(4), false),
-            (Phase::BackupLost, ExitCode::PeerLost)
+            (Phase::BackupLost, ExitCode::PeerLost, Open, false)
         );
         assert_eq!(
             o(Some(0), exit(0), false),
-            (Phase::DomainEnded, ExitCode::Ok)
+            (Phase::DomainEnded, ExitCode::Ok, Held, true)
         );
         assert_eq!(
             o(Some(1), exit(0), false),
-            (Phase::Failed, ExitCode::Failure)
+            (Phase::Failed, ExitCode::Failure, Held, true)
         );
-        assert_eq!(o(None, exit(0), true), (Phase::Stopped, ExitCode::Ok));
+        assert_eq!(
+            o(None, exit(0), true),
+            (Phase::Stopped, ExitCode::Ok, Held, true)
+        );
         assert_eq!(
             o(Some(1), exit(1), false),
-            (Phase::Failed, ExitCode::Failure)
+            (Phase::Failed, ExitCode::Failure, Unknown, true)
         );
         assert_eq!(
             o(Some(1), exit(3), false),
-            (Phase::Failed, ExitCode::Unsupported)
+            (Phase::Failed, ExitCode::Unsupported, Unknown, true)
         );
         let killed = Some(RelayExit {
             code: None,
@@ -407,24 +488,31 @@ mod tests {
         });
         assert_eq!(
             o(Some(1), killed, false),
-            (Phase::Failed, ExitCode::Failure)
+            (Phase::Failed, ExitCode::Failure, Held, true)
         );
-        assert_eq!(o(Some(1), None, false), (Phase::Failed, ExitCode::Failure));
+        assert_eq!(
+            o(Some(1), None, false),
+            (Phase::Failed, ExitCode::Failure, Untouched, false)
+        );
         // A backup lost during a stop is still a lost backup (the guest runs unprotected).
         assert_eq!(
             o(None, exit(4), true),
-            (Phase::BackupLost, ExitCode::PeerLost)
+            (Phase::BackupLost, ExitCode::PeerLost, Open, false)
         );
     }
 
     #[test]
-    fn endings_that_keep_output_held_say_so() {
-        for (xl, relay) in [(Some(1), exit(0)), (Some(1), exit(1))] {
-            let (_, _, d) = outcome("web", "vif3.0", xl, relay, false, 7);
-            assert!(d.contains("held"), "{d}");
-        }
-        let (_, _, d) = outcome("web", "vif3.0", Some(1), exit(4), false, 7);
-        assert!(d.contains("UNPROTECTED"), "{d}");
+    fn before_the_first_ack_nothing_activates_and_releasing_is_safe() {
+        let e = outcome("web", "vif3.0", None, exit(0), true, 0);
+        assert_eq!(
+            (e.phase, e.code, e.output),
+            (Phase::Stopped, ExitCode::Ok, Output::Held)
+        );
+        assert!(!e.backup_activates);
+        assert!(e.release_safe);
+        let e = outcome("web", "vif3.0", None, exit(0), true, 5);
+        assert!(e.backup_activates);
+        assert!(!e.release_safe);
     }
 
     #[test]

@@ -85,6 +85,9 @@ pub struct ProtectState {
     pub unsafe_disks: Vec<String>,
     /// How `remus protect` ended (its exit code), once it has.
     pub exit_code: Option<i32>,
+    /// Once ended: whether the vif's output is held, open, or unknown.
+    #[serde(default)]
+    pub output: Option<super::run::Output>,
 }
 
 /// `/run/remus/backup-DOMAIN.json`, written by `remus backup` before it becomes the relay.
@@ -213,6 +216,7 @@ mod tests {
             relay_socket: relay_send_socket(d.path(), "vif3.0"),
             unsafe_disks: vec![],
             exit_code: None,
+            output: None,
         };
         write_json(&p, &s).unwrap();
         assert_eq!(read_json::<ProtectState>(&p), Some(s.clone()));

@@ -47,6 +47,8 @@ pub struct Row {
     pub listen: Option<String>,
     pub peer: Option<String>,
     pub detail: Option<String>,
+    /// Primary rows, once ended: the vif's output held, open, or unknown.
+    pub output: Option<super::run::Output>,
     /// The relay's own status (`remus relay status -j`), when it answered.
     pub relay: Option<RelayStatus>,
 }
@@ -89,6 +91,7 @@ pub async fn primary_row(s: ProtectState) -> Row {
         listen: None,
         peer: None,
         detail: s.detail.clone(),
+        output: s.output,
         relay: None,
     };
     if !running && !s.phase.is_final() {
@@ -144,6 +147,7 @@ pub async fn backup_row(b: BackupState, sample: Duration) -> Row {
         listen: Some(b.listen.clone()),
         peer: None,
         detail: None,
+        output: None,
         relay: None,
     };
     if !running {
@@ -293,6 +297,7 @@ mod tests {
             relay_socket: "/nonexistent/relay.sock".into(),
             unsafe_disks: vec![],
             exit_code: None,
+            output: None,
         }
     }
 
@@ -302,9 +307,11 @@ mod tests {
         // A pid whose argv does not say `protect` (this test binary).
         s.pid = std::process::id();
         let r = primary_row(s).await;
+        // Not running, yet not ended: the row says so instead of the stale phase's words.
         assert!(!r.running);
-        assert_eq!(r.state, "supervisor gone");
-        assert!(r.detail.unwrap().contains("killed"));
+        assert_eq!(r.phase, Some(Phase::Protected));
+        assert_ne!(r.state, Phase::Protected.words());
+        assert!(r.checkpoints_per_s.is_none());
         // A recorded end is shown as it was recorded.
         let mut s = primary(Phase::BackupLost);
         s.detail = Some("lost".into());
@@ -338,7 +345,7 @@ mod tests {
                 ("mail", Role::Backup)
             ]
         );
-        assert_eq!(all[2].state, "not running");
+        assert!(!all[2].running);
         let one = collect(d.path(), Some("web"), Duration::ZERO).await;
         assert_eq!(one.len(), 1);
         let t = render(&all);

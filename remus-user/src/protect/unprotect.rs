@@ -153,9 +153,16 @@ fn is_zombie(pid: u32) -> bool {
         .unwrap_or(true)
 }
 
-/// What unprotect did, for the operator.
+/// What unprotect did.
 #[derive(Debug)]
 pub struct Done {
+    /// Backup: the receiver processes frozen and killed.
+    pub killed: Vec<u32>,
+    /// Backup: the domid of the `DOMAIN--incoming` copy destroyed.
+    pub destroyed: Option<u32>,
+    /// Where protection had ended already: its recorded end, and what the vif carries.
+    pub ended: Option<(state::Phase, LeftBuffer)>,
+    /// For the operator.
     pub message: String,
 }
 
@@ -245,6 +252,9 @@ pub fn unprotect(
     };
     if let Some(what) = what {
         return Ok(Done {
+            killed,
+            destroyed,
+            ended: None,
             message: format!(
                 "discarded the backup copy of `{domain}`: {what}. The primary's relay now loses its backup: it releases what it holds and `{domain}` runs there UNPROTECTED (its `remus protect` ends with exit 4). `remus backup {domain}` keeps listening for the next `remus protect {domain}`."
             ),
@@ -280,7 +290,8 @@ pub fn unprotect(
                 .map(|d| format!(": {d}"))
                 .unwrap_or_default()
         )];
-        match h.buffer_on(&s.vif) {
+        let left = h.buffer_on(&s.vif);
+        match left {
             LeftBuffer::Passthrough => notes.push(format!(
                 "{} still carries a pass-through buffer (holds nothing): remove it with `remus-net detach {}`",
                 s.vif, s.vif
@@ -299,6 +310,9 @@ pub fn unprotect(
         let _ = std::fs::remove_file(state::relay_exit_path(dir, domain));
         notes.push("removed its state file".into());
         return Ok(Done {
+            killed: Vec::new(),
+            destroyed: None,
+            ended: Some((s.phase, left)),
             message: notes.join("; "),
         });
     }

@@ -65,6 +65,27 @@ pub enum NotRunning {
     Dying,
 }
 
+impl NotRunning {
+    pub fn words(self) -> &'static str {
+        match self {
+            NotRunning::Paused => "paused",
+            NotRunning::Suspended => "suspended, e.g. by an xl save or migrate in progress",
+            NotRunning::Crashed => "crashed",
+            NotRunning::ShutDown => "shut down",
+            NotRunning::Dying => "dying",
+        }
+    }
+
+    /// What to do about it, for the message (may be empty).
+    pub fn fix(self) -> &'static str {
+        match self {
+            NotRunning::Paused => " (xl unpause it first)",
+            NotRunning::Suspended => " (wait for it to end)",
+            _ => "",
+        }
+    }
+}
+
 impl ListedDomain {
     fn col(&self, i: usize) -> Option<char> {
         self.state.chars().nth(i).filter(|c| *c != '-')
