@@ -64,13 +64,11 @@ enum Cmd {
 /// The operator's commands (issue #12), defined in `remus_user::protect::cli`.
 #[derive(Subcommand)]
 enum OperatorCmd {
-    /// Protect a running domain: check everything, then run `xl remus` with the relay (primary).
+    // (No doc comments here: each Args struct carries its own short and long help, which
+    // a variant's doc comment would replace.)
     Protect(protect_cli::ProtectArgs),
-    /// End a protection: discards the backup's copy (run on the backup).
     Unprotect(protect_cli::UnprotectArgs),
-    /// Both ends of every protection on this host, as a table or JSON.
     Status(protect_cli::StatusArgs),
-    /// The backup's listener for one domain (runs `remus relay receive` as configured).
     Backup(protect_cli::BackupArgs),
     /// Check /etc/remus/remus.toml, or show the settings a domain gets.
     #[command(subcommand)]
@@ -80,7 +78,9 @@ enum OperatorCmd {
     RelayChild(protect_cli::RelayChildArgs),
     /// Internal: write man pages and shell completions into DIR (packaging).
     #[command(name = "__generate", hide = true)]
-    Generate { dir: PathBuf },
+    Generate {
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]

@@ -47,7 +47,7 @@ Exit codes: 0 the domain ended, or stopped on request; 1 operational failure; 2 
 unsupported (not root, no Xen, several vifs or none, unreplicated disks, no suspend path);
 4 the backup is unreachable, or was lost (the guest then runs UNPROTECTED).";
 
-/// `remus protect DOMAIN`.
+/// Protect a running domain: check everything, then run `xl remus` with the relay (primary).
 #[derive(Args, Debug, Clone)]
 #[command(long_about = PROTECT_LONG)]
 pub struct ProtectArgs {
@@ -97,7 +97,7 @@ pub struct HeartbeatFlags {
     pub heartbeat_timeout: Option<Duration>,
 }
 
-/// `remus unprotect DOMAIN`.
+/// End a protection: discards the backup's copy (run it on the backup).
 #[derive(Args, Debug, Clone)]
 #[command(long_about = "\
 End the protection of DOMAIN.
@@ -121,7 +121,7 @@ pub struct UnprotectArgs {
     pub domain: String,
 }
 
-/// `remus status [DOMAIN]`.
+/// Both ends of every protection on this host, as a table or JSON.
 #[derive(Args, Debug, Clone)]
 #[command(long_about = "\
 Both ends of every protection on this host: the primary's `remus protect` and the
@@ -138,7 +138,7 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
-/// `remus backup DOMAIN`.
+/// The backup's listener for one domain (becomes `remus relay receive` as configured).
 #[derive(Args, Debug, Clone)]
 #[command(long_about = "\
 The backup host's end for DOMAIN: checks (root, Xen running, the key file, DOMAIN not
