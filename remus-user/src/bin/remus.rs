@@ -501,3 +501,22 @@ async fn relay_status(a: StatusArgs) -> ExitCode {
     }
     code
 }
+
+#[cfg(test)]
+mod operator_cmd_tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_operator_commands_keep_their_long_help() {
+        // A doc comment on the subcommand's variant would replace the long help the Args
+        // struct carries (it did once: the man pages lost their description).
+        let c = Cli::command();
+        for n in ["protect", "unprotect", "status", "backup"] {
+            let s = c.find_subcommand(n).expect(n);
+            let long = s.get_long_about().map(|l| l.to_string());
+            assert!(long.is_some(), "{n} has no long help");
+            assert_ne!(long, s.get_about().map(|a| a.to_string()), "{n}");
+        }
+    }
+}
