@@ -253,7 +253,7 @@ fn root_protect_supervises_xl_remus_until_the_domain_ends() {
     // (Its state words say "supervisor gone": the supervisor is this test process, whose
     // argv is not `remus protect`, which is how a recycled pid is told apart.)
     let relay = rows[0].relay.as_ref().expect("the relay's own status");
-    assert_eq!(relay.role, "send");
+    assert_eq!(relay.role, remus_user::relay::status::Role::Send);
     assert!(rows[0].last_acked >= Some(CHECKPOINTS), "{:?}", rows[0]);
     // FakeXl closes the stream: xl remus ended because the domain did.
     assert_eq!(h.join().unwrap(), ExitCode::Ok);

@@ -38,20 +38,21 @@ fn fake_backup(
             let l = tokio::net::TcpListener::from_std(listener).unwrap();
             let (mut s, _) = l.accept().await.unwrap();
             let cfg = ServerConfig { key: Key::from_bytes(KEY.as_bytes()).unwrap(), timeout: Duration::from_secs(30) };
-            replication::server_handshake(&mut s, &cfg).await.expect("the sender authenticates");
-            replication::send(&mut s, &Message::Welcome).await.unwrap();
-            replication::send(&mut s, &Message::Banner(BANNER.to_vec())).await.unwrap();
+            let session = replication::server_handshake(&mut s, &cfg).await.expect("the sender authenticates");
+            let sealer = session.keys.sealer.clone();
+            sealer.send(&mut s, &Message::Welcome).await.unwrap();
+            sealer.send(&mut s, &Message::Banner(BANNER.to_vec())).await.unwrap();
             let (r, mut w) = s.into_split();
-            let mut r = FrameReader::new(r);
+            let mut r = FrameReader::new(r, session.keys.opener.clone());
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             loop {
                 tokio::select! {
                     m = r.next() => if m.is_err() { return },
                     _ = tick.tick() => {
-                        if replication::send(&mut w, &Message::Heartbeat { seq: 0 }).await.is_err() { return }
+                        if sealer.send(&mut w, &Message::Heartbeat { seq: 0 }).await.is_err() { return }
                     }
                     c = cmds.recv() => match c {
-                        Some(Cmd::Ack(n)) => replication::send(&mut w, &Message::Ack { checkpoint: n }).await.unwrap(),
+                        Some(Cmd::Ack(n)) => sealer.send(&mut w, &Message::Ack { checkpoint: n }).await.unwrap(),
                         // Dropping both halves resets the connection: the backup is gone.
                         Some(Cmd::Drop) | None => return,
                     },

@@ -1,4 +1,6 @@
 //! `remus`: the checkpoint controller. Today: relay mode (`remus relay send|receive|status`).
+//! Durations on the command line take humantime syntax ("200ms", "1.5s"); a bare number
+//! is milliseconds, as `xl remus -i 200`.
 //!
 //! Owns: the command line, logging set-up, choosing the output buffer, exit codes.
 //! Never touches: the wire, the stream, the kernel directly: everything goes through
@@ -19,7 +21,7 @@ use remus_user::relay::{
     self, DEFAULT_CACHE_PAGES, Heartbeat, RUN_DIR, Shared, parse_duration,
     receive::{self, DEFAULT_RECEIVER_CMD, ReceiveOptions},
     send::{self, SendOptions, Unbuffered},
-    status,
+    status::{self, Role},
 };
 use remus_user::replication::{Key, MIN_VERSION, VERSION};
 
@@ -33,16 +35,16 @@ Relay mode makes stock `xl remus` safe: `remus relay send` is the transport comm
 runs on the primary, `remus relay receive` its twin on the backup. Together they add what
 stock Remus lacks: the backup acknowledges each checkpoint, the guest's network output is
 held until then (eBPF buffer on the vif), heartbeats detect a dead or silent primary in
-about a second, the link is authenticated with a pre-shared key, and page data is
-compressed.
+about a second, page data is compressed, and the link is authenticated with a
+pre-shared key and encrypted (AES-256-GCM, every frame after the handshake).
 
   backup#  remus relay receive --listen 0.0.0.0:7788 --key-file /etc/remus/key
   primary# xl remus -F -n -s '' mydomain \\
              'remus relay send --backup backup:7788 --key-file /etc/remus/key --vif vif5.0'
   either#  remus relay status -j
 
-Exit codes: 0 ok; 1 operational failure; 2 usage (bad arguments, key file, stdin not a
-pipe); 3 environment unsupported (not root, no BPF); 4 peer lost (the backup, for
+Exit codes: 0 ok; 1 operational failure; 2 usage (bad arguments, key file, the two key
+files differ, stdin not a pipe); 3 environment unsupported (not root, no BPF); 4 peer lost (the backup, for
 `relay send`: the guest now runs unprotected).";
 
 #[derive(Parser)]
@@ -146,19 +148,25 @@ struct SendArgs {
     cache_pages: u32,
     #[command(flatten)]
     hb: HeartbeatArgs,
-    /// Serve Prometheus metrics on this loopback address (e.g. 127.0.0.1:9788).
-    #[arg(long, value_name = "ADDR:PORT")]
-    metrics: Option<SocketAddr>,
-    /// Status socket (root-only) for `remus relay status`. Default:
-    /// /run/remus/relay-send-<vif or pid>.sock
-    #[arg(long, value_name = "PATH")]
-    status_socket: Option<PathBuf>,
+    #[command(flatten)]
+    observe: ObserveArgs,
     /// How long to wait for the backup's TCP connection and handshake.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     connect_timeout: Duration,
     /// How long the backup may take to start its receiver and send xl's banner.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     banner_timeout: Duration,
+}
+
+#[derive(Args)]
+struct ObserveArgs {
+    /// Serve metrics (OpenMetrics text) on this loopback address (e.g. 127.0.0.1:9788).
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<SocketAddr>,
+    /// Status socket (root-only) for `remus relay status`. Default:
+    /// /run/remus/relay-send-<vif or pid>.sock, /run/remus/relay-receive-<port>.sock
+    #[arg(long, value_name = "PATH")]
+    status_socket: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -183,8 +191,8 @@ written straight through; every later checkpoint is kept in memory until its las
 has arrived, then written whole and acknowledged, so the receiver only ever holds whole
 checkpoints.
 
-When the primary is silent for --heartbeat-timeout, the connection breaks, or a frame is
-corrupt, it closes the receiver's stdin: libxl then fails over and starts the backup copy
+When the primary is silent for --heartbeat-timeout, the connection breaks, or a frame
+fails to open (altered, replayed, reordered, dropped), it closes the receiver's stdin: libxl then fails over and starts the backup copy
 from the last complete checkpoint. The failover is logged with that checkpoint's number.
 Primaries without the key, with an incompatible protocol version, or arriving while
 another is connected are refused and logged; they never disturb the running session.";
@@ -205,12 +213,8 @@ struct ReceiveArgs {
     receiver_cmd: String,
     #[command(flatten)]
     hb: HeartbeatArgs,
-    /// Serve Prometheus metrics on this loopback address (e.g. 127.0.0.1:9789).
-    #[arg(long, value_name = "ADDR:PORT")]
-    metrics: Option<SocketAddr>,
-    /// Status socket (root-only). Default: /run/remus/relay-receive-<port>.sock
-    #[arg(long, value_name = "PATH")]
-    status_socket: Option<PathBuf>,
+    #[command(flatten)]
+    observe: ObserveArgs,
     /// Serve one primary, then exit (tests, benchmarks).
     #[arg(long)]
     once: bool,
@@ -356,12 +360,12 @@ async fn relay_send_inner(a: SendArgs) -> Result<ExitCode, ExitCode> {
     let name = iface
         .clone()
         .unwrap_or_else(|| std::process::id().to_string());
-    let sock = a.status_socket.clone().unwrap_or_else(|| {
+    let sock = a.observe.status_socket.clone().unwrap_or_else(|| {
         PathBuf::from(RUN_DIR).join(format!("relay-send-{}.sock", relay::sanitize(&name)))
     });
-    let shared = Shared::new("send", a.backup.clone(), iface.clone());
+    let shared = Shared::new(Role::Send, a.backup.clone(), iface.clone());
     let _status = status_socket(&sock, &shared);
-    start_metrics(a.metrics, &shared).await?;
+    start_metrics(a.observe.metrics, &shared).await?;
     tracing::info!(capacity = pipe.capacity, "xl's pipe shrunk");
 
     // The buffer holds from before the banner reaches xl, i.e. from the stream's first byte.
@@ -388,7 +392,7 @@ async fn relay_send_inner(a: SendArgs) -> Result<ExitCode, ExitCode> {
 }
 
 fn finish_send(
-    r: Result<remus_user::checkpoint::Outcome, send::SendError>,
+    r: Result<remus_user::checkpoint::RunEnd, send::SendError>,
 ) -> Result<ExitCode, ExitCode> {
     match r {
         Ok(_) => Ok(ExitCode::Ok),
@@ -421,12 +425,12 @@ async fn relay_receive(a: ReceiveArgs) -> ExitCode {
         return ExitCode::Usage;
     }
     let port = a.listen.rsplit(':').next().unwrap_or("0").to_string();
-    let sock = a.status_socket.clone().unwrap_or_else(|| {
+    let sock = a.observe.status_socket.clone().unwrap_or_else(|| {
         PathBuf::from(RUN_DIR).join(format!("relay-receive-{}.sock", relay::sanitize(&port)))
     });
-    let shared = Shared::new("receive", a.listen.clone(), None);
+    let shared = Shared::new(Role::Receive, a.listen.clone(), None);
     let _status = status_socket(&sock, &shared);
-    if let Err(c) = start_metrics(a.metrics, &shared).await {
+    if let Err(c) = start_metrics(a.observe.metrics, &shared).await {
         return c;
     }
     let opts = ReceiveOptions {

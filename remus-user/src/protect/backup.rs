@@ -58,7 +58,9 @@ pub fn check(domain: &str, s: &Settings, xen: &impl Xen, host: &impl Host) -> Fa
     }
     if let Err(e) = crate::replication::Key::load(&s.key_file) {
         f.0.push(CheckFailure::Key(match e {
-            crate::replication::WireError::KeyFile { path, what } => format!("{path}: {what}"),
+            crate::replication::WireError::KeyFile { path, problem } => {
+                format!("{path}: {problem}")
+            }
             other => other.to_string(),
         }));
     }

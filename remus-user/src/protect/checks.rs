@@ -628,8 +628,8 @@ pub async fn plan(
                 None
             }
         },
-        Err(crate::replication::WireError::KeyFile { path, what }) => {
-            f.0.push(CheckFailure::Key(format!("{path}: {what}")));
+        Err(crate::replication::WireError::KeyFile { path, problem }) => {
+            f.0.push(CheckFailure::Key(format!("{path}: {problem}")));
             None
         }
         Err(e) => {

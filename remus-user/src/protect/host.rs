@@ -99,7 +99,9 @@ impl Host for RealHost {
         {
             return LeftBuffer::Live { pid: s.pid };
         }
-        match crate::datapath::read_pinned(&crate::datapath::pin_dir(iface)) {
+        // Where this process finds the pins (the host's bpffs, even from another mount
+        // namespace), as the buffer's own `status` and `detach` look for them.
+        match crate::netbuf::pinned_state(iface).map(|(p, _)| p) {
             Ok(Some(p)) if p.mode == remus_common::MODE_PASSTHROUGH => LeftBuffer::Passthrough,
             // Unreadable pins are treated like holding ones: never assume it is open.
             Ok(Some(_)) | Err(_) => LeftBuffer::Holding,

@@ -6,8 +6,8 @@
 //! one refused connection, naming the probe). Never touches: a session (no WELCOME, no
 //! stream), the relay's code paths.
 //!
-//! The backup's proof is HMAC-SHA256(key, "remus-relay backup proof" ‖ version (u16 LE) ‖
-//! primary nonce ‖ backup nonce), as in `replication::auth`. The replication module keeps
+//! The backup's proof is HMAC-SHA256(key, "remus-relay v3 backup proof" ‖ th), th the
+//! handshake transcript (`replication::kdf::transcript`), as in `replication::auth`. The replication module keeps
 //! its key and `verify` private, so the proof is recomputed here from the key file; a
 //! test runs the real `server_handshake` against this probe (right and wrong key) so the
 //! two cannot drift apart silently. (Asked of the relay: a probe flag in HELLO and a
@@ -22,7 +22,7 @@ use tokio::net::TcpStream;
 
 use crate::replication::{self, Hello, MIN_VERSION, Message, VERSION, WireError};
 
-const LABEL_SERVER: &[u8] = b"remus-relay backup proof";
+const LABEL_SERVER: &[u8] = b"remus-relay v3 backup proof";
 
 /// The reason the backup logs for our ABORT.
 pub const PROBE_REASON: &str =
@@ -69,14 +69,12 @@ pub fn key_bytes(path: &Path) -> Result<Vec<u8>, ProbeError> {
     Ok(b)
 }
 
-fn backup_proof_ok(key: &[u8], version: u16, np: &[u8; 32], nb: &[u8; 32], mac: &[u8]) -> bool {
+fn backup_proof_ok(key: &[u8], hello: &Hello, version: u16, nb: &[u8; 32], mac: &[u8]) -> bool {
     let Ok(mut m) = <Hmac<Sha256> as Mac>::new_from_slice(key) else {
         return false;
     };
     m.update(LABEL_SERVER);
-    m.update(&version.to_le_bytes());
-    m.update(np);
-    m.update(nb);
+    m.update(&replication::kdf::transcript(hello, version, nb));
     m.verify_slice(mac).is_ok()
 }
 
@@ -100,7 +98,7 @@ pub async fn probe(addr: &str, key: &[u8], timeout: Duration) -> Result<ProbeOk,
     let hello = Hello {
         max_version: VERSION,
         min_version: MIN_VERSION,
-        codec: 0,
+        codec: crate::compress::Codec::None,
         cache_pages: 0,
         nonce,
     };
@@ -120,7 +118,7 @@ pub async fn probe(addr: &str, key: &[u8], timeout: Duration) -> Result<ProbeOk,
             nonce: nb,
             mac,
         }) => {
-            if backup_proof_ok(key, version, &nonce, &nb, &mac) {
+            if backup_proof_ok(key, &hello, version, &nb, &mac) {
                 Ok(ProbeOk { version })
             } else {
                 Err(ProbeError::WrongKey { addr: a.clone() })

@@ -155,7 +155,7 @@ pub async fn backup_row(b: BackupState, sample: Duration) -> Row {
     }
     let t0 = Instant::now();
     if let Some(r0) = relay(&b.relay_socket).await {
-        row.state = r0.state.clone();
+        row.state = r0.state.to_string();
         row.peer = r0.peer.clone();
         row.last_acked = Some(r0.last_acked);
         row.detail = r0.last_event.clone();

@@ -414,7 +414,30 @@ pub fn write(cfg: &WriterConfig) -> Written {
     };
     let mut mem = GuestMemory::new(cfg.guest_pages, cfg.seed);
     let mut rng = Rng::new(cfg.seed ^ 0x5eed);
+    write_headers(&mut out, cfg);
+    write_static_data(&mut out, cfg);
+    // Checkpoint 1: the live pass (every page), then what was dirtied meanwhile.
+    let all: Vec<u64> = (0..cfg.guest_pages as u64).collect();
+    page_data(&mut out, &mem, &all, cfg.kind, true);
+    let dirty = mem.dirty(cfg.dirty_pages);
+    page_data(&mut out, &mem, &dirty, cfg.kind, false);
+    end_of_checkpoint(&mut out, cfg, &mut rng, 1);
 
+    if cfg.plain {
+        write_plain_end(&mut out, cfg, &mut rng);
+    } else {
+        write_checkpoints(&mut out, cfg, &mut mem, &mut rng);
+    }
+    Written {
+        bytes: out.b,
+        events: out.ev,
+        page_records: out.pages,
+    }
+}
+
+/// The xl header with its JSON config, the libxl header, LIBXC_CONTEXT, the libxc image
+/// and domain headers.
+fn write_headers(out: &mut Out, cfg: &WriterConfig) {
     // xl header + JSON config (NUL-terminated, as xl writes it).
     let config = format!(
         "{{\"c_info\":{{\"type\":\"{}\",\"name\":\"guest{}\",\"uuid\":\"6d3c5f2e-0000-4000-8000-{:012x}\"}},\
@@ -465,7 +488,10 @@ pub fn write(cfg: &WriterConfig) -> Written {
     out.b.extend_from_slice(&0u16.to_le_bytes());
     out.b.extend_from_slice(&4u32.to_le_bytes());
     out.b.extend_from_slice(&17u32.to_le_bytes());
+}
 
+/// The libxc static data before the first page.
+fn write_static_data(out: &mut Out, cfg: &WriterConfig) {
     // Static data.
     if cfg.kind == GuestKind::Pv {
         out.libxc(libxc_type::X86_PV_INFO, &[&[8, 4, 0, 0, 0, 0, 0, 0]]);
@@ -488,32 +514,24 @@ pub fn write(cfg: &WriterConfig) -> Written {
         }
         out.libxc(libxc_type::X86_PV_P2M_FRAMES, &[&p2m]);
     }
+}
 
-    // Checkpoint 1: the live pass (every page), then what was dirtied meanwhile.
-    let all: Vec<u64> = (0..cfg.guest_pages as u64).collect();
-    page_data(&mut out, &mem, &all, cfg.kind, true);
-    let dirty = mem.dirty(cfg.dirty_pages);
-    page_data(&mut out, &mem, &dirty, cfg.kind, false);
-    end_of_checkpoint(&mut out, cfg, &mut rng, 1);
-
-    if cfg.plain {
-        out.libxc(libxc_type::END, &[]);
-        if cfg.kind == GuestKind::Hvm {
-            emulator_records(&mut out, &mut rng, 1);
-        }
-        if cfg.optional_records {
-            out.libxl(REC_TYPE_OPTIONAL | 0x43, &[b"x"]);
-        }
-        out.libxl(libxl_type::END, &[]);
-        let end = out.pos();
-        out.ev.push(Event::End { end });
-        return Written {
-            bytes: out.b,
-            events: out.ev,
-            page_records: out.pages,
-        };
+/// A plain migration ends with libxc END, (emulator records,) libxl END.
+fn write_plain_end(out: &mut Out, cfg: &WriterConfig, rng: &mut Rng) {
+    out.libxc(libxc_type::END, &[]);
+    if cfg.kind == GuestKind::Hvm {
+        emulator_records(out, rng, 1);
     }
+    if cfg.optional_records {
+        out.libxl(REC_TYPE_OPTIONAL | 0x43, &[b"x"]);
+    }
+    out.libxl(libxl_type::END, &[]);
+    let end = out.pos();
+    out.ev.push(Event::End { end });
+}
 
+/// The CHECKPOINT / CHECKPOINT_END of checkpoint 1, then the later checkpoints whole.
+fn write_checkpoints(out: &mut Out, cfg: &WriterConfig, mem: &mut GuestMemory, rng: &mut Rng) {
     for n in 1..=cfg.checkpoints.max(1) {
         if n > 1 {
             // The first byte after CHECKPOINT_END of n-1 is written after the suspend.
@@ -522,14 +540,14 @@ pub fn write(cfg: &WriterConfig) -> Written {
             let pos = out.pos();
             out.ev.push(Event::PostSuspendStart { checkpoint: n, pos });
             let dirty = mem.dirty(cfg.dirty_pages);
-            page_data(&mut out, &mem, &dirty, cfg.kind, false);
-            end_of_checkpoint(&mut out, cfg, &mut rng, n);
+            page_data(out, mem, &dirty, cfg.kind, false);
+            end_of_checkpoint(out, cfg, rng, n);
         }
         out.libxc(libxc_type::CHECKPOINT, &[]);
         let end = out.pos();
         out.ev.push(Event::LibxcCheckpoint { checkpoint: n, end });
         if cfg.kind == GuestKind::Hvm {
-            emulator_records(&mut out, &mut rng, n);
+            emulator_records(out, rng, n);
         }
         if cfg.optional_records {
             out.libxl(REC_TYPE_OPTIONAL | 0x44, &[b"opt"]);
@@ -538,10 +556,5 @@ pub fn write(cfg: &WriterConfig) -> Written {
         let end = out.pos();
         out.ev
             .push(Event::CheckpointComplete { checkpoint: n, end });
-    }
-    Written {
-        bytes: out.b,
-        events: out.ev,
-        page_records: out.pages,
     }
 }

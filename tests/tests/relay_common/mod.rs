@@ -42,34 +42,7 @@ pub const HANG_GUARD: Duration = Duration::from_secs(120);
 pub fn remus_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("REMUS_BIN") {
-            return PathBuf::from(p);
-        }
-        let exe = std::env::current_exe().expect("test executable path");
-        // target/<profile>/deps/<test> → target/<profile>/remus
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile>");
-        let bin = profile_dir.join("remus");
-        if !bin.exists() {
-            let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-                .parent()
-                .expect("workspace root");
-            let path = format!(
-                "/var/cache/remus/bin:{}",
-                std::env::var("PATH").unwrap_or_default()
-            );
-            let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                .args(["build", "-p", "remus-user", "--bin", "remus"])
-                .current_dir(root)
-                .env("PATH", path)
-                .status()
-                .expect("running cargo build for the remus binary");
-            assert!(st.success(), "cargo build -p remus-user --bin remus failed");
-        }
-        assert!(bin.exists(), "no remus binary at {}", bin.display());
-        bin
+        remus_testkit::bins::for_this_test("remus", "REMUS_BIN").unwrap_or_else(|e| panic!("{e}"))
     })
     .clone()
 }
