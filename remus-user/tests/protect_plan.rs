@@ -12,6 +12,7 @@ use remus_user::protect::checks::{
 };
 use remus_user::protect::probe::{ProbeError, ProbeOk};
 use remus_user::protect::xen::{GuestType, NotRunning, Xen, XenError};
+use remus_user::replication::Key;
 
 fn fixture(name: &str) -> String {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -152,7 +153,7 @@ impl FakeBackup {
 }
 
 impl Backup for FakeBackup {
-    async fn probe(&self, addr: &str, _key: &[u8]) -> Result<ProbeOk, ProbeError> {
+    async fn probe(&self, addr: &str, _key: &Key) -> Result<ProbeOk, ProbeError> {
         self.asked.borrow_mut().push(addr.to_string());
         (self.answer)(addr)
     }
@@ -249,7 +250,8 @@ fn the_lab_guest_gets_the_exact_xl_remus_command() {
             "/usr/sbin/remus __relay-child --exit-file /run/remus/protect-guest.relay-exit -- relay send \
              --backup backup.example:7788 --key-file {key} --vif vif1.0 --heartbeat-interval 200ms \
              --heartbeat-timeout 1000ms --compress lz4 --limit-bytes 268435456 --cache-pages 262144 \
-             --status-socket /run/remus/relay-send-vif1.0.sock"
+             --status-socket /run/remus/relay-send-vif1.0.sock \
+             --control-socket /run/remus/relay-send-vif1.0.ctl"
         )
     );
 }

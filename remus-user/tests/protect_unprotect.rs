@@ -1,6 +1,7 @@
-//! `remus unprotect`'s three decisions with real processes standing in for the relay's
+//! `remus unprotect`'s decisions with real processes standing in for the relay's
 //! receiver and for `remus protect` (a copy of /bin/sh named `remus`, so its argv reads
-//! like one), a `FakeXen` answering from the lab's captures, and a `FakeHost`.
+//! like one, which records its end when stopped), a `FakeXen` answering from the lab's
+//! captures, and a `FakeHost`.
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -68,18 +69,6 @@ impl Host for FakeHost {
     fn xl_remus_running(&self, _: &str, _: u32) -> Option<u32> {
         None
     }
-}
-
-/// A process whose argv is `…/remus ARGS…` (a copy of sh, sleeping).
-fn fake_remus(dir: &Path, args: &[&str]) -> Child {
-    let exe = dir.join("remus");
-    if !exe.exists() {
-        std::fs::copy("/bin/sh", &exe).unwrap();
-    }
-    let mut c = Command::new(&exe);
-    // `; :` keeps sh from exec'ing sleep (its argv must stay ours).
-    c.arg("-c").arg("sleep 300; :").args(args);
-    c.spawn().unwrap()
 }
 
 fn grandchildren(pid: u32) -> Vec<u32> {
@@ -197,16 +186,73 @@ fn on_the_backup_the_receiver_is_killed_before_it_can_activate_and_the_copy_dest
     relay.wait().unwrap();
 }
 
-#[test]
-fn on_a_protecting_primary_it_refuses_and_says_where_to_run_it() {
-    let d = tempfile::tempdir().unwrap();
-    let mut p = fake_remus(d.path(), &["protect", "guest"]);
-    std::thread::sleep(Duration::from_millis(200));
+/// A `remus protect guest` stand-in: on SIGTERM it records `ended` as its state file (as
+/// the real one does once its relay answered) and exits.
+fn fake_protect(dir: &Path, ended: Phase) -> Child {
+    let after = dir.join("ended.json");
+    state::write_json(&after, &protect_state(0, ended)).unwrap();
+    let exe = dir.join("remus");
+    if !exe.exists() {
+        std::fs::copy("/bin/sh", &exe).unwrap();
+    }
+    let ready = dir.join("ready");
+    let script = format!(
+        "trap 'mv {} {}; exit 0' TERM; : > {}; while :; do sleep 0.05; done",
+        after.display(),
+        state::protect_path(dir, "guest").display(),
+        ready.display()
+    );
+    let c = Command::new(&exe)
+        .arg("-c")
+        .arg(script)
+        .args(["protect", "guest"])
+        .spawn()
+        .unwrap();
     state::write_json(
-        &state::protect_path(d.path(), "guest"),
-        &protect_state(p.id(), Phase::Protected),
+        &state::protect_path(dir, "guest"),
+        &protect_state(c.id(), Phase::Protected),
     )
     .unwrap();
+    // Its argv must read `remus … protect …`, and its trap be set, before it is stopped.
+    let t = Instant::now();
+    while !remus_user::protect::host::protect_pid_matches(c.id()) || !ready.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the stand-in did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c
+}
+
+#[test]
+fn on_a_protecting_primary_it_stops_remus_protect_and_reports_the_clean_end() {
+    let d = tempfile::tempdir().unwrap();
+    let mut p = fake_protect(d.path(), Phase::Unprotected);
+    let xen = FakeXen {
+        list: fixture("xl-list.txt"),
+        destroyed: RefCell::new(vec![]),
+    };
+    let done = unprotect(
+        "guest",
+        d.path(),
+        &xen,
+        &FakeHost {
+            buffer: LeftBuffer::None,
+        },
+    )
+    .unwrap();
+    assert_eq!(done.ended, Some((Phase::Unprotected, LeftBuffer::None)));
+    // It signalled `remus protect`, which ended; nothing was killed or destroyed here.
+    assert!(p.wait().unwrap().success());
+    assert!(done.killed.is_empty());
+    assert!(xen.destroyed.borrow().is_empty());
+}
+
+#[test]
+fn on_a_primary_an_unconfirmed_end_is_exit_5_and_says_the_output_is_held() {
+    let d = tempfile::tempdir().unwrap();
+    let mut p = fake_protect(d.path(), Phase::EndUnconfirmed);
     let xen = FakeXen {
         list: fixture("xl-list.txt"),
         destroyed: RefCell::new(vec![]),
@@ -216,21 +262,13 @@ fn on_a_protecting_primary_it_refuses_and_says_where_to_run_it() {
         d.path(),
         &xen,
         &FakeHost {
-            buffer: LeftBuffer::Live { pid: p.id() },
+            buffer: LeftBuffer::Holding,
         },
     )
     .unwrap_err();
-    assert!(
-        matches!(&e, UnprotectError::FromPrimary { backup, .. } if backup == "backup.example:7788"),
-        "{e}"
-    );
-    assert_eq!(e.exit_code(), ExitCode::Unsupported);
-    assert!(xen.destroyed.borrow().is_empty());
-    // Nothing was touched: the protect stand-in still runs, its state file is there.
-    assert!(alive(p.id()));
-    assert!(state::protect_path(d.path(), "guest").exists());
-    p.kill().unwrap();
-    p.wait().unwrap();
+    assert!(matches!(e, UnprotectError::Unconfirmed { .. }), "{e}");
+    assert_eq!(e.exit_code(), ExitCode::Unconfirmed);
+    assert!(p.wait().unwrap().success());
 }
 
 #[test]

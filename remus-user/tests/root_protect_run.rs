@@ -7,7 +7,9 @@
 //!
 //! Each test: the state file goes through `protected` with acknowledged checkpoints, and
 //! the ending is the documented one (xl ends → domain ended, exit 0; backup killed →
-//! backup lost, exit 4, buffer left open; SIGTERM → stopped, exit 0, buffer left holding).
+//! backup lost, exit 4, buffer left open; SIGTERM → protection ended cleanly: the
+//! backup's receiver killed before its stream ended, no failover, exit 0, the buffer
+//! released and gone).
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -123,8 +125,14 @@ impl Env {
             .arg(dir.path().join("relay-receive.sock"))
             .arg("--receiver-cmd")
             .arg(format!(
-                "printf 'xl migration receiver ready, send binary domain data.\\n'; cat >{}",
-                dir.path().join("received.bin").display()
+                "printf 'xl migration receiver ready, send binary domain data.\\n'; cat >{}; : >{}",
+                dir.path().join("received.bin").display(),
+                dir.path().join("received.eof").display()
+            ))
+            .arg("--discard-cmd")
+            .arg(format!(
+                "printf '%s' \"$REMUS_DOMAIN\" >{}",
+                dir.path().join("discarded").display()
             ))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -291,20 +299,50 @@ fn root_protect_reports_a_lost_backup_and_leaves_the_buffer_open() {
 }
 
 #[test]
-fn root_protect_stops_on_sigterm_and_keeps_the_output_held() {
+fn root_protect_stop_ends_protection_without_a_failover_and_opens_the_output() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let env = Env::new("s");
     let h = env.start(60);
     env.wait_protected(CHECKPOINTS);
-    let t = Instant::now();
-    // What `systemctl stop` does (the supervisor listens for SIGTERM in this process).
+    // What `systemctl stop` and `remus unprotect` do (the supervisor listens for SIGTERM
+    // in this process).
     // SAFETY: kill(2) on our own pid.
     unsafe { libc::kill(std::process::id() as i32, libc::SIGTERM) };
     assert_eq!(h.join().unwrap(), ExitCode::Ok);
-    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
     let s = env.state().unwrap();
-    assert_eq!(s.phase, Phase::Stopped, "{s:?}");
+    assert_eq!(s.phase, Phase::Unprotected, "{s:?}");
     assert_eq!(s.exit_code, Some(0));
-    // Ending by request never opens the buffer.
-    assert_eq!(RealHost.buffer_on(&env.vif), LeftBuffer::Holding);
+    assert_eq!(s.output, Some(run::Output::Open));
+    // Everything held went out and the relay took its buffer off the vif.
+    assert_eq!(RealHost.buffer_on(&env.vif), LeftBuffer::None);
+    // The backup: its receiver was killed while its stream was open (it never saw the
+    // end that would activate the copy), the discard command got the stream's domain,
+    // and no failover was counted.
+    assert!(
+        !env.dir.path().join("received.eof").exists(),
+        "the receiver saw its stream end"
+    );
+    assert_eq!(
+        std::fs::read_to_string(env.dir.path().join("discarded")).unwrap(),
+        "guest"
+    );
+    let b = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(remus_user::relay::status::query(
+            &env.dir.path().join("relay-receive.sock"),
+        ))
+        .unwrap();
+    assert_eq!((b.failovers_total, b.discards_total), (0, 1), "{b:?}");
+    assert!(
+        matches!(
+            b.last_session,
+            Some(remus_user::relay::SessionEnd::Discarded {
+                copy_destroyed: true,
+                ..
+            })
+        ),
+        "{b:?}"
+    );
 }

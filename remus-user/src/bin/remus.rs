@@ -18,8 +18,8 @@ use remus_user::exit::{ExitCode, HasExitCode};
 use remus_user::netbuf::{self, AttachOptions, RemoteBuffer};
 use remus_user::protect::cli as protect_cli;
 use remus_user::relay::{
-    self, DEFAULT_CACHE_PAGES, Heartbeat, RUN_DIR, Shared, parse_duration,
-    receive::{self, DEFAULT_RECEIVER_CMD, ReceiveOptions},
+    self, DEFAULT_CACHE_PAGES, Heartbeat, RUN_DIR, Shared, control, parse_duration,
+    receive::{self, DEFAULT_DISCARD_CMD, DEFAULT_RECEIVER_CMD, ReceiveOptions},
     send::{self, SendOptions, Unbuffered},
     status::{self, Role},
 };
@@ -45,7 +45,8 @@ pre-shared key and encrypted (AES-256-GCM, every frame after the handshake).
 
 Exit codes: 0 ok; 1 operational failure; 2 usage (bad arguments, key file, the two key
 files differ, stdin not a pipe); 3 environment unsupported (not root, no BPF); 4 peer lost (the backup, for
-`relay send`: the guest now runs unprotected).";
+`relay send`: the guest now runs unprotected); 5 ending protection not confirmed by the
+backup (`relay send`, `protect`, `unprotect`: the guest's output stays held).";
 
 #[derive(Parser)]
 #[command(name = "remus", version, about = ABOUT, long_about = LONG_ABOUT)]
@@ -115,6 +116,17 @@ If the backup is lost (connection error, or silent for --heartbeat-timeout), eve
 held is released, the buffer passes traffic from then on, and it exits with code 4, so
 xl prints \"Backup failed? resuming domain at primary\": the guest runs UNPROTECTED.
 
+Ending protection without a failover: one JSON line {\"op\":\"end_protection\"} on the
+control socket (root-only; `remus unprotect DOMAIN` and `systemctl stop
+remus-protect@DOMAIN` send it). The relay stops reading xl's stream and tells the backup
+to discard its copy (its receiver is killed before its stream can end, so nothing is
+activated; the incoming domain is destroyed). Once the backup confirms, everything held
+is released, the buffer passes traffic (with --vif it is detached), the answer is
+{\"result\":\"discarded\",…} and it exits 0: xl resumes the guest here, unprotected. If
+the backup does not confirm within --discard-timeout (or is lost meanwhile), nothing is
+released: the answer is {\"result\":\"unconfirmed\",…} and it exits 5 with the output held
+(the backup may still activate its copy).
+
 Exactly one of --vif, --attached, --no-buffer chooses the output buffer.";
 
 #[derive(Args)]
@@ -156,6 +168,16 @@ struct SendArgs {
     /// How long the backup may take to start its receiver and send xl's banner.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     banner_timeout: Duration,
+    /// How long the backup may take to confirm it discarded its copy when protection is
+    /// ended on request (it kills its receiver and destroys the copy); past it the
+    /// output stays held and the relay exits 5.
+    #[arg(long, value_name = "DURATION", default_value = "45s", value_parser = parse_duration)]
+    discard_timeout: Duration,
+    /// Control socket (root-only) that takes the request to end protection. Default:
+    /// the status socket's path with the extension .ctl
+    /// (/run/remus/relay-send-<vif or pid>.ctl).
+    #[arg(long, value_name = "PATH")]
+    control_socket: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -195,7 +217,15 @@ When the primary is silent for --heartbeat-timeout, the connection breaks, or a 
 fails to open (altered, replayed, reordered, dropped), it closes the receiver's stdin: libxl then fails over and starts the backup copy
 from the last complete checkpoint. The failover is logged with that checkpoint's number.
 Primaries without the key, with an incompatible protocol version, or arriving while
-another is connected are refused and logged; they never disturb the running session.";
+another is connected are refused and logged; they never disturb the running session.
+A probe (`remus protect` checking the key) is answered and starts nothing.
+
+When the primary ends protection (DISCARD), the receiver's whole process group is
+frozen and killed before its stream can end (so libxl activates nothing), then
+--discard-cmd destroys the copy (run with sh -c; $REMUS_DOMAIN is the domain's name from
+the stream's xl header, whose copy xl named \"$REMUS_DOMAIN--incoming\"), and the primary
+is told. No failover is counted. A receiver that ends on its own is no failover either:
+nothing activates without its stream's end.";
 
 #[derive(Args)]
 #[command(long_about = RECEIVE_LONG)]
@@ -211,6 +241,13 @@ struct ReceiveArgs {
     /// it must print xl's banner line first).
     #[arg(long, value_name = "CMD", default_value = DEFAULT_RECEIVER_CMD)]
     receiver_cmd: String,
+    /// The command that destroys a discarded copy (sh -c; $REMUS_DOMAIN is the domain's
+    /// name from the stream). The default destroys "$REMUS_DOMAIN--incoming" if it exists.
+    #[arg(long, value_name = "CMD", default_value = DEFAULT_DISCARD_CMD)]
+    discard_cmd: String,
+    /// How long the discard command may take before it is killed.
+    #[arg(long, value_name = "DURATION", default_value = "20s", value_parser = parse_duration)]
+    discard_cmd_timeout: Duration,
     #[command(flatten)]
     hb: HeartbeatArgs,
     #[command(flatten)]
@@ -353,6 +390,7 @@ async fn relay_send_inner(a: SendArgs) -> Result<ExitCode, ExitCode> {
         heartbeat: hb,
         connect_timeout: a.connect_timeout,
         banner_timeout: a.banner_timeout,
+        discard_timeout: a.discard_timeout,
         max_version: VERSION,
         min_version: MIN_VERSION,
     };
@@ -365,6 +403,12 @@ async fn relay_send_inner(a: SendArgs) -> Result<ExitCode, ExitCode> {
     });
     let shared = Shared::new(Role::Send, a.backup.clone(), iface.clone());
     let _status = status_socket(&sock, &shared);
+    let ctl = a
+        .control_socket
+        .clone()
+        .unwrap_or_else(|| sock.with_extension("ctl"));
+    // Without it nobody can end protection cleanly: refuse to start (nothing is held yet).
+    let control = control::serve(&ctl).map_err(|e| fail(&e, ExitCode::Failure))?;
     start_metrics(a.observe.metrics, &shared).await?;
     tracing::info!(capacity = pipe.capacity, "xl's pipe shrunk");
 
@@ -376,18 +420,46 @@ async fn relay_send_inner(a: SendArgs) -> Result<ExitCode, ExitCode> {
             .await
             .map_err(|e| fail(&e, e.exit_code()))?;
         tracing::info!(vif, "output buffer attached in-process: holding");
-        finish_send(send::run(opts, pipe, running.buffer, shared).await)
+        let buffer = running.buffer.clone();
+        let r = send::run(opts, pipe, running.buffer, shared, &control).await;
+        if let Ok(remus_user::checkpoint::RunEnd::Discarded { .. }) = &r {
+            // Protection ended for good: nothing is held any more (everything went out
+            // when the backup confirmed), so the buffer leaves the vif.
+            detach_after_end(&buffer, vif).await;
+        }
+        finish_send(r)
     } else if let Some(iface) = &a.attached {
         let b = RemoteBuffer::connect(iface)
             .await
             .map_err(|e| fail(&e, e.exit_code()))?;
         tracing::info!(iface, "driving the output buffer attached by remus-net");
-        finish_send(send::run(opts, pipe, b, shared).await)
+        finish_send(send::run(opts, pipe, b, shared, &control).await)
     } else {
         tracing::warn!(
             "--no-buffer: the guest's output is NOT held; this protects nothing (testing only)"
         );
-        finish_send(send::run(opts, pipe, Unbuffered::new(), shared).await)
+        finish_send(send::run(opts, pipe, Unbuffered::new(), shared, &control).await)
+    }
+}
+
+/// After protection ended on request: removes the in-process buffer (pass-through by
+/// now, holding nothing) from the vif. A failure leaves it passing traffic.
+async fn detach_after_end(buffer: &netbuf::LocalBuffer, vif: &str) {
+    let req = netbuf::Request::Detach {
+        policy: netbuf::DetachPolicy::Release,
+    };
+    match buffer.request(req).await {
+        Ok(netbuf::Response::Detached(r)) => tracing::info!(
+            vif,
+            released_frames = r.released_frames,
+            "the output buffer is detached"
+        ),
+        Ok(other) => {
+            tracing::warn!(vif, answer = ?other, "detaching the buffer: unexpected answer; it stays in pass-through")
+        }
+        Err(e) => {
+            tracing::warn!(vif, error = %e, "detaching the buffer failed; it stays in pass-through (`remus-net detach` removes it)")
+        }
     }
 }
 
@@ -437,6 +509,8 @@ async fn relay_receive(a: ReceiveArgs) -> ExitCode {
         listen: a.listen,
         key,
         receiver_cmd: a.receiver_cmd,
+        discard_cmd: a.discard_cmd,
+        discard_timeout: a.discard_cmd_timeout,
         heartbeat: hb,
         handshake_timeout: Duration::from_secs(10),
         banner_timeout: Duration::from_secs(30),

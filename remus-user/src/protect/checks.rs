@@ -49,7 +49,7 @@ pub trait Backup {
     fn probe(
         &self,
         addr: &str,
-        key: &[u8],
+        key: &crate::replication::Key,
     ) -> impl std::future::Future<Output = Result<ProbeOk, ProbeError>>;
 }
 
@@ -266,7 +266,7 @@ impl Plan {
     /// records the relay's exit status for `remus protect`).
     pub fn relay_argv(&self, exe: &Path, run_dir: &Path) -> Vec<String> {
         let s = &self.settings;
-        let mut v: Vec<String> = vec![
+        vec![
             exe.display().to_string(),
             "__relay-child".into(),
             "--exit-file".into(),
@@ -293,13 +293,14 @@ impl Plan {
             "--cache-pages".into(),
             s.cache_pages.to_string(),
             "--status-socket".into(),
-        ];
-        v.push(
             state::relay_send_socket(run_dir, &self.vif)
                 .display()
                 .to_string(),
-        );
-        v
+            "--control-socket".into(),
+            state::relay_send_control(run_dir, &self.vif)
+                .display()
+                .to_string(),
+        ]
     }
 
     /// The `xl remus` argv: `-F -n` (xl's own network buffering is absent on Debian and
@@ -621,13 +622,7 @@ pub async fn plan(
 
     // The key: the relay's own rules (regular file, 0600, not empty).
     let key = match crate::replication::Key::load(&req.settings.key_file) {
-        Ok(_) => match super::probe::key_bytes(&req.settings.key_file) {
-            Ok(b) => Some(b),
-            Err(e) => {
-                f.0.push(CheckFailure::Key(e.to_string()));
-                None
-            }
-        },
+        Ok(k) => Some(k),
         Err(crate::replication::WireError::KeyFile { path, problem }) => {
             f.0.push(CheckFailure::Key(format!("{path}: {problem}")));
             None
@@ -654,7 +649,8 @@ pub async fn plan(
         },
     };
     // The backup last (one message per problem, so it is asked even when something
-    // here is missing too; a probe costs the backup one logged refusal, nothing more).
+    // here is missing too; a probe costs the backup nothing: it answers and starts
+    // nothing, and counts no refusal unless the key is wrong).
     if let (Some(a), Some(k)) = (&addr, &key) {
         match backup.probe(a, k).await {
             Ok(_) => {}
@@ -662,7 +658,6 @@ pub async fn plan(
                 f.0.push(CheckFailure::BackupUnreachable(e))
             }
             Err(e @ ProbeError::WrongKey { .. }) => f.0.push(CheckFailure::WrongKey(e)),
-            Err(e @ ProbeError::Key { .. }) => f.0.push(CheckFailure::Key(e.to_string())),
             Err(e) => f.0.push(CheckFailure::BackupRefused(e)),
         }
     }

@@ -38,14 +38,20 @@ foreground, keeps /run/remus/protect-DOMAIN.json current (`remus status`), and e
 remus ends. Settings come from /etc/remus/remus.toml ([defaults], then [domain.DOMAIN]);
 flags override them.
 
-Stopping it (SIGTERM, SIGINT) ends xl remus: today's relay cannot tell the backup that
-protection ended, so THE BACKUP ACTIVATES ITS COPY, and this copy's output stays held.
-`remus unprotect DOMAIN` on the backup ends protection and keeps the guest running here.
+Stopping it (SIGTERM, SIGINT, `systemctl stop remus-protect@DOMAIN`, `remus unprotect
+DOMAIN`) ends protection without a failover: the relay tells the backup to discard its
+copy (its receiver is killed before its stream ends, so nothing is activated there), and
+once the backup confirms, it releases what it held and exits; xl resumes the guest here,
+unprotected. If the backup does not confirm (unreachable, lost meanwhile), the output
+stays HELD and it ends with exit 5: the backup may still activate its copy.
+To hand the guest over to the backup instead, destroy it here (`xl destroy DOMAIN`): the
+backup resumes from its last checkpoint, as after a crash.
 
-Exit codes: 0 the domain ended, or stopped on request; 1 operational failure; 2 usage
-(bad flag or config, unknown or stopped domain, already protected, key file); 3 environment
-unsupported (not root, no Xen, several vifs or none, unreplicated disks, no suspend path);
-4 the backup is unreachable, or was lost (the guest then runs UNPROTECTED).";
+Exit codes: 0 the domain ended, or protection ended on request; 1 operational failure;
+2 usage (bad flag or config, unknown or stopped domain, already protected, key file);
+3 environment unsupported (not root, no Xen, several vifs or none, unreplicated disks, no
+suspend path); 4 the backup is unreachable, or was lost (the guest then runs
+UNPROTECTED); 5 ending protection was not confirmed by the backup (output held).";
 
 /// Protect a running domain: check everything, then run `xl remus` with the relay (primary).
 #[derive(Args, Debug, Clone)]
@@ -97,25 +103,28 @@ pub struct HeartbeatFlags {
     pub heartbeat_timeout: Option<Duration>,
 }
 
-/// End a protection: discards the backup's copy (run it on the backup).
+/// End a protection without a failover; the guest keeps running on the primary.
 #[derive(Args, Debug, Clone)]
 #[command(long_about = "\
-End the protection of DOMAIN.
+End the protection of DOMAIN. The guest keeps running on the primary, unprotected.
 
-On the backup host: discards the backup's copy. The receiver is frozen and killed before
-it can see its stream end (which would activate the copy), and DOMAIN--incoming is
-destroyed. The primary then loses its backup: its relay releases what it held and the
+On the primary, while protected: stops `remus protect DOMAIN` (as `systemctl stop
+remus-protect@DOMAIN` does) and waits for it. Its relay tells the backup to discard its
+copy: the backup's receiver is frozen and killed before it can see its stream end (which
+would activate the copy), DOMAIN--incoming is destroyed, and the backup confirms; only
+then does the relay release what it held. xl resumes the guest here. If the backup does
+not confirm (unreachable, or lost meanwhile) the output stays HELD: exit 5.
+
+On the backup host: discards the backup's copy itself (the same freeze, kill and
+destroy). The primary then loses its backup: its relay releases what it held and the
 guest keeps running there, unprotected (`remus protect` ends with exit 4).
-
-On the primary, while protected: refused (exit 3). Today's relay has no message meaning
-\"protection ended\", so anything that ends the stream on the primary makes the backup
-activate its copy. Run it on the backup instead.
 
 Where protection already ended: removes the state left in /run/remus and says how it
 ended, and whether the vif still holds output.
 
-Exit codes: 0 done; 1 a step failed; 2 DOMAIN is not protected here; 3 not root, or
-refused on the primary.")]
+Exit codes: 0 done; 1 a step failed; 2 DOMAIN is not protected here; 3 not root; 4 the
+backup was lost meanwhile (the guest runs unprotected); 5 the backup did not confirm
+(output held).")]
 pub struct UnprotectArgs {
     /// The protected domain (its xl name).
     pub domain: String,
@@ -126,8 +135,8 @@ pub struct UnprotectArgs {
 #[command(long_about = "\
 Both ends of every protection on this host: the primary's `remus protect` and the
 backup's `remus backup`, with state, the last acknowledged checkpoint, checkpoints per
-second, the guest's pause per checkpoint (not measured yet: always -), held output and
-the other end's address. On a backup the rate is measured over one second.
+second, the guest's pause per checkpoint (when the relay reports it; - otherwise), held
+output and the other end's address. On a backup the rate is measured over one second.
 
 Exit codes: 0; 2 DOMAIN is not protected or received here.")]
 pub struct StatusArgs {
@@ -150,7 +159,8 @@ fails over when the primary goes silent. The listen address comes from [domain.D
 protected domain, each on its own port.
 
 Stopping it during a session closes the receiver's stream, which ACTIVATES the copy: to
-end protection, run `remus unprotect DOMAIN` first (the remus-backup@ unit does that).
+end protection, run `remus unprotect DOMAIN` (on either host) first; the remus-backup@
+unit does that on stop.
 
 Exit codes: 0 stopped; 1 cannot listen; 2 usage (flags, config, key file, DOMAIN runs
 here); 3 not root, no Xen.")]

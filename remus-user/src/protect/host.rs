@@ -9,6 +9,7 @@ use std::time::Duration;
 use super::checks::{Backup, Host, LeftBuffer};
 use super::probe::{self, ProbeError, ProbeOk};
 use super::state::{self, ProtectState};
+use crate::replication::Key;
 
 pub struct RealHost;
 
@@ -133,7 +134,7 @@ pub struct RealBackup {
 }
 
 impl Backup for RealBackup {
-    async fn probe(&self, addr: &str, key: &[u8]) -> Result<ProbeOk, ProbeError> {
+    async fn probe(&self, addr: &str, key: &Key) -> Result<ProbeOk, ProbeError> {
         probe::probe(addr, key, self.timeout).await
     }
 }

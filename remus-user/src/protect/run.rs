@@ -1,18 +1,25 @@
 //! `remus protect` after the checks: runs stock `xl remus` with the relay as its
-//! transport, watches it, keeps /run/remus/protect-DOMAIN.json current, and turns how it
-//! ended into an exit code and a sentence.
+//! transport, watches it, keeps /run/remus/protect-DOMAIN.json current, ends protection
+//! on request, and turns how it ended into an exit code and a sentence.
 //!
 //! Owns: the `xl remus` child (in its own process group, so a terminal's Ctrl-C reaches
 //! only this supervisor, which decides), the state file, reading the relay's exit status
-//! from its wrapper. Never touches: the buffer (the relay owns it: nothing here ever
-//! releases, detaches or switches it), the wire, the guest.
+//! from its wrapper, asking the relay (its control socket) to end protection when
+//! stopped. Never touches: the buffer (the relay owns it: nothing here ever releases,
+//! detaches or switches it), the wire, the guest.
+//!
+//! Stopping (SIGTERM from `systemctl stop` or `remus unprotect`, SIGINT): the relay is
+//! asked to end protection; it has the backup discard its copy (no failover), releases
+//! what it holds only once the backup confirmed, and exits, so that xl resumes the guest
+//! here. Unconfirmed, the output stays held and this ends with exit 5.
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::exit::ExitCode;
+use crate::relay::control::{self, ControlError, EndAnswer};
 
 use super::checks::Plan;
 use super::state::{self, Phase, ProtectState, RelayExit};
@@ -22,6 +29,9 @@ pub const STOP_GRACE: Duration = Duration::from_secs(30);
 /// How long the relay gets to end after xl did (it waits up to a few seconds for the
 /// backup's answer to its CLOSE).
 pub const RELAY_GRACE: Duration = Duration::from_secs(15);
+/// How long the relay's answer to "end protection" may take (the relay itself gives the
+/// backup 45 s to confirm, then answers "unconfirmed").
+pub const END_WAIT: Duration = Duration::from_secs(60);
 
 pub struct RunOptions {
     pub xl: String,
@@ -81,16 +91,24 @@ pub struct Ending {
     pub detail: String,
 }
 
-/// How the protection ended, from xl's exit status, the relay's and whether a stop was
-/// asked for. Pure: this is the documented behaviour (docs/operator.md).
+/// What happened to a stop: the relay's answer to "end protection", if it gave one.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Stop {
+    pub asked: bool,
+    pub answer: Option<EndAnswer>,
+}
+
+/// How the protection ended, from xl's exit status, the relay's and what a stop got.
+/// Pure: this is the documented behaviour (docs/operator.md).
 pub fn outcome(
     domain: &str,
     vif: &str,
     xl: Option<i32>,
     relay: Option<RelayExit>,
-    stop_asked: bool,
+    stop: &Stop,
     last_acked: u64,
 ) -> Ending {
+    let stop_asked = stop.asked;
     // Before the first acknowledged checkpoint the backup has no usable copy (it drops a
     // partial initial copy), so nothing here can be inconsistent with it.
     let copy = last_acked > 0;
@@ -118,6 +136,40 @@ pub fn outcome(
         detail,
     };
     match relay {
+        Some(RelayExit { code: Some(0), .. })
+            if matches!(stop.answer, Some(EndAnswer::Discarded { .. })) =>
+        {
+            let destroyed = matches!(
+                stop.answer,
+                Some(EndAnswer::Discarded {
+                    copy_destroyed: true,
+                    ..
+                })
+            );
+            end(
+                Phase::Unprotected,
+                ExitCode::Ok,
+                Output::Open,
+                false,
+                format!(
+                    "protection ended on request: the backup discarded its copy (nothing was activated there){}, the relay released what it held and `{domain}` runs here, UNPROTECTED, its output passing; `remus protect {domain}` protects it again",
+                    if destroyed {
+                        ""
+                    } else {
+                        " but could not destroy it: remove its paused copy there (`remus unprotect` on the backup)"
+                    }
+                ),
+            )
+        }
+        Some(RelayExit { code: Some(5), .. }) => end(
+            Phase::EndUnconfirmed,
+            ExitCode::Unconfirmed,
+            Output::Held,
+            copy,
+            format!(
+                "asked to end protection, the backup did not confirm that it discarded its copy (unreachable, or lost meanwhile), so it may still activate it: {vif}'s output stays HELD and `{domain}` runs here isolated. Check the backup (`remus status {domain}` there): if its copy runs, destroy this one (xl destroy {domain}); if it has none, `remus-net detach {vif}` lets this one's traffic out"
+            ),
+        ),
         Some(RelayExit { code: Some(4), .. }) => end(
             Phase::BackupLost,
             ExitCode::PeerLost,
@@ -320,19 +372,39 @@ pub async fn run(plan: Plan, o: RunOptions) -> ExitCode {
     save(&st);
 
     let mut rate = Rate::default();
-    let mut stop_asked = false;
+    let mut stop = Stop::default();
+    let mut asking: Option<tokio::task::JoinHandle<Result<EndAnswer, ControlError>>> = None;
     let mut stop_deadline: Option<tokio::time::Instant> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let stop = stop_signal();
-    tokio::pin!(stop);
+    let stopping = stop_signal();
+    tokio::pin!(stopping);
     let xl_status = loop {
         tokio::select! {
             r = child.wait() => break r.ok().and_then(|s| s.code()),
-            sig = &mut stop, if !stop_asked => {
-                stop_asked = true;
+            sig = &mut stopping, if !stop.asked => {
+                stop.asked = true;
                 warn!(signal = sig, domain = %plan.domain,
-                    "stop requested: ending xl remus; the relay cannot yet tell the backup that protection ended, so THE BACKUP ACTIVATES ITS COPY, and this copy's output stays held (fail closed)");
-                signal_pid(xl_pid, libc::SIGTERM);
+                    "stop requested: ending protection (the backup discards its copy; the guest stays here, unprotected)");
+                st.phase = Phase::Ending;
+                st.since_unix = state::now_unix();
+                save(&st);
+                let ctl = state::relay_send_control(&o.run_dir, &plan.vif);
+                asking = Some(tokio::spawn(async move { control::end_protection(&ctl, END_WAIT).await }));
+            }
+            r = async {
+                match asking.as_mut() {
+                    Some(h) => h.await,
+                    None => std::future::pending().await,
+                }
+            }, if asking.is_some() => {
+                asking = None;
+                let r = r.unwrap_or_else(|e| Err(ControlError::Ask {
+                    path: String::new(),
+                    source: std::io::Error::other(e),
+                }));
+                if !answered(r, &plan.domain, &mut stop) {
+                    signal_pid(xl_pid, libc::SIGTERM);
+                }
                 stop_deadline = Some(tokio::time::Instant::now() + STOP_GRACE);
             }
             _ = tick.tick() => {
@@ -345,7 +417,9 @@ pub async fn run(plan: Plan, o: RunOptions) -> ExitCode {
                 let before = st.phase;
                 if let Some(a) = s.acked {
                     st.last_acked = a;
-                    st.phase = if a >= 1 { Phase::Protected } else { Phase::InitialCopy };
+                    if !stop.asked {
+                        st.phase = if a >= 1 { Phase::Protected } else { Phase::InitialCopy };
+                    }
                 }
                 if let Some(t) = s.acks_total {
                     st.checkpoints_per_s = rate.push(Instant::now(), t);
@@ -385,7 +459,7 @@ pub async fn run(plan: Plan, o: RunOptions) -> ExitCode {
         &plan.vif,
         xl_status,
         relay,
-        stop_asked,
+        &stop,
         st.last_acked,
     );
     st.phase = phase;
@@ -403,6 +477,39 @@ pub async fn run(plan: Plan, o: RunOptions) -> ExitCode {
         eprintln!("remus protect: {}: {detail}", plan.domain);
     }
     code
+}
+
+/// Takes the relay's answer to "end protection"; false if it could not be asked (then xl
+/// remus is stopped instead: the relay has not started, or is gone already).
+fn answered(r: Result<EndAnswer, ControlError>, domain: &str, stop: &mut Stop) -> bool {
+    match r {
+        Ok(a @ EndAnswer::Discarded { .. }) => {
+            info!(
+                domain,
+                "the backup discarded its copy and the relay released what it held; xl remus resumes the guest here"
+            );
+            stop.answer = Some(a);
+            true
+        }
+        Ok(EndAnswer::Unconfirmed { reason }) => {
+            error!(domain, %reason, "ending protection was NOT confirmed by the backup: the output stays held");
+            stop.answer = Some(EndAnswer::Unconfirmed { reason });
+            true
+        }
+        Ok(a @ EndAnswer::Ended { .. }) => {
+            info!(domain, answer = ?a, "the relay's run had ended otherwise before the request");
+            stop.answer = Some(a);
+            true
+        }
+        Ok(EndAnswer::BadRequest { message }) => {
+            warn!(domain, %message, "the relay did not understand the request to end protection; stopping xl remus instead");
+            false
+        }
+        Err(e) => {
+            warn!(domain, error = %e, "could not ask the relay to end protection (not started yet, or gone); stopping xl remus instead: if the backup holds a checkpoint it activates its copy, and this copy's output stays held");
+            false
+        }
+    }
 }
 
 /// `remus __relay-child --exit-file F -- ARGS…`: runs `remus ARGS…` (the relay) with
@@ -453,8 +560,12 @@ mod tests {
 
     #[test]
     fn each_ending_has_its_phase_code_and_facts() {
-        let o = |xl, relay, stop| {
-            let e = outcome("web", "vif3.0", xl, relay, stop, 7);
+        let o = |xl, relay, asked| {
+            let stop = Stop {
+                asked,
+                answer: None,
+            };
+            let e = outcome("web", "vif3.0", xl, relay, &stop, 7);
             (e.phase, e.code, e.output, e.backup_activates)
         };
         use Output::*;
@@ -502,15 +613,60 @@ mod tests {
     }
 
     #[test]
+    fn a_stop_the_backup_confirmed_ends_unprotected_and_an_unconfirmed_one_holds() {
+        let discarded = |copy_destroyed| Stop {
+            asked: true,
+            answer: Some(EndAnswer::Discarded {
+                checkpoint: 7,
+                copy_destroyed,
+            }),
+        };
+        // The relay exits 0 after the discard; xl resumed the guest and exits 1.
+        for destroyed in [true, false] {
+            let e = outcome("web", "vif3.0", Some(1), exit(0), &discarded(destroyed), 7);
+            assert_eq!(
+                (e.phase, e.code, e.output, e.backup_activates),
+                (Phase::Unprotected, ExitCode::Ok, Output::Open, false)
+            );
+        }
+        // Unconfirmed: the relay exits 5 holding, whether or not its answer arrived.
+        for answer in [
+            None,
+            Some(EndAnswer::Unconfirmed {
+                reason: "no answer".into(),
+            }),
+        ] {
+            let stop = Stop {
+                asked: true,
+                answer,
+            };
+            let e = outcome("web", "vif3.0", Some(1), exit(5), &stop, 7);
+            assert_eq!(
+                (e.phase, e.code, e.output),
+                (Phase::EndUnconfirmed, ExitCode::Unconfirmed, Output::Held)
+            );
+            assert!(e.backup_activates, "it may: nothing confirmed otherwise");
+            assert!(!e.release_safe);
+        }
+        // A discard answer never makes a failed relay look clean.
+        let e = outcome("web", "vif3.0", Some(1), exit(1), &discarded(true), 7);
+        assert_eq!(e.phase, Phase::Failed);
+    }
+
+    #[test]
     fn before_the_first_ack_nothing_activates_and_releasing_is_safe() {
-        let e = outcome("web", "vif3.0", None, exit(0), true, 0);
+        let stopped = Stop {
+            asked: true,
+            answer: None,
+        };
+        let e = outcome("web", "vif3.0", None, exit(0), &stopped, 0);
         assert_eq!(
             (e.phase, e.code, e.output),
             (Phase::Stopped, ExitCode::Ok, Output::Held)
         );
         assert!(!e.backup_activates);
         assert!(e.release_safe);
-        let e = outcome("web", "vif3.0", None, exit(0), true, 5);
+        let e = outcome("web", "vif3.0", None, exit(0), &stopped, 5);
         assert!(e.backup_activates);
         assert!(!e.release_safe);
     }

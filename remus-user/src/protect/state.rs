@@ -23,9 +23,19 @@ pub enum Phase {
     InitialCopy,
     /// At least one checkpoint acknowledged: the backup can take over.
     Protected,
-    /// Stopped on request (SIGTERM/SIGINT): the backup activates its copy; this copy's
-    /// output stays held.
+    /// Stopped before protection could be ended cleanly (the relay could not be asked,
+    /// e.g. it had not started): xl remus was stopped; if the backup had a checkpoint it
+    /// activates its copy, and this copy's output stays held.
     Stopped,
+    /// Stopping (SIGTERM/SIGINT, `remus unprotect`): the relay is asking the backup to
+    /// discard its copy.
+    Ending,
+    /// Protection ended on request: the backup discarded its copy (nothing activated),
+    /// everything held was released, and the guest runs here, unprotected.
+    Unprotected,
+    /// Asked to end, the backup did not confirm that it discarded its copy: the vif's
+    /// output stays HELD (the backup may still activate its copy).
+    EndUnconfirmed,
     /// The backup was lost: the relay released what it held and the guest runs
     /// UNPROTECTED here.
     BackupLost,
@@ -41,7 +51,12 @@ impl Phase {
     pub fn is_final(self) -> bool {
         matches!(
             self,
-            Phase::Stopped | Phase::BackupLost | Phase::DomainEnded | Phase::Failed
+            Phase::Stopped
+                | Phase::Unprotected
+                | Phase::EndUnconfirmed
+                | Phase::BackupLost
+                | Phase::DomainEnded
+                | Phase::Failed
         )
     }
 
@@ -51,6 +66,9 @@ impl Phase {
             Phase::InitialCopy => "initial copy",
             Phase::Protected => "protected",
             Phase::Stopped => "stopped",
+            Phase::Ending => "ending protection",
+            Phase::Unprotected => "unprotected on request",
+            Phase::EndUnconfirmed => "end not confirmed: output HELD",
             Phase::BackupLost => "backup lost: UNPROTECTED",
             Phase::DomainEnded => "domain ended",
             Phase::Failed => "failed",
@@ -123,6 +141,11 @@ pub fn backup_path(dir: &Path, domain: &str) -> PathBuf {
 /// The relay's status socket for `vif` (the same path `relay send` picks by default).
 pub fn relay_send_socket(dir: &Path, vif: &str) -> PathBuf {
     dir.join(format!("relay-send-{}.sock", sanitize(vif)))
+}
+
+/// The relay's control socket for `vif` (where protection is ended without a failover).
+pub fn relay_send_control(dir: &Path, vif: &str) -> PathBuf {
+    relay_send_socket(dir, vif).with_extension("ctl")
 }
 
 pub fn relay_receive_socket(dir: &Path, domain: &str) -> PathBuf {

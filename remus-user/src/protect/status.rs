@@ -35,8 +35,8 @@ pub struct Row {
     pub pid: Option<u32>,
     pub last_acked: Option<u64>,
     pub checkpoints_per_s: Option<f64>,
-    /// The guest's pause per checkpoint: not measured yet (needs the relay's timing of
-    /// the epoch switch to the end of the CHECKPOINT record), always null today.
+    /// The guest's pause per checkpoint, as the relay reports it (`guest_pause_ms` of
+    /// its status); null while it does not measure it.
     pub pause_ms: Option<f64>,
     pub held_frames: Option<u64>,
     pub held_bytes: Option<u64>,
@@ -111,6 +111,7 @@ pub async fn primary_row(s: ProtectState) -> Row {
     if !s.phase.is_final() {
         if let Some(r) = relay(&s.relay_socket).await {
             row.last_acked = Some(r.last_acked);
+            row.pause_ms = r.guest_pause_ms;
             row.relay = Some(r);
         }
         if let Some((f, b)) = held(&s.vif).await {

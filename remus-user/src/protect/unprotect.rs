@@ -1,19 +1,24 @@
-//! `remus unprotect DOMAIN`: ending a protection as far as today's relay allows.
+//! `remus unprotect DOMAIN`: ending a protection, from either host.
 //!
-//! The relay has no message meaning "protection ended, discard your copy": whatever ends
-//! the stream on the primary (xl remus stopping, the relay closing) makes the backup
-//! activate its copy. So:
-//! - on the **backup** host, unprotect discards the backup's copy: it freezes, then kills
+//! - on the **primary**, while `remus protect DOMAIN` runs: it stops it (SIGTERM, as
+//!   `systemctl stop remus-protect@DOMAIN` does), which asks the relay to end protection:
+//!   the backup kills its receiver before its stream can end and destroys its copy (no
+//!   failover), confirms, and only then does the relay release what it held; xl resumes
+//!   the guest here, unprotected. This waits for `remus protect` to end and reports how
+//!   it did: unconfirmed (the backup did not answer) leaves the output held, exit 5.
+//! - on the **backup** host: it discards the backup's copy itself: it freezes, then kills
 //!   the receiver (`xl migrate-receive` and its restore helper) before it can see the end
 //!   of its stream, and destroys `DOMAIN--incoming`. The primary's relay then loses its
 //!   backup, releases what it held (safe: no other copy exists any more) and the guest
 //!   runs on, unprotected; `remus protect` there ends with exit 4.
-//! - on the **primary**, while protection runs, it refuses (exit 3) and says the above.
 //! - where protection already ended, it removes what is left (state files, a buffer
 //!   left in pass-through mode, which holds nothing) and says how it had ended.
 //!
-//! Owns: those three decisions and their actions. Never touches: a buffer that still
-//! holds output (only an operator can judge it), the relay's code paths, a running guest.
+//! A host that is both (a one-host test setup, the lab) takes the primary's way: it ends
+//! both sides in order.
+//!
+//! Owns: those decisions and their actions. Never touches: a buffer that still holds
+//! output (only an operator can judge it), the relay's code paths, a running guest.
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -21,17 +26,28 @@ use crate::exit::ExitCode;
 
 use super::checks::{Host, LeftBuffer};
 use super::host;
-use super::state::{self, BackupState, ProtectState};
+use super::state::{self, BackupState, Phase, ProtectState};
 use super::xen::{self, Xen};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UnprotectError {
     #[error("must run as root: it reads /run/remus and signals xl's processes")]
     NotRoot,
-    #[error(
-        "cannot end the protection of `{domain}` from the primary yet: the relay has no message that tells the backup \"protection ended\", so anything that ends the stream here makes the backup ACTIVATE its copy. To keep `{domain}` running here, unprotected: run `remus unprotect {domain}` on the backup host ({backup}); this host's relay then loses its backup, releases what it holds, and `remus protect` ends with exit 4. To hand `{domain}` over to the backup instead: stop `remus protect` (systemctl stop remus-protect@{domain}), then `xl destroy {domain}` here"
-    )]
-    FromPrimary { domain: String, backup: String },
+    #[error("`{domain}`: {detail}")]
+    Unconfirmed { domain: String, detail: String },
+    #[error("`{domain}`: protection ended otherwise ({phase}): {detail}")]
+    EndedOtherwise {
+        domain: String,
+        phase: &'static str,
+        detail: String,
+        code: ExitCode,
+    },
+    #[error("could not stop `remus protect {domain}` (pid {pid}): {why}")]
+    Stop {
+        domain: String,
+        pid: u32,
+        why: String,
+    },
     #[error(
         "`{domain}` is replicated by an xl remus (pid {pid}) that remus protect does not supervise: end it where it was started"
     )]
@@ -55,14 +71,17 @@ pub enum UnprotectError {
 impl UnprotectError {
     pub fn exit_code(&self) -> ExitCode {
         match self {
-            UnprotectError::NotRoot
-            | UnprotectError::FromPrimary { .. }
-            | UnprotectError::Xen(xen::XenError::Missing { .. }) => ExitCode::Unsupported,
+            UnprotectError::NotRoot | UnprotectError::Xen(xen::XenError::Missing { .. }) => {
+                ExitCode::Unsupported
+            }
+            UnprotectError::Unconfirmed { .. } => ExitCode::Unconfirmed,
+            UnprotectError::EndedOtherwise { code, .. } => *code,
             UnprotectError::Unsupervised { .. }
             | UnprotectError::NotProtected { .. }
             | UnprotectError::Ambiguous { .. } => ExitCode::Usage,
             UnprotectError::Kill { .. }
             | UnprotectError::Destroy { .. }
+            | UnprotectError::Stop { .. }
             | UnprotectError::Xen(_) => ExitCode::Failure,
         }
     }
@@ -166,16 +185,90 @@ pub struct Done {
     pub message: String,
 }
 
+/// How long `remus protect` may take to end protection once stopped: its wait for the
+/// relay's answer, then for xl and the relay to exit, and a margin.
+pub const PRIMARY_WAIT: Duration = Duration::from_secs(120);
+
+/// The primary's way: stop `remus protect` (it asks its relay to end protection), wait
+/// for it to end, and report how it did from its state file.
+fn end_on_primary(
+    domain: &str,
+    dir: &Path,
+    s: &ProtectState,
+    h: &impl Host,
+    wait: Duration,
+) -> Result<Done, UnprotectError> {
+    let stop_err = |why: String| UnprotectError::Stop {
+        domain: domain.into(),
+        pid: s.pid,
+        why,
+    };
+    kill(s.pid, libc::SIGTERM).map_err(stop_err)?;
+    let t = Instant::now();
+    while host::protect_pid_matches(s.pid) {
+        if t.elapsed() > wait {
+            return Err(stop_err(format!(
+                "still running after {} s (see its log: journalctl -u remus-protect@{domain})",
+                wait.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let Some(end) = state::read_json::<ProtectState>(&state::protect_path(dir, domain)) else {
+        return Err(stop_err("it ended without recording how".into()));
+    };
+    let detail = end.detail.clone().unwrap_or_default();
+    match end.phase {
+        Phase::Unprotected => Ok(Done {
+            killed: Vec::new(),
+            destroyed: None,
+            ended: Some((end.phase, h.buffer_on(&end.vif))),
+            message: detail,
+        }),
+        Phase::EndUnconfirmed => Err(UnprotectError::Unconfirmed {
+            domain: domain.into(),
+            detail,
+        }),
+        p => Err(UnprotectError::EndedOtherwise {
+            domain: domain.into(),
+            phase: p.words(),
+            detail,
+            code: if p == Phase::BackupLost {
+                ExitCode::PeerLost
+            } else {
+                ExitCode::Failure
+            },
+        }),
+    }
+}
+
 pub fn unprotect(
     domain: &str,
     dir: &Path,
     xen: &impl Xen,
     h: &impl Host,
 ) -> Result<Done, UnprotectError> {
+    unprotect_within(domain, dir, xen, h, PRIMARY_WAIT)
+}
+
+/// [`unprotect`], waiting at most `wait` for a primary's `remus protect` to end.
+pub fn unprotect_within(
+    domain: &str,
+    dir: &Path,
+    xen: &impl Xen,
+    h: &impl Host,
+    wait: Duration,
+) -> Result<Done, UnprotectError> {
     if !h.is_root() {
         return Err(UnprotectError::NotRoot);
     }
     let protect: Option<ProtectState> = state::read_json(&state::protect_path(dir, domain));
+    // Primary, running: end protection cleanly, both sides (see the module docs).
+    if let Some(s) = &protect
+        && host::protect_pid_matches(s.pid)
+    {
+        return end_on_primary(domain, dir, s, h, wait);
+    }
     let list = xen::parse_list(&xen.list()?).map_err(|what| xen::XenError::Parse {
         cmd: "xl list".into(),
         what,
@@ -261,16 +354,6 @@ pub fn unprotect(
         });
     }
 
-    // Primary, running: refuse (see the module docs). The backup role is looked at first:
-    // a one-host test setup (the lab) is both, and there discarding the copy is the way.
-    if let Some(s) = &protect
-        && host::protect_pid_matches(s.pid)
-    {
-        return Err(UnprotectError::FromPrimary {
-            domain: domain.into(),
-            backup: s.backup.clone(),
-        });
-    }
     if let Some(d) = list.iter().find(|d| d.name == domain)
         && let Some(pid) = h.xl_remus_running(domain, d.domid)
     {
