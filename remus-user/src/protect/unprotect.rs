@@ -242,6 +242,85 @@ fn end_on_primary(
     }
 }
 
+/// The receiver processes to kill on this backup host: those of `remus backup DOMAIN`'s
+/// relay, or (a relay started by hand, with a copy to discard) of the one relay that has
+/// a receiver; several such relays are ambiguous.
+fn receivers(
+    domain: &str,
+    backup: Option<&BackupState>,
+    copy: bool,
+    table: &[(u32, u32)],
+) -> Result<Vec<u32>, UnprotectError> {
+    let relay_pid = backup.map(|b| b.pid).filter(|p| host::pid_alive(*p));
+    Ok(match relay_pid {
+        Some(p) => receiver_tree(p, table),
+        None if copy => {
+            let relays: Vec<u32> = table
+                .iter()
+                .map(|(p, _)| *p)
+                .filter(|p| {
+                    host::cmdline(*p)
+                        .is_some_and(|a| a.windows(2).any(|w| w[0] == "relay" && w[1] == "receive"))
+                })
+                .filter(|p| !receiver_tree(*p, table).is_empty())
+                .collect();
+            match relays.as_slice() {
+                [] => Vec::new(),
+                [one] => receiver_tree(*one, table),
+                many => {
+                    return Err(UnprotectError::Ambiguous {
+                        domain: domain.into(),
+                        pids: many
+                            .iter()
+                            .map(u32::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    });
+                }
+            }
+        }
+        None => Vec::new(),
+    })
+}
+
+/// Where protection ended already: says how, and what the vif still carries; removes
+/// the state files.
+fn clean_up_ended(domain: &str, dir: &Path, s: ProtectState, h: &impl Host) -> Done {
+    let mut notes = vec![format!(
+        "`{domain}` was not protected any more ({}{})",
+        s.phase.words(),
+        s.detail
+            .as_ref()
+            .map(|d| format!(": {d}"))
+            .unwrap_or_default()
+    )];
+    let left = h.buffer_on(&s.vif);
+    match left {
+        LeftBuffer::Passthrough => notes.push(format!(
+            "{} still carries a pass-through buffer (holds nothing): remove it with `remus-net detach {}`",
+            s.vif, s.vif
+        )),
+        LeftBuffer::Holding => notes.push(format!(
+            "{} still HOLDS the guest's output (fail closed); if the backup activated its copy, destroy this one (xl destroy {domain}); otherwise `remus-net detach {}` drops what is held",
+            s.vif, s.vif
+        )),
+        LeftBuffer::Live { pid } => notes.push(format!(
+            "{} has a live buffer holder (pid {pid}) that remus protect did not start",
+            s.vif
+        )),
+        LeftBuffer::None => {}
+    }
+    let _ = std::fs::remove_file(state::protect_path(dir, domain));
+    let _ = std::fs::remove_file(state::relay_exit_path(dir, domain));
+    notes.push("removed its state file".into());
+    Done {
+        killed: Vec::new(),
+        destroyed: None,
+        ended: Some((s.phase, left)),
+        message: notes.join("; "),
+    }
+}
+
 pub fn unprotect(
     domain: &str,
     dir: &Path,
@@ -279,40 +358,7 @@ pub fn unprotect_within(
     let backup: Option<BackupState> = state::read_json(&state::backup_path(dir, domain));
     let table = parents();
     let mut killed = Vec::new();
-    let relay_pid = backup
-        .as_ref()
-        .map(|b| b.pid)
-        .filter(|p| host::pid_alive(*p));
-    let tree = match relay_pid {
-        Some(p) => receiver_tree(p, &table),
-        None if copy.is_some() => {
-            // A relay started by hand: accept it only if exactly one relay has a receiver.
-            let relays: Vec<u32> = table
-                .iter()
-                .map(|(p, _)| *p)
-                .filter(|p| {
-                    host::cmdline(*p)
-                        .is_some_and(|a| a.windows(2).any(|w| w[0] == "relay" && w[1] == "receive"))
-                })
-                .filter(|p| !receiver_tree(*p, &table).is_empty())
-                .collect();
-            match relays.as_slice() {
-                [] => Vec::new(),
-                [one] => receiver_tree(*one, &table),
-                many => {
-                    return Err(UnprotectError::Ambiguous {
-                        domain: domain.into(),
-                        pids: many
-                            .iter()
-                            .map(u32::to_string)
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                    });
-                }
-            }
-        }
-        None => Vec::new(),
-    };
+    let tree = receivers(domain, backup.as_ref(), copy.is_some(), &table)?;
     if !tree.is_empty() {
         freeze_and_kill(&tree)?;
         killed = tree;
@@ -365,39 +411,7 @@ pub fn unprotect_within(
 
     // Ended already: clean up what is left.
     if let Some(s) = protect {
-        let mut notes = vec![format!(
-            "`{domain}` was not protected any more ({}{})",
-            s.phase.words(),
-            s.detail
-                .as_ref()
-                .map(|d| format!(": {d}"))
-                .unwrap_or_default()
-        )];
-        let left = h.buffer_on(&s.vif);
-        match left {
-            LeftBuffer::Passthrough => notes.push(format!(
-                "{} still carries a pass-through buffer (holds nothing): remove it with `remus-net detach {}`",
-                s.vif, s.vif
-            )),
-            LeftBuffer::Holding => notes.push(format!(
-                "{} still HOLDS the guest's output (fail closed); if the backup activated its copy, destroy this one (xl destroy {domain}); otherwise `remus-net detach {}` drops what is held",
-                s.vif, s.vif
-            )),
-            LeftBuffer::Live { pid } => notes.push(format!(
-                "{} has a live buffer holder (pid {pid}) that remus protect did not start",
-                s.vif
-            )),
-            LeftBuffer::None => {}
-        }
-        let _ = std::fs::remove_file(state::protect_path(dir, domain));
-        let _ = std::fs::remove_file(state::relay_exit_path(dir, domain));
-        notes.push("removed its state file".into());
-        return Ok(Done {
-            killed: Vec::new(),
-            destroyed: None,
-            ended: Some((s.phase, left)),
-            message: notes.join("; "),
-        });
+        return Ok(clean_up_ended(domain, dir, s, h));
     }
     Err(UnprotectError::NotProtected {
         domain: domain.into(),

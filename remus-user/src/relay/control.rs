@@ -141,26 +141,12 @@ impl Drop for EndControl {
 /// Binds the root-only (0600) control socket at `path` (a stale one of a dead relay is
 /// replaced; a live one is not stolen).
 pub fn serve(path: &Path) -> Result<EndControl, ControlError> {
-    use std::os::unix::fs::PermissionsExt;
-    let err = |source| ControlError::Bind {
-        path: path.display().to_string(),
-        source,
-    };
-    if let Some(dir) = path.parent().filter(|d| !d.exists()) {
-        std::fs::create_dir_all(dir).map_err(err)?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
-    }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                "another relay serves this control socket; pick another --control-socket",
-            )));
+    let l = super::status::bind_root_only(path, "--control-socket").map_err(|source| {
+        ControlError::Bind {
+            path: path.display().to_string(),
+            source,
         }
-        let _ = std::fs::remove_file(path);
-    }
-    let l = tokio::net::UnixListener::bind(path).map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    })?;
     let (tx, requested) = watch::channel(false);
     let waiters: Arc<Mutex<Vec<Waiter>>> = Arc::default();
     let w = waiters.clone();

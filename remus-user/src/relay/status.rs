@@ -282,27 +282,10 @@ pub enum StatusSocketError {
 /// one line of JSON (the current [`RelayStatus`]). The socket file is removed on drop of
 /// the returned guard.
 pub fn serve_status(path: &Path, shared: Arc<Shared>) -> Result<StatusGuard, StatusSocketError> {
-    use std::os::unix::fs::PermissionsExt;
-    let err = |source| StatusSocketError::Bind {
+    let l = bind_root_only(path, "--status-socket").map_err(|source| StatusSocketError::Bind {
         path: path.display().to_string(),
         source,
-    };
-    if let Some(dir) = path.parent().filter(|d| !d.exists()) {
-        std::fs::create_dir_all(dir).map_err(err)?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
-    }
-    // A stale socket of a dead relay: remove it (a live one answers; refuse to steal it).
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                "another relay is serving this socket; pick another --status-socket",
-            )));
-        }
-        let _ = std::fs::remove_file(path);
-    }
-    let l = tokio::net::UnixListener::bind(path).map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    })?;
     let task = tokio::spawn(async move {
         loop {
             let Ok((mut s, _)) = l.accept().await else {
@@ -317,6 +300,29 @@ pub fn serve_status(path: &Path, shared: Arc<Shared>) -> Result<StatusGuard, Sta
         path: path.to_path_buf(),
         task,
     })
+}
+
+/// Binds a root-only (0600) unix socket at `path`, creating its directory (0700) if
+/// needed. A stale socket of a dead relay is replaced; a live one (it accepts) is not
+/// stolen: the error names `flag`, the option that picks another path.
+pub(super) fn bind_root_only(path: &Path, flag: &str) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent().filter(|d| !d.exists()) {
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("another relay is serving this socket; pick another {flag}"),
+            ));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let l = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
 }
 
 /// Removes the status socket when the relay ends.

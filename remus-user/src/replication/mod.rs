@@ -576,23 +576,40 @@ impl Message {
                     reason: String::from_utf8_lossy(&payload).into_owned(),
                 }
             }
-            Kind::ProbeOk => {
-                let w: ProbeOkWire = fixed(kind, &payload)?;
-                Message::ProbeOk { busy: w.busy != 0 }
-            }
-            Kind::Discard => {
-                exact(0, &payload)?;
-                Message::Discard
-            }
-            Kind::Discarded => {
-                let w: DiscardedWire = fixed(kind, &payload)?;
-                Message::Discarded {
-                    checkpoint: w.checkpoint.get(),
-                    copy_destroyed: w.copy_destroyed != 0,
-                }
-            }
+            Kind::ProbeOk | Kind::Discard | Kind::Discarded => decode_answer(kind, &payload)?,
         })
     }
+}
+
+/// The payloads of a probe's answer and of ending protection.
+fn decode_answer(kind: Kind, payload: &[u8]) -> Result<Message, WireError> {
+    Ok(match kind {
+        Kind::ProbeOk => {
+            let w: ProbeOkWire = fixed(kind, payload)?;
+            Message::ProbeOk { busy: w.busy != 0 }
+        }
+        Kind::Discarded => {
+            let w: DiscardedWire = fixed(kind, payload)?;
+            Message::Discarded {
+                checkpoint: w.checkpoint.get(),
+                copy_destroyed: w.copy_destroyed != 0,
+            }
+        }
+        Kind::Discard => {
+            if !payload.is_empty() {
+                return Err(WireError::BadPayload {
+                    kind,
+                    problem: PayloadProblem::Length {
+                        got: payload.len(),
+                        expected: 0,
+                    },
+                });
+            }
+            Message::Discard
+        }
+        // `Message::decode` hands only the three kinds above to this.
+        other => return Err(WireError::UnknownKind(other as u16)),
+    })
 }
 
 /// A fixed-size payload of `kind`.

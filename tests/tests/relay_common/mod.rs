@@ -39,6 +39,37 @@ fn with_heartbeat<'a>(extra: &[&'a str]) -> Vec<&'a str> {
 /// Guards against hangs only: no test asserts on time.
 pub const HANG_GUARD: Duration = Duration::from_secs(120);
 
+/// `remus` inside network namespace `netns` (through `nsenter`, which execs: the child is
+/// `remus` itself, and its BPF pins stay in the real bpffs), or in ours.
+pub fn remus_command(netns: Option<&str>) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/run/netns/{ns}"))
+                .arg("--")
+                .arg(remus_bin());
+            c
+        }
+        None => Command::new(remus_bin()),
+    }
+}
+
+/// Payloads the guest sent to UDP `port`, as seen at the peer, in arrival order.
+pub fn udp_payloads(frames: &[remus_tests::netns::Captured], port: u16) -> Vec<String> {
+    frames
+        .iter()
+        .filter(|f| f.from_guest())
+        .filter_map(|f| f.udp())
+        .filter(|(p, _)| *p == port)
+        .filter_map(|(_, pl)| std::str::from_utf8(pl).ok().map(str::to_string))
+        .collect()
+}
+
+/// Ten payloads "eN:0" … "eN:9": what the guest sends in epoch `e`.
+pub fn epoch_payloads(e: u32) -> Vec<Vec<u8>> {
+    (0..10).map(|i| format!("e{e}:{i}").into_bytes()).collect()
+}
+
 pub fn remus_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -204,16 +235,7 @@ impl Receiver {
     ) -> Receiver {
         let status_sock = dir.path().join("relay-receive.sock");
         let log = dir.path().join("receive.log");
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net=/run/netns/{ns}"))
-                    .arg("--")
-                    .arg(remus_bin());
-                c
-            }
-            None => Command::new(remus_bin()),
-        };
+        let mut cmd = remus_command(netns);
         cmd.args(["relay", "receive", "--listen", "127.0.0.1:0", "--key-file"])
             .arg(key)
             .arg("--receiver-cmd")
@@ -295,17 +317,7 @@ impl Sender {
         let (r, w) = pipe();
         let status_sock = dir.path().join(format!("relay-send-{name}.sock"));
         let log = dir.path().join(format!("send-{name}.log"));
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net=/run/netns/{ns}"))
-                    .arg("--")
-                    .arg(remus_bin());
-                c
-            }
-            None => Command::new(remus_bin()),
-        };
-        let child = cmd
+        let child = remus_command(netns)
             .args(["relay", "send"])
             .args(buffer)
             .args(["--backup", addr, "--key-file"])
