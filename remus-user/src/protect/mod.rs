@@ -8,15 +8,19 @@
 //! ```text
 //! primary                                            backup
 //! remus protect web                                  remus backup web
-//!  ├─ checks (xl, xenstore, key, probe) ──HELLO/CHALLENGE──► relay receive (exec'd)
+//!  ├─ checks (xl, xenstore, key, probe) ──HELLO(probe)…PROBE_OK──► relay receive (exec'd)
 //!  └─ xl remus -F -n -s '' web '…'                         │
 //!      └─ remus __relay-child ─ remus relay send ══TCP══════┘─► xl migrate-receive -r -e
+//!  stop / remus unprotect web: {"op":"end_protection"} on the relay's control socket
+//!      ─► DISCARD ═══════════════════════════════════════► receiver killed, copy destroyed
 //! /run/remus/protect-web.json                        /run/remus/backup-web.json
 //! ```
 //!
-//! Owns: the composition of today's interfaces (xl, the relay's CLI, remus-net's runtime
-//! files) into one command per host. Never touches: the relay's, the buffer's or the
-//! stream's code paths: it runs and asks them like an operator would.
+//! Owns: the composition of today's interfaces (xl, the relay's CLI, its status and
+//! control sockets and its probe, remus-net's runtime files) into one command per host.
+//! Never touches: the relay's, the buffer's or the stream's code paths: it runs them and
+//! asks them like an operator would (the probe is the relay's own
+//! `replication::client_probe`).
 pub mod backup;
 pub mod checks;
 pub mod cli;
