@@ -25,6 +25,7 @@ need_root() {
 apt_packages=(
     iproute2 ethtool iperf3 iputils-ping tcpdump bridge-utils procps psmisc
     debootstrap busybox-static cpio e2fsprogs zstd python3
+    dpkg-dev binutils
 )
 
 install_apt() {
