@@ -444,8 +444,33 @@ mod tests {
             let (_, v) = line.rsplit_once(' ').expect("value");
             assert!(v.parse::<f64>().is_ok(), "{line}");
         }
-        // 17 series plus the two histograms (ACK latency, suspend time).
-        assert_eq!(described.len(), 19, "{t}");
+        // The names are a stable interface (docs/metrics.md): exactly these, no more.
+        let expected: std::collections::HashSet<String> = [
+            "checkpoints",
+            "acks",
+            "epoch_merges",
+            "heartbeats_sent",
+            "heartbeats_missed",
+            "failovers",
+            "discards",
+            "probes",
+            "sessions",
+            "auth_failures",
+            "stream_bytes",
+            "wire_bytes",
+            "page_data_raw_bytes",
+            "page_data_wire_bytes",
+            "connected",
+            "last_checkpoint",
+            "last_acked_checkpoint",
+            "committed_epoch",
+            "ack_latency_seconds",
+            "suspend_seconds",
+        ]
+        .iter()
+        .map(|n| format!("remus_relay_{n}"))
+        .collect();
+        assert_eq!(described, expected, "{t}");
     }
 
     #[test]
