@@ -12,6 +12,8 @@
 //! - `replication`: the wire protocol between the two relays (framing, versions, auth).
 //! - `checkpoint`: the controller state machine, driven through traits.
 //! - `relay`: `remus relay send|receive|status`, joining xl, the wire and the buffer.
+//! - `disk`: `remus disk …`, protocol-D disk replication (NBD device, write stream,
+//!   the backup's journal).
 //! - `metrics`: Prometheus text exposition.
 //! - `exit`: the one exit-code enum of both binaries.
 //!
@@ -20,6 +22,7 @@
 pub mod checkpoint;
 pub mod compress;
 pub mod datapath;
+pub mod disk;
 pub mod exit;
 pub mod holder;
 pub mod metrics;
