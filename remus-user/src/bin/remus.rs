@@ -56,6 +56,9 @@ enum Cmd {
     /// The checkpoint relay for stock `xl remus` (send on the primary, receive on the backup).
     #[command(subcommand)]
     Relay(RelayCmd),
+    /// Protocol-D disk replication: the primary's and the backup's disk daemons.
+    #[command(subcommand, long_about = remus_user::disk::cli::DISK_LONG)]
+    Disk(remus_user::disk::cli::DiskCmd),
 }
 
 #[derive(Subcommand)]
@@ -230,6 +233,7 @@ fn main() -> ProcessExit {
             Cmd::Relay(RelayCmd::Send(a)) => relay_send(a).await,
             Cmd::Relay(RelayCmd::Receive(a)) => relay_receive(a).await,
             Cmd::Relay(RelayCmd::Status(a)) => relay_status(a).await,
+            Cmd::Disk(c) => disk(c).await,
         }
     });
     // Do not wait for lingering tasks (the buffer's holder, sockets).
@@ -448,4 +452,9 @@ async fn relay_status(a: StatusArgs) -> ExitCode {
         }
     }
     code
+}
+
+/// `remus disk …`: everything lives in `remus_user::disk::cli`.
+async fn disk(c: remus_user::disk::cli::DiskCmd) -> ExitCode {
+    remus_user::disk::cli::run(c).await
 }

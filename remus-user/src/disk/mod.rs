@@ -31,9 +31,16 @@
 //!
 //! Never touches: Xen, the migration stream, the output buffer.
 pub mod backing;
+pub mod backup;
+pub mod barrier;
+pub mod cli;
+pub mod control;
+pub mod daemon;
 pub mod epochs;
+pub mod export;
 pub mod genl;
 pub mod journal;
 pub mod nbd;
+pub mod primary;
 pub mod sys;
 pub mod wire;
