@@ -25,7 +25,9 @@ use super::control::{
 };
 use super::epochs::{EpochError, Epochs};
 use super::export::{self, Export, ExportSpec};
-use super::journal::{self, ApplyObserver, EpochLog, Journal, JournalError, OpenEpoch, State};
+use super::journal::{
+    self, ApplyObserver, Closing, EpochLog, Journal, JournalError, OpenEpoch, State,
+};
 use super::primary::DiskTarget;
 use super::wire::{self, Kind, WireError};
 use crate::relay::Heartbeat;
@@ -91,6 +93,9 @@ pub struct Config {
     pub fault: Fault,
 }
 
+/// Writes one frame to the primary (shared by the session, syncer and heartbeat threads).
+type Sender = Arc<dyn Fn(Vec<u8>) -> Result<(), String> + Send + Sync>;
+
 struct Session {
     id: u64,
     peer: String,
@@ -112,7 +117,17 @@ struct Inner {
     export: Option<Export>,
     target: Option<Arc<DiskTarget>>,
     since: u64,
+    /// Highest epoch applied *and* fsync'ed on the backing (what the state file says).
+    flushed: u64,
+    /// Applied but not yet fsync'ed: their journal files stay until the flusher is done.
+    unflushed: Vec<EpochLog>,
+    unflushed_bytes: u64,
 }
+
+/// The backing is fsync'ed at most this often after commits (and the applied epochs'
+/// journal files recycled then), or sooner past [`FLUSH_BYTES`] of applied data.
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+const FLUSH_BYTES: u64 = 256 << 20;
 
 pub struct Backup {
     cfg: Config,
@@ -206,6 +221,7 @@ impl Backup {
             applied: state.applied,
             committed: state.committed.max(state.applied),
             durable: state.applied,
+            closed: state.applied,
             open: None,
             merged: state.merged.iter().copied().collect(),
         };
@@ -213,6 +229,7 @@ impl Backup {
         for e in complete {
             if e == epochs.durable + 1 {
                 epochs.durable = e;
+                epochs.closed = e;
             } else {
                 journal.drop_epoch(e);
             }
@@ -238,6 +255,9 @@ impl Backup {
                 export: None,
                 target: None,
                 since: now_unix(),
+                flushed: state.applied,
+                unflushed: Vec::new(),
+                unflushed_bytes: 0,
             }),
             changed: Condvar::new(),
             applying: Mutex::new(()),
@@ -256,8 +276,15 @@ impl Backup {
                 "replaying committed epochs from the journal (the last run stopped mid-apply)"
             );
             let _a = lock(&b.applying);
-            let r = b.apply_range(from, to)?;
+            let r = b.apply_range(from, to, true)?;
             lock(&b.inner).replayed = r.applied;
+        }
+        {
+            let b2 = b.clone();
+            std::thread::Builder::new()
+                .name("disk-flusher".into())
+                .spawn(move || b2.flusher())
+                .map_err(|e| BackupError::State(format!("starting the flusher: {e}")))?;
         }
         let exported = state.exported;
         {
@@ -285,13 +312,60 @@ impl Backup {
     }
 
     fn save(&self, i: &Inner) -> Result<(), JournalError> {
-        let st = State::from_epochs(
+        let mut st = State::from_epochs(
             &i.epochs,
             self.backing.size(),
             &i.session_hex,
             i.phase == Phase::Exported,
         );
+        // What is on the backing *durably*: a restart replays from there.
+        st.applied = i.flushed.min(st.applied);
         i.journal.save_state(&st)
+    }
+
+    /// Makes applied epochs durable on the backing in the background (commits only write
+    /// the page cache), then records it and recycles their journal files.
+    fn flusher(self: Arc<Self>) {
+        let mut last = Instant::now();
+        loop {
+            let to = {
+                let mut i = lock(&self.inner);
+                loop {
+                    let due = !i.unflushed.is_empty()
+                        && (i.unflushed_bytes >= FLUSH_BYTES || last.elapsed() >= FLUSH_EVERY);
+                    if due {
+                        break i.epochs.applied;
+                    }
+                    i = self
+                        .changed
+                        .wait_timeout(i, FLUSH_EVERY)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+            };
+            last = Instant::now();
+            if let Err(e) = self.backing.flush() {
+                let mut i = lock(&self.inner);
+                i.last_error = Some(format!("flushing the backing: {e}"));
+                tracing::error!(error = %e, "flushing the backing failed; the journal keeps the epochs");
+                continue;
+            }
+            let mut i = lock(&self.inner);
+            if i.epochs.applied >= to {
+                i.flushed = i.flushed.max(to);
+            }
+            let (done, keep): (Vec<EpochLog>, Vec<EpochLog>) = std::mem::take(&mut i.unflushed)
+                .into_iter()
+                .partition(|l| l.epoch <= i.flushed);
+            i.unflushed = keep;
+            i.unflushed_bytes = i.unflushed.iter().map(|l| l.bytes).sum();
+            if let Err(e) = self.save(&i) {
+                tracing::error!(error = %e, "recording the flushed epochs");
+                i.unflushed.extend(done);
+                continue;
+            }
+            i.journal.remove(&done);
+        }
     }
 
     /// Whether a new primary may start a session now; the reason if not.
@@ -357,11 +431,14 @@ impl Backup {
             .set_read_timeout(Some(hb.timeout))
             .map_err(|e| e.to_string())?;
         let writer = Arc::new(Mutex::new(stream.try_clone().map_err(|e| e.to_string())?));
-        let send = |bytes: Vec<u8>| -> Result<(), String> {
-            use std::io::Write;
-            lock(&writer)
-                .write_all(&bytes)
-                .map_err(|e| format!("writing to the primary: {e}"))
+        let send: Sender = {
+            let writer = writer.clone();
+            Arc::new(move |bytes: Vec<u8>| -> Result<(), String> {
+                use std::io::Write;
+                lock(&writer)
+                    .write_all(&bytes)
+                    .map_err(|e| format!("writing to the primary: {e}"))
+            })
         };
         let mut r =
             BufReader::with_capacity(1 << 20, stream.try_clone().map_err(|e| e.to_string())?);
@@ -451,14 +528,30 @@ impl Backup {
 
     /// The session's frame loop. Returns Ok on an orderly CLOSE.
     fn frames(
-        &self,
+        self: &Arc<Self>,
         r: &mut BufReader<TcpStream>,
-        send: &dyn Fn(Vec<u8>) -> Result<(), String>,
+        send: &Sender,
         id: u64,
     ) -> Result<(), String> {
         let budget = lock(&self.inner).journal.budget();
         let mut open: Option<OpenEpoch> = None;
         let mut in_sync = false;
+        // Epochs are fsync'ed in order by one thread, so reading the socket never waits
+        // for the disk (a full channel does make it wait: that is the backpressure).
+        let failed: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+        let (syncer, rx) = std::sync::mpsc::sync_channel::<Closing>(4);
+        let sync_thread = {
+            let (me, failed, send, stream) = (
+                self.clone(),
+                failed.clone(),
+                send.clone(),
+                r.get_ref().try_clone().map_err(|e| e.to_string())?,
+            );
+            std::thread::Builder::new()
+                .name("disk-syncer".into())
+                .spawn(move || me.sync_epochs(rx, id, &*send, &failed, &stream))
+                .map_err(|e| e.to_string())?
+        };
         let abandon = |open: &mut Option<OpenEpoch>| {
             if let Some(o) = open.take() {
                 o.abandon();
@@ -567,20 +660,11 @@ impl Backup {
                         Some(o) => o,
                         None => budget.begin(epoch).map_err(|e| e.to_string())?,
                     };
-                    let log = o.close(&h).map_err(|e| e.to_string())?;
-                    {
-                        let mut i = lock(&self.inner);
-                        if i.session.as_ref().map(|s| s.id) != Some(id) {
-                            // Ended (failover) while this epoch was being fsync'ed: it
-                            // must not join the held epochs.
-                            budget.discard(log);
-                            return Err("the session was ended here".into());
-                        }
-                        i.journal.insert(log);
-                        i.epochs.durable(epoch);
-                    }
-                    self.changed.notify_all();
-                    send(wire::encode(Kind::Durable, epoch, 0, &[]))
+                    let closing = o.finish(&h).map_err(|e| e.to_string())?;
+                    // The fsync runs on the syncer thread while the next epoch arrives.
+                    syncer
+                        .send(closing)
+                        .map_err(|_| "the journal syncer stopped".to_string())
                 })(),
                 Kind::Close => break Ok(()),
                 Kind::Abort => {
@@ -596,7 +680,57 @@ impl Backup {
             }
         };
         abandon(&mut open);
-        res
+        drop(syncer);
+        let _ = sync_thread.join();
+        // The syncer's own error is the real reason (it broke the connection to stop us).
+        match lock(&failed).take() {
+            Some(e) => Err(e),
+            None => res,
+        }
+    }
+
+    /// The syncer: fsyncs each closed epoch in order, makes it durable, answers DURABLE.
+    fn sync_epochs(
+        &self,
+        rx: std::sync::mpsc::Receiver<Closing>,
+        id: u64,
+        send: &(dyn Fn(Vec<u8>) -> Result<(), String> + Send + Sync),
+        failed: &Mutex<Option<String>>,
+        stream: &TcpStream,
+    ) {
+        let fail = |e: String| {
+            *lock(failed) = Some(e);
+            let _ = stream.shutdown(Shutdown::Both);
+        };
+        while let Ok(c) = rx.recv() {
+            if lock(failed).is_some() {
+                c.abandon();
+                continue;
+            }
+            let epoch = c.epoch();
+            let log = match c.sync() {
+                Ok(l) => l,
+                Err(e) => {
+                    fail(e.to_string());
+                    continue;
+                }
+            };
+            {
+                let mut i = lock(&self.inner);
+                if i.session.as_ref().map(|s| s.id) != Some(id) {
+                    // Ended (failover) while this epoch was being fsync'ed: it must not
+                    // join the held epochs.
+                    i.journal.budget().discard(log);
+                    continue;
+                }
+                i.journal.insert(log);
+                i.epochs.durable(epoch);
+            }
+            self.changed.notify_all();
+            if let Err(e) = send(wire::encode(Kind::Durable, epoch, 0, &[])) {
+                fail(e);
+            }
+        }
     }
 
     /// Ends the current session (failover): its thread stops at its next frame and
@@ -647,13 +781,9 @@ impl Backup {
     }
 
     /// Applies epochs `from..=to` (already recorded as committed). Call with `applying`.
-    fn apply_range(&self, from: u64, to: u64) -> Result<ApplyReport, BackupError> {
-        if from > to {
-            return Ok(ApplyReport {
-                epoch: to,
-                ..Default::default()
-            });
-        }
+    /// With `flush` the backing is fsync'ed and the state recorded before returning
+    /// (failover, replay); otherwise the flusher does that soon.
+    fn apply_range(&self, from: u64, to: u64, flush: bool) -> Result<ApplyReport, BackupError> {
         let logs = lock(&self.inner).journal.take(from, to)?;
         let t = Instant::now();
         let obs = Observer { b: self };
@@ -662,7 +792,10 @@ impl Backup {
             for l in &logs {
                 bytes += journal::apply(l, &self.backing, &obs)?;
             }
-            self.backing.flush().map_err(BackupError::Flush)
+            if flush {
+                self.backing.flush().map_err(BackupError::Flush)?;
+            }
+            Ok(())
         })();
         let mut i = lock(&self.inner);
         if let Err(e) = res {
@@ -672,14 +805,28 @@ impl Backup {
             tracing::error!(error = %e, from, to, "applying epochs failed; they stay in the journal");
             return Err(e);
         }
-        i.epochs.applied(to);
+        if to > i.epochs.applied {
+            i.epochs.applied(to);
+        }
         i.applied_bytes_total += bytes;
         i.apply_secs_total += t.elapsed().as_secs_f64();
-        self.save(&i)?;
-        i.journal.remove(&logs);
+        let applied: Vec<u64> = logs.iter().map(|l: &EpochLog| l.epoch).collect();
+        if flush {
+            i.flushed = i.epochs.applied;
+            let mut done = std::mem::take(&mut i.unflushed);
+            i.unflushed_bytes = 0;
+            done.extend(logs);
+            self.save(&i)?;
+            i.journal.remove(&done);
+        } else {
+            i.unflushed_bytes += logs.iter().map(|l| l.bytes).sum::<u64>();
+            i.unflushed.extend(logs);
+            drop(i);
+            self.changed.notify_all();
+        }
         Ok(ApplyReport {
             epoch: to,
-            applied: logs.iter().map(|l: &EpochLog| l.epoch).collect(),
+            applied,
             bytes,
         })
     }
@@ -706,7 +853,7 @@ impl Backup {
             self.save(&i)?;
             plan
         };
-        self.apply_range(plan.from, plan.to)
+        self.apply_range(plan.from, plan.to, false)
     }
 
     /// failover(N): end the session, apply <= N, discard the rest, then export the disk.
@@ -724,7 +871,7 @@ impl Backup {
             self.save(&i)?;
             plan
         };
-        let r = self.apply_range(plan.from, plan.to)?;
+        let r = self.apply_range(plan.from, plan.to, true)?;
         let discarded = {
             let mut i = lock(&self.inner);
             let mut gone = i.journal.discard_above(n);
@@ -779,6 +926,10 @@ impl Backup {
             }
         }
         let gone = i.journal.discard_above(0);
+        let stale = std::mem::take(&mut i.unflushed);
+        i.journal.remove(&stale);
+        i.unflushed_bytes = 0;
+        i.flushed = 0;
         i.epochs.reset();
         i.phase = Phase::Waiting;
         self.save(&i)?;
@@ -815,6 +966,7 @@ impl Backup {
             peer: i.session.as_ref().map(|s| s.peer.clone()),
             in_sync: Some(i.epochs.in_sync),
             applied: Some(i.epochs.applied),
+            flushed: Some(i.flushed),
             committed: Some(i.epochs.committed),
             durable: Some(i.epochs.durable),
             open: i.epochs.open,

@@ -184,6 +184,8 @@ pub struct DiskStatus {
     pub listen: Option<String>,
     pub peer: Option<String>,
     pub applied: Option<u64>,
+    /// Applied and fsync'ed on the backing (a restart replays the journal from here).
+    pub flushed: Option<u64>,
     pub committed: Option<u64>,
     pub durable: Option<u64>,
     pub open: Option<u64>,

@@ -49,6 +49,8 @@ pub struct Epochs {
     pub committed: u64,
     /// Highest epoch complete and fsync'ed in the journal (>= committed).
     pub durable: u64,
+    /// Highest epoch whose CUT arrived (>= durable: its fsync may still be running).
+    pub closed: u64,
     /// The epoch being received, if any of its frames arrived.
     pub open: Option<u64>,
     /// Checkpoints that are not failover points (not yet committed).
@@ -77,6 +79,7 @@ impl Epochs {
             applied: base,
             committed: base,
             durable: base,
+            closed: base,
             open: None,
             merged: BTreeSet::new(),
         };
@@ -88,7 +91,7 @@ impl Epochs {
     }
 
     fn expected(&self) -> u64 {
-        self.open.unwrap_or(self.durable + 1)
+        self.open.unwrap_or(self.closed.max(self.durable) + 1)
     }
 
     /// A WRITE or ZERO of epoch `e` arrived.
@@ -102,27 +105,31 @@ impl Epochs {
     }
 
     /// CUT(e) arrived: it must close the open epoch (or an empty one right after the
-    /// last durable). The caller makes it durable, then calls [`Epochs::durable`].
-    pub fn cut(&self, e: u64) -> Result<(), EpochError> {
+    /// last closed one). The caller makes it durable, then calls [`Epochs::durable`].
+    pub fn cut(&mut self, e: u64) -> Result<(), EpochError> {
         let expected = self.expected();
         if e != expected {
             return Err(EpochError::OutOfOrder { got: e, expected });
         }
+        self.closed = e;
+        self.open = None;
         Ok(())
     }
 
     /// Epoch `e` is fsync'ed in the journal.
     pub fn durable(&mut self, e: u64) {
         self.durable = self.durable.max(e);
-        self.open = None;
+        self.closed = self.closed.max(e);
     }
 
     pub fn is_durable(&self, e: u64) -> bool {
         e <= self.durable
     }
 
-    /// The session ended: the open epoch is incomplete and is dropped.
+    /// The session ended: the open epoch is incomplete and is dropped, and so is any
+    /// closed one whose fsync did not finish.
     pub fn drop_open(&mut self) -> Option<u64> {
+        self.closed = self.durable;
         self.open.take()
     }
 
@@ -210,6 +217,7 @@ impl Epochs {
     /// Everything above `e` is dropped (failover).
     pub fn discard_above(&mut self, e: u64) {
         self.durable = self.durable.min(e);
+        self.closed = self.closed.min(e);
         self.open = None;
         self.merged = self.merged.range(..=e).copied().collect();
     }
@@ -238,7 +246,11 @@ mod tests {
             })
         );
         e.cut(1).unwrap();
+        // The next epoch may arrive while epoch 1's fsync runs.
+        e.write(2).unwrap();
+        assert!(!e.is_durable(1));
         e.durable(1);
+        assert_eq!(e.drop_open(), Some(2));
         // An empty epoch: a cut with no writes.
         assert_eq!(
             e.cut(3),

@@ -16,11 +16,11 @@
 //!   each record overwrites its whole range, so a replay of any prefix ends the same.
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufWriter, IoSlice, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use zerocopy::IntoBytes;
 
@@ -124,7 +124,14 @@ pub struct Budget {
     ram_cap: u64,
     held: Arc<AtomicU64>,
     ram: Arc<AtomicU64>,
+    /// Applied epoch files kept for reuse: overwriting a file whose pages (and blocks) are
+    /// already there costs a copy, a fresh file costs page and block allocation too.
+    spares: Arc<Mutex<Vec<PathBuf>>>,
+    spare_seq: Arc<AtomicU64>,
 }
+
+/// At most this many applied epoch files are kept for reuse.
+const MAX_SPARES: usize = 16;
 
 /// The epoch being received: owned by the session thread (no lock while it writes and
 /// fsyncs); handed to the [`Journal`] when complete.
@@ -133,6 +140,36 @@ pub struct OpenEpoch {
     log: EpochLog,
     writer: BufWriter<File>,
     budget: Budget,
+}
+
+/// An epoch whose CUT is written but not yet fsync'ed.
+#[derive(Debug)]
+pub struct Closing {
+    log: EpochLog,
+    file: File,
+    budget: Budget,
+}
+
+impl Closing {
+    pub fn epoch(&self) -> u64 {
+        self.log.epoch
+    }
+
+    /// fsync of the file, then of the directory (a new or renamed file's name must
+    /// survive too): the epoch is durable when this returns.
+    pub fn sync(self) -> Result<EpochLog, JournalError> {
+        self.file
+            .sync_data()
+            .map_err(jerr(&self.log.path, "fsync"))?;
+        sync_dir(&self.budget.dir)?;
+        Ok(self.log)
+    }
+
+    /// The session ended before the fsync: the epoch is dropped.
+    pub fn abandon(self) {
+        self.budget.forget(&self.log);
+        let _ = std::fs::remove_file(&self.log.path);
+    }
 }
 
 /// The complete, held epochs (shared: the session adds, commits and failovers take).
@@ -204,16 +241,27 @@ impl Budget {
         self.ram.load(Ordering::Relaxed)
     }
 
-    /// Creates epoch `epoch`'s file (a stale one of that number is overwritten).
+    /// Creates epoch `epoch`'s file, reusing a spare one if there is one. A reused file
+    /// keeps its old tail: it holds frames of earlier epochs of this session (spares are
+    /// deleted when a session starts), so a scan stops there (wrong epoch) unless this
+    /// epoch's CUT came first.
     pub fn begin(&self, epoch: u64) -> Result<OpenEpoch, JournalError> {
         let path = epoch_path(&self.dir, epoch);
-        let f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(jerr(&path, "creating an epoch file"))?;
+        let spare = self.spares.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let reused = spare.and_then(|sp| {
+            std::fs::rename(&sp, &path).ok()?;
+            OpenOptions::new().write(true).open(&path).ok()
+        });
+        let f = match reused {
+            Some(f) => f,
+            None => OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(jerr(&path, "creating an epoch file"))?,
+        };
         Ok(OpenEpoch {
             log: EpochLog {
                 epoch,
@@ -257,10 +305,23 @@ impl OpenEpoch {
             _ => payload.len() as u64,
         };
         let path = &self.log.path;
-        self.writer
-            .write_all(h.as_bytes())
-            .and_then(|_| self.writer.write_all(&payload))
-            .map_err(jerr(path, "appending"))?;
+        if payload.len() >= 64 << 10 {
+            // Large: one writev of header and data, no copy through the buffer.
+            self.writer
+                .flush()
+                .and_then(|_| {
+                    crate::disk::nbd::server::write_all_vectored(
+                        self.writer.get_mut(),
+                        &mut [IoSlice::new(h.as_bytes()), IoSlice::new(&payload)],
+                    )
+                })
+                .map_err(jerr(path, "appending"))?;
+        } else {
+            self.writer
+                .write_all(h.as_bytes())
+                .and_then(|_| self.writer.write_all(&payload))
+                .map_err(jerr(path, "appending"))?;
+        }
         let pos = self.log.bytes;
         self.log.bytes += flen;
         b.held.fetch_add(flen, Ordering::Relaxed);
@@ -279,6 +340,12 @@ impl OpenEpoch {
 
     /// Appends the CUT frame and makes the epoch durable (file and directory fsync'ed).
     pub fn close(self, h: &Header) -> Result<EpochLog, JournalError> {
+        self.finish(h)?.sync()
+    }
+
+    /// Appends the CUT frame and hands the file over for its fsync ([`Closing::sync`]),
+    /// so the next epoch can be written meanwhile.
+    pub fn finish(self, h: &Header) -> Result<Closing, JournalError> {
         let OpenEpoch {
             mut log,
             mut writer,
@@ -287,14 +354,12 @@ impl OpenEpoch {
         writer
             .write_all(h.as_bytes())
             .map_err(jerr(&log.path, "appending the cut"))?;
-        let f = writer
+        let file = writer
             .into_inner()
             .map_err(|e| jerr(&log.path, "flushing")(e.into_error()))?;
-        f.sync_data().map_err(jerr(&log.path, "fsync"))?;
         log.bytes += HEADER_LEN as u64;
         budget.held.fetch_add(HEADER_LEN as u64, Ordering::Relaxed);
-        sync_dir(&budget.dir)?;
-        Ok(log)
+        Ok(Closing { log, file, budget })
     }
 
     /// The session ended before the CUT: the epoch is dropped.
@@ -305,6 +370,30 @@ impl OpenEpoch {
 }
 
 impl Budget {
+    /// Keeps an applied epoch's file for reuse (or deletes it past the pool's size).
+    fn recycle(&self, log: &EpochLog) {
+        self.forget(log);
+        let mut sp = self.spares.lock().unwrap_or_else(|p| p.into_inner());
+        if sp.len() < MAX_SPARES {
+            let n = self.spare_seq.fetch_add(1, Ordering::Relaxed);
+            let to = self.dir.join(format!("spare-{n}.rdj"));
+            if std::fs::rename(&log.path, &to).is_ok() {
+                sp.push(to);
+                return;
+            }
+        }
+        let _ = std::fs::remove_file(&log.path);
+    }
+
+    /// Deletes the spare files (a new session must never reuse a file holding frames of
+    /// an earlier session, whose epoch numbers could repeat).
+    fn clear_spares(&self) {
+        let mut sp = self.spares.lock().unwrap_or_else(|p| p.into_inner());
+        for p in sp.drain(..) {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+
     /// Deletes a complete epoch that must not be kept (its session was ended meanwhile).
     pub fn discard(&self, log: EpochLog) {
         self.forget(&log);
@@ -355,6 +444,8 @@ impl Journal {
                     ram_cap,
                     held: Arc::new(AtomicU64::new(0)),
                     ram: Arc::new(AtomicU64::new(0)),
+                    spares: Arc::new(Mutex::new(Vec::new())),
+                    spare_seq: Arc::new(AtomicU64::new(0)),
                 },
                 logs: BTreeMap::new(),
             },
@@ -403,13 +494,15 @@ impl Journal {
     pub fn recover(&mut self, applied: u64) -> Result<Vec<u64>, JournalError> {
         let dir = self.budget.dir.clone();
         let rd = std::fs::read_dir(&dir).map_err(jerr(&dir, "listing"))?;
-        let mut found: Vec<(u64, PathBuf)> = rd
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                let n = parse_epoch_name(&e.file_name().to_string_lossy())?;
-                Some((n, e.path()))
-            })
-            .collect();
+        let mut found: Vec<(u64, PathBuf)> = Vec::new();
+        for e in rd.filter_map(|e| e.ok()) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(n) = parse_epoch_name(&name) {
+                found.push((n, e.path()));
+            } else if name.starts_with("spare-") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
         found.sort();
         let mut complete = Vec::new();
         for (epoch, path) in found {
@@ -463,19 +556,22 @@ impl Journal {
         }
     }
 
-    /// Deletes applied epochs' files and forgets them.
+    /// Forgets applied (and flushed) epochs; their files are kept for reuse.
     pub fn remove(&mut self, logs: &[EpochLog]) {
         for l in logs {
-            self.budget.forget(l);
-            let _ = std::fs::remove_file(&l.path);
+            self.budget.recycle(l);
         }
     }
 
-    /// Deletes every held epoch above `e` (0: all of them).
+    /// Deletes every held epoch above `e`; with 0, all of them and the spare files (a
+    /// new session starts).
     pub fn discard_above(&mut self, e: u64) -> Vec<u64> {
         let gone: Vec<u64> = self.logs.range(e + 1..).map(|(k, _)| *k).collect();
         for k in &gone {
             self.drop_epoch(*k);
+        }
+        if e == 0 {
+            self.budget.clear_spares();
         }
         gone
     }
@@ -507,12 +603,13 @@ fn scan(epoch: u64, path: &Path) -> Option<EpochLog> {
                 pos,
                 data: None,
             }),
-            Kind::Cut if pos + flen == len => {
+            // A reused file may go on with an older epoch's frames: this CUT ends it.
+            Kind::Cut => {
                 return Some(EpochLog {
                     epoch,
                     path: path.to_path_buf(),
                     records,
-                    bytes: len,
+                    bytes: pos + flen,
                     ram: 0,
                 });
             }
@@ -723,6 +820,50 @@ mod tests {
         let (_, back) = Journal::open(&jd, 1 << 30, 0).unwrap();
         assert_eq!(back, s);
         assert!(!jd.join("state.json.tmp").exists());
+    }
+
+    #[test]
+    fn a_reused_file_is_complete_only_up_to_its_own_cut() {
+        let d = tempfile::tempdir().unwrap();
+        let jd = d.path().join("j");
+        let (mut j, _) = Journal::open(&jd, 1 << 30, 0).unwrap();
+        let mut o = j.budget().begin(1).unwrap();
+        write(&mut o, 0, 1, 64 << 10);
+        write(&mut o, 0, 1, 64 << 10);
+        cut(&mut j, o);
+        let logs = j.take(1, 1).unwrap();
+        j.remove(&logs);
+        // Epoch 2 reuses epoch 1's file: shorter, so epoch 1's frames follow its CUT.
+        let mut o = j.budget().begin(2).unwrap();
+        write(&mut o, 512, 2, 4096);
+        cut(&mut j, o);
+        let mut o = j.budget().begin(3).unwrap();
+        write(&mut o, 1024, 3, 4096); // a fresh file; never cut
+        drop(o);
+        drop(j);
+        let (mut j, _) = Journal::open(&jd, 1 << 30, 0).unwrap();
+        assert_eq!(j.recover(0).unwrap(), vec![2]);
+        let logs = j.take(2, 2).unwrap();
+        assert_eq!(
+            logs[0].records.len(),
+            1,
+            "the stale tail is not part of epoch 2"
+        );
+
+        // A torn reuse (no CUT yet) is incomplete: the stale frames carry another epoch.
+        let (mut j, _) = Journal::open(&d.path().join("k"), 1 << 30, 0).unwrap();
+        let mut o = j.budget().begin(5).unwrap();
+        write(&mut o, 0, 5, 64 << 10);
+        cut(&mut j, o);
+        let logs = j.take(5, 5).unwrap();
+        j.remove(&logs);
+        let mut o = j.budget().begin(6).unwrap();
+        write(&mut o, 0, 6, 4096);
+        o.writer.flush().unwrap();
+        std::mem::forget(o);
+        drop(j);
+        let (mut j, _) = Journal::open(&d.path().join("k"), 1 << 30, 0).unwrap();
+        assert_eq!(j.recover(0).unwrap(), Vec::<u64>::new());
     }
 
     #[test]

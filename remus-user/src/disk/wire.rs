@@ -295,6 +295,17 @@ pub fn finish(h: &Header, payload: Vec<u8>) -> Result<Frame, WireError> {
     })
 }
 
+/// Reads exactly `len` bytes into a new vector (without zero-filling it first: payloads
+/// are up to 32 MiB and arrive at memory speed).
+pub fn read_exactly<R: Read>(r: &mut R, len: usize) -> io::Result<Vec<u8>> {
+    let mut v = Vec::with_capacity(len);
+    r.take(len as u64).read_to_end(&mut v)?;
+    if v.len() != len {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(v)
+}
+
 /// Reads one frame, CRC-checked, with its header as received (the backup journals both
 /// verbatim). A clean EOF before the first header byte is [`WireError::Closed`].
 pub fn read_raw<R: Read>(r: &mut R) -> Result<(Header, Vec<u8>), WireError> {
@@ -310,8 +321,7 @@ pub fn read_raw<R: Read>(r: &mut R) -> Result<(Header, Vec<u8>), WireError> {
         }
     }
     let h = check_header(&hb)?;
-    let mut payload = vec![0u8; h.len.get() as usize];
-    r.read_exact(&mut payload)?;
+    let payload = read_exactly(r, h.len.get() as usize)?;
     if crc(&h, &payload) != h.crc.get() {
         return Err(WireError::Crc(Kind::from_wire(h.kind.get())));
     }

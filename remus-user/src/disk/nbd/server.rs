@@ -127,8 +127,7 @@ pub fn serve<R: Read, W: Write>(mut r: R, mut w: W, t: &dyn Target) -> Result<En
                     reply(&mut w, EINVAL, cookie)?;
                     continue;
                 }
-                let mut data = vec![0u8; len as usize];
-                r.read_exact(&mut data)?;
+                let data = crate::disk::wire::read_exactly(&mut r, len as usize)?;
                 if !inside {
                     reply(&mut w, ENOSPC, cookie)?;
                     continue;
