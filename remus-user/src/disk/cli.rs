@@ -56,6 +56,8 @@ pub enum DiskCmd {
     Discard(Which),
     /// State of the disk daemons on this host.
     Status(StatusArgs),
+    /// Print the kernel device a daemon serves, waiting for it (the hotplug script's query).
+    Device(WaitArgs),
 }
 
 /// Which daemon: by name, by socket, or the only one running.
@@ -74,7 +76,7 @@ pub struct WaitArgs {
     #[command(flatten)]
     which: Which,
     /// Give up after this long (exit 1).
-    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "3600s", value_parser = parse_duration)]
     timeout: Duration,
 }
 
@@ -435,6 +437,41 @@ async fn run_inner(cmd: DiskCmd) -> Result<ExitCode, ExitCode> {
             ask(&w, Request::Discard).await?;
             Ok(ExitCode::Ok)
         }
+        DiskCmd::Device(a) => device(a).await,
+    }
+}
+
+/// Waits until the daemon serves a kernel device (a primary does from its start; a
+/// backup only after `failover`), then prints it.
+async fn device(a: WaitArgs) -> Result<ExitCode, ExitCode> {
+    let sock = resolve_socket(a.which.name.as_deref(), a.which.socket.as_deref()).map_err(|e| {
+        eprintln!("remus disk: {e}");
+        ExitCode::Failure
+    })?;
+    let t = std::time::Instant::now();
+    let mut last = String::from("not running");
+    loop {
+        if let Ok(mut c) = Client::connect(&sock).await {
+            match c.status().await {
+                Ok(s) => {
+                    if let Some(d) = s.device.as_deref().filter(|d| d.starts_with("/dev/")) {
+                        println!("{d}");
+                        return Ok(ExitCode::Ok);
+                    }
+                    last = format!("{} ({})", s.state, s.role);
+                }
+                Err(e) => last = e.to_string(),
+            }
+        }
+        if t.elapsed() >= a.timeout {
+            eprintln!(
+                "remus disk: {} serves no kernel device after {:?}: {last}",
+                sock.display(),
+                a.timeout
+            );
+            return Err(ExitCode::Failure);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -549,6 +586,72 @@ fn render(s: &control::DiskStatus) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Defaults are parsed at run time: a bad one only shows when the flag is omitted
+    /// (`wait-sync`'s "1h" did: the duration parser knows ms/us/s only).
+    #[test]
+    fn every_command_parses_with_its_defaults() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct T {
+            #[command(subcommand)]
+            c: DiskCmd,
+        }
+        for args in [
+            &["t", "wait-sync"][..],
+            &["t", "device", "--name", "x"],
+            &["t", "durable", "3"],
+            &["t", "cut"],
+            &["t", "status", "-j"],
+            &["t", "serve", "--backing", "f", "--device", "/dev/nbd0"],
+            &[
+                "t",
+                "serve",
+                "--backing",
+                "f",
+                "--export",
+                "unix:/x",
+                "--backup",
+                "h:1",
+                "--key-file",
+                "k",
+            ],
+            &[
+                "t",
+                "receive",
+                "--listen",
+                "0.0.0.0:1",
+                "--backing",
+                "f",
+                "--journal",
+                "j",
+                "--key-file",
+                "k",
+            ],
+        ] {
+            if let Err(e) = T::try_parse_from(args) {
+                panic!("{args:?}: {e}");
+            }
+        }
+        assert!(
+            T::try_parse_from(["t", "serve", "--backing", "f"]).is_err(),
+            "a device is required"
+        );
+        assert!(
+            T::try_parse_from([
+                "t",
+                "serve",
+                "--backing",
+                "f",
+                "--export",
+                "unix:/x",
+                "--backup",
+                "h:1"
+            ])
+            .is_err(),
+            "--backup needs --key-file"
+        );
+    }
 
     #[test]
     fn sizes_parse() {
