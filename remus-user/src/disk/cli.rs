@@ -58,6 +58,16 @@ pub enum DiskCmd {
     Status(StatusArgs),
     /// Print the kernel device a daemon serves, waiting for it (the hotplug script's query).
     Device(WaitArgs),
+    /// Release a kernel NBD device a stopped daemon left configured (its users get I/O
+    /// errors from then on).
+    Release(ReleaseArgs),
+}
+
+#[derive(Args)]
+pub struct ReleaseArgs {
+    /// The device, /dev/nbdN.
+    #[arg(long, value_name = "/dev/nbdN")]
+    device: String,
 }
 
 /// Which daemon: by name, by socket, or the only one running.
@@ -438,6 +448,27 @@ async fn run_inner(cmd: DiskCmd) -> Result<ExitCode, ExitCode> {
             Ok(ExitCode::Ok)
         }
         DiskCmd::Device(a) => device(a).await,
+        DiskCmd::Release(a) => {
+            let index = parse_device(&a.device)
+                .ok_or_else(|| usage(format!("--device {}: expected /dev/nbdN", a.device)))?;
+            if let super::genl::DeviceState::Served { pid } = super::genl::device_state(index) {
+                eprintln!(
+                    "remus disk: {} is served by process {pid}: stop it first",
+                    a.device
+                );
+                return Err(ExitCode::Failure);
+            }
+            super::genl::disconnect(index).map_err(|e| {
+                eprintln!("remus disk: {e}");
+                match e {
+                    super::genl::GenlError::NoNbd { .. } | super::genl::GenlError::NotPermitted => {
+                        ExitCode::Unsupported
+                    }
+                    _ => ExitCode::Failure,
+                }
+            })?;
+            Ok(ExitCode::Ok)
+        }
     }
 }
 
@@ -603,6 +634,7 @@ mod tests {
             &["t", "durable", "3"],
             &["t", "cut"],
             &["t", "status", "-j"],
+            &["t", "release", "--device", "/dev/nbd3"],
             &["t", "serve", "--backing", "f", "--device", "/dev/nbd0"],
             &[
                 "t",
