@@ -198,6 +198,9 @@ fn root_disk_merged_checkpoint_is_not_a_failover_point() {
     assert_eq!(v["kind"], "merged", "{v}");
     let v = b.request(json!({"op": "failover", "epoch": 2}));
     assert_eq!(v["kind"], "merged", "{v}");
+    // A refused failover leaves the session alone: the primary keeps its backup.
+    assert_eq!(b.status()["state"], "replicating");
+    assert_eq!(p.status()["state"], "protected");
     // The CLI says the same with exit 2 (wrong state).
     let sock = b.sock.display().to_string();
     let o = cli(&["commit", "2", "--socket", &sock]);

@@ -859,8 +859,14 @@ impl Backup {
     /// failover(N): end the session, apply <= N, discard the rest, then export the disk.
     pub fn failover(&self, n: u64) -> Result<FailoverReport, BackupError> {
         let _a = lock(&self.applying);
-        if lock(&self.inner).phase == Phase::Exported {
-            return Err(BackupError::State("this backup already failed over".into()));
+        {
+            // Refuse before touching the session: a refused failover must not cost the
+            // primary its backup.
+            let i = lock(&self.inner);
+            if i.phase == Phase::Exported {
+                return Err(BackupError::State("this backup already failed over".into()));
+            }
+            i.epochs.plan_failover(n)?;
         }
         let open = self.end_session();
         let plan = {
