@@ -719,3 +719,135 @@ impl Target for DiskTarget {
         self.zero_like(offset, len, fua, false, may_punch)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    fn hb() -> Heartbeat {
+        Heartbeat::new(Duration::from_millis(100), Duration::from_secs(5)).unwrap()
+    }
+
+    /// A primary target on a temp file, replicating to a socket the test plays the
+    /// backup on (a fake backup, named so: it only reads frames and answers SYNCED).
+    fn setup(size: u64, cap: usize) -> (tempfile::TempDir, Arc<DiskTarget>, TcpStream) {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("p.img");
+        std::fs::File::create(&p).unwrap().set_len(size).unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        let r = Replicator::new(c, "fake".into(), hb(), cap);
+        r.start().unwrap();
+        let t = DiskTarget::new(Arc::new(Backing::open(&p).unwrap()), Some(r));
+        (d, t, b)
+    }
+
+    /// Reads frames until SYNC_DONE, answers SYNCED; returns the frames read.
+    fn sync(b: &mut TcpStream) -> Vec<wire::Frame> {
+        let mut got = Vec::new();
+        loop {
+            let f = wire::read_frame(b).unwrap();
+            let done = f.kind == Kind::SyncDone;
+            got.push(f);
+            if done {
+                b.write_all(&wire::encode(Kind::Synced, 0, 0, &[])).unwrap();
+                return got;
+            }
+        }
+    }
+
+    #[test]
+    fn the_stream_carries_writes_in_local_order_between_cuts() {
+        let (_d, t, mut b) = setup(1 << 20, 8 << 20);
+        assert!(matches!(t.cut(), Err(CutError::NotInSync { .. })));
+        t.start_sync().unwrap();
+        sync(&mut b);
+        let r = t.replicator().unwrap().clone();
+        assert!(r.wait_sync(Duration::from_secs(10)).unwrap());
+        // Two writers on overlapping ranges, cuts in between.
+        let threads: Vec<_> = (0..2u8)
+            .map(|k| {
+                let t = t.clone();
+                std::thread::spawn(move || {
+                    for i in 0..50u64 {
+                        t.write(vec![k * 100 + (i % 100) as u8; 4096], (i % 8) * 2048, false)
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        let mut cuts = Vec::new();
+        for _ in 0..3 {
+            cuts.push(t.cut().unwrap());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        for th in threads {
+            th.join().unwrap();
+        }
+        cuts.push(t.cut().unwrap());
+        assert_eq!(cuts, vec![1, 2, 3, 4]);
+        // Replaying the stream gives the primary's image, and every write sits in the
+        // epoch of the cut that follows it.
+        let mut img = vec![0u8; 1 << 20];
+        let mut epoch = 1;
+        loop {
+            let f = wire::read_frame(&mut b).unwrap();
+            match f.kind {
+                Kind::Write => {
+                    assert_eq!(f.epoch, epoch);
+                    img[f.offset as usize..f.offset as usize + f.payload.len()]
+                        .copy_from_slice(&f.payload);
+                }
+                Kind::Cut => {
+                    assert_eq!(f.epoch, epoch);
+                    if epoch == 4 {
+                        break;
+                    }
+                    epoch += 1;
+                }
+                Kind::Heartbeat => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        let mut local = vec![0u8; 1 << 20];
+        t.backing().read_at(&mut local, 0).unwrap();
+        assert!(img == local, "the stream replays to the local image");
+    }
+
+    #[test]
+    fn a_full_queue_holds_writers_until_the_backup_is_lost() {
+        let (_d, t, mut b) = setup(64 << 20, 1 << 20);
+        t.start_sync().unwrap();
+        sync(&mut b);
+        let r = t.replicator().unwrap().clone();
+        r.wait_sync(Duration::from_secs(10)).unwrap();
+        // The fake backup stops reading: socket buffers fill, then the 1 MiB queue.
+        let writer = {
+            let t = t.clone();
+            std::thread::spawn(move || {
+                for i in 0..256u64 {
+                    t.write(vec![7u8; 1 << 20], (i % 64) << 20, false).unwrap();
+                }
+            })
+        };
+        let t0 = Instant::now();
+        while r.counters.backpressure_waits.load(Ordering::Relaxed) == 0
+            && t0.elapsed() < Duration::from_secs(60)
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!writer.is_finished(), "writes wait for queue space");
+        assert!(
+            r.queued_bytes() <= 2 << 20,
+            "the cap holds: {}",
+            r.queued_bytes()
+        );
+        r.lose("test: backup gone".into());
+        writer.join().unwrap();
+        assert!(matches!(t.cut(), Err(CutError::Lost(_))));
+        assert_eq!(r.queued_bytes(), 0, "the queue is released");
+        drop(b);
+    }
+}
