@@ -40,6 +40,11 @@ pub const SYNC_CHUNK: usize = 1 << 20;
 const MAX_BATCH_BYTES: usize = 8 << 20;
 /// iovecs per writev (IOV_MAX is 1024).
 const MAX_IOV: usize = 512;
+/// Small writes are gathered for up to this long before being sent (a guest's 4 KiB
+/// writes would otherwise cost a wake-up and a send each). The guest never waits for
+/// it; a CUT is sent at once.
+const LINGER: Duration = Duration::from_micros(250);
+const LINGER_BYTES: usize = 256 << 10;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CutError {
@@ -68,6 +73,10 @@ struct Queue {
     items: VecDeque<Item>,
     bytes: usize,
     lost: Option<String>,
+    /// A CUT or SYNC_DONE is queued: send without lingering.
+    urgent: bool,
+    /// The sender is lingering for more small writes (pushes need not wake it).
+    lingering: bool,
 }
 
 /// What the backup told us.
@@ -118,6 +127,8 @@ impl Replicator {
                 items: VecDeque::new(),
                 bytes: 0,
                 lost: None,
+                urgent: false,
+                lingering: false,
             }),
             more: Condvar::new(),
             space: Condvar::new(),
@@ -160,7 +171,13 @@ impl Replicator {
             return;
         }
         q.bytes += data.len();
-        let wake = q.items.is_empty();
+        let urgent = matches!(kind, Kind::Cut | Kind::SyncDone);
+        q.urgent |= urgent;
+        let wake = if q.lingering {
+            urgent || q.bytes >= LINGER_BYTES
+        } else {
+            q.items.is_empty()
+        };
         q.items.push_back(Item {
             kind,
             epoch,
@@ -303,6 +320,23 @@ impl Replicator {
                         break;
                     }
                 }
+                // Linger briefly while only a few small writes are queued.
+                if !q.items.is_empty() && !q.urgent && q.bytes < LINGER_BYTES {
+                    let until = Instant::now() + LINGER;
+                    q.lingering = true;
+                    while q.lost.is_none() && !q.urgent && q.bytes < LINGER_BYTES {
+                        let now = Instant::now();
+                        if now >= until {
+                            break;
+                        }
+                        q = self
+                            .more
+                            .wait_timeout(q, until - now)
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0;
+                    }
+                    q.lingering = false;
+                }
                 let mut out = Vec::new();
                 let mut bytes = 0usize;
                 while let Some(it) = q.items.pop_front() {
@@ -312,6 +346,10 @@ impl Replicator {
                         break;
                     }
                 }
+                q.urgent = q
+                    .items
+                    .iter()
+                    .any(|i| matches!(i.kind, Kind::Cut | Kind::SyncDone));
                 out
             };
             if batch.is_empty() {
