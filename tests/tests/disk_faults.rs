@@ -367,47 +367,25 @@ fn root_disk_bad_input_gets_clear_errors_and_exit_codes() {
     };
     let p = p_img.display().to_string();
     let k = key.display().to_string();
+    // `serve --backing BACKING --export EX` and more.
+    let serve = |backing: &str, more: &[&str]| {
+        let mut v = vec!["serve", "--backing", backing];
+        if !more
+            .iter()
+            .any(|m| *m == "--device" || m.starts_with("--export"))
+        {
+            v.extend(["--export", ex.as_str()]);
+        }
+        v.extend_from_slice(more);
+        code(&v)
+    };
     // Usage (2): unknown or wrong-kind backing, malformed addresses and exports, bad key.
+    assert_eq!(serve("/nonexistent/disk.img", &[]), Some(2));
+    assert_eq!(serve(&dir.path().display().to_string(), &[]), Some(2));
+    assert_eq!(serve(&p, &["--export", "tcp:1.2.3.4"]), Some(2));
+    assert_eq!(serve(&p, &["--device", "/dev/sda"]), Some(2));
     assert_eq!(
-        code(&[
-            "serve",
-            "--backing",
-            "/nonexistent/disk.img",
-            "--export",
-            &ex
-        ]),
-        Some(2)
-    );
-    assert_eq!(
-        code(&[
-            "serve",
-            "--backing",
-            &dir.path().display().to_string(),
-            "--export",
-            &ex
-        ]),
-        Some(2)
-    );
-    assert_eq!(
-        code(&["serve", "--backing", &p, "--export", "tcp:1.2.3.4"]),
-        Some(2)
-    );
-    assert_eq!(
-        code(&["serve", "--backing", &p, "--device", "/dev/sda"]),
-        Some(2)
-    );
-    assert_eq!(
-        code(&[
-            "serve",
-            "--backing",
-            &p,
-            "--export",
-            &ex,
-            "--backup",
-            "nohost",
-            "--key-file",
-            &k
-        ]),
+        serve(&p, &["--backup", "nohost", "--key-file", &k]),
         Some(2)
     );
     assert_eq!(
@@ -427,45 +405,31 @@ fn root_disk_bad_input_gets_clear_errors_and_exit_codes() {
     let loose = dir.path().join("loose.key");
     std::fs::write(&loose, "0123456789abcdef").unwrap();
     std::fs::set_permissions(&loose, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let loose = loose.display().to_string();
     assert_eq!(
-        code(&[
-            "serve",
-            "--backing",
-            &p,
-            "--export",
-            &ex,
-            "--backup",
-            "127.0.0.1:9",
-            "--key-file",
-            &loose.display().to_string()
-        ]),
+        serve(&p, &["--backup", "127.0.0.1:9", "--key-file", &loose]),
         Some(2)
     );
     // Peer lost (4): nothing listens there.
     assert_eq!(
-        code(&[
-            "serve",
-            "--backing",
+        serve(
             &p,
-            "--export",
-            &ex,
-            "--backup",
-            "127.0.0.1:9",
-            "--key-file",
-            &k,
-            "--connect-timeout",
-            "2s"
-        ]),
+            &[
+                "--backup",
+                "127.0.0.1:9",
+                "--key-file",
+                &k,
+                "--connect-timeout",
+                "2s"
+            ]
+        ),
         Some(4)
     );
     // Environment (3): this host's kernel has no nbd (CI's neither); the lab proves it.
     if Path::new("/sys/module/nbd").exists() {
         eprintln!("this kernel has nbd: the no-nbd exit code is not checked here");
     } else {
-        assert_eq!(
-            code(&["serve", "--backing", &p, "--device", "/dev/nbd0"]),
-            Some(3)
-        );
+        assert_eq!(serve(&p, &["--device", "/dev/nbd0"]), Some(3));
     }
     // Operational (1): the backing is busy (served by another daemon).
     let standalone = {
@@ -490,41 +454,29 @@ fn root_disk_bad_input_gets_clear_errors_and_exit_codes() {
     };
     standalone.wait("the standalone daemon", |v| v["state"] == "standalone");
     let ex2 = format!("unix:{}", dir.path().join("y.sock").display());
-    assert_eq!(code(&["serve", "--backing", &p, "--export", &ex2]), Some(1));
+    assert_eq!(serve(&p, &["--export", &ex2]), Some(1));
     drop(standalone);
 
     // Operational (1): wrong key; size mismatch. The backup is not disturbed by either.
     let b = start_backup(&dir, &key, &b_img, &[], &[]);
     let addr = backup_addr(&b);
     let other = dir.key("other.key", "a-different-key-0123456789");
+    let other = other.display().to_string();
     assert_eq!(
-        code(&[
-            "serve",
-            "--backing",
+        serve(
             &p,
-            "--export",
-            &ex2,
-            "--backup",
-            &addr,
-            "--key-file",
-            &other.display().to_string()
-        ]),
+            &["--export", &ex2, "--backup", &addr, "--key-file", &other]
+        ),
         Some(1)
     );
     let small = dir.path().join("small.img");
     disk_file(&small, SIZE / 2, None);
+    let small = small.display().to_string();
     assert_eq!(
-        code(&[
-            "serve",
-            "--backing",
-            &small.display().to_string(),
-            "--export",
-            &ex2,
-            "--backup",
-            &addr,
-            "--key-file",
-            &k
-        ]),
+        serve(
+            &small,
+            &["--export", &ex2, "--backup", &addr, "--key-file", &k]
+        ),
         Some(1)
     );
     assert_eq!(b.status()["state"], "waiting for primary");

@@ -236,16 +236,21 @@ impl Replicator {
         *lock(&self.sync_secs)
     }
 
-    /// Blocks until the backup's disk is in sync (Ok) or the backup is lost (Err).
-    pub fn wait_sync(&self, timeout: Duration) -> Result<bool, String> {
+    /// Blocks until `done` holds for what the backup said (Ok(true)), the timeout passes
+    /// (Ok(false)) or the backup is lost (Err: the reason).
+    fn wait_progress(
+        &self,
+        timeout: Duration,
+        done: impl Fn(&Progress) -> bool,
+    ) -> Result<bool, String> {
         let end = Instant::now() + timeout;
         let mut p = lock(&self.progress);
         loop {
+            if done(&p) {
+                return Ok(true);
+            }
             if let Some(l) = &p.lost {
                 return Err(l.clone());
-            }
-            if p.in_sync {
-                return Ok(true);
             }
             let now = Instant::now();
             if now >= end {
@@ -259,28 +264,16 @@ impl Replicator {
         }
     }
 
+    /// Blocks until the backup's disk is in sync (Ok(true)), the timeout passes
+    /// (Ok(false)) or the backup is lost (Err).
+    pub fn wait_sync(&self, timeout: Duration) -> Result<bool, String> {
+        self.wait_progress(timeout, |p| p.in_sync && p.lost.is_none())
+    }
+
     /// Blocks until the backup reported epoch `n` durable (Ok(true)), the timeout passed
     /// (Ok(false)) or the backup is lost.
     pub fn wait_durable(&self, n: u64, timeout: Duration) -> Result<bool, String> {
-        let end = Instant::now() + timeout;
-        let mut p = lock(&self.progress);
-        loop {
-            if p.durable >= n {
-                return Ok(true);
-            }
-            if let Some(l) = &p.lost {
-                return Err(l.clone());
-            }
-            let now = Instant::now();
-            if now >= end {
-                return Ok(false);
-            }
-            p = self
-                .changed
-                .wait_timeout(p, end - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+        self.wait_progress(timeout, |p| p.durable >= n)
     }
 
     /// Starts the sender and the backup reader.

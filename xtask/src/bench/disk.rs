@@ -99,6 +99,78 @@ fn sparse(p: &Path, mib: u64) -> Result<()> {
     Ok(())
 }
 
+/// `remus disk receive` on an ephemeral loopback port; returns it and its address.
+fn backup(
+    remus: &Path,
+    work: &Path,
+    backing: &Path,
+    journal: &Path,
+    name: &str,
+) -> Result<(Daemon, String)> {
+    let s = |p: &Path| p.display().to_string();
+    let d = start(
+        remus,
+        &[
+            "receive".into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--backing".into(),
+            s(backing),
+            "--journal".into(),
+            s(journal),
+            "--key-file".into(),
+            s(&work.join("key")),
+            "--name".into(),
+            name.into(),
+        ],
+        work.join(format!("{name}.ctl")),
+        &work.join(format!("{name}.log")),
+    )?;
+    let addr = request(&d.sock, json!({"op": "status"}))?["listen"]
+        .as_str()
+        .context("the backup's listen address")?
+        .to_string();
+    Ok((d, addr))
+}
+
+/// `remus disk serve` with a unix export `work/NAME.nbd`, replicating to `backup` if given.
+fn primary(
+    remus: &Path,
+    work: &Path,
+    backing: &Path,
+    backup: Option<&str>,
+    name: &str,
+) -> Result<Daemon> {
+    let s = |p: &Path| p.display().to_string();
+    let mut args: Vec<String> = vec![
+        "serve".into(),
+        "--backing".into(),
+        s(backing),
+        "--export".into(),
+        format!("unix:{}", s(&work.join(format!("{name}.nbd")))),
+        "--name".into(),
+        name.into(),
+    ];
+    if let Some(b) = backup {
+        args.extend([
+            "--backup".into(),
+            b.into(),
+            "--key-file".into(),
+            s(&work.join("key")),
+        ]);
+    }
+    let d = start(
+        remus,
+        &args,
+        work.join(format!("{name}.ctl")),
+        &work.join(format!("{name}.log")),
+    )?;
+    if backup.is_some() {
+        request(&d.sock, json!({"op": "wait_sync", "timeout_ms": 600000}))?;
+    }
+    Ok(d)
+}
+
 /// utime + stime of a process, in seconds.
 fn cpu_secs(pid: u32) -> f64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -194,70 +266,18 @@ pub fn run(a: DiskArgs) -> Result<()> {
     std::fs::write(&key, "bench-key-0123456789abcdef")?;
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     let s = |p: &Path| p.display().to_string();
-    let (direct, standalone, primary, backup) = (
+    let (direct, standalone, primary_img, backup_img) = (
         work.join("direct.img"),
         work.join("standalone.img"),
         work.join("primary.img"),
         bdir.join("backup.img"),
     );
-    for p in [&direct, &standalone, &primary, &backup] {
+    for p in [&direct, &standalone, &primary_img, &backup_img] {
         sparse(p, a.disk_mib)?;
     }
-    let sd = start(
-        &remus,
-        &[
-            "serve".into(),
-            "--backing".into(),
-            s(&standalone),
-            "--export".into(),
-            format!("unix:{}", s(&work.join("standalone.nbd"))),
-            "--name".into(),
-            "bench-standalone".into(),
-        ],
-        work.join("standalone.ctl"),
-        &work.join("standalone.log"),
-    )?;
-    let bk = start(
-        &remus,
-        &[
-            "receive".into(),
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-            "--backing".into(),
-            s(&backup),
-            "--journal".into(),
-            s(&bdir.join("journal")),
-            "--key-file".into(),
-            s(&key),
-            "--name".into(),
-            "bench-backup".into(),
-        ],
-        work.join("backup.ctl"),
-        &work.join("backup.log"),
-    )?;
-    let addr = request(&bk.sock, json!({"op": "status"}))?["listen"]
-        .as_str()
-        .context("backup listen address")?
-        .to_string();
-    let pr = start(
-        &remus,
-        &[
-            "serve".into(),
-            "--backing".into(),
-            s(&primary),
-            "--export".into(),
-            format!("unix:{}", s(&work.join("primary.nbd"))),
-            "--backup".into(),
-            addr.clone(),
-            "--key-file".into(),
-            s(&key),
-            "--name".into(),
-            "bench-primary".into(),
-        ],
-        work.join("primary.ctl"),
-        &work.join("primary.log"),
-    )?;
-    request(&pr.sock, json!({"op": "wait_sync", "timeout_ms": 600000}))?;
+    let sd = primary(&remus, &work, &standalone, None, "standalone")?;
+    let (bk, addr) = backup(&remus, &work, &backup_img, &bdir.join("journal"), "backup")?;
+    let pr = primary(&remus, &work, &primary_img, Some(&addr), "primary")?;
 
     let region = (a.disk_mib << 20).to_string();
     let mut out = serde_json::Map::new();
@@ -436,47 +456,8 @@ pub fn run(a: DiskArgs) -> Result<()> {
         sparse(&b2, a.sync_mib)?;
         let jd = bdir.join("sync-journal");
         let _ = std::fs::remove_dir_all(&jd);
-        let bk = start(
-            &remus,
-            &[
-                "receive".into(),
-                "--listen".into(),
-                "127.0.0.1:0".into(),
-                "--backing".into(),
-                s(&b2),
-                "--journal".into(),
-                s(&jd),
-                "--key-file".into(),
-                s(&key),
-                "--name".into(),
-                "bench-sync-b".into(),
-            ],
-            work.join("sync-b.ctl"),
-            &work.join("sync-b.log"),
-        )?;
-        let addr = request(&bk.sock, json!({"op": "status"}))?["listen"]
-            .as_str()
-            .context("listen")?
-            .to_string();
-        let pr = start(
-            &remus,
-            &[
-                "serve".into(),
-                "--backing".into(),
-                s(&src),
-                "--export".into(),
-                format!("unix:{}", s(&work.join("sync.nbd"))),
-                "--backup".into(),
-                addr,
-                "--key-file".into(),
-                s(&key),
-                "--name".into(),
-                "bench-sync-p".into(),
-            ],
-            work.join("sync-p.ctl"),
-            &work.join("sync-p.log"),
-        )?;
-        request(&pr.sock, json!({"op": "wait_sync", "timeout_ms": 600000}))?;
+        let (bk, addr) = backup(&remus, &work, &b2, &jd, "sync-b")?;
+        let pr = primary(&remus, &work, &src, Some(&addr), "sync-p")?;
         let secs = request(&pr.sock, json!({"op": "status"}))?["sync_seconds"]
             .as_f64()
             .context("sync_seconds")?;
@@ -543,7 +524,7 @@ pub fn run(a: DiskArgs) -> Result<()> {
     let _ = std::fs::remove_dir_all(&work);
     if a.backup_dir.is_some() {
         let _ = std::fs::remove_dir_all(bdir.join("journal"));
-        let _ = std::fs::remove_file(&backup);
+        let _ = std::fs::remove_file(&backup_img);
     }
     Ok(())
 }

@@ -273,6 +273,16 @@ mod tests {
         }
     }
 
+    fn opt(c: &mut UnixStream, option: u32, data: &[u8]) {
+        let h = OptionHeader {
+            magic: U64::new(IHAVEOPT),
+            option: U32::new(option),
+            len: U32::new(data.len() as u32),
+        };
+        c.write_all(h.as_bytes()).unwrap();
+        c.write_all(data).unwrap();
+    }
+
     fn pair() -> (UnixStream, std::thread::JoinHandle<Result<(), NbdError>>) {
         let (a, mut b) = UnixStream::pair().unwrap();
         let t = std::thread::spawn(move || serve(&mut b, &info()));
@@ -299,13 +309,7 @@ mod tests {
         let mut data = Vec::new();
         data.extend_from_slice(&0u32.to_be_bytes());
         data.extend_from_slice(&0u16.to_be_bytes());
-        let h = OptionHeader {
-            magic: U64::new(IHAVEOPT),
-            option: U32::new(OPT_GO),
-            len: U32::new(data.len() as u32),
-        };
-        c.write_all(h.as_bytes()).unwrap();
-        c.write_all(&data).unwrap();
+        opt(&mut c, OPT_GO, &data);
         let mut seen_ack = false;
         while !seen_ack {
             let mut rb = [0u8; 20];
@@ -325,25 +329,14 @@ mod tests {
         c.read_exact(&mut g).unwrap();
         c.write_all(&FLAG_C_FIXED_NEWSTYLE.to_be_bytes()).unwrap();
         // Structured replies are not offered.
-        let h = OptionHeader {
-            magic: U64::new(IHAVEOPT),
-            option: U32::new(8),
-            len: U32::new(0),
-        };
-        c.write_all(h.as_bytes()).unwrap();
+        opt(&mut c, 8, &[]);
         let mut rb = [0u8; 20];
         c.read_exact(&mut rb).unwrap();
         let r = OptionReply::read_from_bytes(&rb).unwrap();
         assert_eq!(r.kind.get(), REP_ERR_UNSUP);
         let mut msg = vec![0u8; r.len.get() as usize];
         c.read_exact(&mut msg).unwrap();
-        let h = OptionHeader {
-            magic: U64::new(IHAVEOPT),
-            option: U32::new(OPT_EXPORT_NAME),
-            len: U32::new(4),
-        };
-        c.write_all(h.as_bytes()).unwrap();
-        c.write_all(b"web0").unwrap();
+        opt(&mut c, OPT_EXPORT_NAME, b"web0");
         let mut e = [0u8; 134];
         c.read_exact(&mut e).unwrap();
         assert_eq!(u64::from_be_bytes(e[0..8].try_into().unwrap()), 1 << 20);
@@ -383,12 +376,7 @@ mod tests {
         let mut g = [0u8; 18];
         c.read_exact(&mut g).unwrap();
         c.write_all(&FLAG_C_FIXED_NEWSTYLE.to_be_bytes()).unwrap();
-        let h = OptionHeader {
-            magic: U64::new(IHAVEOPT),
-            option: U32::new(OPT_ABORT),
-            len: U32::new(0),
-        };
-        c.write_all(h.as_bytes()).unwrap();
+        opt(&mut c, OPT_ABORT, &[]);
         assert!(matches!(t.join().unwrap(), Err(NbdError::Aborted(_))));
     }
 }
