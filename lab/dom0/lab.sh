@@ -9,6 +9,9 @@
 #                             anchor  (stock: xl remus -F -n -i 200 guest localhost, over ssh)
 #                             relay   (remus relay receive + xl remus -s '' … remus relay send)
 #                             capture (stock, -s '', stream teed to /share/run/stream.bin)
+#   lab relay-sampler         (started by remus-start relay) every second, writes what
+#                             `remus relay status -j` says of each relay end to
+#                             /share/run/relay-send.json and relay-receive.json
 #   lab remus-alive           exit 0 if the sending xl is still running
 #   lab freeze-primary        the primary host dies silently: SIGSTOP the sending xl, its save
 #                             helper and its transport (ssh or relay send), destroy the primary
@@ -28,6 +31,9 @@ INTERVAL=${LAB_INTERVAL:-200}
 # The relay's heartbeat: looser than its 1 s default because dom0 runs under software
 # emulation on a shared host, where a 1 s scheduling stall is not a dead primary.
 HB=${LAB_HEARTBEAT:---heartbeat-interval 300ms --heartbeat-timeout 3s}
+# Each relay end's status socket: the sampler asks exactly these.
+SOCK_SEND=/run/remus/lab-send.sock
+SOCK_RECEIVE=/run/remus/lab-receive.sock
 mkdir -p "$S" "$L"
 
 die() { echo "lab: $*" >&2; exit 1; }
@@ -135,17 +141,36 @@ remus_start() {
             echo >>/root/remus.key
         fi
         chmod 600 /root/remus.key
-        bg receiver remus relay receive --listen 127.0.0.1:7788 --key-file /root/remus.key $HB
+        rm -f "$L/relay-send.json" "$L/relay-receive.json"
+        bg receiver remus relay receive --listen 127.0.0.1:7788 --key-file /root/remus.key $HB \
+            --status-socket "$SOCK_RECEIVE"
         sleep 1
         kill -0 "$(cat "$S/receiver.pid")" 2>/dev/null || die "remus relay receive exited: $(tail -n 20 "$L/receiver.log")"
         bg sender xl -vvv remus -F -n -i "$INTERVAL" -s '' guest \
-            "remus relay send --backup 127.0.0.1:7788 --key-file /root/remus.key ${LAB_RELAY_BUFFER:---vif vif$d.0} $HB"
+            "remus relay send --backup 127.0.0.1:7788 --key-file /root/remus.key ${LAB_RELAY_BUFFER:---vif vif$d.0} $HB --status-socket $SOCK_SEND"
+        bg sampler sh /share/lab/dom0/lab.sh relay-sampler
         ;;
     *) die "unknown mode $mode" ;;
     esac
     sleep 1
     kill -0 "$(cat "$S/sender.pid")" 2>/dev/null || die "xl remus exited at once: $(tail -n 20 "$L/sender.log")"
     echo "primary domid=$d sender pid=$(cat "$S/sender.pid") started=$(now)"
+}
+
+# Samples each relay end's status once a second into the share (atomically, by rename). A
+# frozen relay does not answer (the status command gives up after 2 s): its last sample
+# stays. Runs until cleanup kills it.
+relay_sampler() {
+    while :; do
+        for role in send receive; do
+            case $role in send) sock=$SOCK_SEND ;; *) sock=$SOCK_RECEIVE ;; esac
+            [ -S "$sock" ] || continue
+            if remus relay status -j --socket "$sock" >"$L/relay-$role.json.tmp" 2>/dev/null; then
+                mv "$L/relay-$role.json.tmp" "$L/relay-$role.json"
+            fi
+        done
+        sleep 1
+    done
 }
 
 descendants() {
@@ -203,9 +228,9 @@ is() { tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -q -- "$2"; }
 
 cleanup() {
     client_stop 2>/dev/null
-    for f in sender receiver; do
+    for f in sender receiver sampler; do
         p=$(cat "$S/$f.pid" 2>/dev/null) || continue
-        is "$p" "xl\|remus" || continue
+        is "$p" "xl\|remus\|relay-sampler" || continue
         for c in $(descendants "$p") "$p"; do kill -9 "$c" 2>/dev/null; done
     done
     for p in $(cat "$S/frozen.pids" 2>/dev/null); do is "$p" "xl\|remus\|ssh\|helper" && kill -9 "$p"; done
@@ -225,10 +250,11 @@ client-stop) client_stop ;;
 remus-start) remus_start "$@" ;;
 status) xl list ;;
 client-tcp) ip netns exec client ss -tni state established 2>/dev/null | tail -n +2 | tr -s ' \t\n' ' ' ;;
+relay-sampler) relay_sampler ;;
 remus-alive) kill -0 "$(cat "$S/sender.pid")" 2>/dev/null ;;
 freeze-primary) freeze_primary ;;
 unfreeze-kill) unfreeze_kill ;;
 stop-sender) stop_sender ;;
 cleanup) cleanup ;;
-*) die "usage: lab guest-up|client-start|client-stop|remus-start|remus-alive|freeze-primary|unfreeze-kill|cleanup" ;;
+*) die "usage: lab guest-up|client-start|client-stop|client-tcp|remus-start|relay-sampler|remus-alive|freeze-primary|stop-sender|unfreeze-kill|cleanup" ;;
 esac

@@ -116,7 +116,7 @@ pub async fn connect_backup(
         .map_err(|_| unreachable(format!("no connection within {:?}", o.connect_timeout)))?
         .map_err(|e| unreachable(e.to_string()))?;
     let _ = s.set_nodelay(true);
-    let mut cfg = ClientConfig::new(o.key.clone(), 0, 0);
+    let mut cfg = ClientConfig::new(o.key.clone(), crate::compress::Codec::None, 0);
     cfg.timeout = o.connect_timeout;
     replication::client_handshake(&mut s, &cfg)
         .await

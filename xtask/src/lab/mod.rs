@@ -1,20 +1,24 @@
 //! `cargo xtask lab …` and `cargo xtask demo`: the Xen lab (issue 3).
 //!
-//! Owns: the lab's command line and the order of things: build (cached, `build.rs`), boot
-//! and drive dom0 (`vm.rs`), the failover scenario and its report (`scenario.rs`). The
-//! lab's files live in `lab/` (host scripts, dom0 init and helpers, the guest's init, the
-//! counter service crate). Never touches: the product's code; it runs the built `remus`
-//! and `remus-net` binaries in dom0 like an operator would.
+//! Owns: the lab's command line, the order of things (build, boot, the scenarios in
+//! sequence on one boot, `target/lab/report.json`) and the report file. The parts:
+//! `build.rs` (the cache), `vm.rs` (QEMU and the share), `dom0.rs` (commands in dom0),
+//! `scenario/` (the scenarios as data and their runner), `capture.rs` (the stream fixture).
+//! The lab's files live in `lab/` (host scripts, dom0 init and helpers, the guest's init,
+//! the counter service crate). Never touches: the product's code; it runs the built
+//! `remus` and `remus-net` binaries in dom0 like an operator would.
 use anyhow::{Result, bail};
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, Subcommand, builder::PossibleValuesParser};
 use serde_json::json;
 use std::{fs, time::Duration, time::Instant};
 
 mod build;
+mod capture;
+mod dom0;
 mod scenario;
 mod vm;
 
-use scenario::Mode;
+use scenario::{Scenario, catalog};
 
 #[derive(Args, Default)]
 pub struct DemoArgs {
@@ -26,17 +30,11 @@ pub struct DemoArgs {
     pub relay_no_buffer: bool,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-pub enum Only {
-    Anchor,
-    Remus,
-}
-
 #[derive(Args, Default)]
 pub struct TestArgs {
-    /// Run only one of the two runs.
-    #[arg(long, value_enum)]
-    pub only: Option<Only>,
+    /// Run only this scenario (repeatable; default: all, in order).
+    #[arg(long, value_parser = PossibleValuesParser::new(catalog::NAMES))]
+    pub only: Vec<String>,
     /// Leave the lab running afterwards.
     #[arg(long)]
     pub keep: bool,
@@ -91,7 +89,7 @@ pub fn run(c: LabCmd) -> Result<()> {
             if vm::qemu_pid().is_none() {
                 bail!("the lab is not running (cargo xtask lab up)");
             }
-            let o = vm::exec(&cmd.join(" "), Duration::from_secs(timeout))?;
+            let o = dom0::exec(&cmd.join(" "), Duration::from_secs(timeout))?;
             print!("{}", o.stdout);
             eprint!("{}", o.stderr);
             std::process::exit(o.rc);
@@ -101,19 +99,16 @@ pub fn run(c: LabCmd) -> Result<()> {
             Ok(())
         }
         LabCmd::Test(a) => {
-            let modes = match a.only {
-                None => vec![Mode::Anchor, Mode::Remus],
-                Some(Only::Anchor) => vec![Mode::Anchor],
-                Some(Only::Remus) => vec![Mode::Remus],
+            let names: Vec<&str> = if a.only.is_empty() {
+                catalog::NAMES.to_vec()
+            } else {
+                a.only.iter().map(String::as_str).collect()
             };
-            if a.relay_no_buffer {
-                scenario::set_relay_buffer("--no-buffer");
-            }
-            test(&modes, false, a.keep)
+            test(&scenarios(&names, a.relay_no_buffer)?, false, a.keep)
         }
         LabCmd::CaptureStream { checkpoints } => {
             let booted = vm::up(false)?.is_some();
-            let r = scenario::capture(checkpoints);
+            let r = capture::capture(checkpoints);
             if booted {
                 vm::down()?;
             }
@@ -122,18 +117,31 @@ pub fn run(c: LabCmd) -> Result<()> {
     }
 }
 
-/// Boots if needed, runs the given modes, writes the report, stops the lab if it booted
-/// it (unless `keep`). Fails if any run failed; the anchor fails only if the lab broke.
-fn test(modes: &[Mode], live: bool, keep: bool) -> Result<()> {
+/// The named scenarios, in the catalog's order.
+fn scenarios(names: &[&str], relay_no_buffer: bool) -> Result<Vec<Scenario>> {
+    catalog::NAMES
+        .iter()
+        .filter(|n| names.contains(n))
+        .map(|n| {
+            catalog::by_name(n, relay_no_buffer)
+                .ok_or_else(|| anyhow::anyhow!("no scenario named {n}"))
+        })
+        .collect()
+}
+
+/// Boots if needed, runs the scenarios in sequence on that one boot, writes the report,
+/// stops the lab if it booted it (unless `keep`). Fails if any run failed; the anchor
+/// fails only if the lab broke.
+fn test(scenarios: &[Scenario], live: bool, keep: bool) -> Result<()> {
     let t = Instant::now();
-    let need_remus = modes.contains(&Mode::Remus);
-    let boot = vm::up(need_remus)?;
-    let runs: Vec<scenario::RunReport> = modes.iter().map(|m| scenario::run(*m, live)).collect();
+    let boot = vm::up(scenarios.iter().any(Scenario::needs_remus))?;
+    let runs = scenario::run_all(scenarios, live);
     let report = json!({
         "boot_s": boot.map(|d| d.as_secs_f64()),
         "total_s": t.elapsed().as_secs_f64(),
         "guest_mem_mb": scenario::GUEST_MEM_MB,
-        "interval_ms": 200,
+        "interval_ms": scenario::INTERVAL_MS,
+        "scenarios": runs.iter().map(|r| r.mode.clone()).collect::<Vec<_>>(),
         "runs": runs.iter().map(|r| (r.mode.clone(), serde_json::to_value(r).unwrap_or_default()))
             .collect::<serde_json::Map<_, _>>(),
     });
@@ -142,7 +150,7 @@ fn test(modes: &[Mode], live: bool, keep: bool) -> Result<()> {
     if boot.is_some() && !keep {
         vm::down()?;
     }
-    println!("\n{}", scenario::table(&runs));
+    println!("\n{}", scenario::report::table(&runs));
     println!(
         "report: {}  (lab total {:.0} s)",
         path.display(),
@@ -172,8 +180,5 @@ pub fn demo(a: DemoArgs) -> Result<()> {
     // The README's main-job command installs what it needs itself (idempotent): the
     // project's binaries need bpf-linker and the nightly rust-src to build.
     crate::deps::install()?;
-    if a.relay_no_buffer {
-        scenario::set_relay_buffer("--no-buffer");
-    }
-    test(&[Mode::Remus], true, a.keep)
+    test(&scenarios(&["remus"], a.relay_no_buffer)?, true, a.keep)
 }

@@ -1,22 +1,20 @@
-//! The running lab: QEMU (software emulation) booting Xen 4.17 + dom0, and the request
-//! agent that runs commands in dom0 without typing into any console.
+//! The running lab: QEMU (software emulation) booting Xen 4.17 + dom0, the share it
+//! boots with, and the machine-wide lab lock.
 //!
 //! Owns: `target/lab/` at run time: `share/` (the virtio-9p share, dom0's `/share`:
 //! `lab/dom0/*.sh` scripts, `bin/` with the project's binaries, `guest/` kernel + initrd,
 //! `req/` the agent's request directory, `run/` dom0's logs and guest consoles),
-//! `serial.log` (Xen + dom0 console), `qemu.pid`, `qemu.log`. Never touches: the cache
-//! (read only here) and anything outside `target/lab/`.
-//!
-//! Agent protocol (see `lab/dom0/agent.sh`): the host writes `req/ID.sh`, then `req/ID.cmd`
-//! by rename; dom0 runs it and writes `ID.out`, `ID.err`, and last `ID.rc` by rename.
+//! `serial.log` (Xen + dom0 console), `qemu.pid`, `qemu.log`; and the lock file in the
+//! cache directory. Never touches: the cache's images (read only here), anything outside
+//! `target/lab/`, and dom0's insides (dom0.rs talks to its agent).
 use super::build::{Artifacts, tail_file};
+use super::dom0;
 use crate::util;
 use anyhow::{Context, Result, bail};
 use std::{
     fs,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
@@ -53,84 +51,6 @@ pub fn qemu_pid() -> Option<i32> {
     String::from_utf8_lossy(&cmdline)
         .contains("qemu-system")
         .then_some(pid)
-}
-
-/// What a command run in dom0 returned.
-pub struct Output {
-    pub rc: i32,
-    pub stdout: String,
-    pub stderr: String,
-}
-
-static SEQ: AtomicU64 = AtomicU64::new(0);
-
-/// Runs a shell script in dom0 through the agent, bounded by `timeout` in dom0 (and a
-/// little more on the host). rc 124 means dom0's `timeout` killed it.
-pub fn exec(script: &str, timeout: Duration) -> Result<Output> {
-    let req = share().join("req");
-    fs::create_dir_all(&req)?;
-    let id = format!(
-        "h{}-{}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    );
-    let p = |ext: &str| req.join(format!("{id}.{ext}"));
-    fs::write(p("sh"), script).context("writing the request script")?;
-    fs::write(
-        p("tmp"),
-        format!(
-            "exec timeout -k 5 {} sh /share/req/{id}.sh\n",
-            timeout.as_secs().max(1)
-        ),
-    )?;
-    fs::rename(p("tmp"), p("cmd"))?;
-    let deadline = Instant::now() + timeout + Duration::from_secs(30);
-    let mut n = 0u32;
-    while !p("rc").exists() {
-        if Instant::now() > deadline {
-            bail!(
-                "dom0 did not answer request {id} within {} s (agent dead?): {script}",
-                timeout.as_secs() + 30
-            );
-        }
-        n += 1;
-        if n.is_multiple_of(20) && qemu_pid().is_none() {
-            bail!(
-                "QEMU died while running `{script}` in dom0; serial console tail:\n{}",
-                tail_file(&serial_log(), 30)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let rc = fs::read_to_string(p("rc"))?.trim().parse().unwrap_or(-1);
-    let o = Output {
-        rc,
-        stdout: fs::read_to_string(p("out")).unwrap_or_default(),
-        stderr: fs::read_to_string(p("err")).unwrap_or_default(),
-    };
-    for ext in ["sh", "taken", "out", "err", "rc"] {
-        let _ = fs::remove_file(p(ext));
-    }
-    Ok(o)
-}
-
-/// Like `exec`, but a non-zero status is an error naming `what`, with both outputs.
-pub fn exec_ok(what: &str, script: &str, timeout: Duration) -> Result<String> {
-    let o = exec(script, timeout)?;
-    if o.rc != 0 {
-        let why = if o.rc == 124 {
-            format!("timed out after {} s", timeout.as_secs())
-        } else {
-            format!("exit status {}", o.rc)
-        };
-        bail!(
-            "{what}: `{}` in dom0: {why}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            script.trim(),
-            o.stdout.trim_end(),
-            o.stderr.trim_end()
-        );
-    }
-    Ok(o.stdout)
 }
 
 fn copy_into(src: &Path, dst: &Path) -> Result<()> {
@@ -265,60 +185,10 @@ pub fn up(need_remus: bool) -> Result<Option<Duration>> {
     let _lock = take_lock()?;
     let a = super::build::build()?;
     stage(&a, need_remus)?;
-    let rd = run_dir();
     let _ = fs::remove_file(serial_log());
     let _ = fs::remove_file(pid_file());
-    let qlog = rd.join("qemu.log");
-    let initrd_arg = format!(
-        "{} {DOM0_ARGS},{}",
-        a.dom0.join("vmlinuz").display(),
-        a.dom0.join("initrd.img").display()
-    );
-    let mut c = Command::new(a.qemu_bin());
-    c.env("QEMU_MODULE_DIR", a.qemu.join("modules"))
-        .arg("-L")
-        .arg(a.qemu.join("fw"))
-        .args([
-            "-machine",
-            "pc",
-            "-accel",
-            "tcg,thread=multi",
-            "-cpu",
-            "qemu64,+svm",
-        ])
-        .args(["-m", QEMU_MEM_MB, "-smp", "2"])
-        .args([
-            "-display",
-            "none",
-            "-nodefaults",
-            "-monitor",
-            "none",
-            "-nic",
-            "none",
-        ])
-        .arg("-chardev")
-        .arg(format!("file,id=s0,path={}", serial_log().display()))
-        .args(["-serial", "chardev:s0"])
-        .arg("-drive")
-        // snapshot=on: writes go to a temporary overlay, the cached image never changes.
-        .arg(format!(
-            "file={},format=raw,if=virtio,cache=unsafe,snapshot=on",
-            a.dom0.join("dom0.img").display()
-        ))
-        .arg("-kernel")
-        .arg(a.dom0.join("xen"))
-        .args(["-append", XEN_ARGS])
-        .arg("-initrd")
-        .arg(initrd_arg)
-        .arg("-virtfs")
-        .arg(format!(
-            "local,path={},mount_tag=share,security_model=none,id=share",
-            share().display()
-        ))
-        .arg("-pidfile")
-        .arg(pid_file())
-        .arg("-daemonize")
-        .stdin(Stdio::null());
+    let qlog = run_dir().join("qemu.log");
+    let mut c = qemu_command(&a);
     let qf = fs::File::create(&qlog).with_context(|| format!("creating {}", qlog.display()))?;
     c.stdout(qf.try_clone()?).stderr(qf);
     let t = Instant::now();
@@ -330,13 +200,60 @@ pub fn up(need_remus: bool) -> Result<Option<Duration>> {
     if !st.success() {
         bail!("QEMU failed to start ({st}): {}", tail_file(&qlog, 20));
     }
+    wait_ready(t, &qlog)?;
+    let d = t.elapsed();
+    eprintln!("[lab] dom0 ready in {:.1} s", d.as_secs_f64());
+    Ok(Some(d))
+}
+
+/// QEMU booting Xen with dom0 from the cached image, daemonized with its pid file.
+fn qemu_command(a: &Artifacts) -> Command {
+    let initrd_arg = format!(
+        "{} {DOM0_ARGS},{}",
+        a.dom0.join("vmlinuz").display(),
+        a.dom0.join("initrd.img").display()
+    );
+    let mut c = Command::new(a.qemu_bin());
+    c.env("QEMU_MODULE_DIR", a.qemu.join("modules"))
+        .arg("-L")
+        .arg(a.qemu.join("fw"))
+        .args(["-machine", "pc", "-accel", "tcg,thread=multi"])
+        .args(["-cpu", "qemu64,+svm", "-m", QEMU_MEM_MB, "-smp", "2"])
+        .args(["-display", "none", "-nodefaults", "-monitor", "none"])
+        .args(["-nic", "none", "-chardev"])
+        .arg(format!("file,id=s0,path={}", serial_log().display()))
+        .args(["-serial", "chardev:s0", "-drive"])
+        // snapshot=on: writes go to a temporary overlay, the cached image never changes.
+        .arg(format!(
+            "file={},format=raw,if=virtio,cache=unsafe,snapshot=on",
+            a.dom0.join("dom0.img").display()
+        ))
+        .arg("-kernel")
+        .arg(a.dom0.join("xen"))
+        .args(["-append", XEN_ARGS, "-initrd"])
+        .arg(initrd_arg)
+        .arg("-virtfs")
+        .arg(format!(
+            "local,path={},mount_tag=share,security_model=none,id=share",
+            share().display()
+        ))
+        .arg("-pidfile")
+        .arg(pid_file())
+        .arg("-daemonize")
+        .stdin(Stdio::null());
+    c
+}
+
+/// Waits for dom0's setup to finish and its agent to answer; stops QEMU if it does not
+/// within `BOOT_TIMEOUT` of `t`.
+fn wait_ready(t: Instant, qlog: &Path) -> Result<()> {
     let ready = share().join("run/dom0-ready");
     while !ready.exists() {
         if qemu_pid().is_none() {
             bail!(
                 "QEMU exited during boot; serial console tail:\n{}\nqemu.log: {}",
                 tail_file(&serial_log(), 40),
-                tail_file(&qlog, 10)
+                tail_file(qlog, 10)
             );
         }
         if t.elapsed() > BOOT_TIMEOUT {
@@ -350,12 +267,10 @@ pub fn up(need_remus: bool) -> Result<Option<Duration>> {
         }
         std::thread::sleep(Duration::from_millis(500));
     }
-    exec_ok("agent check", "true", Duration::from_secs(60)).inspect_err(|_| {
+    dom0::exec_ok("agent check", "true", Duration::from_secs(60)).inspect_err(|_| {
         let _ = down();
     })?;
-    let d = t.elapsed();
-    eprintln!("[lab] dom0 ready in {:.1} s", d.as_secs_f64());
-    Ok(Some(d))
+    Ok(())
 }
 
 /// Stops QEMU (TERM, then KILL after 10 s). The disk overlay is discarded with it.

@@ -1,0 +1,123 @@
+//! How far replication got: checkpoints and acknowledgements, from stock `xl remus`'s log
+//! or from the relay's JSON status.
+//!
+//! Owns: reading `run/sender.log` (stock Remus has no status interface: its `-vvv` log is
+//! the only record, so it is counted there) and `run/relay-send.json` /
+//! `run/relay-receive.json` (what `remus relay status -j` answered, sampled in dom0 by
+//! `lab.sh relay-sampler`; read through its typed fields, never its words). Never
+//! touches: xl or the relays themselves (it only reads files in the share).
+use super::super::vm;
+use serde::Deserialize;
+use std::fs;
+
+/// Where a run's checkpoint counts come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// Stock `xl -vvv remus`: libxl logs "guest has suspended" once per checkpoint (the
+    /// first ends the initial live copy). xl's "Checkpointed save" progress lines are
+    /// rate-limited and undercount.
+    XlLog,
+    /// The relay's status: the sender's `checkpoints_total` (complete checkpoints it saw
+    /// in the stream, the initial copy being checkpoint 1).
+    Relay,
+}
+
+/// The relay's ends, as their status files are named.
+#[derive(Clone, Copy, Debug)]
+pub enum Role {
+    Send,
+    Receive,
+}
+
+impl Role {
+    fn file(self) -> &'static str {
+        match self {
+            Role::Send => "run/relay-send.json",
+            Role::Receive => "run/relay-receive.json",
+        }
+    }
+}
+
+/// The fields of `remus relay status -j` the lab reads (the JSON keys are stable; see
+/// docs/relay.md). `state` is shown to people, never compared.
+#[derive(Deserialize, Debug, Default, Clone)]
+pub struct RelayView {
+    #[serde(default)]
+    pub state: Option<serde_json::Value>,
+    #[serde(default)]
+    pub checkpoints_total: u64,
+    #[serde(default)]
+    pub last_acked: u64,
+    #[serde(default)]
+    pub failovers_total: u64,
+}
+
+/// The last status sampled from one relay end, if any.
+pub fn relay(role: Role) -> Option<RelayView> {
+    let b = fs::read(vm::share().join(role.file())).ok()?;
+    parse_status(&b)
+}
+
+/// `remus relay status -j` prints an array, one object per relay asked (here one).
+fn parse_status(b: &[u8]) -> Option<RelayView> {
+    serde_json::from_slice::<Vec<RelayView>>(b)
+        .ok()?
+        .into_iter()
+        .next()
+}
+
+/// Checkpoints so far, from `src`.
+pub fn checkpoints(src: Source) -> u64 {
+    match src {
+        Source::XlLog => fs::read(vm::share().join("run/sender.log"))
+            .map(|b| {
+                String::from_utf8_lossy(&b)
+                    .matches("guest has suspended")
+                    .count() as u64
+            })
+            .unwrap_or(0),
+        Source::Relay => relay(Role::Send).map_or(0, |v| v.checkpoints_total),
+    }
+}
+
+/// One line for the live view.
+pub fn describe(src: Source) -> String {
+    match src {
+        Source::XlLog => format!("checkpoints {:4}", checkpoints(src)),
+        Source::Relay => {
+            let s = relay(Role::Send).unwrap_or_default();
+            let r = relay(Role::Receive).unwrap_or_default();
+            let word = |v: &Option<serde_json::Value>| match v {
+                Some(serde_json::Value::String(s)) => s.clone(),
+                Some(v) => v.to_string(),
+                None => "-".into(),
+            };
+            format!(
+                "checkpoints {:4} acked {:4} | send: {} | receive: {}",
+                s.checkpoints_total,
+                s.last_acked,
+                word(&s.state),
+                word(&r.state)
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_status_is_read_by_its_fields_and_ignores_the_rest() {
+        let j = br#"[{"role":"receive","pid":7,"state":"failed over","peer":null,
+            "checkpoints_total":12,"last_acked":11,"failovers_total":1,
+            "heartbeats_missed_total":3,"some_new_key":{"x":1}}]"#;
+        let v = parse_status(j).expect("parses");
+        assert_eq!(
+            (v.checkpoints_total, v.last_acked, v.failovers_total),
+            (12, 11, 1)
+        );
+        assert!(parse_status(b"[]").is_none());
+        assert!(parse_status(b"not json").is_none());
+    }
+}
