@@ -13,13 +13,13 @@
 //!   and its directory are fsync'ed.
 //! - A crash anywhere is recovered from the journal at the next start: committed epochs
 //!   are applied again (idempotent), incomplete ones dropped.
-use std::io::BufReader;
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::backing::Backing;
+use super::channel::{self, Received};
 use super::control::{
     ApplyReport, DiskStatus, ErrorKind, FailoverReport, Handler, Request, Response,
 };
@@ -31,6 +31,7 @@ use super::journal::{
 use super::primary::DiskTarget;
 use super::wire::{self, Kind, WireError};
 use crate::relay::Heartbeat;
+use crate::replication::Keys;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -93,8 +94,10 @@ pub struct Config {
     pub fault: Fault,
 }
 
-/// Writes one frame to the primary (shared by the session, syncer and heartbeat threads).
-type Sender = Arc<dyn Fn(Vec<u8>) -> Result<(), String> + Send + Sync>;
+/// Seals and writes one frame (kind, epoch, payload) to the primary (shared by the
+/// session, syncer and heartbeat threads; sealed under the writer's lock, so the frame
+/// counter follows the order on the wire).
+type Sender = Arc<dyn Fn(Kind, u64, &[u8]) -> Result<(), String> + Send + Sync>;
 
 struct Session {
     id: u64,
@@ -386,10 +389,11 @@ impl Backup {
         }
     }
 
-    /// Runs one primary session on an authenticated connection (blocking, own thread).
-    pub fn run_session(self: &Arc<Self>, stream: TcpStream, peer: String) {
+    /// Runs one primary session on an authenticated connection whose sealed WELCOME was
+    /// sent (blocking, own thread).
+    pub fn run_session(self: &Arc<Self>, stream: TcpStream, keys: Keys, peer: String) {
         let mut id = None;
-        let reason = match self.session(stream, &peer, &mut id) {
+        let reason = match self.session(stream, keys, &peer, &mut id) {
             Ok(()) => "the primary closed the session".to_string(),
             Err(e) => e,
         };
@@ -422,6 +426,7 @@ impl Backup {
     fn session(
         self: &Arc<Self>,
         stream: TcpStream,
+        keys: Keys,
         peer: &str,
         registered: &mut Option<u64>,
     ) -> Result<(), String> {
@@ -432,21 +437,25 @@ impl Backup {
             .map_err(|e| e.to_string())?;
         let writer = Arc::new(Mutex::new(stream.try_clone().map_err(|e| e.to_string())?));
         let send: Sender = {
-            let writer = writer.clone();
-            Arc::new(move |bytes: Vec<u8>| -> Result<(), String> {
-                use std::io::Write;
-                lock(&writer)
-                    .write_all(&bytes)
+            let (writer, sealer) = (writer.clone(), keys.sealer);
+            Arc::new(move |kind, epoch, payload: &[u8]| -> Result<(), String> {
+                let mut w = lock(&writer);
+                channel::send(&sealer, &mut *w, kind, epoch, 0, payload)
                     .map_err(|e| format!("writing to the primary: {e}"))
             })
         };
+        let abort = |why: &str| {
+            let _ = send(Kind::Abort, 0, wire::abort(why));
+        };
         let mut r =
-            BufReader::with_capacity(1 << 20, stream.try_clone().map_err(|e| e.to_string())?);
-        let hello = match wire::read_frame(&mut r) {
-            Ok(f) if f.kind == Kind::Hello => wire::parse_hello(&f).ok_or("malformed HELLO")?,
+            channel::Reader::new(stream.try_clone().map_err(|e| e.to_string())?, keys.opener);
+        let hello = match r.recv() {
+            Ok(f) if f.kind() == Kind::Hello => {
+                wire::parse_hello(f.payload()).ok_or("malformed HELLO")?
+            }
             Ok(f) => {
-                let _ = send(wire::abort("expected HELLO"));
-                return Err(format!("expected HELLO, got {:?}", f.kind));
+                abort("expected HELLO");
+                return Err(format!("expected HELLO, got {:?}", f.kind()));
             }
             Err(e) => return Err(e.to_string()),
         };
@@ -458,7 +467,7 @@ impl Backup {
                 wire::MIN_VERSION,
                 wire::VERSION
             );
-            let _ = send(wire::abort(&why));
+            abort(&why);
             return Err(why);
         }
         if hello.size != self.backing.size() {
@@ -468,7 +477,7 @@ impl Backup {
                 self.backing.path().display(),
                 self.backing.size()
             );
-            let _ = send(wire::abort(&why));
+            abort(&why);
             return Err(why);
         }
         let id;
@@ -477,7 +486,7 @@ impl Backup {
             if i.phase != Phase::Waiting {
                 drop(i);
                 let why = self.refusal().unwrap_or_else(|| "busy".into());
-                let _ = send(wire::abort(&why));
+                abort(&why);
                 // Not our session: leave the state alone.
                 return Err(format!("refused: {why}"));
             }
@@ -498,19 +507,21 @@ impl Backup {
         }
         self.changed.notify_all();
         tracing::info!(primary = %peer, session = id, size = hello.size, "primary connected: initial synchronisation");
-        send(wire::welcome(wire::VERSION, self.backing.size()))?;
+        send(
+            Kind::Welcome,
+            0,
+            &wire::welcome(wire::VERSION, self.backing.size()),
+        )?;
         // Heartbeats from a thread of their own (the session thread may sit in an fsync).
         let alive = Arc::new(AtomicBool::new(true));
         {
-            let (alive, writer) = (alive.clone(), writer.clone());
+            let (alive, send) = (alive.clone(), send.clone());
             let _ = std::thread::Builder::new()
                 .name("disk-hb".into())
                 .spawn(move || {
-                    use std::io::Write;
-                    let hbf = wire::encode(Kind::Heartbeat, 0, 0, &[]);
                     while alive.load(Ordering::Relaxed) {
                         std::thread::sleep(hb.interval);
-                        if !alive.load(Ordering::Relaxed) || lock(&writer).write_all(&hbf).is_err()
+                        if !alive.load(Ordering::Relaxed) || send(Kind::Heartbeat, 0, &[]).is_err()
                         {
                             break;
                         }
@@ -520,7 +531,7 @@ impl Backup {
         let res = self.frames(&mut r, &send, id);
         alive.store(false, Ordering::Relaxed);
         if let Err(e) = &res {
-            let _ = send(wire::abort(e));
+            abort(e);
         }
         let _ = stream.shutdown(Shutdown::Both);
         res
@@ -529,7 +540,7 @@ impl Backup {
     /// The session's frame loop. Returns Ok on an orderly CLOSE.
     fn frames(
         self: &Arc<Self>,
-        r: &mut BufReader<TcpStream>,
+        r: &mut channel::Reader<TcpStream>,
         send: &Sender,
         id: u64,
     ) -> Result<(), String> {
@@ -549,7 +560,7 @@ impl Backup {
             );
             std::thread::Builder::new()
                 .name("disk-syncer".into())
-                .spawn(move || me.sync_epochs(rx, id, &*send, &failed, &stream))
+                .spawn(move || me.sync_epochs(rx, id, &send, &failed, &stream))
                 .map_err(|e| e.to_string())?
         };
         let abandon = |open: &mut Option<OpenEpoch>| {
@@ -558,8 +569,8 @@ impl Backup {
             }
         };
         let res = loop {
-            let (h, payload) = match wire::read_raw(r) {
-                Ok(x) => x,
+            let f: Received = match r.recv() {
+                Ok(f) => f,
                 Err(WireError::Io(e))
                     if matches!(
                         e.kind(),
@@ -577,13 +588,10 @@ impl Backup {
             if lock(&self.inner).session.as_ref().map(|s| s.id) != Some(id) {
                 break Err("the session was ended here (failover or shutdown)".into());
             }
-            let kind = Kind::from_wire(h.kind.get());
-            let (epoch, offset) = (h.epoch.get(), h.offset.get());
+            let (kind, epoch, offset) = (f.kind(), f.epoch(), f.offset());
             // ZERO and SYNC_ZERO carry their length (8 bytes, checked by the wire layer).
             let zl = if matches!(kind, Kind::Zero | Kind::SyncZero) {
-                let mut b = [0u8; 8];
-                b.copy_from_slice(&payload[..8]);
-                u64::from_le_bytes(b)
+                wire::zero_len(f.payload())
             } else {
                 0
             };
@@ -595,7 +603,7 @@ impl Backup {
                     let len = if matches!(kind, Kind::SyncZero | Kind::Zero) {
                         zlen()
                     } else {
-                        payload.len() as u64
+                        f.payload().len() as u64
                     };
                     if !self.backing.contains(offset, len) {
                         Err(format!(
@@ -607,7 +615,7 @@ impl Backup {
                             .map_err(|e| format!("writing the backing: {e}"))
                     } else {
                         self.backing
-                            .write_at(&payload, offset, false)
+                            .write_at(f.payload(), offset, false)
                             .map_err(|e| format!("writing the backing: {e}"))
                     }
                 }
@@ -626,13 +634,13 @@ impl Backup {
                         first_epoch = epoch,
                         "the disk is in sync: holding epochs from here on"
                     );
-                    send(wire::encode(Kind::Synced, 0, 0, &[]))
+                    send(Kind::Synced, 0, &[])
                 })(),
                 Kind::Write | Kind::Zero => (|| {
                     let len = if kind == Kind::Zero {
                         zlen()
                     } else {
-                        payload.len() as u64
+                        f.payload().len() as u64
                     };
                     if !self.backing.contains(offset, len) {
                         return Err(format!("{kind:?} beyond the end of the disk"));
@@ -647,7 +655,7 @@ impl Backup {
                         open = Some(budget.begin(epoch).map_err(|e| e.to_string())?);
                     }
                     match open.as_mut() {
-                        Some(o) => o.append(&h, payload).map_err(|e| e.to_string()),
+                        Some(o) => o.append(f).map_err(|e| e.to_string()),
                         None => Err("no open epoch".into()),
                     }
                 })(),
@@ -660,7 +668,7 @@ impl Backup {
                         Some(o) => o,
                         None => budget.begin(epoch).map_err(|e| e.to_string())?,
                     };
-                    let closing = o.finish(&h).map_err(|e| e.to_string())?;
+                    let closing = o.finish(&f.header).map_err(|e| e.to_string())?;
                     // The fsync runs on the syncer thread while the next epoch arrives.
                     syncer
                         .send(closing)
@@ -670,7 +678,7 @@ impl Backup {
                 Kind::Abort => {
                     break Err(format!(
                         "the primary aborted: {}",
-                        String::from_utf8_lossy(&payload)
+                        String::from_utf8_lossy(f.payload())
                     ));
                 }
                 other => Err(format!("unexpected {other:?} frame (in sync: {in_sync})")),
@@ -694,7 +702,7 @@ impl Backup {
         &self,
         rx: std::sync::mpsc::Receiver<Closing>,
         id: u64,
-        send: &(dyn Fn(Vec<u8>) -> Result<(), String> + Send + Sync),
+        send: &Sender,
         failed: &Mutex<Option<String>>,
         stream: &TcpStream,
     ) {
@@ -727,7 +735,7 @@ impl Backup {
                 i.epochs.durable(epoch);
             }
             self.changed.notify_all();
-            if let Err(e) = send(wire::encode(Kind::Durable, epoch, 0, &[])) {
+            if let Err(e) = send(Kind::Durable, epoch, &[]) {
                 fail(e);
             }
         }

@@ -148,8 +148,9 @@ The primary's disk daemon. Serves --backing as /dev/nbdN (--device) or on a unix
 to the backup's `remus disk receive`, tagged with its disk epoch. `remus disk cut` closes
 the epoch (the checkpoint controller calls it at the proven suspend point).
 
-At start it connects and authenticates to the backup (same key file as the relay), then
-copies the whole disk in the background (holes skipped) while the guest runs; writes go on
+At start it connects and authenticates to the backup (same key file and handshake as the
+relay; every frame after it is encrypted and authenticated, AES-256-GCM), then copies the
+whole disk in the background (holes skipped) while the guest runs; writes go on
 the same ordered stream. Checkpoints (cuts) are refused until the copy is done:
 `remus disk wait-sync` waits for it.
 
@@ -191,7 +192,8 @@ pub struct ServeArgs {
 const RECEIVE_LONG: &str = "\
 The backup's disk daemon. Accepts one authenticated primary at a time: first the initial
 copy (written straight to --backing), then every epoch held in the journal (--journal;
-RAM up to --ram-cap, every frame CRC-checked, fsync'ed at its cut) and answered DURABLE.
+RAM up to --ram-cap, every frame sealed on the wire and CRC-checked in the journal,
+fsync'ed at its cut) and answered DURABLE.
 
 Nothing reaches the backing before `commit N` (apply every epoch <= N) or `failover N`
 (apply <= N, discard the rest, then serve the disk as --device or --export). A crash

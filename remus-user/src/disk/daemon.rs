@@ -3,8 +3,10 @@
 //! runs until SIGINT/SIGTERM.
 //!
 //! Owns: start-up order, the connection to the backup (relay authentication, then the
-//! disk HELLO), the backup's listener, the primary's control handler, exit codes.
+//! sealed disk HELLO), the backup's listener and its handshake, the primary's control
+//! handler, exit codes.
 //! Never touches: frames, epochs or the journal directly (`primary`, `backup` do).
+use std::io::ErrorKind as IoKind;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,15 +18,17 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::backing::{Backing, BackingError};
 use super::backup::{self, Backup, BackupError};
+use super::channel;
 use super::control::{self, ControlError, DiskStatus, ErrorKind, Handler, Request, Response};
 use super::export::{self, Export, ExportError, ExportSpec};
 use super::genl::{self, GenlError};
 use super::primary::{CutError, DiskTarget, Replicator};
 use super::sys::{self, SysError};
 use super::wire::{self, Kind, WireError};
+use crate::compress::Codec;
 use crate::exit::{ExitCode, HasExitCode};
 use crate::relay::Heartbeat;
-use crate::replication::{self, ClientConfig, Key, Message, ServerConfig};
+use crate::replication::{self, ClientConfig, Key, Keys, Message, Sealer, ServerConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -97,12 +101,19 @@ pub struct ServeOptions {
     pub socket: PathBuf,
 }
 
-/// Connects, authenticates (the relay's handshake and key file), and greets the backup's
-/// disk daemon. Returns a blocking socket in the stream phase.
-pub async fn connect_backup(
-    o: &LinkOptions,
-    size: u64,
-) -> Result<std::net::TcpStream, DaemonError> {
+/// An authenticated, greeted connection to the backup's disk daemon.
+pub struct Link {
+    /// Blocking, in the stream phase.
+    pub stream: std::net::TcpStream,
+    /// Seals every frame sent from now on.
+    pub sealer: Sealer,
+    /// Opens the backup's frames (it read the disk WELCOME; the next frame is its).
+    pub reader: channel::Reader<std::net::TcpStream>,
+}
+
+/// Connects, authenticates (the relay's handshake and key file: from then on every
+/// frame is sealed), and greets the backup's disk daemon.
+pub async fn connect_backup(o: &LinkOptions, size: u64) -> Result<Link, DaemonError> {
     let unreachable = |detail: String| DaemonError::Unreachable {
         addr: o.backup.clone(),
         detail,
@@ -116,48 +127,56 @@ pub async fn connect_backup(
         .map_err(|_| unreachable(format!("no connection within {:?}", o.connect_timeout)))?
         .map_err(|e| unreachable(e.to_string()))?;
     let _ = s.set_nodelay(true);
-    let mut cfg = ClientConfig::new(o.key.clone(), crate::compress::Codec::None, 0);
+    let mut cfg = ClientConfig::new(o.key.clone(), Codec::None, 0);
     cfg.timeout = o.connect_timeout;
-    replication::client_handshake(&mut s, &cfg)
+    let session = replication::client_handshake(&mut s, &cfg)
         .await
         .map_err(|e| refused(format!("authentication: {e}")))?;
-    let mut session = [0u8; 16];
-    rand::rngs::OsRng.fill_bytes(&mut session);
+    let setup = |e: std::io::Error| DaemonError::Setup(format!("socket hand-over: {e}"));
+    let std = s.into_std().map_err(setup)?;
+    std.set_nonblocking(false).map_err(setup)?;
+    std.set_read_timeout(Some(o.connect_timeout))
+        .map_err(setup)?;
+    // The disk greeting, on the blocking socket (its reader then keeps its place).
+    let mut session_id = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut session_id);
     let hello = wire::hello(&wire::Hello {
         min_version: wire::MIN_VERSION,
         max_version: wire::VERSION,
         size,
-        session,
+        session: session_id,
     });
-    tokio::io::AsyncWriteExt::write_all(&mut s, &hello)
-        .await
+    let Keys { sealer, opener } = session.keys;
+    channel::send(&sealer, &mut &std, Kind::Hello, 0, 0, &hello)
         .map_err(|e| unreachable(e.to_string()))?;
-    let f = tokio::time::timeout(o.connect_timeout, wire::read_frame_async(&mut s))
-        .await
-        .map_err(|_| refused("no disk WELCOME in time".into()))?
-        .map_err(|e| match e {
-            WireError::BadMagic(_) => {
-                refused(format!("{e}: is {} a `remus disk receive` port?", o.backup))
-            }
-            e => refused(e.to_string()),
-        })?;
-    match f.kind {
+    let mut reader = channel::Reader::new(std.try_clone().map_err(setup)?, opener);
+    let f = reader.recv().map_err(|e| match e {
+        WireError::Io(e) if matches!(e.kind(), IoKind::WouldBlock | IoKind::TimedOut) => {
+            refused("no disk WELCOME in time".into())
+        }
+        e @ WireError::BadMagic(_) => {
+            refused(format!("{e}: is {} a `remus disk receive` port?", o.backup))
+        }
+        e => refused(e.to_string()),
+    })?;
+    match f.kind() {
         Kind::Welcome => {
-            let (v, bsize) =
-                wire::parse_welcome(&f).ok_or_else(|| refused("malformed WELCOME".into()))?;
+            let (v, bsize) = wire::parse_welcome(f.payload())
+                .ok_or_else(|| refused("malformed WELCOME".into()))?;
             if !(wire::MIN_VERSION..=wire::VERSION).contains(&v) || bsize != size {
                 return Err(refused(format!("version {v}, size {bsize}: not usable")));
             }
         }
-        Kind::Abort => return Err(refused(String::from_utf8_lossy(&f.payload).into_owned())),
+        Kind::Abort => {
+            return Err(refused(String::from_utf8_lossy(f.payload()).into_owned()));
+        }
         other => return Err(refused(format!("unexpected {other:?}"))),
     }
-    let std = s
-        .into_std()
-        .map_err(|e| DaemonError::Setup(format!("socket hand-over: {e}")))?;
-    std.set_nonblocking(false)
-        .map_err(|e| DaemonError::Setup(format!("socket hand-over: {e}")))?;
-    Ok(std)
+    Ok(Link {
+        stream: std,
+        sealer,
+        reader,
+    })
 }
 
 /// SIGINT or SIGTERM.
@@ -282,9 +301,16 @@ pub async fn serve(o: ServeOptions) -> Result<(), DaemonError> {
     let mlocked = lock_if_kernel(&o.export)?;
     let repl = match &o.backup {
         Some(l) => {
-            let s = connect_backup(l, backing.size()).await?;
-            tracing::info!(backup = %l.backup, "authenticated to the backup: initial synchronisation starts");
-            let r = Replicator::new(s, l.backup.clone(), l.heartbeat, l.queue_bytes);
+            let link = connect_backup(l, backing.size()).await?;
+            tracing::info!(backup = %l.backup, "authenticated to the backup (sealed channel): initial synchronisation starts");
+            let r = Replicator::new(
+                link.stream,
+                link.sealer,
+                link.reader,
+                l.backup.clone(),
+                l.heartbeat,
+                l.queue_bytes,
+            );
             r.start().map_err(|e| {
                 DaemonError::Setup(format!("starting the replication threads: {e}"))
             })?;
@@ -346,16 +372,21 @@ async fn accept(stream: TcpStream, peer: SocketAddr, b: Arc<Backup>, key: Key, t
     let mut s = stream;
     let _ = s.set_nodelay(true);
     let cfg = ServerConfig { key, timeout };
-    if let Err(e) = replication::server_handshake(&mut s, &cfg).await {
-        tracing::warn!(%peer, error = %e, "refused a connection (authentication)");
-        return;
-    }
+    let session = match replication::server_handshake(&mut s, &cfg).await {
+        Ok(session) => session,
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "refused a connection (authentication)");
+            return;
+        }
+    };
+    // From here every frame is sealed, the refusal too.
+    let sealer = session.keys.sealer.clone();
     if let Some(why) = b.refusal() {
         tracing::warn!(%peer, reason = %why, "refused a primary");
-        let _ = replication::send(&mut s, &Message::abort(why)).await;
+        let _ = sealer.send(&mut s, &Message::abort(why)).await;
         return;
     }
-    if replication::send(&mut s, &Message::Welcome).await.is_err() {
+    if sealer.send(&mut s, &Message::Welcome).await.is_err() {
         return;
     }
     let std = match s
@@ -372,7 +403,7 @@ async fn accept(stream: TcpStream, peer: SocketAddr, b: Arc<Backup>, key: Key, t
         .name("disk-session".into())
         .spawn(move || {
             let _ = sys::io_flusher();
-            b.run_session(std, peer.to_string())
+            b.run_session(std, session.keys, peer.to_string())
         });
 }
 

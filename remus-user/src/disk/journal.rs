@@ -16,7 +16,7 @@
 //!   each record overwrites its whole range, so a replay of any prefix ends the same.
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufWriter, IoSlice, Write};
+use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex};
 use zerocopy::IntoBytes;
 
 use super::backing::Backing;
+use super::channel::Received;
 use super::epochs::Epochs;
 use super::wire::{self, HEADER_LEN, Header, Kind};
 
@@ -102,8 +103,8 @@ pub struct Record {
     pub len: u64,
     /// Where its frame starts in the epoch file.
     pub pos: u64,
-    /// The data, while the RAM cap allows.
-    pub data: Option<Vec<u8>>,
+    /// The whole frame as received (header, then data), while the RAM cap allows.
+    pub frame: Option<Vec<u8>>,
 }
 
 /// One complete epoch: its file and records.
@@ -281,10 +282,11 @@ impl OpenEpoch {
         self.log.epoch
     }
 
-    /// Appends a WRITE or ZERO frame (already CRC-checked), as received.
-    pub fn append(&mut self, h: &Header, payload: Vec<u8>) -> Result<(), JournalError> {
+    /// Appends a WRITE or ZERO frame (opened and checked by the channel), as received.
+    pub fn append(&mut self, f: Received) -> Result<(), JournalError> {
         let b = &self.budget;
-        let flen = (HEADER_LEN + payload.len()) as u64;
+        let flen = f.frame.len() as u64;
+        let plen = (f.frame.len() - HEADER_LEN) as u64;
         let would = b.held.load(Ordering::Relaxed) + flen;
         if would > b.max_bytes {
             return Err(JournalError::Full {
@@ -293,47 +295,37 @@ impl OpenEpoch {
                 max: b.max_bytes,
             });
         }
-        let kind = Kind::from_wire(h.kind.get());
-        let keep = kind == Kind::Write
-            && b.ram.load(Ordering::Relaxed) + payload.len() as u64 <= b.ram_cap;
+        let kind = f.kind();
+        let keep = kind == Kind::Write && b.ram.load(Ordering::Relaxed) + plen <= b.ram_cap;
         let len = match kind {
-            Kind::Zero => {
-                let mut z = [0u8; 8];
-                z.copy_from_slice(&payload[..8]);
-                u64::from_le_bytes(z)
-            }
-            _ => payload.len() as u64,
+            Kind::Zero => wire::zero_len(f.payload()),
+            _ => plen,
         };
         let path = &self.log.path;
-        if payload.len() >= 64 << 10 {
-            // Large: one writev of header and data, no copy through the buffer.
+        if f.frame.len() >= 64 << 10 {
+            // Large: written as it is, no copy through the buffer.
             self.writer
                 .flush()
-                .and_then(|_| {
-                    crate::disk::nbd::server::write_all_vectored(
-                        self.writer.get_mut(),
-                        &mut [IoSlice::new(h.as_bytes()), IoSlice::new(&payload)],
-                    )
-                })
+                .and_then(|_| self.writer.get_mut().write_all(&f.frame))
                 .map_err(jerr(path, "appending"))?;
         } else {
             self.writer
-                .write_all(h.as_bytes())
-                .and_then(|_| self.writer.write_all(&payload))
+                .write_all(&f.frame)
                 .map_err(jerr(path, "appending"))?;
         }
         let pos = self.log.bytes;
         self.log.bytes += flen;
         b.held.fetch_add(flen, Ordering::Relaxed);
-        let ram = if keep { payload.len() as u64 } else { 0 };
+        let ram = if keep { plen } else { 0 };
         self.log.ram += ram;
         b.ram.fetch_add(ram, Ordering::Relaxed);
+        let offset = f.offset();
         self.log.records.push(Record {
             kind,
-            offset: h.offset.get(),
+            offset,
             len,
             pos,
-            data: keep.then_some(payload),
+            frame: keep.then_some(f.frame),
         });
         Ok(())
     }
@@ -594,14 +586,14 @@ fn scan(epoch: u64, path: &Path) -> Option<EpochLog> {
                 offset: fr.offset,
                 len: fr.payload.len() as u64,
                 pos,
-                data: None,
+                frame: None,
             }),
             Kind::Zero => records.push(Record {
                 kind: Kind::Zero,
                 offset: fr.offset,
-                len: wire::zero_len(&fr),
+                len: wire::zero_len(&fr.payload),
                 pos,
-                data: None,
+                frame: None,
             }),
             // A reused file may go on with an older epoch's frames: this CUT ends it.
             Kind::Cut => {
@@ -638,8 +630,8 @@ pub fn apply(
         match r.kind {
             Kind::Write => {
                 let owned;
-                let data: &[u8] = match &r.data {
-                    Some(d) => d,
+                let data: &[u8] = match &r.frame {
+                    Some(f) => &f[HEADER_LEN..],
                     None => {
                         if file.is_none() {
                             file =
@@ -672,21 +664,27 @@ mod tests {
     use super::*;
     use crate::disk::wire::header;
 
+    /// A frame as the channel hands it over.
+    fn rx(kind: Kind, epoch: u64, off: u64, payload: &[u8]) -> Received {
+        Received {
+            header: header(kind, epoch, off, payload),
+            frame: wire::encode(kind, epoch, off, payload),
+        }
+    }
+
     struct Quiet;
     impl ApplyObserver for Quiet {
         fn record_applied(&self, _: u64, _: usize) {}
     }
 
     fn write(o: &mut OpenEpoch, off: u64, byte: u8, len: usize) {
-        let data = vec![byte; len];
-        let h = header(Kind::Write, o.epoch(), off, &data);
-        o.append(&h, data).unwrap();
+        o.append(rx(Kind::Write, o.epoch(), off, &vec![byte; len]))
+            .unwrap();
     }
 
     fn zero(o: &mut OpenEpoch, off: u64, len: u64) {
-        let p = len.to_le_bytes().to_vec();
-        let h = header(Kind::Zero, o.epoch(), off, &p);
-        o.append(&h, p).unwrap();
+        o.append(rx(Kind::Zero, o.epoch(), off, &len.to_le_bytes()))
+            .unwrap();
     }
 
     fn cut(j: &mut Journal, o: OpenEpoch) {
@@ -781,7 +779,7 @@ mod tests {
         cut(&mut j, o);
         assert_eq!(j.ram_bytes(), 8192);
         let logs = j.take(1, 1).unwrap();
-        assert!(logs[0].records[2].data.is_none());
+        assert!(logs[0].records[2].frame.is_none());
         let b = backing(d.path(), 16384);
         apply(&logs[0], &b, &Quiet).unwrap();
         let img = image(&b);
@@ -796,10 +794,8 @@ mod tests {
         let (j, _) = Journal::open(&d.path().join("j"), 10_000, 0).unwrap();
         let mut o = j.budget().begin(1).unwrap();
         write(&mut o, 0, 1, 4096);
-        let data = vec![0u8; 8192];
-        let h = header(Kind::Write, 1, 0, &data);
         assert!(matches!(
-            o.append(&h, data),
+            o.append(rx(Kind::Write, 1, 0, &[0u8; 8192])),
             Err(JournalError::Full { epoch: 1, .. })
         ));
         o.abandon();

@@ -11,7 +11,7 @@
 //! ```text
 //!  guest ─blkfront═blkback─► /dev/nbdN ─(socket pair)─► remus disk serve ─► backing (local)
 //!                                                          │  WRITE{N,off,data}, CUT{N}
-//!                                                          ▼  (relay auth, ordered, CRC)
+//!                                                          ▼  (relay auth, sealed, ordered)
 //!                                    remus disk receive ─► journal (epoch files, fsync at CUT)
 //!                                          │ commit(N) / failover(N): apply epochs <= N
 //!                                          ▼
@@ -22,7 +22,8 @@
 //! - `nbd`: the NBD protocol (handshake, transmission, a client), `backing`: the local
 //!   file or device, `genl`: the kernel's nbd generic-netlink family, `export`: serving a
 //!   target as /dev/nbdN or a unix socket, `sys`: mlock and the I/O-flusher flag.
-//! - `wire`: the primary↔backup frames, `epochs`: the backup's epoch rules (pure),
+//! - `wire`: the primary↔backup frames, `channel`: those frames sealed with the relay's
+//!   keys (AES-256-GCM) on the way, `epochs`: the backup's epoch rules (pure),
 //!   `journal`: the backup's epoch files and state.
 //! - `primary`: the write path, send queue and initial sync; `backup`: sessions, commits,
 //!   failover; `daemon`: the two daemons' start-up; `control`: their control socket;
@@ -33,6 +34,7 @@
 pub mod backing;
 pub mod backup;
 pub mod barrier;
+pub mod channel;
 pub mod cli;
 pub mod control;
 pub mod daemon;

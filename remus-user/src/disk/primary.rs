@@ -13,7 +13,7 @@
 //!           ─► lock(order) { pwrite local; push WRITE{epoch,off,data} } ─► reply
 //!  cut()    ─► lock(order) { push CUT{epoch}; epoch += 1 }           (returns the closed N)
 //!  sync     ─► read a chunk unlocked; lock(order) { if no write touched it: push SYNC_DATA }
-//!  sender   ─► pops in order, computes headers and CRCs, writev to the backup
+//!  sender   ─► pops in order, heads and seals each frame in place, writev to the backup
 //!  reader   ─► SYNCED, DURABLE{N}, HEARTBEAT, ABORT; silence past the timeout = lost
 //! ```
 //!
@@ -21,18 +21,18 @@
 //! there. When it is lost (error, ABORT, silence), the queue is emptied, writers are
 //! released, `cut()` fails with [`CutError::Lost`], and the guest runs unprotected.
 use std::collections::VecDeque;
-use std::io::{self, BufReader, IoSlice, Write};
+use std::io::{self, IoSlice};
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use zerocopy::IntoBytes;
-
 use super::backing::Backing;
-use super::nbd::server::{Target, write_all_vectored};
-use super::wire::{self, Kind, WireError};
+use super::channel::{self, ROOM};
+use super::nbd::server::{Target, WriteBuf, write_all_vectored};
+use super::wire::{Kind, WireError};
 use crate::relay::Heartbeat;
+use crate::replication::Sealer;
 
 /// Bytes of one initial-synchronisation read.
 pub const SYNC_CHUNK: usize = 1 << 20;
@@ -61,12 +61,20 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// One frame waiting to be sent; its header is built by the sender.
+/// One frame waiting to be sent: a `channel` buffer (room, then the payload); the
+/// sender heads and seals it in place.
 struct Item {
     kind: Kind,
     epoch: u64,
     offset: u64,
-    data: Vec<u8>,
+    frame: Vec<u8>,
+}
+
+/// A `channel` buffer holding a copy of `payload` (small payloads; rare large ones).
+fn framed(payload: &[u8]) -> Vec<u8> {
+    let mut v = channel::buffer(payload.len());
+    v.extend_from_slice(payload);
+    v
 }
 
 struct Queue {
@@ -107,6 +115,10 @@ pub struct Replicator {
     progress: Mutex<Progress>,
     changed: Condvar,
     stream: TcpStream,
+    /// Seals every frame to the backup (only the sender thread sends).
+    sealer: Sealer,
+    /// The backup's frames, opened (taken by the reader thread at start).
+    reader: Mutex<Option<channel::Reader<TcpStream>>>,
     heartbeat: Heartbeat,
     pub peer: String,
     pub counters: Counters,
@@ -115,9 +127,13 @@ pub struct Replicator {
 }
 
 impl Replicator {
-    /// Wraps an authenticated, greeted connection. Threads start with [`Replicator::start`].
+    /// Wraps an authenticated, greeted connection: its socket, the session's sealer and
+    /// the reader that opened the backup's frames so far. Threads start with
+    /// [`Replicator::start`].
     pub fn new(
         stream: TcpStream,
+        sealer: Sealer,
+        reader: channel::Reader<TcpStream>,
         peer: String,
         heartbeat: Heartbeat,
         cap: usize,
@@ -136,6 +152,8 @@ impl Replicator {
             progress: Mutex::new(Progress::default()),
             changed: Condvar::new(),
             stream,
+            sealer,
+            reader: Mutex::new(Some(reader)),
             heartbeat,
             peer,
             counters: Counters::default(),
@@ -164,13 +182,14 @@ impl Replicator {
             .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
     }
 
-    /// Queues a frame (call with the order lock held). Dropped when the backup is lost.
-    fn push(&self, kind: Kind, epoch: u64, offset: u64, data: Vec<u8>) {
+    /// Queues a frame, `frame` being a `channel` buffer (call with the order lock held).
+    /// Dropped when the backup is lost.
+    fn push(&self, kind: Kind, epoch: u64, offset: u64, frame: Vec<u8>) {
         let mut q = lock(&self.q);
         if q.lost.is_some() {
             return;
         }
-        q.bytes += data.len();
+        q.bytes += frame.len() - ROOM;
         let urgent = matches!(kind, Kind::Cut | Kind::SyncDone);
         q.urgent |= urgent;
         let wake = if q.lingering {
@@ -182,7 +201,7 @@ impl Replicator {
             kind,
             epoch,
             offset,
-            data,
+            frame,
         });
         drop(q);
         if wake {
@@ -278,7 +297,9 @@ impl Replicator {
 
     /// Starts the sender and the backup reader.
     pub fn start(self: &Arc<Self>) -> io::Result<()> {
-        let reader = self.stream.try_clone()?;
+        let reader = lock(&self.reader).take().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::AlreadyExists, "the replicator was started")
+        })?;
         let me = self.clone();
         std::thread::Builder::new()
             .name("disk-sender".into())
@@ -293,9 +314,8 @@ impl Replicator {
     fn send_loop(self: Arc<Self>) {
         let _ = super::sys::io_flusher();
         let mut w = &self.stream;
-        let mut headers: Vec<wire::Header> = Vec::new();
         loop {
-            let batch: Vec<Item> = {
+            let mut batch: Vec<Item> = {
                 let mut q = lock(&self.q);
                 loop {
                     if q.lost.is_some() {
@@ -333,9 +353,9 @@ impl Replicator {
                 let mut out = Vec::new();
                 let mut bytes = 0usize;
                 while let Some(it) = q.items.pop_front() {
-                    bytes += it.data.len();
+                    bytes += it.frame.len() - ROOM;
                     out.push(it);
-                    if bytes >= MAX_BATCH_BYTES || out.len() >= MAX_IOV / 2 {
+                    if bytes >= MAX_BATCH_BYTES || out.len() >= MAX_IOV {
                         break;
                     }
                 }
@@ -346,27 +366,25 @@ impl Replicator {
                 out
             };
             if batch.is_empty() {
-                if let Err(e) = w.write_all(&wire::encode(Kind::Heartbeat, 0, 0, &[])) {
+                if let Err(e) = channel::send(&self.sealer, &mut w, Kind::Heartbeat, 0, 0, &[]) {
                     self.lose(format!("sending a heartbeat: {e}"));
                     return;
                 }
                 continue;
             }
-            headers.clear();
-            headers.extend(
-                batch
-                    .iter()
-                    .map(|it| wire::header(it.kind, it.epoch, it.offset, &it.data)),
-            );
-            let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 2);
-            let mut bytes = 0usize;
-            for (h, it) in headers.iter().zip(&batch) {
-                iov.push(IoSlice::new(h.as_bytes()));
-                if !it.data.is_empty() {
-                    iov.push(IoSlice::new(&it.data));
+            // Head and seal in place (the encryption is the one pass over the data).
+            let (mut bytes, mut wire_bytes) = (0usize, 0usize);
+            for it in &mut batch {
+                bytes += it.frame.len() - ROOM;
+                channel::head(&mut it.frame, it.kind, it.epoch, it.offset);
+                if let Err(e) = channel::seal(&self.sealer, &mut it.frame) {
+                    self.lose(format!("sealing a frame: {e}"));
+                    return;
                 }
-                bytes += it.data.len();
+                wire_bytes += it.frame.len();
             }
+            let mut iov: Vec<IoSlice<'_>> =
+                batch.iter().map(|it| IoSlice::new(&it.frame)).collect();
             if let Err(e) = write_all_vectored(&mut w, &mut iov) {
                 self.lose(format!("sending to the backup: {e}"));
                 return;
@@ -374,10 +392,9 @@ impl Replicator {
             self.counters
                 .sent_frames
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
-            self.counters.sent_bytes.fetch_add(
-                (bytes + batch.len() * wire::HEADER_LEN) as u64,
-                Ordering::Relaxed,
-            );
+            self.counters
+                .sent_bytes
+                .fetch_add(wire_bytes as u64, Ordering::Relaxed);
             {
                 let mut q = lock(&self.q);
                 q.bytes = q.bytes.saturating_sub(bytes);
@@ -386,15 +403,14 @@ impl Replicator {
         }
     }
 
-    fn read_loop(self: Arc<Self>, s: TcpStream) {
-        if let Err(e) = s.set_read_timeout(Some(self.heartbeat.timeout)) {
+    fn read_loop(self: Arc<Self>, mut r: channel::Reader<TcpStream>) {
+        if let Err(e) = r.get_ref().set_read_timeout(Some(self.heartbeat.timeout)) {
             self.lose(format!("setting the read timeout: {e}"));
             return;
         }
-        let mut r = BufReader::new(s);
         loop {
-            match wire::read_frame(&mut r) {
-                Ok(f) => match f.kind {
+            match r.recv() {
+                Ok(f) => match f.kind() {
                     Kind::Heartbeat => {}
                     Kind::Synced => {
                         if let Some(t) = *lock(&self.sync_started) {
@@ -406,14 +422,14 @@ impl Replicator {
                     }
                     Kind::Durable => {
                         let mut p = lock(&self.progress);
-                        p.durable = p.durable.max(f.epoch);
+                        p.durable = p.durable.max(f.epoch());
                         drop(p);
                         self.changed.notify_all();
                     }
                     Kind::Abort => {
                         self.lose(format!(
                             "the backup aborted: {}",
-                            String::from_utf8_lossy(&f.payload)
+                            String::from_utf8_lossy(f.payload())
                         ));
                         return;
                     }
@@ -537,18 +553,33 @@ impl DiskTarget {
                     total: self.backing.size(),
                 });
             }
-            r.push(Kind::Cut, o.epoch, 0, Vec::new());
+            r.push(Kind::Cut, o.epoch, 0, channel::buffer(0));
         }
         let closed = o.epoch;
         o.epoch += 1;
         Ok(closed)
     }
 
+    /// Queues a write's data as WRITE frames: in place when it arrived behind the
+    /// channel's room and fits one frame, else copied into frames of at most
+    /// `channel::MAX_DATA` bytes (all in the same epoch, in order).
+    fn push_write(r: &Replicator, epoch: u64, offset: u64, data: WriteBuf) {
+        let (buf, room) = data.into_parts();
+        if room == ROOM && buf.len() - room <= channel::MAX_DATA {
+            r.push(Kind::Write, epoch, offset, buf);
+            return;
+        }
+        for (i, c) in buf[room..].chunks(channel::MAX_DATA).enumerate() {
+            let at = offset + (i * channel::MAX_DATA) as u64;
+            r.push(Kind::Write, epoch, at, framed(c));
+        }
+    }
+
     /// A local write failed: stream what the range holds now, so both sides stay equal.
     fn push_readback(&self, r: &Replicator, epoch: u64, offset: u64, len: usize) {
         let mut cur = vec![0u8; len];
         match self.backing.read_at(&mut cur, offset) {
-            Ok(()) => r.push(Kind::Write, epoch, offset, cur),
+            Ok(()) => Self::push_write(r, epoch, offset, WriteBuf::from_vec(cur)),
             Err(e) => r.lose(format!(
                 "local I/O error at offset {offset} and its range cannot be read back ({e}): \
                  the backup could differ"
@@ -579,7 +610,6 @@ impl DiskTarget {
     fn sync(&self, r: &Replicator) -> io::Result<()> {
         let size = self.backing.size();
         let mut pos = 0u64;
-        let mut buf = vec![0u8; SYNC_CHUNK];
         while pos < size {
             if r.lost().is_some() {
                 return Ok(());
@@ -591,7 +621,7 @@ impl DiskTarget {
                 let _o = lock(&self.order);
                 let (start, end) = self.backing.next_data(pos)?.unwrap_or((size, size));
                 if start > pos {
-                    r.push(Kind::SyncZero, 0, pos, (start - pos).to_le_bytes().to_vec());
+                    r.push(Kind::SyncZero, 0, pos, framed(&(start - pos).to_le_bytes()));
                     r.counters
                         .sync_zeroed
                         .fetch_add(start - pos, Ordering::Relaxed);
@@ -602,6 +632,9 @@ impl DiskTarget {
             while at < end {
                 let n = ((end - at) as usize).min(SYNC_CHUNK);
                 r.reserve(n, true);
+                // Read behind the channel's room: the chunk is sent from this buffer.
+                let mut buf = channel::buffer(n);
+                buf.resize(ROOM + n, 0);
                 let mut tries = 0;
                 loop {
                     if r.lost().is_some() {
@@ -614,15 +647,15 @@ impl DiskTarget {
                         o.dirty = false;
                         if tries > 3 {
                             // A hot range: read it under the lock this time.
-                            self.backing.read_at(&mut buf[..n], at)?;
-                            self.push_sync(r, &mut o, at, &buf[..n]);
+                            self.backing.read_at(&mut buf[ROOM..], at)?;
+                            self.push_sync(r, &mut o, at, buf);
                             break;
                         }
                     }
-                    self.backing.read_at(&mut buf[..n], at)?;
+                    self.backing.read_at(&mut buf[ROOM..], at)?;
                     let mut o = lock(&self.order);
                     if !o.dirty {
-                        self.push_sync(r, &mut o, at, &buf[..n]);
+                        self.push_sync(r, &mut o, at, buf);
                         break;
                     }
                 }
@@ -631,27 +664,21 @@ impl DiskTarget {
             pos = end.max(pos + 1);
         }
         let o = lock(&self.order);
-        r.push(Kind::SyncDone, o.epoch, 0, Vec::new());
+        r.push(Kind::SyncDone, o.epoch, 0, channel::buffer(0));
         Ok(())
     }
 
-    fn push_sync(&self, r: &Replicator, o: &mut MutexGuard<'_, Order>, at: u64, chunk: &[u8]) {
+    /// Queues one chunk read at `at` (`frame`: a `channel` buffer): as SYNC_ZERO if it
+    /// reads zeroes, else as SYNC_DATA from the buffer it was read into.
+    fn push_sync(&self, r: &Replicator, o: &mut MutexGuard<'_, Order>, at: u64, frame: Vec<u8>) {
         o.window = None;
-        if chunk.iter().all(|&b| b == 0) {
-            r.push(
-                Kind::SyncZero,
-                0,
-                at,
-                (chunk.len() as u64).to_le_bytes().to_vec(),
-            );
-            r.counters
-                .sync_zeroed
-                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        let n = (frame.len() - ROOM) as u64;
+        if channel::payload(&frame).iter().all(|&b| b == 0) {
+            r.push(Kind::SyncZero, 0, at, framed(&n.to_le_bytes()));
+            r.counters.sync_zeroed.fetch_add(n, Ordering::Relaxed);
         } else {
-            r.push(Kind::SyncData, 0, at, chunk.to_vec());
-            r.counters
-                .sync_copied
-                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            r.push(Kind::SyncData, 0, at, frame);
+            r.counters.sync_copied.fetch_add(n, Ordering::Relaxed);
         }
     }
 
@@ -673,7 +700,7 @@ impl DiskTarget {
             o.touch(offset, len);
             if let Some(r) = &self.repl {
                 match &res {
-                    Ok(true) => r.push(Kind::Zero, o.epoch, offset, len.to_le_bytes().to_vec()),
+                    Ok(true) => r.push(Kind::Zero, o.epoch, offset, framed(&len.to_le_bytes())),
                     Ok(false) => {}
                     Err(_) => {
                         if len <= super::nbd::MAX_REQUEST as u64 {
@@ -708,18 +735,25 @@ impl Target for DiskTarget {
         self.backing.read_at(buf, offset)
     }
 
-    fn write(&self, data: Vec<u8>, offset: u64, fua: bool) -> io::Result<()> {
+    fn write_room(&self) -> (usize, usize) {
+        match self.repl {
+            Some(_) => (ROOM, channel::TAIL),
+            None => (0, 0),
+        }
+    }
+
+    fn write(&self, data: WriteBuf, offset: u64, fua: bool) -> io::Result<()> {
         let len = data.len();
         if let Some(r) = &self.repl {
             r.reserve(len, false);
         }
         let res = {
             let mut o = lock(&self.order);
-            let res = self.backing.write_at(&data, offset, false);
+            let res = self.backing.write_at(data.data(), offset, false);
             o.touch(offset, len as u64);
             if let Some(r) = &self.repl {
                 match &res {
-                    Ok(()) => r.push(Kind::Write, o.epoch, offset, data),
+                    Ok(()) => Self::push_write(r, o.epoch, offset, data),
                     Err(_) => self.push_readback(r, o.epoch, offset, len),
                 }
             }
@@ -760,33 +794,58 @@ mod tests {
         Heartbeat::new(Duration::from_millis(100), Duration::from_secs(5)).unwrap()
     }
 
+    /// The backup's end of the sealed channel, played by the test (a fake backup, named
+    /// so: it only reads frames and answers SYNCED).
+    struct FakeBackup {
+        r: channel::Reader<TcpStream>,
+        w: TcpStream,
+        sealer: Sealer,
+    }
+
+    impl FakeBackup {
+        fn next(&mut self) -> channel::Received {
+            self.r.recv().unwrap()
+        }
+
+        /// Reads frames until SYNC_DONE, answers SYNCED; returns the frames read.
+        fn sync(&mut self) -> Vec<channel::Received> {
+            let mut got = Vec::new();
+            loop {
+                let f = self.next();
+                let done = f.kind() == Kind::SyncDone;
+                got.push(f);
+                if done {
+                    channel::send(&self.sealer, &mut self.w, Kind::Synced, 0, 0, &[]).unwrap();
+                    return got;
+                }
+            }
+        }
+    }
+
     /// A primary target on a temp file, replicating to a socket the test plays the
-    /// backup on (a fake backup, named so: it only reads frames and answers SYNCED).
-    fn setup(size: u64, cap: usize) -> (tempfile::TempDir, Arc<DiskTarget>, TcpStream) {
+    /// backup on.
+    fn setup(size: u64, cap: usize) -> (tempfile::TempDir, Arc<DiskTarget>, FakeBackup) {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("p.img");
         std::fs::File::create(&p).unwrap().set_len(size).unwrap();
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (b, _) = l.accept().unwrap();
-        let r = Replicator::new(c, "fake".into(), hb(), cap);
+        let (pk, bk) = crate::replication::seal::test_pair(crate::replication::seal::LIMITS);
+        let reader = channel::Reader::new(c.try_clone().unwrap(), pk.opener);
+        let r = Replicator::new(c, pk.sealer, reader, "fake".into(), hb(), cap);
         r.start().unwrap();
         let t = DiskTarget::new(Arc::new(Backing::open(&p).unwrap()), Some(r));
-        (d, t, b)
+        let fake = FakeBackup {
+            r: channel::Reader::new(b.try_clone().unwrap(), bk.opener),
+            w: b,
+            sealer: bk.sealer,
+        };
+        (d, t, fake)
     }
 
-    /// Reads frames until SYNC_DONE, answers SYNCED; returns the frames read.
-    fn sync(b: &mut TcpStream) -> Vec<wire::Frame> {
-        let mut got = Vec::new();
-        loop {
-            let f = wire::read_frame(b).unwrap();
-            let done = f.kind == Kind::SyncDone;
-            got.push(f);
-            if done {
-                b.write_all(&wire::encode(Kind::Synced, 0, 0, &[])).unwrap();
-                return got;
-            }
-        }
+    fn write(t: &DiskTarget, data: Vec<u8>, offset: u64) {
+        t.write(WriteBuf::from_vec(data), offset, false).unwrap();
     }
 
     #[test]
@@ -794,7 +853,7 @@ mod tests {
         let (_d, t, mut b) = setup(1 << 20, 8 << 20);
         assert!(matches!(t.cut(), Err(CutError::NotInSync { .. })));
         t.start_sync().unwrap();
-        sync(&mut b);
+        b.sync();
         let r = t.replicator().unwrap().clone();
         assert!(r.wait_sync(Duration::from_secs(10)).unwrap());
         // Two writers on overlapping ranges, cuts in between.
@@ -803,8 +862,7 @@ mod tests {
                 let t = t.clone();
                 std::thread::spawn(move || {
                     for i in 0..50u64 {
-                        t.write(vec![k * 100 + (i % 100) as u8; 4096], (i % 8) * 2048, false)
-                            .unwrap();
+                        write(&t, vec![k * 100 + (i % 100) as u8; 4096], (i % 8) * 2048);
                     }
                 })
             })
@@ -824,15 +882,15 @@ mod tests {
         let mut img = vec![0u8; 1 << 20];
         let mut epoch = 1;
         loop {
-            let f = wire::read_frame(&mut b).unwrap();
-            match f.kind {
+            let f = b.next();
+            match f.kind() {
                 Kind::Write => {
-                    assert_eq!(f.epoch, epoch);
-                    img[f.offset as usize..f.offset as usize + f.payload.len()]
-                        .copy_from_slice(&f.payload);
+                    assert_eq!(f.epoch(), epoch);
+                    let at = f.offset() as usize;
+                    img[at..at + f.payload().len()].copy_from_slice(f.payload());
                 }
                 Kind::Cut => {
-                    assert_eq!(f.epoch, epoch);
+                    assert_eq!(f.epoch(), epoch);
                     if epoch == 4 {
                         break;
                     }
@@ -851,7 +909,7 @@ mod tests {
     fn a_full_queue_holds_writers_until_the_backup_is_lost() {
         let (_d, t, mut b) = setup(64 << 20, 1 << 20);
         t.start_sync().unwrap();
-        sync(&mut b);
+        b.sync();
         let r = t.replicator().unwrap().clone();
         r.wait_sync(Duration::from_secs(10)).unwrap();
         // The fake backup stops reading: socket buffers fill, then the 1 MiB queue.
@@ -859,7 +917,7 @@ mod tests {
             let t = t.clone();
             std::thread::spawn(move || {
                 for i in 0..256u64 {
-                    t.write(vec![7u8; 1 << 20], (i % 64) << 20, false).unwrap();
+                    write(&t, vec![7u8; 1 << 20], (i % 64) << 20);
                 }
             })
         };
@@ -880,5 +938,35 @@ mod tests {
         assert!(matches!(t.cut(), Err(CutError::Lost(_))));
         assert_eq!(r.queued_bytes(), 0, "the queue is released");
         drop(b);
+    }
+
+    #[test]
+    fn a_write_larger_than_one_sealed_frame_goes_as_several_in_its_epoch() {
+        let (_d, t, mut b) = setup(32 << 20, 64 << 20);
+        t.start_sync().unwrap();
+        b.sync();
+        let r = t.replicator().unwrap().clone();
+        assert!(r.wait_sync(Duration::from_secs(10)).unwrap());
+        let big: Vec<u8> = (0..channel::MAX_DATA * 2 + 4096)
+            .map(|i| (i % 253) as u8)
+            .collect();
+        write(&t, big.clone(), 4096);
+        assert_eq!(t.cut().unwrap(), 1);
+        let mut got = Vec::new();
+        loop {
+            let f = b.next();
+            match f.kind() {
+                Kind::Write => {
+                    assert_eq!(f.epoch(), 1);
+                    assert_eq!(f.offset(), 4096 + got.len() as u64);
+                    assert!(f.payload().len() <= channel::MAX_DATA);
+                    got.extend_from_slice(f.payload());
+                }
+                Kind::Cut => break,
+                Kind::Heartbeat => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(got == big, "the frames carry the write, in order");
     }
 }

@@ -1,13 +1,16 @@
 //! The disk stream between `remus disk serve` (primary) and `remus disk receive`
-//! (backup): typed frames after the relay's authentication.
+//! (backup): typed frames after the relay's authentication, each carried sealed by the
+//! relay's channel (`channel`).
 //!
 //! Owns: the frame layout, kinds, the version, CRC checks, size limits. Never touches:
-//! sockets beyond the reader/writer it is handed, the backing, epochs' meaning.
+//! sockets beyond the reader/writer it is handed, sealing (`channel`), the backing,
+//! epochs' meaning.
 //!
 //! ```text
 //!  primary (disk serve)                          backup (disk receive)
 //!  TCP connect ─────────────────────────────────► (relay handshake: HELLO CHALLENGE
-//!  ◄──────────── replication::auth ────────────►   AUTH WELCOME, the same key file)
+//!  ◄──────────── replication::auth ────────────►   AUTH, sealed WELCOME; the same key
+//!  ═════ from here every frame below travels sealed (`channel`: AES-256-GCM) ═════
 //!  D_HELLO{versions, size, session} ────────────►  size must match its backing
 //!                              ◄──────────────── D_WELCOME{version, size}
 //!  SYNC_DATA{off,data} / SYNC_ZERO{off,len} ────►  written straight to the backing
@@ -25,18 +28,22 @@
 //! length, CRC-32 of the header with the CRC field zeroed and then the payload, epoch,
 //! offset) and the payload, at most [`MAX_PAYLOAD`] bytes, checked before anything is
 //! allocated. Kind 0 is `Invalid`, so zeroed or unknown bytes never parse. The backup's
-//! journal stores WRITE, ZERO and CUT frames exactly as received, CRC included.
+//! journal stores WRITE, ZERO and CUT frames exactly as received, CRC included: on the
+//! wire the seal protects them, in the journal the CRC does.
 use std::io::{self, Read};
 
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 pub const MAGIC: [u8; 4] = *b"RMDK";
-/// The disk stream version this build speaks (independent of the relay's).
-pub const VERSION: u16 = 1;
-pub const MIN_VERSION: u16 = 1;
-/// Largest payload: one NBD request (32 MiB) or one sync chunk.
-pub const MAX_PAYLOAD: u32 = 32 << 20;
+/// The disk stream version this build speaks (independent of the relay's). Version 2
+/// travels sealed (relay protocol 3); version 1 sent its frames in clear and is refused
+/// already by the relay's handshake.
+pub const VERSION: u16 = 2;
+pub const MIN_VERSION: u16 = 2;
+/// Largest payload of one frame (a larger NBD write is sent as several WRITE frames of
+/// the same epoch: one sealed replication frame holds at most 16 MiB).
+pub const MAX_PAYLOAD: u32 = 8 << 20;
 pub const MAX_REASON: usize = 1024;
 pub const HEADER_LEN: usize = std::mem::size_of::<Header>();
 
@@ -147,6 +154,14 @@ pub enum WireError {
     Crc(Kind),
     #[error("disk stream: the peer closed the connection")]
     Closed,
+    #[error("disk stream: {0}")]
+    Channel(crate::replication::WireError),
+    #[error(
+        "disk stream: a sealed {0:?} frame where disk frames travel as DATA (a relay on a disk port?)"
+    )]
+    NotDisk(crate::replication::Kind),
+    #[error("disk stream: a sealed frame of {0} bytes does not hold one whole disk frame")]
+    Short(usize),
 }
 
 /// One decoded frame.
@@ -201,6 +216,7 @@ pub fn encode(kind: Kind, epoch: u64, offset: u64, payload: &[u8]) -> Vec<u8> {
     v
 }
 
+/// HELLO's payload.
 pub fn hello(h: &Hello) -> Vec<u8> {
     let w = HelloWire {
         min_version: U16::new(h.min_version),
@@ -209,11 +225,11 @@ pub fn hello(h: &Hello) -> Vec<u8> {
         size: U64::new(h.size),
         session: h.session,
     };
-    encode(Kind::Hello, 0, 0, w.as_bytes())
+    w.as_bytes().to_vec()
 }
 
-pub fn parse_hello(f: &Frame) -> Option<Hello> {
-    let w = HelloWire::read_from_bytes(&f.payload).ok()?;
+pub fn parse_hello(payload: &[u8]) -> Option<Hello> {
+    let w = HelloWire::read_from_bytes(payload).ok()?;
     Some(Hello {
         min_version: w.min_version.get(),
         max_version: w.max_version.get(),
@@ -222,33 +238,33 @@ pub fn parse_hello(f: &Frame) -> Option<Hello> {
     })
 }
 
+/// WELCOME's payload.
 pub fn welcome(version: u16, size: u64) -> Vec<u8> {
     let w = WelcomeWire {
         version: U16::new(version),
         reserved: [0; 6],
         size: U64::new(size),
     };
-    encode(Kind::Welcome, 0, 0, w.as_bytes())
+    w.as_bytes().to_vec()
 }
 
 /// (version, size)
-pub fn parse_welcome(f: &Frame) -> Option<(u16, u64)> {
-    let w = WelcomeWire::read_from_bytes(&f.payload).ok()?;
+pub fn parse_welcome(payload: &[u8]) -> Option<(u16, u64)> {
+    let w = WelcomeWire::read_from_bytes(payload).ok()?;
     Some((w.version.get(), w.size.get()))
 }
 
-pub fn abort(reason: &str) -> Vec<u8> {
-    let mut r = reason.as_bytes();
-    if r.len() > MAX_REASON {
-        r = &r[..MAX_REASON];
-    }
-    encode(Kind::Abort, 0, 0, r)
+/// ABORT's payload: the reason, truncated to [`MAX_REASON`] bytes.
+pub fn abort(reason: &str) -> &[u8] {
+    let r = reason.as_bytes();
+    &r[..r.len().min(MAX_REASON)]
 }
 
-/// The length carried by ZERO and SYNC_ZERO frames.
-pub fn zero_len(f: &Frame) -> u64 {
+/// The length carried by ZERO and SYNC_ZERO frames (their payload, 8 bytes, checked by
+/// [`check_header`]).
+pub fn zero_len(payload: &[u8]) -> u64 {
     let mut b = [0u8; 8];
-    b.copy_from_slice(&f.payload[..8]);
+    b.copy_from_slice(&payload[..8]);
     u64::from_le_bytes(b)
 }
 
@@ -339,23 +355,6 @@ pub fn read_frame<R: Read>(r: &mut R) -> Result<Frame, WireError> {
     })
 }
 
-/// The async twin of [`read_frame`], for the handshake on tokio sockets.
-pub async fn read_frame_async<R: tokio::io::AsyncRead + Unpin>(
-    r: &mut R,
-) -> Result<Frame, WireError> {
-    use tokio::io::AsyncReadExt;
-    let mut hb = [0u8; HEADER_LEN];
-    match r.read_exact(&mut hb).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(WireError::Closed),
-        Err(e) => return Err(e.into()),
-    }
-    let h = check_header(&hb)?;
-    let mut payload = vec![0u8; h.len.get() as usize];
-    r.read_exact(&mut payload).await?;
-    finish(&h, payload)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -376,21 +375,15 @@ mod tests {
             }
         );
         let z = encode(Kind::Zero, 3, 0, &(1u64 << 33).to_le_bytes());
-        assert_eq!(zero_len(&read_frame(&mut &z[..]).unwrap()), 1 << 33);
+        assert_eq!(zero_len(&read_frame(&mut &z[..]).unwrap().payload), 1 << 33);
         let h = Hello {
             min_version: 1,
             max_version: 1,
             size: 1 << 30,
             session: [9; 16],
         };
-        assert_eq!(
-            parse_hello(&read_frame(&mut &hello(&h)[..]).unwrap()),
-            Some(h)
-        );
-        assert_eq!(
-            parse_welcome(&read_frame(&mut &welcome(1, 42)[..]).unwrap()),
-            Some((1, 42))
-        );
+        assert_eq!(parse_hello(&hello(&h)), Some(h));
+        assert_eq!(parse_welcome(&welcome(1, 42)), Some((1, 42)));
     }
 
     #[test]
@@ -454,7 +447,6 @@ mod tests {
         let b: [u8; HEADER_LEN] = h.as_bytes().try_into().unwrap();
         assert!(matches!(check_header(&b), Err(WireError::Flags(2))));
         let long = "x".repeat(5000);
-        let f = read_frame(&mut &abort(&long)[..]).unwrap();
-        assert_eq!(f.payload.len(), MAX_REASON);
+        assert_eq!(abort(&long).len(), MAX_REASON);
     }
 }

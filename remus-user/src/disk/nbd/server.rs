@@ -10,14 +10,64 @@ use zerocopy::{FromBytes, IntoBytes};
 
 use super::*;
 
+/// A write's data as read from the client, behind `room` spare bytes (and with spare
+/// capacity after it) that the target asked for: a target that forwards writes frames
+/// them in place, without a copy.
+#[derive(Debug)]
+pub struct WriteBuf {
+    buf: Vec<u8>,
+    room: usize,
+}
+
+impl WriteBuf {
+    /// A buffer without room (tests, clients of a target).
+    pub fn from_vec(buf: Vec<u8>) -> WriteBuf {
+        WriteBuf { buf, room: 0 }
+    }
+
+    pub fn data(&self) -> &[u8] {
+        &self.buf[self.room..]
+    }
+
+    pub fn len(&self) -> usize {
+        self.buf.len() - self.room
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The whole buffer (room, then data) and the room's size.
+    pub fn into_parts(self) -> (Vec<u8>, usize) {
+        (self.buf, self.room)
+    }
+
+    /// Reads exactly `len` bytes of data behind `room` zero bytes, with `tail` bytes of
+    /// capacity kept after them (no zero-filling of the data: up to 32 MiB at memory
+    /// speed).
+    fn read<R: Read>(r: &mut R, len: usize, (room, tail): (usize, usize)) -> io::Result<WriteBuf> {
+        let mut buf = Vec::with_capacity(room + len + tail);
+        buf.resize(room, 0);
+        r.take(len as u64).read_to_end(&mut buf)?;
+        if buf.len() != room + len {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(WriteBuf { buf, room })
+    }
+}
+
 /// What a connection serves. Implemented by the disk export (local write, then the
 /// replication hook).
 pub trait Target: Send + Sync {
     fn size(&self) -> u64;
     fn read(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
-    /// Takes the payload by value: the replicating target hands it to the send queue
-    /// without a copy.
-    fn write(&self, data: Vec<u8>, offset: u64, fua: bool) -> io::Result<()>;
+    /// Bytes of room wanted before a write's data, and of capacity after it.
+    fn write_room(&self) -> (usize, usize) {
+        (0, 0)
+    }
+    /// Takes the payload by value: the replicating target frames it for the send queue
+    /// in place.
+    fn write(&self, data: WriteBuf, offset: u64, fua: bool) -> io::Result<()>;
     fn flush(&self) -> io::Result<()>;
     fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()>;
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool, may_punch: bool) -> io::Result<()>;
@@ -127,7 +177,7 @@ pub fn serve<R: Read, W: Write>(mut r: R, mut w: W, t: &dyn Target) -> Result<En
                     reply(&mut w, EINVAL, cookie)?;
                     continue;
                 }
-                let data = crate::disk::wire::read_exactly(&mut r, len as usize)?;
+                let data = WriteBuf::read(&mut r, len as usize, t.write_room())?;
                 if !inside {
                     reply(&mut w, ENOSPC, cookie)?;
                     continue;
@@ -206,12 +256,15 @@ pub(crate) mod tests {
             buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
             Ok(())
         }
-        fn write(&self, data: Vec<u8>, offset: u64, fua: bool) -> io::Result<()> {
+        fn write_room(&self) -> (usize, usize) {
+            (3, 5) // any room: the data arrives behind it
+        }
+        fn write(&self, data: WriteBuf, offset: u64, fua: bool) -> io::Result<()> {
             if offset == 4096 * 100 {
                 return Err(io::Error::from_raw_os_error(libc::ENOSPC));
             }
             let mut d = self.data.lock().unwrap();
-            d[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+            d[offset as usize..offset as usize + data.len()].copy_from_slice(data.data());
             self.log
                 .lock()
                 .unwrap()
