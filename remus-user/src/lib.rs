@@ -16,6 +16,8 @@
 //!   driver.
 //! - `output_commit`: the one invariant, where it is enforced, and the ACK ledger.
 //! - `relay`: `remus relay send|receive|status`, joining xl, the wire and the buffer.
+//! - `disk`: `remus disk …`, protocol-D disk replication (NBD device, write stream,
+//!   the backup's journal).
 //! - `metrics`: the relay's metrics (prometheus-client registry, OpenMetrics text).
 //! - `xen`: xenstore only (the protected domain's suspend path and suspend events; the
 //!   only module that talks to Xen).
@@ -32,6 +34,7 @@ pub mod checkpoint;
 pub mod compress;
 pub mod config;
 pub mod datapath;
+pub mod disk;
 pub mod epochs;
 pub mod exit;
 pub mod metrics;

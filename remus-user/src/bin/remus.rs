@@ -65,6 +65,9 @@ enum Cmd {
     Relay(RelayCmd),
     #[command(flatten)]
     Operator(OperatorCmd),
+    /// Protocol-D disk replication: the primary's and the backup's disk daemons.
+    #[command(subcommand, long_about = remus_user::disk::cli::DISK_LONG)]
+    Disk(remus_user::disk::cli::DiskCmd),
 }
 
 /// The operator's commands (issue #12), defined in `remus_user::protect::cli`.
@@ -314,6 +317,7 @@ fn main() -> ProcessExit {
             Cmd::Relay(RelayCmd::Receive(a)) => relay_receive(a).await,
             Cmd::Relay(RelayCmd::Status(a)) => relay_status(a).await,
             Cmd::Operator(c) => operator(c).await,
+            Cmd::Disk(c) => disk(c).await,
         }
     });
     // Do not wait for lingering tasks (the buffer's holder, sockets).
@@ -660,6 +664,11 @@ async fn relay_status(a: StatusArgs) -> ExitCode {
         }
     }
     code
+}
+
+/// `remus disk …`: everything lives in `remus_user::disk::cli`.
+async fn disk(c: remus_user::disk::cli::DiskCmd) -> ExitCode {
+    remus_user::disk::cli::run(c).await
 }
 
 #[cfg(test)]
