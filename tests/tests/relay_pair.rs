@@ -27,6 +27,15 @@ fn pair(compress: &str, cfg: WriterConfig) {
     });
     assert_eq!(s["state"], "replicating");
     assert_eq!(s["checkpoints_total"], n as u64);
+    // Paced like xl (the relay keeps up): every cut proven, every phase timed.
+    assert_eq!(s["epoch_merges_total"], 0, "{s}");
+    for phase in ["pause", "transfer", "backup_write", "ack"] {
+        assert_eq!(
+            s[format!("{phase}_recent_us")]["n"],
+            n as u64,
+            "{phase}: {s}"
+        );
+    }
     assert_eq!(s["stream_bytes_total"], st.bytes().len() as u64);
     if compress == "lz4" {
         let raw = s["page_data_raw_bytes_total"].as_u64().unwrap();
@@ -40,6 +49,7 @@ fn pair(compress: &str, cfg: WriterConfig) {
     }
     let r = rx.status();
     assert_eq!(r["last_acked"], n as u64);
+    assert_eq!(r["backup_write_recent_us"]["n"], n as u64, "{r}");
     // `remus relay status -j` reads both ends through their sockets.
     let out = std::process::Command::new(remus_bin())
         .args(["relay", "status", "-j", "--socket"])

@@ -13,9 +13,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
+use remus_user::checkpoint::PipeSizes;
 use remus_user::compress::Codec;
 use remus_user::exit::{ExitCode, HasExitCode};
-use remus_user::netbuf::{self, AttachOptions, RemoteBuffer};
+use remus_user::netbuf::{self, AttachOptions, Mode, RemoteBuffer};
 use remus_user::relay::{
     self, DEFAULT_CACHE_PAGES, Heartbeat, RUN_DIR, Shared, parse_duration,
     receive::{self, DEFAULT_RECEIVER_CMD, ReceiveOptions},
@@ -78,13 +79,16 @@ The primary end: xl's transport command. Do not run it by hand: xl runs it.
 holds the guest's output itself; `-F` is what xl demands for `-n`.)
 
 What it does: stdin is the migration stream, stdout the reverse channel. It refuses a
-stdin that is not a pipe and shrinks the pipe to one page, attaches the output buffer to
-the vif (holding from the first byte), connects and authenticates to the backup, and
-passes the backup's banner to xl. Then, for every checkpoint N: at the first byte written
-after the guest was suspended it closes the buffer's epoch; when the backup acknowledges
-checkpoint N it releases that epoch's frames. If it cannot prove that the epoch switch
-happened before the guest resumed, the epoch is merged into the next one (later release,
-never earlier; counted in `epoch merges`).
+stdin that is not a pipe, attaches the output buffer to the vif (letting the guest's
+output pass until the first checkpoint's suspend, or holding from attach with
+--hold-from-attach), connects and authenticates to the backup, and passes the backup's
+banner to xl. Then, for every checkpoint N: at the first byte written after the guest
+was suspended it closes the buffer's epoch (the first close also starts holding); when
+the backup acknowledges checkpoint N it releases that epoch's frames. It proves each
+epoch switch happened before the guest resumed from what it had read and what xl's pipe
+held right after the switch; if it cannot, the epoch is merged into the next one (later
+release, never earlier; counted in `epoch merges`) and the backup is told not to fail
+over to that checkpoint.
 
 If the backup is lost (connection error, or silent for --heartbeat-timeout), everything
 held is released, the buffer passes traffic from then on, and it exits with code 4, so
@@ -112,6 +116,11 @@ struct SendArgs {
     /// a failover can lose what the world has seen). For relay tests and benchmarks.
     #[arg(long)]
     no_buffer: bool,
+    /// With --vif: hold the guest's output from attach on, instead of letting it pass
+    /// until the first checkpoint's suspend (the default; see "Before the first
+    /// checkpoint" in docs/relay.md).
+    #[arg(long)]
+    hold_from_attach: bool,
     /// Held bytes beyond which the in-process buffer drops (and counts) frames.
     #[arg(long, value_name = "BYTES", default_value_t = netbuf::DEFAULT_LIMIT_BYTES)]
     limit_bytes: u64,
@@ -131,6 +140,16 @@ struct SendArgs {
     /// How long the backup may take to start its receiver and send xl's banner.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     banner_timeout: Duration,
+    /// Capacity of xl's pipe while it carries checkpoint data (the relay narrows it to
+    /// one page while it waits for a suspend, so that the epoch switch can be proven).
+    #[arg(long, value_name = "BYTES", default_value_t = PipeSizes::default().wide,
+          value_parser = clap::value_parser!(u64).range(4096..=1 << 30))]
+    xl_pipe_bytes: u64,
+    /// Capacity of xl's pipe while the relay waits for a suspend (tests only: anything
+    /// above one page makes unprovable cuts, i.e. merged checkpoints, likelier).
+    #[arg(long, value_name = "BYTES", hide = true, default_value_t = PipeSizes::default().narrow,
+          value_parser = clap::value_parser!(u64).range(4096..=1 << 30))]
+    xl_pipe_narrow_bytes: u64,
 }
 
 #[derive(Args)]
@@ -291,7 +310,13 @@ async fn relay_send(a: SendArgs) -> ExitCode {
 async fn relay_send_inner(a: SendArgs) -> Result<ExitCode, ExitCode> {
     let hb = heartbeat(&a.hb)?;
     // The pipe first: refused early, shrunk before xl can write (it waits for the banner).
-    let pipe = send::prepare_pipe(std::io::stdin().as_fd()).map_err(|e| fail(&e, e.exit_code()))?;
+    let pipe_sizes = PipeSizes {
+        narrow: a.xl_pipe_narrow_bytes,
+        wide: a.xl_pipe_bytes,
+        ..PipeSizes::default()
+    };
+    let pipe = send::prepare_pipe(std::io::stdin().as_fd(), pipe_sizes.narrow)
+        .map_err(|e| fail(&e, e.exit_code()))?;
     let key = load_key(&a.key_file)?;
     let opts = SendOptions {
         backup: a.backup.clone(),
@@ -303,6 +328,7 @@ async fn relay_send_inner(a: SendArgs) -> Result<ExitCode, ExitCode> {
         banner_timeout: a.banner_timeout,
         max_version: VERSION,
         min_version: MIN_VERSION,
+        pipe: pipe_sizes,
     };
     let iface = a.vif.clone().or(a.attached.clone());
     let name = iface
@@ -314,16 +340,29 @@ async fn relay_send_inner(a: SendArgs) -> Result<ExitCode, ExitCode> {
     let shared = Shared::new(Role::Send, a.backup.clone(), iface.clone());
     let _status = status_socket(&sock, &shared);
     start_metrics(a.observe.metrics, &shared).await?;
-    tracing::info!(capacity = pipe.capacity, "xl's pipe shrunk");
+    tracing::info!(
+        capacity = pipe.capacity,
+        "xl's pipe sized for the first suspend"
+    );
 
-    // The buffer holds from before the banner reaches xl, i.e. from the stream's first byte.
+    // Attached before the banner reaches xl, i.e. before the stream's first byte: passing
+    // until checkpoint 1's cut (which switches it to holding), or holding from now on.
     if let Some(vif) = &a.vif {
         let mut o = AttachOptions::new(vif.clone());
         o.limit_bytes = a.limit_bytes;
+        o.mode = if a.hold_from_attach {
+            Mode::Hold
+        } else {
+            Mode::PassthroughUntilCheckpoint
+        };
         let running = netbuf::attach(o)
             .await
             .map_err(|e| fail(&e, e.exit_code()))?;
-        tracing::info!(vif, "output buffer attached in-process: holding");
+        tracing::info!(
+            vif,
+            mode = o_mode_name(a.hold_from_attach),
+            "output buffer attached in-process"
+        );
         finish_send(send::run(opts, pipe, running.buffer, shared).await)
     } else if let Some(iface) = &a.attached {
         let b = RemoteBuffer::connect(iface)
@@ -336,6 +375,15 @@ async fn relay_send_inner(a: SendArgs) -> Result<ExitCode, ExitCode> {
             "--no-buffer: the guest's output is NOT held; this protects nothing (testing only)"
         );
         finish_send(send::run(opts, pipe, Unbuffered::new(), shared).await)
+    }
+}
+
+/// What the in-process buffer does until checkpoint 1's cut, for the log.
+fn o_mode_name(hold_from_attach: bool) -> &'static str {
+    if hold_from_attach {
+        "holding from now on"
+    } else {
+        "passing until the first checkpoint's suspend, holding from then on"
     }
 }
 

@@ -5,7 +5,7 @@
 //! (de)compression jobs to a blocking thread. Never touches: the frame format
 //! (`replication`), the page codec itself (`compress`), what the frames mean.
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
@@ -17,20 +17,40 @@ use crate::replication::{HEADER_LEN, Message, Sealer};
 /// Where a connection task reports that the peer is lost (the first report wins).
 pub type LossSender = Arc<watch::Sender<Option<LossReason>>>;
 
+/// What the writer task is handed: a frame, or a mark.
+#[derive(Debug)]
+pub enum Outgoing {
+    Frame(Message),
+    /// Every frame queued before this one has been written to the connection (flushed):
+    /// the writer reports `Instant::now()` for this checkpoint on its marks channel.
+    Sent(u64),
+}
+
+impl From<Message> for Outgoing {
+    fn from(m: Message) -> Outgoing {
+        Outgoing::Frame(m)
+    }
+}
+
+/// Where the writer reports marks: (checkpoint, when its last byte was written).
+pub type Marks = mpsc::UnboundedSender<(u64, Instant)>;
+
 /// The write side of a relay connection: frames from `rx` in order, a heartbeat every
 /// `interval` (so the peer hears us even while xl or the receiver is slow), each sealed
-/// with `sealer`, a flush whenever nothing more is queued. A write or sealing error is
-/// reported through `lost`.
-pub fn spawn_writer<W>(
+/// with `sealer`, a flush whenever nothing more is queued or at a mark (reported on
+/// `marks`). A write or sealing error is reported through `lost`.
+pub fn spawn_writer<W, M>(
     w: W,
     sealer: Sealer,
-    mut rx: mpsc::Receiver<Message>,
+    mut rx: mpsc::Receiver<M>,
     interval: Duration,
     m: Arc<Metrics>,
     lost: LossSender,
+    marks: Option<Marks>,
 ) -> tokio::task::JoinHandle<()>
 where
     W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+    M: Into<Outgoing> + Send + 'static,
 {
     tokio::spawn(async move {
         let mut w = tokio::io::BufWriter::with_capacity(256 * 1024, w);
@@ -40,8 +60,21 @@ where
         let mut buf = Vec::with_capacity(HEADER_LEN + 64 * 1024);
         loop {
             let msg = tokio::select! {
-                m = rx.recv() => match m {
-                    Some(m) => m,
+                m = rx.recv() => match m.map(Into::into) {
+                    Some(Outgoing::Frame(m)) => m,
+                    Some(Outgoing::Sent(checkpoint)) => {
+                        if let Err(e) = w.flush().await {
+                            lost.send_replace(Some(LossReason::new(
+                                LossKind::Connection,
+                                format!("sending to the peer failed: {e}"),
+                            )));
+                            return;
+                        }
+                        if let Some(marks) = &marks {
+                            let _ = marks.send((checkpoint, Instant::now()));
+                        }
+                        continue;
+                    }
                     None => break,
                 },
                 _ = tick.tick() => {
@@ -163,15 +196,16 @@ mod tests {
             Duration::from_millis(10),
             m.clone(),
             Arc::new(lost_tx),
+            None,
         );
-        tx.send(Message::Ack { checkpoint: 1 }).await.unwrap();
-        tx.send(Message::Ack { checkpoint: 2 }).await.unwrap();
+        tx.send(Message::ack(1)).await.unwrap();
+        tx.send(Message::ack(2)).await.unwrap();
         let mut r = crate::replication::FrameReader::new(b, theirs.opener);
         let mut acks = Vec::new();
         let mut heartbeats = 0;
         while acks.len() < 2 || heartbeats == 0 {
             match r.next().await.unwrap() {
-                Message::Ack { checkpoint } => acks.push(checkpoint),
+                Message::Ack { checkpoint, .. } => acks.push(checkpoint),
                 Message::Heartbeat { .. } => heartbeats += 1,
                 other => panic!("{other:?}"),
             }
@@ -182,6 +216,44 @@ mod tests {
         let reason = loss_of(lost.wait_for(Option::is_some).await);
         assert_eq!(reason.kind, LossKind::Connection);
         h.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_mark_is_reported_after_the_frames_before_it_were_written() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let (tx, rx) = mpsc::channel::<Outgoing>(8);
+        let (lost_tx, _lost) = watch::channel(None);
+        let (marks_tx, mut marks) = mpsc::unbounded_channel();
+        let (ours, theirs) = test_pair(LIMITS);
+        let _h = spawn_writer(
+            a,
+            ours.sealer,
+            rx,
+            Duration::from_secs(3600),
+            Arc::new(Metrics::new("send")),
+            Arc::new(lost_tx),
+            Some(marks_tx),
+        );
+        let before = Instant::now();
+        tx.send(Message::Data(vec![5; 300_000]).into())
+            .await
+            .unwrap();
+        tx.send(Outgoing::Sent(9)).await.unwrap();
+        let (n, at) = marks.recv().await.unwrap();
+        assert_eq!(n, 9);
+        assert!(at >= before);
+        // The frame is on the connection, not in the writer's buffer, when it is marked.
+        let mut r = crate::replication::FrameReader::new(b, theirs.opener);
+        loop {
+            match r.next().await.unwrap() {
+                Message::Heartbeat { .. } => {}
+                Message::Data(d) => {
+                    assert_eq!(d.len(), 300_000);
+                    break;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[tokio::test]
@@ -197,6 +269,7 @@ mod tests {
             Duration::from_secs(3600),
             Arc::new(Metrics::new("send")),
             Arc::new(lost_tx),
+            None,
         );
         // A payload that leaves no room for the tag within the frame limit.
         tx.send(Message::Data(vec![0; MAX_PAYLOAD as usize]))

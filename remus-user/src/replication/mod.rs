@@ -20,10 +20,15 @@
 //!                                                     start `xl migrate-receive -r -e`
 //!                                  ◄──────────────── BANNER("xl migration receiver ready…\n")
 //!  banner → xl (stdout)
-//!  DATA / PAGE_DATA (checkpoint 1) ─────────────────► write straight through
-//!                                  ◄──────────────── ACK(1)   (all of checkpoint 1 written)
+//!  DATA / PAGE_DATA (checkpoint 1) ─────────────────► write straight through up to its
+//!                                                     first post-suspend record; hold the rest
+//!                                  ◄──────────────── ACK(1, write time)  (all of 1 written)
 //!  DATA / PAGE_DATA (checkpoint N) ─────────────────► buffer; at CHECKPOINT_END write all
-//!                                  ◄──────────────── ACK(N)
+//!                                  ◄──────────────── ACK(N, write time)
+//!  MERGED(N)  (cut of N not proven; sent before N's end)
+//!  DATA … CHECKPOINT_END of N      ─────────────────► hold N: it is no failover point
+//!  DATA … CHECKPOINT_END of N+1    ─────────────────► write N and N+1 together
+//!                                  ◄──────────────── ACK(N+1)   (no ACK(N))
 //!  HEARTBEAT ◄──────────────────────────────────────► HEARTBEAT   (every interval, both ways)
 //!  CLOSE{checkpoints, finished}    ─────────────────► xl's stream ended: close receiver's stdin
 //!                                  ◄──────────────── CLOSE
@@ -97,6 +102,9 @@ pub enum Kind {
     Heartbeat = 9,
     Close = 10,
     Abort = 11,
+    /// A checkpoint whose epoch cut was not proven in time: the backup must not fail over
+    /// to it (it writes it to its receiver only together with the next one).
+    Merged = 12,
 }
 
 impl Kind {
@@ -114,6 +122,7 @@ impl Kind {
             9 => Kind::Heartbeat,
             10 => Kind::Close,
             11 => Kind::Abort,
+            12 => Kind::Merged,
             _ => Kind::Invalid,
         }
     }
@@ -159,6 +168,15 @@ pub struct ChallengeWire {
     pub mac: [u8; 32],
 }
 
+/// ACK payload.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct AckWire {
+    pub checkpoint: U64,
+    /// Microseconds the backup spent writing the checkpoint into its receiver.
+    pub write_us: U64,
+}
+
 /// CLOSE payload.
 #[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
@@ -188,9 +206,11 @@ pub enum Message {
     Data(Vec<u8>),
     /// One complete libxc PAGE_DATA record, encoded by `compress::PageEncoder`.
     PageData(Vec<u8>),
-    /// The backup holds checkpoint N completely (written to its receiver).
+    /// The backup holds checkpoint N completely (written to its receiver), and N is its
+    /// failover point now; writing N (with any merged ones before it) took `write_us`.
     Ack {
         checkpoint: u64,
+        write_us: u64,
     },
     Heartbeat {
         seq: u64,
@@ -203,6 +223,11 @@ pub enum Message {
     /// Disorderly end: the sender gives up; `reason` is for the log.
     Abort {
         reason: String,
+    },
+    /// Checkpoint N's cut was not proven in time: it must not become a failover point.
+    /// Sent by the primary before any byte of N's end.
+    Merged {
+        checkpoint: u64,
     },
 }
 
@@ -338,6 +363,15 @@ impl Message {
             Message::Heartbeat { .. } => Kind::Heartbeat,
             Message::Close { .. } => Kind::Close,
             Message::Abort { .. } => Kind::Abort,
+            Message::Merged { .. } => Kind::Merged,
+        }
+    }
+
+    /// Named constructor: ACK(checkpoint) without a write time.
+    pub fn ack(checkpoint: u64) -> Message {
+        Message::Ack {
+            checkpoint,
+            write_us: 0,
         }
     }
 
@@ -408,8 +442,19 @@ impl Message {
             Message::Banner(b) | Message::Data(b) | Message::PageData(b) => {
                 out.extend_from_slice(b)
             }
-            Message::Ack { checkpoint } => out.extend_from_slice(&checkpoint.to_le_bytes()),
-            Message::Heartbeat { seq } => out.extend_from_slice(&seq.to_le_bytes()),
+            Message::Ack {
+                checkpoint,
+                write_us,
+            } => out.extend_from_slice(
+                AckWire {
+                    checkpoint: (*checkpoint).into(),
+                    write_us: (*write_us).into(),
+                }
+                .as_bytes(),
+            ),
+            Message::Heartbeat { seq } | Message::Merged { checkpoint: seq } => {
+                out.extend_from_slice(&seq.to_le_bytes())
+            }
             Message::Close {
                 checkpoints,
                 finished,
@@ -473,8 +518,15 @@ impl Message {
             Kind::Data => Message::Data(payload),
             Kind::PageData => Message::PageData(payload),
             Kind::Ack => {
-                exact(8, &payload)?;
+                let w: AckWire = fixed(kind, &payload)?;
                 Message::Ack {
+                    checkpoint: w.checkpoint.get(),
+                    write_us: w.write_us.get(),
+                }
+            }
+            Kind::Merged => {
+                exact(8, &payload)?;
+                Message::Merged {
                     checkpoint: u64_le(&payload),
                 }
             }
@@ -834,7 +886,11 @@ mod tests {
             Message::Data(vec![1, 2, 3, 4, 5]),
             Message::Data(Vec::new()),
             Message::PageData(vec![9; 5000]),
-            Message::Ack { checkpoint: 42 },
+            Message::Ack {
+                checkpoint: 42,
+                write_us: 1234,
+            },
+            Message::Merged { checkpoint: 7 },
             Message::Heartbeat { seq: u64::MAX },
             Message::Close {
                 checkpoints: 17,
@@ -849,13 +905,10 @@ mod tests {
     #[tokio::test]
     async fn async_read_matches_sync_decode() {
         let mut buf = Vec::new();
-        Message::Ack { checkpoint: 3 }.encode(&mut buf);
+        Message::ack(3).encode(&mut buf);
         Message::Data(vec![5; 100]).encode(&mut buf);
         let mut r = &buf[..];
-        assert_eq!(
-            read_message(&mut r).await.unwrap(),
-            Message::Ack { checkpoint: 3 }
-        );
+        assert_eq!(read_message(&mut r).await.unwrap(), Message::ack(3));
         assert_eq!(
             read_message(&mut r).await.unwrap(),
             Message::Data(vec![5; 100])
@@ -873,9 +926,7 @@ mod tests {
         let (p, b) = keys();
         let mut wire = Vec::new();
         for i in 0..20u64 {
-            p.sealer
-                .encode(&Message::Ack { checkpoint: i }, &mut wire)
-                .unwrap();
+            p.sealer.encode(&Message::ack(i), &mut wire).unwrap();
             p.sealer
                 .encode(&Message::Data(vec![i as u8; 70_000]), &mut wire)
                 .unwrap();
@@ -899,7 +950,7 @@ mod tests {
         }
         writer.await.unwrap();
         for i in 0..20u64 {
-            assert_eq!(got[2 * i as usize], Message::Ack { checkpoint: i });
+            assert_eq!(got[2 * i as usize], Message::ack(i));
             assert_eq!(
                 got[2 * i as usize + 1],
                 Message::Data(vec![i as u8; 70_000])
@@ -912,22 +963,18 @@ mod tests {
     async fn frame_reader_names_a_cut_inside_a_frame() {
         let (p, b) = keys();
         let mut wire = Vec::new();
-        p.sealer
-            .encode(&Message::Ack { checkpoint: 1 }, &mut wire)
-            .unwrap();
+        p.sealer.encode(&Message::ack(1), &mut wire).unwrap();
         let one = wire.len();
         p.sealer
             .encode(&Message::Data(vec![1; 500]), &mut wire)
             .unwrap();
         // Cut at the frame boundary: closed. Inside the second frame: truncated.
         let mut fr = FrameReader::new(&wire[..one], b.opener.clone());
-        assert_eq!(fr.next().await.unwrap(), Message::Ack { checkpoint: 1 });
+        assert_eq!(fr.next().await.unwrap(), Message::ack(1));
         assert!(matches!(fr.next().await, Err(WireError::Closed)));
         let (p, b) = keys();
         let mut wire = Vec::new();
-        p.sealer
-            .encode(&Message::Ack { checkpoint: 1 }, &mut wire)
-            .unwrap();
+        p.sealer.encode(&Message::ack(1), &mut wire).unwrap();
         p.sealer
             .encode(&Message::Data(vec![1; 500]), &mut wire)
             .unwrap();
@@ -935,7 +982,7 @@ mod tests {
         for cut in [one + 3, one + HEADER_LEN, wire.len() - 1] {
             let (_, fresh) = keys();
             let mut fr = FrameReader::new(&wire[..cut], fresh.opener);
-            assert_eq!(fr.next().await.unwrap(), Message::Ack { checkpoint: 1 });
+            assert_eq!(fr.next().await.unwrap(), Message::ack(1));
             match fr.next().await {
                 Err(WireError::Truncated { have, want }) => {
                     assert_eq!(have, cut - one);
@@ -960,9 +1007,7 @@ mod tests {
         ));
         let (_, b) = keys();
         let mut wire = Vec::new();
-        p.sealer
-            .encode(&Message::Ack { checkpoint: 1 }, &mut wire)
-            .unwrap();
+        p.sealer.encode(&Message::ack(1), &mut wire).unwrap();
         let good = wire.clone();
         let last = wire.len() - 1;
         wire[last] ^= 0x20;
@@ -984,8 +1029,8 @@ mod tests {
     #[test]
     fn invalid_and_unknown_kinds_fail() {
         let mut buf = Vec::new();
-        Message::Ack { checkpoint: 1 }.encode(&mut buf);
-        for k in [0u16, 12, 0xffff] {
+        Message::ack(1).encode(&mut buf);
+        for k in [0u16, 13, 0xffff] {
             let mut b = buf.clone();
             b[4..6].copy_from_slice(&k.to_le_bytes());
             match decode_frame(&b) {
@@ -1080,7 +1125,8 @@ mod tests {
     #[test]
     fn malformed_payloads_are_named() {
         for (kind, len, expected) in [
-            (Kind::Ack, 7, 8),
+            (Kind::Ack, 8, 16),
+            (Kind::Merged, 9, 8),
             (Kind::Heartbeat, 9, 8),
             (Kind::Auth, 31, 32),
             (Kind::Welcome, 1, 0),

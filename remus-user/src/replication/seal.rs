@@ -387,7 +387,7 @@ mod tests {
         vec![
             Message::Welcome,
             Message::Data((0..=255u8).cycle().take(70_000).collect()),
-            Message::Ack { checkpoint: 7 },
+            Message::ack(7),
             Message::Heartbeat { seq: 3 },
             Message::PageData(vec![0xAB; 4096]),
             Message::Close {
@@ -434,7 +434,7 @@ mod tests {
     #[test]
     fn nothing_opens_after_a_bad_frame() {
         let (p, b) = pair(LIMITS);
-        let f = seal(&p.sealer, &Message::Ack { checkpoint: 1 });
+        let f = seal(&p.sealer, &Message::ack(1));
         let mut g = f.clone();
         g[HEADER_LEN] ^= 1;
         assert!(matches!(open(&b.opener, &g), Err(WireError::Forged { .. })));
@@ -444,7 +444,7 @@ mod tests {
     #[test]
     fn payload_and_tag_bits_fail_the_tag() {
         let (p, _) = pair(LIMITS);
-        let f = seal(&p.sealer, &Message::Ack { checkpoint: 1 });
+        let f = seal(&p.sealer, &Message::ack(1));
         for i in HEADER_LEN..f.len() {
             let (_, b) = pair(LIMITS);
             let mut g = f.clone();
@@ -471,7 +471,7 @@ mod tests {
     fn replay_reorder_and_drop_are_refused() {
         let (p, _) = pair(LIMITS);
         let f: Vec<Vec<u8>> = (0..4u64)
-            .map(|n| seal(&p.sealer, &Message::Ack { checkpoint: n }))
+            .map(|n| seal(&p.sealer, &Message::ack(n)))
             .collect();
         // Replay: frame 1 twice.
         let (_, b) = pair(LIMITS);
@@ -530,7 +530,7 @@ mod tests {
     fn plain_frames_are_refused_once_sealed() {
         let (_, b) = pair(LIMITS);
         let mut f = Vec::new();
-        Message::Ack { checkpoint: 1 }.encode(&mut f);
+        Message::ack(1).encode(&mut f);
         assert!(matches!(
             open(&b.opener, &f),
             Err(WireError::Unsealed { kind: Kind::Ack })

@@ -12,7 +12,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
@@ -20,6 +20,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub use remus_user::relay::BANNER;
+use remus_user::replication::{FrameReader, Message, WireError};
 use remus_user::stream::Event;
 use remus_user::stream::writer::{WriterConfig, Written, write};
 
@@ -272,7 +273,10 @@ impl Sender {
             .arg("--status-socket")
             .arg(&status_sock)
             .args(with_heartbeat(extra))
-            .env("REMUS_LOG", "info")
+            .env(
+                "REMUS_LOG",
+                std::env::var("TEST_SEND_LOG").unwrap_or("info".into()),
+            )
             .stdin(Stdio::from(r))
             .stdout(Stdio::piped())
             .stderr(File::create(&log).unwrap())
@@ -386,11 +390,81 @@ impl Stream {
     }
 }
 
+impl Sender {
+    /// Writes checkpoint `n` as libxc does: checkpoint 1's live copy, a pause while the
+    /// guest is being suspended (the relay catches up meanwhile), then its end.
+    pub fn write_checkpoint(&mut self, st: &Stream, n: usize) {
+        let cp = st.checkpoint(n);
+        if n == 1 {
+            let (live, tail) = cp.split_at(st.first_post_suspend() as usize);
+            self.write(live);
+            self.wait_drained();
+            self.write(tail);
+        } else {
+            self.write(cp);
+        }
+    }
+
+    /// Waits until the relay has read everything written so far, and a little more (as
+    /// libxl's suspend or interval does when the relay keeps up): the relay then waits
+    /// for a suspend with its pipe narrowed, and proves its next cut.
+    pub fn wait_drained(&mut self) {
+        let Some(w) = self.stdin.as_ref() else {
+            return;
+        };
+        let t = Instant::now();
+        loop {
+            let mut n: libc::c_int = 0;
+            // SAFETY: FIONREAD on our end of the pipe writes one int.
+            let r = unsafe { libc::ioctl(w.as_raw_fd(), libc::FIONREAD, &mut n) };
+            if r < 0 || n == 0 || t.elapsed() > HANG_GUARD {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Stream {
+    /// The first post-suspend byte of checkpoint 1.
+    pub fn first_post_suspend(&self) -> u64 {
+        self.w
+            .events
+            .iter()
+            .find_map(|e| match *e {
+                Event::PostSuspendStart { checkpoint: 1, pos } => Some(pos),
+                _ => None,
+            })
+            .expect("checkpoint 1 has a post-suspend record")
+    }
+}
+
 /// Writes checkpoints `from..=to` into the sender, pausing between them as the interval
 /// of `xl remus` does.
 pub fn feed(s: &mut Sender, st: &Stream, from: usize, to: usize) {
     for n in from..=to {
-        s.write(st.checkpoint(n));
-        std::thread::sleep(Duration::from_millis(10));
+        s.write_checkpoint(st, n);
+        s.wait_drained();
+    }
+}
+
+/// A runtime for a test that speaks the protocol itself (a fake primary or backup).
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Reads until something other than a heartbeat arrives.
+pub async fn next_real<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut FrameReader<R>,
+) -> Result<Message, WireError> {
+    loop {
+        match r.next().await? {
+            Message::Heartbeat { .. } => continue,
+            m => return Ok(m),
+        }
     }
 }

@@ -35,7 +35,7 @@ use crate::replication::{self, FrameReader, Key, Message, ServerConfig, Session}
 pub mod cutter;
 pub mod receiver;
 
-pub use cutter::{Cutter, Step};
+pub use cutter::{Cutter, MergeError, Step};
 pub use receiver::RECEIVER_PIPE_BYTES;
 
 pub const DEFAULT_RECEIVER_CMD: &str = "xl migrate-receive -r -e";
@@ -286,6 +286,7 @@ async fn start(reader: OwnedReadHalf, mut w: OwnedWriteHalf, ctx: &Ctx<'_>) -> P
         ctx.opts.heartbeat.interval,
         m.clone(),
         lost_tx,
+        None,
     );
     m.connected.set(1);
     ctx.shared.enter(RelayState::Replicating);
@@ -356,6 +357,16 @@ async fn next_stream_bytes(live: &mut Live, ctx: &Ctx<'_>) -> Result<Option<Vec<
             ),
         },
         Ok(Message::Heartbeat { .. }) => Ok(None),
+        Ok(Message::Merged { checkpoint }) => match live.cutter.merged(checkpoint) {
+            Ok(()) => {
+                info!(
+                    checkpoint,
+                    "the primary could not prove checkpoint {checkpoint}'s cut: it is no failover point and goes to the receiver with the next one"
+                );
+                Ok(None)
+            }
+            Err(e) => lost(LossKind::Protocol, format!("protocol error: {e}")),
+        },
         Ok(Message::Close { finished, .. }) => Err(Ending::Closed { finished }),
         Ok(Message::Abort { reason }) => {
             lost(LossKind::Aborted, format!("the primary aborted: {reason}"))
@@ -510,14 +521,14 @@ fn report_end(end: &RunEnd, cutter: &Cutter, shared: &Shared) {
     };
     let n = cutter.complete();
     shared.metrics.failovers_total.inc();
-    if reason.kind == LossKind::Closed {
+    if n == 0 {
+        error!(%reason, held_bytes = cutter.held(), "FAILOVER IMPOSSIBLE: primary lost before the first checkpoint that can be failed over to (checkpoint 1 incomplete, or merged); the receiver's stream is closed and it holds no usable copy");
+    } else if reason.kind == LossKind::Closed {
         warn!(
             checkpoint = n,
             held_bytes = cutter.held(),
             "FAILOVER: the primary ended the stream (xl remus stopped); closed the receiver's stream after checkpoint {n}, the backup resumes from it"
         );
-    } else if n == 0 {
-        error!(%reason, "FAILOVER IMPOSSIBLE: primary lost before the first complete checkpoint; the receiver's stream is closed and it holds no usable copy");
     } else {
         error!(%reason, checkpoint = n, held_bytes = cutter.held(), "FAILOVER: primary lost; closed the receiver's stream after checkpoint {n}, the backup resumes from it");
     }

@@ -129,7 +129,8 @@ async fn read_banner(
 }
 
 /// Writes steps to the receiver in order; acknowledges a checkpoint once its bytes are
-/// written. Ends (closing the receiver's stdin) when the queue closes or a write fails.
+/// written, with the time spent writing them (since the previous ACK). Ends (closing the
+/// receiver's stdin) when the queue closes or a write fails.
 pub fn spawn_feeder(
     mut stdin: ChildStdin,
     acks: mpsc::Sender<Message>,
@@ -140,10 +141,13 @@ pub fn spawn_feeder(
 ) {
     let (feed_tx, mut feed_rx) = mpsc::channel::<Step>(64);
     let h = tokio::spawn(async move {
+        let mut writing = Duration::ZERO;
         while let Some(step) = feed_rx.recv().await {
             match step {
                 Step::Write(b) => {
+                    let t = std::time::Instant::now();
                     stdin.write_all(&b).await.map_err(ReceiverError::Write)?;
+                    writing += t.elapsed();
                     m.stream_bytes_total.inc_by(b.len() as u64);
                 }
                 Step::Ack(n) => {
@@ -151,10 +155,18 @@ pub fn spawn_feeder(
                     m.last_checkpoint.set(n);
                     m.last_acked_checkpoint.set(n);
                     m.acks_total.inc();
+                    m.checkpoint.backup_write.observe(writing);
+                    let write_us = writing.as_micros().min(u64::MAX as u128) as u64;
+                    writing = Duration::ZERO;
                     info_span!("checkpoint", n)
-                        .in_scope(|| debug!("checkpoint written whole; acknowledging"));
+                        .in_scope(|| debug!(write_us, "checkpoint written whole; acknowledging"));
                     // A primary that is gone cannot hear it; the receiver still gets the rest.
-                    let _ = acks.send(Message::Ack { checkpoint: n }).await;
+                    let _ = acks
+                        .send(Message::Ack {
+                            checkpoint: n,
+                            write_us,
+                        })
+                        .await;
                 }
             }
         }

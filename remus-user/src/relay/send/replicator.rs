@@ -2,8 +2,9 @@
 //!
 //! Owns: a running session's connection on the primary: the writer task (frames and
 //! heartbeats), the reader task (ACKs, heartbeats, silence, loss), coalescing raw stream
-//! bytes, compressing PAGE_DATA records on the way out, ACK latency. Never touches: the
-//! epoch rules, xl's pipe, the buffer.
+//! bytes, compressing PAGE_DATA records on the way out, telling the backup of merged
+//! checkpoints, ACK latency and when each checkpoint's last byte reached the
+//! connection. Never touches: the epoch rules, xl's pipe, the buffer.
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,9 +12,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
 use super::SendOptions;
-use crate::checkpoint::{BackupEvent, LossKind, LossReason, Replicator, ReplicatorError};
+use crate::checkpoint::{Acked, BackupEvent, LossKind, LossReason, Replicator, ReplicatorError};
 use crate::compress::{Codec, CompressError, PageEncoder};
-use crate::relay::connection::{LossSender, loss_of, offload, spawn_writer};
+use crate::relay::connection::{LossSender, Outgoing, loss_of, offload, spawn_writer};
 use crate::relay::{Heartbeat, Shared};
 use crate::replication::{DATA_CHUNK, FrameReader, Message, Session};
 use crate::stream::{Event, Layer, libxc_type};
@@ -30,8 +31,12 @@ type Reader = FrameReader<tokio::net::tcp::OwnedReadHalf>;
 /// The backup over TCP: a writer task (frames + heartbeats), a reader task (acks,
 /// heartbeats, loss), compression of PAGE_DATA records on the way out.
 pub struct TcpReplicator {
-    tx: Option<mpsc::Sender<Message>>,
-    acks: mpsc::Receiver<u64>,
+    tx: Option<mpsc::Sender<Outgoing>>,
+    /// (checkpoint, the backup's write time in microseconds).
+    acks: mpsc::Receiver<(u64, u64)>,
+    /// When the writer wrote each checkpoint's last byte to the connection.
+    marks: mpsc::UnboundedReceiver<(u64, Instant)>,
+    on_wire: HashMap<u64, Instant>,
     lost: watch::Receiver<Option<LossReason>>,
     closed: watch::Receiver<bool>,
     encoder: Option<PageEncoder>,
@@ -47,7 +52,7 @@ pub struct TcpReplicator {
 
 /// What the reader task hands on.
 struct ReaderChannels {
-    acks: mpsc::Sender<u64>,
+    acks: mpsc::Sender<(u64, u64)>,
     lost: LossSender,
     closed: watch::Sender<bool>,
 }
@@ -75,8 +80,11 @@ async fn read_backup(mut reader: Reader, hb: Heartbeat, shared: Arc<Shared>, ch:
         };
         waiting_since = Instant::now();
         match r {
-            Ok(Message::Ack { checkpoint }) => {
-                if ch.acks.send(checkpoint).await.is_err() {
+            Ok(Message::Ack {
+                checkpoint,
+                write_us,
+            }) => {
+                if ch.acks.send((checkpoint, write_us)).await.is_err() {
                     return;
                 }
             }
@@ -116,8 +124,9 @@ impl TcpReplicator {
         opts: &SendOptions,
         shared: Arc<Shared>,
     ) -> TcpReplicator {
-        let (tx, rx) = mpsc::channel::<Message>(64);
-        let (ack_tx, acks) = mpsc::channel::<u64>(1024);
+        let (tx, rx) = mpsc::channel::<Outgoing>(64);
+        let (ack_tx, acks) = mpsc::channel::<(u64, u64)>(1024);
+        let (marks_tx, marks) = mpsc::unbounded_channel();
         let (lost_tx, lost) = watch::channel::<Option<LossReason>>(None);
         let (closed_tx, closed) = watch::channel(false);
         let lost_tx = Arc::new(lost_tx);
@@ -129,6 +138,7 @@ impl TcpReplicator {
             hb.interval,
             shared.metrics.clone(),
             lost_tx.clone(),
+            Some(marks_tx),
         );
         let ch = ReaderChannels {
             acks: ack_tx,
@@ -141,6 +151,8 @@ impl TcpReplicator {
         TcpReplicator {
             tx: Some(tx),
             acks,
+            marks,
+            on_wire: HashMap::new(),
             lost,
             closed,
             encoder,
@@ -153,8 +165,9 @@ impl TcpReplicator {
         }
     }
 
-    /// Metrics of one ACK: latency from the checkpoint's last byte sent.
-    fn note_ack(&mut self, n: u64) {
+    /// Metrics of one ACK (latency from the checkpoint's last byte handed to the writer)
+    /// and what is known of its timeline.
+    fn note_ack(&mut self, n: u64, write_us: u64) -> Acked {
         let m = &self.shared.metrics;
         if let Some(t) = self.sent_at.remove(&n) {
             m.observe_ack(t.elapsed());
@@ -162,9 +175,23 @@ impl TcpReplicator {
         self.sent_at.retain(|&c, _| c > n);
         m.acks_total.inc();
         m.last_acked_checkpoint.set(n);
+        while let Ok((c, t)) = self.marks.try_recv() {
+            self.on_wire.insert(c, t);
+        }
+        let sent_at = self.on_wire.remove(&n);
+        self.on_wire.retain(|&c, _| c > n);
+        Acked {
+            checkpoint: n,
+            sent_at,
+            backup_write: Some(Duration::from_micros(write_us)),
+        }
     }
 
     async fn push(&mut self, m: Message) -> Result<(), ReplicatorError> {
+        self.push_out(Outgoing::Frame(m)).await
+    }
+
+    async fn push_out(&mut self, m: Outgoing) -> Result<(), ReplicatorError> {
         let closed = || {
             LossReason::new(
                 LossKind::Connection,
@@ -286,13 +313,19 @@ impl Replicator for TcpReplicator {
         let now = Instant::now();
         for c in completed {
             self.sent_at.insert(c, now);
+            // The writer says when the checkpoint's last byte is on the connection.
+            self.push_out(Outgoing::Sent(c)).await?;
         }
         Ok(())
     }
 
+    async fn merged(&mut self, checkpoint: u64) -> Result<(), ReplicatorError> {
+        self.push(Message::Merged { checkpoint }).await
+    }
+
     async fn next_event(&mut self) -> BackupEvent {
         enum Got {
-            Ack(Option<u64>),
+            Ack(Option<(u64, u64)>),
             Lost(LossReason),
         }
         let mut lost = self.lost.clone();
@@ -301,10 +334,7 @@ impl Replicator for TcpReplicator {
             r = lost.wait_for(Option::is_some) => Got::Lost(loss_of(r)),
         };
         match got {
-            Got::Ack(Some(n)) => {
-                self.note_ack(n);
-                BackupEvent::Ack(n)
-            }
+            Got::Ack(Some((n, write_us))) => BackupEvent::Ack(self.note_ack(n, write_us)),
             // The reader ended: on a CLOSE from the backup (we did not ask: `finish` does
             // not come through here), else it set the reason before dropping the channel.
             Got::Ack(None) => {
@@ -324,7 +354,7 @@ impl Replicator for TcpReplicator {
         &mut self,
         checkpoints: u64,
         finished: bool,
-    ) -> Result<Vec<u64>, ReplicatorError> {
+    ) -> Result<Vec<Acked>, ReplicatorError> {
         // Whatever is still pending is an incomplete record: the backup drops it anyway,
         // but a finished stream has none.
         let end = self.pending_at + self.pending.len() as u64;
@@ -341,9 +371,8 @@ impl Replicator for TcpReplicator {
             Ok(Ok(_)) => {
                 // ACKs sent before the CLOSE answer are queued ahead of it.
                 let mut acks = Vec::new();
-                while let Ok(n) = self.acks.try_recv() {
-                    self.note_ack(n);
-                    acks.push(n);
+                while let Ok((n, write_us)) = self.acks.try_recv() {
+                    acks.push(self.note_ack(n, write_us));
                 }
                 Ok(acks)
             }
