@@ -37,11 +37,12 @@
 //! included, into the pipe before the cut took effect. With a big pipe that happens
 //! whenever a checkpoint (or checkpoint 1's tail after its first post-suspend record) is
 //! smaller than the pipe and libxc gets ahead of the relay. So the pipe is kept
-//! [`PipeSizes::narrow`] (one page) while the relay has caught up with xl and waits for
-//! a suspend (between checkpoints the stream is idle), and made [`PipeSizes::wide`] at
-//! every cut and whenever the relay falls behind while narrow (a bulk transfer: many
-//! full reads in a row). Narrowing fails (EBUSY) when the pipe holds more than a page:
-//! then it stays wide, which only costs proofs, never safety.
+//! [`PipeSizes::narrow`] (one page) while the relay has caught up with xl (the pipe is
+//! empty after a read) and waits for a suspend (between checkpoints the stream is idle),
+//! and made [`PipeSizes::wide`] at every cut and whenever the relay falls behind while
+//! narrow (a bulk transfer: the pipe still holds bytes after many reads in a row).
+//! Narrowing fails (EBUSY) when the pipe holds more than a page: then it stays wide,
+//! which only costs proofs, never safety.
 //!
 //! Several vifs: the cut is one `close_epoch` on the group, which closes every vif's
 //! epoch in turn, and F is read after the last one; the proof covers them all.
@@ -75,8 +76,8 @@ pub struct PipeSizes {
     pub narrow: u64,
     /// During bulk transfers and from each cut until the checkpoint's end.
     pub wide: u64,
-    /// Full reads in a row while narrow after which the pipe is widened.
-    pub widen_after_full_reads: u32,
+    /// Reads in a row that leave bytes in the narrow pipe after which it is widened.
+    pub widen_after_reads_behind: u32,
 }
 
 impl Default for PipeSizes {
@@ -84,7 +85,7 @@ impl Default for PipeSizes {
         PipeSizes {
             narrow: 4096,
             wide: 1 << 20,
-            widen_after_full_reads: 64,
+            widen_after_reads_behind: 64,
         }
     }
 }
@@ -115,7 +116,7 @@ pub struct RelayDriver<B: NetBuffer, G: PipeGauge> {
     sizes: PipeSizes,
     /// The pipe's capacity as last set (or as found).
     capacity: u64,
-    full_reads: u32,
+    reads_behind: u32,
     pub(super) metrics: Arc<Metrics>,
     machine: Machine,
     cut: Option<PendingCut>,
@@ -137,7 +138,7 @@ impl<B: NetBuffer, G: PipeGauge> RelayDriver<B, G> {
             pipe,
             sizes,
             capacity,
-            full_reads: 0,
+            reads_behind: 0,
             metrics,
             machine: Machine::new(),
             cut: None,
@@ -276,7 +277,7 @@ impl<B: NetBuffer, G: PipeGauge> RelayDriver<B, G> {
         match self.pipe.resize(bytes) {
             Ok(c) => {
                 self.capacity = c;
-                self.full_reads = 0;
+                self.reads_behind = 0;
             }
             // Busy (more in the pipe than the new size): keep the size; only speed or
             // the odds of a proof depend on it.
@@ -284,20 +285,21 @@ impl<B: NetBuffer, G: PipeGauge> RelayDriver<B, G> {
         }
     }
 
-    /// After a read of `n` bytes (of `asked`): narrow the pipe when the relay has caught
-    /// up while waiting for a suspend, widen it when it falls behind (see the module docs).
-    pub(super) fn size_pipe(&mut self, n: usize, asked: usize) {
+    /// After a read: narrow the pipe when the relay has caught up (it is empty) while
+    /// waiting for a suspend, widen it when it stays behind (see the module docs).
+    pub(super) fn size_pipe(&mut self) {
         if self.cut.is_some() {
             return;
         }
-        let full = n as u64 >= self.capacity.min(asked as u64);
-        if !full {
-            self.resize(self.sizes.narrow);
-        } else if self.capacity < self.sizes.wide {
-            self.full_reads += 1;
-            if self.full_reads >= self.sizes.widen_after_full_reads {
-                self.resize(self.sizes.wide);
+        match self.pipe.fill() {
+            Ok(0) => self.resize(self.sizes.narrow),
+            Ok(_) if self.capacity < self.sizes.wide => {
+                self.reads_behind += 1;
+                if self.reads_behind >= self.sizes.widen_after_reads_behind {
+                    self.resize(self.sizes.wide);
+                }
             }
+            _ => {}
         }
     }
 
@@ -434,7 +436,7 @@ impl<B: NetBuffer, G: PipeGauge> RelayDriver<B, G> {
                     if let Err(e) = rep.forward(&buf[..n], &events).await {
                         return self.lost(e.loss()).await;
                     }
-                    self.size_pipe(n, buf.len());
+                    self.size_pipe();
                 }
             }
         }

@@ -281,10 +281,15 @@ async fn the_pipe_is_wide_from_a_cut_and_narrow_while_the_relay_waits_for_a_susp
             })
             .collect::<Vec<_>>()
     };
-    // Narrow (4096) at start. A cut widens it, whatever the reads do until the proof.
+    let fill = |d: &mut Driver, f: u64| {
+        d.pipe.before_cut = f;
+        d.pipe.after_cut = f;
+    };
+    // Narrow (4096) at start. A cut widens it, whatever the pipe holds until the proof.
     suspend(&mut d, 1, 100).await.unwrap();
     assert_eq!(resizes(&d), [sizes.wide]);
-    d.size_pipe(10, 256 * 1024);
+    fill(&mut d, 0);
+    d.size_pipe();
     assert_eq!(
         d.pipe_capacity(),
         sizes.wide,
@@ -292,18 +297,20 @@ async fn the_pipe_is_wide_from_a_cut_and_narrow_while_the_relay_waits_for_a_susp
     );
     libxc_checkpoint(&mut d, 1, 1 << 20).await.unwrap();
     complete(&mut d, 1).await;
-    // Caught up (a short read): narrow for the next suspend.
-    d.size_pipe(10, 256 * 1024);
+    // Caught up (the pipe is empty after a read): narrow for the next suspend.
+    d.size_pipe();
     assert_eq!(d.pipe_capacity(), sizes.narrow);
-    // Behind while narrow (full reads in a row): wide again.
-    for _ in 0..sizes.widen_after_full_reads {
-        d.size_pipe(sizes.narrow as usize, 256 * 1024);
+    // Behind while narrow (bytes left after many reads in a row): wide again.
+    fill(&mut d, 4096);
+    for _ in 0..sizes.widen_after_reads_behind {
+        d.size_pipe();
     }
     assert_eq!(d.pipe_capacity(), sizes.wide);
     assert_eq!(resizes(&d), [sizes.wide, sizes.narrow, sizes.wide]);
     // A pipe that cannot be narrowed (it holds more than a page) keeps its size.
     d.pipe.busy = true;
-    d.size_pipe(10, 256 * 1024);
+    fill(&mut d, 0);
+    d.size_pipe();
     assert_eq!(d.pipe_capacity(), sizes.wide);
 }
 

@@ -1,5 +1,6 @@
 //! What both relay ends do on their connection: the writer task (frames in order,
-//! heartbeats, flushes) and page-data (de)compression that never stalls heartbeats.
+//! heartbeats, one write per batch of queued frames) and page-data (de)compression that
+//! never stalls heartbeats.
 //!
 //! Owns: the write half of a replication connection once a session runs, and moving big
 //! (de)compression jobs to a blocking thread. Never touches: the frame format
@@ -12,17 +13,22 @@ use tokio::sync::{mpsc, watch};
 
 use crate::checkpoint::{LossKind, LossReason};
 use crate::metrics::Metrics;
-use crate::replication::{HEADER_LEN, Message, Sealer};
+use bytes::Bytes;
+
+use crate::replication::{DATA_CHUNK, HEADER_LEN, Message, Sealer};
 
 /// Where a connection task reports that the peer is lost (the first report wins).
 pub type LossSender = Arc<watch::Sender<Option<LossReason>>>;
 
-/// What the writer task is handed: a frame, or a mark.
+/// What the writer task is handed: a frame, raw stream bytes, or a mark.
 #[derive(Debug)]
 pub enum Outgoing {
     Frame(Message),
-    /// Every frame queued before this one has been written to the connection (flushed):
-    /// the writer reports `Instant::now()` for this checkpoint on its marks channel.
+    /// Raw stream bytes, sealed as one DATA frame straight from the shared buffer they
+    /// were split off (no copy of their own first).
+    Data(Bytes),
+    /// Every frame queued before this one has been written to the connection: the
+    /// writer reports `Instant::now()` for this checkpoint on its marks channel.
     Sent(u64),
 }
 
@@ -35,10 +41,63 @@ impl From<Message> for Outgoing {
 /// Where the writer reports marks: (checkpoint, when its last byte was written).
 pub type Marks = mpsc::UnboundedSender<(u64, Instant)>;
 
+/// Sealed bytes gathered into one write at most (frames queued meanwhile share it).
+const WRITE_BATCH: usize = 512 * 1024;
+
+/// The writer task's state: frames are sealed straight into `buf`, which goes to the
+/// connection in one write (no second buffer: each byte is copied once, when sealed).
+struct Writer<W> {
+    w: W,
+    sealer: Sealer,
+    buf: Vec<u8>,
+    m: Arc<Metrics>,
+    seq: u64,
+}
+
+impl<W: tokio::io::AsyncWrite + Unpin> Writer<W> {
+    /// Seals one item into the batch; a mark is returned, to be reported once written.
+    fn add(&mut self, o: Outgoing) -> Result<Option<u64>, LossReason> {
+        let before = self.buf.len();
+        let r = match o {
+            Outgoing::Frame(msg) => self.sealer.encode(&msg, &mut self.buf),
+            Outgoing::Data(d) => self.sealer.encode_data(&d, &mut self.buf),
+            Outgoing::Sent(checkpoint) => return Ok(Some(checkpoint)),
+        };
+        r.map_err(|e| {
+            LossReason::new(
+                LossKind::LocalFailure,
+                format!("sealing a frame failed: {e}"),
+            )
+        })?;
+        self.m
+            .wire_bytes_total
+            .inc_by((self.buf.len() - before) as u64);
+        Ok(None)
+    }
+
+    fn heartbeat(&mut self) -> Result<Option<u64>, LossReason> {
+        self.seq += 1;
+        self.m.heartbeats_sent_total.inc();
+        self.add(Outgoing::Frame(Message::Heartbeat { seq: self.seq }))
+    }
+
+    async fn write(&mut self) -> Result<(), LossReason> {
+        let r = self.w.write_all(&self.buf).await;
+        self.buf.clear();
+        r.map_err(|e| {
+            LossReason::new(
+                LossKind::Connection,
+                format!("sending to the peer failed: {e}"),
+            )
+        })
+    }
+}
+
 /// The write side of a relay connection: frames from `rx` in order, a heartbeat every
 /// `interval` (so the peer hears us even while xl or the receiver is slow), each sealed
-/// with `sealer`, a flush whenever nothing more is queued or at a mark (reported on
-/// `marks`). A write or sealing error is reported through `lost`.
+/// with `sealer`; what is queued goes out in one write, and a mark is reported on
+/// `marks` once what preceded it is written. A write or sealing error is reported
+/// through `lost`.
 pub fn spawn_writer<W, M>(
     w: W,
     sealer: Sealer,
@@ -53,63 +112,47 @@ where
     M: Into<Outgoing> + Send + 'static,
 {
     tokio::spawn(async move {
-        let mut w = tokio::io::BufWriter::with_capacity(256 * 1024, w);
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut seq = 0u64;
-        let mut buf = Vec::with_capacity(HEADER_LEN + 64 * 1024);
-        loop {
-            let msg = tokio::select! {
-                m = rx.recv() => match m.map(Into::into) {
-                    Some(Outgoing::Frame(m)) => m,
-                    Some(Outgoing::Sent(checkpoint)) => {
-                        if let Err(e) = w.flush().await {
-                            lost.send_replace(Some(LossReason::new(
-                                LossKind::Connection,
-                                format!("sending to the peer failed: {e}"),
-                            )));
-                            return;
-                        }
-                        if let Some(marks) = &marks {
-                            let _ = marks.send((checkpoint, Instant::now()));
-                        }
-                        continue;
+        let mut wr = Writer {
+            w,
+            sealer,
+            buf: Vec::with_capacity(WRITE_BATCH + DATA_CHUNK + HEADER_LEN),
+            m,
+            seq: 0,
+        };
+        let r: Result<(), LossReason> = async {
+            loop {
+                let mut mark = tokio::select! {
+                    o = rx.recv() => match o {
+                        Some(o) => wr.add(o.into())?,
+                        None => return Ok(()),
+                    },
+                    _ = tick.tick() => wr.heartbeat()?,
+                };
+                // Whatever else is queued joins this write (up to a mark).
+                while mark.is_none() && wr.buf.len() < WRITE_BATCH {
+                    match rx.try_recv() {
+                        Ok(o) => mark = wr.add(o.into())?,
+                        Err(_) => break,
                     }
-                    None => break,
-                },
-                _ = tick.tick() => {
-                    seq += 1;
-                    m.heartbeats_sent_total.inc();
-                    Message::Heartbeat { seq }
                 }
-            };
-            buf.clear();
-            if let Err(e) = sealer.encode(&msg, &mut buf) {
-                lost.send_replace(Some(LossReason::new(
-                    LossKind::LocalFailure,
-                    format!("sealing a frame failed: {e}"),
-                )));
-                return;
-            }
-            m.wire_bytes_total.inc_by(buf.len() as u64);
-            let r = async {
-                w.write_all(&buf).await?;
-                if rx.is_empty() {
-                    w.flush().await?;
+                wr.write().await?;
+                if let (Some(c), Some(marks)) = (mark, &marks) {
+                    let _ = marks.send((c, Instant::now()));
                 }
-                Ok::<_, std::io::Error>(())
-            }
-            .await;
-            if let Err(e) = r {
-                lost.send_replace(Some(LossReason::new(
-                    LossKind::Connection,
-                    format!("sending to the peer failed: {e}"),
-                )));
-                return;
             }
         }
-        let _ = w.flush().await;
-        let _ = w.shutdown().await;
+        .await;
+        match r {
+            Ok(()) => {
+                let _ = wr.w.flush().await;
+                let _ = wr.w.shutdown().await;
+            }
+            Err(reason) => {
+                lost.send_replace(Some(reason));
+            }
+        }
     })
 }
 
@@ -134,20 +177,21 @@ pub struct OffloadError(pub &'static str, pub tokio::task::JoinError);
 /// small, else on a blocking thread (a thread hop would dominate a small record's latency;
 /// a 4 MiB record must not hold up heartbeats). `state` (an encoder or decoder) and
 /// `input` come back with the result, so both ends keep their page caches.
-pub async fn offload<S, R>(
+pub async fn offload<S, I, R>(
     what: &'static str,
     size: usize,
     state: S,
-    input: Vec<u8>,
+    input: I,
     f: fn(&mut S, &[u8]) -> R,
-) -> Result<(S, Vec<u8>, R), OffloadError>
+) -> Result<(S, I, R), OffloadError>
 where
     S: Send + 'static,
+    I: AsRef<[u8]> + Send + 'static,
     R: Send + 'static,
 {
     let run = move || {
         let mut state = state;
-        let r = f(&mut state, &input);
+        let r = f(&mut state, input.as_ref());
         (state, input, r)
     };
     if size <= super::INLINE_CODEC_BYTES {

@@ -405,24 +405,40 @@ impl Sender {
         }
     }
 
-    /// Waits until the relay has read everything written so far, and a little more (as
-    /// libxl's suspend or interval does when the relay keeps up): the relay then waits
-    /// for a suspend with its pipe narrowed, and proves its next cut.
+    /// Waits until the relay has read everything written so far and narrowed its pipe
+    /// again (as libxl's suspend or interval lets it when it keeps up): the relay then
+    /// waits for the next suspend ready to prove its cut. A relay told to keep its pipe
+    /// wide is waited for 50 ms after it has read everything.
     pub fn wait_drained(&mut self) {
         let Some(w) = self.stdin.as_ref() else {
             return;
         };
+        let fd = w.as_raw_fd();
         let t = Instant::now();
+        let mut empty_since: Option<Instant> = None;
         loop {
             let mut n: libc::c_int = 0;
-            // SAFETY: FIONREAD on our end of the pipe writes one int.
-            let r = unsafe { libc::ioctl(w.as_raw_fd(), libc::FIONREAD, &mut n) };
-            if r < 0 || n == 0 || t.elapsed() > HANG_GUARD {
-                break;
+            // SAFETY: FIONREAD on our end of the pipe writes one int; F_GETPIPE_SZ reads
+            // the capacity of the pipe (shared by both ends).
+            let (r, size) = unsafe {
+                (
+                    libc::ioctl(fd, libc::FIONREAD, &mut n),
+                    libc::fcntl(fd, libc::F_GETPIPE_SZ),
+                )
+            };
+            if r < 0 || t.elapsed() > HANG_GUARD {
+                return;
+            }
+            if n == 0 {
+                let since = *empty_since.get_or_insert_with(Instant::now);
+                if size == 4096 || since.elapsed() > Duration::from_millis(50) {
+                    return;
+                }
+            } else {
+                empty_since = None;
             }
             std::thread::sleep(Duration::from_millis(2));
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

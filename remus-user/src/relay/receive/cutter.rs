@@ -12,6 +12,8 @@
 //!   post-suspend record (libxc cannot use a partial first checkpoint anyway, and the
 //!   copy is as big as the guest); from there on it is held like any later checkpoint.
 //!   So libxc never sees checkpoint 1's CHECKPOINT record before the cutter has decided.
+//!   The parser reports that record once its 4-byte type field has arrived, so all but
+//!   the last 3 bytes received can go through until then.
 //! - Every checkpoint is kept in memory until its CHECKPOINT_END has arrived, then
 //!   written whole and acknowledged, unless the primary said it was **merged** (its cut
 //!   was not proven in time, [`Cutter::merged`]): a merged checkpoint is held on, and
@@ -20,15 +22,23 @@
 //!   checkpoint is therefore never a failover point: whenever the receiver's stdin is
 //!   closed, it has received exactly whole checkpoints ending with one that was not
 //!   merged, and libxl fails over from that one.
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
+
+use bytes::Bytes;
 
 use crate::stream::{Event, Parser, StreamError};
+
+/// Bytes of a record header that can arrive before its type is known (the type is the
+/// first 4 bytes): checkpoint 1 streams through all but these.
+const TYPE_UNKNOWN_BYTES: u64 = 3;
 
 /// One step for the receiver.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Step {
-    /// Write these bytes to the receiver's stdin.
-    Write(Vec<u8>),
+    /// Write these bytes to the receiver's stdin. They are (a slice of) a chunk the
+    /// cutter was handed: bytes are never copied here (a checkpoint is held as the
+    /// chunks it arrived in, not gathered into one buffer).
+    Write(Bytes),
     /// Checkpoint N is wholly written once the preceding writes are: acknowledge it.
     Ack(u64),
 }
@@ -55,13 +65,11 @@ pub struct Cutter {
     events: Vec<Event>,
     /// Stream offset up to which bytes were handed out for writing.
     written: u64,
-    /// Bytes from `written` on, not handed out yet.
-    pending: Vec<u8>,
-    /// Checkpoint 1 may go straight through up to here (the end of the last whole
-    /// record before its first post-suspend record).
-    through: u64,
-    /// Checkpoint 1's first post-suspend record has been seen: the rest of it is held.
-    in_first_tail: bool,
+    /// Bytes from `written` on, not handed out yet, as they arrived.
+    pending: VecDeque<Bytes>,
+    pending_len: usize,
+    /// Checkpoint 1's first post-suspend record starts here, once seen.
+    first_tail_at: Option<u64>,
     /// Last checkpoint handed out whole: the failover point.
     complete: u64,
     /// Last checkpoint whose CHECKPOINT_END arrived (merged ones included).
@@ -90,7 +98,7 @@ impl Cutter {
 
     /// Bytes held back (an incomplete checkpoint, merged checkpoints, checkpoint 1's tail).
     pub fn held(&self) -> usize {
-        self.pending.len()
+        self.pending_len
     }
 
     /// Merged checkpoints held back now (complete, waiting for the next failover point).
@@ -106,9 +114,19 @@ impl Cutter {
         if to <= self.written {
             return;
         }
-        let n = (to - self.written) as usize;
-        let rest = self.pending.split_off(n);
-        steps.push(Step::Write(std::mem::replace(&mut self.pending, rest)));
+        let mut n = (to - self.written) as usize;
+        while n > 0 {
+            let Some(mut chunk) = self.pending.pop_front() else {
+                break;
+            };
+            if chunk.len() > n {
+                // Part of this chunk stays: split it (shared, not copied).
+                self.pending.push_front(chunk.split_off(n));
+            }
+            n -= chunk.len();
+            self.pending_len -= chunk.len();
+            steps.push(Step::Write(chunk));
+        }
         self.written = to;
     }
 
@@ -133,39 +151,44 @@ impl Cutter {
     }
 
     /// The next reconstructed stream bytes; returns what to do, in order.
-    pub fn push(&mut self, data: &[u8], steps: &mut Vec<Step>) -> Result<(), StreamError> {
+    pub fn push(&mut self, data: Bytes, steps: &mut Vec<Step>) -> Result<(), StreamError> {
         self.events.clear();
-        self.parser.feed(data, &mut self.events)?;
-        self.pending.extend_from_slice(data);
+        self.parser.feed(&data, &mut self.events)?;
+        self.pending_len += data.len();
+        if !data.is_empty() {
+            self.pending.push_back(data);
+        }
         let events = std::mem::take(&mut self.events);
         for ev in &events {
             self.on_event(ev, steps);
         }
         self.events = events;
+        let received = self.written + self.pending_len as u64;
         if self.finished {
-            let to = self.written + self.pending.len() as u64;
-            self.take(to, steps);
+            self.take(received, steps);
         } else if self.ended == 0 {
-            // Checkpoint 1 streams through up to its first post-suspend record.
-            self.take(self.through, steps);
+            // Checkpoint 1 streams through up to its first post-suspend record; before
+            // that is seen, all but a record header whose type may not be known yet.
+            let to = self
+                .first_tail_at
+                .unwrap_or(received.saturating_sub(TYPE_UNKNOWN_BYTES));
+            self.take(to, steps);
         }
         Ok(())
     }
 
     fn on_event(&mut self, ev: &Event, steps: &mut Vec<Step>) {
         match *ev {
-            Event::XlHeader { end, .. } | Event::Record { end, .. }
-                if self.ended == 0 && !self.in_first_tail =>
-            {
-                self.through = end;
-            }
             Event::PostSuspendStart { checkpoint: 1, pos } => {
-                self.in_first_tail = true;
-                self.through = self.through.max(pos);
+                self.first_tail_at = Some(pos);
             }
             Event::CheckpointComplete { checkpoint, end } => {
                 self.ended = checkpoint;
                 if self.merged.remove(&checkpoint) {
+                    // A merged checkpoint 1 still streams up to its tail.
+                    if let (1, Some(tail)) = (checkpoint, self.first_tail_at) {
+                        self.take(tail, steps);
+                    }
                     self.held_merged.push(checkpoint);
                 } else {
                     self.take(end, steps);
@@ -210,7 +233,7 @@ mod tests {
                 }
             }
             steps.clear();
-            c.push(piece, &mut steps).unwrap();
+            c.push(Bytes::copy_from_slice(piece), &mut steps).unwrap();
             pos = reach;
             for s in steps.drain(..) {
                 match s {
@@ -287,28 +310,23 @@ mod tests {
     }
 
     #[test]
-    fn checkpoint_one_streams_through_whole_records_up_to_its_first_post_suspend_record() {
+    fn checkpoint_one_streams_through_up_to_its_first_post_suspend_record() {
         let w = write(&WriterConfig::pv(2));
         let (_, end1) = complete_ends(&w)[0];
         let tail = first_tail(&w);
-        // Halfway: every whole record before the cut has gone through, nothing else.
-        let half = end1 / 2;
-        let last_record = w
-            .events
-            .iter()
-            .filter_map(|e| match *e {
-                Event::Record { end, .. } if end <= half => Some(end),
-                _ => None,
-            })
-            .max()
-            .unwrap();
-        let (out, acks, c) = run_cutter(&w.bytes[..half as usize], 4096);
-        assert_eq!(out, w.bytes[..last_record as usize]);
-        assert!(acks.is_empty());
-        assert_eq!(c.complete(), 0);
+        // Before its tail: everything but the last 3 bytes (a record header whose type
+        // is not known yet could start there), whatever the chunks.
+        for chunk in [1usize, 7, 4096] {
+            for cut in [100, end1 / 2, tail] {
+                let (out, acks, c) = run_cutter(&w.bytes[..cut as usize], chunk);
+                assert_eq!(out, w.bytes[..cut as usize - 3], "chunk {chunk} cut {cut}");
+                assert!(acks.is_empty());
+                assert_eq!(c.complete(), 0);
+            }
+        }
         // Inside the tail (its CHECKPOINT record included): held back from the first
         // post-suspend record on, so libxc has no usable checkpoint 1 yet.
-        for cut in [tail + 1, libxc_end(&w, 1), end1 - 1] {
+        for cut in [tail + 4, libxc_end(&w, 1), end1 - 1] {
             let (out, acks, _) = run_cutter(&w.bytes[..cut as usize], 512);
             assert_eq!(out, w.bytes[..tail as usize], "cut {cut}");
             assert!(acks.is_empty());
@@ -365,12 +383,15 @@ mod tests {
         let tail = first_tail(&w);
         let notice = [(1, libxc_end(&w, 1))];
         // Checkpoint 1 complete, 2 not yet: the receiver has only the part before the
-        // tail (libxc cannot resume from it: failover is impossible, as it should be).
-        for cut in [ends[0].1, ends[1].1 - 1] {
-            let (out, acks, c) = run_merged(&w.bytes[..cut as usize], 4096, &notice);
-            assert_eq!(out, w.bytes[..tail as usize], "cut {cut}");
-            assert!(acks.is_empty());
-            assert_eq!(c.complete(), 0);
+        // tail (libxc cannot resume from it: failover is impossible, as it should be),
+        // also when all of checkpoint 1 arrives in one piece.
+        for chunk in [4096, 1 << 30] {
+            for cut in [ends[0].1, ends[1].1 - 1] {
+                let (out, acks, c) = run_merged(&w.bytes[..cut as usize], chunk, &notice);
+                assert_eq!(out, w.bytes[..tail as usize], "chunk {chunk} cut {cut}");
+                assert!(acks.is_empty());
+                assert_eq!(c.complete(), 0);
+            }
         }
         let (out, acks, _) = run_merged(&w.bytes, 4096, &notice);
         assert_eq!(out, w.bytes);
@@ -418,7 +439,7 @@ mod tests {
         let mut c = Cutter::new();
         let mut steps = Vec::new();
         assert_eq!(
-            c.push(&[0xAB; 200], &mut steps),
+            c.push(Bytes::from_static(&[0xAB; 200]), &mut steps),
             Err(StreamError::BadField {
                 pos: 0,
                 field: crate::stream::Field::XlMagic,

@@ -312,7 +312,7 @@ async fn start(reader: OwnedReadHalf, mut w: OwnedWriteHalf, ctx: &Ctx<'_>) -> P
 async fn replicate(mut live: Box<Live>, ctx: &Ctx<'_>) -> Phase {
     match next_stream_bytes(&mut live, ctx).await {
         Ok(None) => Phase::Replicating(live),
-        Ok(Some(data)) => match cut_and_feed(&mut live, &data).await {
+        Ok(Some(data)) => match cut_and_feed(&mut live, data).await {
             Ok(()) => Phase::Replicating(live),
             Err(end) => Phase::Closing { live, end },
         },
@@ -390,9 +390,10 @@ async fn next_stream_bytes(live: &mut Live, ctx: &Ctx<'_>) -> Result<Option<Vec<
 }
 
 /// Hands the bytes to the cut and its steps to the feeder.
-async fn cut_and_feed(live: &mut Live, data: &[u8]) -> Result<(), Ending> {
+async fn cut_and_feed(live: &mut Live, data: Vec<u8>) -> Result<(), Ending> {
     live.steps.clear();
-    if let Err(e) = live.cutter.push(data, &mut live.steps) {
+    // The frame's own buffer goes on to the receiver: no copy on the way.
+    if let Err(e) = live.cutter.push(data.into(), &mut live.steps) {
         return Err(Ending::Lost(LossReason::new(
             LossKind::Corrupt,
             format!("the primary sent a malformed stream: {e}"),

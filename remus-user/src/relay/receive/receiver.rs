@@ -4,10 +4,13 @@
 //!
 //! Owns: the child process, its pipes, the feeder task. Never touches: the connection
 //! (ACKs are handed to the writer's queue), what is cut where (`cutter`).
+use std::collections::VecDeque;
+use std::io::IoSlice;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::{Buf, Bytes};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::mpsc;
@@ -129,8 +132,10 @@ async fn read_banner(
 }
 
 /// Writes steps to the receiver in order; acknowledges a checkpoint once its bytes are
-/// written, with the time spent writing them (since the previous ACK). Ends (closing the
-/// receiver's stdin) when the queue closes or a write fails.
+/// written, with the time spent writing them (since the previous ACK). Write steps that
+/// are queued together go out in one `writev` (a checkpoint is held as the frames it
+/// arrived in). Ends (closing the receiver's stdin) when the queue closes or a write
+/// fails.
 pub fn spawn_feeder(
     mut stdin: ChildStdin,
     acks: mpsc::Sender<Message>,
@@ -139,39 +144,93 @@ pub fn spawn_feeder(
     mpsc::Sender<Step>,
     tokio::task::JoinHandle<Result<(), ReceiverError>>,
 ) {
-    let (feed_tx, mut feed_rx) = mpsc::channel::<Step>(64);
+    let (feed_tx, mut feed_rx) = mpsc::channel::<Step>(256);
     let h = tokio::spawn(async move {
         let mut writing = Duration::ZERO;
-        while let Some(step) = feed_rx.recv().await {
-            match step {
+        let mut batch = VecDeque::new();
+        let mut next = feed_rx.recv().await;
+        while let Some(step) = next.take() {
+            let n = match step {
                 Step::Write(b) => {
+                    batch.push_back(b);
+                    // Whatever else is queued, up to an ACK, joins this write.
+                    while let Ok(s) = feed_rx.try_recv() {
+                        match s {
+                            Step::Write(b) => batch.push_back(b),
+                            ack => {
+                                next = Some(ack);
+                                break;
+                            }
+                        }
+                    }
                     let t = std::time::Instant::now();
-                    stdin.write_all(&b).await.map_err(ReceiverError::Write)?;
+                    let bytes = write_all_vectored(&mut stdin, &mut batch)
+                        .await
+                        .map_err(ReceiverError::Write)?;
                     writing += t.elapsed();
-                    m.stream_bytes_total.inc_by(b.len() as u64);
+                    m.stream_bytes_total.inc_by(bytes);
+                    None
                 }
-                Step::Ack(n) => {
-                    m.checkpoints_total.inc();
-                    m.last_checkpoint.set(n);
-                    m.last_acked_checkpoint.set(n);
-                    m.acks_total.inc();
-                    m.checkpoint.backup_write.observe(writing);
-                    let write_us = writing.as_micros().min(u64::MAX as u128) as u64;
-                    writing = Duration::ZERO;
-                    info_span!("checkpoint", n)
-                        .in_scope(|| debug!(write_us, "checkpoint written whole; acknowledging"));
-                    // A primary that is gone cannot hear it; the receiver still gets the rest.
-                    let _ = acks
-                        .send(Message::Ack {
-                            checkpoint: n,
-                            write_us,
-                        })
-                        .await;
-                }
+                Step::Ack(n) => Some(n),
+            };
+            if let Some(n) = n {
+                acknowledge(n, std::mem::take(&mut writing), &acks, &m).await;
+            }
+            if next.is_none() {
+                next = feed_rx.recv().await;
             }
         }
         drop(stdin);
         Ok(())
     });
     (feed_tx, h)
+}
+
+/// Checkpoint `n` is written whole (in `writing`): count it and send its ACK.
+async fn acknowledge(n: u64, writing: Duration, acks: &mpsc::Sender<Message>, m: &Metrics) {
+    m.checkpoints_total.inc();
+    m.last_checkpoint.set(n);
+    m.last_acked_checkpoint.set(n);
+    m.acks_total.inc();
+    m.checkpoint.backup_write.observe(writing);
+    let write_us = writing.as_micros().min(u64::MAX as u128) as u64;
+    info_span!("checkpoint", n)
+        .in_scope(|| debug!(write_us, "checkpoint written whole; acknowledging"));
+    // A primary that is gone cannot hear it; the receiver still gets the rest.
+    let _ = acks
+        .send(Message::Ack {
+            checkpoint: n,
+            write_us,
+        })
+        .await;
+}
+
+/// Writes every buffer of `bufs` in order with as few `writev` calls as the pipe allows;
+/// returns the bytes written. `bufs` is empty afterwards.
+async fn write_all_vectored(
+    w: &mut ChildStdin,
+    bufs: &mut VecDeque<Bytes>,
+) -> std::io::Result<u64> {
+    let mut total = 0u64;
+    while !bufs.is_empty() {
+        let slices: Vec<IoSlice<'_>> = bufs.iter().take(64).map(|b| IoSlice::new(b)).collect();
+        let mut n = w.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        total += n as u64;
+        while n > 0 {
+            let Some(front) = bufs.front_mut() else {
+                break;
+            };
+            if front.len() <= n {
+                n -= front.len();
+                bufs.pop_front();
+            } else {
+                front.advance(n);
+                n = 0;
+            }
+        }
+    }
+    Ok(total)
 }

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use tokio::sync::{mpsc, watch};
 
 use super::SendOptions;
@@ -40,8 +41,9 @@ pub struct TcpReplicator {
     lost: watch::Receiver<Option<LossReason>>,
     closed: watch::Receiver<bool>,
     encoder: Option<PageEncoder>,
-    /// Unsent stream bytes, starting at absolute offset `pending_at`.
-    pending: Vec<u8>,
+    /// Unsent stream bytes, starting at absolute offset `pending_at` (frames are split
+    /// off it without copying; its allocation is reused once they are sealed).
+    pending: BytesMut,
     pending_at: u64,
     /// Offset up to which bytes may be sent (end of the last complete unit).
     safe_to: u64,
@@ -156,7 +158,7 @@ impl TcpReplicator {
             lost,
             closed,
             encoder,
-            pending: Vec::new(),
+            pending: BytesMut::with_capacity(4 << 20),
             pending_at: 0,
             safe_to: 0,
             sent_at: HashMap::new(),
@@ -212,10 +214,9 @@ impl TcpReplicator {
     async fn send_raw(&mut self, to: u64) -> Result<(), ReplicatorError> {
         while self.pending_at < to {
             let n = ((to - self.pending_at) as usize).min(DATA_CHUNK);
-            let rest = self.pending.split_off(n);
-            let chunk = std::mem::replace(&mut self.pending, rest);
+            let chunk = self.pending.split_to(n).freeze();
             self.pending_at += n as u64;
-            self.push(Message::Data(chunk)).await?;
+            self.push_out(Outgoing::Data(chunk)).await?;
         }
         Ok(())
     }
@@ -223,8 +224,7 @@ impl TcpReplicator {
     async fn send_page_record(&mut self, start: u64, end: u64) -> Result<(), ReplicatorError> {
         self.send_raw(start).await?;
         let n = (end - start) as usize;
-        let rest = self.pending.split_off(n);
-        let record = std::mem::replace(&mut self.pending, rest);
+        let record = self.pending.split_to(n).freeze();
         self.pending_at = end;
         // A record too big for one frame (only a malformed one can be) goes raw; the
         // encoder never sees it, so both page caches stay in step.
@@ -232,8 +232,9 @@ impl TcpReplicator {
             Some(enc) if record.len() <= MAX_COMPRESSED_RECORD => enc,
             other => {
                 self.encoder = other;
-                for c in record.chunks(DATA_CHUNK) {
-                    self.push(Message::Data(c.to_vec())).await?;
+                for at in (0..record.len()).step_by(DATA_CHUNK) {
+                    let c = record.slice(at..(at + DATA_CHUNK).min(record.len()));
+                    self.push_out(Outgoing::Data(c)).await?;
                 }
                 return Ok(());
             }
