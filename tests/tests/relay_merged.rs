@@ -164,10 +164,11 @@ fn a_merge_notice_after_its_checkpoints_end_is_refused() {
     assert!(sessions[0] == st.through(2));
 }
 
-/// The real sender, with xl's pipe never narrowed and stopped while each checkpoint is
+/// The real sender, with xl's pipe never narrowed and stopped while the checkpoints are
 /// written whole into it: no cut can be proven, every checkpoint is merged, and the
-/// backup, told so, acknowledges none and gives its receiver nothing it could resume
-/// from (checkpoint 1 stops before its first post-suspend record).
+/// backup, told so (in order, although one read of the sender holds all of them),
+/// acknowledges none and gives its receiver nothing it could resume from (checkpoint 1
+/// stops before its first post-suspend record).
 #[test]
 fn a_sender_that_proves_no_cut_leaves_the_backup_without_a_failover_point() {
     let dir = Scratch::new("merged-pair");
@@ -186,12 +187,11 @@ fn a_sender_that_proves_no_cut_leaves_the_backup_without_a_failover_point() {
     cfg.guest_pages = 24;
     cfg.dirty_pages = 8;
     let st = Stream::new(&cfg);
-    for n in 1..=3 {
-        signal(&tx.child, libc::SIGSTOP);
-        tx.write(st.checkpoint(n));
-        signal(&tx.child, libc::SIGCONT);
-        tx.wait_drained();
-    }
+    // All three in one go: one read of the sender, three notices in one chunk.
+    signal(&tx.child, libc::SIGSTOP);
+    tx.write(st.through(3));
+    signal(&tx.child, libc::SIGCONT);
+    tx.wait_drained();
     let s = wait_status(&tx.status_sock, "three checkpoints", |v| {
         v["last_checkpoint"] == 3
     });

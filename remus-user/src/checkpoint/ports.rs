@@ -171,18 +171,16 @@ impl ReplicatorError {
 pub trait Replicator: Send {
     /// Sends `bytes` (the next bytes of the stream, in order) to the backup. `events` are
     /// the parser events these bytes completed (absolute offsets), so an implementation
-    /// can find record boundaries (e.g. to compress PAGE_DATA).
+    /// can find record boundaries (e.g. to compress PAGE_DATA). `merged` are checkpoints
+    /// whose cut was not proven in time (their libxc CHECKPOINT record is among
+    /// `events`): the backup must be told, at that record's end in the stream (after
+    /// every byte before it, before any byte of the checkpoint's end), that they must not
+    /// become failover points.
     fn forward(
         &mut self,
         bytes: &[u8],
         events: &[Event],
-    ) -> impl std::future::Future<Output = Result<(), ReplicatorError>> + Send;
-    /// Checkpoint `checkpoint`'s cut was not proven in time: tell the backup that it must
-    /// not become a failover point (it is applied only together with the next one).
-    /// Called before any byte of the checkpoint's end is forwarded.
-    fn merged(
-        &mut self,
-        checkpoint: u64,
+        merged: &[u64],
     ) -> impl std::future::Future<Output = Result<(), ReplicatorError>> + Send;
     /// The next thing the backup says. Must be cancel-safe (it is raced against stdin).
     fn next_event(&mut self) -> impl std::future::Future<Output = BackupEvent> + Send;

@@ -24,7 +24,8 @@
 //!    not finished writing it at the cut, so the guest was still suspended and the cut is
 //!    proven. Otherwise epoch N is merged into the next proven one
 //!    ([`Action::Merged`]), and the backup is told that N must not be a failover point
-//!    (`Replicator::merged`, before any byte of N's end is forwarded).
+//!    (`Replicator::forward`'s `merged`: at the CHECKPOINT record's end in the stream,
+//!    before any byte of N's end).
 //!
 //! The proof holds for any pipe size (it replaced P > R + C with C the capacity of a
 //! pipe shrunk to one page, which made xl write 4 KiB at a time). The fill is read after
@@ -426,14 +427,9 @@ impl<B: NetBuffer, G: PipeGauge> RelayDriver<B, G> {
                         self.on_stream_event(ev, read_total).await?;
                     }
                     self.metrics.stream_bytes_total.inc_by(n as u64);
-                    // The backup hears of a merge before any byte of that checkpoint's
-                    // end (it is in this chunk or a later one).
-                    for c in self.take_merged() {
-                        if let Err(e) = rep.merged(c).await {
-                            return self.lost(e.loss()).await;
-                        }
-                    }
-                    if let Err(e) = rep.forward(&buf[..n], &events).await {
+                    // A merge is decided at its CHECKPOINT record, which is in this chunk.
+                    let merged = self.take_merged();
+                    if let Err(e) = rep.forward(&buf[..n], &events, &merged).await {
                         return self.lost(e.loss()).await;
                     }
                     self.size_pipe();

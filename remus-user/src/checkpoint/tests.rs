@@ -467,11 +467,13 @@ struct FakeReplicator {
 }
 
 impl Replicator for FakeReplicator {
-    async fn forward(&mut self, bytes: &[u8], _events: &[Event]) -> Result<(), ReplicatorError> {
+    async fn forward(
+        &mut self,
+        bytes: &[u8],
+        _events: &[Event],
+        _merged: &[u64],
+    ) -> Result<(), ReplicatorError> {
         self.sent.extend_from_slice(bytes);
-        Ok(())
-    }
-    async fn merged(&mut self, _: u64) -> Result<(), ReplicatorError> {
         Ok(())
     }
     async fn next_event(&mut self) -> BackupEvent {
@@ -498,25 +500,46 @@ struct FakeAckingReplicator {
     sent: Vec<u8>,
     acks: VecDeque<u64>,
     merged: Vec<u64>,
-    /// Merge notices, each with how many stream bytes had been forwarded before it.
+    /// Merge notices, each with its place in the stream (the CHECKPOINT record's end).
     notices: Vec<(u64, usize)>,
 }
 
 impl Replicator for FakeAckingReplicator {
-    async fn forward(&mut self, bytes: &[u8], events: &[Event]) -> Result<(), ReplicatorError> {
+    async fn forward(
+        &mut self,
+        bytes: &[u8],
+        events: &[Event],
+        merged: &[u64],
+    ) -> Result<(), ReplicatorError> {
+        let base = self.sent.len() as u64;
         self.sent.extend_from_slice(bytes);
         for e in events {
-            if let Event::CheckpointComplete { checkpoint, .. } = e
-                && !self.merged.contains(checkpoint)
-            {
-                self.acks.push_back(*checkpoint);
+            match *e {
+                // The notice's place in the stream: its CHECKPOINT record's end.
+                Event::LibxcCheckpoint { checkpoint, end } if merged.contains(&checkpoint) => {
+                    assert!(
+                        end > base,
+                        "MERGED({checkpoint}) for a record before this chunk"
+                    );
+                    self.merged.push(checkpoint);
+                    self.notices.push((checkpoint, end as usize));
+                }
+                Event::CheckpointComplete { checkpoint, .. }
+                    if !self.merged.contains(&checkpoint) =>
+                {
+                    self.acks.push_back(checkpoint);
+                }
+                _ => {}
             }
         }
-        Ok(())
-    }
-    async fn merged(&mut self, checkpoint: u64) -> Result<(), ReplicatorError> {
-        self.merged.push(checkpoint);
-        self.notices.push((checkpoint, self.sent.len()));
+        assert_eq!(
+            self.notices
+                .iter()
+                .filter(|(c, _)| merged.contains(c))
+                .count(),
+            merged.len(),
+            "every merge is told with its CHECKPOINT record's chunk"
+        );
         Ok(())
     }
     async fn next_event(&mut self) -> BackupEvent {
@@ -623,15 +646,17 @@ struct FakeLateAckReplicator {
 }
 
 impl Replicator for FakeLateAckReplicator {
-    async fn forward(&mut self, _: &[u8], events: &[Event]) -> Result<(), ReplicatorError> {
+    async fn forward(
+        &mut self,
+        _: &[u8],
+        events: &[Event],
+        _: &[u64],
+    ) -> Result<(), ReplicatorError> {
         for e in events {
             if let Event::CheckpointComplete { checkpoint, .. } = e {
                 self.completed.push(*checkpoint);
             }
         }
-        Ok(())
-    }
-    async fn merged(&mut self, _: u64) -> Result<(), ReplicatorError> {
         Ok(())
     }
     async fn next_event(&mut self) -> BackupEvent {

@@ -51,9 +51,10 @@ pub enum MergeError {
         "the primary said checkpoint {checkpoint} was merged after its end had arrived (last ended: {ended}): it must come before"
     )]
     Late { checkpoint: u64, ended: u64 },
-    /// Further ahead than any checkpoint the primary can have parsed.
+    /// Not the checkpoint in progress (the notice comes right after its CHECKPOINT
+    /// record, so every earlier checkpoint has ended).
     #[error(
-        "the primary said checkpoint {checkpoint} was merged, but only checkpoint {ended} has ended: not a checkpoint in progress"
+        "the primary said checkpoint {checkpoint} was merged, but only checkpoint {ended} has ended: not the checkpoint in progress"
     )]
     Early { checkpoint: u64, ended: u64 },
 }
@@ -131,8 +132,8 @@ impl Cutter {
     }
 
     /// The primary says `checkpoint`'s cut was not proven in time: it must not become a
-    /// failover point. Must arrive before its end; it may arrive before the end of the
-    /// checkpoint before it (the primary sends it as soon as it knows).
+    /// failover point. It comes right after the checkpoint's CHECKPOINT record, so it
+    /// names the checkpoint in progress.
     pub fn merged(&mut self, checkpoint: u64) -> Result<(), MergeError> {
         if checkpoint <= self.ended {
             return Err(MergeError::Late {
@@ -140,7 +141,7 @@ impl Cutter {
                 ended: self.ended,
             });
         }
-        if checkpoint > self.ended + 2 {
+        if checkpoint > self.ended + 1 {
             return Err(MergeError::Early {
                 checkpoint,
                 ended: self.ended,
@@ -211,8 +212,9 @@ mod tests {
     use super::*;
     use crate::stream::writer::{WriterConfig, Written, write};
 
-    /// Feeds `stream` in `chunk`s; before the chunk that reaches offset `at`, says that
-    /// checkpoint `n` is merged, for each `(n, at)` in `merged`.
+    /// Feeds `stream` in `chunk`s; at offset `at` (the end of its CHECKPOINT record, where
+    /// the primary's notice sits in the stream), says that checkpoint `n` is merged, for
+    /// each `(n, at)` in `merged`.
     fn run_merged(
         stream: &[u8],
         chunk: usize,
@@ -222,24 +224,30 @@ mod tests {
         let mut steps = Vec::new();
         let mut out = Vec::new();
         let mut acks = Vec::new();
-        let mut told = vec![false; merged.len()];
-        let mut pos = 0u64;
-        for piece in stream.chunks(chunk) {
-            let reach = pos + piece.len() as u64;
-            for (i, &(n, at)) in merged.iter().enumerate() {
-                if !told[i] && at <= reach {
-                    c.merged(n).unwrap();
-                    told[i] = true;
-                }
+        let mut pos = 0usize;
+        let mut notices = merged.iter().peekable();
+        while pos < stream.len() {
+            let mut end = (pos + chunk).min(stream.len());
+            if let Some(&&(_, at)) = notices.peek() {
+                end = end.min(at as usize);
             }
-            steps.clear();
-            c.push(Bytes::copy_from_slice(piece), &mut steps).unwrap();
-            pos = reach;
-            for s in steps.drain(..) {
-                match s {
-                    Step::Write(b) => out.extend_from_slice(&b),
-                    Step::Ack(n) => acks.push(n),
+            if end > pos {
+                steps.clear();
+                c.push(Bytes::copy_from_slice(&stream[pos..end]), &mut steps)
+                    .unwrap();
+                for s in steps.drain(..) {
+                    match s {
+                        Step::Write(b) => out.extend_from_slice(&b),
+                        Step::Ack(n) => acks.push(n),
+                    }
                 }
+                pos = end;
+            }
+            if let Some(&&(n, at)) = notices.peek()
+                && at as usize == pos
+            {
+                c.merged(n).unwrap();
+                notices.next();
             }
         }
         (out, acks, c)
@@ -411,16 +419,14 @@ mod tests {
             })
         );
         assert_eq!(
-            c.merged(5),
+            c.merged(4),
             Err(MergeError::Early {
-                checkpoint: 5,
+                checkpoint: 4,
                 ended: 2
             })
         );
-        // The checkpoint in progress, or the one after it (the notice may overtake the
-        // end of the one before).
+        // Only the checkpoint in progress.
         assert_eq!(c.merged(3), Ok(()));
-        assert_eq!(c.merged(4), Ok(()));
     }
 
     #[test]

@@ -254,9 +254,14 @@ impl TcpReplicator {
     }
 
     /// Notes what the parser events of the latest bytes complete: PAGE_DATA records are
-    /// sent compressed at once; returns the checkpoints completed and whether the bytes
-    /// up to now must go out without waiting to coalesce.
-    async fn follow(&mut self, events: &[Event]) -> Result<(Vec<u64>, bool), ReplicatorError> {
+    /// sent compressed at once, a merged checkpoint's notice goes out right after its
+    /// CHECKPOINT record; returns the checkpoints completed and whether the bytes up to
+    /// now must go out without waiting to coalesce.
+    async fn follow(
+        &mut self,
+        events: &[Event],
+        merged: &[u64],
+    ) -> Result<(Vec<u64>, bool), ReplicatorError> {
         let mut completed = Vec::new();
         let mut urgent = false;
         for ev in events {
@@ -270,6 +275,13 @@ impl TcpReplicator {
                 } if self.encoder.is_some() && start >= self.pending_at => {
                     self.send_page_record(start, end).await?;
                     self.safe_to = end;
+                }
+                Event::LibxcCheckpoint { checkpoint, end } if merged.contains(&checkpoint) => {
+                    // Everything before it first, then the notice, then the rest: the
+                    // backup hears of it after N's CHECKPOINT and before N's end.
+                    self.safe_to = self.safe_to.max(end);
+                    self.send_raw(end).await?;
+                    self.push(Message::Merged { checkpoint }).await?;
                 }
                 Event::Record { end, .. }
                 | Event::XlHeader { end, .. }
@@ -295,10 +307,15 @@ fn local_failure(e: &dyn std::fmt::Display) -> ReplicatorError {
 }
 
 impl Replicator for TcpReplicator {
-    async fn forward(&mut self, bytes: &[u8], events: &[Event]) -> Result<(), ReplicatorError> {
+    async fn forward(
+        &mut self,
+        bytes: &[u8],
+        events: &[Event],
+        merged: &[u64],
+    ) -> Result<(), ReplicatorError> {
         self.pending.extend_from_slice(bytes);
         let read_to = self.pending_at + self.pending.len() as u64;
-        let (completed, urgent) = self.follow(events).await?;
+        let (completed, urgent) = self.follow(events, merged).await?;
         // Without compression nothing needs a whole record: send all. With it, hold the
         // tail that may belong to an unfinished PAGE_DATA record.
         let to = if self.encoder.is_some() {
@@ -318,10 +335,6 @@ impl Replicator for TcpReplicator {
             self.push_out(Outgoing::Sent(c)).await?;
         }
         Ok(())
-    }
-
-    async fn merged(&mut self, checkpoint: u64) -> Result<(), ReplicatorError> {
-        self.push(Message::Merged { checkpoint }).await
     }
 
     async fn next_event(&mut self) -> BackupEvent {
