@@ -13,9 +13,13 @@ use tokio::sync::{mpsc, watch};
 
 use crate::checkpoint::{LossKind, LossReason};
 use crate::metrics::Metrics;
-use bytes::Bytes;
+use std::collections::VecDeque;
+use std::io::IoSlice;
 
-use crate::replication::{DATA_CHUNK, HEADER_LEN, Message, Sealer};
+use bytes::{Buf, Bytes, BytesMut};
+
+use crate::replication::seal::TAG_LEN;
+use crate::replication::{HEADER_LEN, Kind, Message, Sealer, WireError};
 
 /// Where a connection task reports that the peer is lost (the first report wins).
 pub type LossSender = Arc<watch::Sender<Option<LossReason>>>;
@@ -24,9 +28,9 @@ pub type LossSender = Arc<watch::Sender<Option<LossReason>>>;
 #[derive(Debug)]
 pub enum Outgoing {
     Frame(Message),
-    /// Raw stream bytes, sealed as one DATA frame straight from the shared buffer they
-    /// were split off (no copy of their own first).
-    Data(Bytes),
+    /// Raw stream bytes, sealed as one DATA frame in place (the buffer the stream was
+    /// read into) and written as they are: header, ciphertext, tag in one `writev`.
+    Data(BytesMut),
     /// Every frame queued before this one has been written to the connection: the
     /// writer reports `Instant::now()` for this checkpoint on its marks channel.
     Sent(u64),
@@ -41,15 +45,16 @@ impl From<Message> for Outgoing {
 /// Where the writer reports marks: (checkpoint, when its last byte was written).
 pub type Marks = mpsc::UnboundedSender<(u64, Instant)>;
 
-/// Sealed bytes gathered into one write at most (frames queued meanwhile share it).
+/// Bytes gathered into one write at most (frames queued meanwhile share it).
 const WRITE_BATCH: usize = 512 * 1024;
 
-/// The writer task's state: frames are sealed straight into `buf`, which goes to the
-/// connection in one write (no second buffer: each byte is copied once, when sealed).
+/// The writer task's state: what goes out next, in order. Messages are sealed into a
+/// buffer of their own (one copy); DATA frames are sealed where they are (no copy).
 struct Writer<W> {
     w: W,
     sealer: Sealer,
-    buf: Vec<u8>,
+    out: VecDeque<Bytes>,
+    queued: usize,
     m: Arc<Metrics>,
     seq: u64,
 }
@@ -57,21 +62,35 @@ struct Writer<W> {
 impl<W: tokio::io::AsyncWrite + Unpin> Writer<W> {
     /// Seals one item into the batch; a mark is returned, to be reported once written.
     fn add(&mut self, o: Outgoing) -> Result<Option<u64>, LossReason> {
-        let before = self.buf.len();
-        let r = match o {
-            Outgoing::Frame(msg) => self.sealer.encode(&msg, &mut self.buf),
-            Outgoing::Data(d) => self.sealer.encode_data(&d, &mut self.buf),
-            Outgoing::Sent(checkpoint) => return Ok(Some(checkpoint)),
-        };
-        r.map_err(|e| {
+        let sealing = |e: WireError| {
             LossReason::new(
                 LossKind::LocalFailure,
                 format!("sealing a frame failed: {e}"),
             )
-        })?;
+        };
+        let before = self.queued;
+        match o {
+            Outgoing::Frame(msg) => {
+                let mut v = Vec::new();
+                self.sealer.encode(&msg, &mut v).map_err(sealing)?;
+                self.queued += v.len();
+                self.out.push_back(Bytes::from(v));
+            }
+            Outgoing::Data(mut d) => {
+                let (head, tag) = self
+                    .sealer
+                    .seal_in_place(Kind::Data, &mut d)
+                    .map_err(sealing)?;
+                self.queued += HEADER_LEN + d.len() + TAG_LEN;
+                self.out.push_back(Bytes::copy_from_slice(&head));
+                self.out.push_back(d.freeze());
+                self.out.push_back(Bytes::copy_from_slice(&tag));
+            }
+            Outgoing::Sent(checkpoint) => return Ok(Some(checkpoint)),
+        }
         self.m
             .wire_bytes_total
-            .inc_by((self.buf.len() - before) as u64);
+            .inc_by((self.queued - before) as u64);
         Ok(None)
     }
 
@@ -82,9 +101,10 @@ impl<W: tokio::io::AsyncWrite + Unpin> Writer<W> {
     }
 
     async fn write(&mut self) -> Result<(), LossReason> {
-        let r = self.w.write_all(&self.buf).await;
-        self.buf.clear();
-        r.map_err(|e| {
+        let r = write_all_vectored(&mut self.w, &mut self.out).await;
+        self.out.clear();
+        self.queued = 0;
+        r.map(|_| ()).map_err(|e| {
             LossReason::new(
                 LossKind::Connection,
                 format!("sending to the peer failed: {e}"),
@@ -93,9 +113,39 @@ impl<W: tokio::io::AsyncWrite + Unpin> Writer<W> {
     }
 }
 
+/// Writes every buffer of `bufs` in order with as few `writev` calls as the writer
+/// takes; returns the bytes written. `bufs` is empty afterwards (on success).
+pub async fn write_all_vectored<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    bufs: &mut VecDeque<Bytes>,
+) -> std::io::Result<u64> {
+    let mut total = 0u64;
+    while !bufs.is_empty() {
+        let slices: Vec<IoSlice<'_>> = bufs.iter().take(64).map(|b| IoSlice::new(b)).collect();
+        let mut n = w.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        total += n as u64;
+        while n > 0 {
+            let Some(front) = bufs.front_mut() else {
+                break;
+            };
+            if front.len() <= n {
+                n -= front.len();
+                bufs.pop_front();
+            } else {
+                front.advance(n);
+                n = 0;
+            }
+        }
+    }
+    Ok(total)
+}
+
 /// The write side of a relay connection: frames from `rx` in order, a heartbeat every
 /// `interval` (so the peer hears us even while xl or the receiver is slow), each sealed
-/// with `sealer`; what is queued goes out in one write, and a mark is reported on
+/// with `sealer`; what is queued goes out in one `writev`, and a mark is reported on
 /// `marks` once what preceded it is written. A write or sealing error is reported
 /// through `lost`.
 pub fn spawn_writer<W, M>(
@@ -117,7 +167,8 @@ where
         let mut wr = Writer {
             w,
             sealer,
-            buf: Vec::with_capacity(WRITE_BATCH + DATA_CHUNK + HEADER_LEN),
+            out: VecDeque::new(),
+            queued: 0,
             m,
             seq: 0,
         };
@@ -131,7 +182,7 @@ where
                     _ = tick.tick() => wr.heartbeat()?,
                 };
                 // Whatever else is queued joins this write (up to a mark).
-                while mark.is_none() && wr.buf.len() < WRITE_BATCH {
+                while mark.is_none() && wr.queued < WRITE_BATCH {
                     match rx.try_recv() {
                         Ok(o) => mark = wr.add(o.into())?,
                         Err(_) => break,

@@ -50,6 +50,7 @@
 //! session to plaintext.
 use std::io;
 
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
@@ -751,60 +752,70 @@ pub async fn read_sealed_or_plain<R: AsyncRead + Unpin>(
 /// A cancel-safe reader of sealed frames: bytes are kept across cancelled `next` calls,
 /// so it can be raced against timers (heartbeat checks) without losing its place in the
 /// stream. Every frame must open with the peer's key at the next counter; the first that
-/// does not ends the reader.
+/// does not ends the reader. Frames are opened in the buffer they were read into, and
+/// the stream bytes of DATA and PAGE_DATA frames are handed out from it without a copy
+/// ([`FrameReader::next_frame`]).
 pub struct FrameReader<R> {
     inner: R,
-    buf: Vec<u8>,
-    start: usize,
+    buf: BytesMut,
     opener: Opener,
     /// Bytes read from the connection so far.
     pub bytes_read: u64,
 }
 
+/// One frame as [`FrameReader::next_frame`] hands it out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Incoming {
+    /// The payload of a DATA frame (raw stream bytes), not copied.
+    Data(Bytes),
+    /// The payload of a PAGE_DATA frame, not copied.
+    PageData(Bytes),
+    /// Any other frame, decoded.
+    Message(Message),
+}
+
+/// Bytes a frame reader asks the connection for at least, per read.
+const READ_AHEAD: usize = 256 * 1024;
+
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(inner: R, opener: Opener) -> Self {
         FrameReader {
             inner,
-            buf: Vec::with_capacity(256 * 1024),
-            start: 0,
+            buf: BytesMut::with_capacity(READ_AHEAD),
             opener,
             bytes_read: 0,
         }
     }
 
-    /// Opens the whole sealed frame at the front of the buffer, if there is one. No
-    /// `await` between opening (in place) and consuming: cancel-safe.
-    fn take_frame(&mut self) -> Result<Option<Message>, WireError> {
-        let avail = &self.buf[self.start..];
-        if avail.len() < HEADER_LEN {
+    /// Opens the whole sealed frame at the front of the buffer, if there is one, and
+    /// splits it off. No `await` between opening (in place) and consuming: cancel-safe.
+    fn take_frame(&mut self) -> Result<Option<Incoming>, WireError> {
+        if self.buf.len() < HEADER_LEN {
             return Ok(None);
         }
-        let (hdr, kind, len) = parse_header(&avail[..HEADER_LEN])?;
+        let (hdr, kind, len) = parse_header(&self.buf[..HEADER_LEN])?;
         let total = HEADER_LEN + len as usize;
-        if avail.len() < total {
+        if self.buf.len() < total {
             return Ok(None);
         }
-        let body = self.start + HEADER_LEN..self.start + total;
-        let n = self.opener.open(&hdr, kind, &mut self.buf[body.clone()])?;
-        let payload = self.buf[body.start..body.start + n].to_vec();
-        self.start += total;
-        if self.start == self.buf.len() {
-            self.buf.clear();
-            self.start = 0;
-        }
-        Message::decode(kind, payload).map(Some)
+        let n = self
+            .opener
+            .open(&hdr, kind, &mut self.buf[HEADER_LEN..total])?;
+        let mut frame = self.buf.split_to(total);
+        frame.advance(HEADER_LEN);
+        frame.truncate(n);
+        Ok(Some(match kind {
+            Kind::Data => Incoming::Data(frame.freeze()),
+            Kind::PageData => Incoming::PageData(frame.freeze()),
+            _ => Incoming::Message(Message::decode(kind, frame.to_vec())?),
+        }))
     }
 
-    /// The next message. Cancel-safe.
-    pub async fn next(&mut self) -> Result<Message, WireError> {
+    /// The next frame, stream bytes uncopied. Cancel-safe.
+    pub async fn next_frame(&mut self) -> Result<Incoming, WireError> {
         loop {
-            if let Some(m) = self.take_frame()? {
-                return Ok(m);
-            }
-            // Compact before growing, so a long stream does not grow the buffer.
-            if self.start > 0 {
-                self.buf.drain(..self.start);
-                self.start = 0;
+            if let Some(f) = self.take_frame()? {
+                return Ok(f);
             }
             // Reserve what the pending frame needs (its size was checked already).
             let pending = if self.buf.len() >= HEADER_LEN {
@@ -815,7 +826,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 HEADER_LEN
             };
             self.buf
-                .reserve(pending.saturating_sub(self.buf.len()).max(64 * 1024));
+                .reserve(pending.saturating_sub(self.buf.len()).max(READ_AHEAD));
             let n = self.inner.read_buf(&mut self.buf).await?;
             if n == 0 {
                 // A cut at a frame boundary looks like a closed connection; inside a
@@ -830,6 +841,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             }
             self.bytes_read += n as u64;
         }
+    }
+
+    /// The next message. Cancel-safe.
+    pub async fn next(&mut self) -> Result<Message, WireError> {
+        Ok(match self.next_frame().await? {
+            Incoming::Data(b) => Message::Data(b.to_vec()),
+            Incoming::PageData(b) => Message::PageData(b.to_vec()),
+            Incoming::Message(m) => m,
+        })
     }
 
     pub fn into_inner(self) -> R {

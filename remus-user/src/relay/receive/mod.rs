@@ -20,6 +20,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -30,7 +32,7 @@ use super::{Heartbeat, RelayState, Shared};
 use crate::checkpoint::{LossKind, LossReason, RunEnd};
 use crate::compress::{CompressError, PageDecoder};
 use crate::exit::{ExitCode, HasExitCode};
-use crate::replication::{self, FrameReader, Key, Message, ServerConfig, Session};
+use crate::replication::{self, FrameReader, Incoming, Key, Message, ServerConfig, Session};
 
 pub mod cutter;
 pub mod receiver;
@@ -322,14 +324,14 @@ async fn replicate(mut live: Box<Live>, ctx: &Ctx<'_>) -> Phase {
 
 /// Waits for the next frame: stream bytes (decoded if compressed), `None` for a
 /// heartbeat, or how the session ends.
-async fn next_stream_bytes(live: &mut Live, ctx: &Ctx<'_>) -> Result<Option<Vec<u8>>, Ending> {
+async fn next_stream_bytes(live: &mut Live, ctx: &Ctx<'_>) -> Result<Option<Bytes>, Ending> {
     let hb = ctx.opts.heartbeat;
     let m = &ctx.shared.metrics;
     let r = tokio::select! {
         // Frames first: a frame already received is never mistaken for silence,
         // however late this task gets to run.
         biased;
-        r = live.reader.next() => r,
+        r = live.reader.next_frame() => r,
         _ = tokio::time::sleep(hb.silence_check(live.waiting_since)) => {
             return match hb.judge_silence(live.waiting_since, m) {
                 Some(silent) => Err(Ending::Lost(LossReason::new(LossKind::Silence, format!(
@@ -343,19 +345,25 @@ async fn next_stream_bytes(live: &mut Live, ctx: &Ctx<'_>) -> Result<Option<Vec<
     };
     live.waiting_since = Instant::now();
     let lost = |kind, detail: String| Err(Ending::Lost(LossReason::new(kind, detail)));
+    let r = match r {
+        Ok(Incoming::Data(d)) => return Ok(Some(d)),
+        Ok(Incoming::PageData(e)) => {
+            return match decode(&mut live.decoder, e).await {
+                Ok((e, d)) => {
+                    m.page_data_wire_bytes_total.inc_by(e.len() as u64);
+                    m.page_data_raw_bytes_total.inc_by(d.len() as u64);
+                    Ok(Some(d.into()))
+                }
+                Err(e) => lost(
+                    LossKind::Corrupt,
+                    format!("undecodable page data from the primary: {e}"),
+                ),
+            };
+        }
+        Ok(Incoming::Message(m)) => Ok(m),
+        Err(e) => Err(e),
+    };
     match r {
-        Ok(Message::Data(d)) => Ok(Some(d)),
-        Ok(Message::PageData(e)) => match decode(&mut live.decoder, e).await {
-            Ok((e, d)) => {
-                m.page_data_wire_bytes_total.inc_by(e.len() as u64);
-                m.page_data_raw_bytes_total.inc_by(d.len() as u64);
-                Ok(Some(d))
-            }
-            Err(e) => lost(
-                LossKind::Corrupt,
-                format!("undecodable page data from the primary: {e}"),
-            ),
-        },
         Ok(Message::Heartbeat { .. }) => Ok(None),
         Ok(Message::Merged { checkpoint }) => match live.cutter.merged(checkpoint) {
             Ok(()) => {
@@ -390,10 +398,10 @@ async fn next_stream_bytes(live: &mut Live, ctx: &Ctx<'_>) -> Result<Option<Vec<
 }
 
 /// Hands the bytes to the cut and its steps to the feeder.
-async fn cut_and_feed(live: &mut Live, data: Vec<u8>) -> Result<(), Ending> {
+async fn cut_and_feed(live: &mut Live, data: Bytes) -> Result<(), Ending> {
     live.steps.clear();
     // The frame's own buffer goes on to the receiver: no copy on the way.
-    if let Err(e) = live.cutter.push(data.into(), &mut live.steps) {
+    if let Err(e) = live.cutter.push(data, &mut live.steps) {
         return Err(Ending::Lost(LossReason::new(
             LossKind::Corrupt,
             format!("the primary sent a malformed stream: {e}"),
@@ -426,10 +434,7 @@ enum DecodeError {
 
 /// Decodes a PAGE_DATA frame (off the runtime thread when big, so heartbeats keep
 /// flowing). Returns the encoded bytes back (for the metrics) with the decoded ones.
-async fn decode(
-    dec: &mut Option<PageDecoder>,
-    e: Vec<u8>,
-) -> Result<(Vec<u8>, Vec<u8>), DecodeError> {
+async fn decode(dec: &mut Option<PageDecoder>, e: Bytes) -> Result<(Bytes, Vec<u8>), DecodeError> {
     let Some(d) = dec.take() else {
         return Err(DecodeError::NoDecoder);
     };

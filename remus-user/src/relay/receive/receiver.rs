@@ -5,19 +5,18 @@
 //! Owns: the child process, its pipes, the feeder task. Never touches: the connection
 //! (ACKs are handed to the writer's queue), what is cut where (`cutter`).
 use std::collections::VecDeque;
-use std::io::IoSlice;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::mpsc;
 use tracing::{debug, info_span};
 
 use super::cutter::Step;
 use crate::metrics::Metrics;
+use crate::relay::connection::write_all_vectored;
 use crate::replication::{MAX_BANNER, Message};
 
 /// Bytes of the receiver's stdin pipe (the usual maximum, /proc/sys/fs/pipe-max-size):
@@ -203,34 +202,4 @@ async fn acknowledge(n: u64, writing: Duration, acks: &mpsc::Sender<Message>, m:
             write_us,
         })
         .await;
-}
-
-/// Writes every buffer of `bufs` in order with as few `writev` calls as the pipe allows;
-/// returns the bytes written. `bufs` is empty afterwards.
-async fn write_all_vectored(
-    w: &mut ChildStdin,
-    bufs: &mut VecDeque<Bytes>,
-) -> std::io::Result<u64> {
-    let mut total = 0u64;
-    while !bufs.is_empty() {
-        let slices: Vec<IoSlice<'_>> = bufs.iter().take(64).map(|b| IoSlice::new(b)).collect();
-        let mut n = w.write_vectored(&slices).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        total += n as u64;
-        while n > 0 {
-            let Some(front) = bufs.front_mut() else {
-                break;
-            };
-            if front.len() <= n {
-                n -= front.len();
-                bufs.pop_front();
-            } else {
-                front.advance(n);
-                n = 0;
-            }
-        }
-    }
-    Ok(total)
 }

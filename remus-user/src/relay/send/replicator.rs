@@ -214,7 +214,7 @@ impl TcpReplicator {
     async fn send_raw(&mut self, to: u64) -> Result<(), ReplicatorError> {
         while self.pending_at < to {
             let n = ((to - self.pending_at) as usize).min(DATA_CHUNK);
-            let chunk = self.pending.split_to(n).freeze();
+            let chunk = self.pending.split_to(n);
             self.pending_at += n as u64;
             self.push_out(Outgoing::Data(chunk)).await?;
         }
@@ -232,9 +232,8 @@ impl TcpReplicator {
             Some(enc) if record.len() <= MAX_COMPRESSED_RECORD => enc,
             other => {
                 self.encoder = other;
-                for at in (0..record.len()).step_by(DATA_CHUNK) {
-                    let c = record.slice(at..(at + DATA_CHUNK).min(record.len()));
-                    self.push_out(Outgoing::Data(c)).await?;
+                for c in record.chunks(DATA_CHUNK) {
+                    self.push_out(Outgoing::Data(BytesMut::from(c))).await?;
                 }
                 return Ok(());
             }
