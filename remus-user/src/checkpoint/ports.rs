@@ -7,6 +7,7 @@
 //!
 //! Owns: the traits and the types that cross them (including why a peer was lost).
 //! Never touches: any implementation.
+use bytes::BytesMut;
 use serde::{Deserialize, Serialize};
 
 use crate::stream::Event;
@@ -178,7 +179,7 @@ pub trait Replicator: Send {
     /// become failover points.
     fn forward(
         &mut self,
-        bytes: &[u8],
+        bytes: BytesMut,
         events: &[Event],
         merged: &[u64],
     ) -> impl std::future::Future<Output = Result<(), ReplicatorError>> + Send;

@@ -51,6 +51,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tracing::{Span, debug, error, info, info_span, warn};
 
@@ -93,6 +94,16 @@ impl Default for PipeSizes {
 
 /// How many bytes a read of xl's pipe asks for.
 const READ_BYTES: usize = 256 * 1024;
+
+/// One read of xl's pipe into `buf` (room for [`READ_BYTES`] made first). Cancel-safe:
+/// nothing is read unless it is returned.
+async fn read_some<R: AsyncRead + Unpin>(
+    input: &mut R,
+    buf: &mut BytesMut,
+) -> std::io::Result<usize> {
+    buf.reserve(READ_BYTES);
+    input.read_buf(buf).await
+}
 
 /// The cut of the checkpoint in progress: where the pipe was when it was asked for, and
 /// its fill once the cut had taken effect.
@@ -397,7 +408,8 @@ impl<B: NetBuffer, G: PipeGauge> RelayDriver<B, G> {
         P: Replicator,
     {
         let mut parser = Parser::new();
-        let mut buf = vec![0u8; READ_BYTES];
+        // Each read's bytes are split off this buffer and handed on, not copied.
+        let mut buf = BytesMut::with_capacity(READ_BYTES);
         let mut events = Vec::new();
         let mut read_total: u64 = 0;
         let mut finished = false;
@@ -410,7 +422,7 @@ impl<B: NetBuffer, G: PipeGauge> RelayDriver<B, G> {
                     BackupEvent::Ack(a) => self.on_ack(a).await?,
                     BackupEvent::Lost(reason) => return self.lost(reason).await,
                 },
-                r = input.read(&mut buf) => {
+                r = read_some(&mut input, &mut buf) => {
                     let n = match r {
                         Ok(n) => n,
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -421,7 +433,8 @@ impl<B: NetBuffer, G: PipeGauge> RelayDriver<B, G> {
                     }
                     read_total += n as u64;
                     events.clear();
-                    parser.feed(&buf[..n], &mut events)?;
+                    let chunk = buf.split();
+                    parser.feed(&chunk, &mut events)?;
                     for ev in &events {
                         finished |= matches!(ev, Event::End { .. });
                         self.on_stream_event(ev, read_total).await?;
@@ -429,7 +442,7 @@ impl<B: NetBuffer, G: PipeGauge> RelayDriver<B, G> {
                     self.metrics.stream_bytes_total.inc_by(n as u64);
                     // A merge is decided at its CHECKPOINT record, which is in this chunk.
                     let merged = self.take_merged();
-                    if let Err(e) = rep.forward(&buf[..n], &events, &merged).await {
+                    if let Err(e) = rep.forward(chunk, &events, &merged).await {
                         return self.lost(e.loss()).await;
                     }
                     self.size_pipe();

@@ -4,6 +4,8 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
+use bytes::BytesMut;
+
 use super::*;
 use crate::metrics::Metrics;
 use crate::stream::Event;
@@ -469,11 +471,11 @@ struct FakeReplicator {
 impl Replicator for FakeReplicator {
     async fn forward(
         &mut self,
-        bytes: &[u8],
+        bytes: BytesMut,
         _events: &[Event],
         _merged: &[u64],
     ) -> Result<(), ReplicatorError> {
-        self.sent.extend_from_slice(bytes);
+        self.sent.extend_from_slice(&bytes);
         Ok(())
     }
     async fn next_event(&mut self) -> BackupEvent {
@@ -507,12 +509,12 @@ struct FakeAckingReplicator {
 impl Replicator for FakeAckingReplicator {
     async fn forward(
         &mut self,
-        bytes: &[u8],
+        bytes: BytesMut,
         events: &[Event],
         merged: &[u64],
     ) -> Result<(), ReplicatorError> {
         let base = self.sent.len() as u64;
-        self.sent.extend_from_slice(bytes);
+        self.sent.extend_from_slice(&bytes);
         for e in events {
             match *e {
                 // The notice's place in the stream: its CHECKPOINT record's end.
@@ -648,7 +650,7 @@ struct FakeLateAckReplicator {
 impl Replicator for FakeLateAckReplicator {
     async fn forward(
         &mut self,
-        _: &[u8],
+        _: BytesMut,
         events: &[Event],
         _: &[u64],
     ) -> Result<(), ReplicatorError> {

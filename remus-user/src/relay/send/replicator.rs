@@ -158,7 +158,7 @@ impl TcpReplicator {
             lost,
             closed,
             encoder,
-            pending: BytesMut::with_capacity(4 << 20),
+            pending: BytesMut::new(),
             pending_at: 0,
             safe_to: 0,
             sent_at: HashMap::new(),
@@ -308,11 +308,12 @@ fn local_failure(e: &dyn std::fmt::Display) -> ReplicatorError {
 impl Replicator for TcpReplicator {
     async fn forward(
         &mut self,
-        bytes: &[u8],
+        bytes: BytesMut,
         events: &[Event],
         merged: &[u64],
     ) -> Result<(), ReplicatorError> {
-        self.pending.extend_from_slice(bytes);
+        // The read buffer's next bytes: joined without a copy when they follow on.
+        self.pending.unsplit(bytes);
         let read_to = self.pending_at + self.pending.len() as u64;
         let (completed, urgent) = self.follow(events, merged).await?;
         // Without compression nothing needs a whole record: send all. With it, hold the
