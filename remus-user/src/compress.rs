@@ -608,7 +608,11 @@ mod tests {
 
     #[test]
     fn round_trip_is_byte_identical_for_both_codecs_and_guest_kinds() {
-        for w in [stream(), writer::write(&WriterConfig::hvm(3))] {
+        for w in [
+            stream(),
+            writer::write(&WriterConfig::hvm(3)),
+            writer::write(&WriterConfig::pvh(3)),
+        ] {
             for codec in [Codec::Lz4, Codec::None] {
                 let mut enc = PageEncoder::new(codec, 1 << 20);
                 let mut dec = PageDecoder::new(1 << 20);

@@ -207,12 +207,20 @@ pub struct Metrics {
     pub heartbeats_missed_total: Counter,
     /// Backup: receiver stdin closed on a lost primary. Primary: backup lost.
     pub failovers_total: Counter,
+    /// Protections ended on request without a failover. Backup: copy discarded (receiver
+    /// killed). Primary: the backup confirmed it, the buffer was opened.
+    pub discards_total: Counter,
+    /// Backup: probes answered (a primary checked the key; no session).
+    pub probes_total: Counter,
     pub sessions_total: Counter,
     pub auth_failures_total: Counter,
     pub connected: Gauge,
     pub last_checkpoint: Gauge,
     pub last_acked_checkpoint: Gauge,
     pub committed_epoch: Gauge,
+    /// Send with `--domain`: from libxl's suspend request to the domain suspended, as
+    /// xenstore shows it (xenstore control path only).
+    pub suspend_seconds: Histogram,
     registry: Registry,
 }
 
@@ -233,12 +241,15 @@ impl Metrics {
             heartbeats_sent_total: Counter::default(),
             heartbeats_missed_total: Counter::default(),
             failovers_total: Counter::default(),
+            discards_total: Counter::default(),
+            probes_total: Counter::default(),
             sessions_total: Counter::default(),
             auth_failures_total: Counter::default(),
             connected: Gauge::default(),
             last_checkpoint: Gauge::default(),
             last_acked_checkpoint: Gauge::default(),
             committed_epoch: Gauge::default(),
+            suspend_seconds: Histogram::default(),
             registry: Registry::with_prefix_and_labels(
                 "remus_relay",
                 [(Cow::Borrowed("role"), Cow::Borrowed(role))].into_iter(),
@@ -289,6 +300,12 @@ impl Metrics {
         ] {
             r.register_with_unit(name, help, Unit::Seconds, t.histogram.clone());
         }
+        r.register_with_unit(
+            "suspend",
+            "From libxl's suspend request to the domain suspended (xenstore control path)",
+            Unit::Seconds,
+            self.suspend_seconds.clone(),
+        );
     }
 
     fn register_counters(&mut self) {
@@ -323,6 +340,16 @@ impl Metrics {
                 "failovers",
                 "Peers lost (backup: receiver's stream closed for failover; primary: backup lost, buffer opened)",
                 &self.failovers_total,
+            ),
+            (
+                "discards",
+                "Protections ended on request without a failover (backup: copy discarded; primary: the backup confirmed, buffer opened)",
+                &self.discards_total,
+            ),
+            (
+                "probes",
+                "Probes answered (the key checked, no session started)",
+                &self.probes_total,
             ),
             ("sessions", "Authenticated sessions", &self.sessions_total),
             (
@@ -481,6 +508,7 @@ mod tests {
             "# TYPE remus_relay_checkpoint_ack_seconds histogram\n",
             "# TYPE remus_relay_checkpoint_release_seconds histogram\n",
             "remus_relay_checkpoint_pause_seconds_count{role=\"send\"} 1\n",
+            "# TYPE remus_relay_suspend_seconds histogram\n",
         ] {
             assert!(t.contains(line), "missing {line:?} in\n{t}");
         }
@@ -501,8 +529,38 @@ mod tests {
             let (_, v) = line.rsplit_once(' ').expect("value");
             assert!(v.parse::<f64>().is_ok(), "{line}");
         }
-        // 16 series, the ACK latency and five checkpoint phases.
-        assert_eq!(described.len(), 22, "{t}");
+        // The names are a stable interface (docs/metrics.md): exactly these, no more.
+        let expected: std::collections::HashSet<String> = [
+            "checkpoints",
+            "acks",
+            "epoch_merges",
+            "heartbeats_sent",
+            "heartbeats_missed",
+            "failovers",
+            "discards",
+            "probes",
+            "sessions",
+            "auth_failures",
+            "stream_bytes",
+            "wire_bytes",
+            "page_data_raw_bytes",
+            "page_data_wire_bytes",
+            "connected",
+            "last_checkpoint",
+            "last_acked_checkpoint",
+            "committed_epoch",
+            "ack_latency_seconds",
+            "suspend_seconds",
+            "checkpoint_pause_seconds",
+            "checkpoint_transfer_seconds",
+            "checkpoint_backup_write_seconds",
+            "checkpoint_ack_seconds",
+            "checkpoint_release_seconds",
+        ]
+        .iter()
+        .map(|n| format!("remus_relay_{n}"))
+        .collect();
+        assert_eq!(described, expected, "{t}");
     }
 
     #[test]

@@ -14,13 +14,18 @@
 //!     BackupLost(why)   → [FailOpen] → FailingOpen ── FailedOpen(released) ──► Unprotected
 //!     StreamEnded       → Ended(Closed)               Unprotected ── StreamEnded ──► Ended(Lost)
 //!   in FailingOpen / Unprotected: ACKs, suspends, cuts, proofs change nothing (no holding)
+//!   ending protection on request: the driver asks the backup to discard its copy; only
+//!     once it confirmed does it feed BackupLost(Discarded) (→ FailOpen); unconfirmed,
+//!     it stops with nothing released
 //!   any error (out of order, wrong checkpoint, bogus ACK) → Aborted: nothing more is released
 //!
 //!   one checkpoint's life in the ledger (`output_commit::Ledger`):
 //!     cut decided (proven | merged) → sent whole → acknowledged (commit, or ride on a later one)
 //! ```
 //!
-//! Owns: the phases ([`machine`], pure), the ports they drive ([`ports`]), and the relay-mode
+//! Owns: the phases ([`machine`], pure), the ports they drive ([`ports`]), the hypervisor
+//! port and its pure rules ([`hypervisor`]: how the guest is suspended, how long that
+//! takes; observed only, never an input of the machine today), and the relay-mode
 //! driver ([`relay_mode`]) that feeds the machine from xl's stream today. Never touches:
 //! sockets, processes or the kernel directly: the output buffer is reached through
 //! [`NetBuffer`], the backup through [`Replicator`], so all of this is tested with fakes,
@@ -34,14 +39,15 @@
 //! port is cut at the same instant as the output buffer when it arrives, and merged with
 //! it. The invariant it all serves is described, with where it is enforced, in
 //! [`crate::output_commit`].
+pub mod hypervisor;
 pub mod machine;
 pub mod ports;
 pub mod relay_mode;
 
 pub use machine::{Action, Input, Machine, MachineError, Phase, RunEnd, State};
 pub use ports::{
-    Acked, BackupEvent, BeforeFirstCut, LossKind, LossReason, NetBuffer, NetBufferError, Released,
-    Replicator, ReplicatorError,
+    Acked, BackupEvent, BeforeFirstCut, DiscardedCopy, LossKind, LossReason, NetBuffer,
+    NetBufferError, Released, Replicator, ReplicatorError,
 };
 pub use relay_mode::{PipeGauge, PipeSizes, RelayDriver};
 
@@ -59,6 +65,12 @@ pub enum CheckpointError {
     Machine(#[from] MachineError),
     #[error("the checkpoint loop stopped while {0:?}, not at an end")]
     NotEnded(Phase),
+    /// Asked to end protection, the backup did not confirm that it discarded its copy:
+    /// nothing was released (it may still activate that copy).
+    #[error(
+        "the backup did not confirm that it discarded its copy ({0}); the guest's output stays held"
+    )]
+    EndUnconfirmed(ReplicatorError),
 }
 
 #[cfg(test)]

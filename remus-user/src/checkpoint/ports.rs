@@ -2,8 +2,8 @@
 //! backup ([`Replicator`]). They live beside their user so every implementation (the real
 //! eBPF buffer, the TCP replicator, the fakes of the state-machine tests) conforms to what
 //! the checkpoint loop needs, not the other way round. The ports the next issues add (a
-//! `DiskBarrier` cut at the same instant as the buffer's epoch, a `Hypervisor` asked
-//! whether the guest is still suspended) join them here.
+//! `DiskBarrier` cut at the same instant as the buffer's epoch) join them here; the
+//! `Hypervisor` port, with its own rules, is `checkpoint::hypervisor`.
 //!
 //! Owns: the traits and the types that cross them (including why a peer was lost).
 //! Never touches: any implementation.
@@ -29,6 +29,23 @@ pub enum NetBufferError {
     Gone { iface: String, reason: String },
     #[error("buffer operation failed: {0}")]
     Failed(String),
+    /// A vif of a group numbers its epochs out of step with the others.
+    #[error(
+        "the epochs of {iface} drifted from the other vifs' (expected {expected}, got {got}): nothing more is released"
+    )]
+    Diverged {
+        iface: String,
+        expected: u64,
+        got: u64,
+    },
+    /// An earlier failure on `iface` stopped the group of vifs: nothing more is released.
+    #[error(
+        "the output buffer of {iface} failed earlier; the guest's vifs stay held (fail closed)"
+    )]
+    Stopped { iface: String },
+    /// Opening (backup lost) failed on these vifs (`iface: why`); the others are open.
+    #[error("could not open the output buffer of {}: they stay blocked", failed.join("; "))]
+    NotOpened { failed: Vec<String> },
 }
 
 /// The controller's view of an output buffer. Implemented by the real eBPF buffer and by
@@ -93,6 +110,9 @@ pub enum LossKind {
     /// This end could not go on: compressing failed (primary), the receiver process
     /// stopped taking data (backup).
     LocalFailure,
+    /// The backup discarded its copy at this end's request (protection ended): its
+    /// receiver is dead, so no copy can be activated from here on.
+    Discarded,
 }
 
 /// Why a peer was lost: a kind for code, a detail for people.
@@ -144,6 +164,15 @@ pub enum BackupEvent {
     Lost(LossReason),
 }
 
+/// The backup's word that it discarded its copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiscardedCopy {
+    /// The last checkpoint it had whole when it killed its receiver.
+    pub checkpoint: u64,
+    /// Its discard command destroyed the incoming domain (or none had been built).
+    pub copy_destroyed: bool,
+}
+
 /// Why the replicator could not do what was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicatorError {
@@ -153,6 +182,9 @@ pub enum ReplicatorError {
     /// The orderly close was sent but not answered in time.
     #[error("no CLOSE answer from the backup within {0:?}")]
     NoCloseAnswer(std::time::Duration),
+    /// DISCARD was sent but not answered in time.
+    #[error("no answer to DISCARD from the backup within {0:?}")]
+    NoDiscardAnswer(std::time::Duration),
 }
 
 impl ReplicatorError {
@@ -160,7 +192,7 @@ impl ReplicatorError {
     pub fn loss(&self) -> LossReason {
         match self {
             ReplicatorError::Lost(r) => r.clone(),
-            e @ ReplicatorError::NoCloseAnswer(_) => {
+            e @ (ReplicatorError::NoCloseAnswer(_) | ReplicatorError::NoDiscardAnswer(_)) => {
                 LossReason::new(LossKind::Silence, e.to_string())
             }
         }
@@ -193,4 +225,11 @@ pub trait Replicator: Send {
         checkpoints: u64,
         finished: bool,
     ) -> impl std::future::Future<Output = Result<Vec<Acked>, ReplicatorError>> + Send;
+    /// Protection ends on request: tell the backup to discard its copy (kill its
+    /// receiver before its stream can end, destroy the copy) and wait, bounded, for its
+    /// word. Only `Ok` means no copy can be activated any more; anything else (no answer,
+    /// a refusal, the backup lost meanwhile) leaves that unknown.
+    fn discard(
+        &mut self,
+    ) -> impl std::future::Future<Output = Result<DiscardedCopy, ReplicatorError>> + Send;
 }

@@ -8,7 +8,9 @@
 //!   answers, the error kind an answer carries) and `RemoteBuffer`, its client;
 //! - `attach`: attaching (and taking over from a dead holder), and detach from a fresh
 //!   process after the holder died;
-//! - `files`: the runtime files under `RUN_DIR` (socket, state file, log).
+//! - `files`: the runtime files under `RUN_DIR` (socket, state file, log);
+//! - `group`: several vifs' buffers behind one `NetBuffer` (`VifGroup`), one epoch
+//!   sequence for all the vifs of a guest.
 //!
 //! This module adds the options, the error type, and the `NetBuffer` port for both
 //! handles. Never touches: the wire protocol between hosts, Xen, the migration stream.
@@ -34,6 +36,7 @@ use crate::{
 mod attach;
 pub mod control;
 pub mod files;
+mod group;
 mod service;
 
 pub use crate::checkpoint::ports::{NetBuffer, NetBufferError, Released};
@@ -46,6 +49,7 @@ pub use files::{
     RUN_DIR, StateFile, attached_ifaces, is_root, log_path, pid_alive, read_state, socket_path,
     state_path,
 };
+pub use group::VifGroup;
 pub use service::{HolderEnd, LocalBuffer, Running};
 
 pub const DEFAULT_LIMIT_BYTES: u64 = 256 << 20;

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::RUN_DIR;
+use crate::checkpoint::hypervisor::SuspendReport;
 use crate::compress::Codec;
 use crate::metrics::{Metrics, Quantiles};
 
@@ -53,6 +54,14 @@ pub enum RelayState {
     /// Backup: the session is over; the receiver process is being waited for.
     #[serde(rename = "waiting for the receiver to exit")]
     WaitingForReceiverExit,
+    /// Protection ended on request, no failover. Backup: the receiver was killed before
+    /// its stream ended and the copy destroyed. Primary: the backup confirmed that, and
+    /// the buffer passes traffic.
+    #[serde(rename = "discarded")]
+    Discarded,
+    /// Primary: asked to end protection; waiting for the backup to discard its copy.
+    #[serde(rename = "ending protection")]
+    EndingProtection,
 }
 
 impl RelayState {
@@ -70,6 +79,8 @@ impl RelayState {
             RelayState::Finished => "finished",
             RelayState::FailedOver => "failed over",
             RelayState::WaitingForReceiverExit => "waiting for the receiver to exit",
+            RelayState::Discarded => "discarded",
+            RelayState::EndingProtection => "ending protection",
         }
     }
 }
@@ -98,6 +109,34 @@ impl Role {
     }
 }
 
+/// How the backup's last session ended (typed: code decides on it, `last_event` says it
+/// in words).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "end", rename_all = "snake_case")]
+pub enum SessionEnd {
+    /// A plain migration finished: the receiver got the whole stream.
+    Finished { checkpoints: u64 },
+    /// The receiver's stream was closed after `checkpoint`: libxl activates the copy
+    /// (`checkpoint` 0: it had no usable one).
+    FailedOver {
+        checkpoint: u64,
+        reason: crate::checkpoint::LossKind,
+    },
+    /// The primary ended protection: the receiver was killed before its stream ended,
+    /// so nothing was activated; `copy_destroyed`: the discard command succeeded.
+    Discarded {
+        checkpoint: u64,
+        copy_destroyed: bool,
+    },
+    /// The receiver exited on its own while its stream was still open: nothing was
+    /// activated (libxl activates only on the stream's end), no failover happened.
+    ReceiverEnded {
+        checkpoint: u64,
+        code: Option<i32>,
+        signal: Option<i32>,
+    },
+}
+
 /// What `remus relay status` shows for one end (JSON keys are stable).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct RelayStatus {
@@ -108,7 +147,11 @@ pub struct RelayStatus {
     pub peer: Option<String>,
     /// Listen address (receive) or backup address (send).
     pub address: String,
+    /// The first protected vif (kept for scripts); `vifs` has them all.
     pub vif: Option<String>,
+    /// Every vif whose output is held, in the order they are cut and released.
+    #[serde(default)]
+    pub vifs: Vec<String>,
     pub protocol_version: Option<u16>,
     pub compression: Option<Codec>,
     pub last_checkpoint: u64,
@@ -123,6 +166,10 @@ pub struct RelayStatus {
     pub epoch_merges_total: u64,
     pub heartbeats_missed_total: u64,
     pub failovers_total: u64,
+    #[serde(default)]
+    pub discards_total: u64,
+    #[serde(default)]
+    pub probes_total: u64,
     pub auth_failures_total: u64,
     pub ack_latency_mean_us: Option<f64>,
     /// Exact quantiles over the last `metrics::RECENT_ACKS` ACKs.
@@ -146,7 +193,33 @@ pub struct RelayStatus {
     #[serde(default)]
     pub release_recent_us: Option<Quantiles>,
     pub last_event: Option<String>,
+    /// Backup: how the last session ended.
+    #[serde(default)]
+    pub last_session: Option<SessionEnd>,
+    /// The guest's pause per checkpoint, milliseconds: the median of `pause_recent_us`
+    /// (send only; absent until a checkpoint was timed).
+    #[serde(default)]
+    pub guest_pause_ms: Option<f64>,
     pub since_unix: u64,
+    /// Send with `--domain`: how the guest is suspended and how long that takes.
+    #[serde(default)]
+    pub suspend: Option<SuspendStatus>,
+}
+
+/// The protected domain's suspend path and timings (`relay send --domain`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SuspendStatus {
+    /// What xenstore said (domain, domid, guest_type, device_model, path, warning); absent
+    /// if it could not be asked (`error` says why).
+    pub report: Option<SuspendReport>,
+    /// How the timings are measured, or why they cannot be.
+    pub timing: String,
+    /// Suspends measured from request to suspended.
+    pub measured: u64,
+    pub last_request_to_suspended_us: Option<u64>,
+    pub last_request_to_ack_us: Option<u64>,
+    pub mean_request_to_suspended_us: Option<f64>,
+    pub error: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
@@ -193,6 +266,13 @@ impl Shared {
         }
     }
 
+    /// Updates counters-like fields without marking a change of state (`since_unix`).
+    pub fn set_quietly(&self, f: impl FnOnce(&mut RelayStatus)) {
+        if let Ok(mut g) = self.info.lock() {
+            f(&mut g);
+        }
+    }
+
     /// Moves to `state`.
     pub fn enter(&self, state: RelayState) {
         self.set(|s| s.state = state);
@@ -217,6 +297,8 @@ impl Shared {
         s.epoch_merges_total = m.epoch_merges_total.get();
         s.heartbeats_missed_total = m.heartbeats_missed_total.get();
         s.failovers_total = m.failovers_total.get();
+        s.discards_total = m.discards_total.get();
+        s.probes_total = m.probes_total.get();
         s.auth_failures_total = m.auth_failures_total.get();
         let h = &m.ack_latency_seconds;
         let n = h.count();
@@ -236,6 +318,14 @@ impl Shared {
         s.backup_write_recent_us = p.backup_write.recent.quantiles();
         s.ack_recent_us = p.ack.recent.quantiles();
         s.release_recent_us = p.release.recent.quantiles();
+        s.guest_pause_ms = s.pause_recent_us.map(|q| f64::from(q.p50) / 1e3);
+        if let Some(sus) = &mut s.suspend {
+            let h = &m.suspend_seconds;
+            let n = h.count();
+            sus.measured = n;
+            sus.mean_request_to_suspended_us =
+                (n > 0).then(|| h.sum().as_secs_f64() * 1e6 / n as f64);
+        }
         s
     }
 }
@@ -253,27 +343,10 @@ pub enum StatusSocketError {
 /// one line of JSON (the current [`RelayStatus`]). The socket file is removed on drop of
 /// the returned guard.
 pub fn serve_status(path: &Path, shared: Arc<Shared>) -> Result<StatusGuard, StatusSocketError> {
-    use std::os::unix::fs::PermissionsExt;
-    let err = |source| StatusSocketError::Bind {
+    let l = bind_root_only(path, "--status-socket").map_err(|source| StatusSocketError::Bind {
         path: path.display().to_string(),
         source,
-    };
-    if let Some(dir) = path.parent().filter(|d| !d.exists()) {
-        std::fs::create_dir_all(dir).map_err(err)?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
-    }
-    // A stale socket of a dead relay: remove it (a live one answers; refuse to steal it).
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                "another relay is serving this socket; pick another --status-socket",
-            )));
-        }
-        let _ = std::fs::remove_file(path);
-    }
-    let l = tokio::net::UnixListener::bind(path).map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    })?;
     let task = tokio::spawn(async move {
         loop {
             let Ok((mut s, _)) = l.accept().await else {
@@ -288,6 +361,29 @@ pub fn serve_status(path: &Path, shared: Arc<Shared>) -> Result<StatusGuard, Sta
         path: path.to_path_buf(),
         task,
     })
+}
+
+/// Binds a root-only (0600) unix socket at `path`, creating its directory (0700) if
+/// needed. A stale socket of a dead relay is replaced; a live one (it accepts) is not
+/// stolen: the error names `flag`, the option that picks another path.
+pub(super) fn bind_root_only(path: &Path, flag: &str) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent().filter(|d| !d.exists()) {
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("another relay is serving this socket; pick another {flag}"),
+            ));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let l = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
 }
 
 /// Removes the status socket when the relay ends.
@@ -376,7 +472,9 @@ pub fn render(s: &RelayStatus) -> String {
     if let Some(p) = &s.peer {
         line(&mut o, "peer", p.clone());
     }
-    if let Some(v) = &s.vif {
+    if s.vifs.len() > 1 {
+        line(&mut o, "vifs", s.vifs.join(", "));
+    } else if let Some(v) = &s.vif {
         line(&mut o, "vif", v.clone());
     }
     if let (Some(v), Some(c)) = (s.protocol_version, &s.compression) {
@@ -437,6 +535,9 @@ pub fn render(s: &RelayStatus) -> String {
         s.heartbeats_missed_total.to_string(),
     );
     line(&mut o, "failovers", s.failovers_total.to_string());
+    if s.discards_total > 0 {
+        line(&mut o, "discards", s.discards_total.to_string());
+    }
     if s.auth_failures_total > 0 {
         line(
             &mut o,
@@ -444,10 +545,54 @@ pub fn render(s: &RelayStatus) -> String {
             s.auth_failures_total.to_string(),
         );
     }
+    if let Some(sus) = &s.suspend {
+        render_suspend(&mut o, sus);
+    }
     if let Some(e) = &s.last_event {
         line(&mut o, "last event", e.clone());
     }
     o
+}
+
+fn render_suspend(o: &mut String, sus: &SuspendStatus) {
+    let mut line = |k: &str, v: String| o.push_str(&format!("  {k:<22}{v}\n"));
+    match &sus.report {
+        Some(r) => {
+            line(
+                "domain",
+                format!(
+                    "{} (id {}, {:?}{})",
+                    r.domain,
+                    r.domid,
+                    r.guest_type,
+                    if r.device_model { ", device model" } else { "" }
+                ),
+            );
+            line("suspend path", r.path.describe().to_string());
+            if let Some(w) = &r.warning {
+                line("WARNING", w.clone());
+            }
+        }
+        None => line(
+            "suspend path",
+            format!("unknown: {}", sus.error.as_deref().unwrap_or("not asked")),
+        ),
+    }
+    match (
+        sus.mean_request_to_suspended_us,
+        sus.last_request_to_suspended_us,
+    ) {
+        (Some(mean), Some(last)) => line(
+            "suspend time",
+            format!(
+                "mean {:.1} ms, last {:.1} ms over {} suspends (request to suspended)",
+                mean / 1e3,
+                last as f64 / 1e3,
+                sus.measured
+            ),
+        ),
+        _ => line("suspend time", sus.timing.clone()),
+    }
 }
 
 #[cfg(test)]
@@ -475,6 +620,8 @@ mod tests {
                 RelayState::WaitingForReceiverExit,
                 "waiting for the receiver to exit",
             ),
+            (RelayState::Discarded, "discarded"),
+            (RelayState::EndingProtection, "ending protection"),
         ] {
             let json = serde_json::to_value(state).unwrap();
             assert_eq!(json, serde_json::Value::String(word.into()));
@@ -483,6 +630,20 @@ mod tests {
         }
         assert_eq!(serde_json::to_value(Role::Receive).unwrap(), "receive");
         assert_eq!(serde_json::to_value(Some(Codec::Lz4)).unwrap(), "lz4");
+        // How a session ended is tagged by a stable word too.
+        let v = serde_json::to_value(SessionEnd::Discarded {
+            checkpoint: 3,
+            copy_destroyed: true,
+        })
+        .unwrap();
+        assert_eq!(v["end"], "discarded");
+        let v = serde_json::to_value(SessionEnd::ReceiverEnded {
+            checkpoint: 2,
+            code: None,
+            signal: Some(9),
+        })
+        .unwrap();
+        assert_eq!(v["end"], "receiver_ended");
     }
 
     #[tokio::test]

@@ -181,12 +181,16 @@ impl Keys {
 impl Sealer {
     /// Appends `m` as one sealed frame to `out`. The payload is encrypted in place.
     pub fn encode(&self, m: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
-        self.seal(m.kind(), out, |o| m.encode_payload(o))
+        let start = out.len();
+        out.extend_from_slice(&[0u8; HEADER_LEN]);
+        m.encode_payload(out);
+        self.seal_frame_at(m.kind(), out, start)
     }
 
     /// Seals `payload` in place as one frame of `kind`: returns the header to send before
     /// it and the tag to send after it (the relay's hot path: DATA frames are sealed in
-    /// the buffer the stream was read into and written with one `writev`).
+    /// the buffer the stream was read into and written with one `writev`). The one
+    /// sealing primitive: [`Sealer::seal_frame_at`] and [`Sealer::encode`] build on it.
     pub fn seal_in_place(
         &self,
         kind: Kind,
@@ -229,17 +233,29 @@ impl Sealer {
         Ok((head, t))
     }
 
-    /// Appends one sealed frame of `kind` whose payload `payload` appends to `out`.
-    fn seal(
+    /// Seals the frame a caller built at `out[start..]`: [`HEADER_LEN`] bytes of room for
+    /// the header, then the payload. Writes the header, encrypts the payload in place and
+    /// appends the tag (reserve [`TAG_LEN`] bytes of capacity to avoid a reallocation).
+    /// For senders whose payload already sits in a buffer of their own (the disk
+    /// stream), so it is sealed without being copied into a [`Message`]. On error
+    /// `out` is truncated to `start`.
+    pub fn seal_frame_at(
         &self,
         kind: Kind,
         out: &mut Vec<u8>,
-        payload: impl FnOnce(&mut Vec<u8>),
+        start: usize,
     ) -> Result<(), WireError> {
-        let start = out.len();
-        out.extend_from_slice(&[0u8; HEADER_LEN]);
-        payload(out);
-        match self.seal_in_place(kind, &mut out[start + HEADER_LEN..]) {
+        let sealed = match out.len().checked_sub(start + HEADER_LEN) {
+            Some(_) => self.seal_in_place(kind, &mut out[start + HEADER_LEN..]),
+            None => Err(WireError::BadPayload {
+                kind,
+                problem: PayloadProblem::TooShort {
+                    got: out.len().saturating_sub(start),
+                    min: HEADER_LEN,
+                },
+            }),
+        };
+        match sealed {
             Ok((head, tag)) => {
                 out[start..start + HEADER_LEN].copy_from_slice(&head);
                 out.extend_from_slice(&tag);
@@ -457,6 +473,24 @@ mod tests {
         }
         assert_eq!(p.sealer.frames(), msgs().len() as u64);
         assert_eq!(b.opener.frames(), msgs().len() as u64);
+    }
+
+    #[test]
+    fn a_frame_sealed_at_its_start_is_the_encoded_frame() {
+        let (p, b) = pair(LIMITS);
+        let (q, _) = pair(LIMITS);
+        let data = vec![0x5Au8; 3000];
+        let mut buf = vec![7u8; 5]; // the frame need not start the buffer
+        buf.extend_from_slice(&[0u8; HEADER_LEN]);
+        buf.extend_from_slice(&data);
+        p.sealer.seal_frame_at(Kind::Data, &mut buf, 5).unwrap();
+        assert_eq!(buf[..5], [7u8; 5]);
+        assert_eq!(buf[5..], seal(&q.sealer, &Message::Data(data.clone()))[..]);
+        assert_eq!(open(&b.opener, &buf[5..]).unwrap(), Message::Data(data));
+        // No room for a header: refused, the buffer is left as it was before `start`.
+        let mut short = vec![1u8; 10];
+        assert!(p.sealer.seal_frame_at(Kind::Data, &mut short, 0).is_err());
+        assert!(short.is_empty());
     }
 
     #[test]

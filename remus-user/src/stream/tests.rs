@@ -36,9 +36,11 @@ fn err_of(bytes: &[u8]) -> StreamError {
 fn cached(kind: GuestKind) -> &'static Written {
     static PV: std::sync::OnceLock<Written> = std::sync::OnceLock::new();
     static HVM: std::sync::OnceLock<Written> = std::sync::OnceLock::new();
+    static PVH: std::sync::OnceLock<Written> = std::sync::OnceLock::new();
     let (cell, k) = match kind {
         GuestKind::Pv => (&PV, GuestKind::Pv),
         GuestKind::Hvm => (&HVM, GuestKind::Hvm),
+        GuestKind::Pvh => (&PVH, GuestKind::Pvh),
     };
     cell.get_or_init(|| {
         writer::write(&WriterConfig {
@@ -181,9 +183,92 @@ fn hvm_stream_events_match_the_writer() {
     assert_eq!(emu, 3);
 }
 
+/// The libxl records of checkpoint `n`'s tail (between libxc CHECKPOINT and
+/// CHECKPOINT_END), by type.
+fn tail_records(ev: &[Event], n: u64) -> Vec<u32> {
+    let from = ev
+        .iter()
+        .position(|e| matches!(e, Event::LibxcCheckpoint { checkpoint, .. } if *checkpoint == n))
+        .expect("the checkpoint's CHECKPOINT");
+    ev[from..]
+        .iter()
+        .take_while(|e| !matches!(e, Event::CheckpointComplete { .. }))
+        .filter_map(|e| match *e {
+            Event::Record {
+                layer: Layer::Libxl,
+                rtype,
+                ..
+            } => Some(rtype),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn hvm_checkpoints_each_carry_the_device_models_records_before_checkpoint_end() {
+    let w = small(GuestKind::Hvm, 3);
+    let (_, ev) = parse_all(&w.bytes).unwrap();
+    for n in 1..=3 {
+        assert_eq!(
+            tail_records(&ev, n),
+            [
+                libxl_type::EMULATOR_XENSTORE_DATA,
+                libxl_type::EMULATOR_CONTEXT,
+                libxl_type::CHECKPOINT_END
+            ],
+            "checkpoint {n}"
+        );
+    }
+    // libxl leaves the xenstore record out when QEMU's subtree is empty.
+    let w = writer::write(&WriterConfig {
+        emulator_xenstore: false,
+        guest_pages: 300,
+        dirty_pages: 40,
+        ..WriterConfig::hvm(2)
+    });
+    let (p, ev) = parse_all(&w.bytes).unwrap();
+    assert_events(&w, &ev);
+    assert_eq!(p.checkpoints_complete(), 2);
+    for n in 1..=2 {
+        assert_eq!(
+            tail_records(&ev, n),
+            [libxl_type::EMULATOR_CONTEXT, libxl_type::CHECKPOINT_END]
+        );
+    }
+}
+
+#[test]
+fn pvh_stream_is_an_hvm_stream_without_a_device_model() {
+    let w = small(GuestKind::Pvh, 3);
+    let (p, ev) = parse_all(&w.bytes).unwrap();
+    assert_events(&w, &ev);
+    assert_eq!(p.checkpoints_complete(), 3);
+    assert_eq!(p.domain_type(), Some(DomainType::X86Hvm));
+    for n in 1..=3 {
+        assert_eq!(tail_records(&ev, n), [libxl_type::CHECKPOINT_END]);
+    }
+    // Every checkpoint's CPU state: HVM_CONTEXT and HVM_PARAMS, no PV records.
+    let count = |t: u32| {
+        ev.iter()
+            .filter(
+                |e| matches!(e, Event::Record { layer: Layer::Libxc, rtype, .. } if *rtype == t),
+            )
+            .count()
+    };
+    assert_eq!(count(libxc_type::HVM_CONTEXT), 3);
+    assert_eq!(count(libxc_type::HVM_PARAMS), 3);
+    assert_eq!(count(libxc_type::SHARED_INFO), 0);
+    // The first post-suspend byte of checkpoint 1 is its first end-of-checkpoint record.
+    let tsc = record_start(&w, Layer::Libxc, libxc_type::X86_TSC_INFO, 0) as u64;
+    assert!(ev.contains(&Event::PostSuspendStart {
+        checkpoint: 1,
+        pos: tsc
+    }));
+}
+
 #[test]
 fn plain_stream_ends_with_end_and_optional_records_pass() {
-    for kind in [GuestKind::Pv, GuestKind::Hvm] {
+    for kind in [GuestKind::Pv, GuestKind::Hvm, GuestKind::Pvh] {
         let w = writer::write(&WriterConfig {
             kind,
             guest_pages: 100,
@@ -217,7 +302,11 @@ fn plain_stream_ends_with_end_and_optional_records_pass() {
 
 #[test]
 fn every_chunking_gives_the_same_events() {
-    for w in [small(GuestKind::Pv, 3), small(GuestKind::Hvm, 3)] {
+    for w in [
+        small(GuestKind::Pv, 3),
+        small(GuestKind::Hvm, 3),
+        small(GuestKind::Pvh, 3),
+    ] {
         for size in [1usize, 2, 3, 5, 7, 8, 9, 13, 64, 4095, 4096, 4097, 65536] {
             let (p, ev) = parse_chunks(&w.bytes, &mut || size);
             assert_events(&w, &ev);
@@ -326,10 +415,15 @@ fn finish_names_where_the_input_stops() {
             }
         );
     }
-    // A cut in the padding is inside the record too.
-    let hc = record_start(&w, Layer::Libxc, libxc_type::HVM_CONTEXT, 0);
+    // A cut in the padding is inside the record too (the emulator's xenstore record has
+    // an odd length; HVM_CONTEXT, as captured, is a multiple of 8).
+    let hc = record_start(&w, Layer::Libxl, libxl_type::EMULATOR_XENSTORE_DATA, 0);
     let len = u32::from_le_bytes(w.bytes[hc + 4..hc + 8].try_into().unwrap()) as usize;
-    assert_ne!(len % 8, 0, "the writer's HVM_CONTEXT should need padding");
+    assert_ne!(
+        len % 8,
+        0,
+        "the writer's EMULATOR_XENSTORE_DATA should need padding"
+    );
     assert!(matches!(
         err_of(&w.bytes[..hc + 8 + len + 1]),
         StreamError::TruncatedRecord { body_left: 0, pad_left, .. } if pad_left as usize == (8 - len % 8) - 1
@@ -576,8 +670,8 @@ fn bad_records() {
             len: 16,
         },
     );
-    // Non-zero padding (HVM_CONTEXT has an odd length in the writer).
-    let hc = record_start(&hvm, xc, libxc_type::HVM_CONTEXT, 1);
+    // Non-zero padding (EMULATOR_XENSTORE_DATA has an odd length in the writer).
+    let hc = record_start(&hvm, xl, libxl_type::EMULATOR_XENSTORE_DATA, 1);
     let len = u32::from_le_bytes(hvm.bytes[hc + 4..hc + 8].try_into().unwrap()) as usize;
     let padpos = hc + 8 + len;
     assert_ne!(len % 8, 0);
@@ -651,11 +745,11 @@ proptest! {
 
     #[test]
     fn mutated_streams_never_panic_and_agree_across_chunkings(
-        hvm in any::<bool>(),
+        kind in 0u8..3,
         muts in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
         chunk in 1usize..5000,
     ) {
-        let w = cached(if hvm { GuestKind::Hvm } else { GuestKind::Pv });
+        let w = cached([GuestKind::Pv, GuestKind::Hvm, GuestKind::Pvh][kind as usize]);
         let mut v = w.bytes.clone();
         for (i, b) in &muts {
             let at = i.index(v.len());

@@ -291,14 +291,46 @@ mod tests {
 
     #[test]
     fn whole_stream_passes_byte_identical_with_an_ack_per_checkpoint() {
-        let w = write(&WriterConfig::pv(4));
-        for chunk in [1usize, 7, 4096, 1 << 20] {
-            let (out, acks, c) = run_cutter(&w.bytes, chunk);
-            assert_eq!(out, w.bytes, "chunk {chunk}");
-            assert_eq!(acks, vec![1, 2, 3, 4]);
-            assert_eq!(c.complete(), 4);
-            assert_eq!(c.held(), 0);
+        // PV; HVM, whose checkpoints end in the device model's records; PVH.
+        for w in [
+            write(&WriterConfig::pv(4)),
+            write(&WriterConfig::hvm(4)),
+            write(&WriterConfig::pvh(4)),
+        ] {
+            for chunk in [1usize, 7, 4096, 1 << 20] {
+                let (out, acks, c) = run_cutter(&w.bytes, chunk);
+                assert_eq!(out, w.bytes, "chunk {chunk}");
+                assert_eq!(acks, vec![1, 2, 3, 4]);
+                assert_eq!(c.complete(), 4);
+                assert_eq!(c.held(), 0);
+            }
         }
+    }
+
+    #[test]
+    fn an_hvm_checkpoint_cut_inside_its_device_model_records_is_held_back() {
+        use crate::stream::{Layer, libxl_type};
+        let w = write(&WriterConfig::hvm(3));
+        let (_, end2) = complete_ends(&w)[1];
+        // The EMULATOR_CONTEXT record of checkpoint 3: written after the guest resumed,
+        // still part of checkpoint 3.
+        let emu3 = w
+            .events
+            .iter()
+            .filter_map(|e| match *e {
+                Event::Record {
+                    layer: Layer::Libxl,
+                    rtype: libxl_type::EMULATOR_CONTEXT,
+                    start,
+                    ..
+                } => Some(start),
+                _ => None,
+            })
+            .nth(2)
+            .expect("three EMULATOR_CONTEXT records");
+        let (out, acks, _) = run_cutter(&w.bytes[..(emu3 + 20) as usize], 512);
+        assert_eq!(out, w.bytes[..end2 as usize]);
+        assert_eq!(acks, vec![1, 2]);
     }
 
     #[test]
