@@ -200,13 +200,13 @@ fn two_vifs(tag: &str, attached: bool) {
         wait_held_both(&t, &second, PER as u64);
         PER as u64
     };
-    tx.write(st.checkpoint(1));
+    tx.write_checkpoint(&st, 1);
     wait_status(&tx.status_sock, "checkpoint 1 parsed", |v| {
         v["last_checkpoint"] == 1
     });
     send_epoch(&t, &second, 2);
     wait_held_both(&t, &second, held_first + PER as u64);
-    tx.write(st.checkpoint(2));
+    tx.write_checkpoint(&st, 2);
     let s = wait_status(&tx.status_sock, "checkpoint 2 parsed", |v| {
         v["last_checkpoint"] == 2
     });
@@ -218,7 +218,7 @@ fn two_vifs(tag: &str, attached: bool) {
     );
     send_epoch(&t, &second, 3);
     wait_held_both(&t, &second, held_first + 2 * PER as u64);
-    tx.write(st.checkpoint(3));
+    tx.write_checkpoint(&st, 3);
     wait_status(&tx.status_sock, "checkpoint 3 parsed", |v| {
         v["last_checkpoint"] == 3
     });

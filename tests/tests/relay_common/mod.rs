@@ -296,6 +296,9 @@ pub struct Sender {
     pub stdout: ChildStdout,
     pub status_sock: PathBuf,
     pub log: PathBuf,
+    /// Whether the relay narrows xl's pipe to one page once it caught up (it does unless
+    /// told otherwise with `--xl-pipe-narrow-bytes`).
+    narrows: bool,
 }
 
 impl Sender {
@@ -343,6 +346,7 @@ impl Sender {
             stdout,
             status_sock,
             log,
+            narrows: !extra.contains(&"--xl-pipe-narrow-bytes"),
         }
     }
 
@@ -462,9 +466,12 @@ impl Stream {
 }
 
 impl Sender {
-    /// Writes checkpoint `n` as libxc does: checkpoint 1's live copy, a pause while the
-    /// guest is being suspended (the relay catches up meanwhile), then its end.
+    /// Writes checkpoint `n` as libxc does: once the relay caught up (libxl suspends the
+    /// guest only after its interval, by which time a relay that keeps up has read
+    /// everything), checkpoint 1's live copy, a pause while the guest is being suspended
+    /// (the relay catches up meanwhile), then its end.
     pub fn write_checkpoint(&mut self, st: &Stream, n: usize) {
+        self.wait_drained();
         let cp = st.checkpoint(n);
         if n == 1 {
             let (live, tail) = cp.split_at(st.first_post_suspend() as usize);
@@ -479,7 +486,9 @@ impl Sender {
     /// Waits until the relay has read everything written so far and narrowed its pipe
     /// again (as libxl's suspend or interval lets it when it keeps up): the relay then
     /// waits for the next suspend ready to prove its cut. A relay told to keep its pipe
-    /// wide is waited for 50 ms after it has read everything.
+    /// wide is waited for 50 ms after it has read everything. (Not a timed wait for a
+    /// relay that narrows: on a loaded machine it may narrow well after it emptied the
+    /// pipe, and a checkpoint written into the wide pipe meanwhile would be merged.)
     pub fn wait_drained(&mut self) {
         let Some(w) = self.stdin.as_ref() else {
             return;
@@ -502,7 +511,7 @@ impl Sender {
             }
             if n == 0 {
                 let since = *empty_since.get_or_insert_with(Instant::now);
-                if size == 4096 || since.elapsed() > Duration::from_millis(50) {
+                if size == 4096 || (!self.narrows && since.elapsed() > Duration::from_millis(50)) {
                     return;
                 }
             } else {
