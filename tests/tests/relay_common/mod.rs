@@ -534,6 +534,21 @@ impl Stream {
             })
             .expect("checkpoint 1 has a post-suspend record")
     }
+
+    /// Bytes xl writes of checkpoint 1 from its first post-suspend byte up to the end of
+    /// libxc's CHECKPOINT record: what the pipe proof of checkpoint 1 has to work with.
+    pub fn first_tail(&self) -> u64 {
+        let end = self
+            .w
+            .events
+            .iter()
+            .find_map(|e| match *e {
+                Event::LibxcCheckpoint { checkpoint: 1, end } => Some(end),
+                _ => None,
+            })
+            .expect("checkpoint 1 has a CHECKPOINT record");
+        end - self.first_post_suspend()
+    }
 }
 
 /// Writes checkpoints `from..=to` into the sender, pausing between them as the interval
