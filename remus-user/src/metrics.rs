@@ -2,8 +2,9 @@
 //! OpenMetrics text format on an opt-in loopback address.
 //!
 //! Owns: the metric values, their names (`remus_relay_*`, base units, `_total` on
-//! counters), the ACK-latency histogram and its recent window, a minimal HTTP responder.
-//! Never touches: anything it measures (callers update the values).
+//! counters), the ACK-latency histogram and the per-checkpoint phase histograms with
+//! their recent windows, a minimal HTTP responder. Never touches: anything it measures
+//! (callers update the values).
 //!
 //! The registry and the text encoding are the official crate's. The ACK-latency histogram
 //! keeps its own atomic buckets (encoded through the crate's `EncodeMetric`), because the
@@ -27,10 +28,11 @@ pub type Counter = PromCounter<u64, AtomicU64>;
 /// A value that goes up and down (`set`, `get`).
 pub type Gauge = PromGauge<u64, AtomicU64>;
 
-/// Upper bounds (seconds) of the latency histogram buckets.
-pub const LATENCY_BUCKETS: [f64; 14] = [
+/// Upper bounds (seconds) of the latency histogram buckets (a guest pause or a transfer
+/// under emulation takes seconds, an ACK over loopback tens of microseconds).
+pub const LATENCY_BUCKETS: [f64; 17] = [
     50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 20e-3, 50e-3, 100e-3, 200e-3, 500e-3,
-    1.0,
+    1.0, 2.0, 5.0, 10.0,
 ];
 
 /// The exposition's content type (OpenMetrics text, what `prometheus-client` encodes).
@@ -102,8 +104,70 @@ impl EncodeMetric for Histogram {
     }
 }
 
-/// How many recent ACK latencies are kept for exact quantiles.
+/// How many recent ACK latencies (and phase durations) are kept for exact quantiles.
 pub const RECENT_ACKS: usize = 4096;
+
+/// The last [`RECENT_ACKS`] durations in microseconds, for exact quantiles.
+#[derive(Debug, Default)]
+pub struct Recent(std::sync::Mutex<std::collections::VecDeque<u32>>);
+
+impl Recent {
+    pub fn push(&self, d: Duration) {
+        if let Ok(mut r) = self.0.lock() {
+            if r.len() == RECENT_ACKS {
+                r.pop_front();
+            }
+            r.push_back(d.as_micros().min(u32::MAX as u128) as u32);
+        }
+    }
+
+    /// Exact quantiles over the window (`None` while it is empty).
+    pub fn quantiles(&self) -> Option<Quantiles> {
+        let mut v: Vec<u32> = self.0.lock().ok()?.iter().copied().collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_unstable();
+        let q = |f: f64| v[((v.len() - 1) as f64 * f).round() as usize];
+        Some(Quantiles {
+            n: v.len(),
+            p50: q(0.5),
+            p90: q(0.9),
+            p99: q(0.99),
+            max: v[v.len() - 1],
+        })
+    }
+}
+
+/// One phase of a checkpoint: a histogram for Prometheus and a recent window for status.
+#[derive(Debug, Default)]
+pub struct Timed {
+    pub histogram: Histogram,
+    pub recent: Recent,
+}
+
+impl Timed {
+    pub fn observe(&self, d: Duration) {
+        self.histogram.observe(d);
+        self.recent.push(d);
+    }
+}
+
+/// Where one checkpoint's time goes (Cloud Hypervisor's downtime accounting, per phase),
+/// as the relay sees it. On the primary: `pause` from the first byte xl wrote after the
+/// suspend to the end of libxc's CHECKPOINT record (the guest resumes right after that
+/// write returns), `transfer` from that first byte to the checkpoint's last byte written
+/// to the connection, `ack` from there to its ACK, `backup_write` as the backup reported
+/// it (writing the checkpoint into its receiver), `release` the buffer's commit. On the
+/// backup only `backup_write`.
+#[derive(Debug, Default)]
+pub struct Phases {
+    pub pause: Timed,
+    pub transfer: Timed,
+    pub backup_write: Timed,
+    pub ack: Timed,
+    pub release: Timed,
+}
 
 /// Exact quantiles of the recent ACK latencies, in microseconds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -135,7 +199,9 @@ pub struct Metrics {
     /// From the last byte of a checkpoint sent to its ACK.
     pub ack_latency_seconds: Histogram,
     /// The last RECENT_ACKS ACK latencies in microseconds, for exact quantiles.
-    recent_acks: std::sync::Mutex<std::collections::VecDeque<u32>>,
+    recent_acks: Recent,
+    /// Per-checkpoint phases (`remus_relay_checkpoint_<phase>_seconds`).
+    pub checkpoint: Phases,
     pub epoch_merges_total: Counter,
     pub heartbeats_sent_total: Counter,
     pub heartbeats_missed_total: Counter,
@@ -169,9 +235,8 @@ impl Metrics {
             page_data_raw_bytes_total: Counter::default(),
             page_data_wire_bytes_total: Counter::default(),
             ack_latency_seconds: Histogram::default(),
-            recent_acks: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(
-                RECENT_ACKS,
-            )),
+            recent_acks: Recent::default(),
+            checkpoint: Phases::default(),
             epoch_merges_total: Counter::default(),
             heartbeats_sent_total: Counter::default(),
             heartbeats_missed_total: Counter::default(),
@@ -205,6 +270,36 @@ impl Metrics {
             Unit::Seconds,
             self.ack_latency_seconds.clone(),
         );
+        let p = &self.checkpoint;
+        for (name, help, t) in [
+            (
+                "checkpoint_pause",
+                "Guest pause per checkpoint as the relay sees it: first byte after the suspend to the end of libxc's CHECKPOINT record",
+                &p.pause,
+            ),
+            (
+                "checkpoint_transfer",
+                "First byte after the suspend to the checkpoint's last byte written to the connection",
+                &p.transfer,
+            ),
+            (
+                "checkpoint_backup_write",
+                "Writing a checkpoint into the backup's receiver (reported by the backup)",
+                &p.backup_write,
+            ),
+            (
+                "checkpoint_ack",
+                "Checkpoint's last byte written to the connection to its ACK",
+                &p.ack,
+            ),
+            (
+                "checkpoint_release",
+                "Releasing an acknowledged epoch (the output buffer's commit)",
+                &p.release,
+            ),
+        ] {
+            r.register_with_unit(name, help, Unit::Seconds, t.histogram.clone());
+        }
         r.register_with_unit(
             "suspend",
             "From libxl's suspend request to the domain suspended (xenstore control path)",
@@ -322,29 +417,12 @@ impl Metrics {
     /// Records one ACK latency (histogram and the recent window).
     pub fn observe_ack(&self, d: Duration) {
         self.ack_latency_seconds.observe(d);
-        if let Ok(mut r) = self.recent_acks.lock() {
-            if r.len() == RECENT_ACKS {
-                r.pop_front();
-            }
-            r.push_back(d.as_micros().min(u32::MAX as u128) as u32);
-        }
+        self.recent_acks.push(d);
     }
 
     /// Exact quantiles over the recent window (`None` before the first ACK).
     pub fn ack_quantiles(&self) -> Option<Quantiles> {
-        let mut v: Vec<u32> = self.recent_acks.lock().ok()?.iter().copied().collect();
-        if v.is_empty() {
-            return None;
-        }
-        v.sort_unstable();
-        let q = |f: f64| v[((v.len() - 1) as f64 * f).round() as usize];
-        Some(Quantiles {
-            n: v.len(),
-            p50: q(0.5),
-            p90: q(0.9),
-            p99: q(0.99),
-            max: v[v.len() - 1],
-        })
+        self.recent_acks.quantiles()
     }
 
     /// The OpenMetrics text exposition of every metric.
@@ -414,6 +492,7 @@ mod tests {
         m.committed_epoch.set(7);
         m.ack_latency_seconds.observe(Duration::from_micros(150));
         m.ack_latency_seconds.observe(Duration::from_secs(3));
+        m.checkpoint.pause.observe(Duration::from_millis(40));
         let t = m.render();
         for line in [
             "remus_relay_checkpoints_total{role=\"send\"} 3\n",
@@ -423,6 +502,12 @@ mod tests {
             "remus_relay_ack_latency_seconds_bucket{role=\"send\",le=\"+Inf\"} 2\n",
             "remus_relay_ack_latency_seconds_count{role=\"send\"} 2\n",
             "# TYPE remus_relay_ack_latency_seconds histogram\n",
+            "# TYPE remus_relay_checkpoint_pause_seconds histogram\n",
+            "# TYPE remus_relay_checkpoint_transfer_seconds histogram\n",
+            "# TYPE remus_relay_checkpoint_backup_write_seconds histogram\n",
+            "# TYPE remus_relay_checkpoint_ack_seconds histogram\n",
+            "# TYPE remus_relay_checkpoint_release_seconds histogram\n",
+            "remus_relay_checkpoint_pause_seconds_count{role=\"send\"} 1\n",
             "# TYPE remus_relay_suspend_seconds histogram\n",
         ] {
             assert!(t.contains(line), "missing {line:?} in\n{t}");
@@ -466,6 +551,11 @@ mod tests {
             "committed_epoch",
             "ack_latency_seconds",
             "suspend_seconds",
+            "checkpoint_pause_seconds",
+            "checkpoint_transfer_seconds",
+            "checkpoint_backup_write_seconds",
+            "checkpoint_ack_seconds",
+            "checkpoint_release_seconds",
         ]
         .iter()
         .map(|n| format!("remus_relay_{n}"))
@@ -483,6 +573,26 @@ mod tests {
         let q = m.ack_quantiles().unwrap();
         assert_eq!((q.n, q.p50, q.p99, q.max), (100, 51, 99, 100));
         assert_eq!(m.ack_latency_seconds.count(), 100);
+    }
+
+    #[test]
+    fn a_phase_feeds_its_histogram_and_its_window() {
+        let m = Metrics::new("send");
+        assert_eq!(m.checkpoint.pause.recent.quantiles(), None);
+        for ms in [10u64, 20, 30] {
+            m.checkpoint.pause.observe(Duration::from_millis(ms));
+        }
+        let q = m.checkpoint.pause.recent.quantiles().unwrap();
+        assert_eq!((q.n, q.p50, q.max), (3, 20_000, 30_000));
+        assert_eq!(m.checkpoint.pause.histogram.count(), 3);
+        assert_eq!(
+            m.checkpoint.pause.histogram.sum(),
+            Duration::from_millis(60)
+        );
+        // Seconds-long phases land in the long buckets, not in +Inf.
+        m.checkpoint.transfer.observe(Duration::from_secs(4));
+        let cum = m.checkpoint.transfer.histogram.cumulative();
+        assert_eq!(cum.last(), Some(&(10.0, 1)));
     }
 
     #[tokio::test]

@@ -14,29 +14,55 @@
 //! one (merge epochs). If the backup is lost, the primary is the only copy: the buffer
 //! is opened, but only once the loss has been declared.
 //!
-//! # Where it is enforced (four places, each necessary)
+//! Put as the property the tests check: **no frame leaves the host unless every
+//! checkpoint the backup can still fail over to contains the guest state that sent it.**
+//!
+//! - **Merged checkpoints are no failover points.** A checkpoint whose cut is not proven
+//!   to have happened while the guest was suspended is merged: its epoch is released with
+//!   the next proven commit, and the backup is told (a MERGED frame before the
+//!   checkpoint's end) and never lets its receiver resume from it. Its memory might miss
+//!   frames captured before the late cut, and a disk epoch cut at the same instant might
+//!   hold writes from after the resume, so it is no consistent failover point.
+//! - **Before the first cut the output may pass** (`BeforeFirstCut::PassThrough`): no
+//!   failover point exists before checkpoint 1 is complete at the backup, and every frame
+//!   that passed was captured before the first cut. If that cut is proven, the frame was
+//!   emitted before suspend 1, so checkpoint 1 and every later one contain it. If not,
+//!   checkpoint 1 is merged (above), and checkpoint 2, the first failover point then,
+//!   contains it. The argument in full is in docs/relay.md ("Before the first
+//!   checkpoint").
+//!
+//! # Where it is enforced (five places, each necessary)
 //!
 //! 1. **The epoch stamp**, `remus-ebpf/src/main.rs`, `remus_vif_in`: every frame the
 //!    guest sends is stamped with the current epoch (the `CTL_EPOCH` control slot) and
 //!    taken out of the datapath; nothing passes unheld unless the mode is pass-through or
 //!    the frame carries `RELEASE_MARK` (it is being released). Failing closed: an error
 //!    drops and counts, never passes.
-//! 2. **The holder's commit**, `remus-user/src/holder.rs`, `Holder::commit` (and
-//!    `Holder::push`): only closed epochs can be committed (`HolderError::NotClosed`),
-//!    commit releases epochs `<= N` in epoch order, and a frame stamped with an epoch
-//!    already committed is counted late, never re-ordered ahead of held ones.
+//! 2. **The holder's cut and commit**, `remus-user/src/netbuf/service.rs`
+//!    (`Holder::checkpoint`, `Holder::commit`) with `crate::epochs`: a cut stamps the
+//!    next epoch before it closes the current one (and, passing until the first cut,
+//!    switches to holding right after that stamp); only closed epochs can be committed
+//!    (`EpochError::NotClosed`), commit releases epochs `<= N` in epoch order, and a
+//!    frame stamped with an epoch already committed is counted late, never re-ordered
+//!    ahead of held ones.
 //! 3. **The checkpoint machine's proof / merge / ACK rules**,
 //!    `remus-user/src/checkpoint/machine.rs` (`step`) with this module's [`Ledger`]: an
 //!    epoch is cut when the guest is suspended; its ACK may commit it only if the cut is
 //!    proven to have happened while the guest was still suspended (else it is merged into
-//!    the next proven one); an ACK beyond the last checkpoint sent is refused and the
-//!    machine aborts holding everything; duplicate and stale ACKs release nothing; the
-//!    buffer is opened (`Action::FailOpen`) only on a declared loss of the backup. The
-//!    relay-mode driver (`checkpoint/relay_mode.rs`) supplies the proof: P > R + C.
-//! 4. **The backup's cut**, `remus-user/src/relay/receive/cutter.rs`, `Cutter`: the
+//!    the next proven one, `Action::Merged`); an ACK beyond the last checkpoint sent is
+//!    refused and the machine aborts holding everything; duplicate and stale ACKs release
+//!    nothing; the buffer is opened (`Action::FailOpen`) only on a declared loss of the
+//!    backup.
+//! 4. **The relay-mode driver's proof**, `remus-user/src/checkpoint/relay_mode.rs`: the
+//!    cut is made before the pipe's fill F is read, and proven only if P > R + F; a merge
+//!    is told to the backup (`Replicator::merged`) before any byte of the checkpoint's end
+//!    is forwarded.
+//! 5. **The backup's cut**, `remus-user/src/relay/receive/cutter.rs`, `Cutter`: the
 //!    backup acknowledges checkpoint N only once every byte of it was written to its
-//!    receiver, and writes later checkpoints only whole, so an ACK never claims more than
-//!    the backup can resume from.
+//!    receiver, writes checkpoints (checkpoint 1 from its first post-suspend record on)
+//!    only whole, and holds a merged checkpoint until the next one is complete, so an
+//!    ACK never claims more than the backup can resume from, and it never resumes from a
+//!    merged checkpoint.
 use std::collections::BTreeMap;
 
 /// An ACK that claims more than was sent: a broken or hostile peer.

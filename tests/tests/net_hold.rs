@@ -599,6 +599,47 @@ fn root_passthrough_at_attach_and_mode_switches_at_run_time() {
     assert_eq!(st["held_frames"], 0);
 }
 
+/// `--pass-through-until-checkpoint`: frames pass until the first `checkpoint`, which
+/// closes the (empty) epoch 1 and holds from then on; they are released by their commit.
+#[test]
+fn root_pass_through_until_the_first_checkpoint_then_hold() {
+    let t = Topo::new("pu");
+    let o = t.attach(&["--pass-through-until-checkpoint", "-j"]);
+    assert_eq!(o.json()["mode"], "passthrough_until_checkpoint");
+    let sn = t.sniff_peer();
+    let dst = addr("10.77.0.2:7650");
+    send_udp(&t.guest, dst, numbered(0..2));
+    sn.wait_for("frames passing before the first checkpoint", |fs| {
+        count_port(fs, 7650) == 2
+    });
+    assert_eq!(t.status()["held_frames"], 0);
+
+    let cp = t.remus(&["checkpoint", &t.vif, "-j"]).ok("checkpoint");
+    assert_eq!(cp.json()["closed_epoch"], 1, "the first cut closes epoch 1");
+    let st = t.status();
+    assert_eq!(st["mode"], "hold");
+    assert_eq!(st["current_epoch"], 2);
+    send_udp(&t.guest, dst, numbered(2..4));
+    t.wait_held(2);
+    let st = t.status();
+    let epochs = st["epochs"].as_array().unwrap();
+    assert!(
+        epochs.iter().all(|e| e["epoch"] == 2 || e["frames"] == 0),
+        "held in epoch 2: {st}"
+    );
+    // Committing the empty epoch 1 releases nothing; epoch 2 goes with its own commit.
+    t.remus(&["commit", &t.vif, "1"]).ok("commit 1");
+    assert_eq!(
+        count_port(&sn.frames(), 7650),
+        2,
+        "epoch 2 released by commit 1"
+    );
+    t.remus(&["checkpoint", &t.vif]).ok("checkpoint 2");
+    t.remus(&["commit", &t.vif, "2"]).ok("commit 2");
+    let f = sn.wait_for("epoch 2 after its commit", |fs| count_port(fs, 7650) == 4);
+    assert_eq!(seqs(&f, 7650), vec![0, 1, 2, 3]);
+}
+
 /// One hold → checkpoint → commit cycle and a clean detach with the given attach kind.
 fn hold_commit_detach(tag: &str, how: &str, xen_name: bool) {
     let t = if xen_name {

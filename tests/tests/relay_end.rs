@@ -234,13 +234,17 @@ fn protected_with_epochs_held(tag: &str, sender_extra: &[&str]) -> Held {
     assert_eq!(tx.read_banner(), BANNER, "sender log:\n{}", tx.log());
     let st = Stream::new(&WriterConfig::pv(3));
     let peer: SocketAddr = format!("10.77.0.2:{PORT}").parse().unwrap();
+    // Epoch 1 passes (the buffer passes until checkpoint 1's cut), held from then on.
     send_udp(&t.guest, peer, epoch_payloads(1));
-    t.wait_held(10);
-    tx.write(st.checkpoint(1));
-    sn.wait_for("epoch 1 after ACK(1)", |f| of_epoch(&seen(f), 1) == 10);
+    sn.wait_for("epoch 1 passing before the first checkpoint", |f| {
+        of_epoch(&seen(f), 1) == 10
+    });
+    tx.write_checkpoint(&st, 1);
+    wait_status(&tx.status_sock, "ACK(1)", |v| v["last_acked"] == 1);
     send_udp(&t.guest, peer, epoch_payloads(2));
     t.wait_held(10);
     let cp2 = st.checkpoint(2);
+    tx.wait_drained();
     tx.write(&cp2[..cp2.len() / 2]);
     wait_status(&tx.status_sock, "checkpoint 2's cut", |v| {
         v["committed_epoch"] == 1

@@ -4,8 +4,10 @@
 //! told to), and the LAN peer watched with a raw socket.
 //!
 //! The guest's two NICs are two namespaces (the kit's guest on vif A, a second one on
-//! vif B), sending interleaved datagrams in epochs 1..3. Asserted at the peer: nothing
-//! before ACK(1); ACK(1) releases epoch 1 of both vifs and nothing later; ACK(3) covers
+//! vif B), sending interleaved datagrams in epochs 1..3. Asserted at the peer: in-process
+//! (`--vif`, passing until the first checkpoint) epoch 1 of both vifs passes and both are
+//! held from checkpoint 1's cut on; attached by remus-net (holding) nothing before ACK(1),
+//! and ACK(1) releases epoch 1 of both vifs and nothing later; ACK(3) covers
 //! epochs 2 and 3 at once, and every epoch-2 frame of both vifs arrives before any
 //! epoch-3 frame (a per-vif commit of "everything <= 3" would send A's epoch 3 ahead of
 //! B's epoch 2); the lost backup opens both vifs.
@@ -183,15 +185,28 @@ fn two_vifs(tag: &str, attached: bool) {
     let (mut tx, cmd_tx, backup) = (run.tx, run.cmds, run.backup);
     let st = Stream::new(&WriterConfig::pv(3));
 
+    // In-process (`--vif`) the buffers pass until checkpoint 1's cut, which switches every
+    // vif of the group to holding; attached by remus-net (holding) they hold from attach.
+    let first_passes = !attached;
     send_epoch(&t, &second, 1);
-    wait_held_both(&t, &second, PER as u64);
-    tx.write(st.checkpoint(1));
+    let held_first = if first_passes {
+        sn.wait_for(
+            "epoch 1 of both vifs passing before the first suspend",
+            |f| of_epoch(&seen(f), 1) == 2 * PER,
+        );
+        sn.clear();
+        0
+    } else {
+        wait_held_both(&t, &second, PER as u64);
+        PER as u64
+    };
+    tx.write_checkpoint(&st, 1);
     wait_status(&tx.status_sock, "checkpoint 1 parsed", |v| {
         v["last_checkpoint"] == 1
     });
     send_epoch(&t, &second, 2);
-    wait_held_both(&t, &second, 2 * PER as u64);
-    tx.write(st.checkpoint(2));
+    wait_held_both(&t, &second, held_first + PER as u64);
+    tx.write_checkpoint(&st, 2);
     let s = wait_status(&tx.status_sock, "checkpoint 2 parsed", |v| {
         v["last_checkpoint"] == 2
     });
@@ -202,26 +217,36 @@ fn two_vifs(tag: &str, attached: bool) {
         "status names every vif: {s}"
     );
     send_epoch(&t, &second, 3);
-    wait_held_both(&t, &second, 3 * PER as u64);
-    tx.write(st.checkpoint(3));
+    wait_held_both(&t, &second, held_first + 2 * PER as u64);
+    tx.write_checkpoint(&st, 3);
     wait_status(&tx.status_sock, "checkpoint 3 parsed", |v| {
         v["last_checkpoint"] == 3
     });
     assert!(
         seen(&sn.frames()).is_empty(),
-        "nothing leaves before an ACK"
+        "nothing leaves before an ACK (after the first cut when passing until it)"
     );
 
-    // ACK(1): epoch 1 of both vifs, nothing later.
+    // ACK(1): epoch 1 of both vifs (empty when it passed), nothing later.
     cmd_tx.send(Cmd::Ack(1)).unwrap();
-    let f = sn.wait_for("epoch 1 of both vifs at the peer", |f| {
-        of_epoch(&seen(f), 1) == 2 * PER
-    });
-    let v = seen(&f);
-    assert_eq!(v.len(), 2 * PER, "only epoch 1 after ACK(1): {v:?}");
-    for tag in ['a', 'b'] {
-        let mine: Vec<&String> = v.iter().filter(|p| p.starts_with(tag)).collect();
-        assert_eq!(mine.len(), PER, "vif {tag}'s epoch 1: {v:?}");
+    if first_passes {
+        wait_status(&tx.status_sock, "epoch 1 committed", |v| {
+            v["committed_epoch"] == 1
+        });
+        assert!(
+            seen(&sn.frames()).is_empty(),
+            "ACK(1) released a frame of a later epoch"
+        );
+    } else {
+        let f = sn.wait_for("epoch 1 of both vifs at the peer", |f| {
+            of_epoch(&seen(f), 1) == 2 * PER
+        });
+        let v = seen(&f);
+        assert_eq!(v.len(), 2 * PER, "only epoch 1 after ACK(1): {v:?}");
+        for tag in ['a', 'b'] {
+            let mine: Vec<&String> = v.iter().filter(|p| p.starts_with(tag)).collect();
+            assert_eq!(mine.len(), PER, "vif {tag}'s epoch 1: {v:?}");
+        }
     }
 
     // ACK(3) covers epochs 2 and 3 at once: every epoch-2 frame first, on both vifs.

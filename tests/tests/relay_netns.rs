@@ -25,12 +25,14 @@ fn of_epoch(v: &[String], e: u32) -> Vec<String> {
         .collect()
 }
 
+/// `--vif`: the buffer passes the guest's output until checkpoint 1's cut, then holds.
 #[test]
 fn root_relay_no_frame_of_epoch_n_reaches_the_peer_before_ack_n() {
     ordering("rn", false);
 }
 
-/// The same with a buffer attached beforehand by `remus-net attach` (`--attached`).
+/// The same with a buffer attached beforehand by `remus-net attach` (`--attached`): it
+/// keeps its mode, here holding from attach, so epoch 1 waits for ACK(1).
 #[test]
 fn root_relay_attached_buffer_no_frame_of_epoch_n_before_ack_n() {
     ordering("ra", true);
@@ -46,23 +48,33 @@ fn ordering(tag: &str, attached: bool) {
     } else {
         ["--vif", t.vif.as_str()]
     };
+    // Whether epoch 1 (before the first suspend) passes unheld.
+    let first_passes = !attached;
     let sn = t.sniff_peer();
     let run = relay_against_fake_backup(&t.host, &format!("netns-{tag}"), &buffer, KEY);
     let (mut tx, cmd_tx, backup) = (run.tx, run.cmds, run.backup);
     let st = Stream::new(&WriterConfig::pv(3));
     let peer: SocketAddr = format!("10.77.0.2:{PORT}").parse().unwrap();
 
-    // Epoch 1: before the first checkpoint's post-suspend bytes. Held from the start.
+    // Epoch 1: before the first checkpoint's post-suspend bytes.
     send_udp(&t.guest, peer, epoch_payloads(1));
-    t.wait_held(10);
-    tx.write(st.checkpoint(1));
+    let held_first = if first_passes {
+        sn.wait_for("epoch 1 passing before the first suspend", |f| {
+            of_epoch(&seen(f), 1).len() == 10
+        });
+        0
+    } else {
+        t.wait_held(10);
+        10
+    };
+    tx.write_checkpoint(&st, 1);
     wait_status(&tx.status_sock, "checkpoint 1 parsed", |v| {
         v["last_checkpoint"] == 1
     });
-    // Epoch 2, then checkpoint 2; epoch 3.
+    // Epoch 2, then checkpoint 2; epoch 3: held from checkpoint 1's cut on.
     send_udp(&t.guest, peer, epoch_payloads(2));
-    t.wait_held(20);
-    tx.write(st.checkpoint(2));
+    t.wait_held(held_first + 10);
+    tx.write_checkpoint(&st, 2);
     let s = wait_status(&tx.status_sock, "checkpoint 2 parsed", |v| {
         v["last_checkpoint"] == 2
     });
@@ -71,13 +83,14 @@ fn ordering(tag: &str, attached: bool) {
         "both switches must be proven in time: {s}"
     );
     send_udp(&t.guest, peer, epoch_payloads(3));
-    t.wait_held(30);
+    t.wait_held(held_first + 20);
+    let v = seen(&sn.frames());
     assert!(
-        seen(&sn.frames()).is_empty(),
-        "nothing may leave before any ACK"
+        of_epoch(&v, 2).is_empty() && of_epoch(&v, 3).is_empty(),
+        "nothing after the first cut may leave before any ACK: {v:?}"
     );
 
-    // ACK(1): exactly epoch 1, in order.
+    // ACK(1): exactly epoch 1 (already out if it passed), in order.
     cmd_tx.send(Cmd::Ack(1)).unwrap();
     let f = sn.wait_for("epoch 1 at the peer", |f| of_epoch(&seen(f), 1).len() == 10);
     let v = seen(&f);
@@ -85,6 +98,10 @@ fn ordering(tag: &str, attached: bool) {
         of_epoch(&v, 1),
         (0..10).map(|i| format!("e1:{i}")).collect::<Vec<_>>()
     );
+    wait_status(&tx.status_sock, "ACK(1) committed", |v| {
+        v["committed_epoch"] == 1
+    });
+    let v = seen(&sn.frames());
     assert!(
         of_epoch(&v, 2).is_empty() && of_epoch(&v, 3).is_empty(),
         "released early: {v:?}"

@@ -84,6 +84,11 @@ enum Cmd {
         /// Start in pass-through mode (nothing held until `remus-net mode IFACE hold`).
         #[arg(long)]
         passthrough: bool,
+        /// Pass frames until the first `checkpoint`, which switches to holding at the
+        /// instant it closes epoch 1 (what `remus relay send --vif` does by default;
+        /// safe only with a controller that proves its first cut, see docs/relay.md).
+        #[arg(long, conflicts_with = "passthrough")]
+        pass_through_until_checkpoint: bool,
         /// Keep the queues in this process instead of a background daemon.
         #[arg(long)]
         foreground: bool,
@@ -233,6 +238,7 @@ async fn run(cli: Cli) -> Result<ExitCode, NetError> {
             limit_bytes,
             ring_bytes,
             passthrough,
+            pass_through_until_checkpoint,
             foreground,
             attach,
             autocommit_unsafe,
@@ -244,7 +250,13 @@ async fn run(cli: Cli) -> Result<ExitCode, NetError> {
                 limit_bytes,
                 ring_bytes: u32::try_from(ring_bytes)
                     .map_err(|_| NetError::BadRingSize(ring_bytes))?,
-                passthrough,
+                mode: if pass_through_until_checkpoint {
+                    Mode::PassthroughUntilCheckpoint
+                } else if passthrough {
+                    Mode::Passthrough
+                } else {
+                    Mode::Hold
+                },
                 attach_mode: match attach {
                     AttachHow::Auto => AttachMode::Auto,
                     AttachHow::Tcx => AttachMode::Tcx,
@@ -677,8 +689,14 @@ fn daemon_command(exe: &std::path::Path, opts: &AttachOptions, log: std::fs::Fil
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log));
-    if opts.passthrough {
-        cmd.arg("--passthrough");
+    match opts.mode {
+        Mode::Hold => {}
+        Mode::Passthrough => {
+            cmd.arg("--passthrough");
+        }
+        Mode::PassthroughUntilCheckpoint => {
+            cmd.arg("--pass-through-until-checkpoint");
+        }
     }
     if let Some(d) = opts.autocommit {
         cmd.arg("--autocommit-unsafe")

@@ -17,7 +17,8 @@ pub enum Input {
     /// The cut asked for was made: the output buffer closed `epoch`.
     EpochCut { checkpoint: u64, epoch: u64 },
     /// Whether the cut is proven to have happened while the guest was still suspended
-    /// (relay mode: the pipe bound P > R + C; native mode: Xen's word).
+    /// (relay mode: the pipe bound P > R + F, F the fill read after the cut; native mode:
+    /// Xen's word). A cut that is not proven makes the checkpoint no failover point.
     Proof { checkpoint: u64, in_time: bool },
     /// Every byte of `checkpoint` has gone to the backup.
     Sent { checkpoint: u64 },
@@ -38,7 +39,11 @@ pub enum Action {
     /// join here), then report [`Input::EpochCut`].
     CutEpoch { checkpoint: u64 },
     /// The cut of `checkpoint` may have come after the guest resumed: `epoch` is merged
-    /// into the next proven one (released later, never earlier).
+    /// into the next proven one (released later, never earlier), and the backup must
+    /// not be able to resume from `checkpoint` (the driver tells it before the
+    /// checkpoint's end): with an unproven cut, its memory is no consistent failover
+    /// point with a disk epoch cut at the same instant, nor with output that passed
+    /// before a first cut.
     Merged { checkpoint: u64, epoch: u64 },
     /// Release every held epoch `<= epoch`: ACK(`acked`) covers them.
     Commit { acked: u64, epoch: u64 },

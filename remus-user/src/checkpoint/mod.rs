@@ -46,10 +46,10 @@ pub mod relay_mode;
 
 pub use machine::{Action, Input, Machine, MachineError, Phase, RunEnd, State};
 pub use ports::{
-    BackupEvent, DiscardedCopy, LossKind, LossReason, NetBuffer, NetBufferError, Released,
-    Replicator, ReplicatorError,
+    Acked, BackupEvent, BeforeFirstCut, DiscardedCopy, LossKind, LossReason, NetBuffer,
+    NetBufferError, Released, Replicator, ReplicatorError,
 };
-pub use relay_mode::RelayDriver;
+pub use relay_mode::{PipeGauge, PipeSizes, RelayDriver};
 
 use crate::stream::StreamError;
 

@@ -7,6 +7,7 @@
 //!
 //! Owns: the traits and the types that cross them (including why a peer was lost).
 //! Never touches: any implementation.
+use bytes::BytesMut;
 use serde::{Deserialize, Serialize};
 
 use crate::stream::Event;
@@ -49,8 +50,17 @@ pub enum NetBufferError {
 
 /// The controller's view of an output buffer. Implemented by the real eBPF buffer and by
 /// fakes in state-machine tests.
+///
+/// Before the first cut a buffer either holds (its epoch 1 collects the guest's output)
+/// or passes the output through untouched ([`BeforeFirstCut`]); the first
+/// [`close_epoch`](NetBuffer::close_epoch) switches a passing buffer to holding at the
+/// same instant as it closes epoch 1 (empty then), so every frame that reaches the vif
+/// after the cut is held. Why passing until then is safe is argued in `docs/relay.md`
+/// ("Before the first checkpoint") and in `crate::output_commit`.
 pub trait NetBuffer: Send {
     /// Closes the current epoch (the cut); returns the number of the epoch just closed.
+    /// From its return on, every frame the guest sends is held (a buffer passing until
+    /// the first cut holds from the first cut on).
     fn close_epoch(
         &mut self,
     ) -> impl std::future::Future<Output = Result<u64, NetBufferError>> + Send;
@@ -63,6 +73,19 @@ pub trait NetBuffer: Send {
     fn fail_open(
         &mut self,
     ) -> impl std::future::Future<Output = Result<Released, NetBufferError>> + Send;
+}
+
+/// What a buffer does with the guest's output before the first cut.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BeforeFirstCut {
+    /// Hold from attach on: epoch 1 collects everything until checkpoint 1's cut.
+    #[default]
+    Hold,
+    /// Let the output pass until the first cut, which switches to holding. Safe because
+    /// no failover point exists before checkpoint 1 and every failover point contains
+    /// what the guest did before the first cut (see `docs/relay.md`).
+    PassThrough,
 }
 
 /// How a peer (the backup, seen from the primary, or the primary, seen from the backup)
@@ -109,11 +132,34 @@ impl LossReason {
     }
 }
 
+/// An acknowledgement and what is known of its checkpoint's timeline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Acked {
+    /// The backup holds this checkpoint completely (and it is a failover point).
+    pub checkpoint: u64,
+    /// When the checkpoint's last byte was written to the connection (`None` if the
+    /// implementation cannot tell).
+    pub sent_at: Option<std::time::Instant>,
+    /// How long the backup took to write it into its receiver, as the backup reported.
+    pub backup_write: Option<std::time::Duration>,
+}
+
+impl Acked {
+    /// An ACK without timings (fakes, ACKs that came with the CLOSE answer).
+    pub fn bare(checkpoint: u64) -> Acked {
+        Acked {
+            checkpoint,
+            sent_at: None,
+            backup_write: None,
+        }
+    }
+}
+
 /// What the backup said, as the controller needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BackupEvent {
     /// The backup holds checkpoint N completely.
-    Ack(u64),
+    Ack(Acked),
     /// The backup is gone (connection error, heartbeat timeout, abort).
     Lost(LossReason),
 }
@@ -158,11 +204,16 @@ impl ReplicatorError {
 pub trait Replicator: Send {
     /// Sends `bytes` (the next bytes of the stream, in order) to the backup. `events` are
     /// the parser events these bytes completed (absolute offsets), so an implementation
-    /// can find record boundaries (e.g. to compress PAGE_DATA).
+    /// can find record boundaries (e.g. to compress PAGE_DATA). `merged` are checkpoints
+    /// whose cut was not proven in time (their libxc CHECKPOINT record is among
+    /// `events`): the backup must be told, at that record's end in the stream (after
+    /// every byte before it, before any byte of the checkpoint's end), that they must not
+    /// become failover points.
     fn forward(
         &mut self,
-        bytes: &[u8],
+        bytes: BytesMut,
         events: &[Event],
+        merged: &[u64],
     ) -> impl std::future::Future<Output = Result<(), ReplicatorError>> + Send;
     /// The next thing the backup says. Must be cancel-safe (it is raced against stdin).
     fn next_event(&mut self) -> impl std::future::Future<Output = BackupEvent> + Send;
@@ -173,7 +224,7 @@ pub trait Replicator: Send {
         &mut self,
         checkpoints: u64,
         finished: bool,
-    ) -> impl std::future::Future<Output = Result<Vec<u64>, ReplicatorError>> + Send;
+    ) -> impl std::future::Future<Output = Result<Vec<Acked>, ReplicatorError>> + Send;
     /// Protection ends on request: tell the backup to discard its copy (kill its
     /// receiver before its stream can end, destroy the copy) and wait, bounded, for its
     /// word. Only `Ok` means no copy can be activated any more; anything else (no answer,

@@ -1,55 +1,143 @@
 //! The relay-mode driver of the checkpoint machine: xl's stream on a pipe is how it learns
-//! that the guest was suspended, and the pipe's capacity is how it proves the epoch cut
-//! came in time.
+//! that the guest was suspended, and the pipe's fill is how it proves the epoch cut came
+//! in time.
 //!
 //! Owns: the read loop over xl's pipe (parser, forwarding to the backup, racing the
-//! backup's answers and a request to end protection), the pipe proof, executing the
-//! machine's actions on the ports, the per-checkpoint log span and the controller's
-//! metrics. Never touches: the rules (the machine decides), sockets or the kernel
-//! (reached through the ports).
+//! backup's answers and a request to end protection), the pipe proof, sizing xl's pipe, executing the machine's actions
+//! on the ports, the per-checkpoint log span, clock and the controller's metrics. Never
+//! touches: the rules (the machine decides), sockets or the kernel (reached through the
+//! ports and [`PipeGauge`]).
 //!
-//! The pipe proof (DESIGN.md, "Checkpoints and epochs with stock xl remus"): at the first
-//! post-suspend byte of checkpoint N the driver has read R bytes from the pipe and asks
-//! for the cut. When libxc's CHECKPOINT record of N is seen ending at P, the cut is proven
-//! in time iff P > R + C (C = pipe capacity): libxc cannot have finished writing it, so
-//! the guest, resumed only after that write returns, was still suspended at the cut.
+//! # The pipe proof (DESIGN.md, "Next: proof from Xen")
 //!
-//! Several vifs (`netbuf::VifGroup`): the cut is one `close_epoch` on the group, which
-//! closes every vif's epoch in turn. R is noted before the first vif is cut, and nothing
-//! is read from the pipe until the last vif's cut has returned (the read loop awaits the
-//! cut), so at every instant of the cutting xl had written at most R + C bytes. P > R + C
-//! therefore proves the *last* cut, and with it every earlier one, came while the guest
-//! was suspended: one proof covers all the vifs, and a failed proof merges the epoch on
-//! all of them (the group's epoch is one number).
+//! The guest is resumed only after libxc's write of checkpoint N's CHECKPOINT record has
+//! returned. In this order, for every checkpoint N:
+//!
+//! 1. the parser reports the first post-suspend byte of N in the chunk just read; R is
+//!    the number of bytes read from the pipe so far (that chunk included);
+//! 2. the epoch is cut on every port ([`Action::CutEpoch`]: today the output buffer; disk
+//!    epochs join the same action), and the driver waits until the cut has taken effect;
+//!    nothing is read from the pipe meanwhile;
+//! 3. only then the pipe's fill F is read (FIONREAD, [`PipeGauge::fill`]). Whatever xl
+//!    had written when the cut took effect is at most what it has written now, R + F;
+//! 4. when libxc's CHECKPOINT record of N is seen ending at P: if P > R + F, libxc had
+//!    not finished writing it at the cut, so the guest was still suspended and the cut is
+//!    proven. Otherwise epoch N is merged into the next proven one
+//!    ([`Action::Merged`]), and the backup is told that N must not be a failover point
+//!    (`Replicator::forward`'s `merged`: at the CHECKPOINT record's end in the stream,
+//!    before any byte of N's end).
+//!
+//! The proof holds for any pipe size (it replaced P > R + C with C the capacity of a
+//! pipe shrunk to one page, which made xl write 4 KiB at a time). The fill is read after
+//! the cut, never before: a fill read early would miss what xl wrote while the cut was
+//! being made. A failed FIONREAD proves nothing (merge).
+//!
+//! # Sizing xl's pipe
+//!
+//! The proof fails only if libxc wrote the rest of the checkpoint, CHECKPOINT record
+//! included, into the pipe before the cut took effect. With a big pipe that happens
+//! whenever a checkpoint (or checkpoint 1's tail after its first post-suspend record) is
+//! smaller than the pipe and libxc gets ahead of the relay. So the pipe is kept
+//! [`PipeSizes::narrow`] (one page) while the relay has caught up with xl (the pipe is
+//! empty after a read) and waits for a suspend (between checkpoints the stream is idle),
+//! and made [`PipeSizes::wide`] at every cut and whenever the relay falls behind while
+//! narrow (a bulk transfer: the pipe still holds bytes after many reads in a row).
+//! Narrowing fails (EBUSY) when the pipe holds more than a page: then it stays wide,
+//! which only costs proofs, never safety.
+//!
+//! Several vifs: the cut is one `close_epoch` on the group, which closes every vif's
+//! epoch in turn, and F is read after the last one; the proof covers them all.
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Instant;
 
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::watch;
 use tracing::{Span, debug, error, info, info_span, warn};
 
 use super::CheckpointError;
 use super::machine::{Action, Input, Machine, RunEnd, State};
-use super::ports::{BackupEvent, LossKind, LossReason, NetBuffer, Replicator};
+use super::ports::{Acked, BackupEvent, LossKind, LossReason, NetBuffer, Replicator};
 use crate::metrics::Metrics;
 use crate::stream::{Event, Parser};
 
-/// The cut of the checkpoint in progress: where the pipe was when it was asked for.
+/// xl's pipe as the proof reads it and the driver sizes it. Implemented on the pipe's fd
+/// by `relay::send`, and by fakes in tests.
+pub trait PipeGauge: Send {
+    /// Bytes written into the pipe and not read yet (FIONREAD).
+    fn fill(&mut self) -> std::io::Result<u64>;
+    /// Asks for a capacity of `bytes`; returns the capacity now in force. Refused (EBUSY)
+    /// when the pipe holds more than the new size would.
+    fn resize(&mut self, bytes: u64) -> std::io::Result<u64>;
+}
+
+/// The two sizes of xl's pipe (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PipeSizes {
+    /// While the relay has caught up and waits for a suspend.
+    pub narrow: u64,
+    /// During bulk transfers and from each cut until the checkpoint's end.
+    pub wide: u64,
+    /// Reads in a row that leave bytes in the narrow pipe after which it is widened.
+    pub widen_after_reads_behind: u32,
+}
+
+impl Default for PipeSizes {
+    fn default() -> Self {
+        PipeSizes {
+            narrow: 4096,
+            wide: 1 << 20,
+            widen_after_reads_behind: 64,
+        }
+    }
+}
+
+/// How many bytes a read of xl's pipe asks for.
+const READ_BYTES: usize = 256 * 1024;
+
+/// One read of xl's pipe into `buf` (room for [`READ_BYTES`] made first). Cancel-safe:
+/// nothing is read unless it is returned.
+async fn read_some<R: AsyncRead + Unpin>(
+    input: &mut R,
+    buf: &mut BytesMut,
+) -> std::io::Result<usize> {
+    buf.reserve(READ_BYTES);
+    input.read_buf(buf).await
+}
+
+/// The cut of the checkpoint in progress: where the pipe was when it was asked for, and
+/// its fill once the cut had taken effect.
 #[derive(Clone, Copy, Debug)]
 struct PendingCut {
     checkpoint: u64,
     read_at: u64,
+    fill: Option<u64>,
+}
+
+/// When the driver saw the moments of one checkpoint.
+#[derive(Clone, Copy, Debug)]
+struct Clock {
+    /// The chunk with the first post-suspend byte was read.
+    suspended: Instant,
 }
 
 /// Drives the checkpoint machine from xl's stream (see the module docs).
-pub struct RelayDriver<B: NetBuffer> {
+pub struct RelayDriver<B: NetBuffer, G: PipeGauge> {
     pub(super) buffer: B,
-    pipe_capacity: u64,
+    pub(super) pipe: G,
+    sizes: PipeSizes,
+    /// The pipe's capacity as last set (or as found).
+    capacity: u64,
+    reads_behind: u32,
     pub(super) metrics: Arc<Metrics>,
     machine: Machine,
     cut: Option<PendingCut>,
+    /// Checkpoints merged since the last forward: the backup is told before their end.
+    merged_out: Vec<u64>,
     /// One span per checkpoint: its cut, proof and commit are logged inside it.
     spans: BTreeMap<u64, Span>,
+    clocks: BTreeMap<u64, Clock>,
     last_acked: u64,
     committed_epoch: u64,
     merges: u64,
@@ -57,16 +145,21 @@ pub struct RelayDriver<B: NetBuffer> {
     end_request: Option<watch::Receiver<bool>>,
 }
 
-impl<B: NetBuffer> RelayDriver<B> {
-    /// `pipe_capacity` is C, the capacity of xl's pipe as read back after shrinking it.
-    pub fn new(buffer: B, pipe_capacity: u64, metrics: Arc<Metrics>) -> Self {
+impl<B: NetBuffer, G: PipeGauge> RelayDriver<B, G> {
+    /// `pipe` is xl's pipe, `capacity` its capacity now (narrow: xl has not written yet).
+    pub fn new(buffer: B, pipe: G, capacity: u64, sizes: PipeSizes, metrics: Arc<Metrics>) -> Self {
         RelayDriver {
             buffer,
-            pipe_capacity,
+            pipe,
+            sizes,
+            capacity,
+            reads_behind: 0,
             metrics,
             machine: Machine::new(),
             cut: None,
+            merged_out: Vec::new(),
             spans: BTreeMap::new(),
+            clocks: BTreeMap::new(),
             last_acked: 0,
             committed_epoch: 0,
             merges: 0,
@@ -102,6 +195,16 @@ impl<B: NetBuffer> RelayDriver<B> {
         self.committed_epoch
     }
 
+    /// The pipe's capacity as the driver last set it.
+    pub fn pipe_capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Merged checkpoints the backup has not been told of yet (taken).
+    pub(super) fn take_merged(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.merged_out)
+    }
+
     /// Feeds one input to the machine and carries out what it asks, feeding back the
     /// results (the epoch of a cut, what opening the buffer let out).
     pub async fn apply(&mut self, input: Input) -> Result<(), CheckpointError> {
@@ -122,6 +225,8 @@ impl<B: NetBuffer> RelayDriver<B> {
         match a {
             Action::CutEpoch { checkpoint } => {
                 let epoch = self.buffer.close_epoch().await?;
+                // The cut has taken effect: only now may the fill be read (step 3).
+                self.note_fill(checkpoint);
                 let span = info_span!("checkpoint", n = checkpoint, epoch);
                 span.in_scope(|| debug!("epoch cut at the first post-suspend byte"));
                 self.spans.insert(checkpoint, span);
@@ -129,18 +234,21 @@ impl<B: NetBuffer> RelayDriver<B> {
             }
             Action::Merged { checkpoint, epoch } => {
                 self.merges += 1;
+                self.merged_out.push(checkpoint);
                 self.metrics.epoch_merges_total.inc();
                 self.in_span(checkpoint, || {
                     info!(
                         checkpoint,
                         epoch,
-                        "cannot prove the epoch cut was before the guest resumed: epoch merged into the next"
+                        "cannot prove the epoch cut was before the guest resumed: epoch merged into the next, and the checkpoint is no failover point"
                     )
                 });
                 Ok(None)
             }
             Action::Commit { acked, epoch } => {
+                let t = Instant::now();
                 let r = self.buffer.commit(epoch).await?;
+                self.metrics.checkpoint.release.observe(t.elapsed());
                 self.committed_epoch = epoch;
                 self.metrics.committed_epoch.set(epoch);
                 self.in_span(acked, || {
@@ -157,6 +265,7 @@ impl<B: NetBuffer> RelayDriver<B> {
             }
             Action::FailOpen => {
                 self.spans.clear();
+                self.clocks.clear();
                 let r = self.buffer.fail_open().await?;
                 warn!(
                     released_frames = r.frames,
@@ -165,6 +274,55 @@ impl<B: NetBuffer> RelayDriver<B> {
                 );
                 Ok(Some(Input::FailedOpen(r)))
             }
+        }
+    }
+
+    /// Step 3 of the proof: F, read after the cut took effect. Then the pipe may be wide
+    /// for the rest of the checkpoint.
+    fn note_fill(&mut self, checkpoint: u64) {
+        let fill = match self.pipe.fill() {
+            Ok(f) => Some(f),
+            Err(e) => {
+                warn!(checkpoint, error = %e, "cannot read the fill of xl's pipe: the cut cannot be proven");
+                None
+            }
+        };
+        if let Some(c) = self.cut.as_mut().filter(|c| c.checkpoint == checkpoint) {
+            c.fill = fill;
+        }
+        self.resize(self.sizes.wide);
+    }
+
+    fn resize(&mut self, bytes: u64) {
+        if self.capacity == bytes {
+            return;
+        }
+        match self.pipe.resize(bytes) {
+            Ok(c) => {
+                self.capacity = c;
+                self.reads_behind = 0;
+            }
+            // Busy (more in the pipe than the new size): keep the size; only speed or
+            // the odds of a proof depend on it.
+            Err(e) => debug!(bytes, error = %e, "xl's pipe keeps its size"),
+        }
+    }
+
+    /// After a read: narrow the pipe when the relay has caught up (it is empty) while
+    /// waiting for a suspend, widen it when it stays behind (see the module docs).
+    pub(super) fn size_pipe(&mut self) {
+        if self.cut.is_some() {
+            return;
+        }
+        match self.pipe.fill() {
+            Ok(0) => self.resize(self.sizes.narrow),
+            Ok(_) if self.capacity < self.sizes.wide => {
+                self.reads_behind += 1;
+                if self.reads_behind >= self.sizes.widen_after_reads_behind {
+                    self.resize(self.sizes.wide);
+                }
+            }
+            _ => {}
         }
     }
 
@@ -186,10 +344,20 @@ impl<B: NetBuffer> RelayDriver<B> {
                 self.cut = Some(PendingCut {
                     checkpoint,
                     read_at: read_total,
+                    fill: None,
                 });
+                self.clocks.insert(
+                    checkpoint,
+                    Clock {
+                        suspended: Instant::now(),
+                    },
+                );
                 self.apply(Input::Suspended { checkpoint }).await
             }
             Event::LibxcCheckpoint { checkpoint, end } => {
+                if let Some(c) = self.clocks.get(&checkpoint) {
+                    self.metrics.checkpoint.pause.observe(c.suspended.elapsed());
+                }
                 let in_time = self.prove(checkpoint, end);
                 self.apply(Input::Proof {
                     checkpoint,
@@ -206,35 +374,53 @@ impl<B: NetBuffer> RelayDriver<B> {
         }
     }
 
-    /// The pipe proof: P > R + C. A CHECKPOINT record without its cut proves nothing (the
-    /// machine refuses it as out of order).
+    /// The pipe proof: P > R + F. A CHECKPOINT record without its cut, or a cut whose
+    /// fill is unknown, proves nothing (the machine refuses the former as out of order).
     fn prove(&mut self, checkpoint: u64, end: u64) -> bool {
         let Some(cut) = self.cut.take().filter(|c| c.checkpoint == checkpoint) else {
             return false;
         };
-        let bound = cut.read_at.saturating_add(self.pipe_capacity);
+        let Some(fill) = cut.fill else {
+            return false;
+        };
+        let bound = cut.read_at.saturating_add(fill);
         let in_time = end > bound;
         self.in_span(checkpoint, || {
-            debug!(
-                end,
-                read_at = cut.read_at,
-                pipe = self.pipe_capacity,
-                in_time,
-                "pipe proof"
-            )
+            debug!(end, read_at = cut.read_at, fill, in_time, "pipe proof")
         });
         in_time
     }
 
+    /// An ACK: the phases of its checkpoint, then the machine.
+    async fn on_ack(&mut self, a: Acked) -> Result<(), CheckpointError> {
+        let p = &self.metrics.checkpoint;
+        if let Some(d) = a.backup_write {
+            p.backup_write.observe(d);
+        }
+        if let Some(sent) = a.sent_at {
+            p.ack.observe(sent.elapsed());
+            if let Some(c) = self.clocks.get(&a.checkpoint) {
+                p.transfer
+                    .observe(sent.saturating_duration_since(c.suspended));
+            }
+        }
+        self.clocks = self.clocks.split_off(&a.checkpoint.saturating_add(1));
+        self.apply(Input::Ack {
+            checkpoint: a.checkpoint,
+        })
+        .await
+    }
+
     /// The read loop: stdin → parser → epoch cuts → backup, raced against what the
-    /// backup says. `input` should be xl's pipe, already shrunk to `pipe_capacity`.
+    /// backup says. `input` is xl's pipe (the one `PipeGauge` measures).
     pub async fn run<R, P>(&mut self, mut input: R, rep: &mut P) -> Result<RunEnd, CheckpointError>
     where
         R: AsyncRead + Unpin + Send,
         P: Replicator,
     {
         let mut parser = Parser::new();
-        let mut buf = vec![0u8; 64 * 1024];
+        // Each read's bytes are split off this buffer and handed on, not copied.
+        let mut buf = BytesMut::with_capacity(READ_BYTES);
         let mut events = Vec::new();
         let mut read_total: u64 = 0;
         let mut finished = false;
@@ -245,11 +431,11 @@ impl<B: NetBuffer> RelayDriver<B> {
                 // the stream is read (sooner release; deterministic order at the end).
                 biased;
                 ev = rep.next_event() => match ev {
-                    BackupEvent::Ack(n) => self.apply(Input::Ack { checkpoint: n }).await?,
+                    BackupEvent::Ack(a) => self.on_ack(a).await?,
                     BackupEvent::Lost(reason) => return self.lost(reason).await,
                 },
                 () = requested(&mut end_request) => return self.end_protection(rep).await,
-                r = input.read(&mut buf) => {
+                r = read_some(&mut input, &mut buf) => {
                     let n = match r {
                         Ok(n) => n,
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -260,15 +446,19 @@ impl<B: NetBuffer> RelayDriver<B> {
                     }
                     read_total += n as u64;
                     events.clear();
-                    parser.feed(&buf[..n], &mut events)?;
+                    let chunk = buf.split();
+                    parser.feed(&chunk, &mut events)?;
                     for ev in &events {
                         finished |= matches!(ev, Event::End { .. });
                         self.on_stream_event(ev, read_total).await?;
                     }
                     self.metrics.stream_bytes_total.inc_by(n as u64);
-                    if let Err(e) = rep.forward(&buf[..n], &events).await {
+                    // A merge is decided at its CHECKPOINT record, which is in this chunk.
+                    let merged = self.take_merged();
+                    if let Err(e) = rep.forward(chunk, &events, &merged).await {
                         return self.lost(e.loss()).await;
                     }
+                    self.size_pipe();
                 }
             }
         }
@@ -286,7 +476,7 @@ impl<B: NetBuffer> RelayDriver<B> {
             // The backup holds these whole: their output may go.
             Ok(acks) => {
                 for a in acks {
-                    self.apply(Input::Ack { checkpoint: a }).await?;
+                    self.on_ack(a).await?;
                 }
             }
             Err(e) => warn!(reason = %e, "the backup did not confirm the orderly close"),

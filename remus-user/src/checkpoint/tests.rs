@@ -1,36 +1,51 @@
-//! The relay-mode driver with fakes: the pipe proof, commits in order, merges, ACKs that
-//! come late or bogus, loss, and whole runs over generated streams.
+//! The relay-mode driver with fakes: the pipe proof (the fill read after the cut), sizing
+//! xl's pipe, commits in order, merges told to the backup, ACKs that come late or bogus,
+//! loss, phase timings, and whole runs over generated streams.
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use bytes::BytesMut;
 
 use super::*;
 use crate::metrics::Metrics;
 use crate::stream::Event;
 
-/// What the fake buffer was asked to do.
+/// What the fake buffer and the fake pipe were asked to do, in one order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Call {
     Cut(u64),
     Commit(u64),
     FailOpen,
+    /// The pipe's fill was read.
+    Fill,
+    /// The pipe was resized to this many bytes.
+    Resize(u64),
 }
+
+type Log = Arc<Mutex<Vec<Call>>>;
 
 /// A fake output buffer recording every call (state-machine tests only).
 #[derive(Default)]
 struct FakeBuffer {
     current: u64,
     calls: Vec<Call>,
+    log: Log,
     committed: u64,
     open: bool,
     fail_cut: bool,
 }
 
 impl FakeBuffer {
-    fn new() -> Self {
+    fn with_log(log: Log) -> Self {
         FakeBuffer {
             current: 1,
+            log,
             ..Default::default()
         }
+    }
+    fn call(&mut self, c: Call) {
+        self.log.lock().unwrap().push(c.clone());
+        self.calls.push(c);
     }
     fn commits(&self) -> Vec<u64> {
         self.calls
@@ -53,7 +68,7 @@ impl NetBuffer for FakeBuffer {
         }
         let e = self.current;
         self.current += 1;
-        self.calls.push(Call::Cut(e));
+        self.call(Call::Cut(e));
         Ok(e)
     }
     async fn commit(&mut self, epoch: u64) -> Result<Released, NetBufferError> {
@@ -69,7 +84,7 @@ impl NetBuffer for FakeBuffer {
             self.committed
         );
         self.committed = epoch;
-        self.calls.push(Call::Commit(epoch));
+        self.call(Call::Commit(epoch));
         Ok(Released {
             epoch,
             frames: 1,
@@ -78,7 +93,7 @@ impl NetBuffer for FakeBuffer {
     }
     async fn fail_open(&mut self) -> Result<Released, NetBufferError> {
         self.open = true;
-        self.calls.push(Call::FailOpen);
+        self.call(Call::FailOpen);
         Ok(Released {
             epoch: self.current,
             frames: 3,
@@ -87,18 +102,77 @@ impl NetBuffer for FakeBuffer {
     }
 }
 
-const C: u64 = 4096;
+/// A fake of xl's pipe (tests only): its fill is `before_cut` until the buffer's log
+/// shows a cut after the last fill read, then `after_cut`; resizes are granted unless
+/// `busy`.
+#[derive(Default)]
+struct FakePipe {
+    log: Log,
+    before_cut: u64,
+    after_cut: u64,
+    busy: bool,
+    fail: bool,
+}
 
-fn driver() -> RelayDriver<FakeBuffer> {
-    RelayDriver::new(FakeBuffer::new(), C, Arc::new(Metrics::new("test")))
+impl PipeGauge for FakePipe {
+    fn fill(&mut self) -> std::io::Result<u64> {
+        if self.fail {
+            return Err(std::io::Error::from_raw_os_error(libc::EBADF));
+        }
+        let mut log = self.log.lock().unwrap();
+        let last_fill = log.iter().rposition(|c| *c == Call::Fill);
+        let cut_since = log
+            .iter()
+            .enumerate()
+            .any(|(i, c)| matches!(c, Call::Cut(_)) && last_fill.is_none_or(|f| i > f));
+        log.push(Call::Fill);
+        Ok(if cut_since {
+            self.after_cut
+        } else {
+            self.before_cut
+        })
+    }
+    fn resize(&mut self, bytes: u64) -> std::io::Result<u64> {
+        if self.busy {
+            return Err(std::io::Error::from_raw_os_error(libc::EBUSY));
+        }
+        self.log.lock().unwrap().push(Call::Resize(bytes));
+        Ok(bytes)
+    }
+}
+
+/// F: what the fake pipe holds after each cut.
+const F: u64 = 4096;
+
+type Driver = RelayDriver<FakeBuffer, FakePipe>;
+
+fn driver_with(before_cut: u64, after_cut: u64) -> Driver {
+    let log = Log::default();
+    let pipe = FakePipe {
+        log: log.clone(),
+        before_cut,
+        after_cut,
+        ..Default::default()
+    };
+    RelayDriver::new(
+        FakeBuffer::with_log(log),
+        pipe,
+        4096,
+        PipeSizes::default(),
+        Arc::new(Metrics::new("test")),
+    )
+}
+
+fn driver() -> Driver {
+    driver_with(F, F)
+}
+
+fn log_of(d: &Driver) -> Vec<Call> {
+    d.buffer().log.lock().unwrap().clone()
 }
 
 /// Stream events as the parser reports them, and the pipe position at each.
-async fn suspend(
-    d: &mut RelayDriver<FakeBuffer>,
-    n: u64,
-    read: u64,
-) -> Result<(), CheckpointError> {
+async fn suspend(d: &mut Driver, n: u64, read: u64) -> Result<(), CheckpointError> {
     let ev = Event::PostSuspendStart {
         checkpoint: n,
         pos: read,
@@ -106,16 +180,12 @@ async fn suspend(
     d.on_stream_event(&ev, read).await
 }
 
-async fn libxc_checkpoint(
-    d: &mut RelayDriver<FakeBuffer>,
-    n: u64,
-    end: u64,
-) -> Result<(), CheckpointError> {
+async fn libxc_checkpoint(d: &mut Driver, n: u64, end: u64) -> Result<(), CheckpointError> {
     let ev = Event::LibxcCheckpoint { checkpoint: n, end };
     d.on_stream_event(&ev, end).await
 }
 
-async fn complete(d: &mut RelayDriver<FakeBuffer>, n: u64) {
+async fn complete(d: &mut Driver, n: u64) {
     let ev = Event::CheckpointComplete {
         checkpoint: n,
         end: 0,
@@ -123,7 +193,7 @@ async fn complete(d: &mut RelayDriver<FakeBuffer>, n: u64) {
     d.on_stream_event(&ev, 0).await.unwrap();
 }
 
-async fn ack(d: &mut RelayDriver<FakeBuffer>, n: u64) -> Result<(), CheckpointError> {
+async fn ack(d: &mut Driver, n: u64) -> Result<(), CheckpointError> {
     d.apply(Input::Ack { checkpoint: n }).await
 }
 
@@ -131,7 +201,7 @@ async fn ack(d: &mut RelayDriver<FakeBuffer>, n: u64) -> Result<(), CheckpointEr
 async fn proven_checkpoints_commit_on_their_ack_in_order() {
     let mut d = driver();
     suspend(&mut d, 1, 10_000).await.unwrap();
-    libxc_checkpoint(&mut d, 1, 10_000 + C + 1).await.unwrap();
+    libxc_checkpoint(&mut d, 1, 10_000 + F + 1).await.unwrap();
     complete(&mut d, 1).await;
     suspend(&mut d, 2, 20_000).await.unwrap();
     libxc_checkpoint(&mut d, 2, 90_000).await.unwrap();
@@ -148,15 +218,102 @@ async fn proven_checkpoints_commit_on_their_ack_in_order() {
 
 #[tokio::test]
 async fn the_pipe_bound_is_strict() {
-    // P == R + C: libxc may have written all of it into the pipe already.
+    // P == R + F: libxc may have written all of it into the pipe already.
     let mut d = driver();
     suspend(&mut d, 1, 500).await.unwrap();
-    libxc_checkpoint(&mut d, 1, 500 + C).await.unwrap();
+    libxc_checkpoint(&mut d, 1, 500 + F).await.unwrap();
     assert_eq!(d.merges(), 1);
+    assert_eq!(d.take_merged(), [1], "the backup must hear of the merge");
     assert_eq!(d.metrics.epoch_merges_total.get(), 1);
     complete(&mut d, 1).await;
     ack(&mut d, 1).await.unwrap();
     assert!(d.buffer().commits().is_empty());
+}
+
+#[tokio::test]
+async fn the_fill_is_read_after_the_cut_took_effect() {
+    // Before the cut the pipe looks empty; once the cut is made, xl has filled it. A
+    // driver that read the fill first would prove this cut; the right order merges it.
+    let mut d = driver_with(0, 1 << 20);
+    suspend(&mut d, 1, 10_000).await.unwrap();
+    libxc_checkpoint(&mut d, 1, 10_000 + 64 * 1024)
+        .await
+        .unwrap();
+    assert_eq!(d.merges(), 1);
+    let log = log_of(&d);
+    let cut = log.iter().position(|c| *c == Call::Cut(1)).unwrap();
+    let fill = log.iter().position(|c| *c == Call::Fill).unwrap();
+    assert!(cut < fill, "the fill must be read after the cut: {log:?}");
+    // The twin: a full pipe before the cut and an empty one after it proves the cut.
+    let mut d = driver_with(1 << 20, 0);
+    suspend(&mut d, 1, 10_000).await.unwrap();
+    libxc_checkpoint(&mut d, 1, 10_001).await.unwrap();
+    assert_eq!(d.merges(), 0);
+}
+
+#[tokio::test]
+async fn the_bound_is_what_was_read_plus_the_fill() {
+    for (fill, end, merged) in [(0, 5001, 0), (0, 5000, 1), (700, 5701, 0), (700, 5700, 1)] {
+        let mut d = driver_with(fill, fill);
+        suspend(&mut d, 1, 5000).await.unwrap();
+        libxc_checkpoint(&mut d, 1, end).await.unwrap();
+        assert_eq!(d.merges(), merged, "fill {fill}, end {end}");
+    }
+}
+
+#[tokio::test]
+async fn a_fill_that_cannot_be_read_proves_nothing() {
+    let mut d = driver_with(0, 0);
+    d.pipe.fail = true;
+    suspend(&mut d, 1, 10).await.unwrap();
+    libxc_checkpoint(&mut d, 1, 1 << 30).await.unwrap();
+    assert_eq!(d.merges(), 1);
+}
+
+#[tokio::test]
+async fn the_pipe_is_wide_from_a_cut_and_narrow_while_the_relay_waits_for_a_suspend() {
+    let sizes = PipeSizes::default();
+    let mut d = driver();
+    let resizes = |d: &Driver| {
+        log_of(d)
+            .into_iter()
+            .filter_map(|c| match c {
+                Call::Resize(b) => Some(b),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    let fill = |d: &mut Driver, f: u64| {
+        d.pipe.before_cut = f;
+        d.pipe.after_cut = f;
+    };
+    // Narrow (4096) at start. A cut widens it, whatever the pipe holds until the proof.
+    suspend(&mut d, 1, 100).await.unwrap();
+    assert_eq!(resizes(&d), [sizes.wide]);
+    fill(&mut d, 0);
+    d.size_pipe();
+    assert_eq!(
+        d.pipe_capacity(),
+        sizes.wide,
+        "no narrowing between cut and proof"
+    );
+    libxc_checkpoint(&mut d, 1, 1 << 20).await.unwrap();
+    complete(&mut d, 1).await;
+    // Caught up (the pipe is empty after a read): narrow for the next suspend.
+    d.size_pipe();
+    assert_eq!(d.pipe_capacity(), sizes.narrow);
+    // Behind while narrow (bytes left after many reads in a row): wide again.
+    fill(&mut d, 4096);
+    for _ in 0..sizes.widen_after_reads_behind {
+        d.size_pipe();
+    }
+    assert_eq!(d.pipe_capacity(), sizes.wide);
+    assert_eq!(resizes(&d), [sizes.wide, sizes.narrow, sizes.wide]);
+    // A pipe that cannot be narrowed (it holds more than a page) keeps its size.
+    d.pipe.busy = true;
+    fill(&mut d, 0);
+    d.size_pipe();
+    assert_eq!(d.pipe_capacity(), sizes.wide);
 }
 
 #[tokio::test]
@@ -185,7 +342,7 @@ async fn a_later_ack_covers_earlier_checkpoints_and_stale_acks_release_nothing()
     let mut d = driver();
     for n in 1..=3u64 {
         suspend(&mut d, n, n * 100_000).await.unwrap();
-        libxc_checkpoint(&mut d, n, n * 100_000 + 2 * C)
+        libxc_checkpoint(&mut d, n, n * 100_000 + 2 * F)
             .await
             .unwrap();
         complete(&mut d, n).await;
@@ -327,8 +484,13 @@ impl FakeReplicator {
 }
 
 impl Replicator for FakeReplicator {
-    async fn forward(&mut self, bytes: &[u8], _events: &[Event]) -> Result<(), ReplicatorError> {
-        self.sent.extend_from_slice(bytes);
+    async fn forward(
+        &mut self,
+        bytes: BytesMut,
+        _events: &[Event],
+        _merged: &[u64],
+    ) -> Result<(), ReplicatorError> {
+        self.sent.extend_from_slice(&bytes);
         Ok(())
     }
     async fn next_event(&mut self) -> BackupEvent {
@@ -341,7 +503,7 @@ impl Replicator for FakeReplicator {
         &mut self,
         checkpoints: u64,
         finished: bool,
-    ) -> Result<Vec<u64>, ReplicatorError> {
+    ) -> Result<Vec<Acked>, ReplicatorError> {
         self.finished = Some((checkpoints, finished));
         Ok(Vec::new())
     }
@@ -353,31 +515,67 @@ impl Replicator for FakeReplicator {
 }
 
 /// A fake backup that acknowledges every checkpoint as soon as its last byte was
-/// forwarded (state-machine tests only).
+/// forwarded, as the backup's cutter would: a checkpoint it was told is merged is not
+/// acknowledged (state-machine tests only).
 #[derive(Default)]
 struct FakeAckingReplicator {
     sent: Vec<u8>,
     acks: VecDeque<u64>,
+    merged: Vec<u64>,
+    /// Merge notices, each with its place in the stream (the CHECKPOINT record's end).
+    notices: Vec<(u64, usize)>,
 }
 
 impl Replicator for FakeAckingReplicator {
-    async fn forward(&mut self, bytes: &[u8], events: &[Event]) -> Result<(), ReplicatorError> {
-        self.sent.extend_from_slice(bytes);
+    async fn forward(
+        &mut self,
+        bytes: BytesMut,
+        events: &[Event],
+        merged: &[u64],
+    ) -> Result<(), ReplicatorError> {
+        let base = self.sent.len() as u64;
+        self.sent.extend_from_slice(&bytes);
         for e in events {
-            if let Event::CheckpointComplete { checkpoint, .. } = e {
-                self.acks.push_back(*checkpoint);
+            match *e {
+                // The notice's place in the stream: its CHECKPOINT record's end.
+                Event::LibxcCheckpoint { checkpoint, end } if merged.contains(&checkpoint) => {
+                    assert!(
+                        end > base,
+                        "MERGED({checkpoint}) for a record before this chunk"
+                    );
+                    self.merged.push(checkpoint);
+                    self.notices.push((checkpoint, end as usize));
+                }
+                Event::CheckpointComplete { checkpoint, .. }
+                    if !self.merged.contains(&checkpoint) =>
+                {
+                    self.acks.push_back(checkpoint);
+                }
+                _ => {}
             }
         }
+        assert_eq!(
+            self.notices
+                .iter()
+                .filter(|(c, _)| merged.contains(c))
+                .count(),
+            merged.len(),
+            "every merge is told with its CHECKPOINT record's chunk"
+        );
         Ok(())
     }
     async fn next_event(&mut self) -> BackupEvent {
         match self.acks.pop_front() {
-            Some(n) => BackupEvent::Ack(n),
+            Some(n) => BackupEvent::Ack(Acked {
+                checkpoint: n,
+                sent_at: Some(std::time::Instant::now()),
+                backup_write: Some(std::time::Duration::from_micros(250)),
+            }),
             None => std::future::pending().await,
         }
     }
-    async fn finish(&mut self, _: u64, _: bool) -> Result<Vec<u64>, ReplicatorError> {
-        Ok(self.acks.drain(..).collect())
+    async fn finish(&mut self, _: u64, _: bool) -> Result<Vec<Acked>, ReplicatorError> {
+        Ok(self.acks.drain(..).map(Acked::bare).collect())
     }
     async fn discard(&mut self) -> Result<DiscardedCopy, ReplicatorError> {
         // ACKs not yet taken are dropped: the backup killed its receiver.
@@ -389,17 +587,15 @@ impl Replicator for FakeAckingReplicator {
     }
 }
 
-/// Feeds `stream` through a one-page "pipe" (reads of at most 4096 bytes).
-async fn run_stream(
-    stream: Vec<u8>,
-    capacity: u64,
-) -> (RelayDriver<FakeBuffer>, FakeAckingReplicator, RunEnd) {
+/// Feeds `stream` through a one-page "pipe" (reads of at most 4096 bytes) whose fill
+/// after every cut is `fill`.
+async fn run_stream(stream: Vec<u8>, fill: u64) -> (Driver, FakeAckingReplicator, RunEnd) {
     let (mut w, r) = tokio::io::duplex(4096);
     let writer = tokio::spawn(async move {
         use tokio::io::AsyncWriteExt;
         w.write_all(&stream).await.unwrap();
     });
-    let mut d = RelayDriver::new(FakeBuffer::new(), capacity, Arc::new(Metrics::new("test")));
+    let mut d = driver_with(fill, fill);
     let mut rep = FakeAckingReplicator::default();
     let out = d.run(r, &mut rep).await.unwrap();
     writer.await.unwrap();
@@ -409,7 +605,7 @@ async fn run_stream(
 #[tokio::test]
 async fn run_on_a_stream_cuts_proves_and_commits_each_checkpoint() {
     let w = crate::stream::writer::write(&crate::stream::writer::WriterConfig::pv(4));
-    let (d, rep, out) = run_stream(w.bytes.clone(), C).await;
+    let (d, rep, out) = run_stream(w.bytes.clone(), F).await;
     assert_eq!(
         out,
         RunEnd::Closed {
@@ -428,6 +624,36 @@ async fn run_on_a_stream_cuts_proves_and_commits_each_checkpoint() {
     assert_eq!(d.committed_epoch(), 4);
     assert_eq!(d.metrics.checkpoints_total.get(), 4);
     assert_eq!(d.metrics.committed_epoch.get(), 4);
+    // Every phase was timed: a pause per checkpoint, the rest per ACK and commit.
+    let p = &d.metrics.checkpoint;
+    assert_eq!(p.pause.histogram.count(), 4);
+    assert_eq!(p.transfer.histogram.count(), 4);
+    assert_eq!(p.ack.histogram.count(), 4);
+    assert_eq!(p.backup_write.histogram.count(), 4);
+    assert_eq!(p.release.histogram.count(), 4);
+    assert_eq!(p.backup_write.recent.quantiles().unwrap().p50, 250);
+}
+
+#[tokio::test]
+async fn merges_are_told_to_the_backup_before_their_checkpoints_end() {
+    let w = crate::stream::writer::write(&crate::stream::writer::WriterConfig::pv(3));
+    let ends: Vec<(u64, u64)> = w
+        .events
+        .iter()
+        .filter_map(|e| match *e {
+            Event::CheckpointComplete { checkpoint, end } => Some((checkpoint, end)),
+            _ => None,
+        })
+        .collect();
+    let (_, rep, _) = run_stream(w.bytes, 1 << 40).await;
+    assert_eq!(rep.notices.len(), 3);
+    for (n, forwarded) in rep.notices {
+        let (_, end) = ends[n as usize - 1];
+        assert!(
+            (forwarded as u64) < end,
+            "MERGED({n}) after {forwarded} bytes, but checkpoint {n} ends at {end}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -435,9 +661,11 @@ async fn run_with_an_unprovable_pipe_merges_and_never_commits() {
     // A pipe so large that libxc could always have finished: nothing is provable, so
     // nothing may ever be released on an ACK.
     let w = crate::stream::writer::write(&crate::stream::writer::WriterConfig::hvm(3));
-    let (d, _, _) = run_stream(w.bytes, 1 << 40).await;
+    let (d, rep, _) = run_stream(w.bytes, 1 << 40).await;
     assert_eq!(d.merges(), 3);
-    assert_eq!(d.last_acked(), 3);
+    // No checkpoint is a failover point: the backup acknowledged none of them.
+    assert_eq!(d.last_acked(), 0);
+    assert_eq!(rep.merged, [1, 2, 3]);
     assert_eq!(d.buffer().calls, [Call::Cut(1), Call::Cut(2), Call::Cut(3)]);
 }
 
@@ -448,7 +676,12 @@ struct FakeLateAckReplicator {
 }
 
 impl Replicator for FakeLateAckReplicator {
-    async fn forward(&mut self, _: &[u8], events: &[Event]) -> Result<(), ReplicatorError> {
+    async fn forward(
+        &mut self,
+        _: BytesMut,
+        events: &[Event],
+        _: &[u64],
+    ) -> Result<(), ReplicatorError> {
         for e in events {
             if let Event::CheckpointComplete { checkpoint, .. } = e {
                 self.completed.push(*checkpoint);
@@ -459,8 +692,11 @@ impl Replicator for FakeLateAckReplicator {
     async fn next_event(&mut self) -> BackupEvent {
         std::future::pending().await
     }
-    async fn finish(&mut self, _: u64, _: bool) -> Result<Vec<u64>, ReplicatorError> {
-        Ok(std::mem::take(&mut self.completed))
+    async fn finish(&mut self, _: u64, _: bool) -> Result<Vec<Acked>, ReplicatorError> {
+        Ok(std::mem::take(&mut self.completed)
+            .into_iter()
+            .map(Acked::bare)
+            .collect())
     }
     async fn discard(&mut self) -> Result<DiscardedCopy, ReplicatorError> {
         Err(ReplicatorError::NoDiscardAnswer(std::time::Duration::ZERO))
@@ -532,7 +768,7 @@ async fn run_on_empty_input_closes_in_order() {
 }
 
 /// A driver whose end of protection is asked for at once.
-fn driver_asked_to_end() -> (RelayDriver<FakeBuffer>, tokio::sync::watch::Sender<bool>) {
+fn driver_asked_to_end() -> (Driver, tokio::sync::watch::Sender<bool>) {
     let (tx, rx) = tokio::sync::watch::channel(true);
     (driver().end_on_request(rx), tx)
 }

@@ -71,7 +71,7 @@ pub fn head(buf: &mut [u8], kind: Kind, epoch: u64, offset: u64) {
 /// Seals a headed frame buffer in place (appends the tag): it is then ready to send.
 pub fn seal(sealer: &Sealer, buf: &mut Vec<u8>) -> Result<(), WireError> {
     sealer
-        .seal_in_place(replication::Kind::Data, buf, 0)
+        .seal_frame_at(replication::Kind::Data, buf, 0)
         .map_err(WireError::Channel)
 }
 

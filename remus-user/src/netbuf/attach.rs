@@ -50,10 +50,9 @@ fn load(opts: &AttachOptions, pins: &Pins, ifindex: u32) -> Result<(Loaded, u64)
         1
     };
     loaded.set_control(CTL_EPOCH, first_epoch)?;
-    let mode = if opts.passthrough {
-        MODE_PASSTHROUGH
-    } else {
-        MODE_HOLD
+    let mode = match opts.mode {
+        Mode::Hold => MODE_HOLD,
+        Mode::Passthrough | Mode::PassthroughUntilCheckpoint => MODE_PASSTHROUGH,
     };
     loaded.set_control(CTL_MODE, mode)?;
     loaded.set_control(CTL_VIF_IFINDEX, ifindex as u64)?;
@@ -159,11 +158,7 @@ pub async fn attach(opts: AttachOptions) -> Result<Running, NetError> {
         queues: EpochQueues::new(first_epoch, opts.limit_bytes),
         nl,
         kind,
-        mode: if opts.passthrough {
-            Mode::Passthrough
-        } else {
-            Mode::Hold
-        },
+        mode: opts.mode,
         ring_bytes: opts.ring_bytes,
         release_errors: 0,
         unreleasable: 0,

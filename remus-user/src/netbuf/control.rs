@@ -36,6 +36,9 @@ use crate::{
 pub enum Mode {
     Hold,
     Passthrough,
+    /// Frames pass until the first `checkpoint`, which switches to `Hold` at the instant
+    /// it closes epoch 1 (chosen at attach only; see `checkpoint::ports::BeforeFirstCut`).
+    PassthroughUntilCheckpoint,
 }
 
 impl Mode {
@@ -43,6 +46,7 @@ impl Mode {
         match self {
             Mode::Hold => "hold",
             Mode::Passthrough => "passthrough",
+            Mode::PassthroughUntilCheckpoint => "passthrough until the first checkpoint",
         }
     }
 }

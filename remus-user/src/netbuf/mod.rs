@@ -62,7 +62,9 @@ pub struct AttachOptions {
     pub limit_bytes: u64,
     /// Size of the kernel ring (power of two, multiple of the page size).
     pub ring_bytes: u32,
-    pub passthrough: bool,
+    /// `Hold` from attach on (default), `Passthrough`, or `PassthroughUntilCheckpoint`
+    /// (pass until the first checkpoint closes epoch 1, hold from then on).
+    pub mode: Mode,
     pub attach_mode: AttachMode,
     /// UNSAFE, for benchmarks and demos only: close and release epochs by itself, every
     /// this long (zero: after every drain of the ring), as if a backup acknowledged
@@ -76,7 +78,7 @@ impl AttachOptions {
             iface: iface.into(),
             limit_bytes: DEFAULT_LIMIT_BYTES,
             ring_bytes: DEFAULT_RING_BYTES,
-            passthrough: false,
+            mode: Mode::Hold,
             attach_mode: AttachMode::Auto,
             autocommit: None,
         }
@@ -95,6 +97,10 @@ pub enum NetError {
     Tap(#[from] TapError),
     #[error("{iface} is already attached (holder pid {pid}); `remus-net status {iface}` shows it")]
     AlreadyAttached { iface: String, pid: u32 },
+    #[error(
+        "{iface}: pass-through until the first checkpoint is chosen when attaching (`remus-net attach --pass-through-until-checkpoint`), not switched to"
+    )]
+    ModeOnlyAtAttach { iface: String },
     #[error("--ring-bytes {0} is not a power of two of at least 4096")]
     BadRingSize(u64),
     #[error("{iface} is not attached by remus-net (no {path})")]
@@ -151,6 +157,7 @@ impl HasExitCode for NetError {
             | NetError::NotAttached { .. }
             | NetError::BadRingSize(_)
             | NetError::BadLimit(_)
+            | NetError::ModeOnlyAtAttach { .. }
             | NetError::Holder(_) => ExitCode::Usage,
             NetError::Remote { code, .. } => *code,
             NetError::VifGone { .. } => ExitCode::PeerLost,

@@ -149,7 +149,7 @@ impl Holder {
     fn set_mode(&mut self, mode: Mode) -> Result<(), NetError> {
         let v = match mode {
             Mode::Hold => MODE_HOLD,
-            Mode::Passthrough => MODE_PASSTHROUGH,
+            Mode::Passthrough | Mode::PassthroughUntilCheckpoint => MODE_PASSTHROUGH,
         };
         self.loaded.set_control(CTL_MODE, v)?;
         self.mode = mode;
@@ -160,6 +160,11 @@ impl Holder {
         // Stamp the next epoch first: from here on every frame belongs to it.
         self.loaded
             .set_control(CTL_EPOCH, self.queues.current() + 1)?;
+        // Passing until the first checkpoint: hold from this cut on. The epoch was
+        // stamped first, so a frame the program holds is never stamped with epoch 1.
+        if self.mode == Mode::PassthroughUntilCheckpoint {
+            self.set_mode(Mode::Hold)?;
+        }
         Ok(self.queues.checkpoint())
     }
 
@@ -256,10 +261,12 @@ impl Holder {
             Request::Commit { epoch } => self.commit(epoch).map(Response::Released),
             Request::Status => self.status().map(|s| Response::Status(Box::new(s))),
             Request::SetMode { mode } => {
-                let r = if mode == Mode::Passthrough {
-                    self.fail_open().map(|_| ())
-                } else {
-                    self.set_mode(mode)
+                let r = match mode {
+                    Mode::Passthrough => self.fail_open().map(|_| ()),
+                    Mode::Hold => self.set_mode(mode),
+                    Mode::PassthroughUntilCheckpoint => Err(NetError::ModeOnlyAtAttach {
+                        iface: self.iface.clone(),
+                    }),
                 };
                 r.map(|()| Response::Ok)
             }

@@ -1,9 +1,11 @@
 //! Output commit, tested over the checkpoint machine with a fake buffer and a fake world
 //! that knows the truth: which epoch each frame was emitted in, which cuts were proven,
-//! which ACKs were legitimate. Random sequences of suspends, proofs (in time or not),
-//! completed checkpoints, ACKs (duplicate, stale and bogus ones included), losses and
-//! out-of-order inputs; after every step the releases are checked against the invariant.
-use std::collections::BTreeMap;
+//! which ACKs were legitimate, which checkpoints were merged (no failover points). Random
+//! sequences of suspends, proofs (in time or not), completed checkpoints, ACKs
+//! (duplicate, stale and bogus ones included), losses and out-of-order inputs, with the
+//! buffer holding from the start or passing until the first cut; after every step the
+//! releases are checked against the invariant and against every failover point.
+use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
 
@@ -44,6 +46,17 @@ struct FakeBuffer {
     held: Vec<(u64, u64)>,
     released: Vec<u64>,
     passing: bool,
+    /// Passing until the first cut (`BeforeFirstCut::PassThrough`).
+    until_first_cut: bool,
+}
+
+/// A frame that left the host: its epoch, and the checkpoint the backup held at least
+/// when it left (0: none yet), so only checkpoints from there on can be failed over to.
+#[derive(Clone, Copy, Debug)]
+struct Escaped {
+    id: u64,
+    epoch: u64,
+    base: u64,
 }
 
 /// The fake world around the machine: drives it, executes its actions on the fake
@@ -61,14 +74,21 @@ struct FakeWorld {
     lost_declared: bool,
     /// Force every proof in time (the "no merges" twin of a run).
     all_in_time: bool,
+    /// Checkpoints whose proof was given, and those of them the machine merged.
+    decided: BTreeSet<u64>,
+    merged: BTreeSet<u64>,
+    /// Frames released while the backup was not declared lost.
+    escaped: Vec<Escaped>,
 }
 
 impl FakeWorld {
-    fn new(all_in_time: bool) -> FakeWorld {
+    fn new(all_in_time: bool, pass_through: bool) -> FakeWorld {
         FakeWorld {
             machine: Machine::new(),
             buf: FakeBuffer {
                 open_epoch: 1,
+                passing: pass_through,
+                until_first_cut: pass_through,
                 ..Default::default()
             },
             next_frame: 0,
@@ -77,6 +97,9 @@ impl FakeWorld {
             valid_ack: 0,
             lost_declared: false,
             all_in_time,
+            decided: BTreeSet::new(),
+            merged: BTreeSet::new(),
+            escaped: Vec::new(),
         }
     }
 
@@ -96,6 +119,13 @@ impl FakeWorld {
                 self.next_frame += 1;
                 if self.buf.passing {
                     self.buf.released.push(id);
+                    if self.buf.until_first_cut {
+                        self.escaped.push(Escaped {
+                            id,
+                            epoch: self.buf.open_epoch,
+                            base: 0,
+                        });
+                    }
                 } else {
                     self.buf.held.push((id, self.buf.open_epoch));
                 }
@@ -155,6 +185,9 @@ impl FakeWorld {
             } => {
                 if let Some(c) = self.cuts.get_mut(checkpoint) {
                     c.1 = *in_time;
+                    if protected {
+                        self.decided.insert(*checkpoint);
+                    }
                 }
             }
             Input::Sent { checkpoint } if protected && self.phase() == Phase::Resumed => {
@@ -186,10 +219,18 @@ impl FakeWorld {
             Action::CutEpoch { checkpoint } => {
                 let epoch = self.buf.open_epoch;
                 self.buf.open_epoch += 1;
+                // A buffer passing until the first cut holds from here on.
+                if self.buf.until_first_cut {
+                    self.buf.until_first_cut = false;
+                    self.buf.passing = false;
+                }
                 self.cuts.insert(checkpoint, (epoch, false));
                 Ok(Some(Input::EpochCut { checkpoint, epoch }))
             }
-            Action::Merged { .. } => Ok(None),
+            Action::Merged { checkpoint, .. } => {
+                self.merged.insert(checkpoint);
+                Ok(None)
+            }
             Action::Commit { acked, epoch } => {
                 prop_assert!(
                     acked <= self.valid_ack,
@@ -199,6 +240,11 @@ impl FakeWorld {
                     self.buf.held.iter().partition(|(_, e)| *e <= epoch);
                 for (id, e) in &out {
                     self.check_covered(*id, *e)?;
+                    self.escaped.push(Escaped {
+                        id: *id,
+                        epoch: *e,
+                        base: acked,
+                    });
                 }
                 self.buf.held = keep;
                 self.buf.released.extend(out.iter().map(|(id, _)| id));
@@ -214,6 +260,7 @@ impl FakeWorld {
                     .released
                     .extend(self.buf.held.drain(..).map(|(id, _)| id));
                 self.buf.passing = true;
+                self.buf.until_first_cut = false;
                 Ok(Some(Input::FailedOpen(Released {
                     epoch: self.buf.open_epoch,
                     frames,
@@ -239,6 +286,37 @@ impl FakeWorld {
         );
         Ok(())
     }
+
+    /// No frame escapes unless every failover point covers it. A frame of epoch `e` was
+    /// captured before the cut that closed `e`, of checkpoint M; if that cut was proven
+    /// (during M's suspension) M's memory and every later one contain its emission, else
+    /// only M + 1 and later do (it may have been emitted after M resumed). The failover
+    /// points are the decided checkpoints that were not merged, from the one the backup
+    /// held when the frame left.
+    fn check_failover_points(&self) -> Result<(), TestCaseError> {
+        for f in &self.escaped {
+            let Some((&m, &(_, proven))) = self.cuts.iter().find(|(_, (e, _))| *e == f.epoch)
+            else {
+                continue;
+            };
+            if !self.decided.contains(&m) {
+                continue;
+            }
+            let covered_from = if proven { m } else { m + 1 };
+            for &p in self.decided.range(f.base..) {
+                prop_assert!(
+                    self.merged.contains(&p) || p >= covered_from,
+                    "frame {} (epoch {}) escaped, but checkpoint {p} is a failover point without it \
+                     (cut of {m} {}; merged {:?})",
+                    f.id,
+                    f.epoch,
+                    if proven { "proven" } else { "unproven" },
+                    self.merged
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 proptest! {
@@ -247,14 +325,18 @@ proptest! {
     /// No frame of epoch N is released before an ACK covering it; merges only delay;
     /// loss opens the buffer only once declared; an aborted machine releases nothing.
     #[test]
-    fn output_commit_holds_over_random_event_sequences(ops in proptest::collection::vec(op(), 0..120)) {
-        let mut world = FakeWorld::new(false);
-        let mut twin = FakeWorld::new(true);
+    fn output_commit_holds_over_random_event_sequences(
+        ops in proptest::collection::vec(op(), 0..120),
+        pass_through in any::<bool>(),
+    ) {
+        let mut world = FakeWorld::new(false, pass_through);
+        let mut twin = FakeWorld::new(true, pass_through);
         for op in &ops {
             let released_before = world.buf.released.len();
             let aborted = world.phase() == Phase::Aborted;
             world.step(op)?;
             twin.step(op)?;
+            world.check_failover_points()?;
             if aborted && !world.buf.passing {
                 prop_assert_eq!(world.buf.released.len(), released_before, "released after an abort");
             }
@@ -270,7 +352,7 @@ proptest! {
 
 #[test]
 fn output_commit_acked_frames_are_released_and_unacked_ones_held() {
-    let mut w = FakeWorld::new(false);
+    let mut w = FakeWorld::new(false, false);
     let ops = [
         Op::Frame,                     // epoch 1
         Op::Advance { in_time: true }, // suspend 1: cut epoch 1
@@ -290,7 +372,7 @@ fn output_commit_acked_frames_are_released_and_unacked_ones_held() {
 
 #[test]
 fn output_commit_merged_epoch_waits_for_the_next_proven_ack() {
-    let mut w = FakeWorld::new(false);
+    let mut w = FakeWorld::new(false, false);
     for op in [
         Op::Frame,
         Op::Advance { in_time: true },
@@ -315,7 +397,7 @@ fn output_commit_merged_epoch_waits_for_the_next_proven_ack() {
 
 #[test]
 fn output_commit_bogus_ack_aborts_holding_everything() {
-    let mut w = FakeWorld::new(false);
+    let mut w = FakeWorld::new(false, false);
     for op in [
         Op::Frame,
         Op::Advance { in_time: true },
@@ -334,7 +416,7 @@ fn output_commit_bogus_ack_aborts_holding_everything() {
 
 #[test]
 fn output_commit_loss_opens_the_buffer_only_when_declared() {
-    let mut w = FakeWorld::new(false);
+    let mut w = FakeWorld::new(false, false);
     for op in [Op::Frame, Op::Advance { in_time: true }, Op::Frame] {
         w.step(&op).unwrap();
     }
@@ -362,4 +444,52 @@ fn output_commit_ledger_refuses_acks_beyond_what_was_sent() {
             sent: 1
         })
     );
+}
+
+#[test]
+fn output_commit_frames_passed_before_an_unproven_first_cut_make_checkpoint_1_no_failover_point() {
+    let mut w = FakeWorld::new(false, true);
+    for op in [
+        Op::Frame,                      // passes: no failover point exists yet
+        Op::Advance { in_time: true },  // suspend 1: cut (the buffer holds from here)
+        Op::Frame,                      // held in epoch 2
+        Op::Advance { in_time: false }, // cut 1 not provable: merged
+        Op::Advance { in_time: true },  // sent 1
+        Op::Advance { in_time: true },  // suspend 2
+        Op::Advance { in_time: true },  // cut 2 proven
+    ] {
+        w.step(&op).unwrap();
+    }
+    assert_eq!(
+        w.buf.released,
+        [0],
+        "the first frame passed, the second is held"
+    );
+    assert!(
+        w.merged.contains(&1),
+        "an unproven first cut merges checkpoint 1"
+    );
+    w.check_failover_points().unwrap();
+    // The check is not vacuous: were checkpoint 1 a failover point, the frame that
+    // passed (possibly emitted after the guest resumed from it) would be missing there.
+    w.merged.clear();
+    assert!(w.check_failover_points().is_err());
+}
+
+#[test]
+fn output_commit_frames_passed_before_a_proven_first_cut_are_in_every_checkpoint() {
+    let mut w = FakeWorld::new(false, true);
+    for op in [
+        Op::Frame,
+        Op::Frame,
+        Op::Advance { in_time: true }, // suspend 1: cut
+        Op::Advance { in_time: true }, // proven
+        Op::Advance { in_time: true }, // sent 1
+        Op::Ack { k: 0 },              // ACK(1): commits the empty epoch 1
+    ] {
+        w.step(&op).unwrap();
+    }
+    assert_eq!(w.buf.released, [0, 1]);
+    assert!(w.merged.is_empty());
+    w.check_failover_points().unwrap();
 }

@@ -176,12 +176,28 @@ pub struct RelayStatus {
     pub ack_latency_recent_us: Option<Quantiles>,
     /// Cumulative ACK latency histogram: `{le_us, count}` per bucket.
     pub ack_latency_buckets_us: Vec<LatencyBucket>,
+    /// Per-checkpoint phases (`metrics::Phases`), exact quantiles over the last
+    /// `metrics::RECENT_ACKS` checkpoints: the guest's pause as the relay sees it (first
+    /// post-suspend byte to the end of libxc's CHECKPOINT record), the transfer (to the
+    /// last byte on the connection), the backup writing it into its receiver, the ACK
+    /// (from the last byte on the connection), the release (the buffer's commit). The
+    /// backup fills only `backup_write_recent_us`.
+    #[serde(default)]
+    pub pause_recent_us: Option<Quantiles>,
+    #[serde(default)]
+    pub transfer_recent_us: Option<Quantiles>,
+    #[serde(default)]
+    pub backup_write_recent_us: Option<Quantiles>,
+    #[serde(default)]
+    pub ack_recent_us: Option<Quantiles>,
+    #[serde(default)]
+    pub release_recent_us: Option<Quantiles>,
     pub last_event: Option<String>,
     /// Backup: how the last session ended.
     #[serde(default)]
     pub last_session: Option<SessionEnd>,
-    /// The guest's pause per checkpoint (suspend to resume), milliseconds, when the relay
-    /// measures it (the checkpoint-speed work fills it; absent until then).
+    /// The guest's pause per checkpoint, milliseconds: the median of `pause_recent_us`
+    /// (send only; absent until a checkpoint was timed).
     #[serde(default)]
     pub guest_pause_ms: Option<f64>,
     pub since_unix: u64,
@@ -296,6 +312,13 @@ impl Shared {
             })
             .collect();
         s.ack_latency_mean_us = (n > 0).then(|| h.sum().as_secs_f64() * 1e6 / n as f64);
+        let p = &m.checkpoint;
+        s.pause_recent_us = p.pause.recent.quantiles();
+        s.transfer_recent_us = p.transfer.recent.quantiles();
+        s.backup_write_recent_us = p.backup_write.recent.quantiles();
+        s.ack_recent_us = p.ack.recent.quantiles();
+        s.release_recent_us = p.release.recent.quantiles();
+        s.guest_pause_ms = s.pause_recent_us.map(|q| f64::from(q.p50) / 1e3);
         if let Some(sus) = &mut s.suspend {
             let h = &m.suspend_seconds;
             let n = h.count();
@@ -488,6 +511,24 @@ pub fn render(s: &RelayStatus) -> String {
             ),
         );
     }
+    for (name, q) in [
+        ("guest pause", s.pause_recent_us),
+        ("transfer", s.transfer_recent_us),
+        ("backup write", s.backup_write_recent_us),
+        ("ack (from wire)", s.ack_recent_us),
+        ("release", s.release_recent_us),
+    ] {
+        if let Some(q) = q {
+            line(
+                &mut o,
+                name,
+                format!(
+                    "median {} us, p99 {} us, max {} us (last {})",
+                    q.p50, q.p99, q.max, q.n
+                ),
+            );
+        }
+    }
     line(
         &mut o,
         "heartbeats missed",
@@ -666,5 +707,20 @@ mod tests {
         assert!(t.contains("replicating"), "{t}");
         assert!(t.contains("12 complete, 11 acked"), "{t}");
         assert!(t.contains("epoch merges"), "{t}");
+        assert!(!t.contains("guest pause"), "no pause measured yet: {t}");
+    }
+
+    #[test]
+    fn the_phases_reach_status_as_quantiles_under_their_stable_keys() {
+        let shared = Shared::new(Role::Send, "backup:7788".into(), None);
+        let p = &shared.metrics.checkpoint;
+        p.pause.observe(std::time::Duration::from_millis(30));
+        p.release.observe(std::time::Duration::from_micros(80));
+        let v = serde_json::to_value(shared.snapshot()).unwrap();
+        assert_eq!(v["pause_recent_us"]["p50"], 30_000);
+        assert_eq!(v["pause_recent_us"]["n"], 1);
+        assert_eq!(v["release_recent_us"]["max"], 80);
+        assert!(v["transfer_recent_us"].is_null());
+        assert!(render(&shared.snapshot()).contains("guest pause"));
     }
 }

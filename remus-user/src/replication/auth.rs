@@ -476,7 +476,7 @@ mod tests {
         assert_eq!(c.keys.opener.frames(), 1);
         let m = Message::Data(vec![7; 1000]);
         assert_eq!(carry(&c, &s, &m).await.unwrap(), m);
-        let m = Message::Ack { checkpoint: 3 };
+        let m = Message::ack(3);
         assert_eq!(carry(&s, &c, &m).await.unwrap(), m);
         // Each direction has its own key: a frame sealed by the primary does not open
         // as the backup's (reflection).

@@ -22,10 +22,15 @@
 //!                                                     start `xl migrate-receive -r -e`
 //!                                  ◄──────────────── BANNER("xl migration receiver ready…\n")
 //!  banner → xl (stdout)
-//!  DATA / PAGE_DATA (checkpoint 1) ─────────────────► write straight through
-//!                                  ◄──────────────── ACK(1)   (all of checkpoint 1 written)
+//!  DATA / PAGE_DATA (checkpoint 1) ─────────────────► write straight through up to its
+//!                                                     first post-suspend record; hold the rest
+//!                                  ◄──────────────── ACK(1, write time)  (all of 1 written)
 //!  DATA / PAGE_DATA (checkpoint N) ─────────────────► buffer; at CHECKPOINT_END write all
-//!                                  ◄──────────────── ACK(N)
+//!                                  ◄──────────────── ACK(N, write time)
+//!  MERGED(N)  (cut of N not proven; sent before N's end)
+//!  DATA … CHECKPOINT_END of N      ─────────────────► hold N: it is no failover point
+//!  DATA … CHECKPOINT_END of N+1    ─────────────────► write N and N+1 together
+//!                                  ◄──────────────── ACK(N+1)   (no ACK(N))
 //!  HEARTBEAT ◄──────────────────────────────────────► HEARTBEAT   (every interval, both ways)
 //!  CLOSE{checkpoints, finished}    ─────────────────► xl's stream ended: close receiver's stdin
 //!                                  ◄──────────────── CLOSE
@@ -50,6 +55,7 @@
 //! session to plaintext.
 use std::io;
 
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
@@ -112,6 +118,9 @@ pub enum Kind {
     Discard = 13,
     /// Backup → primary: the copy is discarded (its receiver is dead).
     Discarded = 14,
+    /// A checkpoint whose epoch cut was not proven in time: the backup must not fail over
+    /// to it (it writes it to its receiver only together with the next one).
+    Merged = 15,
 }
 
 impl Kind {
@@ -132,6 +141,7 @@ impl Kind {
             12 => Kind::ProbeOk,
             13 => Kind::Discard,
             14 => Kind::Discarded,
+            15 => Kind::Merged,
             _ => Kind::Invalid,
         }
     }
@@ -183,6 +193,15 @@ pub struct ChallengeWire {
     pub mac: [u8; 32],
 }
 
+/// ACK payload.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct AckWire {
+    pub checkpoint: U64,
+    /// Microseconds the backup spent writing the checkpoint into its receiver.
+    pub write_us: U64,
+}
+
 /// CLOSE payload.
 #[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
@@ -232,9 +251,11 @@ pub enum Message {
     Data(Vec<u8>),
     /// One complete libxc PAGE_DATA record, encoded by `compress::PageEncoder`.
     PageData(Vec<u8>),
-    /// The backup holds checkpoint N completely (written to its receiver).
+    /// The backup holds checkpoint N completely (written to its receiver), and N is its
+    /// failover point now; writing N (with any merged ones before it) took `write_us`.
     Ack {
         checkpoint: u64,
+        write_us: u64,
     },
     Heartbeat {
         seq: u64,
@@ -258,6 +279,11 @@ pub enum Message {
     Discarded {
         checkpoint: u64,
         copy_destroyed: bool,
+    },
+    /// Checkpoint N's cut was not proven in time: it must not become a failover point.
+    /// Sent by the primary before any byte of N's end.
+    Merged {
+        checkpoint: u64,
     },
 }
 
@@ -398,6 +424,15 @@ impl Message {
             Message::ProbeOk { .. } => Kind::ProbeOk,
             Message::Discard => Kind::Discard,
             Message::Discarded { .. } => Kind::Discarded,
+            Message::Merged { .. } => Kind::Merged,
+        }
+    }
+
+    /// Named constructor: ACK(checkpoint) without a write time.
+    pub fn ack(checkpoint: u64) -> Message {
+        Message::Ack {
+            checkpoint,
+            write_us: 0,
         }
     }
 
@@ -469,8 +504,19 @@ impl Message {
             Message::Banner(b) | Message::Data(b) | Message::PageData(b) => {
                 out.extend_from_slice(b)
             }
-            Message::Ack { checkpoint } => out.extend_from_slice(&checkpoint.to_le_bytes()),
-            Message::Heartbeat { seq } => out.extend_from_slice(&seq.to_le_bytes()),
+            Message::Ack {
+                checkpoint,
+                write_us,
+            } => out.extend_from_slice(
+                AckWire {
+                    checkpoint: (*checkpoint).into(),
+                    write_us: (*write_us).into(),
+                }
+                .as_bytes(),
+            ),
+            Message::Heartbeat { seq } | Message::Merged { checkpoint: seq } => {
+                out.extend_from_slice(&seq.to_le_bytes())
+            }
             Message::Close {
                 checkpoints,
                 finished,
@@ -552,8 +598,15 @@ impl Message {
             Kind::Data => Message::Data(payload),
             Kind::PageData => Message::PageData(payload),
             Kind::Ack => {
-                exact(8, &payload)?;
+                let w: AckWire = fixed(kind, &payload)?;
                 Message::Ack {
+                    checkpoint: w.checkpoint.get(),
+                    write_us: w.write_us.get(),
+                }
+            }
+            Kind::Merged => {
+                exact(8, &payload)?;
+                Message::Merged {
                     checkpoint: u64_le(&payload),
                 }
             }
@@ -815,60 +868,70 @@ pub async fn read_sealed_or_plain<R: AsyncRead + Unpin>(
 /// A cancel-safe reader of sealed frames: bytes are kept across cancelled `next` calls,
 /// so it can be raced against timers (heartbeat checks) without losing its place in the
 /// stream. Every frame must open with the peer's key at the next counter; the first that
-/// does not ends the reader.
+/// does not ends the reader. Frames are opened in the buffer they were read into, and
+/// the stream bytes of DATA and PAGE_DATA frames are handed out from it without a copy
+/// ([`FrameReader::next_frame`]).
 pub struct FrameReader<R> {
     inner: R,
-    buf: Vec<u8>,
-    start: usize,
+    buf: BytesMut,
     opener: Opener,
     /// Bytes read from the connection so far.
     pub bytes_read: u64,
 }
 
+/// One frame as [`FrameReader::next_frame`] hands it out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Incoming {
+    /// The payload of a DATA frame (raw stream bytes), not copied.
+    Data(Bytes),
+    /// The payload of a PAGE_DATA frame, not copied.
+    PageData(Bytes),
+    /// Any other frame, decoded.
+    Message(Message),
+}
+
+/// Bytes a frame reader asks the connection for at least, per read.
+const READ_AHEAD: usize = 256 * 1024;
+
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(inner: R, opener: Opener) -> Self {
         FrameReader {
             inner,
-            buf: Vec::with_capacity(256 * 1024),
-            start: 0,
+            buf: BytesMut::with_capacity(READ_AHEAD),
             opener,
             bytes_read: 0,
         }
     }
 
-    /// Opens the whole sealed frame at the front of the buffer, if there is one. No
-    /// `await` between opening (in place) and consuming: cancel-safe.
-    fn take_frame(&mut self) -> Result<Option<Message>, WireError> {
-        let avail = &self.buf[self.start..];
-        if avail.len() < HEADER_LEN {
+    /// Opens the whole sealed frame at the front of the buffer, if there is one, and
+    /// splits it off. No `await` between opening (in place) and consuming: cancel-safe.
+    fn take_frame(&mut self) -> Result<Option<Incoming>, WireError> {
+        if self.buf.len() < HEADER_LEN {
             return Ok(None);
         }
-        let (hdr, kind, len) = parse_header(&avail[..HEADER_LEN])?;
+        let (hdr, kind, len) = parse_header(&self.buf[..HEADER_LEN])?;
         let total = HEADER_LEN + len as usize;
-        if avail.len() < total {
+        if self.buf.len() < total {
             return Ok(None);
         }
-        let body = self.start + HEADER_LEN..self.start + total;
-        let n = self.opener.open(&hdr, kind, &mut self.buf[body.clone()])?;
-        let payload = self.buf[body.start..body.start + n].to_vec();
-        self.start += total;
-        if self.start == self.buf.len() {
-            self.buf.clear();
-            self.start = 0;
-        }
-        Message::decode(kind, payload).map(Some)
+        let n = self
+            .opener
+            .open(&hdr, kind, &mut self.buf[HEADER_LEN..total])?;
+        let mut frame = self.buf.split_to(total);
+        frame.advance(HEADER_LEN);
+        frame.truncate(n);
+        Ok(Some(match kind {
+            Kind::Data => Incoming::Data(frame.freeze()),
+            Kind::PageData => Incoming::PageData(frame.freeze()),
+            _ => Incoming::Message(Message::decode(kind, frame.to_vec())?),
+        }))
     }
 
-    /// The next message. Cancel-safe.
-    pub async fn next(&mut self) -> Result<Message, WireError> {
+    /// The next frame, stream bytes uncopied. Cancel-safe.
+    pub async fn next_frame(&mut self) -> Result<Incoming, WireError> {
         loop {
-            if let Some(m) = self.take_frame()? {
-                return Ok(m);
-            }
-            // Compact before growing, so a long stream does not grow the buffer.
-            if self.start > 0 {
-                self.buf.drain(..self.start);
-                self.start = 0;
+            if let Some(f) = self.take_frame()? {
+                return Ok(f);
             }
             // Reserve what the pending frame needs (its size was checked already).
             let pending = if self.buf.len() >= HEADER_LEN {
@@ -879,7 +942,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 HEADER_LEN
             };
             self.buf
-                .reserve(pending.saturating_sub(self.buf.len()).max(64 * 1024));
+                .reserve(pending.saturating_sub(self.buf.len()).max(READ_AHEAD));
             let n = self.inner.read_buf(&mut self.buf).await?;
             if n == 0 {
                 // A cut at a frame boundary looks like a closed connection; inside a
@@ -894,6 +957,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             }
             self.bytes_read += n as u64;
         }
+    }
+
+    /// The next message. Cancel-safe.
+    pub async fn next(&mut self) -> Result<Message, WireError> {
+        Ok(match self.next_frame().await? {
+            Incoming::Data(b) => Message::Data(b.to_vec()),
+            Incoming::PageData(b) => Message::PageData(b.to_vec()),
+            Incoming::Message(m) => m,
+        })
     }
 
     pub fn into_inner(self) -> R {
@@ -955,7 +1027,11 @@ mod tests {
             Message::Data(vec![1, 2, 3, 4, 5]),
             Message::Data(Vec::new()),
             Message::PageData(vec![9; 5000]),
-            Message::Ack { checkpoint: 42 },
+            Message::Ack {
+                checkpoint: 42,
+                write_us: 1234,
+            },
+            Message::Merged { checkpoint: 7 },
             Message::Heartbeat { seq: u64::MAX },
             Message::Close {
                 checkpoints: 17,
@@ -977,13 +1053,10 @@ mod tests {
     #[tokio::test]
     async fn async_read_matches_sync_decode() {
         let mut buf = Vec::new();
-        Message::Ack { checkpoint: 3 }.encode(&mut buf);
+        Message::ack(3).encode(&mut buf);
         Message::Data(vec![5; 100]).encode(&mut buf);
         let mut r = &buf[..];
-        assert_eq!(
-            read_message(&mut r).await.unwrap(),
-            Message::Ack { checkpoint: 3 }
-        );
+        assert_eq!(read_message(&mut r).await.unwrap(), Message::ack(3));
         assert_eq!(
             read_message(&mut r).await.unwrap(),
             Message::Data(vec![5; 100])
@@ -1001,9 +1074,7 @@ mod tests {
         let (p, b) = keys();
         let mut wire = Vec::new();
         for i in 0..20u64 {
-            p.sealer
-                .encode(&Message::Ack { checkpoint: i }, &mut wire)
-                .unwrap();
+            p.sealer.encode(&Message::ack(i), &mut wire).unwrap();
             p.sealer
                 .encode(&Message::Data(vec![i as u8; 70_000]), &mut wire)
                 .unwrap();
@@ -1027,7 +1098,7 @@ mod tests {
         }
         writer.await.unwrap();
         for i in 0..20u64 {
-            assert_eq!(got[2 * i as usize], Message::Ack { checkpoint: i });
+            assert_eq!(got[2 * i as usize], Message::ack(i));
             assert_eq!(
                 got[2 * i as usize + 1],
                 Message::Data(vec![i as u8; 70_000])
@@ -1040,22 +1111,18 @@ mod tests {
     async fn frame_reader_names_a_cut_inside_a_frame() {
         let (p, b) = keys();
         let mut wire = Vec::new();
-        p.sealer
-            .encode(&Message::Ack { checkpoint: 1 }, &mut wire)
-            .unwrap();
+        p.sealer.encode(&Message::ack(1), &mut wire).unwrap();
         let one = wire.len();
         p.sealer
             .encode(&Message::Data(vec![1; 500]), &mut wire)
             .unwrap();
         // Cut at the frame boundary: closed. Inside the second frame: truncated.
         let mut fr = FrameReader::new(&wire[..one], b.opener.clone());
-        assert_eq!(fr.next().await.unwrap(), Message::Ack { checkpoint: 1 });
+        assert_eq!(fr.next().await.unwrap(), Message::ack(1));
         assert!(matches!(fr.next().await, Err(WireError::Closed)));
         let (p, b) = keys();
         let mut wire = Vec::new();
-        p.sealer
-            .encode(&Message::Ack { checkpoint: 1 }, &mut wire)
-            .unwrap();
+        p.sealer.encode(&Message::ack(1), &mut wire).unwrap();
         p.sealer
             .encode(&Message::Data(vec![1; 500]), &mut wire)
             .unwrap();
@@ -1063,7 +1130,7 @@ mod tests {
         for cut in [one + 3, one + HEADER_LEN, wire.len() - 1] {
             let (_, fresh) = keys();
             let mut fr = FrameReader::new(&wire[..cut], fresh.opener);
-            assert_eq!(fr.next().await.unwrap(), Message::Ack { checkpoint: 1 });
+            assert_eq!(fr.next().await.unwrap(), Message::ack(1));
             match fr.next().await {
                 Err(WireError::Truncated { have, want }) => {
                     assert_eq!(have, cut - one);
@@ -1088,9 +1155,7 @@ mod tests {
         ));
         let (_, b) = keys();
         let mut wire = Vec::new();
-        p.sealer
-            .encode(&Message::Ack { checkpoint: 1 }, &mut wire)
-            .unwrap();
+        p.sealer.encode(&Message::ack(1), &mut wire).unwrap();
         let good = wire.clone();
         let last = wire.len() - 1;
         wire[last] ^= 0x20;
@@ -1112,8 +1177,8 @@ mod tests {
     #[test]
     fn invalid_and_unknown_kinds_fail() {
         let mut buf = Vec::new();
-        Message::Ack { checkpoint: 1 }.encode(&mut buf);
-        for k in [0u16, 15, 0xffff] {
+        Message::ack(1).encode(&mut buf);
+        for k in [0u16, 16, 0xffff] {
             let mut b = buf.clone();
             b[4..6].copy_from_slice(&k.to_le_bytes());
             match decode_frame(&b) {
@@ -1208,7 +1273,8 @@ mod tests {
     #[test]
     fn malformed_payloads_are_named() {
         for (kind, len, expected) in [
-            (Kind::Ack, 7, 8),
+            (Kind::Ack, 8, 16),
+            (Kind::Merged, 9, 8),
             (Kind::Heartbeat, 9, 8),
             (Kind::Auth, 31, 32),
             (Kind::Welcome, 1, 0),

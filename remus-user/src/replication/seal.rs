@@ -184,34 +184,21 @@ impl Sealer {
         let start = out.len();
         out.extend_from_slice(&[0u8; HEADER_LEN]);
         m.encode_payload(out);
-        self.seal_in_place(m.kind(), out, start)
+        self.seal_frame_at(m.kind(), out, start)
     }
 
-    /// Seals the frame a caller built at `out[start..]`: [`HEADER_LEN`] bytes of room for
-    /// the header, then the payload. Writes the header, encrypts the payload in place and
-    /// appends the tag (reserve [`TAG_LEN`] bytes of capacity to avoid a reallocation).
-    /// For senders whose payload already sits in a buffer of their own (the disk
-    /// stream), so it is sealed without being copied into a [`Message`]. On error
-    /// `out` is truncated to `start`.
+    /// Seals `payload` in place as one frame of `kind`: returns the header to send before
+    /// it and the tag to send after it (the relay's hot path: DATA frames are sealed in
+    /// the buffer the stream was read into and written with one `writev`). The one
+    /// sealing primitive: [`Sealer::seal_frame_at`] and [`Sealer::encode`] build on it.
     pub fn seal_in_place(
         &self,
         kind: Kind,
-        out: &mut Vec<u8>,
-        start: usize,
-    ) -> Result<(), WireError> {
-        let Some(body) = out.len().checked_sub(start + HEADER_LEN) else {
-            out.truncate(start);
-            return Err(WireError::BadPayload {
-                kind,
-                problem: PayloadProblem::TooShort {
-                    got: out.len().saturating_sub(start),
-                    min: HEADER_LEN,
-                },
-            });
-        };
+        payload: &mut [u8],
+    ) -> Result<([u8; HEADER_LEN], [u8; TAG_LEN]), WireError> {
+        let body = payload.len();
         let len = body + TAG_LEN;
         if len > MAX_PAYLOAD as usize {
-            out.truncate(start);
             return Err(WireError::Oversize {
                 len: u32::try_from(len).unwrap_or(u32::MAX),
                 max: MAX_PAYLOAD,
@@ -219,7 +206,6 @@ impl Sealer {
         }
         let mut d = lock(&self.0);
         if d.counter == u64::MAX {
-            out.truncate(start);
             return Err(WireError::Exhausted);
         }
         let hdr = FrameHeader {
@@ -229,8 +215,6 @@ impl Sealer {
             len: (len as u32).into(),
             crc: (d.counter as u32).into(),
         };
-        let (head, payload) = out[start..].split_at_mut(HEADER_LEN);
-        head.copy_from_slice(hdr.as_bytes());
         let tag = d
             .key
             .seal_in_place_separate_tag(d.nonce(), Aad::from(hdr.as_bytes()), payload)
@@ -240,17 +224,48 @@ impl Sealer {
                     got: body,
                     max: MAX_PAYLOAD as usize - TAG_LEN,
                 },
-            });
-        let tag = match tag {
-            Ok(t) => t,
+            })?;
+        d.advance(body);
+        let mut head = [0u8; HEADER_LEN];
+        head.copy_from_slice(hdr.as_bytes());
+        let mut t = [0u8; TAG_LEN];
+        t.copy_from_slice(tag.as_ref());
+        Ok((head, t))
+    }
+
+    /// Seals the frame a caller built at `out[start..]`: [`HEADER_LEN`] bytes of room for
+    /// the header, then the payload. Writes the header, encrypts the payload in place and
+    /// appends the tag (reserve [`TAG_LEN`] bytes of capacity to avoid a reallocation).
+    /// For senders whose payload already sits in a buffer of their own (the disk
+    /// stream), so it is sealed without being copied into a [`Message`]. On error
+    /// `out` is truncated to `start`.
+    pub fn seal_frame_at(
+        &self,
+        kind: Kind,
+        out: &mut Vec<u8>,
+        start: usize,
+    ) -> Result<(), WireError> {
+        let sealed = match out.len().checked_sub(start + HEADER_LEN) {
+            Some(_) => self.seal_in_place(kind, &mut out[start + HEADER_LEN..]),
+            None => Err(WireError::BadPayload {
+                kind,
+                problem: PayloadProblem::TooShort {
+                    got: out.len().saturating_sub(start),
+                    min: HEADER_LEN,
+                },
+            }),
+        };
+        match sealed {
+            Ok((head, tag)) => {
+                out[start..start + HEADER_LEN].copy_from_slice(&head);
+                out.extend_from_slice(&tag);
+                Ok(())
+            }
             Err(e) => {
                 out.truncate(start);
-                return Err(e);
+                Err(e)
             }
-        };
-        out.extend_from_slice(tag.as_ref());
-        d.advance(body);
-        Ok(())
+        }
     }
 
     /// Seals `m`, writes it and flushes.
@@ -411,7 +426,7 @@ mod tests {
         vec![
             Message::Welcome,
             Message::Data((0..=255u8).cycle().take(70_000).collect()),
-            Message::Ack { checkpoint: 7 },
+            Message::ack(7),
             Message::Heartbeat { seq: 3 },
             Message::PageData(vec![0xAB; 4096]),
             Message::Close {
@@ -420,6 +435,25 @@ mod tests {
             },
             Message::abort("bye"),
         ]
+    }
+
+    #[test]
+    fn a_frame_sealed_in_place_is_the_same_frame_as_from_a_message() {
+        let (p, b) = pair(LIMITS);
+        let (q, _) = pair(LIMITS);
+        let data: Vec<u8> = (0..=255u8).cycle().take(50_000).collect();
+        let mut payload = data.clone();
+        let (head, tag) = p.sealer.seal_in_place(Kind::Data, &mut payload).unwrap();
+        let frame = [&head[..], &payload, &tag].concat();
+        assert_eq!(frame, seal(&q.sealer, &Message::Data(data.clone())));
+        assert_eq!(open(&b.opener, &frame).unwrap(), Message::Data(data));
+        // Too big for a frame: refused, and the counter did not move.
+        let mut huge = vec![0u8; MAX_PAYLOAD as usize];
+        assert!(matches!(
+            p.sealer.seal_in_place(Kind::Data, &mut huge),
+            Err(WireError::Oversize { .. })
+        ));
+        assert_eq!(p.sealer.frames(), 1);
     }
 
     #[test]
@@ -442,20 +476,20 @@ mod tests {
     }
 
     #[test]
-    fn a_frame_sealed_in_place_is_the_encoded_frame() {
+    fn a_frame_sealed_at_its_start_is_the_encoded_frame() {
         let (p, b) = pair(LIMITS);
         let (q, _) = pair(LIMITS);
         let data = vec![0x5Au8; 3000];
         let mut buf = vec![7u8; 5]; // the frame need not start the buffer
         buf.extend_from_slice(&[0u8; HEADER_LEN]);
         buf.extend_from_slice(&data);
-        p.sealer.seal_in_place(Kind::Data, &mut buf, 5).unwrap();
+        p.sealer.seal_frame_at(Kind::Data, &mut buf, 5).unwrap();
         assert_eq!(buf[..5], [7u8; 5]);
         assert_eq!(buf[5..], seal(&q.sealer, &Message::Data(data.clone()))[..]);
         assert_eq!(open(&b.opener, &buf[5..]).unwrap(), Message::Data(data));
         // No room for a header: refused, the buffer is left as it was before `start`.
         let mut short = vec![1u8; 10];
-        assert!(p.sealer.seal_in_place(Kind::Data, &mut short, 0).is_err());
+        assert!(p.sealer.seal_frame_at(Kind::Data, &mut short, 0).is_err());
         assert!(short.is_empty());
     }
 
@@ -476,7 +510,7 @@ mod tests {
     #[test]
     fn nothing_opens_after_a_bad_frame() {
         let (p, b) = pair(LIMITS);
-        let f = seal(&p.sealer, &Message::Ack { checkpoint: 1 });
+        let f = seal(&p.sealer, &Message::ack(1));
         let mut g = f.clone();
         g[HEADER_LEN] ^= 1;
         assert!(matches!(open(&b.opener, &g), Err(WireError::Forged { .. })));
@@ -486,7 +520,7 @@ mod tests {
     #[test]
     fn payload_and_tag_bits_fail_the_tag() {
         let (p, _) = pair(LIMITS);
-        let f = seal(&p.sealer, &Message::Ack { checkpoint: 1 });
+        let f = seal(&p.sealer, &Message::ack(1));
         for i in HEADER_LEN..f.len() {
             let (_, b) = pair(LIMITS);
             let mut g = f.clone();
@@ -513,7 +547,7 @@ mod tests {
     fn replay_reorder_and_drop_are_refused() {
         let (p, _) = pair(LIMITS);
         let f: Vec<Vec<u8>> = (0..4u64)
-            .map(|n| seal(&p.sealer, &Message::Ack { checkpoint: n }))
+            .map(|n| seal(&p.sealer, &Message::ack(n)))
             .collect();
         // Replay: frame 1 twice.
         let (_, b) = pair(LIMITS);
@@ -572,7 +606,7 @@ mod tests {
     fn plain_frames_are_refused_once_sealed() {
         let (_, b) = pair(LIMITS);
         let mut f = Vec::new();
-        Message::Ack { checkpoint: 1 }.encode(&mut f);
+        Message::ack(1).encode(&mut f);
         assert!(matches!(
             open(&b.opener, &f),
             Err(WireError::Unsealed { kind: Kind::Ack })

@@ -12,7 +12,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
@@ -20,7 +20,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub use remus_user::relay::BANNER;
-use remus_user::replication::{self, FrameReader, Key, Message, ServerConfig};
+use remus_user::replication::{self, FrameReader, Key, Message, ServerConfig, WireError};
 use remus_user::stream::Event;
 use remus_user::stream::writer::{WriterConfig, Written, write};
 
@@ -296,6 +296,9 @@ pub struct Sender {
     pub stdout: ChildStdout,
     pub status_sock: PathBuf,
     pub log: PathBuf,
+    /// Whether the relay narrows xl's pipe to one page once it caught up (it does unless
+    /// told otherwise with `--xl-pipe-narrow-bytes`).
+    narrows: bool,
 }
 
 impl Sender {
@@ -326,7 +329,10 @@ impl Sender {
             .arg("--status-socket")
             .arg(&status_sock)
             .args(with_heartbeat(extra))
-            .env("REMUS_LOG", "info")
+            .env(
+                "REMUS_LOG",
+                std::env::var("TEST_SEND_LOG").unwrap_or("info".into()),
+            )
             .stdin(Stdio::from(r))
             .stdout(Stdio::piped())
             .stderr(File::create(&log).unwrap())
@@ -340,6 +346,7 @@ impl Sender {
             stdout,
             status_sock,
             log,
+            narrows: !extra.contains(&"--xl-pipe-narrow-bytes"),
         }
     }
 
@@ -458,12 +465,118 @@ impl Stream {
     }
 }
 
+impl Sender {
+    /// Writes checkpoint `n` as libxc does: once the relay caught up (libxl suspends the
+    /// guest only after its interval, by which time a relay that keeps up has read
+    /// everything), checkpoint 1's live copy, a pause while the guest is being suspended
+    /// (the relay catches up meanwhile), then its end.
+    pub fn write_checkpoint(&mut self, st: &Stream, n: usize) {
+        self.wait_drained();
+        let cp = st.checkpoint(n);
+        if n == 1 {
+            let (live, tail) = cp.split_at(st.first_post_suspend() as usize);
+            self.write(live);
+            self.wait_drained();
+            self.write(tail);
+        } else {
+            self.write(cp);
+        }
+    }
+
+    /// Waits until the relay has read everything written so far and narrowed its pipe
+    /// again (as libxl's suspend or interval lets it when it keeps up): the relay then
+    /// waits for the next suspend ready to prove its cut. A relay told to keep its pipe
+    /// wide is waited for 50 ms after it has read everything. (Not a timed wait for a
+    /// relay that narrows: on a loaded machine it may narrow well after it emptied the
+    /// pipe, and a checkpoint written into the wide pipe meanwhile would be merged.)
+    pub fn wait_drained(&mut self) {
+        let Some(w) = self.stdin.as_ref() else {
+            return;
+        };
+        let fd = w.as_raw_fd();
+        let t = Instant::now();
+        let mut empty_since: Option<Instant> = None;
+        loop {
+            let mut n: libc::c_int = 0;
+            // SAFETY: FIONREAD on our end of the pipe writes one int; F_GETPIPE_SZ reads
+            // the capacity of the pipe (shared by both ends).
+            let (r, size) = unsafe {
+                (
+                    libc::ioctl(fd, libc::FIONREAD, &mut n),
+                    libc::fcntl(fd, libc::F_GETPIPE_SZ),
+                )
+            };
+            if r < 0 || t.elapsed() > HANG_GUARD {
+                return;
+            }
+            if n == 0 {
+                let since = *empty_since.get_or_insert_with(Instant::now);
+                if size == 4096 || (!self.narrows && since.elapsed() > Duration::from_millis(50)) {
+                    return;
+                }
+            } else {
+                empty_since = None;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+impl Stream {
+    /// The first post-suspend byte of checkpoint 1.
+    pub fn first_post_suspend(&self) -> u64 {
+        self.w
+            .events
+            .iter()
+            .find_map(|e| match *e {
+                Event::PostSuspendStart { checkpoint: 1, pos } => Some(pos),
+                _ => None,
+            })
+            .expect("checkpoint 1 has a post-suspend record")
+    }
+
+    /// Bytes xl writes of checkpoint 1 from its first post-suspend byte up to the end of
+    /// libxc's CHECKPOINT record: what the pipe proof of checkpoint 1 has to work with.
+    pub fn first_tail(&self) -> u64 {
+        let end = self
+            .w
+            .events
+            .iter()
+            .find_map(|e| match *e {
+                Event::LibxcCheckpoint { checkpoint: 1, end } => Some(end),
+                _ => None,
+            })
+            .expect("checkpoint 1 has a CHECKPOINT record");
+        end - self.first_post_suspend()
+    }
+}
+
 /// Writes checkpoints `from..=to` into the sender, pausing between them as the interval
 /// of `xl remus` does.
 pub fn feed(s: &mut Sender, st: &Stream, from: usize, to: usize) {
     for n in from..=to {
-        s.write(st.checkpoint(n));
-        std::thread::sleep(Duration::from_millis(10));
+        s.write_checkpoint(st, n);
+        s.wait_drained();
+    }
+}
+
+/// A runtime for a test that speaks the protocol itself (a fake primary or backup).
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Reads until something other than a heartbeat arrives.
+pub async fn next_real<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut FrameReader<R>,
+) -> Result<Message, WireError> {
+    loop {
+        match r.next().await? {
+            Message::Heartbeat { .. } => continue,
+            m => return Ok(m),
+        }
     }
 }
 
@@ -505,7 +618,7 @@ pub fn fake_backup(
                         if sealer.send(&mut w, &Message::Heartbeat { seq: 0 }).await.is_err() { return }
                     }
                     c = cmds.recv() => match c {
-                        Some(Cmd::Ack(n)) => sealer.send(&mut w, &Message::Ack { checkpoint: n }).await.unwrap(),
+                        Some(Cmd::Ack(n)) => sealer.send(&mut w, &Message::ack(n)).await.unwrap(),
                         // Dropping both halves resets the connection: the backup is gone.
                         Some(Cmd::Drop) | None => return,
                     },

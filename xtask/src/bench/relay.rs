@@ -1,12 +1,16 @@
 //! `cargo xtask bench relay`: the relay pair on loopback against a plain TCP pipe of the
 //! same bytes, page compression on incremental checkpoints, and ACK latency against the
 //! loopback round trip; the relay's frames are sealed (protocol version 3 always
-//! encrypts), and the AEAD candidates' seal/open rates are measured beside it. One run,
-//! measured side by side; a table on stdout and target/bench/relay.json.
+//! encrypts), and the AEAD candidates' seal/open rates are measured beside it. Each
+//! throughput round runs the plain pipe and then at once the relay pair (both fed from a
+//! pipe of the default size: the relay sizes its own), so each round gives one paired
+//! ratio; the table reports their median and spread (min, max), the merges the relay
+//! could not avoid, and the load average before and after (the machine is shared). A
+//! table on stdout and target/bench/relay.json.
 //!
 //! Owns: driving release builds of `remus` and the `relay_bench` and `aead_bench`
-//! examples like an operator would (xl's part is played here: a pipe shrunk by the relay,
-//! the banner first). Never touches: the product's internals.
+//! examples like an operator would (xl's part is played here: a pipe, the banner
+//! first). Never touches: the product's internals.
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -36,8 +40,8 @@ pub struct RelayArgs {
     /// Checkpoints in the throughput stream.
     #[arg(long, default_value_t = 20)]
     checkpoints: u64,
-    /// Repetitions of each throughput case (the best is kept).
-    #[arg(long, default_value_t = 3)]
+    /// Paired rounds of each throughput case (plain, then the relay at once).
+    #[arg(long, default_value_t = 5)]
     repeat: usize,
     /// Only the ACK latency part (quick).
     #[arg(long)]
@@ -87,6 +91,7 @@ pub fn run(a: RelayArgs) -> Result<()> {
     };
     let mut rows: Vec<(String, String)> = Vec::new();
     let mut out = serde_json::Map::new();
+    let load_before = load_average();
 
     if !a.latency_only {
         // 0. The AEAD candidates on relay-sized frames (what chose the relay's cipher).
@@ -114,7 +119,7 @@ pub fn run(a: RelayArgs) -> Result<()> {
             stream.len(),
             a.checkpoints
         );
-        let t = throughput(&p, &stream, a.repeat)?;
+        let t = throughput(&p, &stream, a.checkpoints, a.repeat)?;
         t.rows("synthetic", stream.len(), &mut rows);
         out.insert(
             "synthetic".into(),
@@ -135,8 +140,9 @@ pub fn run(a: RelayArgs) -> Result<()> {
                 )?;
                 let stream = std::fs::read(&file)?;
                 let _ = std::fs::remove_file(&file);
-                eprintln!("captured stream: {} bytes", stream.len());
-                Ok((info, throughput(&p, &stream, a.repeat)?, stream.len()))
+                let n = info["ends"].as_array().map_or(0, Vec::len) as u64;
+                eprintln!("captured stream: {} bytes, {n} checkpoints", stream.len());
+                Ok((info, throughput(&p, &stream, n, a.repeat)?, stream.len()))
             };
             match run() {
                 Ok((info, t, len)) => {
@@ -177,7 +183,7 @@ pub fn run(a: RelayArgs) -> Result<()> {
         .iter()
         .filter_map(Value::as_u64)
         .collect();
-    let lat = relay_once(&p, &lat_stream, "lz4", Some(&ends))?;
+    let lat = relay_once(&p, &lat_stream, "lz4", Pace::Acked(&ends))?;
     let rtt = loopback_rtt(2000)?;
     let ack = lat.ack.context("no ACK latency measured")?;
     let above_rtt_us = ack.p50_us - rtt.median_us;
@@ -193,6 +199,16 @@ pub fn run(a: RelayArgs) -> Result<()> {
         ),
     ));
     rows.push(("ACK latency mean".into(), format!("{:.0} us", ack.mean_us)));
+    for (name, p50, p99) in &ack.phases {
+        rows.push((
+            format!("checkpoint phase {name} (latency run), median (p99)"),
+            format!("{p50:.0} us ({p99:.0})"),
+        ));
+    }
+    rows.push((
+        "epochs merged in the latency run".into(),
+        lat.merges.to_string(),
+    ));
     rows.push((
         "ACK latency median above RTT (target <= 200 us)".into(),
         format!("{above_rtt_us:.0} us {}", verdict(above_rtt_us <= 200.0)),
@@ -210,12 +226,13 @@ pub fn run(a: RelayArgs) -> Result<()> {
             "loopback_rtt_mean": rtt.mean_us,
             "median_above_rtt": above_rtt_us,
             "target_above_rtt": 200.0,
+            "merges": lat.merges,
+            "phases": ack.phases.iter().map(|(n, p50, p99)| json!({"phase": n, "p50": p50, "p99": p99})).collect::<Vec<_>>(),
         }),
     );
-    // SAFETY: getloadavg writes at most 3 doubles.
-    let mut load = [0f64; 3];
-    unsafe { libc::getloadavg(load.as_mut_ptr(), 3) };
-    out.insert("load_average_1m".into(), json!(load[0]));
+    let load_after = load_average();
+    out.insert("load_average_1m".into(), json!(load_after));
+    out.insert("load_average_1m_before".into(), json!(load_before));
 
     println!();
     println!(
@@ -227,8 +244,7 @@ pub fn run(a: RelayArgs) -> Result<()> {
         println!("{k:<56} {v:>20}");
     }
     println!(
-        "(1-minute load average during the run: {:.1}; ratios are side by side)",
-        load[0]
+        "(1-minute load average {load_before:.1} before, {load_after:.1} after; ratios are paired, plain then relay in each round)"
     );
     let json_path = target.join("bench").join("relay.json");
     std::fs::write(
@@ -240,88 +256,130 @@ pub fn run(a: RelayArgs) -> Result<()> {
     Ok(())
 }
 
-/// Best-of-N MB/s of each case.
+/// The throughput rounds of one stream: MB/s per round of each case, and the paired
+/// ratios (relay ÷ plain of the same round).
 struct Tput {
-    plain: f64,
-    plain_big: f64,
-    none: f64,
-    lz4: f64,
-    /// Median over the rounds of relay none ÷ plain, each pair run back to back (steadier
-    /// than the ratio of the bests on a loaded machine).
-    paired: f64,
+    plain: Vec<f64>,
+    plain_one_page: Vec<f64>,
+    none: Vec<f64>,
+    lz4: Vec<f64>,
+    paired: Vec<f64>,
+    /// Epochs the relay merged per round (--compress none, lz4): cuts it could not prove
+    /// because the writer (xl's stand-in, writing as fast as the pipe takes) was ahead.
+    merges: Vec<u64>,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn spread(v: &[f64]) -> (f64, f64) {
+    v.iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+            (lo.min(x), hi.max(x))
+        })
 }
 
 impl Tput {
     fn json(&self) -> Value {
+        let (lo, hi) = spread(&self.paired);
         json!({
             "sealed_with": SEALED_WITH,
-            "plain_tcp_pipe_one_page_mb_s": self.plain,
-            "plain_tcp_pipe_default_pipe_mb_s": self.plain_big,
+            "plain_tcp_pipe_default_pipe_mb_s": self.plain,
+            "plain_tcp_pipe_one_page_mb_s": self.plain_one_page,
             "relay_compress_none_mb_s": self.none,
             "relay_compress_lz4_mb_s": self.lz4,
-            "relay_none_over_plain": self.none / self.plain,
-            "relay_none_over_plain_paired_median": self.paired,
+            "relay_none_over_plain_paired": self.paired,
+            "relay_none_over_plain_paired_median": median(&self.paired),
+            "relay_none_over_plain_paired_min": lo,
+            "relay_none_over_plain_paired_max": hi,
+            "relay_merges_per_round": self.merges,
             "target": 0.9,
         })
     }
 
     fn rows(&self, what: &str, bytes: usize, rows: &mut Vec<(String, String)>) {
-        let r = self.none / self.plain;
+        let mb = |v: &[f64]| {
+            let (lo, hi) = spread(v);
+            format!("{:.0} MB/s ({lo:.0}-{hi:.0})", median(v))
+        };
         rows.push((
             format!("{what}: stream size"),
             format!("{:.1} MB", bytes as f64 / 1e6),
         ));
         rows.push((
-            format!("{what}: plain TCP pipe, one-page stdin"),
-            format!("{:.0} MB/s", self.plain),
+            format!("{what}: plain TCP pipe, default pipe (median, min-max)"),
+            mb(&self.plain),
         ));
         rows.push((
-            format!("{what}: plain TCP pipe, default stdin (info)"),
-            format!("{:.0} MB/s", self.plain_big),
+            format!("{what}: plain TCP pipe, one-page pipe (info)"),
+            mb(&self.plain_one_page),
         ));
         rows.push((
             format!("{what}: relay pair, sealed, --compress none"),
-            format!("{:.0} MB/s", self.none),
+            mb(&self.none),
         ));
         rows.push((
             format!("{what}: relay pair, sealed, --compress lz4"),
-            format!("{:.0} MB/s", self.lz4),
+            mb(&self.lz4),
+        ));
+        let (lo, hi) = spread(&self.paired);
+        let med = median(&self.paired);
+        rows.push((
+            format!("{what}: relay none / plain, paired (target >= 0.9)"),
+            format!("{med:.2} ({lo:.2}-{hi:.2}) {}", verdict(lo >= 0.9)),
         ));
         rows.push((
-            format!("{what}: relay sealed none / plain (target >= 0.9)"),
-            format!("{r:.2} {}", verdict(r >= 0.9)),
-        ));
-        rows.push((
-            format!("{what}: same, median of paired rounds"),
-            format!("{:.2} {}", self.paired, verdict(self.paired >= 0.9)),
+            format!("{what}: epochs merged per round (writer ahead)"),
+            format!("{:?}", self.merges),
         ));
     }
 }
 
-/// Throughput cases, interleaved so machine noise hits all of them alike.
-fn throughput(p: &Paths, stream: &[u8], repeat: usize) -> Result<Tput> {
-    let mut best = [f64::MAX; 4];
-    let mut paired = Vec::with_capacity(repeat);
-    for i in 0..repeat {
-        eprintln!("throughput round {}/{repeat}", i + 1);
-        let plain = plain_pipe(stream, true)?;
-        let none = relay_once(p, stream, "none", None)?.secs;
-        paired.push(plain / none);
-        best[0] = best[0].min(plain);
-        best[1] = best[1].min(none);
-        best[2] = best[2].min(relay_once(p, stream, "lz4", None)?.secs);
-        best[3] = best[3].min(plain_pipe(stream, false)?);
-    }
-    paired.sort_by(f64::total_cmp);
+/// Throughput rounds: each runs the plain pipe and the relay (`none`) back to back, then
+/// the relay with lz4 and the plain pipe shrunk to one page (for information).
+fn throughput(p: &Paths, stream: &[u8], checkpoints: u64, repeat: usize) -> Result<Tput> {
     let mb = stream.len() as f64 / 1e6;
-    let [plain, none, lz4, plain_big] = best.map(|s| mb / s);
-    Ok(Tput {
-        plain,
-        plain_big,
-        none,
-        lz4,
-        paired: paired.get(paired.len() / 2).copied().unwrap_or(f64::NAN),
-    })
+    let mut t = Tput {
+        plain: vec![],
+        plain_one_page: vec![],
+        none: vec![],
+        lz4: vec![],
+        paired: vec![],
+        merges: vec![],
+    };
+    for i in 0..repeat {
+        eprintln!(
+            "throughput round {}/{repeat} (load {:.1})",
+            i + 1,
+            load_average()
+        );
+        let plain = plain_pipe(stream, false)?;
+        let none = relay_once(p, stream, "none", Pace::Flat(checkpoints))?;
+        t.paired.push(plain / none.secs);
+        t.plain.push(mb / plain);
+        t.none.push(mb / none.secs);
+        let lz4 = relay_once(p, stream, "lz4", Pace::Flat(checkpoints))?;
+        t.lz4.push(mb / lz4.secs);
+        t.merges.push(none.merges);
+        t.merges.push(lz4.merges);
+        t.plain_one_page.push(mb / plain_pipe(stream, true)?);
+    }
+    Ok(t)
+}
+
+/// The 1-minute load average, recorded next to the numbers it disturbs.
+fn load_average() -> f64 {
+    let mut load = [0f64; 3];
+    // SAFETY: getloadavg writes at most 3 doubles into the array.
+    unsafe { libc::getloadavg(load.as_mut_ptr(), 3) };
+    load[0]
 }
 
 fn compression_rows(what: &str, c: &Value, rows: &mut Vec<(String, String)>) {
@@ -435,6 +493,8 @@ fn wait_for(sock: &Path, pred: impl Fn(&Value) -> bool) -> Result<Value> {
 }
 
 struct Ack {
+    /// Per-checkpoint phases (`*_recent_us` of the sender's status): name, p50, p99.
+    phases: Vec<(&'static str, f64, f64)>,
     mean_us: f64,
     p50_us: f64,
     p90_us: f64,
@@ -446,6 +506,17 @@ struct Ack {
 struct RelayRun {
     secs: f64,
     ack: Option<Ack>,
+    /// Epochs the sender merged (cuts it could not prove).
+    merges: u64,
+}
+
+/// How the stream is written into the sender's pipe.
+#[derive(Clone, Copy)]
+enum Pace<'a> {
+    /// All at once, as fast as the pipe takes it (this many checkpoints in it).
+    Flat(u64),
+    /// One checkpoint (these ends) every 5 ms, like `xl remus -i 5`.
+    Acked(&'a [u64]),
 }
 
 struct Kill(Child);
@@ -456,10 +527,9 @@ impl Drop for Kill {
     }
 }
 
-/// One relay pair: receive --once with a sink receiver, send --no-buffer fed from a pipe.
-/// With `paced` (checkpoint ends), writes one checkpoint at a time and lets its ACK come
-/// back before the next; returns the sender's ACK latency then.
-fn relay_once(p: &Paths, stream: &[u8], codec: &str, paced: Option<&[u64]>) -> Result<RelayRun> {
+/// One relay pair: receive --once with a sink receiver, send --no-buffer fed from a pipe
+/// of the default size (the relay sizes it). Paced, it returns the sender's ACK latency.
+fn relay_once(p: &Paths, stream: &[u8], codec: &str, pace: Pace) -> Result<RelayRun> {
     let key = p.work.join("key");
     std::fs::write(&key, "bench-key-0123456789abcdef")?;
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
@@ -515,9 +585,12 @@ fn relay_once(p: &Paths, stream: &[u8], codec: &str, paced: Option<&[u64]>) -> R
         .context("sender stdout")?
         .read_exact(&mut banner)?;
     let t = Instant::now();
-    match paced {
-        None => w.write_all(stream)?,
-        Some(ends) => {
+    let n = match pace {
+        Pace::Flat(n) => {
+            w.write_all(stream)?;
+            n
+        }
+        Pace::Acked(ends) => {
             // Paced like `xl remus -i 5`: each ACK is back long before the next
             // checkpoint. The status socket is not polled meanwhile (answering it costs
             // the sender's thread time that would show up as latency).
@@ -527,30 +600,63 @@ fn relay_once(p: &Paths, stream: &[u8], codec: &str, paced: Option<&[u64]>) -> R
                 start = e as usize;
                 std::thread::sleep(Duration::from_millis(5));
             }
-            let n = ends.len() as u64;
-            wait_for(&ssock, |v| v["last_acked"].as_u64() >= Some(n))?;
+            ends.len() as u64
         }
-    }
-    let ack = if paced.is_some() {
-        let st = status(&ssock).context("sender status")?;
-        Some(ack_from_status(&st))
-    } else {
-        None
     };
+    // Every checkpoint parsed, and acknowledged unless merged (a merged last checkpoint
+    // is never acknowledged: wait until the ACKs stop coming).
+    wait_for(&ssock, |v| v["last_checkpoint"].as_u64() >= Some(n))?;
+    let st = settled(&ssock, n)?;
+    let merges = st["epoch_merges_total"].as_u64().unwrap_or(0);
+    let ack = matches!(pace, Pace::Acked(_)).then(|| ack_from_status(&st));
     drop(w);
     let code = tx.0.wait()?;
     let secs = t.elapsed().as_secs_f64();
     if !code.success() {
         bail!("relay send exited with {code}");
     }
-    Ok(RelayRun { secs, ack })
+    Ok(RelayRun { secs, ack, merges })
+}
+
+/// The sender's status once checkpoint `n` is acknowledged, or once the ACKs have
+/// stopped for 200 ms after a merge (a merged checkpoint is never acknowledged).
+fn settled(sock: &Path, n: u64) -> Result<Value> {
+    let t = Instant::now();
+    let mut last = (u64::MAX, Instant::now());
+    loop {
+        let v = status(sock).context("sender status")?;
+        let acked = v["last_acked"].as_u64().unwrap_or(0);
+        if acked >= n {
+            return Ok(v);
+        }
+        if acked != last.0 {
+            last = (acked, Instant::now());
+        } else if v["epoch_merges_total"].as_u64().unwrap_or(0) > 0
+            && last.1.elapsed() > Duration::from_millis(200)
+        {
+            return Ok(v);
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            bail!("checkpoint {n} was never acknowledged (last {acked})");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 fn ack_from_status(st: &Value) -> Ack {
     // Exact quantiles over the sender's recent window of ACK latencies.
     let q = &st["ack_latency_recent_us"];
     let f = |k: &str| q[k].as_f64().unwrap_or(f64::NAN);
+    let phases = ["pause", "transfer", "backup_write", "ack", "release"]
+        .into_iter()
+        .map(|p| {
+            let q = &st[format!("{p}_recent_us")];
+            let g = |k: &str| q[k].as_f64().unwrap_or(f64::NAN);
+            (p, g("p50"), g("p99"))
+        })
+        .collect();
     Ack {
+        phases,
         mean_us: st["ack_latency_mean_us"].as_f64().unwrap_or(f64::NAN),
         p50_us: f("p50"),
         p90_us: f("p90"),

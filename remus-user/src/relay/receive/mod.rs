@@ -31,6 +31,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -41,13 +43,13 @@ use super::{Heartbeat, RelayState, SessionEnd, Shared};
 use crate::checkpoint::{LossKind, LossReason};
 use crate::compress::{CompressError, PageDecoder};
 use crate::exit::{ExitCode, HasExitCode};
-use crate::replication::{self, FrameReader, Key, Message, ServerConfig, Session};
+use crate::replication::{self, FrameReader, Incoming, Key, Message, ServerConfig, Session};
 
 pub mod cutter;
 pub mod discard;
 pub mod receiver;
 
-pub use cutter::{Cutter, Step};
+pub use cutter::{Cutter, MergeError, Step};
 pub use discard::{DEFAULT_DISCARD_CMD, DEFAULT_DISCARD_TIMEOUT, DomainName};
 pub use receiver::RECEIVER_PIPE_BYTES;
 
@@ -323,6 +325,7 @@ async fn start(reader: OwnedReadHalf, mut w: OwnedWriteHalf, ctx: &Ctx<'_>) -> P
         ctx.opts.heartbeat.interval,
         m.clone(),
         lost_tx,
+        None,
     );
     m.connected.set(1);
     ctx.shared.enter(RelayState::Replicating);
@@ -350,7 +353,7 @@ async fn start(reader: OwnedReadHalf, mut w: OwnedWriteHalf, ctx: &Ctx<'_>) -> P
 async fn replicate(mut live: Box<Live>, ctx: &Ctx<'_>) -> Phase {
     match next_stream_bytes(&mut live, ctx).await {
         Ok(None) => Phase::Replicating(live),
-        Ok(Some(data)) => match cut_and_feed(&mut live, &data).await {
+        Ok(Some(data)) => match cut_and_feed(&mut live, data).await {
             Ok(()) => Phase::Replicating(live),
             Err(end) => Phase::Closing { live, end },
         },
@@ -360,14 +363,14 @@ async fn replicate(mut live: Box<Live>, ctx: &Ctx<'_>) -> Phase {
 
 /// Waits for the next frame: stream bytes (decoded if compressed), `None` for a
 /// heartbeat, or how the session ends.
-async fn next_stream_bytes(live: &mut Live, ctx: &Ctx<'_>) -> Result<Option<Vec<u8>>, Ending> {
+async fn next_stream_bytes(live: &mut Live, ctx: &Ctx<'_>) -> Result<Option<Bytes>, Ending> {
     let hb = ctx.opts.heartbeat;
     let m = &ctx.shared.metrics;
     let r = tokio::select! {
         // Frames first: a frame already received is never mistaken for silence,
         // however late this task gets to run.
         biased;
-        r = live.reader.next() => r,
+        r = live.reader.next_frame() => r,
         _ = tokio::time::sleep(hb.silence_check(live.waiting_since)) => {
             return match hb.judge_silence(live.waiting_since, m) {
                 Some(silent) => Err(Ending::Lost(LossReason::new(LossKind::Silence, format!(
@@ -389,20 +392,36 @@ async fn next_stream_bytes(live: &mut Live, ctx: &Ctx<'_>) -> Result<Option<Vec<
     };
     live.waiting_since = Instant::now();
     let lost = |kind, detail: String| Err(Ending::Lost(LossReason::new(kind, detail)));
+    let r = match r {
+        Ok(Incoming::Data(d)) => return Ok(Some(d)),
+        Ok(Incoming::PageData(e)) => {
+            return match decode(&mut live.decoder, e).await {
+                Ok((e, d)) => {
+                    m.page_data_wire_bytes_total.inc_by(e.len() as u64);
+                    m.page_data_raw_bytes_total.inc_by(d.len() as u64);
+                    Ok(Some(d.into()))
+                }
+                Err(e) => lost(
+                    LossKind::Corrupt,
+                    format!("undecodable page data from the primary: {e}"),
+                ),
+            };
+        }
+        Ok(Incoming::Message(m)) => Ok(m),
+        Err(e) => Err(e),
+    };
     match r {
-        Ok(Message::Data(d)) => Ok(Some(d)),
-        Ok(Message::PageData(e)) => match decode(&mut live.decoder, e).await {
-            Ok((e, d)) => {
-                m.page_data_wire_bytes_total.inc_by(e.len() as u64);
-                m.page_data_raw_bytes_total.inc_by(d.len() as u64);
-                Ok(Some(d))
-            }
-            Err(e) => lost(
-                LossKind::Corrupt,
-                format!("undecodable page data from the primary: {e}"),
-            ),
-        },
         Ok(Message::Heartbeat { .. }) => Ok(None),
+        Ok(Message::Merged { checkpoint }) => match live.cutter.merged(checkpoint) {
+            Ok(()) => {
+                info!(
+                    checkpoint,
+                    "the primary could not prove checkpoint {checkpoint}'s cut: it is no failover point and goes to the receiver with the next one"
+                );
+                Ok(None)
+            }
+            Err(e) => lost(LossKind::Protocol, format!("protocol error: {e}")),
+        },
         Ok(Message::Close { finished, .. }) => Err(Ending::Closed { finished }),
         Ok(Message::Discard) => Err(Ending::Discard),
         Ok(Message::Abort { reason }) => {
@@ -427,9 +446,10 @@ async fn next_stream_bytes(live: &mut Live, ctx: &Ctx<'_>) -> Result<Option<Vec<
 }
 
 /// Hands the bytes to the cut and its steps to the feeder.
-async fn cut_and_feed(live: &mut Live, data: &[u8]) -> Result<(), Ending> {
-    live.name.push(data);
+async fn cut_and_feed(live: &mut Live, data: Bytes) -> Result<(), Ending> {
+    live.name.push(&data);
     live.steps.clear();
+    // The frame's own buffer goes on to the receiver: no copy on the way.
     if let Err(e) = live.cutter.push(data, &mut live.steps) {
         return Err(Ending::Lost(LossReason::new(
             LossKind::Corrupt,
@@ -463,10 +483,7 @@ enum DecodeError {
 
 /// Decodes a PAGE_DATA frame (off the runtime thread when big, so heartbeats keep
 /// flowing). Returns the encoded bytes back (for the metrics) with the decoded ones.
-async fn decode(
-    dec: &mut Option<PageDecoder>,
-    e: Vec<u8>,
-) -> Result<(Vec<u8>, Vec<u8>), DecodeError> {
+async fn decode(dec: &mut Option<PageDecoder>, e: Bytes) -> Result<(Bytes, Vec<u8>), DecodeError> {
     let Some(d) = dec.take() else {
         return Err(DecodeError::NoDecoder);
     };
@@ -728,14 +745,14 @@ fn report_end(end: Result<bool, LossReason>, cutter: &Cutter, shared: &Shared) {
         Err(reason) => reason,
     };
     shared.metrics.failovers_total.inc();
-    if reason.kind == LossKind::Closed {
+    if n == 0 {
+        error!(%reason, held_bytes = cutter.held(), "FAILOVER IMPOSSIBLE: primary lost before the first checkpoint that can be failed over to (checkpoint 1 incomplete, or merged); the receiver's stream is closed and it holds no usable copy");
+    } else if reason.kind == LossKind::Closed {
         warn!(
             checkpoint = n,
             held_bytes = cutter.held(),
             "FAILOVER: the primary ended the stream (xl remus stopped); closed the receiver's stream after checkpoint {n}, the backup resumes from it"
         );
-    } else if n == 0 {
-        error!(%reason, "FAILOVER IMPOSSIBLE: primary lost before the first complete checkpoint; the receiver's stream is closed and it holds no usable copy");
     } else {
         error!(%reason, checkpoint = n, held_bytes = cutter.held(), "FAILOVER: primary lost; closed the receiver's stream after checkpoint {n}, the backup resumes from it");
     }

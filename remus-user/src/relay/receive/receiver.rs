@@ -10,17 +10,19 @@
 //! restore helper libxl forks) can be frozen at once, then killed: none of them may see
 //! its stream end first, since libxl activates the copy on that end. (Its own group also
 //! keeps a terminal's Ctrl-C, meant for the relay, away from it.)
+use std::collections::VecDeque;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::mpsc;
 use tracing::{debug, info_span};
 
 use super::cutter::Step;
 use crate::metrics::Metrics;
+use crate::relay::connection::write_all_vectored;
 use crate::replication::{MAX_BANNER, Message};
 
 /// Bytes of the receiver's stdin pipe (the usual maximum, /proc/sys/fs/pipe-max-size):
@@ -163,7 +165,10 @@ async fn read_banner(
 }
 
 /// Writes steps to the receiver in order; acknowledges a checkpoint once its bytes are
-/// written. Ends (closing the receiver's stdin) when the queue closes or a write fails.
+/// written, with the time spent writing them (since the previous ACK). Write steps that
+/// are queued together go out in one `writev` (a checkpoint is held as the frames it
+/// arrived in). Ends (closing the receiver's stdin) when the queue closes or a write
+/// fails.
 pub fn spawn_feeder(
     mut stdin: ChildStdin,
     acks: mpsc::Sender<Message>,
@@ -172,28 +177,63 @@ pub fn spawn_feeder(
     mpsc::Sender<Step>,
     tokio::task::JoinHandle<Result<(), ReceiverError>>,
 ) {
-    let (feed_tx, mut feed_rx) = mpsc::channel::<Step>(64);
+    let (feed_tx, mut feed_rx) = mpsc::channel::<Step>(256);
     let h = tokio::spawn(async move {
-        while let Some(step) = feed_rx.recv().await {
-            match step {
+        let mut writing = Duration::ZERO;
+        let mut batch = VecDeque::new();
+        let mut next = feed_rx.recv().await;
+        while let Some(step) = next.take() {
+            let n = match step {
                 Step::Write(b) => {
-                    stdin.write_all(&b).await.map_err(ReceiverError::Write)?;
-                    m.stream_bytes_total.inc_by(b.len() as u64);
+                    batch.push_back(b);
+                    // Whatever else is queued, up to an ACK, joins this write.
+                    while let Ok(s) = feed_rx.try_recv() {
+                        match s {
+                            Step::Write(b) => batch.push_back(b),
+                            ack => {
+                                next = Some(ack);
+                                break;
+                            }
+                        }
+                    }
+                    let t = std::time::Instant::now();
+                    let bytes = write_all_vectored(&mut stdin, &mut batch)
+                        .await
+                        .map_err(ReceiverError::Write)?;
+                    writing += t.elapsed();
+                    m.stream_bytes_total.inc_by(bytes);
+                    None
                 }
-                Step::Ack(n) => {
-                    m.checkpoints_total.inc();
-                    m.last_checkpoint.set(n);
-                    m.last_acked_checkpoint.set(n);
-                    m.acks_total.inc();
-                    info_span!("checkpoint", n)
-                        .in_scope(|| debug!("checkpoint written whole; acknowledging"));
-                    // A primary that is gone cannot hear it; the receiver still gets the rest.
-                    let _ = acks.send(Message::Ack { checkpoint: n }).await;
-                }
+                Step::Ack(n) => Some(n),
+            };
+            if let Some(n) = n {
+                acknowledge(n, std::mem::take(&mut writing), &acks, &m).await;
+            }
+            if next.is_none() {
+                next = feed_rx.recv().await;
             }
         }
         drop(stdin);
         Ok(())
     });
     (feed_tx, h)
+}
+
+/// Checkpoint `n` is written whole (in `writing`): count it and send its ACK.
+async fn acknowledge(n: u64, writing: Duration, acks: &mpsc::Sender<Message>, m: &Metrics) {
+    m.checkpoints_total.inc();
+    m.last_checkpoint.set(n);
+    m.last_acked_checkpoint.set(n);
+    m.acks_total.inc();
+    m.checkpoint.backup_write.observe(writing);
+    let write_us = writing.as_micros().min(u64::MAX as u128) as u64;
+    info_span!("checkpoint", n)
+        .in_scope(|| debug!(write_us, "checkpoint written whole; acknowledging"));
+    // A primary that is gone cannot hear it; the receiver still gets the rest.
+    let _ = acks
+        .send(Message::Ack {
+            checkpoint: n,
+            write_us,
+        })
+        .await;
 }

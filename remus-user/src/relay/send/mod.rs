@@ -1,7 +1,8 @@
 //! `remus relay send`: the primary end. xl's stream on stdin, the reverse channel on stdout.
 //!
-//! Owns: xl's pipe (checked, shrunk to one page), setting up the connection to the backup
-//! (connect, handshake, banner), running the relay-mode checkpoint driver over them, and
+//! Owns: xl's pipe (checked, shrunk to one page before xl writes, then measured and
+//! sized for the driver: [`PipeFd`]), setting up the connection to the backup (connect,
+//! handshake, banner), running the relay-mode checkpoint driver over them, and
 //! answering a request to end protection with how the run ended. Never touches: the
 //! epoch rules (`checkpoint` decides), the connection once it runs ([`replicator`]), the
 //! kernel (the `NetBuffer` it is handed does that), the control socket itself
@@ -18,7 +19,8 @@ use tracing::{error, info, warn};
 use super::control::{EndAnswer, EndControl};
 use super::{Heartbeat, RelayState, Shared};
 use crate::checkpoint::{
-    CheckpointError, LossReason, NetBuffer, NetBufferError, RelayDriver, Released, RunEnd,
+    CheckpointError, LossReason, NetBuffer, NetBufferError, PipeGauge, PipeSizes, RelayDriver,
+    Released, RunEnd,
 };
 use crate::compress::Codec;
 use crate::exit::{ExitCode, HasExitCode};
@@ -47,6 +49,8 @@ pub struct SendOptions {
     /// Protocol versions announced (tests provoke skew with these).
     pub max_version: u16,
     pub min_version: u16,
+    /// The sizes of xl's pipe (`checkpoint::relay_mode`, "Sizing xl's pipe").
+    pub pipe: PipeSizes,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,10 +61,10 @@ pub enum SendError {
     StdinNotPipe(&'static str),
     #[error("inspecting stdin: {0}")]
     Stdin(std::io::Error),
-    #[error("shrinking xl's pipe to one page with F_SETPIPE_SZ: {0}")]
+    #[error("sizing xl's pipe with F_SETPIPE_SZ: {0}")]
     PipeSize(std::io::Error),
     #[error(
-        "stdin already holds more than one page: the writer started before the banner (xl waits for it; a test writer must too)"
+        "stdin already holds more than the pipe's first size: the writer started before the banner (xl waits for it; a test writer must too)"
     )]
     PipeBusy,
     #[error("connecting to the backup {addr}: {source}")]
@@ -126,13 +130,47 @@ impl HasExitCode for SendError {
 /// xl's pipe, checked and shrunk.
 pub struct XlPipe {
     pub fd: OwnedFd,
-    /// C: the pipe capacity read back after F_SETPIPE_SZ.
+    /// The pipe capacity read back after F_SETPIPE_SZ (one page).
     pub capacity: u64,
 }
 
-/// Checks that `fd` (stdin) is a pipe and shrinks it to one page; reads back the real
-/// capacity. Must run before xl writes (it waits for the banner), so the pipe is empty.
-pub fn prepare_pipe(fd: BorrowedFd<'_>) -> Result<XlPipe, SendError> {
+/// xl's pipe as the driver's [`PipeGauge`]: FIONREAD and F_SETPIPE_SZ on a duplicate of
+/// its read end (same pipe, so the fill and size are the reader's).
+pub struct PipeFd(OwnedFd);
+
+impl PipeFd {
+    pub fn new(fd: &OwnedFd) -> std::io::Result<PipeFd> {
+        fd.try_clone().map(PipeFd)
+    }
+}
+
+impl PipeGauge for PipeFd {
+    fn fill(&mut self) -> std::io::Result<u64> {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD on a pipe fd we own writes one int.
+        let r = unsafe { libc::ioctl(self.0.as_raw_fd(), libc::FIONREAD, &mut n) };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(n.max(0) as u64)
+    }
+
+    fn resize(&mut self, bytes: u64) -> std::io::Result<u64> {
+        let want = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        // SAFETY: fcntl on a pipe fd we own, integer argument.
+        let r = unsafe { libc::fcntl(self.0.as_raw_fd(), libc::F_SETPIPE_SZ, want) };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(r as u64)
+    }
+}
+
+/// Checks that `fd` (stdin) is a pipe and sizes it to `narrow` bytes (one page unless a
+/// test says otherwise: the driver waits for the first suspend with it narrow); reads
+/// back the real capacity. Must run before xl writes (it waits for the banner), so the
+/// pipe is empty.
+pub fn prepare_pipe(fd: BorrowedFd<'_>, narrow: u64) -> Result<XlPipe, SendError> {
     let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| SendError::Stdin(e.into()))?;
     let fmt = st.st_mode & libc::S_IFMT;
     if fmt != libc::S_IFIFO {
@@ -146,9 +184,10 @@ pub fn prepare_pipe(fd: BorrowedFd<'_>) -> Result<XlPipe, SendError> {
         }));
     }
     // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as libc::c_int;
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+    let size = libc::c_int::try_from(narrow.max(page)).unwrap_or(libc::c_int::MAX);
     // SAFETY: fcntl on a valid fd with integer arguments.
-    let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, page) };
+    let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, size) };
     if r < 0 {
         let e = std::io::Error::last_os_error();
         if e.raw_os_error() == Some(libc::EBUSY) {
@@ -341,11 +380,18 @@ async fn run_inner<B: NetBuffer>(
     shared.metrics.connected.set(1);
     shared.enter(RelayState::Replicating);
 
+    let gauge = PipeFd::new(&pipe.fd).map_err(SendError::Stdin)?;
     let rx_pipe =
         tokio::net::unix::pipe::Receiver::from_owned_fd(pipe.fd).map_err(SendError::Stdin)?;
     let mut rep = TcpReplicator::start(c.reader, c.writer, &c.session, &opts, shared.clone());
-    let mut driver = RelayDriver::new(buffer, pipe.capacity, shared.metrics.clone())
-        .end_on_request(control.requested());
+    let mut driver = RelayDriver::new(
+        buffer,
+        gauge,
+        pipe.capacity,
+        opts.pipe,
+        shared.metrics.clone(),
+    )
+    .end_on_request(control.requested());
     // Only shows the state while the driver carries a request out.
     let show = {
         let shared = shared.clone();
@@ -425,6 +471,52 @@ fn report_end(end: RunEnd, peer: String, shared: &Shared) -> Result<RunEnd, Send
 mod tests {
     use super::*;
     use crate::replication::Prover;
+    use std::os::fd::{AsFd, FromRawFd};
+
+    /// A fresh pipe: (read end, write end).
+    fn pipe() -> (OwnedFd, std::fs::File) {
+        let mut fds = [0i32; 2];
+        // SAFETY: pipe2 fills two fds on success.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: both fds are fresh and owned here.
+        unsafe {
+            (
+                OwnedFd::from_raw_fd(fds[0]),
+                std::fs::File::from_raw_fd(fds[1]),
+            )
+        }
+    }
+
+    #[test]
+    fn the_gauge_reads_the_fill_and_sizes_the_pipe_of_its_reader() {
+        use std::io::{Read, Write};
+        let (r, mut w) = pipe();
+        let xl = prepare_pipe(r.as_fd(), 4096).unwrap();
+        assert_eq!(xl.capacity, 4096);
+        let mut g = PipeFd::new(&xl.fd).unwrap();
+        assert_eq!(g.fill().unwrap(), 0);
+        assert_eq!(g.resize(1 << 20).unwrap(), 1 << 20);
+        w.write_all(&[7u8; 10_000]).unwrap();
+        assert_eq!(g.fill().unwrap(), 10_000);
+        // Holding more than a page, it cannot be narrowed: the driver keeps it wide.
+        let busy = g.resize(4096).unwrap_err();
+        assert_eq!(busy.raw_os_error(), Some(libc::EBUSY));
+        let mut buf = vec![0u8; 10_000];
+        std::fs::File::from(xl.fd).read_exact(&mut buf).unwrap();
+        assert_eq!(g.fill().unwrap(), 0);
+        assert_eq!(g.resize(4096).unwrap(), 4096);
+    }
+
+    #[test]
+    fn a_pipe_written_before_the_banner_is_refused() {
+        use std::io::Write;
+        let (r, mut w) = pipe();
+        w.write_all(&[1u8; 9000]).unwrap();
+        assert!(matches!(
+            prepare_pipe(r.as_fd(), 4096),
+            Err(SendError::PipeBusy)
+        ));
+    }
 
     #[test]
     fn handshake_failures_have_their_documented_exit_codes() {

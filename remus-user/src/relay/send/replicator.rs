@@ -3,19 +3,21 @@
 //! Owns: a running session's connection on the primary: the writer task (frames and
 //! heartbeats), the reader task (ACKs, heartbeats, silence, loss, the answers to CLOSE
 //! and DISCARD), coalescing raw stream bytes, compressing PAGE_DATA records on the way
-//! out, ACK latency. Never touches: the epoch rules, xl's pipe, the buffer.
+//! out, telling the backup of merged checkpoints, ACK latency and when each checkpoint's
+//! last byte reached the connection. Never touches: the epoch rules, xl's pipe, the buffer.
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use tokio::sync::{mpsc, watch};
 
 use super::SendOptions;
 use crate::checkpoint::{
-    BackupEvent, DiscardedCopy, LossKind, LossReason, Replicator, ReplicatorError,
+    Acked, BackupEvent, DiscardedCopy, LossKind, LossReason, Replicator, ReplicatorError,
 };
 use crate::compress::{Codec, CompressError, PageEncoder};
-use crate::relay::connection::{LossSender, loss_of, offload, spawn_writer};
+use crate::relay::connection::{LossSender, Outgoing, loss_of, offload, spawn_writer};
 use crate::relay::{Heartbeat, Shared};
 use crate::replication::{DATA_CHUNK, FrameReader, Message, Session};
 use crate::stream::{Event, Layer, libxc_type};
@@ -32,14 +34,19 @@ type Reader = FrameReader<tokio::net::tcp::OwnedReadHalf>;
 /// The backup over TCP: a writer task (frames + heartbeats), a reader task (acks,
 /// heartbeats, loss), compression of PAGE_DATA records on the way out.
 pub struct TcpReplicator {
-    tx: Option<mpsc::Sender<Message>>,
-    acks: mpsc::Receiver<u64>,
+    tx: Option<mpsc::Sender<Outgoing>>,
+    /// (checkpoint, the backup's write time in microseconds).
+    acks: mpsc::Receiver<(u64, u64)>,
+    /// When the writer wrote each checkpoint's last byte to the connection.
+    marks: mpsc::UnboundedReceiver<(u64, Instant)>,
+    on_wire: HashMap<u64, Instant>,
     lost: watch::Receiver<Option<LossReason>>,
     closed: watch::Receiver<bool>,
     discarded: watch::Receiver<Option<DiscardedCopy>>,
     encoder: Option<PageEncoder>,
-    /// Unsent stream bytes, starting at absolute offset `pending_at`.
-    pending: Vec<u8>,
+    /// Unsent stream bytes, starting at absolute offset `pending_at` (frames are split
+    /// off it without copying; its allocation is reused once they are sealed).
+    pending: BytesMut,
     pending_at: u64,
     /// Offset up to which bytes may be sent (end of the last complete unit).
     safe_to: u64,
@@ -51,7 +58,7 @@ pub struct TcpReplicator {
 
 /// What the reader task hands on.
 struct ReaderChannels {
-    acks: mpsc::Sender<u64>,
+    acks: mpsc::Sender<(u64, u64)>,
     lost: LossSender,
     closed: watch::Sender<bool>,
     discarded: watch::Sender<Option<DiscardedCopy>>,
@@ -80,8 +87,11 @@ async fn read_backup(mut reader: Reader, hb: Heartbeat, shared: Arc<Shared>, ch:
         };
         waiting_since = Instant::now();
         match r {
-            Ok(Message::Ack { checkpoint }) => {
-                if ch.acks.send(checkpoint).await.is_err() {
+            Ok(Message::Ack {
+                checkpoint,
+                write_us,
+            }) => {
+                if ch.acks.send((checkpoint, write_us)).await.is_err() {
                     return;
                 }
             }
@@ -131,8 +141,9 @@ impl TcpReplicator {
         opts: &SendOptions,
         shared: Arc<Shared>,
     ) -> TcpReplicator {
-        let (tx, rx) = mpsc::channel::<Message>(64);
-        let (ack_tx, acks) = mpsc::channel::<u64>(1024);
+        let (tx, rx) = mpsc::channel::<Outgoing>(64);
+        let (ack_tx, acks) = mpsc::channel::<(u64, u64)>(1024);
+        let (marks_tx, marks) = mpsc::unbounded_channel();
         let (lost_tx, lost) = watch::channel::<Option<LossReason>>(None);
         let (closed_tx, closed) = watch::channel(false);
         let (discarded_tx, discarded) = watch::channel(None);
@@ -145,6 +156,7 @@ impl TcpReplicator {
             hb.interval,
             shared.metrics.clone(),
             lost_tx.clone(),
+            Some(marks_tx),
         );
         let ch = ReaderChannels {
             acks: ack_tx,
@@ -158,11 +170,13 @@ impl TcpReplicator {
         TcpReplicator {
             tx: Some(tx),
             acks,
+            marks,
+            on_wire: HashMap::new(),
             lost,
             closed,
             discarded,
             encoder,
-            pending: Vec::new(),
+            pending: BytesMut::new(),
             pending_at: 0,
             safe_to: 0,
             sent_at: HashMap::new(),
@@ -172,8 +186,9 @@ impl TcpReplicator {
         }
     }
 
-    /// Metrics of one ACK: latency from the checkpoint's last byte sent.
-    fn note_ack(&mut self, n: u64) {
+    /// Metrics of one ACK (latency from the checkpoint's last byte handed to the writer)
+    /// and what is known of its timeline.
+    fn note_ack(&mut self, n: u64, write_us: u64) -> Acked {
         let m = &self.shared.metrics;
         if let Some(t) = self.sent_at.remove(&n) {
             m.observe_ack(t.elapsed());
@@ -181,9 +196,23 @@ impl TcpReplicator {
         self.sent_at.retain(|&c, _| c > n);
         m.acks_total.inc();
         m.last_acked_checkpoint.set(n);
+        while let Ok((c, t)) = self.marks.try_recv() {
+            self.on_wire.insert(c, t);
+        }
+        let sent_at = self.on_wire.remove(&n);
+        self.on_wire.retain(|&c, _| c > n);
+        Acked {
+            checkpoint: n,
+            sent_at,
+            backup_write: Some(Duration::from_micros(write_us)),
+        }
     }
 
     async fn push(&mut self, m: Message) -> Result<(), ReplicatorError> {
+        self.push_out(Outgoing::Frame(m)).await
+    }
+
+    async fn push_out(&mut self, m: Outgoing) -> Result<(), ReplicatorError> {
         let closed = || {
             LossReason::new(
                 LossKind::Connection,
@@ -204,10 +233,9 @@ impl TcpReplicator {
     async fn send_raw(&mut self, to: u64) -> Result<(), ReplicatorError> {
         while self.pending_at < to {
             let n = ((to - self.pending_at) as usize).min(DATA_CHUNK);
-            let rest = self.pending.split_off(n);
-            let chunk = std::mem::replace(&mut self.pending, rest);
+            let chunk = self.pending.split_to(n);
             self.pending_at += n as u64;
-            self.push(Message::Data(chunk)).await?;
+            self.push_out(Outgoing::Data(chunk)).await?;
         }
         Ok(())
     }
@@ -215,8 +243,7 @@ impl TcpReplicator {
     async fn send_page_record(&mut self, start: u64, end: u64) -> Result<(), ReplicatorError> {
         self.send_raw(start).await?;
         let n = (end - start) as usize;
-        let rest = self.pending.split_off(n);
-        let record = std::mem::replace(&mut self.pending, rest);
+        let record = self.pending.split_to(n).freeze();
         self.pending_at = end;
         // A record too big for one frame (only a malformed one can be) goes raw; the
         // encoder never sees it, so both page caches stay in step.
@@ -225,7 +252,7 @@ impl TcpReplicator {
             other => {
                 self.encoder = other;
                 for c in record.chunks(DATA_CHUNK) {
-                    self.push(Message::Data(c.to_vec())).await?;
+                    self.push_out(Outgoing::Data(BytesMut::from(c))).await?;
                 }
                 return Ok(());
             }
@@ -245,9 +272,14 @@ impl TcpReplicator {
     }
 
     /// Notes what the parser events of the latest bytes complete: PAGE_DATA records are
-    /// sent compressed at once; returns the checkpoints completed and whether the bytes
-    /// up to now must go out without waiting to coalesce.
-    async fn follow(&mut self, events: &[Event]) -> Result<(Vec<u64>, bool), ReplicatorError> {
+    /// sent compressed at once, a merged checkpoint's notice goes out right after its
+    /// CHECKPOINT record; returns the checkpoints completed and whether the bytes up to
+    /// now must go out without waiting to coalesce.
+    async fn follow(
+        &mut self,
+        events: &[Event],
+        merged: &[u64],
+    ) -> Result<(Vec<u64>, bool), ReplicatorError> {
         let mut completed = Vec::new();
         let mut urgent = false;
         for ev in events {
@@ -261,6 +293,13 @@ impl TcpReplicator {
                 } if self.encoder.is_some() && start >= self.pending_at => {
                     self.send_page_record(start, end).await?;
                     self.safe_to = end;
+                }
+                Event::LibxcCheckpoint { checkpoint, end } if merged.contains(&checkpoint) => {
+                    // Everything before it first, then the notice, then the rest: the
+                    // backup hears of it after N's CHECKPOINT and before N's end.
+                    self.safe_to = self.safe_to.max(end);
+                    self.send_raw(end).await?;
+                    self.push(Message::Merged { checkpoint }).await?;
                 }
                 Event::Record { end, .. }
                 | Event::XlHeader { end, .. }
@@ -286,10 +325,16 @@ fn local_failure(e: &dyn std::fmt::Display) -> ReplicatorError {
 }
 
 impl Replicator for TcpReplicator {
-    async fn forward(&mut self, bytes: &[u8], events: &[Event]) -> Result<(), ReplicatorError> {
-        self.pending.extend_from_slice(bytes);
+    async fn forward(
+        &mut self,
+        bytes: BytesMut,
+        events: &[Event],
+        merged: &[u64],
+    ) -> Result<(), ReplicatorError> {
+        // The read buffer's next bytes: joined without a copy when they follow on.
+        self.pending.unsplit(bytes);
         let read_to = self.pending_at + self.pending.len() as u64;
-        let (completed, urgent) = self.follow(events).await?;
+        let (completed, urgent) = self.follow(events, merged).await?;
         // Without compression nothing needs a whole record: send all. With it, hold the
         // tail that may belong to an unfinished PAGE_DATA record.
         let to = if self.encoder.is_some() {
@@ -305,13 +350,15 @@ impl Replicator for TcpReplicator {
         let now = Instant::now();
         for c in completed {
             self.sent_at.insert(c, now);
+            // The writer says when the checkpoint's last byte is on the connection.
+            self.push_out(Outgoing::Sent(c)).await?;
         }
         Ok(())
     }
 
     async fn next_event(&mut self) -> BackupEvent {
         enum Got {
-            Ack(Option<u64>),
+            Ack(Option<(u64, u64)>),
             Lost(LossReason),
         }
         let mut lost = self.lost.clone();
@@ -320,10 +367,7 @@ impl Replicator for TcpReplicator {
             r = lost.wait_for(Option::is_some) => Got::Lost(loss_of(r)),
         };
         match got {
-            Got::Ack(Some(n)) => {
-                self.note_ack(n);
-                BackupEvent::Ack(n)
-            }
+            Got::Ack(Some((n, write_us))) => BackupEvent::Ack(self.note_ack(n, write_us)),
             // The reader ended: on a CLOSE or DISCARDED from the backup (we did not ask:
             // `finish` and `discard` do not come through here), else it set the reason
             // before dropping the channel.
@@ -350,7 +394,7 @@ impl Replicator for TcpReplicator {
         &mut self,
         checkpoints: u64,
         finished: bool,
-    ) -> Result<Vec<u64>, ReplicatorError> {
+    ) -> Result<Vec<Acked>, ReplicatorError> {
         // Whatever is still pending is an incomplete record: the backup drops it anyway,
         // but a finished stream has none.
         let end = self.pending_at + self.pending.len() as u64;
@@ -367,9 +411,8 @@ impl Replicator for TcpReplicator {
             Ok(Ok(_)) => {
                 // ACKs sent before the CLOSE answer are queued ahead of it.
                 let mut acks = Vec::new();
-                while let Ok(n) = self.acks.try_recv() {
-                    self.note_ack(n);
-                    acks.push(n);
+                while let Ok((n, write_us)) = self.acks.try_recv() {
+                    acks.push(self.note_ack(n, write_us));
                 }
                 Ok(acks)
             }
