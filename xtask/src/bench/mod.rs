@@ -7,6 +7,7 @@ use clap::Subcommand;
 mod disk;
 mod net;
 mod relay;
+mod report;
 
 #[derive(Subcommand)]
 pub enum BenchCmd {
