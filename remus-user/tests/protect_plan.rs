@@ -228,6 +228,23 @@ fn refusal(
     failures(run(&request(domain, toml, key), xen, host, b))
 }
 
+/// [`refusal`] on `xen`, with a host and a backup that have nothing to say.
+fn refusal_on(
+    xen: &FakeXen,
+    domain: &str,
+    toml: &str,
+    key: &Path,
+) -> (ExitCode, Vec<CheckFailure>) {
+    refusal(
+        domain,
+        toml,
+        key,
+        xen,
+        &FakeHost::default(),
+        &FakeBackup::ok(),
+    )
+}
+
 const BACKUP: &str = "[defaults]\nbackup = \"backup.example\"\n";
 
 #[test]
@@ -368,14 +385,7 @@ fn a_domain_without_vif_is_unsupported() {
     let mut xen = FakeXen::lab();
     // The captured novif domain, as if it had been unpaused.
     xen.list = fixture("xl-list-novif.txt").replace("--p---", "-b----");
-    let (code, f) = refusal(
-        "novif",
-        BACKUP,
-        &k.good,
-        &xen,
-        &FakeHost::default(),
-        &FakeBackup::ok(),
-    );
+    let (code, f) = refusal_on(&xen, "novif", BACKUP, &k.good);
     assert_eq!(code, ExitCode::Unsupported);
     assert!(matches!(f[0], CheckFailure::NoVif { .. }), "{f:?}");
     // Not booted yet: no suspend path advertised either, said too.
@@ -519,14 +529,7 @@ fn the_captured_two_vif_domain_with_a_disk_is_refused_for_each_reason() {
 #[test]
 fn several_vifs_are_refused_naming_each() {
     let k = keys();
-    let (code, f) = refusal(
-        "guest",
-        BACKUP,
-        &k.good,
-        &with_devices(TWO_NICS, ""),
-        &FakeHost::default(),
-        &FakeBackup::ok(),
-    );
+    let (code, f) = refusal_on(&with_devices(TWO_NICS, ""), "guest", BACKUP, &k.good);
     assert_eq!(code, ExitCode::Unsupported);
     match &f[0] {
         CheckFailure::SeveralVifs { n, vifs, .. } => {
@@ -541,14 +544,7 @@ fn several_vifs_are_refused_naming_each() {
 fn unreplicated_disks_are_refused_unless_the_operator_accepts_them() {
     let k = keys();
     let xen = with_devices("", ONE_DISK);
-    let (code, f) = refusal(
-        "guest",
-        BACKUP,
-        &k.good,
-        &xen,
-        &FakeHost::default(),
-        &FakeBackup::ok(),
-    );
+    let (code, f) = refusal_on(&xen, "guest", BACKUP, &k.good);
     assert_eq!(code, ExitCode::Unsupported);
     match &f[0] {
         // The read-only cdrom is not named: it cannot diverge.
@@ -581,14 +577,7 @@ fn replicated_disks_wait_for_the_disk_work_and_name_a_missing_nbd() {
         matches!(f[1], CheckFailure::DiskReplicationMissing { .. }),
         "{f:?}"
     );
-    let (_, f) = refusal(
-        "guest",
-        &toml,
-        &k.good,
-        &xen,
-        &FakeHost::default(),
-        &FakeBackup::ok(),
-    );
+    let (_, f) = refusal_on(&xen, "guest", &toml, &k.good);
     assert_eq!(f.len(), 1, "{f:?}");
 }
 
@@ -649,26 +638,12 @@ fn no_xen_tools_or_no_hypervisor_stop_early() {
     let k = keys();
     let mut xen = FakeXen::lab();
     xen.xl_missing = true;
-    let (code, f) = refusal(
-        "guest",
-        BACKUP,
-        &k.good,
-        &xen,
-        &FakeHost::default(),
-        &FakeBackup::ok(),
-    );
+    let (code, f) = refusal_on(&xen, "guest", BACKUP, &k.good);
     assert_eq!(code, ExitCode::Unsupported);
     assert!(matches!(f[0], CheckFailure::NoXenTools { .. }));
     let mut xen = FakeXen::lab();
     xen.xen_down = true;
-    let (_, f) = refusal(
-        "guest",
-        BACKUP,
-        &k.good,
-        &xen,
-        &FakeHost::default(),
-        &FakeBackup::ok(),
-    );
+    let (_, f) = refusal_on(&xen, "guest", BACKUP, &k.good);
     assert!(matches!(f[0], CheckFailure::XenNotRunning { .. }));
 }
 
