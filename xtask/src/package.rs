@@ -192,46 +192,42 @@ fn install_generated(rel: &Path, gen_dir: &Path, root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Files installed as they are: (directory in the tree, name, directory in the package,
+/// mode).
+const FILES: [(&str, &str, &str, u32); 10] = [
+    (
+        "packaging/systemd",
+        "remus-protect@.service",
+        "lib/systemd/system",
+        0o644,
+    ),
+    (
+        "packaging/systemd",
+        "remus-backup@.service",
+        "lib/systemd/system",
+        0o644,
+    ),
+    ("packaging/xen", "vif-remus", "etc/xen/scripts", 0o755),
+    ("packaging", "remus.toml", "etc/remus", 0o644),
+    ("docs", "operator.md", "usr/share/doc/remus", 0o644),
+    ("", "README.md", "usr/share/doc/remus", 0o644),
+    (
+        "packaging",
+        "remus.toml",
+        "usr/share/doc/remus/examples",
+        0o644,
+    ),
+    ("packaging/debian", "postinst", "DEBIAN", 0o755),
+    ("packaging/debian", "prerm", "DEBIAN", 0o755),
+    ("packaging/debian", "postrm", "DEBIAN", 0o755),
+];
+
 /// Units, the hotplug script, the example config (a conffile), docs, the maintainer
 /// scripts.
 fn install_files(root: &Path) -> Result<()> {
     let top = util::root();
-    let pk = top.join("packaging");
-    // (source, destination under the package root, mode)
-    let files: [(PathBuf, &str, u32); 10] = [
-        (
-            pk.join("systemd/remus-protect@.service"),
-            "lib/systemd/system/remus-protect@.service",
-            0o644,
-        ),
-        (
-            pk.join("systemd/remus-backup@.service"),
-            "lib/systemd/system/remus-backup@.service",
-            0o644,
-        ),
-        (pk.join("xen/vif-remus"), "etc/xen/scripts/vif-remus", 0o755),
-        (pk.join("remus.toml"), "etc/remus/remus.toml", 0o644),
-        (
-            top.join("docs/operator.md"),
-            "usr/share/doc/remus/operator.md",
-            0o644,
-        ),
-        (
-            top.join("README.md"),
-            "usr/share/doc/remus/README.md",
-            0o644,
-        ),
-        (
-            pk.join("remus.toml"),
-            "usr/share/doc/remus/examples/remus.toml",
-            0o644,
-        ),
-        (pk.join("debian/postinst"), "DEBIAN/postinst", 0o755),
-        (pk.join("debian/prerm"), "DEBIAN/prerm", 0o755),
-        (pk.join("debian/postrm"), "DEBIAN/postrm", 0o755),
-    ];
-    for (src, dst, mode) in &files {
-        install(src, &root.join(dst), *mode)?;
+    for (from, name, to, mode) in FILES {
+        install(&top.join(from).join(name), &root.join(to).join(name), mode)?;
     }
     // The key lives here too: root only (dpkg creates the directory with this mode).
     fs::set_permissions(root.join("etc/remus"), fs::Permissions::from_mode(0o700))?;
