@@ -1,11 +1,30 @@
-//! The end of every benchmark: a two-column table on stdout with a footer naming the
-//! machine's load, the verdict word of a target, and the JSON under target/bench/.
-//! Owns the presentation only; never measures and never judges a run (a MISS is printed,
-//! not raised).
+//! What the benchmarks share: running a helper binary that answers with one line of
+//! JSON, and the end of every run (a two-column table on stdout with a footer naming the
+//! machine's load, the verdict word of a target, the JSON under target/bench/).
+//! Never measures by itself and never judges a run (a MISS is printed, not raised).
+use std::ffi::OsStr;
+use std::fmt::Debug;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
-use anyhow::Result;
+use anyhow::{Context, Result, bail};
 use serde_json::{Map, Value};
+
+/// Runs a helper (an example, a built binary) that prints one line of JSON; that JSON.
+pub fn run_json<S: AsRef<OsStr> + Debug>(bin: &Path, args: &[S]) -> Result<Value> {
+    let out = Command::new(bin)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {}", bin.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} {args:?} failed: {}",
+            bin.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
 
 /// The word after a value that has a target.
 pub fn verdict(ok: bool) -> &'static str {

@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::{Value, json};
 
-use super::report::{self, verdict};
+use super::common::{self, run_json as helper, verdict};
 use crate::util;
 
 #[derive(Args)]
@@ -179,21 +179,6 @@ fn cpu_secs(pid: u32) -> f64 {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     (ticks(11) + ticks(12)) / hz.max(1.0)
-}
-
-fn helper(bin: &Path, args: &[String]) -> Result<Value> {
-    let o = Command::new(bin)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {}", bin.display()))?;
-    if !o.status.success() {
-        bail!(
-            "{} {args:?}: {}",
-            bin.display(),
-            String::from_utf8_lossy(&o.stderr)
-        );
-    }
-    Ok(serde_json::from_slice(&o.stdout)?)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -590,13 +575,13 @@ pub fn run(a: DiskArgs) -> Result<()> {
 
     let sync = measure_sync(&a, &st)?;
     out.insert("initial_sync".into(), report_sync(&a, &sync, &mut rows));
-    let load = report::load_average();
+    let load = common::load_average();
     out.insert("load_average_1m".into(), json!(load));
     out.insert(
         "config".into(),
         json!({"seconds": a.seconds, "repeat": a.repeat, "disk_mib": a.disk_mib, "interval_ms": a.interval_ms, "backup_dir": s(&st.bdir)}),
     );
-    report::Table {
+    common::Table {
         title: "disk benchmark (loopback, one run)",
         column: "median",
         widths: (66, 44),
@@ -605,7 +590,7 @@ pub fn run(a: DiskArgs) -> Result<()> {
         &rows,
         &format!("(1-minute load average at the end: {load:.1}; ratios are paired per repetition)"),
     );
-    report::write_json(&st.target, "disk", out)?;
+    common::write_json(&st.target, "disk", out)?;
     let _ = std::fs::remove_dir_all(&st.work);
     if a.backup_dir.is_some() {
         let _ = std::fs::remove_dir_all(st.bdir.join("journal"));

@@ -4,10 +4,10 @@
 use anyhow::Result;
 use clap::Subcommand;
 
+mod common;
 mod disk;
 mod net;
 mod relay;
-mod report;
 
 #[derive(Subcommand)]
 pub enum BenchCmd {
