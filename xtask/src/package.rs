@@ -193,30 +193,16 @@ fn install_generated(rel: &Path, gen_dir: &Path, root: &Path) -> Result<()> {
 }
 
 /// Files installed as they are: (directory in the tree, name, directory in the package,
-/// mode).
+/// mode). One line a file: a table reads best as one.
+#[rustfmt::skip]
 const FILES: [(&str, &str, &str, u32); 10] = [
-    (
-        "packaging/systemd",
-        "remus-protect@.service",
-        "lib/systemd/system",
-        0o644,
-    ),
-    (
-        "packaging/systemd",
-        "remus-backup@.service",
-        "lib/systemd/system",
-        0o644,
-    ),
+    ("packaging/systemd", "remus-protect@.service", "lib/systemd/system", 0o644),
+    ("packaging/systemd", "remus-backup@.service", "lib/systemd/system", 0o644),
     ("packaging/xen", "vif-remus", "etc/xen/scripts", 0o755),
     ("packaging", "remus.toml", "etc/remus", 0o644),
     ("docs", "operator.md", "usr/share/doc/remus", 0o644),
     ("", "README.md", "usr/share/doc/remus", 0o644),
-    (
-        "packaging",
-        "remus.toml",
-        "usr/share/doc/remus/examples",
-        0o644,
-    ),
+    ("packaging", "remus.toml", "usr/share/doc/remus/examples", 0o644),
     ("packaging/debian", "postinst", "DEBIAN", 0o755),
     ("packaging/debian", "prerm", "DEBIAN", 0o755),
     ("packaging/debian", "postrm", "DEBIAN", 0o755),

@@ -1,4 +1,4 @@
-//! What the benchmarks share: running a helper binary that answers with one line of
+//! What the benchmarks share: the release build, running a helper binary that answers with one line of
 //! JSON, and the end of every run (a two-column table on stdout with a footer naming the
 //! machine's load, the verdict word of a target, the JSON under target/bench/).
 //! Never measures by itself and never judges a run (a MISS is printed, not raised).
@@ -9,6 +9,17 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Map, Value};
+
+/// Builds `remus` and the given examples in release mode; the target directory.
+pub fn build_release(examples: &[&str]) -> Result<PathBuf> {
+    let mut c = crate::util::cmd("cargo");
+    c.args(["build", "--release", "-p", "remus-user", "--bin", "remus"]);
+    for e in examples {
+        c.args(["--example", e]);
+    }
+    crate::util::run(&mut c)?;
+    Ok(crate::util::root().join("target"))
+}
 
 /// Runs a helper (an example, a built binary) that prints one line of JSON; that JSON.
 pub fn run_json<S: AsRef<OsStr> + Debug>(bin: &Path, args: &[S]) -> Result<Value> {

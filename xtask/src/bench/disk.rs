@@ -16,7 +16,6 @@ use clap::Args;
 use serde_json::{Value, json};
 
 use super::common::{self, run_json as helper, verdict};
-use crate::util;
 
 #[derive(Args)]
 pub struct DiskArgs {
@@ -242,17 +241,7 @@ fn s(p: &Path) -> String {
 
 /// Builds the release binaries, lays out the work directory, the key and sparse disks.
 fn prepare(a: &DiskArgs) -> Result<Setup> {
-    util::run(util::cmd("cargo").args([
-        "build",
-        "--release",
-        "-p",
-        "remus-user",
-        "--bin",
-        "remus",
-        "--example",
-        "disk_bench",
-    ]))?;
-    let target = util::root().join("target");
+    let target = common::build_release(&["disk_bench"])?;
     let work = target.join("bench").join("disk-work");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
