@@ -126,6 +126,101 @@ fn checkpoints(
     }))
 }
 
+/// Writes of one block each until a deadline, from a buffer of random data: the
+/// latency of each and the bytes written.
+struct Writer {
+    data: Vec<u8>,
+    block: u64,
+    offs: Offsets,
+    lat: Vec<u64>,
+    bytes: u64,
+}
+
+impl Writer {
+    fn new(block: u64, offs: Offsets) -> Writer {
+        let mut data = vec![0u8; (block as usize).max(1 << 20) * 2];
+        let mut x = 0x1234_5678_9abc_def1u64;
+        for c in data.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
+        }
+        Writer {
+            data,
+            block,
+            offs,
+            lat: Vec::new(),
+            bytes: 0,
+        }
+    }
+
+    /// The data of write `i` (a different slice each time).
+    fn slice(&self, i: u64) -> &[u8] {
+        let at = ((i * 4099) % (self.data.len() as u64 / 2)) as usize;
+        &self.data[at..at + self.block as usize]
+    }
+
+    /// pwrite to the backing file directly, one at a time.
+    fn write_file(&mut self, path: &str, deadline: Instant) -> Result<(), String> {
+        let f = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|e| format!("{path}: {e}"))?;
+        let mut i = 0;
+        while Instant::now() < deadline {
+            let off = self.offs.next();
+            let s = Instant::now();
+            f.write_all_at(self.slice(i), off)
+                .map_err(|e| e.to_string())?;
+            self.lat.push(s.elapsed().as_nanos() as u64);
+            self.bytes += self.block;
+            i += 1;
+        }
+        Ok(())
+    }
+
+    /// NBD writes through a daemon's socket, `qd` in flight.
+    fn write_nbd(&mut self, sock: &str, qd: u64, deadline: Instant) -> Result<(), String> {
+        let mut c = Client::connect(Path::new(sock), "").map_err(|e| e.to_string())?;
+        let mut inflight: VecDeque<(u64, Instant)> = VecDeque::new();
+        let mut i = 0;
+        loop {
+            let now = Instant::now();
+            while now < deadline && inflight.len() < qd as usize {
+                let off = self.offs.next();
+                let s = Instant::now();
+                let cookie = c
+                    .send(1, 0, off, self.block as u32, self.slice(i))
+                    .map_err(|e| e.to_string())?;
+                inflight.push_back((cookie, s));
+                i += 1;
+            }
+            let Some((cookie, s)) = inflight.pop_front() else {
+                return Ok(());
+            };
+            let (got, err) = c.recv(None).map_err(|e| e.to_string())?;
+            if got != cookie || err != 0 {
+                return Err(format!("reply {got}/{err} for {cookie}"));
+            }
+            self.lat.push(s.elapsed().as_nanos() as u64);
+            self.bytes += self.block;
+        }
+    }
+}
+
+/// The checkpoint loop's sockets and interval, if given.
+fn checkpoint_args(a: &[String]) -> Result<Option<(String, String, Duration)>, String> {
+    Ok(match (a.get(6), a.get(7), a.get(8)) {
+        (Some(p), Some(b), Some(i)) => Some((
+            p.clone(),
+            b.clone(),
+            Duration::from_millis(i.parse().map_err(|e| format!("INTERVAL_MS: {e}"))?),
+        )),
+        _ => None,
+    })
+}
+
 fn write(a: &[String]) -> Result<Value, String> {
     let num = |i: usize| -> Result<u64, String> {
         a.get(i)
@@ -136,81 +231,26 @@ fn write(a: &[String]) -> Result<Value, String> {
     let target = a.first().ok_or("TARGET")?;
     let seq = a.get(1).map(String::as_str) == Some("seq");
     let (block, qd, secs, region) = (num(2)?, num(3)?.max(1), num(4)?, num(5)?);
-    let ck = match (a.get(6), a.get(7), a.get(8)) {
-        (Some(p), Some(b), Some(i)) => Some((
-            p.clone(),
-            b.clone(),
-            Duration::from_millis(i.parse().map_err(|e| format!("INTERVAL_MS: {e}"))?),
-        )),
-        _ => None,
-    };
-    let mut data = vec![0u8; (block as usize).max(1 << 20) * 2];
-    let mut x = 0x1234_5678_9abc_def1u64;
-    for c in data.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
-    }
-    let mut offs = Offsets {
+    let ck = checkpoint_args(a)?;
+    let offs = Offsets {
         seq,
         block,
         region,
         i: 0,
         x: 0x9e37_79b9_7f4a_7c15,
     };
+    let mut w = Writer::new(block, offs);
     let stop = Arc::new(AtomicBool::new(false));
     let ckt = ck.map(|(p, b, i)| {
         let stop = stop.clone();
         std::thread::spawn(move || checkpoints(Path::new(&p), Path::new(&b), i, stop))
     });
-    let mut lat = Vec::new();
-    let mut bytes = 0u64;
     let t = Instant::now();
     let deadline = t + Duration::from_secs(secs);
-    let slice = |i: u64| {
-        let at = ((i * 4099) % (data.len() as u64 / 2)) as usize;
-        &data[at..at + block as usize]
-    };
     if let Some(path) = target.strip_prefix("file:") {
-        let f = OpenOptions::new()
-            .write(true)
-            .open(path)
-            .map_err(|e| format!("{path}: {e}"))?;
-        let mut i = 0;
-        while Instant::now() < deadline {
-            let off = offs.next();
-            let s = Instant::now();
-            f.write_all_at(slice(i), off).map_err(|e| e.to_string())?;
-            lat.push(s.elapsed().as_nanos() as u64);
-            bytes += block;
-            i += 1;
-        }
+        w.write_file(path, deadline)?;
     } else if let Some(sock) = target.strip_prefix("nbd:") {
-        let mut c = Client::connect(Path::new(sock), "").map_err(|e| e.to_string())?;
-        let mut inflight: VecDeque<(u64, Instant)> = VecDeque::new();
-        let mut i = 0;
-        loop {
-            let now = Instant::now();
-            while now < deadline && inflight.len() < qd as usize {
-                let off = offs.next();
-                let s = Instant::now();
-                let cookie = c
-                    .send(1, 0, off, block as u32, slice(i))
-                    .map_err(|e| e.to_string())?;
-                inflight.push_back((cookie, s));
-                i += 1;
-            }
-            let Some((cookie, s)) = inflight.pop_front() else {
-                break;
-            };
-            let (got, err) = c.recv(None).map_err(|e| e.to_string())?;
-            if got != cookie || err != 0 {
-                return Err(format!("reply {got}/{err} for {cookie}"));
-            }
-            lat.push(s.elapsed().as_nanos() as u64);
-            bytes += block;
-        }
+        w.write_nbd(sock, qd, deadline)?;
     } else {
         return Err(format!("TARGET {target}: file:PATH or nbd:SOCKET"));
     }
@@ -220,14 +260,14 @@ fn write(a: &[String]) -> Result<Value, String> {
         Some(h) => h.join().map_err(|_| "checkpoint thread")??,
         None => Value::Null,
     };
-    let ops = lat.len();
+    let (ops, bytes) = (w.lat.len(), w.bytes);
     Ok(json!({
         "ops": ops,
         "bytes": bytes,
         "secs": secs,
         "mb_s": bytes as f64 / secs / 1e6,
         "iops": ops as f64 / secs,
-        "lat_us": lat_json(lat),
+        "lat_us": lat_json(w.lat),
         "checkpoints": ck,
     }))
 }

@@ -245,26 +245,7 @@ impl Config {
                         cfg.defaults = s;
                     }
                 }
-                "domain" => {
-                    let DeValue::Table(t) = val.get_ref() else {
-                        v.at(
-                            val.span(),
-                            ProblemKind::Section,
-                            "`domain` must hold tables: write [domain.NAME] sections",
-                        );
-                        continue;
-                    };
-                    for (name, sec) in t.iter() {
-                        let n = name.get_ref().as_ref();
-                        if let Err(why) = check_domain_name(n) {
-                            v.at(name.span(), ProblemKind::DomainName, &why);
-                            continue;
-                        }
-                        if let Some(s) = v.section(sec, SectionKind::Domain) {
-                            cfg.domains.insert(n.to_string(), s);
-                        }
-                    }
-                }
+                "domain" => v.domains(val, &mut cfg),
                 other => v.at(
                     k.span(),
                     ProblemKind::Section,
@@ -272,22 +253,7 @@ impl Config {
                 ),
             }
         }
-        // Cross-section: each domain's effective heartbeat (its keys over the defaults').
-        let names: Vec<String> = std::iter::once(String::new())
-            .chain(cfg.domains.keys().cloned())
-            .collect();
-        for name in names {
-            let s = cfg.settings(&name);
-            if let Err(why) = check_heartbeat(s.heartbeat_interval, s.heartbeat_timeout) {
-                let span = heartbeat_span(&root, &name);
-                let what = if name.is_empty() {
-                    "[defaults]".to_string()
-                } else {
-                    format!("[domain.{name}]")
-                };
-                v.at(span, ProblemKind::Heartbeat, &format!("{what}: {why}"));
-            }
-        }
+        v.heartbeats(&cfg, &root);
         if v.problems.is_empty() {
             Ok(cfg)
         } else {
@@ -452,6 +418,45 @@ impl Validator<'_> {
 
     /// Checks each key of a section on its own (so every bad key is named), then returns
     /// the section if all were good.
+    /// The `[domain.NAME]` sections into `cfg.domains`.
+    fn domains(&mut self, val: &Spanned<DeValue<'_>>, cfg: &mut Config) {
+        let DeValue::Table(t) = val.get_ref() else {
+            self.at(
+                val.span(),
+                ProblemKind::Section,
+                "`domain` must hold tables: write [domain.NAME] sections",
+            );
+            return;
+        };
+        for (name, sec) in t.iter() {
+            let n = name.get_ref().as_ref();
+            if let Err(why) = check_domain_name(n) {
+                self.at(name.span(), ProblemKind::DomainName, &why);
+                continue;
+            }
+            if let Some(s) = self.section(sec, SectionKind::Domain) {
+                cfg.domains.insert(n.to_string(), s);
+            }
+        }
+    }
+
+    /// Cross-section: each domain's effective heartbeat (its keys over the defaults').
+    fn heartbeats(&mut self, cfg: &Config, root: &DeTable<'_>) {
+        let names = std::iter::once(String::new()).chain(cfg.domains.keys().cloned());
+        for name in names {
+            let s = cfg.settings(&name);
+            if let Err(why) = check_heartbeat(s.heartbeat_interval, s.heartbeat_timeout) {
+                let span = heartbeat_span(root, &name);
+                let what = if name.is_empty() {
+                    "[defaults]".to_string()
+                } else {
+                    format!("[domain.{name}]")
+                };
+                self.at(span, ProblemKind::Heartbeat, &format!("{what}: {why}"));
+            }
+        }
+    }
+
     fn section(&mut self, val: &Spanned<DeValue<'_>>, kind: SectionKind) -> Option<Section> {
         let DeValue::Table(t) = val.get_ref() else {
             self.at(

@@ -25,6 +25,7 @@
 //! - `config`: /etc/remus/remus.toml (parsing, located errors, merged settings).
 //! - `protect`: `remus protect|unprotect|status|backup`: xl, xenstore and the relay's
 //!   CLI composed into one command per host.
+//! - `signal`: the stop signals (SIGINT, SIGTERM) long-running commands end on.
 //! - `assets`: man pages and shell completions from the binaries' clap definitions.
 //!
 //! The library itself owns no state and touches nothing at load time: the binaries (and
@@ -44,6 +45,7 @@ pub mod output_commit;
 pub mod protect;
 pub mod relay;
 pub mod replication;
+pub mod signal;
 pub mod stream;
 pub mod tap;
 pub mod xen;

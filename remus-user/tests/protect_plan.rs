@@ -216,6 +216,35 @@ fn failures(r: Result<Plan, Failures>) -> (ExitCode, Vec<CheckFailure>) {
     }
 }
 
+/// The failures of a request that must be refused.
+fn refusal(
+    domain: &str,
+    toml: &str,
+    key: &Path,
+    xen: &FakeXen,
+    host: &FakeHost,
+    b: &FakeBackup,
+) -> (ExitCode, Vec<CheckFailure>) {
+    failures(run(&request(domain, toml, key), xen, host, b))
+}
+
+/// [`refusal`] on `xen`, with a host and a backup that have nothing to say.
+fn refusal_on(
+    xen: &FakeXen,
+    domain: &str,
+    toml: &str,
+    key: &Path,
+) -> (ExitCode, Vec<CheckFailure>) {
+    refusal(
+        domain,
+        toml,
+        key,
+        xen,
+        &FakeHost::default(),
+        &FakeBackup::ok(),
+    )
+}
+
 const BACKUP: &str = "[defaults]\nbackup = \"backup.example\"\n";
 
 #[test]
@@ -309,34 +338,19 @@ fn unknown_domain0_in_transit_and_paused_domains_are_refused() {
     let k = keys();
     let b = FakeBackup::ok();
     let host = FakeHost::default();
-    let (code, f) = failures(run(
-        &request("nosuch", BACKUP, &k.good),
-        &FakeXen::lab(),
-        &host,
-        &b,
-    ));
+    let (code, f) = refusal("nosuch", BACKUP, &k.good, &FakeXen::lab(), &host, &b);
     assert_eq!(code, ExitCode::Usage);
     assert!(matches!(&f[0], CheckFailure::UnknownDomain { running, .. } if running == "guest"));
 
-    let (_, f) = failures(run(
-        &request("Domain-0", BACKUP, &k.good),
-        &FakeXen::lab(),
-        &host,
-        &b,
-    ));
+    let (_, f) = refusal("Domain-0", BACKUP, &k.good, &FakeXen::lab(), &host, &b);
     assert!(matches!(f[0], CheckFailure::Dom0));
 
     // Captured while xl remus ran: the guest suspended mid-checkpoint, its copy incoming.
     let mut during = FakeXen::lab();
     during.list = fixture("xl-list-during-remus.txt");
-    let (_, f) = failures(run(
-        &request("guest--incoming", BACKUP, &k.good),
-        &during,
-        &host,
-        &b,
-    ));
+    let (_, f) = refusal("guest--incoming", BACKUP, &k.good, &during, &host, &b);
     assert!(matches!(f[0], CheckFailure::InTransit { .. }));
-    let (_, f) = failures(run(&request("guest", BACKUP, &k.good), &during, &host, &b));
+    let (_, f) = refusal("guest", BACKUP, &k.good, &during, &host, &b);
     assert!(
         matches!(
             &f[0],
@@ -351,7 +365,7 @@ fn unknown_domain0_in_transit_and_paused_domains_are_refused() {
     // `xl create -p novif`: paused.
     let mut paused = FakeXen::lab();
     paused.list = fixture("xl-list-novif.txt");
-    let (code, f) = failures(run(&request("novif", BACKUP, &k.good), &paused, &host, &b));
+    let (code, f) = refusal("novif", BACKUP, &k.good, &paused, &host, &b);
     assert_eq!(code, ExitCode::Usage);
     assert!(
         matches!(
@@ -371,12 +385,7 @@ fn a_domain_without_vif_is_unsupported() {
     let mut xen = FakeXen::lab();
     // The captured novif domain, as if it had been unpaused.
     xen.list = fixture("xl-list-novif.txt").replace("--p---", "-b----");
-    let (code, f) = failures(run(
-        &request("novif", BACKUP, &k.good),
-        &xen,
-        &FakeHost::default(),
-        &FakeBackup::ok(),
-    ));
+    let (code, f) = refusal_on(&xen, "novif", BACKUP, &k.good);
     assert_eq!(code, ExitCode::Unsupported);
     assert!(matches!(f[0], CheckFailure::NoVif { .. }), "{f:?}");
     // Not booted yet: no suspend path advertised either, said too.
@@ -405,12 +414,7 @@ fn already_protected_in_three_ways() {
             ..Default::default()
         },
     ] {
-        let (code, f) = failures(run(
-            &request("guest", BACKUP, &k.good),
-            &FakeXen::lab(),
-            &host,
-            &b,
-        ));
+        let (code, f) = refusal("guest", BACKUP, &k.good, &FakeXen::lab(), &host, &b);
         assert_eq!(code, ExitCode::Usage);
         assert!(
             matches!(f[0], CheckFailure::AlreadyProtected { .. }),
@@ -425,7 +429,7 @@ fn already_protected_in_three_ways() {
         xl_remus: Some(78),
         ..Default::default()
     };
-    let (_, f) = failures(run(&request("guest", BACKUP, &k.good), &during, &host, &b));
+    let (_, f) = refusal("guest", BACKUP, &k.good, &during, &host, &b);
     assert!(
         matches!(f[0], CheckFailure::AlreadyProtected { .. }),
         "{f:?}"
@@ -439,12 +443,14 @@ fn a_buffer_left_holding_refuses_and_one_left_open_is_taken_over() {
         buffer: LeftBuffer::Holding,
         ..Default::default()
     };
-    let (code, f) = failures(run(
-        &request("guest", BACKUP, &k.good),
+    let (code, f) = refusal(
+        "guest",
+        BACKUP,
+        &k.good,
         &FakeXen::lab(),
         &holding,
         &FakeBackup::ok(),
-    ));
+    );
     assert_eq!(code, ExitCode::Usage);
     assert!(matches!(f[0], CheckFailure::BufferLeftHolding { .. }));
     let open = FakeHost {
@@ -499,12 +505,7 @@ fn the_captured_two_vif_domain_with_a_disk_is_refused_for_each_reason() {
         ifaces: vec!["vif2.0".into(), "multi-lan".into()],
         ..Default::default()
     };
-    let (code, f) = failures(run(
-        &request("multi", BACKUP, &k.good),
-        &xen,
-        &host,
-        &FakeBackup::ok(),
-    ));
+    let (code, f) = refusal("multi", BACKUP, &k.good, &xen, &host, &FakeBackup::ok());
     assert_eq!(code, ExitCode::Unsupported);
     let kinds: Vec<&str> = f.iter().map(CheckFailure::summary).collect();
     assert_eq!(
@@ -528,12 +529,7 @@ fn the_captured_two_vif_domain_with_a_disk_is_refused_for_each_reason() {
 #[test]
 fn several_vifs_are_refused_naming_each() {
     let k = keys();
-    let (code, f) = failures(run(
-        &request("guest", BACKUP, &k.good),
-        &with_devices(TWO_NICS, ""),
-        &FakeHost::default(),
-        &FakeBackup::ok(),
-    ));
+    let (code, f) = refusal_on(&with_devices(TWO_NICS, ""), "guest", BACKUP, &k.good);
     assert_eq!(code, ExitCode::Unsupported);
     match &f[0] {
         CheckFailure::SeveralVifs { n, vifs, .. } => {
@@ -548,12 +544,7 @@ fn several_vifs_are_refused_naming_each() {
 fn unreplicated_disks_are_refused_unless_the_operator_accepts_them() {
     let k = keys();
     let xen = with_devices("", ONE_DISK);
-    let (code, f) = failures(run(
-        &request("guest", BACKUP, &k.good),
-        &xen,
-        &FakeHost::default(),
-        &FakeBackup::ok(),
-    ));
+    let (code, f) = refusal_on(&xen, "guest", BACKUP, &k.good);
     assert_eq!(code, ExitCode::Unsupported);
     match &f[0] {
         // The read-only cdrom is not named: it cannot diverge.
@@ -579,24 +570,14 @@ fn replicated_disks_wait_for_the_disk_work_and_name_a_missing_nbd() {
         nbd: false,
         ..Default::default()
     };
-    let (code, f) = failures(run(
-        &request("guest", &toml, &k.good),
-        &xen,
-        &no_nbd,
-        &FakeBackup::ok(),
-    ));
+    let (code, f) = refusal("guest", &toml, &k.good, &xen, &no_nbd, &FakeBackup::ok());
     assert_eq!(code, ExitCode::Unsupported);
     assert!(matches!(f[0], CheckFailure::NbdMissing), "{f:?}");
     assert!(
         matches!(f[1], CheckFailure::DiskReplicationMissing { .. }),
         "{f:?}"
     );
-    let (_, f) = failures(run(
-        &request("guest", &toml, &k.good),
-        &xen,
-        &FakeHost::default(),
-        &FakeBackup::ok(),
-    ));
+    let (_, f) = refusal_on(&xen, "guest", &toml, &k.good);
     assert_eq!(f.len(), 1, "{f:?}");
 }
 
@@ -605,21 +586,11 @@ fn key_backup_and_probe_failures_each_have_their_code() {
     let k = keys();
     let host = FakeHost::default();
     let xen = FakeXen::lab();
-    let (code, f) = failures(run(
-        &request("guest", BACKUP, &k.open),
-        &xen,
-        &host,
-        &FakeBackup::ok(),
-    ));
+    let (code, f) = refusal("guest", BACKUP, &k.open, &xen, &host, &FakeBackup::ok());
     assert_eq!(code, ExitCode::Usage);
     assert!(matches!(&f[0], CheckFailure::Key(_)), "{f:?}");
 
-    let (code, f) = failures(run(
-        &request("guest", "", &k.good),
-        &xen,
-        &host,
-        &FakeBackup::ok(),
-    ));
+    let (code, f) = refusal("guest", "", &k.good, &xen, &host, &FakeBackup::ok());
     assert_eq!(code, ExitCode::Usage);
     assert!(matches!(f[0], CheckFailure::NoBackup { .. }));
 
@@ -629,17 +600,12 @@ fn key_backup_and_probe_failures_each_have_their_code() {
             source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
         })
     });
-    let (code, f) = failures(run(
-        &request("guest", BACKUP, &k.good),
-        &xen,
-        &host,
-        &unreachable,
-    ));
+    let (code, f) = refusal("guest", BACKUP, &k.good, &xen, &host, &unreachable);
     assert_eq!(code, ExitCode::PeerLost);
     assert!(matches!(f[0], CheckFailure::BackupUnreachable(_)));
 
     let wrong = FakeBackup::with(|a| Err(ProbeError::WrongKey { addr: a.into() }));
-    let (code, f) = failures(run(&request("guest", BACKUP, &k.good), &xen, &host, &wrong));
+    let (code, f) = refusal("guest", BACKUP, &k.good, &xen, &host, &wrong);
     assert_eq!(code, ExitCode::Failure);
     assert!(matches!(f[0], CheckFailure::WrongKey(_)));
 }
@@ -651,12 +617,14 @@ fn every_missing_thing_is_named_once_and_the_first_decides_the_code() {
         root: false,
         ..Default::default()
     };
-    let (code, f) = failures(run(
-        &request("guest", "", &k.open),
+    let (code, f) = refusal(
+        "guest",
+        "",
+        &k.open,
         &FakeXen::lab(),
         &host,
         &FakeBackup::ok(),
-    ));
+    );
     assert_eq!(code, ExitCode::Unsupported);
     let kinds: Vec<&str> = f.iter().map(CheckFailure::summary).collect();
     assert_eq!(
@@ -670,22 +638,12 @@ fn no_xen_tools_or_no_hypervisor_stop_early() {
     let k = keys();
     let mut xen = FakeXen::lab();
     xen.xl_missing = true;
-    let (code, f) = failures(run(
-        &request("guest", BACKUP, &k.good),
-        &xen,
-        &FakeHost::default(),
-        &FakeBackup::ok(),
-    ));
+    let (code, f) = refusal_on(&xen, "guest", BACKUP, &k.good);
     assert_eq!(code, ExitCode::Unsupported);
     assert!(matches!(f[0], CheckFailure::NoXenTools { .. }));
     let mut xen = FakeXen::lab();
     xen.xen_down = true;
-    let (_, f) = failures(run(
-        &request("guest", BACKUP, &k.good),
-        &xen,
-        &FakeHost::default(),
-        &FakeBackup::ok(),
-    ));
+    let (_, f) = refusal_on(&xen, "guest", BACKUP, &k.good);
     assert!(matches!(f[0], CheckFailure::XenNotRunning { .. }));
 }
 

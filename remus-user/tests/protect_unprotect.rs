@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use remus_user::exit::ExitCode;
 use remus_user::protect::checks::{Host, LeftBuffer};
 use remus_user::protect::state::{self, BackupState, Phase, ProtectState};
-use remus_user::protect::unprotect::{UnprotectError, unprotect};
+use remus_user::protect::unprotect::{Done, UnprotectError, unprotect};
 use remus_user::protect::xen::{Xen, XenError};
 
 fn fixture(name: &str) -> String {
@@ -69,6 +69,19 @@ impl Host for FakeHost {
     fn xl_remus_running(&self, _: &str, _: u32) -> Option<u32> {
         None
     }
+}
+
+/// A `FakeXen` whose `xl list` answers with the named capture.
+fn listing(capture: &str) -> FakeXen {
+    FakeXen {
+        list: fixture(capture),
+        destroyed: RefCell::new(vec![]),
+    }
+}
+
+/// `remus unprotect guest` against `xen` on a host whose vif buffer is in `buffer`.
+fn unprotect_guest(dir: &Path, xen: &FakeXen, buffer: LeftBuffer) -> Result<Done, UnprotectError> {
+    unprotect("guest", dir, xen, &FakeHost { buffer })
 }
 
 fn grandchildren(pid: u32) -> Vec<u32> {
@@ -131,10 +144,7 @@ fn on_the_backup_the_receiver_is_killed_before_it_can_activate_and_the_copy_dest
     };
     state::write_json(&state::backup_path(d.path(), "guest"), &b).unwrap();
     // Captured in the lab while xl remus ran: guest and guest--incoming.
-    let xen = FakeXen {
-        list: fixture("xl-list-during-remus.txt"),
-        destroyed: RefCell::new(vec![]),
-    };
+    let xen = listing("xl-list-during-remus.txt");
     let t0 = Instant::now();
     let children = loop {
         let c = grandchildren(relay.id());
@@ -157,15 +167,7 @@ fn on_the_backup_the_receiver_is_killed_before_it_can_activate_and_the_copy_dest
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(tree.len(), 3, "{tree:?}");
-    let done = unprotect(
-        "guest",
-        d.path(),
-        &xen,
-        &FakeHost {
-            buffer: LeftBuffer::None,
-        },
-    )
-    .unwrap();
+    let done = unprotect_guest(d.path(), &xen, LeftBuffer::None).unwrap();
     // guest--incoming is domid 4 in the capture.
     assert_eq!(done.destroyed, Some(4));
     let mut killed = done.killed.clone();
@@ -229,19 +231,8 @@ fn fake_protect(dir: &Path, ended: Phase) -> Child {
 fn on_a_protecting_primary_it_stops_remus_protect_and_reports_the_clean_end() {
     let d = tempfile::tempdir().unwrap();
     let mut p = fake_protect(d.path(), Phase::Unprotected);
-    let xen = FakeXen {
-        list: fixture("xl-list.txt"),
-        destroyed: RefCell::new(vec![]),
-    };
-    let done = unprotect(
-        "guest",
-        d.path(),
-        &xen,
-        &FakeHost {
-            buffer: LeftBuffer::None,
-        },
-    )
-    .unwrap();
+    let xen = listing("xl-list.txt");
+    let done = unprotect_guest(d.path(), &xen, LeftBuffer::None).unwrap();
     assert_eq!(done.ended, Some((Phase::Unprotected, LeftBuffer::None)));
     // It signalled `remus protect`, which ended; nothing was killed or destroyed here.
     assert!(p.wait().unwrap().success());
@@ -253,19 +244,8 @@ fn on_a_protecting_primary_it_stops_remus_protect_and_reports_the_clean_end() {
 fn on_a_primary_an_unconfirmed_end_is_exit_5_and_says_the_output_is_held() {
     let d = tempfile::tempdir().unwrap();
     let mut p = fake_protect(d.path(), Phase::EndUnconfirmed);
-    let xen = FakeXen {
-        list: fixture("xl-list.txt"),
-        destroyed: RefCell::new(vec![]),
-    };
-    let e = unprotect(
-        "guest",
-        d.path(),
-        &xen,
-        &FakeHost {
-            buffer: LeftBuffer::Holding,
-        },
-    )
-    .unwrap_err();
+    let xen = listing("xl-list.txt");
+    let e = unprotect_guest(d.path(), &xen, LeftBuffer::Holding).unwrap_err();
     assert!(matches!(e, UnprotectError::Unconfirmed { .. }), "{e}");
     assert_eq!(e.exit_code(), ExitCode::Unconfirmed);
     assert!(p.wait().unwrap().success());
@@ -283,19 +263,8 @@ fn where_protection_ended_it_cleans_up_and_says_what_is_left() {
     )
     .unwrap();
     std::fs::write(state::relay_exit_path(d.path(), "guest"), "{}").unwrap();
-    let xen = FakeXen {
-        list: fixture("xl-list.txt"),
-        destroyed: RefCell::new(vec![]),
-    };
-    let done = unprotect(
-        "guest",
-        d.path(),
-        &xen,
-        &FakeHost {
-            buffer: LeftBuffer::Passthrough,
-        },
-    )
-    .unwrap();
+    let xen = listing("xl-list.txt");
+    let done = unprotect_guest(d.path(), &xen, LeftBuffer::Passthrough).unwrap();
     assert_eq!(
         done.ended,
         Some((Phase::BackupLost, LeftBuffer::Passthrough))
@@ -304,15 +273,7 @@ fn where_protection_ended_it_cleans_up_and_says_what_is_left() {
     assert!(!state::protect_path(d.path(), "guest").exists());
     assert!(!state::relay_exit_path(d.path(), "guest").exists());
     // Twice: nothing is left, so it is not protected here.
-    let e = unprotect(
-        "guest",
-        d.path(),
-        &xen,
-        &FakeHost {
-            buffer: LeftBuffer::None,
-        },
-    )
-    .unwrap_err();
+    let e = unprotect_guest(d.path(), &xen, LeftBuffer::None).unwrap_err();
     assert!(matches!(e, UnprotectError::NotProtected { .. }), "{e}");
     assert_eq!(e.exit_code(), ExitCode::Usage);
 }

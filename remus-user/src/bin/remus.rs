@@ -27,6 +27,7 @@ use remus_user::relay::{
     status::{self, Role},
 };
 use remus_user::replication::{Key, MIN_VERSION, VERSION};
+use remus_user::signal::stop_signal;
 use remus_user::xen::XenDomain;
 
 const ABOUT: &str =
@@ -681,21 +682,6 @@ async fn relay_receive(a: ReceiveArgs) -> ExitCode {
         sig = stop_signal() => {
             tracing::warn!(signal = sig, "stopping: a primary being replicated loses its backup and the receiver's stream closes (it fails over, as stock Remus does when its transport dies)");
             ExitCode::Ok
-        }
-    }
-}
-
-/// SIGINT or SIGTERM.
-async fn stop_signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => tokio::select! {
-            _ = tokio::signal::ctrl_c() => "SIGINT",
-            _ = term.recv() => "SIGTERM",
-        },
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            "SIGINT"
         }
     }
 }

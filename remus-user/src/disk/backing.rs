@@ -51,73 +51,85 @@ pub struct Backing {
 /// `BLKGETSIZE64` = `_IOR(0x12, 114, size_t)`.
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 
+/// What `path` is: a regular file or a block device (anything else is refused).
+fn kind_of(path: &Path, p: &str) -> Result<(std::fs::Metadata, Kind), BackingError> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(BackingError::NotFound { path: p.into() });
+        }
+        Err(source) => {
+            return Err(BackingError::Io {
+                path: p.into(),
+                what: "reading its metadata",
+                source,
+            });
+        }
+    };
+    let ft = meta.file_type();
+    if ft.is_file() {
+        return Ok((meta, Kind::File));
+    }
+    if ft.is_block_device() {
+        return Ok((meta, Kind::BlockDevice));
+    }
+    let what = if ft.is_dir() {
+        "a directory"
+    } else {
+        "neither a regular file nor a block device"
+    };
+    Err(BackingError::WrongKind {
+        path: p.into(),
+        what,
+    })
+}
+
+/// Opens read-write (a block device `O_EXCL`), then takes the `flock` that keeps a
+/// second daemon away.
+fn open_exclusive(path: &Path, p: &str, kind: Kind) -> Result<std::fs::File, BackingError> {
+    let mut o = OpenOptions::new();
+    o.read(true).write(true);
+    if kind == Kind::BlockDevice {
+        o.custom_flags(libc::O_EXCL);
+    }
+    let file = o.open(path).map_err(|source| match source.raw_os_error() {
+        Some(libc::EBUSY) => BackingError::Busy {
+            path: p.into(),
+            detail: "the block device is in use (mounted or claimed)".into(),
+        },
+        _ => BackingError::Io {
+            path: p.into(),
+            what: "opening it read-write",
+            source,
+        },
+    })?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            BackingError::Busy {
+                path: p.into(),
+                detail: "another process holds its lock (another remus disk daemon?)".into(),
+            }
+        } else {
+            BackingError::Io {
+                path: p.into(),
+                what: "locking it",
+                source: e,
+            }
+        });
+    }
+    Ok(file)
+}
+
 impl Backing {
     /// Opens `path` read-write. A block device is opened `O_EXCL` (refused while mounted
     /// or claimed); either kind is then `flock`ed, so two `remus disk` daemons never
     /// serve the same backing.
     pub fn open(path: &Path) -> Result<Backing, BackingError> {
         let p = path.display().to_string();
-        let meta = match std::fs::metadata(path) {
-            Ok(m) => m,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(BackingError::NotFound { path: p });
-            }
-            Err(source) => {
-                return Err(BackingError::Io {
-                    path: p,
-                    what: "reading its metadata",
-                    source,
-                });
-            }
-        };
-        let ft = meta.file_type();
-        let kind = if ft.is_file() {
-            Kind::File
-        } else if ft.is_block_device() {
-            Kind::BlockDevice
-        } else if ft.is_dir() {
-            return Err(BackingError::WrongKind {
-                path: p,
-                what: "a directory",
-            });
-        } else {
-            return Err(BackingError::WrongKind {
-                path: p,
-                what: "neither a regular file nor a block device",
-            });
-        };
-        let mut o = OpenOptions::new();
-        o.read(true).write(true);
-        if kind == Kind::BlockDevice {
-            o.custom_flags(libc::O_EXCL);
-        }
-        let file = o.open(path).map_err(|source| match source.raw_os_error() {
-            Some(libc::EBUSY) => BackingError::Busy {
-                path: p.clone(),
-                detail: "the block device is in use (mounted or claimed)".into(),
-            },
-            _ => BackingError::Io {
-                path: p.clone(),
-                what: "opening it read-write",
-                source,
-            },
-        })?;
-        // SAFETY: flock on an fd we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let e = io::Error::last_os_error();
-            return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                BackingError::Busy {
-                    path: p,
-                    detail: "another process holds its lock (another remus disk daemon?)".into(),
-                }
-            } else {
-                BackingError::Io {
-                    path: p,
-                    what: "locking it",
-                    source: e,
-                }
-            });
-        }
+        let (meta, kind) = kind_of(path, &p)?;
+        let file = open_exclusive(path, &p, kind)?;
         let size = match kind {
             Kind::File => meta.len(),
             Kind::BlockDevice => {

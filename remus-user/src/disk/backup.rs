@@ -199,6 +199,246 @@ impl ApplyObserver for Observer<'_> {
     }
 }
 
+/// The epochs as the journal left them: durable is the contiguous run of complete epochs
+/// after what is applied (later complete ones are dropped); a commit past it is an error.
+fn recover_epochs(journal: &mut Journal, state: &State) -> Result<Epochs, BackupError> {
+    let complete = journal.recover(state.applied)?;
+    let mut epochs = Epochs {
+        in_sync: state.in_sync,
+        applied: state.applied,
+        committed: state.committed.max(state.applied),
+        durable: state.applied,
+        closed: state.applied,
+        open: None,
+        merged: state.merged.iter().copied().collect(),
+    };
+    for e in complete {
+        if e == epochs.durable + 1 {
+            epochs.durable = e;
+            epochs.closed = e;
+        } else {
+            journal.drop_epoch(e);
+        }
+    }
+    if epochs.committed > epochs.durable {
+        return Err(JournalError::Missing(epochs.durable + 1).into());
+    }
+    Ok(epochs)
+}
+
+impl Inner {
+    fn new(epochs: Epochs, journal: Journal, state: &State) -> Inner {
+        Inner {
+            epochs,
+            journal,
+            phase: Phase::Waiting,
+            session: None,
+            session_hex: state.session.clone(),
+            next_session: 1,
+            sessions_total: 0,
+            applied_bytes_total: 0,
+            apply_secs_total: 0.0,
+            replayed: Vec::new(),
+            last_error: None,
+            export: None,
+            target: None,
+            since: now_unix(),
+            flushed: state.applied,
+            unflushed: Vec::new(),
+            unflushed_bytes: 0,
+        }
+    }
+}
+
+/// The session's sender: seals and writes under one lock on a clone of `stream`.
+fn sender(stream: &TcpStream, sealer: crate::replication::Sealer) -> Result<Sender, String> {
+    let writer = Arc::new(Mutex::new(stream.try_clone().map_err(|e| e.to_string())?));
+    Ok(Arc::new(
+        move |kind, epoch, payload: &[u8]| -> Result<(), String> {
+            let mut w = lock(&writer);
+            channel::send(&sealer, &mut *w, kind, epoch, 0, payload)
+                .map_err(|e| format!("writing to the primary: {e}"))
+        },
+    ))
+}
+
+/// Heartbeats from a thread of their own (the session thread may sit in an fsync), until
+/// the returned flag is cleared or a send fails.
+fn heartbeats(send: Sender, interval: Duration) -> Arc<AtomicBool> {
+    let alive = Arc::new(AtomicBool::new(true));
+    let a = alive.clone();
+    let _ = std::thread::Builder::new()
+        .name("disk-hb".into())
+        .spawn(move || {
+            while a.load(Ordering::Relaxed) {
+                std::thread::sleep(interval);
+                if !a.load(Ordering::Relaxed) || send(Kind::Heartbeat, 0, &[]).is_err() {
+                    break;
+                }
+            }
+        });
+    alive
+}
+
+/// Whether the frame loop goes on.
+enum Flow {
+    More,
+    /// The primary's orderly CLOSE.
+    Closed,
+}
+
+/// One session's frames: before SYNC_DONE straight to the backing, after it into the
+/// journal's open epoch, closed by CUT and handed to the syncer.
+struct SessionFrames<'a> {
+    b: &'a Arc<Backup>,
+    id: u64,
+    send: &'a Sender,
+    budget: journal::Budget,
+    open: Option<OpenEpoch>,
+    in_sync: bool,
+    syncer: std::sync::mpsc::SyncSender<Closing>,
+}
+
+impl SessionFrames<'_> {
+    /// The next frame of this (still current) session.
+    fn recv(&self, r: &mut channel::Reader<TcpStream>) -> Result<Received, String> {
+        let f = match r.recv() {
+            Ok(f) => f,
+            Err(WireError::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(format!(
+                    "the primary was silent for {:?}",
+                    self.b.cfg.heartbeat.timeout
+                ));
+            }
+            Err(WireError::Closed) => return Err("the primary closed the connection".into()),
+            Err(e) => return Err(e.to_string()),
+        };
+        if !self.current() {
+            return Err("the session was ended here (failover or shutdown)".into());
+        }
+        Ok(f)
+    }
+
+    fn current(&self) -> bool {
+        lock(&self.b.inner).session.as_ref().map(|s| s.id) == Some(self.id)
+    }
+
+    fn step(&mut self, f: Received) -> Result<Flow, String> {
+        let kind = f.kind();
+        // ZERO and SYNC_ZERO carry their length (8 bytes, checked by the wire layer).
+        let len = if matches!(kind, Kind::Zero | Kind::SyncZero) {
+            wire::zero_len(f.payload())
+        } else {
+            f.payload().len() as u64
+        };
+        match kind {
+            Kind::Heartbeat => {}
+            Kind::SyncData | Kind::SyncZero | Kind::Write | Kind::Zero if !self.in_sync => {
+                self.direct(kind, &f, len)?
+            }
+            Kind::SyncDone if !self.in_sync => self.sync_done(f.epoch())?,
+            Kind::Write | Kind::Zero => self.write(f, len)?,
+            Kind::Cut if self.in_sync => self.cut(&f)?,
+            Kind::Close => return Ok(Flow::Closed),
+            Kind::Abort => {
+                return Err(format!(
+                    "the primary aborted: {}",
+                    String::from_utf8_lossy(f.payload())
+                ));
+            }
+            other => {
+                return Err(format!(
+                    "unexpected {other:?} frame (in sync: {})",
+                    self.in_sync
+                ));
+            }
+        }
+        Ok(Flow::More)
+    }
+
+    /// Before SYNC_DONE everything goes straight to the backing, in order.
+    fn direct(&self, kind: Kind, f: &Received, len: u64) -> Result<(), String> {
+        let (backing, offset) = (&self.b.backing, f.offset());
+        if !backing.contains(offset, len) {
+            Err(format!(
+                "{kind:?} beyond the end of the disk ({offset}+{len})"
+            ))
+        } else if matches!(kind, Kind::SyncZero | Kind::Zero) {
+            backing
+                .zero(offset, len, true)
+                .map_err(|e| format!("writing the backing: {e}"))
+        } else {
+            backing
+                .write_at(f.payload(), offset, false)
+                .map_err(|e| format!("writing the backing: {e}"))
+        }
+    }
+
+    /// The disk is in sync: epochs are held from `epoch` on.
+    fn sync_done(&mut self, epoch: u64) -> Result<(), String> {
+        let b = self.b;
+        b.backing
+            .flush()
+            .map_err(|e| format!("flushing the backing: {e}"))?;
+        let mut i = lock(&b.inner);
+        i.epochs.synced(epoch);
+        i.phase = Phase::Replicating;
+        b.save(&i).map_err(|e| e.to_string())?;
+        drop(i);
+        b.changed.notify_all();
+        self.in_sync = true;
+        tracing::info!(
+            first_epoch = epoch,
+            "the disk is in sync: holding epochs from here on"
+        );
+        (self.send)(Kind::Synced, 0, &[])
+    }
+
+    /// A write of an epoch: into its journal file (opened by its first write).
+    fn write(&mut self, f: Received, len: u64) -> Result<(), String> {
+        let (kind, epoch) = (f.kind(), f.epoch());
+        if !self.b.backing.contains(f.offset(), len) {
+            return Err(format!("{kind:?} beyond the end of the disk"));
+        }
+        if self.open.as_ref().map(|o| o.epoch()) != Some(epoch) {
+            let mut i = lock(&self.b.inner);
+            if i.session.as_ref().map(|s| s.id) != Some(self.id) {
+                return Err("the session was ended here".into());
+            }
+            i.epochs.write(epoch).map_err(|e| e.to_string())?;
+            drop(i);
+            self.open = Some(self.budget.begin(epoch).map_err(|e| e.to_string())?);
+        }
+        match self.open.as_mut() {
+            Some(o) => o.append(f).map_err(|e| e.to_string()),
+            None => Err("no open epoch".into()),
+        }
+    }
+
+    /// CUT closes the open epoch (an empty one if nothing was written).
+    fn cut(&mut self, f: &Received) -> Result<(), String> {
+        let epoch = f.epoch();
+        lock(&self.b.inner)
+            .epochs
+            .cut(epoch)
+            .map_err(|e| e.to_string())?;
+        let o = match self.open.take() {
+            Some(o) => o,
+            None => self.budget.begin(epoch).map_err(|e| e.to_string())?,
+        };
+        let closing = o.finish(&f.header).map_err(|e| e.to_string())?;
+        // The fsync runs on the syncer thread while the next epoch arrives.
+        self.syncer
+            .send(closing)
+            .map_err(|_| "the journal syncer stopped".to_string())
+    }
+}
+
 impl Backup {
     /// Opens the journal, replays what was committed but not applied, and decides the
     /// starting phase (a backup that failed over serves its disk again).
@@ -218,58 +458,35 @@ impl Backup {
             }
             .into());
         }
-        let complete = journal.recover(state.applied)?;
-        let mut epochs = Epochs {
-            in_sync: state.in_sync,
-            applied: state.applied,
-            committed: state.committed.max(state.applied),
-            durable: state.applied,
-            closed: state.applied,
-            open: None,
-            merged: state.merged.iter().copied().collect(),
-        };
-        // Durable = the contiguous run of complete epochs after what is applied.
-        for e in complete {
-            if e == epochs.durable + 1 {
-                epochs.durable = e;
-                epochs.closed = e;
-            } else {
-                journal.drop_epoch(e);
-            }
-        }
-        if epochs.committed > epochs.durable {
-            return Err(JournalError::Missing(epochs.durable + 1).into());
-        }
+        let epochs = recover_epochs(&mut journal, &state)?;
         let b = Arc::new(Backup {
             cfg,
             backing: Arc::new(backing),
-            inner: Mutex::new(Inner {
-                epochs,
-                journal,
-                phase: Phase::Waiting,
-                session: None,
-                session_hex: state.session.clone(),
-                next_session: 1,
-                sessions_total: 0,
-                applied_bytes_total: 0,
-                apply_secs_total: 0.0,
-                replayed: Vec::new(),
-                last_error: None,
-                export: None,
-                target: None,
-                since: now_unix(),
-                flushed: state.applied,
-                unflushed: Vec::new(),
-                unflushed_bytes: 0,
-            }),
+            inner: Mutex::new(Inner::new(epochs, journal, &state)),
             changed: Condvar::new(),
             applying: Mutex::new(()),
             stalled: AtomicBool::new(false),
             records_applied: AtomicU64::new(0),
         });
-        // Replay: committed but not (known to be) applied.
+        b.replay()?;
+        {
+            let b2 = b.clone();
+            std::thread::Builder::new()
+                .name("disk-flusher".into())
+                .spawn(move || b2.flusher())
+                .map_err(|e| BackupError::State(format!("starting the flusher: {e}")))?;
+        }
+        b.start_phase(state.exported);
+        if state.exported {
+            b.start_export()?;
+        }
+        Ok(b)
+    }
+
+    /// Replays the epochs committed but not (known to be) applied.
+    fn replay(&self) -> Result<(), BackupError> {
         let (from, to) = {
-            let i = lock(&b.inner);
+            let i = lock(&self.inner);
             (i.epochs.applied + 1, i.epochs.committed)
         };
         if from <= to {
@@ -278,36 +495,27 @@ impl Backup {
                 to,
                 "replaying committed epochs from the journal (the last run stopped mid-apply)"
             );
-            let _a = lock(&b.applying);
-            let r = b.apply_range(from, to, true)?;
-            lock(&b.inner).replayed = r.applied;
+            let _a = lock(&self.applying);
+            let r = self.apply_range(from, to, true)?;
+            lock(&self.inner).replayed = r.applied;
         }
-        {
-            let b2 = b.clone();
-            std::thread::Builder::new()
-                .name("disk-flusher".into())
-                .spawn(move || b2.flusher())
-                .map_err(|e| BackupError::State(format!("starting the flusher: {e}")))?;
-        }
-        let exported = state.exported;
-        {
-            let mut i = lock(&b.inner);
-            i.phase = if exported {
-                Phase::Exported
-            } else if i.epochs.in_sync {
-                Phase::Lost(format!(
-                    "restarted: holding the disk at checkpoint {} (epochs {:?} durable); fail over or discard",
-                    i.epochs.applied,
-                    i.journal.held_epochs()
-                ))
-            } else {
-                Phase::Waiting
-            };
-        }
-        if exported {
-            b.start_export()?;
-        }
-        Ok(b)
+        Ok(())
+    }
+
+    /// The phase at start: exported again, holding a disk that was in sync, or waiting.
+    fn start_phase(&self, exported: bool) {
+        let mut i = lock(&self.inner);
+        i.phase = if exported {
+            Phase::Exported
+        } else if i.epochs.in_sync {
+            Phase::Lost(format!(
+                "restarted: holding the disk at checkpoint {} (epochs {:?} durable); fail over or discard",
+                i.epochs.applied,
+                i.journal.held_epochs()
+            ))
+        } else {
+            Phase::Waiting
+        };
     }
 
     pub fn backing(&self) -> &Arc<Backing> {
@@ -435,76 +643,30 @@ impl Backup {
         stream
             .set_read_timeout(Some(hb.timeout))
             .map_err(|e| e.to_string())?;
-        let writer = Arc::new(Mutex::new(stream.try_clone().map_err(|e| e.to_string())?));
-        let send: Sender = {
-            let (writer, sealer) = (writer.clone(), keys.sealer);
-            Arc::new(move |kind, epoch, payload: &[u8]| -> Result<(), String> {
-                let mut w = lock(&writer);
-                channel::send(&sealer, &mut *w, kind, epoch, 0, payload)
-                    .map_err(|e| format!("writing to the primary: {e}"))
-            })
-        };
+        let send = sender(&stream, keys.sealer)?;
         let abort = |why: &str| {
             let _ = send(Kind::Abort, 0, wire::abort(why));
         };
         let mut r =
             channel::Reader::new(stream.try_clone().map_err(|e| e.to_string())?, keys.opener);
-        let hello = match r.recv() {
-            Ok(f) if f.kind() == Kind::Hello => {
-                wire::parse_hello(f.payload()).ok_or("malformed HELLO")?
+        let hello = match self.hello(&mut r) {
+            Ok(h) => h,
+            Err((why, tell)) => {
+                if let Some(t) = tell {
+                    abort(&t);
+                }
+                return Err(why);
             }
-            Ok(f) => {
-                abort("expected HELLO");
-                return Err(format!("expected HELLO, got {:?}", f.kind()));
-            }
-            Err(e) => return Err(e.to_string()),
         };
-        if hello.max_version < wire::MIN_VERSION || hello.min_version > wire::VERSION {
-            let why = format!(
-                "disk protocol versions {}..={} and {}..={} have nothing in common",
-                hello.min_version,
-                hello.max_version,
-                wire::MIN_VERSION,
-                wire::VERSION
-            );
-            abort(&why);
-            return Err(why);
-        }
-        if hello.size != self.backing.size() {
-            let why = format!(
-                "size mismatch: the primary's disk has {} bytes, this backup's backing {} has {}",
-                hello.size,
-                self.backing.path().display(),
-                self.backing.size()
-            );
-            abort(&why);
-            return Err(why);
-        }
-        let id;
-        {
-            let mut i = lock(&self.inner);
-            if i.phase != Phase::Waiting {
-                drop(i);
-                let why = self.refusal().unwrap_or_else(|| "busy".into());
-                abort(&why);
-                // Not our session: leave the state alone.
-                return Err(format!("refused: {why}"));
+        let id = match self.register(&stream, peer, &hello, registered) {
+            Ok(id) => id,
+            Err((why, tell)) => {
+                if let Some(t) = tell {
+                    abort(&t);
+                }
+                return Err(why);
             }
-            i.epochs.reset();
-            i.journal.discard_above(0);
-            i.session_hex = hello.session.iter().map(|b| format!("{b:02x}")).collect();
-            id = i.next_session;
-            i.next_session += 1;
-            i.sessions_total += 1;
-            i.session = Some(Session {
-                id,
-                peer: peer.to_string(),
-                stream: stream.try_clone().map_err(|e| e.to_string())?,
-            });
-            i.phase = Phase::Syncing;
-            *registered = Some(id);
-            self.save(&i).map_err(|e| e.to_string())?;
-        }
+        };
         self.changed.notify_all();
         tracing::info!(primary = %peer, session = id, size = hello.size, "primary connected: initial synchronisation");
         send(
@@ -512,22 +674,7 @@ impl Backup {
             0,
             &wire::welcome(wire::VERSION, self.backing.size()),
         )?;
-        // Heartbeats from a thread of their own (the session thread may sit in an fsync).
-        let alive = Arc::new(AtomicBool::new(true));
-        {
-            let (alive, send) = (alive.clone(), send.clone());
-            let _ = std::thread::Builder::new()
-                .name("disk-hb".into())
-                .spawn(move || {
-                    while alive.load(Ordering::Relaxed) {
-                        std::thread::sleep(hb.interval);
-                        if !alive.load(Ordering::Relaxed) || send(Kind::Heartbeat, 0, &[]).is_err()
-                        {
-                            break;
-                        }
-                    }
-                });
-        }
+        let alive = heartbeats(send.clone(), hb.interval);
         let res = self.frames(&mut r, &send, id);
         alive.store(false, Ordering::Relaxed);
         if let Err(e) = &res {
@@ -537,6 +684,78 @@ impl Backup {
         res
     }
 
+    /// Reads and checks the primary's HELLO. An error is the reason, and what to tell the
+    /// primary in an ABORT (if anything).
+    fn hello(
+        &self,
+        r: &mut channel::Reader<TcpStream>,
+    ) -> Result<wire::Hello, (String, Option<String>)> {
+        let hello = match r.recv() {
+            Ok(f) if f.kind() == Kind::Hello => {
+                wire::parse_hello(f.payload()).ok_or(("malformed HELLO".to_string(), None))?
+            }
+            Ok(f) => {
+                return Err((
+                    format!("expected HELLO, got {:?}", f.kind()),
+                    Some("expected HELLO".into()),
+                ));
+            }
+            Err(e) => return Err((e.to_string(), None)),
+        };
+        let why = if hello.max_version < wire::MIN_VERSION || hello.min_version > wire::VERSION {
+            format!(
+                "disk protocol versions {}..={} and {}..={} have nothing in common",
+                hello.min_version,
+                hello.max_version,
+                wire::MIN_VERSION,
+                wire::VERSION
+            )
+        } else if hello.size != self.backing.size() {
+            format!(
+                "size mismatch: the primary's disk has {} bytes, this backup's backing {} has {}",
+                hello.size,
+                self.backing.path().display(),
+                self.backing.size()
+            )
+        } else {
+            return Ok(hello);
+        };
+        Err((why.clone(), Some(why)))
+    }
+
+    /// Makes this the session (a new one: held epochs and journal are reset) if the
+    /// backup waits for a primary; its id. An error is the reason, and the ABORT's text.
+    fn register(
+        &self,
+        stream: &TcpStream,
+        peer: &str,
+        hello: &wire::Hello,
+        registered: &mut Option<u64>,
+    ) -> Result<u64, (String, Option<String>)> {
+        let mut i = lock(&self.inner);
+        if i.phase != Phase::Waiting {
+            drop(i);
+            let why = self.refusal().unwrap_or_else(|| "busy".into());
+            // Not our session: leave the state alone.
+            return Err((format!("refused: {why}"), Some(why)));
+        }
+        i.epochs.reset();
+        i.journal.discard_above(0);
+        i.session_hex = hello.session.iter().map(|b| format!("{b:02x}")).collect();
+        let id = i.next_session;
+        i.next_session += 1;
+        i.sessions_total += 1;
+        i.session = Some(Session {
+            id,
+            peer: peer.to_string(),
+            stream: stream.try_clone().map_err(|e| (e.to_string(), None))?,
+        });
+        i.phase = Phase::Syncing;
+        *registered = Some(id);
+        self.save(&i).map_err(|e| (e.to_string(), None))?;
+        Ok(id)
+    }
+
     /// The session's frame loop. Returns Ok on an orderly CLOSE.
     fn frames(
         self: &Arc<Self>,
@@ -544,9 +763,6 @@ impl Backup {
         send: &Sender,
         id: u64,
     ) -> Result<(), String> {
-        let budget = lock(&self.inner).journal.budget();
-        let mut open: Option<OpenEpoch> = None;
-        let mut in_sync = false;
         // Epochs are fsync'ed in order by one thread, so reading the socket never waits
         // for the disk (a full channel does make it wait: that is the backpressure).
         let failed: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
@@ -563,132 +779,30 @@ impl Backup {
                 .spawn(move || me.sync_epochs(rx, id, &send, &failed, &stream))
                 .map_err(|e| e.to_string())?
         };
-        let abandon = |open: &mut Option<OpenEpoch>| {
-            if let Some(o) = open.take() {
-                o.abandon();
-            }
+        let mut s = SessionFrames {
+            b: self,
+            id,
+            send,
+            budget: lock(&self.inner).journal.budget(),
+            open: None,
+            in_sync: false,
+            syncer,
         };
         let res = loop {
-            let f: Received = match r.recv() {
+            let f = match s.recv(r) {
                 Ok(f) => f,
-                Err(WireError::Io(e))
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    break Err(format!(
-                        "the primary was silent for {:?}",
-                        self.cfg.heartbeat.timeout
-                    ));
-                }
-                Err(WireError::Closed) => break Err("the primary closed the connection".into()),
-                Err(e) => break Err(e.to_string()),
+                Err(e) => break Err(e),
             };
-            if lock(&self.inner).session.as_ref().map(|s| s.id) != Some(id) {
-                break Err("the session was ended here (failover or shutdown)".into());
-            }
-            let (kind, epoch, offset) = (f.kind(), f.epoch(), f.offset());
-            // ZERO and SYNC_ZERO carry their length (8 bytes, checked by the wire layer).
-            let zl = if matches!(kind, Kind::Zero | Kind::SyncZero) {
-                wire::zero_len(f.payload())
-            } else {
-                0
-            };
-            let zlen = || zl;
-            let step: Result<(), String> = match kind {
-                Kind::Heartbeat => Ok(()),
-                Kind::SyncData | Kind::SyncZero | Kind::Write | Kind::Zero if !in_sync => {
-                    // Before SYNC_DONE everything goes straight to the backing, in order.
-                    let len = if matches!(kind, Kind::SyncZero | Kind::Zero) {
-                        zlen()
-                    } else {
-                        f.payload().len() as u64
-                    };
-                    if !self.backing.contains(offset, len) {
-                        Err(format!(
-                            "{kind:?} beyond the end of the disk ({offset}+{len})"
-                        ))
-                    } else if matches!(kind, Kind::SyncZero | Kind::Zero) {
-                        self.backing
-                            .zero(offset, len, true)
-                            .map_err(|e| format!("writing the backing: {e}"))
-                    } else {
-                        self.backing
-                            .write_at(f.payload(), offset, false)
-                            .map_err(|e| format!("writing the backing: {e}"))
-                    }
-                }
-                Kind::SyncDone if !in_sync => (|| {
-                    self.backing
-                        .flush()
-                        .map_err(|e| format!("flushing the backing: {e}"))?;
-                    let mut i = lock(&self.inner);
-                    i.epochs.synced(epoch);
-                    i.phase = Phase::Replicating;
-                    self.save(&i).map_err(|e| e.to_string())?;
-                    drop(i);
-                    self.changed.notify_all();
-                    in_sync = true;
-                    tracing::info!(
-                        first_epoch = epoch,
-                        "the disk is in sync: holding epochs from here on"
-                    );
-                    send(Kind::Synced, 0, &[])
-                })(),
-                Kind::Write | Kind::Zero => (|| {
-                    let len = if kind == Kind::Zero {
-                        zlen()
-                    } else {
-                        f.payload().len() as u64
-                    };
-                    if !self.backing.contains(offset, len) {
-                        return Err(format!("{kind:?} beyond the end of the disk"));
-                    }
-                    if open.as_ref().map(|o| o.epoch()) != Some(epoch) {
-                        let mut i = lock(&self.inner);
-                        if i.session.as_ref().map(|s| s.id) != Some(id) {
-                            return Err("the session was ended here".into());
-                        }
-                        i.epochs.write(epoch).map_err(|e| e.to_string())?;
-                        drop(i);
-                        open = Some(budget.begin(epoch).map_err(|e| e.to_string())?);
-                    }
-                    match open.as_mut() {
-                        Some(o) => o.append(f).map_err(|e| e.to_string()),
-                        None => Err("no open epoch".into()),
-                    }
-                })(),
-                Kind::Cut if in_sync => (|| {
-                    lock(&self.inner)
-                        .epochs
-                        .cut(epoch)
-                        .map_err(|e| e.to_string())?;
-                    let o = match open.take() {
-                        Some(o) => o,
-                        None => budget.begin(epoch).map_err(|e| e.to_string())?,
-                    };
-                    let closing = o.finish(&f.header).map_err(|e| e.to_string())?;
-                    // The fsync runs on the syncer thread while the next epoch arrives.
-                    syncer
-                        .send(closing)
-                        .map_err(|_| "the journal syncer stopped".to_string())
-                })(),
-                Kind::Close => break Ok(()),
-                Kind::Abort => {
-                    break Err(format!(
-                        "the primary aborted: {}",
-                        String::from_utf8_lossy(f.payload())
-                    ));
-                }
-                other => Err(format!("unexpected {other:?} frame (in sync: {in_sync})")),
-            };
-            if let Err(e) = step {
-                break Err(e);
+            match s.step(f) {
+                Ok(Flow::More) => {}
+                Ok(Flow::Closed) => break Ok(()),
+                Err(e) => break Err(e),
             }
         };
-        abandon(&mut open);
-        drop(syncer);
+        if let Some(o) = s.open.take() {
+            o.abandon();
+        }
+        drop(s);
         let _ = sync_thread.join();
         // The syncer's own error is the real reason (it broke the connection to stop us).
         match lock(&failed).take() {

@@ -326,79 +326,8 @@ pub async fn run(cmd: DiskCmd) -> ExitCode {
 
 async fn run_inner(cmd: DiskCmd) -> Result<ExitCode, ExitCode> {
     match cmd {
-        DiskCmd::Serve(a) => {
-            let hb = heartbeat(&a.hb)?;
-            let spec =
-                export_spec(&a.dev)?.ok_or_else(|| usage("--device or --export is required"))?;
-            let name = a
-                .name
-                .clone()
-                .unwrap_or_else(|| default_name(Some(&spec), &a.backing));
-            check_name(&name)?;
-            let backup = match (&a.backup, &a.key_file) {
-                (Some(b), Some(k)) => {
-                    if std::net::ToSocketAddrs::to_socket_addrs(b.as_str()).is_err() {
-                        return Err(usage(format!("--backup {b}: expected HOST:PORT")));
-                    }
-                    Some(LinkOptions {
-                        backup: b.clone(),
-                        key: key(k)?,
-                        heartbeat: hb,
-                        connect_timeout: a.connect_timeout,
-                        queue_bytes: a.queue_bytes as usize,
-                    })
-                }
-                (None, Some(_)) => return Err(usage("--key-file without --backup")),
-                _ => None,
-            };
-            let o = ServeOptions {
-                backing: a.backing,
-                export: spec,
-                socket: a.socket.unwrap_or_else(|| control::socket_path(&name)),
-                name,
-                backup,
-            };
-            daemon::serve(o).await.map_err(|e| {
-                eprintln!("remus disk serve: {e}");
-                e.exit_code()
-            })?;
-            Ok(ExitCode::Ok)
-        }
-        DiskCmd::Receive(a) => {
-            let hb = heartbeat(&a.hb)?;
-            if std::net::ToSocketAddrs::to_socket_addrs(a.listen.as_str()).is_err() {
-                return Err(usage(format!(
-                    "--listen {}: expected ADDR:PORT (e.g. 0.0.0.0:7789)",
-                    a.listen
-                )));
-            }
-            let spec = export_spec(&a.dev)?;
-            let name = a
-                .name
-                .clone()
-                .unwrap_or_else(|| default_name(None, &a.backing));
-            check_name(&name)?;
-            if a.ram_cap > a.journal_max {
-                return Err(usage("--ram-cap cannot exceed --journal-max"));
-            }
-            let o = ReceiveOptions {
-                listen: a.listen,
-                backing: a.backing,
-                journal: a.journal,
-                key: key(&a.key_file)?,
-                socket: a.socket.unwrap_or_else(|| control::socket_path(&name)),
-                name,
-                ram_cap: a.ram_cap,
-                journal_max: a.journal_max,
-                heartbeat: hb,
-                export: spec,
-            };
-            daemon::receive(o).await.map_err(|e| {
-                eprintln!("remus disk receive: {e}");
-                e.exit_code()
-            })?;
-            Ok(ExitCode::Ok)
-        }
+        DiskCmd::Serve(a) => serve(a).await,
+        DiskCmd::Receive(a) => receive(a).await,
         DiskCmd::Status(a) => status(a).await,
         DiskCmd::Cut(w) => {
             let r = ask(&w, Request::Cut).await?;
@@ -450,28 +379,107 @@ async fn run_inner(cmd: DiskCmd) -> Result<ExitCode, ExitCode> {
             Ok(ExitCode::Ok)
         }
         DiskCmd::Device(a) => device(a).await,
-        DiskCmd::Release(a) => {
-            let index = parse_device(&a.device)
-                .ok_or_else(|| usage(format!("--device {}: expected /dev/nbdN", a.device)))?;
-            if let super::genl::DeviceState::Served { pid } = super::genl::device_state(index) {
-                eprintln!(
-                    "remus disk: {} is served by process {pid}: stop it first",
-                    a.device
-                );
-                return Err(ExitCode::Failure);
-            }
-            super::genl::disconnect(index).map_err(|e| {
-                eprintln!("remus disk: {e}");
-                match e {
-                    super::genl::GenlError::NoNbd { .. } | super::genl::GenlError::NotPermitted => {
-                        ExitCode::Unsupported
-                    }
-                    _ => ExitCode::Failure,
-                }
-            })?;
-            Ok(ExitCode::Ok)
-        }
+        DiskCmd::Release(a) => release(a),
     }
+}
+
+/// `remus disk serve`: checks the flags, then serves until stopped.
+async fn serve(a: ServeArgs) -> Result<ExitCode, ExitCode> {
+    let hb = heartbeat(&a.hb)?;
+    let spec = export_spec(&a.dev)?.ok_or_else(|| usage("--device or --export is required"))?;
+    let name = a
+        .name
+        .clone()
+        .unwrap_or_else(|| default_name(Some(&spec), &a.backing));
+    check_name(&name)?;
+    let backup = match (&a.backup, &a.key_file) {
+        (Some(b), Some(k)) => {
+            if std::net::ToSocketAddrs::to_socket_addrs(b.as_str()).is_err() {
+                return Err(usage(format!("--backup {b}: expected HOST:PORT")));
+            }
+            Some(LinkOptions {
+                backup: b.clone(),
+                key: key(k)?,
+                heartbeat: hb,
+                connect_timeout: a.connect_timeout,
+                queue_bytes: a.queue_bytes as usize,
+            })
+        }
+        (None, Some(_)) => return Err(usage("--key-file without --backup")),
+        _ => None,
+    };
+    let o = ServeOptions {
+        backing: a.backing,
+        export: spec,
+        socket: a.socket.unwrap_or_else(|| control::socket_path(&name)),
+        name,
+        backup,
+    };
+    daemon::serve(o).await.map_err(|e| {
+        eprintln!("remus disk serve: {e}");
+        e.exit_code()
+    })?;
+    Ok(ExitCode::Ok)
+}
+
+/// `remus disk receive`: checks the flags, then receives until stopped.
+async fn receive(a: ReceiveArgs) -> Result<ExitCode, ExitCode> {
+    let hb = heartbeat(&a.hb)?;
+    if std::net::ToSocketAddrs::to_socket_addrs(a.listen.as_str()).is_err() {
+        return Err(usage(format!(
+            "--listen {}: expected ADDR:PORT (e.g. 0.0.0.0:7789)",
+            a.listen
+        )));
+    }
+    let spec = export_spec(&a.dev)?;
+    let name = a
+        .name
+        .clone()
+        .unwrap_or_else(|| default_name(None, &a.backing));
+    check_name(&name)?;
+    if a.ram_cap > a.journal_max {
+        return Err(usage("--ram-cap cannot exceed --journal-max"));
+    }
+    let o = ReceiveOptions {
+        listen: a.listen,
+        backing: a.backing,
+        journal: a.journal,
+        key: key(&a.key_file)?,
+        socket: a.socket.unwrap_or_else(|| control::socket_path(&name)),
+        name,
+        ram_cap: a.ram_cap,
+        journal_max: a.journal_max,
+        heartbeat: hb,
+        export: spec,
+    };
+    daemon::receive(o).await.map_err(|e| {
+        eprintln!("remus disk receive: {e}");
+        e.exit_code()
+    })?;
+    Ok(ExitCode::Ok)
+}
+
+/// `remus disk release`: disconnects a kernel device no process serves.
+fn release(a: ReleaseArgs) -> Result<ExitCode, ExitCode> {
+    let index = parse_device(&a.device)
+        .ok_or_else(|| usage(format!("--device {}: expected /dev/nbdN", a.device)))?;
+    if let super::genl::DeviceState::Served { pid } = super::genl::device_state(index) {
+        eprintln!(
+            "remus disk: {} is served by process {pid}: stop it first",
+            a.device
+        );
+        return Err(ExitCode::Failure);
+    }
+    super::genl::disconnect(index).map_err(|e| {
+        eprintln!("remus disk: {e}");
+        match e {
+            super::genl::GenlError::NoNbd { .. } | super::genl::GenlError::NotPermitted => {
+                ExitCode::Unsupported
+            }
+            _ => ExitCode::Failure,
+        }
+    })?;
+    Ok(ExitCode::Ok)
 }
 
 /// Waits until the daemon serves a kernel device (a primary does from its start; a
@@ -622,6 +630,18 @@ mod tests {
 
     /// Defaults are parsed at run time: a bad one only shows when the flag is omitted
     /// (`wait-sync`'s "1h" did: the duration parser knows ms/us/s only).
+    /// `serve` to a backup, without its key.
+    const SERVE_TO_BACKUP: &[&str] = &[
+        "t",
+        "serve",
+        "--backing",
+        "f",
+        "--export",
+        "unix:/x",
+        "--backup",
+        "h:1",
+    ];
+
     #[test]
     fn every_command_parses_with_its_defaults() {
         use clap::Parser;
@@ -638,18 +658,7 @@ mod tests {
             &["t", "status", "-j"],
             &["t", "release", "--device", "/dev/nbd3"],
             &["t", "serve", "--backing", "f", "--device", "/dev/nbd0"],
-            &[
-                "t",
-                "serve",
-                "--backing",
-                "f",
-                "--export",
-                "unix:/x",
-                "--backup",
-                "h:1",
-                "--key-file",
-                "k",
-            ],
+            &[SERVE_TO_BACKUP, &["--key-file", "k"]].concat()[..],
             &[
                 "t",
                 "receive",
@@ -672,17 +681,7 @@ mod tests {
             "a device is required"
         );
         assert!(
-            T::try_parse_from([
-                "t",
-                "serve",
-                "--backing",
-                "f",
-                "--export",
-                "unix:/x",
-                "--backup",
-                "h:1"
-            ])
-            .is_err(),
+            T::try_parse_from(SERVE_TO_BACKUP).is_err(),
             "--backup needs --key-file"
         );
     }

@@ -29,6 +29,7 @@ use crate::compress::Codec;
 use crate::exit::{ExitCode, HasExitCode};
 use crate::relay::Heartbeat;
 use crate::replication::{self, ClientConfig, Key, Keys, Message, Sealer, ServerConfig};
+use crate::signal::stop_signal;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -177,21 +178,6 @@ pub async fn connect_backup(o: &LinkOptions, size: u64) -> Result<Link, DaemonEr
         sealer,
         reader,
     })
-}
-
-/// SIGINT or SIGTERM.
-async fn stop_signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => tokio::select! {
-            _ = tokio::signal::ctrl_c() => "SIGINT",
-            _ = term.recv() => "SIGTERM",
-        },
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            "SIGINT"
-        }
-    }
 }
 
 struct Primary {

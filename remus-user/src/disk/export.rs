@@ -115,119 +115,137 @@ pub fn start(
     name: &str,
     backend: &str,
 ) -> Result<Export, ExportError> {
-    let live = Arc::new(AtomicU64::new(0));
     match spec {
-        ExportSpec::Unix(path) => {
-            let p = path.display().to_string();
-            let ioe = |what| {
-                let p = p.clone();
-                move |source| ExportError::Io {
-                    path: p,
-                    what,
-                    source,
-                }
-            };
-            if let Ok(m) = std::fs::symlink_metadata(path) {
-                if m.file_type().is_socket() && UnixStream::connect(path).is_ok() {
-                    return Err(ExportError::Busy { path: p });
-                }
-                std::fs::remove_file(path).map_err(ioe("removing a stale socket"))?;
-            }
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).map_err(ioe("creating its directory"))?;
-            }
-            let l = UnixListener::bind(path).map_err(ioe("binding"))?;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-                .map_err(ioe("chmod 0600"))?;
-            let info = ExportInfo {
-                name: name.to_string(),
-                size: t.size(),
-                flags: EXPORT_FLAGS,
-            };
-            let (n, lv) = (name.to_string(), live.clone());
-            std::thread::Builder::new()
-                .name("disk-accept".into())
-                .spawn(move || {
-                    for c in l.incoming() {
-                        match c {
-                            Ok(s) => {
-                                let (t, info, n2, lv) =
-                                    (t.clone(), info.clone(), n.clone(), lv.clone());
-                                let _ = std::thread::Builder::new()
-                                    .name("disk-nbd".into())
-                                    .spawn(move || serve_conn(n2, s, t, Some(info), lv));
-                            }
-                            Err(e) => {
-                                tracing::warn!(error = %e, "accepting an NBD client");
-                                std::thread::sleep(Duration::from_millis(50));
-                            }
-                        }
-                    }
-                })
-                .map_err(ioe("starting the accept thread"))?;
-            Ok(Export {
-                spec: spec.clone(),
-                device: spec.describe(),
-                takeover: false,
-                connections: live,
-                socket: Some(path.clone()),
-            })
-        }
+        ExportSpec::Unix(path) => start_unix(t, spec, path, name),
         ExportSpec::Kernel {
             index,
             connections,
             dead_conn_timeout,
         } => {
-            let size = t.size();
-            if !size.is_multiple_of(genl::BLOCK_SIZE) {
-                return Err(ExportError::Unaligned {
-                    index: *index,
-                    size,
-                });
-            }
-            let p = format!("/dev/nbd{index}");
-            let mut ours = Vec::new();
-            let mut theirs = Vec::new();
-            for _ in 0..(*connections).max(1) {
-                let (a, b) = UnixStream::pair().map_err(|source| ExportError::Io {
-                    path: p.clone(),
-                    what: "creating a socket pair",
-                    source,
-                })?;
-                ours.push(a);
-                theirs.push(b);
-            }
-            let fds: Vec<i32> = theirs.iter().map(|s| s.as_raw_fd()).collect();
             let cfg = genl::Config {
                 index: *index,
-                size,
+                size: t.size(),
                 server_flags: EXPORT_FLAGS as u64,
                 dead_conn_timeout: *dead_conn_timeout,
                 backend: backend.to_string(),
             };
-            let takeover = genl::attach(&cfg, &fds)?;
-            // The kernel holds its own references to its ends now.
-            drop(theirs);
-            for s in ours {
-                let (t, n, lv) = (t.clone(), name.to_string(), live.clone());
-                std::thread::Builder::new()
-                    .name("disk-nbd".into())
-                    .spawn(move || serve_conn(n, s, t, None, lv))
-                    .map_err(|source| ExportError::Io {
-                        path: p.clone(),
-                        what: "starting a connection thread",
-                        source,
-                    })?;
-            }
-            Ok(Export {
-                spec: spec.clone(),
-                device: p,
-                takeover,
-                connections: live,
-                socket: None,
-            })
+            start_kernel(t, spec, &cfg, *connections, name)
         }
     }
+}
+
+/// A unix socket at `path` (a stale one replaced, a live one refused), each client on
+/// a thread of its own after the NBD handshake.
+fn start_unix(
+    t: Arc<dyn Target>,
+    spec: &ExportSpec,
+    path: &Path,
+    name: &str,
+) -> Result<Export, ExportError> {
+    let live = Arc::new(AtomicU64::new(0));
+    let p = path.display().to_string();
+    let ioe = |what| {
+        let p = p.clone();
+        move |source| ExportError::Io {
+            path: p,
+            what,
+            source,
+        }
+    };
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        if m.file_type().is_socket() && UnixStream::connect(path).is_ok() {
+            return Err(ExportError::Busy { path: p });
+        }
+        std::fs::remove_file(path).map_err(ioe("removing a stale socket"))?;
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(ioe("creating its directory"))?;
+    }
+    let l = UnixListener::bind(path).map_err(ioe("binding"))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(ioe("chmod 0600"))?;
+    let info = ExportInfo {
+        name: name.to_string(),
+        size: t.size(),
+        flags: EXPORT_FLAGS,
+    };
+    let (n, lv) = (name.to_string(), live.clone());
+    std::thread::Builder::new()
+        .name("disk-accept".into())
+        .spawn(move || {
+            for c in l.incoming() {
+                match c {
+                    Ok(s) => {
+                        let (t, info, n2, lv) = (t.clone(), info.clone(), n.clone(), lv.clone());
+                        let _ = std::thread::Builder::new()
+                            .name("disk-nbd".into())
+                            .spawn(move || serve_conn(n2, s, t, Some(info), lv));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accepting an NBD client");
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                }
+            }
+        })
+        .map_err(ioe("starting the accept thread"))?;
+    Ok(Export {
+        spec: spec.clone(),
+        device: spec.describe(),
+        takeover: false,
+        connections: live,
+        socket: Some(path.to_path_buf()),
+    })
+}
+
+/// `/dev/nbdN` through generic netlink: `connections` socket pairs, the kernel's ends
+/// handed to it, ours served each on a thread (no handshake: the kernel has none).
+fn start_kernel(
+    t: Arc<dyn Target>,
+    spec: &ExportSpec,
+    cfg: &genl::Config,
+    connections: u32,
+    name: &str,
+) -> Result<Export, ExportError> {
+    let (index, size) = (cfg.index, cfg.size);
+    if !size.is_multiple_of(genl::BLOCK_SIZE) {
+        return Err(ExportError::Unaligned { index, size });
+    }
+    let live = Arc::new(AtomicU64::new(0));
+    let p = format!("/dev/nbd{index}");
+    let io = |what: &'static str| {
+        let p = p.clone();
+        move |source| ExportError::Io {
+            path: p,
+            what,
+            source,
+        }
+    };
+    let mut ours = Vec::new();
+    let mut theirs = Vec::new();
+    for _ in 0..connections.max(1) {
+        let (a, b) = UnixStream::pair().map_err(io("creating a socket pair"))?;
+        ours.push(a);
+        theirs.push(b);
+    }
+    let fds: Vec<i32> = theirs.iter().map(|s| s.as_raw_fd()).collect();
+    let takeover = genl::attach(cfg, &fds)?;
+    // The kernel holds its own references to its ends now.
+    drop(theirs);
+    for s in ours {
+        let (t, n, lv) = (t.clone(), name.to_string(), live.clone());
+        std::thread::Builder::new()
+            .name("disk-nbd".into())
+            .spawn(move || serve_conn(n, s, t, None, lv))
+            .map_err(io("starting a connection thread"))?;
+    }
+    Ok(Export {
+        spec: spec.clone(),
+        device: p,
+        takeover,
+        connections: live,
+        socket: None,
+    })
 }
 
 /// Whether a path names a usable export socket right now (the hotplug script's check).

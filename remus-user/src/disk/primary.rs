@@ -314,93 +314,99 @@ impl Replicator {
     fn send_loop(self: Arc<Self>) {
         let _ = super::sys::io_flusher();
         let mut w = &self.stream;
-        loop {
-            let mut batch: Vec<Item> = {
-                let mut q = lock(&self.q);
-                loop {
-                    if q.lost.is_some() {
-                        return;
-                    }
-                    if !q.items.is_empty() {
-                        break;
-                    }
-                    let (g, t) = self
-                        .more
-                        .wait_timeout(q, self.heartbeat.interval)
-                        .unwrap_or_else(|e| e.into_inner());
-                    q = g;
-                    if t.timed_out() && q.items.is_empty() && q.lost.is_none() {
-                        break;
-                    }
-                }
-                // Linger briefly while only a few small writes are queued.
-                if !q.items.is_empty() && !q.urgent && q.bytes < LINGER_BYTES {
-                    let until = Instant::now() + LINGER;
-                    q.lingering = true;
-                    while q.lost.is_none() && !q.urgent && q.bytes < LINGER_BYTES {
-                        let now = Instant::now();
-                        if now >= until {
-                            break;
-                        }
-                        q = self
-                            .more
-                            .wait_timeout(q, until - now)
-                            .unwrap_or_else(|e| e.into_inner())
-                            .0;
-                    }
-                    q.lingering = false;
-                }
-                let mut out = Vec::new();
-                let mut bytes = 0usize;
-                while let Some(it) = q.items.pop_front() {
-                    bytes += it.frame.len() - ROOM;
-                    out.push(it);
-                    if bytes >= MAX_BATCH_BYTES || out.len() >= MAX_IOV {
-                        break;
-                    }
-                }
-                q.urgent = q
-                    .items
-                    .iter()
-                    .any(|i| matches!(i.kind, Kind::Cut | Kind::SyncDone));
-                out
+        // `None`: the link is lost (whoever lost it said why).
+        while let Some(batch) = self.next_batch() {
+            let sent = if batch.is_empty() {
+                channel::send(&self.sealer, &mut w, Kind::Heartbeat, 0, 0, &[])
+                    .map_err(|e| format!("sending a heartbeat: {e}"))
+            } else {
+                self.send_batch(w, batch)
             };
-            if batch.is_empty() {
-                if let Err(e) = channel::send(&self.sealer, &mut w, Kind::Heartbeat, 0, 0, &[]) {
-                    self.lose(format!("sending a heartbeat: {e}"));
-                    return;
-                }
-                continue;
-            }
-            // Head and seal in place (the encryption is the one pass over the data).
-            let (mut bytes, mut wire_bytes) = (0usize, 0usize);
-            for it in &mut batch {
-                bytes += it.frame.len() - ROOM;
-                channel::head(&mut it.frame, it.kind, it.epoch, it.offset);
-                if let Err(e) = channel::seal(&self.sealer, &mut it.frame) {
-                    self.lose(format!("sealing a frame: {e}"));
-                    return;
-                }
-                wire_bytes += it.frame.len();
-            }
-            let mut iov: Vec<IoSlice<'_>> =
-                batch.iter().map(|it| IoSlice::new(&it.frame)).collect();
-            if let Err(e) = write_all_vectored(&mut w, &mut iov) {
-                self.lose(format!("sending to the backup: {e}"));
+            if let Err(e) = sent {
+                self.lose(e);
                 return;
             }
-            self.counters
-                .sent_frames
-                .fetch_add(batch.len() as u64, Ordering::Relaxed);
-            self.counters
-                .sent_bytes
-                .fetch_add(wire_bytes as u64, Ordering::Relaxed);
-            {
-                let mut q = lock(&self.q);
-                q.bytes = q.bytes.saturating_sub(bytes);
-            }
-            self.space.notify_all();
         }
+    }
+
+    /// The next frames to send, taken off the queue: empty after a heartbeat interval
+    /// with nothing queued; `None` once the link is lost.
+    fn next_batch(&self) -> Option<Vec<Item>> {
+        let mut q = lock(&self.q);
+        loop {
+            if q.lost.is_some() {
+                return None;
+            }
+            if !q.items.is_empty() {
+                break;
+            }
+            let (g, t) = self
+                .more
+                .wait_timeout(q, self.heartbeat.interval)
+                .unwrap_or_else(|e| e.into_inner());
+            q = g;
+            if t.timed_out() && q.items.is_empty() && q.lost.is_none() {
+                break;
+            }
+        }
+        // Linger briefly while only a few small writes are queued.
+        if !q.items.is_empty() && !q.urgent && q.bytes < LINGER_BYTES {
+            let until = Instant::now() + LINGER;
+            q.lingering = true;
+            while q.lost.is_none() && !q.urgent && q.bytes < LINGER_BYTES {
+                let now = Instant::now();
+                if now >= until {
+                    break;
+                }
+                q = self
+                    .more
+                    .wait_timeout(q, until - now)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+            q.lingering = false;
+        }
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        while let Some(it) = q.items.pop_front() {
+            bytes += it.frame.len() - ROOM;
+            out.push(it);
+            if bytes >= MAX_BATCH_BYTES || out.len() >= MAX_IOV {
+                break;
+            }
+        }
+        q.urgent = q
+            .items
+            .iter()
+            .any(|i| matches!(i.kind, Kind::Cut | Kind::SyncDone));
+        Some(out)
+    }
+
+    /// Heads and seals the batch in place (the encryption is the one pass over the data),
+    /// writes it in one vectored write, and frees its room in the queue.
+    fn send_batch(&self, mut w: &TcpStream, mut batch: Vec<Item>) -> Result<(), String> {
+        let (mut bytes, mut wire_bytes) = (0usize, 0usize);
+        for it in &mut batch {
+            bytes += it.frame.len() - ROOM;
+            channel::head(&mut it.frame, it.kind, it.epoch, it.offset);
+            channel::seal(&self.sealer, &mut it.frame)
+                .map_err(|e| format!("sealing a frame: {e}"))?;
+            wire_bytes += it.frame.len();
+        }
+        let mut iov: Vec<IoSlice<'_>> = batch.iter().map(|it| IoSlice::new(&it.frame)).collect();
+        write_all_vectored(&mut w, &mut iov).map_err(|e| format!("sending to the backup: {e}"))?;
+        self.counters
+            .sent_frames
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        self.counters
+            .sent_bytes
+            .fetch_add(wire_bytes as u64, Ordering::Relaxed);
+        {
+            let mut q = lock(&self.q);
+            q.bytes = q.bytes.saturating_sub(bytes);
+        }
+        self.space.notify_all();
+        Ok(())
     }
 
     fn read_loop(self: Arc<Self>, mut r: channel::Reader<TcpStream>) {

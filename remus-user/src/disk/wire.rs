@@ -47,9 +47,11 @@ pub const MAX_PAYLOAD: u32 = 8 << 20;
 pub const MAX_REASON: usize = 1024;
 pub const HEADER_LEN: usize = std::mem::size_of::<Header>();
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+/// Unknown bytes parse as `Invalid` (`num_enum`'s default), never as a real kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, num_enum::FromPrimitive)]
 #[repr(u16)]
 pub enum Kind {
+    #[num_enum(default)]
     Invalid = 0,
     Hello = 1,
     Welcome = 2,
@@ -68,22 +70,7 @@ pub enum Kind {
 
 impl Kind {
     pub fn from_wire(v: u16) -> Kind {
-        match v {
-            1 => Kind::Hello,
-            2 => Kind::Welcome,
-            3 => Kind::Write,
-            4 => Kind::Zero,
-            5 => Kind::Cut,
-            6 => Kind::SyncData,
-            7 => Kind::SyncZero,
-            8 => Kind::SyncDone,
-            9 => Kind::Synced,
-            10 => Kind::Durable,
-            11 => Kind::Heartbeat,
-            12 => Kind::Abort,
-            13 => Kind::Close,
-            _ => Kind::Invalid,
-        }
+        Kind::from(v)
     }
 
     /// The payload length this kind must carry (`None`: variable).
@@ -358,6 +345,16 @@ pub fn read_frame<R: Read>(r: &mut R) -> Result<Frame, WireError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kinds_map_from_their_numbers_and_unknown_ones_are_invalid() {
+        for n in 0..=13u16 {
+            assert_eq!(Kind::from_wire(n) as u16, n);
+        }
+        assert_eq!(Kind::from_wire(5), Kind::Cut);
+        assert_eq!(Kind::from_wire(14), Kind::Invalid);
+        assert_eq!(Kind::from_wire(u16::MAX), Kind::Invalid);
+    }
 
     #[test]
     fn frames_round_trip() {

@@ -472,57 +472,87 @@ fn check_devices(
     f: &mut Failures,
     warnings: &mut Vec<String>,
 ) -> Option<(String, Vec<String>)> {
+    let vif = check_vif(cfg, vifs_backend, host, f, warnings);
+    let unsafe_disks = check_disks(cfg, settings, host, f, warnings);
+    check_suspend(cfg, guest_store, f, warnings);
+    vif.map(|v| (v, unsafe_disks))
+}
+
+/// The one paravirtual vif whose output is held, present on this host and not held by
+/// another buffer.
+fn check_vif(
+    cfg: &DomainConfig,
+    vifs_backend: &BTreeMap<String, String>,
+    host: &impl Host,
+    f: &mut Failures,
+    warnings: &mut Vec<String>,
+) -> Option<String> {
     let name = &cfg.name;
     let vifs: Vec<String> = cfg
         .nics
         .iter()
         .map(|n| xen::vif_name(cfg.domid, n, vifs_backend))
         .collect();
-    let mut vif = None;
-    match cfg.nics.as_slice() {
-        [] => f.0.push(CheckFailure::NoVif {
-            domain: name.clone(),
-        }),
-        [nic] => {
-            if nic.emulated {
-                f.0.push(CheckFailure::EmulatedNic {
-                    domain: name.clone(),
-                    devid: nic.devid,
-                    vif: vifs[0].clone(),
-                });
-            } else if !host.iface_exists(&vifs[0]) {
-                f.0.push(CheckFailure::VifMissing {
-                    domain: name.clone(),
-                    vif: vifs[0].clone(),
-                });
-            } else {
-                match host.buffer_on(&vifs[0]) {
-                    LeftBuffer::None => {}
-                    LeftBuffer::Passthrough => warnings.push(format!(
-                        "{} still carries a buffer in pass-through mode (left by a relay that lost its backup); the new relay takes it over",
-                        vifs[0]
-                    )),
-                    LeftBuffer::Live { pid } => f.0.push(CheckFailure::AlreadyProtected {
-                        domain: name.clone(),
-                        by: format!("an output buffer on {} held by pid {pid}", vifs[0]),
-                    }),
-                    LeftBuffer::Holding => f.0.push(CheckFailure::BufferLeftHolding {
-                        domain: name.clone(),
-                        vif: vifs[0].clone(),
-                    }),
-                }
-                vif = Some(vifs[0].clone());
-            }
+    let nic = match cfg.nics.as_slice() {
+        [nic] => nic,
+        [] => {
+            f.0.push(CheckFailure::NoVif {
+                domain: name.clone(),
+            });
+            return None;
         }
-        many => f.0.push(CheckFailure::SeveralVifs {
+        many => {
+            f.0.push(CheckFailure::SeveralVifs {
+                domain: name.clone(),
+                n: many.len(),
+                vifs: vifs.join(", "),
+            });
+            return None;
+        }
+    };
+    let vif = vifs[0].clone();
+    if nic.emulated {
+        f.0.push(CheckFailure::EmulatedNic {
             domain: name.clone(),
-            n: many.len(),
-            vifs: vifs.join(", "),
+            devid: nic.devid,
+            vif,
+        });
+        return None;
+    }
+    if !host.iface_exists(&vif) {
+        f.0.push(CheckFailure::VifMissing {
+            domain: name.clone(),
+            vif,
+        });
+        return None;
+    }
+    match host.buffer_on(&vif) {
+        LeftBuffer::None => {}
+        LeftBuffer::Passthrough => warnings.push(format!(
+            "{vif} still carries a buffer in pass-through mode (left by a relay that lost its backup); the new relay takes it over"
+        )),
+        LeftBuffer::Live { pid } => f.0.push(CheckFailure::AlreadyProtected {
+            domain: name.clone(),
+            by: format!("an output buffer on {vif} held by pid {pid}"),
+        }),
+        LeftBuffer::Holding => f.0.push(CheckFailure::BufferLeftHolding {
+            domain: name.clone(),
+            vif: vif.clone(),
         }),
     }
+    Some(vif)
+}
 
-    // Disks: a disk the guest cannot write never diverges; the others must be
-    // replicated, or explicitly accepted as unreplicated.
+/// Disks: a disk the guest cannot write never diverges; the others must be replicated,
+/// or explicitly accepted as unreplicated (then they are returned, to be named).
+fn check_disks(
+    cfg: &DomainConfig,
+    settings: &Settings,
+    host: &impl Host,
+    f: &mut Failures,
+    warnings: &mut Vec<String>,
+) -> Vec<String> {
+    let name = &cfg.name;
     let mut replicated = Vec::new();
     let mut unreplicated = Vec::new();
     for d in cfg.disks.iter().filter(|d| d.writable && !d.cdrom) {
@@ -545,27 +575,35 @@ fn check_devices(
             disks: replicated.join(", "),
         });
     }
-    let mut unsafe_disks = Vec::new();
-    if !unreplicated.is_empty() {
-        if settings.unsafe_unreplicated_disks {
-            warnings.push(format!(
-                "UNSAFE: disks {} are not replicated (--unsafe-unreplicated-disks): after a failover the backup runs on disks that missed the primary's writes",
-                unreplicated.join(", ")
-            ));
-            unsafe_disks = cfg
-                .disks
-                .iter()
-                .filter(|d| d.writable && !d.cdrom)
-                .map(|d| d.vdev.clone())
-                .collect();
-        } else {
-            f.0.push(CheckFailure::UnreplicatedDisks {
-                domain: name.clone(),
-                disks: unreplicated.join(", "),
-            });
-        }
+    if unreplicated.is_empty() {
+        return Vec::new();
     }
+    if !settings.unsafe_unreplicated_disks {
+        f.0.push(CheckFailure::UnreplicatedDisks {
+            domain: name.clone(),
+            disks: unreplicated.join(", "),
+        });
+        return Vec::new();
+    }
+    warnings.push(format!(
+        "UNSAFE: disks {} are not replicated (--unsafe-unreplicated-disks): after a failover the backup runs on disks that missed the primary's writes",
+        unreplicated.join(", ")
+    ));
+    cfg.disks
+        .iter()
+        .filter(|d| d.writable && !d.cdrom)
+        .map(|d| d.vdev.clone())
+        .collect()
+}
 
+/// A PV guest must advertise its suspend path; an HVM guest without one is only slower.
+fn check_suspend(
+    cfg: &DomainConfig,
+    guest_store: &BTreeMap<String, String>,
+    f: &mut Failures,
+    warnings: &mut Vec<String>,
+) {
+    let name = &cfg.name;
     match xen::suspend_path(cfg.domid, guest_store) {
         SuspendPath::None if cfg.guest_type == GuestType::Hvm => warnings.push(format!(
             "`{name}` advertises no PV suspend path: xl suspends this HVM guest through the hypervisor (slower checkpoints)"
@@ -575,7 +613,6 @@ fn check_devices(
         }),
         _ => {}
     }
-    vif.map(|v| (v, unsafe_disks))
 }
 
 /// Runs every check; returns the plan, or every failure found.
@@ -587,67 +624,13 @@ pub async fn plan(
 ) -> Result<Plan, Failures> {
     let mut f = Failures::default();
     let mut warnings = Vec::new();
-    let list = check_xen(xen, host, &mut f);
-    let mut found = None;
-    if let Some(list) = &list
-        && let Some(d) = check_domain(list, &req.domain, host, &mut f)
-    {
-        match xen.list_long(&d.name).map_err(xl_failure).and_then(|out| {
-            xen::parse_list_long(&out).map_err(|why| CheckFailure::XlOutput {
-                why: format!("xl list -l {}: {why}", d.name),
-            })
-        }) {
-            Ok(cfg) => found = Some(cfg),
-            Err(e) => f.0.push(e),
-        }
-    }
-    let mut devices = None;
-    let mut suspend = SuspendPath::None;
-    if let Some(cfg) = &found {
-        let ls = |p: &str| match xen.xenstore_ls(p) {
-            Ok(Some(out)) => Ok(xen::parse_xenstore_ls(&out)),
-            Ok(None) => Ok(BTreeMap::new()),
-            Err(e) => Err(xl_failure(e)),
-        };
-        let backend = ls(&format!("/local/domain/0/backend/vif/{}", cfg.domid));
-        let guest = ls(&format!("/local/domain/{}", cfg.domid));
-        match (backend, guest) {
-            (Ok(b), Ok(g)) => {
-                suspend = xen::suspend_path(cfg.domid, &g);
-                devices = check_devices(cfg, &b, &g, &req.settings, host, &mut f, &mut warnings);
-            }
-            (Err(e), _) | (_, Err(e)) => f.0.push(e),
-        }
-    }
-
-    // The key: the relay's own rules (regular file, 0600, not empty).
-    let key = match crate::replication::Key::load(&req.settings.key_file) {
-        Ok(k) => Some(k),
-        Err(crate::replication::WireError::KeyFile { path, problem }) => {
-            f.0.push(CheckFailure::Key(format!("{path}: {problem}")));
-            None
-        }
-        Err(e) => {
-            f.0.push(CheckFailure::Key(e.to_string()));
-            None
-        }
+    let found = domain_config(req, xen, host, &mut f);
+    let (devices, suspend) = match &found {
+        Some(cfg) => devices(cfg, req, xen, host, &mut f, &mut warnings),
+        None => (None, SuspendPath::None),
     };
-    let addr = match &req.settings.backup {
-        None => {
-            f.0.push(CheckFailure::NoBackup {
-                domain: req.domain.clone(),
-                origin: req.origin.clone(),
-            });
-            None
-        }
-        Some(b) => match crate::config::backup_address(b) {
-            Ok(a) => Some(a),
-            Err(why) => {
-                f.0.push(CheckFailure::BadBackup(why));
-                None
-            }
-        },
-    };
+    let key = check_key(&req.settings.key_file, &mut f);
+    let addr = check_backup_address(req, &mut f);
     // The backup last (one message per problem, so it is asked even when something
     // here is missing too; a probe costs the backup nothing: it answers and starts
     // nothing, and counts no refusal unless the key is wrong).
@@ -675,6 +658,91 @@ pub async fn plan(
             warnings,
         }),
         _ => Err(f),
+    }
+}
+
+/// Xen answers, the domain is one to protect: its libxl configuration.
+fn domain_config(
+    req: &Request,
+    xen: &impl Xen,
+    host: &impl Host,
+    f: &mut Failures,
+) -> Option<DomainConfig> {
+    let list = check_xen(xen, host, f)?;
+    let d = check_domain(&list, &req.domain, host, f)?;
+    let parsed = xen.list_long(&d.name).map_err(xl_failure).and_then(|out| {
+        xen::parse_list_long(&out).map_err(|why| CheckFailure::XlOutput {
+            why: format!("xl list -l {}: {why}", d.name),
+        })
+    });
+    match parsed {
+        Ok(cfg) => Some(cfg),
+        Err(e) => {
+            f.0.push(e);
+            None
+        }
+    }
+}
+
+/// The devices' checks over what xenstore says of the domain; its suspend path.
+fn devices(
+    cfg: &DomainConfig,
+    req: &Request,
+    xen: &impl Xen,
+    host: &impl Host,
+    f: &mut Failures,
+    warnings: &mut Vec<String>,
+) -> (Option<(String, Vec<String>)>, SuspendPath) {
+    let ls = |p: &str| match xen.xenstore_ls(p) {
+        Ok(Some(out)) => Ok(xen::parse_xenstore_ls(&out)),
+        Ok(None) => Ok(BTreeMap::new()),
+        Err(e) => Err(xl_failure(e)),
+    };
+    let backend = ls(&format!("/local/domain/0/backend/vif/{}", cfg.domid));
+    let guest = ls(&format!("/local/domain/{}", cfg.domid));
+    match (backend, guest) {
+        (Ok(b), Ok(g)) => {
+            let suspend = xen::suspend_path(cfg.domid, &g);
+            let devices = check_devices(cfg, &b, &g, &req.settings, host, f, warnings);
+            (devices, suspend)
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            f.0.push(e);
+            (None, SuspendPath::None)
+        }
+    }
+}
+
+/// The key: the relay's own rules (regular file, 0600, not empty).
+fn check_key(path: &Path, f: &mut Failures) -> Option<crate::replication::Key> {
+    match crate::replication::Key::load(path) {
+        Ok(k) => Some(k),
+        Err(crate::replication::WireError::KeyFile { path, problem }) => {
+            f.0.push(CheckFailure::Key(format!("{path}: {problem}")));
+            None
+        }
+        Err(e) => {
+            f.0.push(CheckFailure::Key(e.to_string()));
+            None
+        }
+    }
+}
+
+/// The backup's address, from the settings.
+fn check_backup_address(req: &Request, f: &mut Failures) -> Option<String> {
+    let Some(b) = &req.settings.backup else {
+        f.0.push(CheckFailure::NoBackup {
+            domain: req.domain.clone(),
+            origin: req.origin.clone(),
+        });
+        return None;
+    };
+    match crate::config::backup_address(b) {
+        Ok(a) => Some(a),
+        Err(why) => {
+            f.0.push(CheckFailure::BadBackup(why));
+            None
+        }
     }
 }
 

@@ -108,156 +108,237 @@ pub fn outcome(
     stop: &Stop,
     last_acked: u64,
 ) -> Ending {
-    let stop_asked = stop.asked;
-    // Before the first acknowledged checkpoint the backup has no usable copy (it drops a
-    // partial initial copy), so nothing here can be inconsistent with it.
-    let copy = last_acked > 0;
-    let held = if copy {
-        format!(
-            "{vif}'s output stays held (fail closed): nothing the guest sent after checkpoint {last_acked} leaves this host"
-        )
-    } else {
-        format!(
-            "no checkpoint was acknowledged, so the backup has no usable copy to activate; {vif}'s output is still held: `remus-net detach {vif}` lets the guest's traffic out again (what the relay held is gone with it; TCP resends)"
-        )
-    };
-    let activates = if copy {
-        format!("the backup activates its copy of `{domain}` (checkpoint {last_acked} or later)")
-    } else {
-        "the backup has no complete checkpoint and activates nothing".to_string()
-    };
-    let xl_code = xl.map_or("unknown".into(), |c| c.to_string());
-    let end = |phase, code, output, backup_activates, detail: String| Ending {
-        phase,
-        code,
-        output,
-        backup_activates,
-        release_safe: output == Output::Held && !copy,
-        detail,
-    };
+    let f = Facts::new(domain, vif, xl, last_acked);
     match relay {
-        Some(RelayExit { code: Some(0), .. })
-            if matches!(stop.answer, Some(EndAnswer::Discarded { .. })) =>
-        {
-            let destroyed = matches!(
-                stop.answer,
-                Some(EndAnswer::Discarded {
-                    copy_destroyed: true,
-                    ..
-                })
-            );
-            end(
-                Phase::Unprotected,
-                ExitCode::Ok,
+        Some(RelayExit { code: Some(c), .. }) => f.relay_exited(c, stop),
+        Some(RelayExit { signal, .. }) => f.relay_killed(signal, stop.asked),
+        None => f.relay_never_ran(stop.asked),
+    }
+}
+
+/// What every ending's sentence is made of: the names, whether the backup has a usable
+/// copy, and the phrases that say so.
+struct Facts<'a> {
+    domain: &'a str,
+    vif: &'a str,
+    xl: Option<i32>,
+    xl_code: String,
+    /// Before the first acknowledged checkpoint the backup has no usable copy (it drops a
+    /// partial initial copy), so nothing here can be inconsistent with it.
+    copy: bool,
+    held: String,
+    activates: String,
+}
+
+impl<'a> Facts<'a> {
+    fn new(domain: &'a str, vif: &'a str, xl: Option<i32>, last_acked: u64) -> Self {
+        let copy = last_acked > 0;
+        let held = if copy {
+            format!(
+                "{vif}'s output stays held (fail closed): nothing the guest sent after checkpoint {last_acked} leaves this host"
+            )
+        } else {
+            format!(
+                "no checkpoint was acknowledged, so the backup has no usable copy to activate; {vif}'s output is still held: `remus-net detach {vif}` lets the guest's traffic out again (what the relay held is gone with it; TCP resends)"
+            )
+        };
+        let activates = if copy {
+            format!(
+                "the backup activates its copy of `{domain}` (checkpoint {last_acked} or later)"
+            )
+        } else {
+            "the backup has no complete checkpoint and activates nothing".to_string()
+        };
+        Facts {
+            domain,
+            vif,
+            xl,
+            xl_code: xl.map_or("unknown".into(), |c| c.to_string()),
+            copy,
+            held,
+            activates,
+        }
+    }
+
+    fn end(
+        &self,
+        phase: Phase,
+        code: ExitCode,
+        output: Output,
+        backup_activates: bool,
+        detail: String,
+    ) -> Ending {
+        Ending {
+            phase,
+            code,
+            output,
+            backup_activates,
+            release_safe: output == Output::Held && !self.copy,
+            detail,
+        }
+    }
+
+    /// The relay exited with code `c` (its wrapper recorded it).
+    fn relay_exited(&self, c: i32, stop: &Stop) -> Ending {
+        let Facts {
+            domain,
+            vif,
+            copy,
+            held,
+            activates,
+            xl_code,
+            ..
+        } = self;
+        match c {
+            0 if matches!(stop.answer, Some(EndAnswer::Discarded { .. })) => {
+                self.discarded(stop)
+            }
+            5 => self.end(
+                Phase::EndUnconfirmed,
+                ExitCode::Unconfirmed,
+                Output::Held,
+                *copy,
+                format!(
+                    "asked to end protection, the backup did not confirm that it discarded its copy (unreachable, or lost meanwhile), so it may still activate it: {vif}'s output stays HELD and `{domain}` runs here isolated. Check the backup (`remus status {domain}` there): if its copy runs, destroy this one (xl destroy {domain}); if it has none, `remus-net detach {vif}` lets this one's traffic out"
+                ),
+            ),
+            4 => self.end(
+                Phase::BackupLost,
+                ExitCode::PeerLost,
                 Output::Open,
                 false,
                 format!(
-                    "protection ended on request: the backup discarded its copy (nothing was activated there){}, the relay released what it held and `{domain}` runs here, UNPROTECTED, its output passing; `remus protect {domain}` protects it again",
-                    if destroyed {
-                        ""
-                    } else {
-                        " but could not destroy it: remove its paused copy there (`remus unprotect` on the backup)"
-                    }
+                    "the backup was lost: the relay released what it held and `{domain}` runs UNPROTECTED here; find out why (the backup's `remus status`, its journal), then protect again"
                 ),
-            )
-        }
-        Some(RelayExit { code: Some(5), .. }) => end(
-            Phase::EndUnconfirmed,
-            ExitCode::Unconfirmed,
-            Output::Held,
-            copy,
-            format!(
-                "asked to end protection, the backup did not confirm that it discarded its copy (unreachable, or lost meanwhile), so it may still activate it: {vif}'s output stays HELD and `{domain}` runs here isolated. Check the backup (`remus status {domain}` there): if its copy runs, destroy this one (xl destroy {domain}); if it has none, `remus-net detach {vif}` lets this one's traffic out"
             ),
-        ),
-        Some(RelayExit { code: Some(4), .. }) => end(
-            Phase::BackupLost,
-            ExitCode::PeerLost,
+            0 if stop.asked => self.end(
+                Phase::Stopped,
+                ExitCode::Ok,
+                Output::Held,
+                *copy,
+                if *copy {
+                    format!(
+                        "stopped on request: the relay closed the stream, so {activates}; {held}; destroy this copy (xl destroy {domain}) unless you discard the backup's (remus unprotect {domain} on the backup) and then `remus-net detach {vif}`"
+                    )
+                } else {
+                    format!(
+                        "stopped on request: the relay closed the stream and {activates}; {held}"
+                    )
+                },
+            ),
+            0 if self.xl == Some(0) => self.end(
+                Phase::DomainEnded,
+                ExitCode::Ok,
+                Output::Held,
+                *copy,
+                format!(
+                    "`{domain}` ended here (shut down or destroyed): xl closed the stream and {activates}"
+                ),
+            ),
+            0 => self.end(
+                Phase::Failed,
+                ExitCode::Failure,
+                Output::Held,
+                *copy,
+                format!(
+                    "xl remus failed (exit {xl_code}; its messages are above, e.g. the guest did not suspend) and closed the stream: {activates}; {held}"
+                ),
+            ),
+            c => self.end(
+                Phase::Failed,
+                if c == 3 {
+                    ExitCode::Unsupported
+                } else {
+                    ExitCode::Failure
+                },
+                Output::Unknown,
+                *copy,
+                format!(
+                    "the relay failed (exit {c}; its messages are above); if `remus-net status {vif}` still shows it holding, {held}"
+                ),
+            ),
+        }
+    }
+
+    /// Ended on request and the backup confirmed that it discarded its copy.
+    fn discarded(&self, stop: &Stop) -> Ending {
+        let domain = self.domain;
+        let destroyed = matches!(
+            stop.answer,
+            Some(EndAnswer::Discarded {
+                copy_destroyed: true,
+                ..
+            })
+        );
+        self.end(
+            Phase::Unprotected,
+            ExitCode::Ok,
             Output::Open,
             false,
             format!(
-                "the backup was lost: the relay released what it held and `{domain}` runs UNPROTECTED here; find out why (the backup's `remus status`, its journal), then protect again"
+                "protection ended on request: the backup discarded its copy (nothing was activated there){}, the relay released what it held and `{domain}` runs here, UNPROTECTED, its output passing; `remus protect {domain}` protects it again",
+                if destroyed {
+                    ""
+                } else {
+                    " but could not destroy it: remove its paused copy there (`remus unprotect` on the backup)"
+                }
             ),
-        ),
-        Some(RelayExit { code: Some(0), .. }) if stop_asked => end(
-            Phase::Stopped,
-            ExitCode::Ok,
-            Output::Held,
+        )
+    }
+
+    /// The relay ended by a signal (or its wrapper recorded neither code nor signal).
+    fn relay_killed(&self, signal: Option<i32>, stop_asked: bool) -> Ending {
+        let Facts {
             copy,
-            if copy {
+            held,
+            activates,
+            ..
+        } = self;
+        match signal {
+            Some(s) if stop_asked => self.end(
+                Phase::Stopped,
+                ExitCode::Ok,
+                Output::Held,
+                *copy,
+                format!("stopped on request (the relay ended by signal {s}): {activates}; {held}"),
+            ),
+            _ => self.end(
+                Phase::Failed,
+                ExitCode::Failure,
+                Output::Held,
+                *copy,
                 format!(
-                    "stopped on request: the relay closed the stream, so {activates}; {held}; destroy this copy (xl destroy {domain}) unless you discard the backup's (remus unprotect {domain} on the backup) and then `remus-net detach {vif}`"
-                )
-            } else {
-                format!("stopped on request: the relay closed the stream and {activates}; {held}")
-            },
-        ),
-        Some(RelayExit { code: Some(0), .. }) if xl == Some(0) => end(
-            Phase::DomainEnded,
-            ExitCode::Ok,
-            Output::Held,
-            copy,
-            format!(
-                "`{domain}` ended here (shut down or destroyed): xl closed the stream and {activates}"
+                    "the relay was killed (signal {}): {activates}; {held}",
+                    signal.map_or("unknown".into(), |s| s.to_string())
+                ),
             ),
-        ),
-        Some(RelayExit { code: Some(0), .. }) => end(
-            Phase::Failed,
-            ExitCode::Failure,
-            Output::Held,
-            copy,
-            format!(
-                "xl remus failed (exit {xl_code}; its messages are above, e.g. the guest did not suspend) and closed the stream: {activates}; {held}"
-            ),
-        ),
-        Some(RelayExit { code: Some(c), .. }) => end(
-            Phase::Failed,
-            if c == 3 {
-                ExitCode::Unsupported
-            } else {
-                ExitCode::Failure
-            },
-            Output::Unknown,
-            copy,
-            format!(
-                "the relay failed (exit {c}; its messages are above); if `remus-net status {vif}` still shows it holding, {held}"
-            ),
-        ),
-        Some(RelayExit {
-            signal: Some(s), ..
-        }) if stop_asked => end(
-            Phase::Stopped,
-            ExitCode::Ok,
-            Output::Held,
-            copy,
-            format!("stopped on request (the relay ended by signal {s}): {activates}; {held}"),
-        ),
-        Some(RelayExit { signal, .. }) => end(
-            Phase::Failed,
-            ExitCode::Failure,
-            Output::Held,
-            copy,
-            format!(
-                "the relay was killed (signal {}): {activates}; {held}",
-                signal.map_or("unknown".into(), |s| s.to_string())
-            ),
-        ),
-        None if stop_asked => end(
-            Phase::Stopped,
-            ExitCode::Ok,
-            Output::Untouched,
-            false,
-            format!("stopped on request before the relay started; `{domain}` was never protected"),
-        ),
-        None => end(
+        }
+    }
+
+    /// xl remus ended before it started the relay.
+    fn relay_never_ran(&self, stop_asked: bool) -> Ending {
+        let domain = self.domain;
+        if stop_asked {
+            return self.end(
+                Phase::Stopped,
+                ExitCode::Ok,
+                Output::Untouched,
+                false,
+                format!(
+                    "stopped on request before the relay started; `{domain}` was never protected"
+                ),
+            );
+        }
+        self.end(
             Phase::Failed,
             ExitCode::Failure,
             Output::Untouched,
             false,
             format!(
-                "xl remus ended (exit {xl_code}) before it started the relay (its messages are above); `{domain}` was never protected"
+                "xl remus ended (exit {}) before it started the relay (its messages are above); `{domain}` was never protected",
+                self.xl_code
             ),
-        ),
+        )
     }
 }
 
@@ -317,166 +398,238 @@ pub async fn run(plan: Plan, o: RunOptions) -> ExitCode {
     }
     let exit_file = state::relay_exit_path(&o.run_dir, &plan.domain);
     let _ = std::fs::remove_file(&exit_file);
-    let path = state::protect_path(&o.run_dir, &plan.domain);
     let argv = plan.xl_argv(&o.xl, &o.exe, &o.run_dir);
-    let started = state::now_unix();
-    let mut st = ProtectState {
-        domain: plan.domain.clone(),
-        domid: plan.domid,
-        pid: std::process::id(),
-        xl_pid: None,
-        vif: plan.vif.clone(),
-        backup: plan.backup.clone(),
-        interval_ms: plan.settings.interval_ms,
-        phase: Phase::Starting,
-        detail: None,
-        started_unix: started,
-        since_unix: started,
-        last_acked: 0,
-        checkpoints_per_s: None,
-        held_frames: None,
-        held_bytes: None,
-        relay_socket: state::relay_send_socket(&o.run_dir, &plan.vif),
-        unsafe_disks: plan.unsafe_disks.clone(),
-        exit_code: None,
-        output: None,
-    };
-    let save = |st: &ProtectState| {
-        if let Err(e) = state::write_json(&path, st) {
-            warn!(path = %path.display(), error = %e, "cannot write the state file; `remus status` will not see this protection");
-        }
-    };
+    let mut sup = Supervisor::new(&plan, &o);
     info!(command = ?argv, "starting xl remus");
-    let mut child = match tokio::process::Command::new(&argv[0])
+    let child = tokio::process::Command::new(&argv[0])
         .args(&argv[1..])
         .stdin(std::process::Stdio::null())
         .process_group(0)
         .kill_on_drop(false)
-        .spawn()
-    {
+        .spawn();
+    let mut child = match child {
         Ok(c) => c,
         Err(e) => {
             eprintln!(
                 "remus protect: {}: cannot start {}: {e}",
                 plan.domain, argv[0]
             );
-            st.phase = Phase::Failed;
-            st.detail = Some(format!("cannot start {}: {e}", argv[0]));
-            st.exit_code = Some(ExitCode::Failure.code());
-            save(&st);
+            sup.st.phase = Phase::Failed;
+            sup.st.detail = Some(format!("cannot start {}: {e}", argv[0]));
+            sup.st.exit_code = Some(ExitCode::Failure.code());
+            sup.save();
             return ExitCode::Failure;
         }
     };
-    let xl_pid = child.id().unwrap_or(0);
-    st.xl_pid = Some(xl_pid);
-    save(&st);
-
-    let mut rate = Rate::default();
-    let mut stop = Stop::default();
-    let mut asking: Option<tokio::task::JoinHandle<Result<EndAnswer, ControlError>>> = None;
-    let mut stop_deadline: Option<tokio::time::Instant> = None;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let stopping = stop_signal();
-    tokio::pin!(stopping);
-    let xl_status = loop {
-        tokio::select! {
-            r = child.wait() => break r.ok().and_then(|s| s.code()),
-            sig = &mut stopping, if !stop.asked => {
-                stop.asked = true;
-                warn!(signal = sig, domain = %plan.domain,
-                    "stop requested: ending protection (the backup discards its copy; the guest stays here, unprotected)");
-                st.phase = Phase::Ending;
-                st.since_unix = state::now_unix();
-                save(&st);
-                let ctl = state::relay_send_control(&o.run_dir, &plan.vif);
-                asking = Some(tokio::spawn(async move { control::end_protection(&ctl, END_WAIT).await }));
-            }
-            r = async {
-                match asking.as_mut() {
-                    Some(h) => h.await,
-                    None => std::future::pending().await,
-                }
-            }, if asking.is_some() => {
-                asking = None;
-                let r = r.unwrap_or_else(|e| Err(ControlError::Ask {
-                    path: String::new(),
-                    source: std::io::Error::other(e),
-                }));
-                if !answered(r, &plan.domain, &mut stop) {
-                    signal_pid(xl_pid, libc::SIGTERM);
-                }
-                stop_deadline = Some(tokio::time::Instant::now() + STOP_GRACE);
-            }
-            _ = tick.tick() => {
-                if let Some(d) = stop_deadline && tokio::time::Instant::now() >= d {
-                    warn!("xl remus did not end within {} s; killing it", STOP_GRACE.as_secs());
-                    signal_group(xl_pid, libc::SIGKILL);
-                    stop_deadline = None;
-                }
-                let s = sample(&st.relay_socket, &plan.vif).await;
-                let before = st.phase;
-                if let Some(a) = s.acked {
-                    st.last_acked = a;
-                    if !stop.asked {
-                        st.phase = if a >= 1 { Phase::Protected } else { Phase::InitialCopy };
-                    }
-                }
-                if let Some(t) = s.acks_total {
-                    st.checkpoints_per_s = rate.push(Instant::now(), t);
-                }
-                if let Some((f, b)) = s.held {
-                    st.held_frames = Some(f);
-                    st.held_bytes = Some(b);
-                }
-                if st.phase != before {
-                    st.since_unix = state::now_unix();
-                    match st.phase {
-                        Phase::InitialCopy => info!(backup = %plan.backup, "connected; copying the guest's memory (no failover is possible before checkpoint 1 is acknowledged)"),
-                        Phase::Protected => info!(checkpoint = st.last_acked, "PROTECTED: the backup holds checkpoint {}", st.last_acked),
-                        _ => {}
-                    }
-                }
-                save(&st);
-            }
-        }
-    };
-    // The relay outlives xl by a little: it tells the backup (CLOSE, up to its own
-    // timeout) or notices the backup's end before exiting.
-    let mut relay: Option<RelayExit> = state::read_json(&exit_file);
-    let waited = Instant::now();
-    while relay.is_none() && waited.elapsed() < RELAY_GRACE {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        relay = state::read_json(&exit_file);
-    }
-    let Ending {
-        phase,
-        code,
-        output,
-        detail,
-        ..
-    } = outcome(
+    sup.xl_pid = child.id().unwrap_or(0);
+    sup.st.xl_pid = Some(sup.xl_pid);
+    sup.save();
+    let xl_status = sup.supervise(&mut child).await;
+    let relay = relay_exit(&exit_file).await;
+    let ending = outcome(
         &plan.domain,
         &plan.vif,
         xl_status,
         relay,
-        &stop,
-        st.last_acked,
+        &sup.stop,
+        sup.st.last_acked,
     );
-    st.phase = phase;
-    st.detail = Some(detail.clone());
-    st.output = Some(output);
-    st.exit_code = Some(code.code());
-    st.since_unix = state::now_unix();
-    st.held_frames = None;
-    st.held_bytes = None;
-    st.checkpoints_per_s = None;
-    save(&st);
-    if code == ExitCode::Ok {
-        info!("{detail}");
-    } else {
-        eprintln!("remus protect: {}: {detail}", plan.domain);
+    sup.finish(ending)
+}
+
+/// The relay outlives xl by a little: it tells the backup (CLOSE, up to its own timeout)
+/// or notices the backup's end before exiting. Its wrapper's record, if it came in time.
+async fn relay_exit(exit_file: &Path) -> Option<RelayExit> {
+    let mut relay: Option<RelayExit> = state::read_json(exit_file);
+    let waited = Instant::now();
+    while relay.is_none() && waited.elapsed() < RELAY_GRACE {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        relay = state::read_json(exit_file);
     }
-    code
+    relay
+}
+
+/// The supervisor of one `xl remus`: the state file it keeps current, and what a stop
+/// request has got so far.
+struct Supervisor<'a> {
+    plan: &'a Plan,
+    run_dir: &'a Path,
+    path: PathBuf,
+    st: ProtectState,
+    xl_pid: u32,
+    rate: Rate,
+    stop: Stop,
+    /// The relay being asked to end protection.
+    asking: Option<tokio::task::JoinHandle<Result<EndAnswer, ControlError>>>,
+    /// When xl remus is killed if it has not ended after the relay answered.
+    stop_deadline: Option<tokio::time::Instant>,
+}
+
+impl<'a> Supervisor<'a> {
+    fn new(plan: &'a Plan, o: &'a RunOptions) -> Self {
+        let started = state::now_unix();
+        let st = ProtectState {
+            domain: plan.domain.clone(),
+            domid: plan.domid,
+            pid: std::process::id(),
+            xl_pid: None,
+            vif: plan.vif.clone(),
+            backup: plan.backup.clone(),
+            interval_ms: plan.settings.interval_ms,
+            phase: Phase::Starting,
+            detail: None,
+            started_unix: started,
+            since_unix: started,
+            last_acked: 0,
+            checkpoints_per_s: None,
+            held_frames: None,
+            held_bytes: None,
+            relay_socket: state::relay_send_socket(&o.run_dir, &plan.vif),
+            unsafe_disks: plan.unsafe_disks.clone(),
+            exit_code: None,
+            output: None,
+        };
+        Supervisor {
+            plan,
+            run_dir: &o.run_dir,
+            path: state::protect_path(&o.run_dir, &plan.domain),
+            st,
+            xl_pid: 0,
+            rate: Rate::default(),
+            stop: Stop::default(),
+            asking: None,
+            stop_deadline: None,
+        }
+    }
+
+    fn save(&self) {
+        if let Err(e) = state::write_json(&self.path, &self.st) {
+            warn!(path = %self.path.display(), error = %e, "cannot write the state file; `remus status` will not see this protection");
+        }
+    }
+
+    /// Until xl remus ends: a stop signal asks the relay to end protection, its answer
+    /// decides whether xl is stopped too, and each second the state file is refreshed.
+    /// Returns xl's exit code.
+    async fn supervise(&mut self, child: &mut tokio::process::Child) -> Option<i32> {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let stopping = stop_signal();
+        tokio::pin!(stopping);
+        loop {
+            tokio::select! {
+                r = child.wait() => return r.ok().and_then(|s| s.code()),
+                sig = &mut stopping, if !self.stop.asked => self.on_stop(sig),
+                r = async {
+                    match self.asking.as_mut() {
+                        Some(h) => h.await,
+                        None => std::future::pending().await,
+                    }
+                }, if self.asking.is_some() => self.on_answer(r),
+                _ = tick.tick() => self.on_tick().await,
+            }
+        }
+    }
+
+    fn on_stop(&mut self, sig: &'static str) {
+        self.stop.asked = true;
+        warn!(signal = sig, domain = %self.plan.domain,
+            "stop requested: ending protection (the backup discards its copy; the guest stays here, unprotected)");
+        self.st.phase = Phase::Ending;
+        self.st.since_unix = state::now_unix();
+        self.save();
+        let ctl = state::relay_send_control(self.run_dir, &self.plan.vif);
+        self.asking = Some(tokio::spawn(async move {
+            control::end_protection(&ctl, END_WAIT).await
+        }));
+    }
+
+    fn on_answer(&mut self, r: Result<Result<EndAnswer, ControlError>, tokio::task::JoinError>) {
+        self.asking = None;
+        let r = r.unwrap_or_else(|e| {
+            Err(ControlError::Ask {
+                path: String::new(),
+                source: std::io::Error::other(e),
+            })
+        });
+        if !answered(r, &self.plan.domain, &mut self.stop) {
+            signal_pid(self.xl_pid, libc::SIGTERM);
+        }
+        self.stop_deadline = Some(tokio::time::Instant::now() + STOP_GRACE);
+    }
+
+    async fn on_tick(&mut self) {
+        if let Some(d) = self.stop_deadline
+            && tokio::time::Instant::now() >= d
+        {
+            warn!(
+                "xl remus did not end within {} s; killing it",
+                STOP_GRACE.as_secs()
+            );
+            signal_group(self.xl_pid, libc::SIGKILL);
+            self.stop_deadline = None;
+        }
+        let s = sample(&self.st.relay_socket, &self.plan.vif).await;
+        let st = &mut self.st;
+        let before = st.phase;
+        if let Some(a) = s.acked {
+            st.last_acked = a;
+            if !self.stop.asked {
+                st.phase = if a >= 1 {
+                    Phase::Protected
+                } else {
+                    Phase::InitialCopy
+                };
+            }
+        }
+        if let Some(t) = s.acks_total {
+            st.checkpoints_per_s = self.rate.push(Instant::now(), t);
+        }
+        if let Some((f, b)) = s.held {
+            st.held_frames = Some(f);
+            st.held_bytes = Some(b);
+        }
+        if st.phase != before {
+            st.since_unix = state::now_unix();
+            match st.phase {
+                Phase::InitialCopy => {
+                    info!(backup = %self.plan.backup, "connected; copying the guest's memory (no failover is possible before checkpoint 1 is acknowledged)")
+                }
+                Phase::Protected => info!(
+                    checkpoint = st.last_acked,
+                    "PROTECTED: the backup holds checkpoint {}", st.last_acked
+                ),
+                _ => {}
+            }
+        }
+        self.save();
+    }
+
+    /// Records how it ended in the state file and says so; the exit code.
+    fn finish(mut self, ending: Ending) -> ExitCode {
+        let Ending {
+            phase,
+            code,
+            output,
+            detail,
+            ..
+        } = ending;
+        let st = &mut self.st;
+        st.phase = phase;
+        st.detail = Some(detail.clone());
+        st.output = Some(output);
+        st.exit_code = Some(code.code());
+        st.since_unix = state::now_unix();
+        st.held_frames = None;
+        st.held_bytes = None;
+        st.checkpoints_per_s = None;
+        self.save();
+        if code == ExitCode::Ok {
+            info!("{detail}");
+        } else {
+            eprintln!("remus protect: {}: {detail}", self.plan.domain);
+        }
+        code
+    }
 }
 
 /// Takes the relay's answer to "end protection"; false if it could not be asked (then xl

@@ -321,38 +321,14 @@ fn clean_up_ended(domain: &str, dir: &Path, s: ProtectState, h: &impl Host) -> D
     }
 }
 
-pub fn unprotect(
+/// On a backup: stops the receiver of `domain` (so it cannot activate the copy) and
+/// destroys the copy; what was done, if there was anything to do.
+fn discard_copy(
     domain: &str,
     dir: &Path,
     xen: &impl Xen,
-    h: &impl Host,
-) -> Result<Done, UnprotectError> {
-    unprotect_within(domain, dir, xen, h, PRIMARY_WAIT)
-}
-
-/// [`unprotect`], waiting at most `wait` for a primary's `remus protect` to end.
-pub fn unprotect_within(
-    domain: &str,
-    dir: &Path,
-    xen: &impl Xen,
-    h: &impl Host,
-    wait: Duration,
-) -> Result<Done, UnprotectError> {
-    if !h.is_root() {
-        return Err(UnprotectError::NotRoot);
-    }
-    let protect: Option<ProtectState> = state::read_json(&state::protect_path(dir, domain));
-    // Primary, running: end protection cleanly, both sides (see the module docs).
-    if let Some(s) = &protect
-        && host::protect_pid_matches(s.pid)
-    {
-        return end_on_primary(domain, dir, s, h, wait);
-    }
-    let list = xen::parse_list(&xen.list()?).map_err(|what| xen::XenError::Parse {
-        cmd: "xl list".into(),
-        what,
-    })?;
-    // Backup: discard the copy being received.
+    list: &[xen::ListedDomain],
+) -> Result<Option<Done>, UnprotectError> {
     let incoming = format!("{domain}--incoming");
     let copy = list.iter().find(|d| d.name == incoming);
     let backup: Option<BackupState> = state::read_json(&state::backup_path(dir, domain));
@@ -389,15 +365,50 @@ pub fn unprotect_within(
         )),
         (true, None) => None,
     };
-    if let Some(what) = what {
-        return Ok(Done {
+    Ok(what.map(|what| Done {
             killed,
             destroyed,
             ended: None,
             message: format!(
                 "discarded the backup copy of `{domain}`: {what}. The primary's relay now loses its backup: it releases what it holds and `{domain}` runs there UNPROTECTED (its `remus protect` ends with exit 4). `remus backup {domain}` keeps listening for the next `remus protect {domain}`."
             ),
-        });
+    }))
+}
+
+pub fn unprotect(
+    domain: &str,
+    dir: &Path,
+    xen: &impl Xen,
+    h: &impl Host,
+) -> Result<Done, UnprotectError> {
+    unprotect_within(domain, dir, xen, h, PRIMARY_WAIT)
+}
+
+/// [`unprotect`], waiting at most `wait` for a primary's `remus protect` to end.
+pub fn unprotect_within(
+    domain: &str,
+    dir: &Path,
+    xen: &impl Xen,
+    h: &impl Host,
+    wait: Duration,
+) -> Result<Done, UnprotectError> {
+    if !h.is_root() {
+        return Err(UnprotectError::NotRoot);
+    }
+    let protect: Option<ProtectState> = state::read_json(&state::protect_path(dir, domain));
+    // Primary, running: end protection cleanly, both sides (see the module docs).
+    if let Some(s) = &protect
+        && host::protect_pid_matches(s.pid)
+    {
+        return end_on_primary(domain, dir, s, h, wait);
+    }
+    let list = xen::parse_list(&xen.list()?).map_err(|what| xen::XenError::Parse {
+        cmd: "xl list".into(),
+        what,
+    })?;
+    // Backup: discard the copy being received.
+    if let Some(done) = discard_copy(domain, dir, xen, &list)? {
+        return Ok(done);
     }
 
     if let Some(d) = list.iter().find(|d| d.name == domain)

@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::{Value, json};
 
-use crate::util;
+use super::common::{self, run_json as helper, verdict};
 
 #[derive(Args)]
 pub struct DiskArgs {
@@ -107,7 +107,6 @@ fn backup(
     journal: &Path,
     name: &str,
 ) -> Result<(Daemon, String)> {
-    let s = |p: &Path| p.display().to_string();
     let d = start(
         remus,
         &[
@@ -141,7 +140,6 @@ fn primary(
     backup: Option<&str>,
     name: &str,
 ) -> Result<Daemon> {
-    let s = |p: &Path| p.display().to_string();
     let mut args: Vec<String> = vec![
         "serve".into(),
         "--backing".into(),
@@ -182,31 +180,12 @@ fn cpu_secs(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / hz.max(1.0)
 }
 
-fn helper(bin: &Path, args: &[String]) -> Result<Value> {
-    let o = Command::new(bin)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {}", bin.display()))?;
-    if !o.status.success() {
-        bail!(
-            "{} {args:?}: {}",
-            bin.display(),
-            String::from_utf8_lossy(&o.stderr)
-        );
-    }
-    Ok(serde_json::from_slice(&o.stdout)?)
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
-}
-
-fn verdict(ok: bool) -> &'static str {
-    if ok { "ok" } else { "MISS" }
 }
 
 struct Workload {
@@ -242,20 +221,27 @@ const WORKLOADS: [Workload; 3] = [
     },
 ];
 
-pub fn run(a: DiskArgs) -> Result<()> {
-    util::run(util::cmd("cargo").args([
-        "build",
-        "--release",
-        "-p",
-        "remus-user",
-        "--bin",
-        "remus",
-        "--example",
-        "disk_bench",
-    ]))?;
-    let target = util::root().join("target");
-    let remus = target.join("release").join("remus");
-    let bench = target.join("release").join("examples").join("disk_bench");
+/// The built binaries and the files of one run.
+struct Setup {
+    target: PathBuf,
+    remus: PathBuf,
+    bench: PathBuf,
+    work: PathBuf,
+    /// Where the backup keeps its backing and journals.
+    bdir: PathBuf,
+    direct: PathBuf,
+    standalone: PathBuf,
+    primary_img: PathBuf,
+    backup_img: PathBuf,
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// Builds the release binaries, lays out the work directory, the key and sparse disks.
+fn prepare(a: &DiskArgs) -> Result<Setup> {
+    let target = common::build_release(&["disk_bench"])?;
     let work = target.join("bench").join("disk-work");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
@@ -265,158 +251,191 @@ pub fn run(a: DiskArgs) -> Result<()> {
     let key = work.join("key");
     std::fs::write(&key, "bench-key-0123456789abcdef")?;
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-    let s = |p: &Path| p.display().to_string();
-    let (direct, standalone, primary_img, backup_img) = (
-        work.join("direct.img"),
-        work.join("standalone.img"),
-        work.join("primary.img"),
-        bdir.join("backup.img"),
-    );
-    for p in [&direct, &standalone, &primary_img, &backup_img] {
+    let setup = Setup {
+        remus: target.join("release").join("remus"),
+        bench: target.join("release").join("examples").join("disk_bench"),
+        direct: work.join("direct.img"),
+        standalone: work.join("standalone.img"),
+        primary_img: work.join("primary.img"),
+        backup_img: bdir.join("backup.img"),
+        target,
+        work,
+        bdir,
+    };
+    for p in [
+        &setup.direct,
+        &setup.standalone,
+        &setup.primary_img,
+        &setup.backup_img,
+    ] {
         sparse(p, a.disk_mib)?;
     }
-    let sd = primary(&remus, &work, &standalone, None, "standalone")?;
-    let (bk, addr) = backup(&remus, &work, &backup_img, &bdir.join("journal"), "backup")?;
-    let pr = primary(&remus, &work, &primary_img, Some(&addr), "primary")?;
+    Ok(setup)
+}
 
+/// The three daemons of the write workloads: alone, and the replicating pair.
+struct Daemons {
+    standalone: Daemon,
+    primary: Daemon,
+    backup: Daemon,
+}
+
+/// Each workload's runs (direct, unreplicated, replicated) and daemon CPU seconds per GB
+/// (standalone, primary, backup), averaged over the repetitions.
+struct Writes {
+    results: Vec<Vec<[Value; 3]>>,
+    cpu: Vec<[f64; 3]>,
+}
+
+/// Every workload against the backing file, the lone daemon and the pair, interleaved.
+fn measure_writes(a: &DiskArgs, st: &Setup, d: &Daemons) -> Result<Writes> {
     let region = (a.disk_mib << 20).to_string();
-    let mut out = serde_json::Map::new();
-    let mut rows: Vec<(String, String)> = Vec::new();
-    let mut results: Vec<Vec<[Value; 3]>> = (0..WORKLOADS.len()).map(|_| Vec::new()).collect();
-    let mut cpu: Vec<[f64; 3]> = vec![[0.0; 3]; WORKLOADS.len()];
+    let mut w = Writes {
+        results: (0..WORKLOADS.len()).map(|_| Vec::new()).collect(),
+        cpu: vec![[0.0; 3]; WORKLOADS.len()],
+    };
     for r in 0..a.repeat {
-        for (wi, w) in WORKLOADS.iter().enumerate() {
-            eprintln!("round {}/{}: {}", r + 1, a.repeat, w.name);
-            let base = vec![
-                "write".to_string(),
-                String::new(),
-                w.mode.into(),
-                w.block.to_string(),
-                w.qd.to_string(),
-                a.seconds.to_string(),
-                region.clone(),
-            ];
+        for (wi, wl) in WORKLOADS.iter().enumerate() {
+            eprintln!("round {}/{}: {}", r + 1, a.repeat, wl.name);
             let with = |t: String| {
-                let mut v = base.clone();
-                v[1] = t;
-                v
+                vec![
+                    "write".to_string(),
+                    t,
+                    wl.mode.into(),
+                    wl.block.to_string(),
+                    wl.qd.to_string(),
+                    a.seconds.to_string(),
+                    region.clone(),
+                ]
             };
-            let d = if w.qd == 1 {
-                helper(&bench, &with(format!("file:{}", s(&direct))))?
+            let direct = if wl.qd == 1 {
+                helper(&st.bench, &with(format!("file:{}", s(&st.direct))))?
             } else {
                 Value::Null
             };
-            let c0 = cpu_secs(sd.child.id());
+            let c0 = cpu_secs(d.standalone.child.id());
             let u = helper(
-                &bench,
-                &with(format!("nbd:{}", s(&work.join("standalone.nbd")))),
+                &st.bench,
+                &with(format!("nbd:{}", s(&st.work.join("standalone.nbd")))),
             )?;
-            let c1 = cpu_secs(sd.child.id());
-            let (p0, b0) = (cpu_secs(pr.child.id()), cpu_secs(bk.child.id()));
-            let mut args = with(format!("nbd:{}", s(&work.join("primary.nbd"))));
-            args.extend([s(&pr.sock), s(&bk.sock), a.interval_ms.to_string()]);
-            let rep = helper(&bench, &args)?;
-            let (p1, b1) = (cpu_secs(pr.child.id()), cpu_secs(bk.child.id()));
+            let c1 = cpu_secs(d.standalone.child.id());
+            let (p0, b0) = (
+                cpu_secs(d.primary.child.id()),
+                cpu_secs(d.backup.child.id()),
+            );
+            let mut args = with(format!("nbd:{}", s(&st.work.join("primary.nbd"))));
+            args.extend([
+                s(&d.primary.sock),
+                s(&d.backup.sock),
+                a.interval_ms.to_string(),
+            ]);
+            let rep = helper(&st.bench, &args)?;
+            let (p1, b1) = (
+                cpu_secs(d.primary.child.id()),
+                cpu_secs(d.backup.child.id()),
+            );
             let gb = |v: &Value| v["bytes"].as_f64().unwrap_or(1.0) / 1e9;
-            cpu[wi][0] += (c1 - c0) / gb(&u) / a.repeat as f64;
-            cpu[wi][1] += (p1 - p0) / gb(&rep) / a.repeat as f64;
-            cpu[wi][2] += (b1 - b0) / gb(&rep) / a.repeat as f64;
-            results[wi].push([d, u, rep]);
+            w.cpu[wi][0] += (c1 - c0) / gb(&u) / a.repeat as f64;
+            w.cpu[wi][1] += (p1 - p0) / gb(&rep) / a.repeat as f64;
+            w.cpu[wi][2] += (b1 - b0) / gb(&rep) / a.repeat as f64;
+            w.results[wi].push([direct, u, rep]);
         }
     }
-    let st = request(&pr.sock, json!({"op": "status"}))?;
-    if st["state"] != "protected" {
-        bail!("the replicated daemon lost its backup during the run: {st}");
-    }
+    Ok(w)
+}
 
-    let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-    let l = |v: &Value, k: &str| v["lat_us"][k].as_f64().unwrap_or(f64::NAN);
-    let mut wjson = Vec::new();
-    for (wi, w) in WORKLOADS.iter().enumerate() {
-        let runs = &results[wi];
-        let med =
-            |i: usize, g: &dyn Fn(&Value) -> f64| median(runs.iter().map(|r| g(&r[i])).collect());
-        let ratio = median(
-            runs.iter()
-                .map(|r| f(&r[2], "mb_s") / f(&r[1], "mb_s"))
-                .collect(),
-        );
-        let added_p50 = median(
-            runs.iter()
-                .map(|r| l(&r[2], "p50") - l(&r[1], "p50"))
-                .collect(),
-        );
-        let (mbs, iops) = (|v: &Value| f(v, "mb_s"), |v: &Value| f(v, "iops"));
-        let p50 = |v: &Value| l(v, "p50");
-        let p99 = |v: &Value| l(v, "p99");
-        let cell = |i: usize| {
-            if runs[0][i].is_null() {
-                "n/a".to_string()
-            } else {
-                format!(
-                    "{:.0} MB/s {:.0} IOPS, p50 {:.1} p99 {:.0} us",
-                    med(i, &mbs),
-                    med(i, &iops),
-                    med(i, &p50),
-                    med(i, &p99)
-                )
-            }
-        };
-        rows.push((format!("{}: backing file directly", w.name), cell(0)));
-        rows.push((format!("{}: daemon, no backup", w.name), cell(1)));
-        rows.push((format!("{}: daemon, replicated", w.name), cell(2)));
-        rows.push((
+fn num(v: &Value, k: &str) -> f64 {
+    v[k].as_f64().unwrap_or(f64::NAN)
+}
+
+fn lat(v: &Value, k: &str) -> f64 {
+    v["lat_us"][k].as_f64().unwrap_or(f64::NAN)
+}
+
+/// One workload's rows (medians over the runs, paired ratios) and its JSON.
+fn report_workload(
+    w: &Workload,
+    runs: &[[Value; 3]],
+    cpu: [f64; 3],
+    rows: &mut Vec<(String, String)>,
+) -> Value {
+    let med = |i: usize, g: &dyn Fn(&Value) -> f64| median(runs.iter().map(|r| g(&r[i])).collect());
+    let ratio = median(
+        runs.iter()
+            .map(|r| num(&r[2], "mb_s") / num(&r[1], "mb_s"))
+            .collect(),
+    );
+    let added_p50 = median(
+        runs.iter()
+            .map(|r| lat(&r[2], "p50") - lat(&r[1], "p50"))
+            .collect(),
+    );
+    let cell = |i: usize| {
+        if runs[0][i].is_null() {
+            "n/a".to_string()
+        } else {
             format!(
-                "{}: replicated / unreplicated{}",
-                w.name,
-                if w.target { " (target >= 0.8)" } else { "" }
-            ),
-            if w.target {
-                format!("{ratio:.2} {}", verdict(ratio >= 0.8))
-            } else {
-                format!("{ratio:.2}")
-            },
-        ));
-        if w.qd == 1 {
-            rows.push((
-                format!("{}: added latency p50 (target <= 50 us)", w.name),
-                format!("{added_p50:.1} us {}", verdict(added_p50 <= 50.0)),
-            ));
-        }
-        rows.push((
-            format!("{}: daemon CPU per GB: alone / primary / backup", w.name),
-            format!(
-                "{:.2} / {:.2} / {:.2} s",
-                cpu[wi][0], cpu[wi][1], cpu[wi][2]
-            ),
-        ));
-        let ck: Vec<&Value> = runs.iter().map(|r| &r[2]["checkpoints"]).collect();
-        let ckm = |k: &str| {
-            median(
-                ck.iter()
-                    .map(|c| c[k]["p50"].as_f64().unwrap_or(f64::NAN))
-                    .collect(),
+                "{:.0} MB/s {:.0} IOPS, p50 {:.1} p99 {:.0} us",
+                med(i, &|v| num(v, "mb_s")),
+                med(i, &|v| num(v, "iops")),
+                med(i, &|v| lat(v, "p50")),
+                med(i, &|v| lat(v, "p99"))
             )
-        };
+        }
+    };
+    rows.push((format!("{}: backing file directly", w.name), cell(0)));
+    rows.push((format!("{}: daemon, no backup", w.name), cell(1)));
+    rows.push((format!("{}: daemon, replicated", w.name), cell(2)));
+    rows.push((
+        format!(
+            "{}: replicated / unreplicated{}",
+            w.name,
+            if w.target { " (target >= 0.8)" } else { "" }
+        ),
+        if w.target {
+            format!("{ratio:.2} {}", verdict(ratio >= 0.8))
+        } else {
+            format!("{ratio:.2}")
+        },
+    ));
+    if w.qd == 1 {
         rows.push((
-            format!("{}: checkpoint cut / durable / commit p50", w.name),
-            format!(
-                "{:.0} / {:.0} / {:.0} us",
-                ckm("cut_us"),
-                ckm("durable_us"),
-                ckm("commit_us")
-            ),
+            format!("{}: added latency p50 (target <= 50 us)", w.name),
+            format!("{added_p50:.1} us {}", verdict(added_p50 <= 50.0)),
         ));
-        wjson.push(json!({
-            "workload": w.name,
-            "runs": runs.iter().map(|r| json!({"direct": r[0], "unreplicated": r[1], "replicated": r[2]})).collect::<Vec<_>>(),
-            "ratio_replicated_over_unreplicated": ratio,
-            "target_ratio": if w.target { json!(0.8) } else { Value::Null },
-            "added_latency_p50_us": added_p50,
-            "cpu_s_per_gb": {"standalone": cpu[wi][0], "primary": cpu[wi][1], "backup": cpu[wi][2]},
-        }));
     }
-    out.insert("workloads".into(), Value::Array(wjson));
+    rows.push((
+        format!("{}: daemon CPU per GB: alone / primary / backup", w.name),
+        format!("{:.2} / {:.2} / {:.2} s", cpu[0], cpu[1], cpu[2]),
+    ));
+    let ckm = |k: &str| {
+        median(
+            runs.iter()
+                .map(|r| r[2]["checkpoints"][k]["p50"].as_f64().unwrap_or(f64::NAN))
+                .collect(),
+        )
+    };
+    rows.push((
+        format!("{}: checkpoint cut / durable / commit p50", w.name),
+        format!(
+            "{:.0} / {:.0} / {:.0} us",
+            ckm("cut_us"),
+            ckm("durable_us"),
+            ckm("commit_us")
+        ),
+    ));
+    json!({
+        "workload": w.name,
+        "runs": runs.iter().map(|r| json!({"direct": r[0], "unreplicated": r[1], "replicated": r[2]})).collect::<Vec<_>>(),
+        "ratio_replicated_over_unreplicated": ratio,
+        "target_ratio": if w.target { json!(0.8) } else { Value::Null },
+        "added_latency_p50_us": added_p50,
+        "cpu_s_per_gb": {"standalone": cpu[0], "primary": cpu[1], "backup": cpu[2]},
+    })
+}
+
+/// The backup's commit/apply rate over the whole run.
+fn report_apply(bk: &Daemon, rows: &mut Vec<(String, String)>) -> Result<Value> {
     let bs = request(&bk.sock, json!({"op": "status"}))?;
     let apply = bs["applied_bytes_total"].as_f64().unwrap_or(0.0)
         / bs["apply_seconds_total"].as_f64().unwrap_or(f64::NAN)
@@ -425,39 +444,54 @@ pub fn run(a: DiskArgs) -> Result<()> {
         "backup: apply rate (commit, page cache)".into(),
         format!("{apply:.0} MB/s"),
     ));
-    out.insert(
-        "backup".into(),
+    Ok(
         json!({"applied_bytes": bs["applied_bytes_total"], "apply_seconds": bs["apply_seconds_total"], "apply_mb_s": apply}),
-    );
-    drop((pr, bk, sd));
+    )
+}
 
-    // Initial synchronisation against a plain copy over the same loopback link.
-    let src = work.join("sync-src.img");
-    {
-        use std::io::Write;
-        let mut fh = std::io::BufWriter::new(std::fs::File::create(&src)?);
-        let mut chunk = vec![0u8; 1 << 20];
-        for i in 0..a.sync_mib {
-            for (j, b) in chunk.iter_mut().enumerate() {
-                *b = ((i as usize * 31 + j) % 251) as u8 | 1;
-            }
-            fh.write_all(&chunk)?;
+/// A file of `mib` MiB with no holes and no zero bytes (so nothing is skipped).
+fn write_sync_source(src: &Path, mib: u64) -> Result<()> {
+    use std::io::Write;
+    let mut fh = std::io::BufWriter::new(std::fs::File::create(src)?);
+    let mut chunk = vec![0u8; 1 << 20];
+    for i in 0..mib {
+        for (j, b) in chunk.iter_mut().enumerate() {
+            *b = ((i as usize * 31 + j) % 251) as u8 | 1;
         }
-        fh.flush()?;
+        fh.write_all(&chunk)?;
     }
-    let (mut copy_r, mut sync_r, mut pair_r) = (Vec::new(), Vec::new(), Vec::new());
-    for r in 0..a.repeat {
-        eprintln!("round {}/{}: initial sync vs plain copy", r + 1, a.repeat);
-        let dst = bdir.join("copy-dst.img");
+    fh.flush()?;
+    Ok(())
+}
+
+/// MB/s of each repetition: plain copy, initial sync, and sync / copy of that repetition.
+struct Sync {
+    copy: Vec<f64>,
+    sync: Vec<f64>,
+    paired: Vec<f64>,
+}
+
+/// Initial synchronisation against a plain copy over the same loopback link.
+fn measure_sync(a: &DiskArgs, st: &Setup) -> Result<Sync> {
+    let src = st.work.join("sync-src.img");
+    write_sync_source(&src, a.sync_mib)?;
+    let mut r = Sync {
+        copy: Vec::new(),
+        sync: Vec::new(),
+        paired: Vec::new(),
+    };
+    for i in 0..a.repeat {
+        eprintln!("round {}/{}: initial sync vs plain copy", i + 1, a.repeat);
+        let dst = st.bdir.join("copy-dst.img");
         sparse(&dst, a.sync_mib)?;
-        let c = helper(&bench, &["copy".into(), s(&src), s(&dst)])?;
+        let c = helper(&st.bench, &["copy".into(), s(&src), s(&dst)])?;
         let _ = std::fs::remove_file(&dst);
-        let b2 = bdir.join("sync-backup.img");
+        let b2 = st.bdir.join("sync-backup.img");
         sparse(&b2, a.sync_mib)?;
-        let jd = bdir.join("sync-journal");
+        let jd = st.bdir.join("sync-journal");
         let _ = std::fs::remove_dir_all(&jd);
-        let (bk, addr) = backup(&remus, &work, &b2, &jd, "sync-b")?;
-        let pr = primary(&remus, &work, &src, Some(&addr), "sync-p")?;
+        let (bk, addr) = backup(&st.remus, &st.work, &b2, &jd, "sync-b")?;
+        let pr = primary(&st.remus, &st.work, &src, Some(&addr), "sync-p")?;
         let secs = request(&pr.sock, json!({"op": "status"}))?["sync_seconds"]
             .as_f64()
             .context("sync_seconds")?;
@@ -465,14 +499,18 @@ pub fn run(a: DiskArgs) -> Result<()> {
         let _ = std::fs::remove_file(&b2);
         let sync_mb_s = (a.sync_mib << 20) as f64 / secs / 1e6;
         let copy_mb_s = c["mb_s"].as_f64().unwrap_or(f64::NAN);
-        copy_r.push(copy_mb_s);
-        sync_r.push(sync_mb_s);
-        pair_r.push(sync_mb_s / copy_mb_s);
+        r.copy.push(copy_mb_s);
+        r.sync.push(sync_mb_s);
+        r.paired.push(sync_mb_s / copy_mb_s);
     }
+    Ok(r)
+}
+
+fn report_sync(a: &DiskArgs, r: &Sync, rows: &mut Vec<(String, String)>) -> Value {
     let (cm, sm, pm) = (
-        median(copy_r.clone()),
-        median(sync_r.clone()),
-        median(pair_r.clone()),
+        median(r.copy.clone()),
+        median(r.sync.clone()),
+        median(r.paired.clone()),
     );
     rows.push((
         format!(
@@ -489,42 +527,63 @@ pub fn run(a: DiskArgs) -> Result<()> {
         "initial sync / plain copy (target >= 0.8)".into(),
         format!("{pm:.2} {}", verdict(pm >= 0.8)),
     ));
-    out.insert(
-        "initial_sync".into(),
-        json!({"mib": a.sync_mib, "plain_copy_mb_s": copy_r, "sync_mb_s": sync_r, "ratio": pair_r, "ratio_median": pm, "target": 0.8}),
-    );
+    json!({"mib": a.sync_mib, "plain_copy_mb_s": r.copy, "sync_mb_s": r.sync, "ratio": r.paired, "ratio_median": pm, "target": 0.8})
+}
 
-    // SAFETY: getloadavg writes at most 3 doubles.
-    let mut load = [0f64; 3];
-    unsafe { libc::getloadavg(load.as_mut_ptr(), 3) };
-    out.insert("load_average_1m".into(), json!(load[0]));
+pub fn run(a: DiskArgs) -> Result<()> {
+    let st = prepare(&a)?;
+    let standalone = primary(&st.remus, &st.work, &st.standalone, None, "standalone")?;
+    let (backup_d, addr) = backup(
+        &st.remus,
+        &st.work,
+        &st.backup_img,
+        &st.bdir.join("journal"),
+        "backup",
+    )?;
+    let primary_d = primary(&st.remus, &st.work, &st.primary_img, Some(&addr), "primary")?;
+    let daemons = Daemons {
+        standalone,
+        primary: primary_d,
+        backup: backup_d,
+    };
+    let writes = measure_writes(&a, &st, &daemons)?;
+    let status = request(&daemons.primary.sock, json!({"op": "status"}))?;
+    if status["state"] != "protected" {
+        bail!("the replicated daemon lost its backup during the run: {status}");
+    }
+    let mut out = serde_json::Map::new();
+    let mut rows: Vec<(String, String)> = Vec::new();
+    let wjson = WORKLOADS
+        .iter()
+        .enumerate()
+        .map(|(wi, w)| report_workload(w, &writes.results[wi], writes.cpu[wi], &mut rows))
+        .collect();
+    out.insert("workloads".into(), Value::Array(wjson));
+    out.insert("backup".into(), report_apply(&daemons.backup, &mut rows)?);
+    drop(daemons);
+
+    let sync = measure_sync(&a, &st)?;
+    out.insert("initial_sync".into(), report_sync(&a, &sync, &mut rows));
+    let load = common::load_average();
+    out.insert("load_average_1m".into(), json!(load));
     out.insert(
         "config".into(),
-        json!({"seconds": a.seconds, "repeat": a.repeat, "disk_mib": a.disk_mib, "interval_ms": a.interval_ms, "backup_dir": s(&bdir)}),
+        json!({"seconds": a.seconds, "repeat": a.repeat, "disk_mib": a.disk_mib, "interval_ms": a.interval_ms, "backup_dir": s(&st.bdir)}),
     );
-    println!();
-    println!(
-        "{:<66} {:>44}",
-        "disk benchmark (loopback, one run)", "median"
-    );
-    println!("{}", "-".repeat(111));
-    for (k, v) in &rows {
-        println!("{k:<66} {v:>44}");
+    common::Table {
+        title: "disk benchmark (loopback, one run)",
+        column: "median",
+        widths: (66, 44),
     }
-    println!(
-        "(1-minute load average at the end: {:.1}; ratios are paired per repetition)",
-        load[0]
+    .print(
+        &rows,
+        &format!("(1-minute load average at the end: {load:.1}; ratios are paired per repetition)"),
     );
-    let json_path = target.join("bench").join("disk.json");
-    std::fs::write(
-        &json_path,
-        serde_json::to_string_pretty(&Value::Object(out))?,
-    )?;
-    println!("wrote {}", json_path.display());
-    let _ = std::fs::remove_dir_all(&work);
+    common::write_json(&st.target, "disk", out)?;
+    let _ = std::fs::remove_dir_all(&st.work);
     if a.backup_dir.is_some() {
-        let _ = std::fs::remove_dir_all(bdir.join("journal"));
-        let _ = std::fs::remove_file(&backup_img);
+        let _ = std::fs::remove_dir_all(st.bdir.join("journal"));
+        let _ = std::fs::remove_file(&st.backup_img);
     }
     Ok(())
 }

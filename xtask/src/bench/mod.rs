@@ -4,6 +4,7 @@
 use anyhow::Result;
 use clap::Subcommand;
 
+mod common;
 mod disk;
 mod net;
 mod relay;

@@ -71,6 +71,39 @@ fn parse_go(data: &[u8]) -> Option<(&[u8], Vec<u16>)> {
 
 /// Runs the handshake. `Ok(())` means the client entered the transmission phase.
 pub fn serve<S: Read + Write>(s: &mut S, info: &ExportInfo) -> Result<(), NbdError> {
+    let cflags = greet(s)?;
+    let fixed = cflags & FLAG_C_FIXED_NEWSTYLE != 0;
+    let no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
+    loop {
+        let (option, data) = read_option(s, fixed)?;
+        let next = match option {
+            OPT_EXPORT_NAME => return export_name(s, info, &data, no_zeroes),
+            OPT_ABORT => {
+                let _ = reply(s, option, REP_ACK, &[]);
+                return Err(NbdError::Aborted("NBD_OPT_ABORT"));
+            }
+            OPT_LIST => list(s, info, option, &data)?,
+            OPT_INFO | OPT_GO => info_or_go(s, info, option, &data)?,
+            _ => {
+                // Structured replies, TLS, meta contexts: not offered.
+                reply_error(s, option, REP_ERR_UNSUP, "not supported by remus disk")?;
+                Next::Haggle
+            }
+        };
+        if let Next::Transmission = next {
+            return Ok(());
+        }
+    }
+}
+
+/// After an option: more options, or the transmission phase.
+enum Next {
+    Haggle,
+    Transmission,
+}
+
+/// Sends the server's greeting; the client's flags (unknown ones refused).
+fn greet<S: Read + Write>(s: &mut S) -> Result<u32, NbdError> {
     let mut greet = Vec::with_capacity(18);
     greet.extend_from_slice(&NBDMAGIC.to_be_bytes());
     greet.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -84,99 +117,116 @@ pub fn serve<S: Read + Write>(s: &mut S, info: &ExportInfo) -> Result<(), NbdErr
             "unknown client flags {cflags:#x}"
         )));
     }
-    let fixed = cflags & FLAG_C_FIXED_NEWSTYLE != 0;
-    let no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
-    loop {
-        let mut hb = [0u8; 16];
-        s.read_exact(&mut hb)?;
-        let h = OptionHeader::read_from_bytes(&hb)
-            .map_err(|_| NbdError::Protocol("short option header".into()))?;
-        if h.magic.get() != IHAVEOPT {
-            return Err(NbdError::Protocol(format!(
-                "option magic {:#x} is not IHAVEOPT",
-                h.magic.get()
-            )));
-        }
-        let (option, len) = (h.option.get(), h.len.get());
-        if len > MAX_OPTION {
-            return Err(NbdError::Protocol(format!(
-                "option {option} carries {len} bytes (at most {MAX_OPTION})"
-            )));
-        }
-        let mut data = vec![0u8; len as usize];
-        s.read_exact(&mut data)?;
-        if !fixed && option != OPT_EXPORT_NAME {
-            return Err(NbdError::Protocol(format!(
-                "option {option} from a client without fixed newstyle"
-            )));
-        }
-        match option {
-            OPT_EXPORT_NAME => {
-                if !info.knows(&data) {
-                    // No way to answer an error here: the protocol says hang up.
-                    return Err(NbdError::Protocol(format!(
-                        "unknown export {:?}",
-                        String::from_utf8_lossy(&data)
-                    )));
-                }
-                let mut out = Vec::with_capacity(134);
-                out.extend_from_slice(&info.size.to_be_bytes());
-                out.extend_from_slice(&info.flags.to_be_bytes());
-                if !no_zeroes {
-                    out.extend_from_slice(&[0u8; 124]);
-                }
-                s.write_all(&out)?;
-                return Ok(());
-            }
-            OPT_ABORT => {
-                let _ = reply(s, option, REP_ACK, &[]);
-                return Err(NbdError::Aborted("NBD_OPT_ABORT"));
-            }
-            OPT_LIST => {
-                if !data.is_empty() {
-                    reply_error(s, option, REP_ERR_INVALID, "LIST takes no data")?;
-                    continue;
-                }
-                let mut d = Vec::new();
-                d.extend_from_slice(&(info.name.len() as u32).to_be_bytes());
-                d.extend_from_slice(info.name.as_bytes());
-                reply(s, option, REP_SERVER, &d)?;
-                reply(s, option, REP_ACK, &[])?;
-            }
-            OPT_INFO | OPT_GO => {
-                let Some((name, asked)) = parse_go(&data) else {
-                    reply_error(s, option, REP_ERR_INVALID, "malformed INFO/GO request")?;
-                    continue;
-                };
-                if !info.knows(name) {
-                    reply_error(s, option, REP_ERR_UNKNOWN, "no such export")?;
-                    continue;
-                }
-                let mut e = Vec::with_capacity(12);
-                e.extend_from_slice(&INFO_EXPORT.to_be_bytes());
-                e.extend_from_slice(&info.size.to_be_bytes());
-                e.extend_from_slice(&info.flags.to_be_bytes());
-                reply(s, option, REP_INFO, &e)?;
-                if asked.contains(&INFO_BLOCK_SIZE) {
-                    // Any alignment works (buffered I/O); 4 KiB is what the page cache likes.
-                    let mut b = Vec::with_capacity(14);
-                    b.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
-                    b.extend_from_slice(&1u32.to_be_bytes());
-                    b.extend_from_slice(&4096u32.to_be_bytes());
-                    b.extend_from_slice(&MAX_REQUEST.to_be_bytes());
-                    reply(s, option, REP_INFO, &b)?;
-                }
-                reply(s, option, REP_ACK, &[])?;
-                if option == OPT_GO {
-                    return Ok(());
-                }
-            }
-            _ => {
-                // Structured replies, TLS, meta contexts: not offered.
-                reply_error(s, option, REP_ERR_UNSUP, "not supported by remus disk")?;
-            }
-        }
+    Ok(cflags)
+}
+
+/// One option from the client: its number and data (size-limited before reading).
+fn read_option<S: Read>(s: &mut S, fixed: bool) -> Result<(u32, Vec<u8>), NbdError> {
+    let mut hb = [0u8; 16];
+    s.read_exact(&mut hb)?;
+    let h = OptionHeader::read_from_bytes(&hb)
+        .map_err(|_| NbdError::Protocol("short option header".into()))?;
+    if h.magic.get() != IHAVEOPT {
+        return Err(NbdError::Protocol(format!(
+            "option magic {:#x} is not IHAVEOPT",
+            h.magic.get()
+        )));
     }
+    let (option, len) = (h.option.get(), h.len.get());
+    if len > MAX_OPTION {
+        return Err(NbdError::Protocol(format!(
+            "option {option} carries {len} bytes (at most {MAX_OPTION})"
+        )));
+    }
+    let mut data = vec![0u8; len as usize];
+    s.read_exact(&mut data)?;
+    if !fixed && option != OPT_EXPORT_NAME {
+        return Err(NbdError::Protocol(format!(
+            "option {option} from a client without fixed newstyle"
+        )));
+    }
+    Ok((option, data))
+}
+
+/// EXPORT_NAME: size and flags, and the client is in transmission.
+fn export_name<S: Write>(
+    s: &mut S,
+    info: &ExportInfo,
+    data: &[u8],
+    no_zeroes: bool,
+) -> Result<(), NbdError> {
+    if !info.knows(data) {
+        // No way to answer an error here: the protocol says hang up.
+        return Err(NbdError::Protocol(format!(
+            "unknown export {:?}",
+            String::from_utf8_lossy(data)
+        )));
+    }
+    let mut out = Vec::with_capacity(134);
+    out.extend_from_slice(&info.size.to_be_bytes());
+    out.extend_from_slice(&info.flags.to_be_bytes());
+    if !no_zeroes {
+        out.extend_from_slice(&[0u8; 124]);
+    }
+    s.write_all(&out)?;
+    Ok(())
+}
+
+/// LIST: the one export.
+fn list<S: Write>(
+    s: &mut S,
+    info: &ExportInfo,
+    option: u32,
+    data: &[u8],
+) -> Result<Next, NbdError> {
+    if !data.is_empty() {
+        reply_error(s, option, REP_ERR_INVALID, "LIST takes no data")?;
+        return Ok(Next::Haggle);
+    }
+    let mut d = Vec::new();
+    d.extend_from_slice(&(info.name.len() as u32).to_be_bytes());
+    d.extend_from_slice(info.name.as_bytes());
+    reply(s, option, REP_SERVER, &d)?;
+    reply(s, option, REP_ACK, &[])?;
+    Ok(Next::Haggle)
+}
+
+/// INFO or GO: the export's size and flags (and block sizes if asked); GO then enters
+/// transmission.
+fn info_or_go<S: Write>(
+    s: &mut S,
+    info: &ExportInfo,
+    option: u32,
+    data: &[u8],
+) -> Result<Next, NbdError> {
+    let Some((name, asked)) = parse_go(data) else {
+        reply_error(s, option, REP_ERR_INVALID, "malformed INFO/GO request")?;
+        return Ok(Next::Haggle);
+    };
+    if !info.knows(name) {
+        reply_error(s, option, REP_ERR_UNKNOWN, "no such export")?;
+        return Ok(Next::Haggle);
+    }
+    let mut e = Vec::with_capacity(12);
+    e.extend_from_slice(&INFO_EXPORT.to_be_bytes());
+    e.extend_from_slice(&info.size.to_be_bytes());
+    e.extend_from_slice(&info.flags.to_be_bytes());
+    reply(s, option, REP_INFO, &e)?;
+    if asked.contains(&INFO_BLOCK_SIZE) {
+        // Any alignment works (buffered I/O); 4 KiB is what the page cache likes.
+        let mut b = Vec::with_capacity(14);
+        b.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+        b.extend_from_slice(&1u32.to_be_bytes());
+        b.extend_from_slice(&4096u32.to_be_bytes());
+        b.extend_from_slice(&MAX_REQUEST.to_be_bytes());
+        reply(s, option, REP_INFO, &b)?;
+    }
+    reply(s, option, REP_ACK, &[])?;
+    Ok(if option == OPT_GO {
+        Next::Transmission
+    } else {
+        Next::Haggle
+    })
 }
 
 /// The client side, for tests and benchmarks: GO with the given name (falls back to

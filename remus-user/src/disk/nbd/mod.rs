@@ -94,7 +94,7 @@ pub const MAX_REQUEST: u32 = 32 << 20;
 pub const MAX_OPTION: u32 = 64 << 10;
 
 /// Transmission commands. Anything else is answered with EINVAL.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, num_enum::TryFromPrimitive)]
 #[repr(u16)]
 pub enum Cmd {
     Read = 0,
@@ -108,16 +108,7 @@ pub enum Cmd {
 
 impl Cmd {
     pub fn from_wire(v: u16) -> Option<Cmd> {
-        Some(match v {
-            0 => Cmd::Read,
-            1 => Cmd::Write,
-            2 => Cmd::Disc,
-            3 => Cmd::Flush,
-            4 => Cmd::Trim,
-            5 => Cmd::Cache,
-            6 => Cmd::WriteZeroes,
-            _ => return None,
-        })
+        Cmd::try_from(v).ok()
     }
 }
 

@@ -121,109 +121,119 @@ fn discard<R: Read>(r: &mut R, len: u64) -> io::Result<()> {
 /// Serves requests until the client disconnects. `r` should be buffered (small
 /// requests arrive back to back); `w` is the same connection.
 pub fn serve<R: Read, W: Write>(mut r: R, mut w: W, t: &dyn Target) -> Result<Ended, NbdError> {
-    let size = t.size();
-    let mut hb = [0u8; 28];
     loop {
-        // EOF exactly between requests is a close; anywhere else it is an error.
-        let mut got = 0;
-        while got < hb.len() {
-            match r.read(&mut hb[got..]) {
-                Ok(0) if got == 0 => return Ok(Ended::Closed),
-                Ok(0) => return Err(NbdError::Protocol("truncated request header".into())),
-                Ok(n) => got += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e.into()),
-            }
+        let Some(req) = read_request(&mut r)? else {
+            return Ok(Ended::Closed);
+        };
+        match answer(&mut r, &mut w, t, &req)? {
+            Answered::Done => w.flush()?,
+            // A refusal before any work: its reply goes out with the next flush.
+            Answered::Refused => {}
+            Answered::Disconnect => return Ok(Ended::Disconnect),
         }
-        let req = Request::read_from_bytes(&hb)
-            .map_err(|_| NbdError::Protocol("short request".into()))?;
-        if req.magic.get() != REQUEST_MAGIC {
-            return Err(NbdError::Protocol(format!(
-                "request magic {:#x}",
-                req.magic.get()
-            )));
-        }
-        let (flags, cookie, offset, len) = (
-            req.flags.get(),
-            req.cookie.get(),
-            req.offset.get(),
-            req.len.get(),
-        );
-        let fua = flags & CMD_FLAG_FUA != 0;
-        let inside = offset
-            .checked_add(len as u64)
-            .is_some_and(|end| end <= size);
-        match Cmd::from_wire(req.kind.get()) {
-            Some(Cmd::Read) => {
-                if !inside || len > MAX_REQUEST {
-                    reply(&mut w, EINVAL, cookie)?;
-                    continue;
-                }
-                let mut buf = vec![0u8; len as usize];
-                match t.read(&mut buf, offset) {
-                    Ok(()) => {
-                        let h = Reply::new(0, cookie);
-                        write_all_vectored(
-                            &mut w,
-                            &mut [IoSlice::new(h.as_bytes()), IoSlice::new(&buf)],
-                        )?;
-                    }
-                    Err(e) => reply(&mut w, errno_of(&e), cookie)?,
-                }
-            }
-            Some(Cmd::Write) => {
-                if len > MAX_REQUEST {
-                    discard(&mut r, len as u64)?;
-                    reply(&mut w, EINVAL, cookie)?;
-                    continue;
-                }
-                let data = WriteBuf::read(&mut r, len as usize, t.write_room())?;
-                if !inside {
-                    reply(&mut w, ENOSPC, cookie)?;
-                    continue;
-                }
-                let err = match t.write(data, offset, fua) {
-                    Ok(()) => 0,
-                    Err(e) => errno_of(&e),
-                };
-                reply(&mut w, err, cookie)?;
-            }
-            Some(Cmd::Flush) => {
-                let err = t.flush().err().map_or(0, |e| errno_of(&e));
-                reply(&mut w, err, cookie)?;
-            }
-            Some(Cmd::Trim) => {
-                if !inside {
-                    reply(&mut w, EINVAL, cookie)?;
-                    continue;
-                }
-                let err = t
-                    .trim(offset, len as u64, fua)
-                    .err()
-                    .map_or(0, |e| errno_of(&e));
-                reply(&mut w, err, cookie)?;
-            }
-            Some(Cmd::WriteZeroes) => {
-                if !inside {
-                    reply(&mut w, ENOSPC, cookie)?;
-                    continue;
-                }
-                let punch = flags & CMD_FLAG_NO_HOLE == 0;
-                let err = t
-                    .write_zeroes(offset, len as u64, fua, punch)
-                    .err()
-                    .map_or(0, |e| errno_of(&e));
-                reply(&mut w, err, cookie)?;
-            }
-            Some(Cmd::Cache) => {
-                // A hint only: the page cache decides.
-                reply(&mut w, if inside { 0 } else { EINVAL }, cookie)?;
-            }
-            Some(Cmd::Disc) => return Ok(Ended::Disconnect),
-            None => reply(&mut w, EINVAL, cookie)?,
-        }
-        w.flush()?;
     }
+}
+
+/// How one request was answered.
+enum Answered {
+    Done,
+    Refused,
+    Disconnect,
+}
+
+/// The next request header; `None` on EOF exactly between requests (a close; anywhere
+/// else it is an error).
+fn read_request<R: Read>(r: &mut R) -> Result<Option<Request>, NbdError> {
+    let mut hb = [0u8; 28];
+    let mut got = 0;
+    while got < hb.len() {
+        match r.read(&mut hb[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err(NbdError::Protocol("truncated request header".into())),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let req =
+        Request::read_from_bytes(&hb).map_err(|_| NbdError::Protocol("short request".into()))?;
+    if req.magic.get() != REQUEST_MAGIC {
+        return Err(NbdError::Protocol(format!(
+            "request magic {:#x}",
+            req.magic.get()
+        )));
+    }
+    Ok(Some(req))
+}
+
+/// Carries out one request and replies (a write's payload is read from `r`).
+fn answer<R: Read, W: Write>(
+    r: &mut R,
+    w: &mut W,
+    t: &dyn Target,
+    req: &Request,
+) -> Result<Answered, NbdError> {
+    let (flags, cookie, offset, len) = (
+        req.flags.get(),
+        req.cookie.get(),
+        req.offset.get(),
+        req.len.get(),
+    );
+    let fua = flags & CMD_FLAG_FUA != 0;
+    let inside = offset
+        .checked_add(len as u64)
+        .is_some_and(|end| end <= t.size());
+    let refuse = |w: &mut W, error| reply(w, error, cookie).map(|()| Answered::Refused);
+    let status = |res: io::Result<()>| res.err().map_or(0, |e| errno_of(&e));
+    match Cmd::from_wire(req.kind.get()) {
+        Some(Cmd::Read) => {
+            if !inside || len > MAX_REQUEST {
+                return Ok(refuse(w, EINVAL)?);
+            }
+            let mut buf = vec![0u8; len as usize];
+            match t.read(&mut buf, offset) {
+                Ok(()) => {
+                    let h = Reply::new(0, cookie);
+                    write_all_vectored(w, &mut [IoSlice::new(h.as_bytes()), IoSlice::new(&buf)])?;
+                }
+                Err(e) => reply(w, errno_of(&e), cookie)?,
+            }
+        }
+        Some(Cmd::Write) => {
+            if len > MAX_REQUEST {
+                discard(r, len as u64)?;
+                return Ok(refuse(w, EINVAL)?);
+            }
+            let data = WriteBuf::read(r, len as usize, t.write_room())?;
+            if !inside {
+                return Ok(refuse(w, ENOSPC)?);
+            }
+            reply(w, status(t.write(data, offset, fua)), cookie)?;
+        }
+        Some(Cmd::Flush) => reply(w, status(t.flush()), cookie)?,
+        Some(Cmd::Trim) => {
+            if !inside {
+                return Ok(refuse(w, EINVAL)?);
+            }
+            reply(w, status(t.trim(offset, len as u64, fua)), cookie)?;
+        }
+        Some(Cmd::WriteZeroes) => {
+            if !inside {
+                return Ok(refuse(w, ENOSPC)?);
+            }
+            let punch = flags & CMD_FLAG_NO_HOLE == 0;
+            reply(
+                w,
+                status(t.write_zeroes(offset, len as u64, fua, punch)),
+                cookie,
+            )?;
+        }
+        // A hint only: the page cache decides.
+        Some(Cmd::Cache) => reply(w, if inside { 0 } else { EINVAL }, cookie)?,
+        Some(Cmd::Disc) => return Ok(Answered::Disconnect),
+        None => reply(w, EINVAL, cookie)?,
+    }
+    Ok(Answered::Done)
 }
 
 #[cfg(test)]
