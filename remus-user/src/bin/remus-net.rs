@@ -380,12 +380,7 @@ async fn detach(iface: &str, policy: DetachPolicy) -> Result<DetachReport, NetEr
                 // The holder closed the connection without an answer (it died, or ended
                 // for another reason). Wait for it to be gone, then clean up from here.
                 let pid = state.as_ref().map_or(0, |s| s.pid);
-                for _ in 0..50 {
-                    if !state.as_ref().is_some_and(|s| s.holder_alive()) {
-                        break;
-                    }
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
+                let _ = holder_gone_soon(state.as_ref()).await;
                 eprintln!(
                     "remus-net: the holder of {iface} (pid {pid}) ended without answering; \
                      see {} (cleaning up from this process)",
@@ -429,15 +424,33 @@ fn print_detach(r: &DetachReport) {
     }
 }
 
+/// Whether a holder that closed a connection without answering is gone within 5 s.
+async fn holder_gone_soon(st: Option<&netbuf::StateFile>) -> bool {
+    for _ in 0..50 {
+        if !st.is_some_and(|s| s.holder_alive()) {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    false
+}
+
 /// What `status` knows of one interface: the live holder's answer, or for a dead holder
 /// its state file and what its pins (where this process can see them) say.
 async fn status_of(i: &str) -> Result<serde_json::Value, NetError> {
     let st = netbuf::read_state(i);
     if st.as_ref().is_some_and(|s| s.holder_alive()) {
-        return match ask(i, Request::Status).await? {
-            Response::Status(s) => Ok(serde_json::json!({"holder": "alive", "status": s})),
-            other => unexpected(i, other).map(|()| serde_json::Value::Null),
-        };
+        match ask(i, Request::Status).await {
+            Ok(Response::Status(s)) => {
+                return Ok(serde_json::json!({"holder": "alive", "status": s}));
+            }
+            Ok(other) => return unexpected(i, other).map(|()| serde_json::Value::Null),
+            // A holder that is dying (killed with its container: some of its threads are
+            // still exiting and its socket still accepts) closes the connection without an
+            // answer. Give it a moment to be gone, then report it as the dead holder it is.
+            Err(NetError::Stopped(_)) if holder_gone_soon(st.as_ref()).await => {}
+            Err(e) => return Err(e),
+        }
     }
     let (pinned, looked_in) = netbuf::pinned_state(i)?;
     if st.is_none() && pinned.is_none() {
