@@ -130,6 +130,17 @@ pub struct Written {
 }
 
 impl Written {
+    /// Where each checkpoint ends in `bytes` (index 0 = checkpoint 1).
+    pub fn checkpoint_ends(&self) -> Vec<u64> {
+        self.events
+            .iter()
+            .filter_map(|e| match *e {
+                Event::CheckpointComplete { end, .. } => Some(end),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The PAGE_DATA records of one checkpoint, as slices of `bytes`.
     pub fn page_records_of(&self, checkpoint: u64) -> Vec<&[u8]> {
         self.page_records
