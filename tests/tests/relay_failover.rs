@@ -71,13 +71,7 @@ fn silent_primary_is_logged_as_silence_and_backup_waits_for_the_next() {
     let s = wait_status(&rx.status_sock, "the next primary", |v| {
         v["state"] == "waiting for primary"
     });
-    assert!(
-        s["last_event"]
-            .as_str()
-            .unwrap()
-            .contains("after checkpoint 2"),
-        "{s}"
-    );
+    assert_failed_over_after(&s, 2);
     assert!(rx.log().contains("silent"), "receiver log:\n{}", rx.log());
 
     // The next primary is served from scratch.

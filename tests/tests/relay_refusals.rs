@@ -188,13 +188,7 @@ fn corrupted_frame_ends_the_session_at_the_last_complete_checkpoint() {
     let s = wait_status(&rx.status_sock, "the session to end", |v| {
         v["state"] == "waiting for primary" && v["failovers_total"] == 1
     });
-    assert!(
-        s["last_event"]
-            .as_str()
-            .unwrap()
-            .contains("after checkpoint 2"),
-        "{s}"
-    );
+    assert_failed_over_after(&s, 2);
     let session = dir.only_session();
     assert_eq!(session.len() as u64, st.ends[1]);
     assert!(session == st.through(2));

@@ -196,6 +196,12 @@ pub fn wait_status(
     }
 }
 
+/// A receiver's status whose last event is the failover after checkpoint `n`.
+pub fn assert_failed_over_after(s: &serde_json::Value, n: u64) {
+    let event = s["last_event"].as_str().expect("a last event");
+    assert!(event.contains(&format!("after checkpoint {n}")), "{s}");
+}
+
 pub fn wait_child(c: &mut Child, what: &str) -> std::process::ExitStatus {
     let t = Instant::now();
     loop {
