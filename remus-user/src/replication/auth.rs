@@ -626,6 +626,15 @@ mod tests {
         }
     }
 
+    /// The primary's handshake against [`handshake_then`].
+    async fn handshake_answered(answer: Message, sealed: bool) -> Result<Session, WireError> {
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        let (c, s) = configs();
+        let server = handshake_then(&mut b, s, answer, sealed);
+        let (r, ()) = tokio::join!(client_handshake(&mut a, &c), server);
+        r
+    }
+
     #[tokio::test]
     async fn a_welcome_is_no_answer_to_a_probe() {
         // A backup that starts a session for a probe (not this build): refused, named.
@@ -648,10 +657,7 @@ mod tests {
     #[tokio::test]
     async fn an_unsealed_welcome_is_refused() {
         // A backup (or a man in the middle) answering WELCOME in the clear, as version 2 did.
-        let (mut a, mut b) = tokio::io::duplex(4096);
-        let (c, s) = configs();
-        let server = handshake_then(&mut b, s, Message::Welcome, false);
-        let (r, ()) = tokio::join!(client_handshake(&mut a, &c), server);
+        let r = handshake_answered(Message::Welcome, false).await;
         assert!(
             matches!(
                 r,
@@ -665,10 +671,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_sealed_refusal_after_the_handshake_reaches_the_primary() {
-        let (mut a, mut b) = tokio::io::duplex(4096);
-        let (c, s) = configs();
-        let server = handshake_then(&mut b, s, Message::abort("busy: another primary"), true);
-        let (r, ()) = tokio::join!(client_handshake(&mut a, &c), server);
+        let r = handshake_answered(Message::abort("busy: another primary"), true).await;
         match r {
             Err(WireError::Refused(reason)) => assert!(reason.contains("busy"), "{reason}"),
             other => panic!("{other:?}"),
