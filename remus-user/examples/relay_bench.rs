@@ -27,14 +27,7 @@ fn main() -> Result<(), String> {
         ["stream", out, pages, dirty, cps] => {
             let w = write(&cfg(pages, dirty, cps)?);
             std::fs::write(out, &w.bytes).map_err(|e| format!("writing {out}: {e}"))?;
-            let ends: Vec<u64> = w
-                .events
-                .iter()
-                .filter_map(|e| match *e {
-                    Event::CheckpointComplete { end, .. } => Some(end),
-                    _ => None,
-                })
-                .collect();
+            let ends = w.checkpoint_ends();
             println!("{}", serde_json::json!({ "bytes": w.bytes.len(), "ends": ends }));
         }
         ["compress", pages, dirty, cps, cache] => {

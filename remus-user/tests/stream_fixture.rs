@@ -156,17 +156,7 @@ fn check(x: Expect) {
         }
         // Its CPU state, between its suspend and its CHECKPOINT; then libxl's records.
         let (a, b, c) = (ps.unwrap_or(0), lc.unwrap_or(0), cc.unwrap_or(0));
-        let tail: Vec<u32> = all[b..c]
-            .iter()
-            .filter_map(|e| match *e {
-                Event::Record {
-                    layer: Layer::Libxl,
-                    rtype,
-                    ..
-                } => Some(rtype),
-                _ => None,
-            })
-            .collect();
+        let tail: Vec<u32> = all[b..c].iter().filter_map(Event::libxl_record).collect();
         assert_eq!(
             tail, x.tail,
             "libxl records of checkpoint {n} of {}",

@@ -122,12 +122,7 @@ fn ending_protection_discards_the_copy_without_a_failover() {
         "sender log:\n{}",
         tx.log()
     );
-    assert_eq!(
-        wait_child(&mut tx.child, "relay send").code(),
-        Some(0),
-        "{}",
-        tx.log()
-    );
+    tx.expect_exit(0);
     let s = wait_status(&rx.status_sock, "the session to end", |v| {
         v["state"] == "waiting for primary" && v["discards_total"] == 1
     });
@@ -136,9 +131,8 @@ fn ending_protection_discards_the_copy_without_a_failover() {
     assert_eq!(s["last_session"]["checkpoint"], 3, "{s}");
     // The receiver had checkpoints 1-3 and was killed with its stream open: it never saw
     // the end that would have activated the copy.
-    let sessions = dir.sessions();
-    assert_eq!(sessions.len(), 1);
-    assert!(sessions[0] == st.through(3));
+    let session = dir.only_session();
+    assert!(session == st.through(3));
     assert_eq!(clean_ends(dir.path()), 0, "the receiver saw its stream end");
     // The discard command got the domain named in the stream's xl header.
     assert_eq!(
@@ -175,12 +169,7 @@ fn a_receiver_that_dies_on_its_own_is_no_failover() {
     assert_eq!(s["last_session"]["signal"], libc::SIGKILL, "{s}");
     assert_eq!(s["last_session"]["checkpoint"], 2, "{s}");
     // The backup holds no copy any more: the primary hears it and fails open (exit 4).
-    assert_eq!(
-        wait_child(&mut tx.child, "relay send").code(),
-        Some(4),
-        "{}",
-        tx.log()
-    );
+    tx.expect_exit(4);
 }
 
 const PORT: u16 = 7310;
@@ -282,12 +271,7 @@ fn root_relay_end_protection_releases_only_once_the_backup_discarded_its_copy() 
         of_epoch(&v, 2) == 10 && of_epoch(&v, 3) == 10
     });
     assert_eq!(seen(&f).len(), 30, "every frame exactly once");
-    assert_eq!(
-        wait_child(&mut h.tx.child, "relay send").code(),
-        Some(0),
-        "{}",
-        h.tx.log()
-    );
+    h.tx.expect_exit(0);
     // The buffer is gone from the vif: the guest's traffic flows.
     send_udp(&h.t.guest, h.peer, epoch_payloads(4));
     h.sn.wait_for("epoch 4 flowing", |f| of_epoch(&seen(f), 4) == 10);
@@ -319,12 +303,7 @@ fn root_relay_end_protection_with_the_backup_unreachable_keeps_holding_and_exits
         "{answer:?}\n{}",
         h.tx.log()
     );
-    assert_eq!(
-        wait_child(&mut h.tx.child, "relay send").code(),
-        Some(5),
-        "{}",
-        h.tx.log()
-    );
+    h.tx.expect_exit(5);
     // The relay is gone; its program still holds (fail closed): new frames are captured
     // and dropped, and nothing of epochs 2-4 reaches the peer.
     let pinned =

@@ -25,16 +25,14 @@ fn lose_primary(name: &str, kill: i32) {
 
     // The receiver notices (silence or a broken connection), closes the receiver's
     // stream and, with --once, exits once the receiver has.
-    let code = wait_child(&mut rx.child, "relay receive --once").code();
-    assert_eq!(code, Some(0), "receiver log:\n{}", rx.log());
-    let sessions = dir.sessions();
-    assert_eq!(sessions.len(), 1);
+    rx.expect_exit(0);
+    let session = dir.only_session();
     assert_eq!(
-        sessions[0].len() as u64,
+        session.len() as u64,
         st.ends[2],
         "the receiver must end exactly after checkpoint 3"
     );
-    assert!(sessions[0] == st.through(3));
+    assert!(session == st.through(3));
     let log = rx.log();
     assert!(
         log.contains("FAILOVER") && log.contains("after checkpoint 3"),
@@ -73,13 +71,7 @@ fn silent_primary_is_logged_as_silence_and_backup_waits_for_the_next() {
     let s = wait_status(&rx.status_sock, "the next primary", |v| {
         v["state"] == "waiting for primary"
     });
-    assert!(
-        s["last_event"]
-            .as_str()
-            .unwrap()
-            .contains("after checkpoint 2"),
-        "{s}"
-    );
+    assert_failed_over_after(&s, 2);
     assert!(rx.log().contains("silent"), "receiver log:\n{}", rx.log());
 
     // The next primary is served from scratch.
@@ -87,13 +79,7 @@ fn silent_primary_is_logged_as_silence_and_backup_waits_for_the_next() {
     assert_eq!(tx.read_banner(), BANNER);
     feed(&mut tx, &st, 1, 3);
     wait_status(&tx.status_sock, "ACK(3)", |v| v["last_acked"] == 3);
-    tx.close_stdin();
-    assert_eq!(
-        wait_child(&mut tx.child, "relay send").code(),
-        Some(0),
-        "{}",
-        tx.log()
-    );
+    tx.finish();
     wait_status(&rx.status_sock, "the second session to end", |v| {
         v["state"] == "waiting for primary" && v["acks_total"] == 5
     });
@@ -116,8 +102,7 @@ fn lost_backup_fails_open_and_exits_4() {
     wait_status(&tx.status_sock, "ACK(2)", |v| v["last_acked"] == 2);
     // The backup goes silent: the sender must notice without any stream traffic.
     signal(&rx.child, libc::SIGSTOP);
-    let code = wait_child(&mut tx.child, "relay send").code();
-    assert_eq!(code, Some(4), "sender log:\n{}", tx.log());
+    tx.expect_exit(4);
     let log = tx.log();
     assert!(log.contains("UNPROTECTED"), "sender log:\n{log}");
     assert!(

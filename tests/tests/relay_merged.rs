@@ -88,15 +88,9 @@ fn a_merged_checkpoint_goes_to_the_receiver_with_the_next_and_is_never_acknowled
         })
         .await;
     });
-    assert_eq!(
-        wait_child(&mut rx.child, "relay receive --once").code(),
-        Some(0),
-        "{}",
-        rx.log()
-    );
-    let sessions = dir.sessions();
-    assert_eq!(sessions.len(), 1);
-    assert!(sessions[0] == st.bytes(), "the receiver's stream differs");
+    rx.expect_exit(0);
+    let session = dir.only_session();
+    assert!(session == st.bytes(), "the receiver's stream differs");
 }
 
 #[test]
@@ -117,19 +111,13 @@ fn a_primary_lost_while_a_merged_checkpoint_is_held_fails_over_to_the_one_before
         // Then vanish without a CLOSE (the connection closes with the runtime); the
         // backup reads every frame sent before it sees the end.
     });
-    assert_eq!(
-        wait_child(&mut rx.child, "relay receive --once").code(),
-        Some(0),
-        "{}",
-        rx.log()
-    );
-    let sessions = dir.sessions();
-    assert_eq!(sessions.len(), 1);
+    rx.expect_exit(0);
+    let session = dir.only_session();
     assert!(
-        sessions[0] == st.through(2),
+        session == st.through(2),
         "the receiver must end at checkpoint 2 ({} bytes), not at the merged 3: got {}",
         st.ends[1],
-        sessions[0].len()
+        session.len()
     );
     let log = rx.log();
     assert!(
@@ -160,8 +148,8 @@ fn a_merge_notice_after_its_checkpoints_end_is_refused() {
         wait_child(&mut rx.child, "relay receive --once").code(),
         Some(0)
     );
-    let sessions = dir.sessions();
-    assert!(sessions[0] == st.through(2));
+    let session = dir.only_session();
+    assert!(session == st.through(2));
 }
 
 /// The real sender, with xl's pipe never narrowed and stopped while the checkpoints are
@@ -197,25 +185,13 @@ fn a_sender_that_proves_no_cut_leaves_the_backup_without_a_failover_point() {
     });
     assert_eq!(s["epoch_merges_total"], 3, "{s}");
     assert_eq!(s["last_acked"], 0, "{s}");
-    tx.close_stdin();
-    assert_eq!(
-        wait_child(&mut tx.child, "relay send").code(),
-        Some(0),
-        "{}",
-        tx.log()
-    );
-    assert_eq!(
-        wait_child(&mut rx.child, "relay receive --once").code(),
-        Some(0),
-        "{}",
-        rx.log()
-    );
-    let sessions = dir.sessions();
-    assert_eq!(sessions.len(), 1);
+    tx.finish();
+    rx.expect_exit(0);
+    let session = dir.only_session();
     assert!(
-        sessions[0] == st.bytes()[..st.first_post_suspend() as usize],
+        session == st.bytes()[..st.first_post_suspend() as usize],
         "the receiver got {} bytes, expected checkpoint 1 up to its tail ({})",
-        sessions[0].len(),
+        session.len(),
         st.first_post_suspend()
     );
     let log = rx.log();

@@ -282,8 +282,7 @@ fn two_vifs(tag: &str, attached: bool) {
     );
     cmd_tx.send(Cmd::Drop).unwrap();
     backup.join().unwrap();
-    let code = wait_child(&mut tx.child, "relay send").code();
-    assert_eq!(code, Some(4), "sender log:\n{}", tx.log());
+    tx.expect_exit(4);
     sn.wait_for("epoch 4 of both vifs after the loss", |f| {
         of_epoch(&seen(f), 4) == 2 * PER
     });

@@ -120,8 +120,7 @@ fn ordering(tag: &str, attached: bool) {
     // The backup is lost: the sender releases everything and exits 4.
     cmd_tx.send(Cmd::Drop).unwrap();
     backup.join().unwrap();
-    let code = wait_child(&mut tx.child, "relay send").code();
-    assert_eq!(code, Some(4), "sender log:\n{}", tx.log());
+    tx.expect_exit(4);
     let f = sn.wait_for("epoch 3 after fail-open", |f| {
         of_epoch(&seen(f), 3).len() == 10
     });
@@ -154,8 +153,7 @@ fn root_relay_unreachable_backup_leaves_the_guest_unblocked() {
         &key,
         &[],
     );
-    let code = wait_child(&mut tx.child, "relay send").code();
-    assert_eq!(code, Some(4), "sender log:\n{}", tx.log());
+    tx.expect_exit(4);
     let log = tx.log();
     assert!(log.contains("connecting to the backup"), "{log}");
     // It did attach (holding) before it tried the backup, then opened the buffer.

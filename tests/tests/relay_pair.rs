@@ -83,17 +83,13 @@ fn pair(compress: &str, cfg: WriterConfig) {
     assert_eq!(all[0]["ack_latency_recent_us"]["n"], acked);
 
     // xl ends the stream: orderly close on both ends.
-    tx.close_stdin();
-    let code = wait_child(&mut tx.child, "relay send").code();
-    assert_eq!(code, Some(0), "sender log:\n{}", tx.log());
-    let code = wait_child(&mut rx.child, "relay receive --once").code();
-    assert_eq!(code, Some(0), "receiver log:\n{}", rx.log());
+    tx.finish();
+    rx.expect_exit(0);
 
-    let sessions = dir.sessions();
-    assert_eq!(sessions.len(), 1);
-    assert_eq!(sessions[0].len(), st.bytes().len());
+    let session = dir.only_session();
+    assert_eq!(session.len(), st.bytes().len());
     assert!(
-        sessions[0] == st.bytes(),
+        session == st.bytes(),
         "the receiver's stream differs from what xl wrote"
     );
 }
@@ -139,23 +135,11 @@ fn relay_pair_is_byte_identical_on_the_captured_lab_stream() {
         wire < raw,
         "real page data compresses: {raw} raw, {wire} on the wire"
     );
-    tx.close_stdin();
-    assert_eq!(
-        wait_child(&mut tx.child, "relay send").code(),
-        Some(0),
-        "{}",
-        tx.log()
-    );
-    assert_eq!(
-        wait_child(&mut rx.child, "relay receive").code(),
-        Some(0),
-        "{}",
-        rx.log()
-    );
-    let sessions = dir.sessions();
-    assert_eq!(sessions.len(), 1);
+    tx.finish();
+    rx.expect_exit(0);
+    let session = dir.only_session();
     assert!(
-        sessions[0] == st.bytes(),
+        session == st.bytes(),
         "the receiver's stream differs from the captured one"
     );
 }

@@ -247,16 +247,10 @@ fn attacked_run(
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     let code = wait_child(&mut tx.child, "relay send").code().unwrap_or(-1);
-    assert_eq!(
-        wait_child(&mut rx.child, "relay receive --once").code(),
-        Some(0),
-        "{}",
-        rx.log()
-    );
+    rx.expect_exit(0);
     let _ = proxy.wire();
-    let sessions = dir.sessions();
-    assert_eq!(sessions.len(), 1);
-    (sessions[0].clone(), st, rx.log(), code, tx.log())
+    let session = dir.only_session();
+    (session, st, rx.log(), code, tx.log())
 }
 
 /// An attack on the primary's frames of checkpoint 3: refused at that frame, the receiver
@@ -427,19 +421,8 @@ fn guest_memory_never_appears_on_the_wire() {
     assert!(any_occurs(st.bytes(), &pages));
     feed(&mut tx, &st, 1, 3);
     wait_status(&tx.status_sock, "ACK(3)", |v| v["last_acked"] == 3);
-    tx.close_stdin();
-    assert_eq!(
-        wait_child(&mut tx.child, "relay send").code(),
-        Some(0),
-        "{}",
-        tx.log()
-    );
-    assert_eq!(
-        wait_child(&mut rx.child, "relay receive").code(),
-        Some(0),
-        "{}",
-        rx.log()
-    );
+    tx.finish();
+    rx.expect_exit(0);
     let wire = proxy.wire();
     assert!(
         wire.len() as f64 > st.bytes().len() as f64 * 0.99,
@@ -452,6 +435,6 @@ fn guest_memory_never_appears_on_the_wire() {
         "a page of the guest's memory is readable on the wire"
     );
     // What reached "xl" is the stream, byte for byte.
-    let sessions = dir.sessions();
-    assert!(sessions[0] == st.bytes());
+    let session = dir.only_session();
+    assert!(session == st.bytes());
 }

@@ -447,20 +447,7 @@ async fn relay_send_inner(a: SendArgs) -> Result<ExitCode, ExitCode> {
     };
     let pipe = send::prepare_pipe(std::io::stdin().as_fd(), pipe_sizes.narrow)
         .map_err(|e| fail(&e, e.exit_code()))?;
-    let key = load_key(&a.key_file)?;
-    let opts = SendOptions {
-        backup: a.backup.clone(),
-        key,
-        codec: a.compress,
-        cache_pages: a.cache_pages,
-        heartbeat: hb,
-        connect_timeout: a.connect_timeout,
-        banner_timeout: a.banner_timeout,
-        discard_timeout: a.discard_timeout,
-        max_version: VERSION,
-        min_version: MIN_VERSION,
-        pipe: pipe_sizes,
-    };
+    let opts = send_options(&a, load_key(&a.key_file)?, hb, pipe_sizes);
     let vifs = if a.vif.is_empty() {
         a.attached.clone()
     } else {
@@ -490,13 +477,47 @@ async fn relay_send_inner(a: SendArgs) -> Result<ExitCode, ExitCode> {
     );
     // The domain before any buffer: a wrong name leaves nothing attached.
     if let Some(d) = &a.domain {
-        let dom = XenDomain::open(d)
-            .await
-            .map_err(|e| fail(format!("--domain {d}: {e}"), e.exit_code()))?;
-        tracing::info!(domain = %d, domid = dom.domid(), xenstore = dom.endpoint(), "watching the domain's suspends");
-        tokio::spawn(send::suspend::watch(dom, shared.clone()));
+        watch_domain(d, &shared).await?;
     }
+    send_with_buffer(&a, opts, pipe, shared, &control).await
+}
 
+/// The sender's options from its flags.
+fn send_options(a: &SendArgs, key: Key, heartbeat: Heartbeat, pipe: PipeSizes) -> SendOptions {
+    SendOptions {
+        backup: a.backup.clone(),
+        key,
+        codec: a.compress,
+        cache_pages: a.cache_pages,
+        heartbeat,
+        connect_timeout: a.connect_timeout,
+        banner_timeout: a.banner_timeout,
+        discard_timeout: a.discard_timeout,
+        max_version: VERSION,
+        min_version: MIN_VERSION,
+        pipe,
+    }
+}
+
+/// Opens `--domain` and watches its suspends for the status.
+async fn watch_domain(d: &str, shared: &Arc<Shared>) -> Result<(), ExitCode> {
+    let dom = XenDomain::open(d)
+        .await
+        .map_err(|e| fail(format!("--domain {d}: {e}"), e.exit_code()))?;
+    tracing::info!(domain = %d, domid = dom.domid(), xenstore = dom.endpoint(), "watching the domain's suspends");
+    tokio::spawn(send::suspend::watch(dom, shared.clone()));
+    Ok(())
+}
+
+/// Runs the sender over its output buffer: attached here (`--vif`), attached by
+/// remus-net (`--attached`), or none (`--no-buffer`).
+async fn send_with_buffer(
+    a: &SendArgs,
+    opts: SendOptions,
+    pipe: send::XlPipe,
+    shared: Arc<Shared>,
+    control: &control::EndControl,
+) -> Result<ExitCode, ExitCode> {
     // Attached before the banner reaches xl, i.e. before the stream's first byte: passing
     // until checkpoint 1's cut (which switches every vif to holding), or holding from now on.
     if !a.vif.is_empty() {
@@ -506,7 +527,7 @@ async fn relay_send_inner(a: SendArgs) -> Result<ExitCode, ExitCode> {
             Mode::PassthroughUntilCheckpoint
         };
         let (group, handles) = attach_all(&a.vif, a.limit_bytes, mode).await?;
-        let r = send::run(opts, pipe, group, shared, &control).await;
+        let r = send::run(opts, pipe, group, shared, control).await;
         if let Ok(remus_user::checkpoint::RunEnd::Discarded { .. }) = &r {
             // Protection ended for good: nothing is held any more (everything went out
             // when the backup confirmed), so the buffers leave the vifs.
@@ -524,12 +545,12 @@ async fn relay_send_inner(a: SendArgs) -> Result<ExitCode, ExitCode> {
             tracing::info!(iface, "driving the output buffer attached by remus-net");
             members.push((iface.clone(), b));
         }
-        finish_send(send::run(opts, pipe, VifGroup::new(members), shared, &control).await)
+        finish_send(send::run(opts, pipe, VifGroup::new(members), shared, control).await)
     } else {
         tracing::warn!(
             "--no-buffer: the guest's output is NOT held; this protects nothing (testing only)"
         );
-        finish_send(send::run(opts, pipe, Unbuffered::new(), shared, &control).await)
+        finish_send(send::run(opts, pipe, Unbuffered::new(), shared, control).await)
     }
 }
 

@@ -822,14 +822,7 @@ async fn ending_protection_mid_stream_commits_only_acked_epochs_before_opening()
     // Checkpoints 1-2 and half of 3 flow, each acknowledged when whole; then the end is
     // asked for. Whatever was committed went in order; the last thing is the opening.
     let w = crate::stream::writer::write(&crate::stream::writer::WriterConfig::pv(3));
-    let ends: Vec<u64> = w
-        .events
-        .iter()
-        .filter_map(|e| match *e {
-            Event::CheckpointComplete { end, .. } => Some(end),
-            _ => None,
-        })
-        .collect();
+    let ends = w.checkpoint_ends();
     let cut = ((ends[1] + ends[2]) / 2) as usize;
     let (tx, rx) = tokio::sync::watch::channel(false);
     let (mut wr, r) = tokio::io::duplex(4096);

@@ -459,92 +459,10 @@ pub async fn query(path: &Path) -> Result<RelayStatus, StatusError> {
 /// Human-readable form of one status.
 pub fn render(s: &RelayStatus) -> String {
     let mut o = format!("relay {} (pid {}): {}\n", s.role.as_str(), s.pid, s.state);
-    let line = |o: &mut String, k: &str, v: String| o.push_str(&format!("  {k:<22}{v}\n"));
-    line(
-        &mut o,
-        if s.role == Role::Send {
-            "backup"
-        } else {
-            "listen"
-        },
-        s.address.clone(),
-    );
-    if let Some(p) = &s.peer {
-        line(&mut o, "peer", p.clone());
-    }
-    if s.vifs.len() > 1 {
-        line(&mut o, "vifs", s.vifs.join(", "));
-    } else if let Some(v) = &s.vif {
-        line(&mut o, "vif", v.clone());
-    }
-    if let (Some(v), Some(c)) = (s.protocol_version, &s.compression) {
-        line(&mut o, "protocol", format!("v{v}, compression {c}"));
-    }
-    line(
-        &mut o,
-        "checkpoint",
-        format!("{} complete, {} acked", s.last_checkpoint, s.last_acked),
-    );
-    if s.role == Role::Send {
-        line(&mut o, "committed epoch", s.committed_epoch.to_string());
-        line(&mut o, "epoch merges", s.epoch_merges_total.to_string());
-    }
-    line(&mut o, "stream bytes", s.stream_bytes_total.to_string());
-    line(&mut o, "wire bytes", s.wire_bytes_total.to_string());
-    if s.page_data_wire_bytes_total > 0 {
-        line(
-            &mut o,
-            "page data ratio",
-            format!(
-                "{:.1}x",
-                s.page_data_raw_bytes_total as f64 / s.page_data_wire_bytes_total as f64
-            ),
-        );
-    }
-    if let Some(q) = s.ack_latency_recent_us {
-        line(
-            &mut o,
-            "ack latency",
-            format!(
-                "median {} us, p99 {} us, max {} us (last {})",
-                q.p50, q.p99, q.max, q.n
-            ),
-        );
-    }
-    for (name, q) in [
-        ("guest pause", s.pause_recent_us),
-        ("transfer", s.transfer_recent_us),
-        ("backup write", s.backup_write_recent_us),
-        ("ack (from wire)", s.ack_recent_us),
-        ("release", s.release_recent_us),
-    ] {
-        if let Some(q) = q {
-            line(
-                &mut o,
-                name,
-                format!(
-                    "median {} us, p99 {} us, max {} us (last {})",
-                    q.p50, q.p99, q.max, q.n
-                ),
-            );
-        }
-    }
-    line(
-        &mut o,
-        "heartbeats missed",
-        s.heartbeats_missed_total.to_string(),
-    );
-    line(&mut o, "failovers", s.failovers_total.to_string());
-    if s.discards_total > 0 {
-        line(&mut o, "discards", s.discards_total.to_string());
-    }
-    if s.auth_failures_total > 0 {
-        line(
-            &mut o,
-            "refused connections",
-            s.auth_failures_total.to_string(),
-        );
-    }
+    render_peers(&mut o, s);
+    render_progress(&mut o, s);
+    render_latencies(&mut o, s);
+    render_failures(&mut o, s);
     if let Some(sus) = &s.suspend {
         render_suspend(&mut o, sus);
     }
@@ -554,8 +472,98 @@ pub fn render(s: &RelayStatus) -> String {
     o
 }
 
+/// One indented `name value` line of the human view.
+fn line(o: &mut String, k: &str, v: String) {
+    o.push_str(&format!("  {k:<22}{v}\n"));
+}
+
+/// Where the relay talks: its address, its peer, its vifs, the protocol agreed on.
+fn render_peers(o: &mut String, s: &RelayStatus) {
+    let address = if s.role == Role::Send {
+        "backup"
+    } else {
+        "listen"
+    };
+    line(o, address, s.address.clone());
+    if let Some(p) = &s.peer {
+        line(o, "peer", p.clone());
+    }
+    if s.vifs.len() > 1 {
+        line(o, "vifs", s.vifs.join(", "));
+    } else if let Some(v) = &s.vif {
+        line(o, "vif", v.clone());
+    }
+    if let (Some(v), Some(c)) = (s.protocol_version, &s.compression) {
+        line(o, "protocol", format!("v{v}, compression {c}"));
+    }
+}
+
+/// How far the stream got: checkpoints, epochs, bytes and the page data ratio.
+fn render_progress(o: &mut String, s: &RelayStatus) {
+    line(
+        o,
+        "checkpoint",
+        format!("{} complete, {} acked", s.last_checkpoint, s.last_acked),
+    );
+    if s.role == Role::Send {
+        line(o, "committed epoch", s.committed_epoch.to_string());
+        line(o, "epoch merges", s.epoch_merges_total.to_string());
+    }
+    line(o, "stream bytes", s.stream_bytes_total.to_string());
+    line(o, "wire bytes", s.wire_bytes_total.to_string());
+    if s.page_data_wire_bytes_total > 0 {
+        line(
+            o,
+            "page data ratio",
+            format!(
+                "{:.1}x",
+                s.page_data_raw_bytes_total as f64 / s.page_data_wire_bytes_total as f64
+            ),
+        );
+    }
+}
+
+/// The ACK latency and each checkpoint phase over the recent window, where measured.
+fn render_latencies(o: &mut String, s: &RelayStatus) {
+    for (name, q) in [
+        ("ack latency", s.ack_latency_recent_us),
+        ("guest pause", s.pause_recent_us),
+        ("transfer", s.transfer_recent_us),
+        ("backup write", s.backup_write_recent_us),
+        ("ack (from wire)", s.ack_recent_us),
+        ("release", s.release_recent_us),
+    ] {
+        if let Some(q) = q {
+            line(
+                o,
+                name,
+                format!(
+                    "median {} us, p99 {} us, max {} us (last {})",
+                    q.p50, q.p99, q.max, q.n
+                ),
+            );
+        }
+    }
+}
+
+/// What went wrong so far: missed heartbeats, failovers, discards, refusals.
+fn render_failures(o: &mut String, s: &RelayStatus) {
+    line(
+        o,
+        "heartbeats missed",
+        s.heartbeats_missed_total.to_string(),
+    );
+    line(o, "failovers", s.failovers_total.to_string());
+    if s.discards_total > 0 {
+        line(o, "discards", s.discards_total.to_string());
+    }
+    if s.auth_failures_total > 0 {
+        line(o, "refused connections", s.auth_failures_total.to_string());
+    }
+}
+
 fn render_suspend(o: &mut String, sus: &SuspendStatus) {
-    let mut line = |k: &str, v: String| o.push_str(&format!("  {k:<22}{v}\n"));
+    let mut line = |k: &str, v: String| line(o, k, v);
     match &sus.report {
         Some(r) => {
             line(

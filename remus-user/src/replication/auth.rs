@@ -610,20 +610,37 @@ mod tests {
         assert!(matches!(s, Err(WireError::Refused(_))), "{s:?}");
     }
 
+    /// A backup that completes its handshake, then answers `answer`, sealed with the
+    /// session's keys or (as version 2 did) in the clear.
+    async fn handshake_then(
+        b: &mut tokio::io::DuplexStream,
+        s: ServerConfig,
+        answer: Message,
+        sealed: bool,
+    ) {
+        let session = server_handshake(b, &s).await.unwrap();
+        if sealed {
+            session.keys.sealer.send(b, &answer).await.unwrap();
+        } else {
+            send(b, &answer).await.unwrap();
+        }
+    }
+
+    /// The primary's handshake against [`handshake_then`].
+    async fn handshake_answered(answer: Message, sealed: bool) -> Result<Session, WireError> {
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        let (c, s) = configs();
+        let server = handshake_then(&mut b, s, answer, sealed);
+        let (r, ()) = tokio::join!(client_handshake(&mut a, &c), server);
+        r
+    }
+
     #[tokio::test]
     async fn a_welcome_is_no_answer_to_a_probe() {
         // A backup that starts a session for a probe (not this build): refused, named.
         let (mut a, mut b) = tokio::io::duplex(4096);
         let (c, s) = configs();
-        let server = async move {
-            let session = server_handshake(&mut b, &s).await.unwrap();
-            session
-                .keys
-                .sealer
-                .send(&mut b, &Message::Welcome)
-                .await
-                .unwrap();
-        };
+        let server = handshake_then(&mut b, s, Message::Welcome, true);
         let (r, ()) = tokio::join!(client_probe(&mut a, &c), server);
         assert!(
             matches!(
@@ -640,13 +657,7 @@ mod tests {
     #[tokio::test]
     async fn an_unsealed_welcome_is_refused() {
         // A backup (or a man in the middle) answering WELCOME in the clear, as version 2 did.
-        let (mut a, mut b) = tokio::io::duplex(4096);
-        let (c, s) = configs();
-        let server = async move {
-            server_handshake(&mut b, &s).await.unwrap();
-            send(&mut b, &Message::Welcome).await.unwrap();
-        };
-        let (r, ()) = tokio::join!(client_handshake(&mut a, &c), server);
+        let r = handshake_answered(Message::Welcome, false).await;
         assert!(
             matches!(
                 r,
@@ -660,18 +671,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_sealed_refusal_after_the_handshake_reaches_the_primary() {
-        let (mut a, mut b) = tokio::io::duplex(4096);
-        let (c, s) = configs();
-        let server = async move {
-            let session = server_handshake(&mut b, &s).await.unwrap();
-            session
-                .keys
-                .sealer
-                .send(&mut b, &Message::abort("busy: another primary"))
-                .await
-                .unwrap();
-        };
-        let (r, ()) = tokio::join!(client_handshake(&mut a, &c), server);
+        let r = handshake_answered(Message::abort("busy: another primary"), true).await;
         match r {
             Err(WireError::Refused(reason)) => assert!(reason.contains("busy"), "{reason}"),
             other => panic!("{other:?}"),

@@ -552,24 +552,8 @@ impl Message {
 
     /// Decodes one payload of a frame whose header has been checked.
     pub fn decode(kind: Kind, payload: Vec<u8>) -> Result<Message, WireError> {
-        let bad = |problem| WireError::BadPayload { kind, problem };
-        let exact = |expected: usize, p: &[u8]| {
-            if p.len() == expected {
-                Ok(())
-            } else {
-                Err(bad(PayloadProblem::Length {
-                    got: p.len(),
-                    expected,
-                }))
-            }
-        };
-        let at_most = |max: usize, p: &[u8]| {
-            if p.len() <= max {
-                Ok(())
-            } else {
-                Err(bad(PayloadProblem::TooLong { got: p.len(), max }))
-            }
-        };
+        let exact = |expected: usize, p: &[u8]| exact_len(kind, expected, p);
+        let at_most = |max: usize, p: &[u8]| at_most_len(kind, max, p);
         Ok(match kind {
             Kind::Invalid => return Err(WireError::UnknownKind(0)),
             Kind::Hello => Message::Hello(decode_hello(&payload)?),
@@ -634,6 +618,33 @@ impl Message {
     }
 }
 
+/// A payload of `kind` that must be `expected` bytes long.
+fn exact_len(kind: Kind, expected: usize, p: &[u8]) -> Result<(), WireError> {
+    if p.len() == expected {
+        Ok(())
+    } else {
+        Err(WireError::BadPayload {
+            kind,
+            problem: PayloadProblem::Length {
+                got: p.len(),
+                expected,
+            },
+        })
+    }
+}
+
+/// A payload of `kind` that may be `max` bytes long at the most.
+fn at_most_len(kind: Kind, max: usize, p: &[u8]) -> Result<(), WireError> {
+    if p.len() <= max {
+        Ok(())
+    } else {
+        Err(WireError::BadPayload {
+            kind,
+            problem: PayloadProblem::TooLong { got: p.len(), max },
+        })
+    }
+}
+
 /// The payloads of a probe's answer and of ending protection.
 fn decode_answer(kind: Kind, payload: &[u8]) -> Result<Message, WireError> {
     Ok(match kind {
@@ -649,15 +660,7 @@ fn decode_answer(kind: Kind, payload: &[u8]) -> Result<Message, WireError> {
             }
         }
         Kind::Discard => {
-            if !payload.is_empty() {
-                return Err(WireError::BadPayload {
-                    kind,
-                    problem: PayloadProblem::Length {
-                        got: payload.len(),
-                        expected: 0,
-                    },
-                });
-            }
+            exact_len(kind, 0, payload)?;
             Message::Discard
         }
         // `Message::decode` hands only the three kinds above to this.

@@ -106,6 +106,18 @@ impl Event {
             _ => None,
         }
     }
+
+    /// For a libxl `Record`: its type.
+    pub fn libxl_record(&self) -> Option<u32> {
+        match *self {
+            Event::Record {
+                layer: Layer::Libxl,
+                rtype,
+                ..
+            } => Some(rtype),
+            _ => None,
+        }
+    }
 }
 
 /// The 32-byte magic at the start of an xl save file / migration stream (`xl.h`).

@@ -169,16 +169,7 @@ fn hvm_stream_events_match_the_writer() {
     assert_eq!(p.domain_type(), Some(DomainType::X86Hvm));
     let emu = ev
         .iter()
-        .filter(|e| {
-            matches!(
-                e,
-                Event::Record {
-                    layer: Layer::Libxl,
-                    rtype: libxl_type::EMULATOR_CONTEXT,
-                    ..
-                }
-            )
-        })
+        .filter(|e| e.libxl_record() == Some(libxl_type::EMULATOR_CONTEXT))
         .count();
     assert_eq!(emu, 3);
 }
@@ -193,14 +184,7 @@ fn tail_records(ev: &[Event], n: u64) -> Vec<u32> {
     ev[from..]
         .iter()
         .take_while(|e| !matches!(e, Event::CheckpointComplete { .. }))
-        .filter_map(|e| match *e {
-            Event::Record {
-                layer: Layer::Libxl,
-                rtype,
-                ..
-            } => Some(rtype),
-            _ => None,
-        })
+        .filter_map(Event::libxl_record)
         .collect()
 }
 
@@ -582,23 +566,35 @@ fn bad_libxl_and_libxc_headers() {
     parse_all(&patched(&w, i + 12, &2u32.to_be_bytes())).unwrap();
 }
 
+/// A record's length field (4 bytes into the record) set to a length its type refuses.
+fn bad_lengths(pv: &Written, hvm: &Written) {
+    let (xc, xl) = (Layer::Libxc, Layer::Libxl);
+    type LenError = fn(u64, RecordId, u32) -> StreamError;
+    let too_long: LenError = |pos, record, len| StreamError::RecordTooLong { pos, record, len };
+    let with_body: LenError = |pos, record, len| StreamError::MarkerWithBody { pos, record, len };
+    let too_short: LenError = |pos, record, len| StreamError::EmulatorTooShort { pos, record, len };
+    for (w, layer, rtype, len, err) in [
+        (pv, xc, libxc_type::PAGE_DATA, REC_LENGTH_MAX + 1, too_long),
+        (pv, xl, libxl_type::LIBXC_CONTEXT, 8, with_body),
+        // A 4-byte body is shorter than the emulator header; the rest fails later anyway.
+        (hvm, xl, libxl_type::EMULATOR_XENSTORE_DATA, 4, too_short),
+        (pv, xc, libxc_type::CHECKPOINT, 16, with_body),
+    ] {
+        let start = record_start(w, layer, rtype, 0);
+        expect(
+            &patched(w, start + 4, &len.to_le_bytes()),
+            err(start as u64 + 4, RecordId { layer, rtype }, len),
+        );
+    }
+}
+
 #[test]
 fn bad_records() {
     let pv = small(GuestKind::Pv, 2);
     let hvm = small(GuestKind::Hvm, 2);
     let (xc, xl) = (Layer::Libxc, Layer::Libxl);
     let pd = record_start(&pv, xc, libxc_type::PAGE_DATA, 0);
-    expect(
-        &patched(&pv, pd + 4, &(REC_LENGTH_MAX + 1).to_le_bytes()),
-        StreamError::RecordTooLong {
-            pos: pd as u64 + 4,
-            record: RecordId {
-                layer: xc,
-                rtype: libxc_type::PAGE_DATA,
-            },
-            len: REC_LENGTH_MAX + 1,
-        },
-    );
+    bad_lengths(&pv, &hvm);
     for (rtype, rule) in [
         (0x13, Rule::UnknownLibxc),
         (libxc_type::TOOLSTACK, Rule::Toolstack),
@@ -621,17 +617,6 @@ fn bad_records() {
         &patched(&pv, lc, &libxl_type::CHECKPOINT_END.to_le_bytes()),
         misplaced(lc, xl, libxl_type::CHECKPOINT_END, Rule::BeforeLibxcContext),
     );
-    expect(
-        &patched(&pv, lc + 4, &8u32.to_le_bytes()),
-        StreamError::MarkerWithBody {
-            pos: lc as u64 + 4,
-            record: RecordId {
-                layer: xl,
-                rtype: libxl_type::LIBXC_CONTEXT,
-            },
-            len: 8,
-        },
-    );
     let ce = record_start(&pv, xl, libxl_type::CHECKPOINT_END, 0);
     for (rtype, rule) in [
         (libxl_type::END, Rule::EndInsideCheckpoint),
@@ -645,31 +630,6 @@ fn bad_records() {
             misplaced(ce, xl, rtype, rule),
         );
     }
-    let ec = record_start(&hvm, xl, libxl_type::EMULATOR_XENSTORE_DATA, 0);
-    // A 4-byte body is shorter than the emulator header; the rest fails later anyway.
-    expect(
-        &patched(&hvm, ec + 4, &4u32.to_le_bytes()),
-        StreamError::EmulatorTooShort {
-            pos: ec as u64 + 4,
-            record: RecordId {
-                layer: xl,
-                rtype: libxl_type::EMULATOR_XENSTORE_DATA,
-            },
-            len: 4,
-        },
-    );
-    let ck = record_start(&pv, xc, libxc_type::CHECKPOINT, 0);
-    expect(
-        &patched(&pv, ck + 4, &16u32.to_le_bytes()),
-        StreamError::MarkerWithBody {
-            pos: ck as u64 + 4,
-            record: RecordId {
-                layer: xc,
-                rtype: libxc_type::CHECKPOINT,
-            },
-            len: 16,
-        },
-    );
     // Non-zero padding (EMULATOR_XENSTORE_DATA has an odd length in the writer).
     let hc = record_start(&hvm, xl, libxl_type::EMULATOR_XENSTORE_DATA, 1);
     let len = u32::from_le_bytes(hvm.bytes[hc + 4..hc + 8].try_into().unwrap()) as usize;

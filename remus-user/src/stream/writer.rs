@@ -130,6 +130,17 @@ pub struct Written {
 }
 
 impl Written {
+    /// Where each checkpoint ends in `bytes` (index 0 = checkpoint 1).
+    pub fn checkpoint_ends(&self) -> Vec<u64> {
+        self.events
+            .iter()
+            .filter_map(|e| match *e {
+                Event::CheckpointComplete { end, .. } => Some(end),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The PAGE_DATA records of one checkpoint, as slices of `bytes`.
     pub fn page_records_of(&self, checkpoint: u64) -> Vec<&[u8]> {
         self.page_records
@@ -380,6 +391,15 @@ fn page_data(out: &mut Out, mem: &GuestMemory, pfns: &[u64], kind: GuestKind, wi
 }
 
 fn end_of_checkpoint(out: &mut Out, cfg: &WriterConfig, rng: &mut Rng, n: u64) {
+    tsc_info(out, n);
+    match cfg.kind {
+        GuestKind::Pv => pv_context(out, cfg, rng),
+        GuestKind::Hvm | GuestKind::Pvh => hvm_context(out, cfg, rng),
+    }
+}
+
+/// X86_TSC_INFO of checkpoint `n`.
+fn tsc_info(out: &mut Out, n: u64) {
     let mut tsc = Vec::new();
     tsc.extend_from_slice(&0u32.to_le_bytes()); // mode
     tsc.extend_from_slice(&2_400_000u32.to_le_bytes()); // khz
@@ -387,81 +407,87 @@ fn end_of_checkpoint(out: &mut Out, cfg: &WriterConfig, rng: &mut Rng, n: u64) {
     tsc.extend_from_slice(&(n as u32).to_le_bytes()); // incarnation
     tsc.extend_from_slice(&0u32.to_le_bytes());
     out.libxc(libxc_type::X86_TSC_INFO, &[&tsc]);
-    let noise = |rng: &mut Rng, len: usize| -> Vec<u8> {
-        let mut v = vec![0u8; len];
-        for (i, b) in v.iter_mut().enumerate() {
-            if i % 8 < 3 {
-                *b = rng.next_u64() as u8;
-            }
-        }
-        v
-    };
-    match cfg.kind {
-        GuestKind::Pv => {
-            let si = noise(rng, PAGE_SIZE);
-            out.libxc(libxc_type::SHARED_INFO, &[&si]);
-            for v in 0..cfg.vcpus {
-                let mut h = Vec::new();
-                h.extend_from_slice(&v.to_le_bytes());
-                h.extend_from_slice(&0u32.to_le_bytes());
-                // Sizes as in the lab's captured 64-bit PV stream; XSAVE as on a host
-                // with AVX (the lab's emulated CPU had none); MSRS is elided when a
-                // vCPU has no MSRs to send, as it was there.
-                let basic = noise(rng, 5168);
-                out.libxc(libxc_type::X86_PV_VCPU_BASIC, &[&h, &basic]);
-                let ext = noise(rng, 64);
-                out.libxc(libxc_type::X86_PV_VCPU_EXTENDED, &[&h, &ext]);
-                let xsave = noise(rng, 16 + 0x340);
-                out.libxc(libxc_type::X86_PV_VCPU_XSAVE, &[&h, &xsave]);
-            }
-        }
-        GuestKind::Hvm | GuestKind::Pvh => {
-            // Sizes and parameters as in the lab's captured streams (1 vCPU: HVM_CONTEXT
-            // of 2504 bytes for PVH, 4112 for HVM with its emulated platform; 8 and 12
-            // parameters, the special pages' PFNs among them); more vCPUs add about a
-            // CPU record each.
-            let per_vcpu = 1024 * (cfg.vcpus.max(1) as usize - 1);
-            let ctx_len = match cfg.kind {
-                GuestKind::Pvh => 2504 + per_vcpu,
-                _ => 4112 + per_vcpu,
-            };
-            let ctx = noise(rng, ctx_len);
-            out.libxc(libxc_type::HVM_CONTEXT, &[&ctx]);
-            let mut params = Vec::new();
-            let pvh: &[(u64, u64)] = &[
-                (1, 1_044_476),
-                (5, 1_044_477),
-                (6, 1_044_475),
-                (27, 1_044_472),
-                (28, 1_044_473),
-                (29, 1_044_474),
-                (17, 1_044_479),
-                (12, 4_278_181_888),
-            ];
-            let hvm: &[(u64, u64)] = &[
-                (1, 1_044_476),
-                (5, 1_044_477),
-                (6, 1_044_475),
-                (27, 1_044_472),
-                (28, 1_044_473),
-                (29, 1_044_474),
-                (37, 1_653_496_349_312),
-                (17, 1_044_479),
-                (19, 1),
-                (12, 4_278_181_888),
-                (32, 1_044_464),
-                (33, 8),
-            ];
-            let list = if cfg.kind == GuestKind::Pvh { pvh } else { hvm };
-            params.extend_from_slice(&(list.len() as u32).to_le_bytes());
-            params.extend_from_slice(&0u32.to_le_bytes());
-            for (i, v) in list {
-                params.extend_from_slice(&i.to_le_bytes());
-                params.extend_from_slice(&v.to_le_bytes());
-            }
-            out.libxc(libxc_type::HVM_PARAMS, &[&params]);
+}
+
+/// `len` bytes of which 3 in every 8 are random (compressible like real vCPU state).
+fn noise(rng: &mut Rng, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    for (i, b) in v.iter_mut().enumerate() {
+        if i % 8 < 3 {
+            *b = rng.next_u64() as u8;
         }
     }
+    v
+}
+
+/// A PV guest's shared info page and each vCPU's records.
+fn pv_context(out: &mut Out, cfg: &WriterConfig, rng: &mut Rng) {
+    let si = noise(rng, PAGE_SIZE);
+    out.libxc(libxc_type::SHARED_INFO, &[&si]);
+    for v in 0..cfg.vcpus {
+        let mut h = Vec::new();
+        h.extend_from_slice(&v.to_le_bytes());
+        h.extend_from_slice(&0u32.to_le_bytes());
+        // Sizes as in the lab's captured 64-bit PV stream; XSAVE as on a host
+        // with AVX (the lab's emulated CPU had none); MSRS is elided when a
+        // vCPU has no MSRs to send, as it was there.
+        let basic = noise(rng, 5168);
+        out.libxc(libxc_type::X86_PV_VCPU_BASIC, &[&h, &basic]);
+        let ext = noise(rng, 64);
+        out.libxc(libxc_type::X86_PV_VCPU_EXTENDED, &[&h, &ext]);
+        let xsave = noise(rng, 16 + 0x340);
+        out.libxc(libxc_type::X86_PV_VCPU_XSAVE, &[&h, &xsave]);
+    }
+}
+
+/// The HVM parameters both HVM and PVH guests send first: the special pages' PFNs.
+const SPECIAL_PAGE_PARAMS: [(u64, u64); 6] = [
+    (1, 1_044_476),
+    (5, 1_044_477),
+    (6, 1_044_475),
+    (27, 1_044_472),
+    (28, 1_044_473),
+    (29, 1_044_474),
+];
+/// What a PVH guest sends after them.
+const PVH_PARAMS: [(u64, u64); 2] = [(17, 1_044_479), (12, 4_278_181_888)];
+/// What an HVM guest (with its emulated platform) sends after them.
+const HVM_PARAMS: [(u64, u64); 6] = [
+    (37, 1_653_496_349_312),
+    (17, 1_044_479),
+    (19, 1),
+    (12, 4_278_181_888),
+    (32, 1_044_464),
+    (33, 8),
+];
+
+/// An HVM or PVH guest's HVM_CONTEXT and HVM_PARAMS.
+fn hvm_context(out: &mut Out, cfg: &WriterConfig, rng: &mut Rng) {
+    // Sizes and parameters as in the lab's captured streams (1 vCPU: HVM_CONTEXT
+    // of 2504 bytes for PVH, 4112 for HVM with its emulated platform; 8 and 12
+    // parameters, the special pages' PFNs among them); more vCPUs add about a
+    // CPU record each.
+    let per_vcpu = 1024 * (cfg.vcpus.max(1) as usize - 1);
+    let ctx_len = match cfg.kind {
+        GuestKind::Pvh => 2504 + per_vcpu,
+        _ => 4112 + per_vcpu,
+    };
+    let ctx = noise(rng, ctx_len);
+    out.libxc(libxc_type::HVM_CONTEXT, &[&ctx]);
+    let rest: &[(u64, u64)] = if cfg.kind == GuestKind::Pvh {
+        &PVH_PARAMS
+    } else {
+        &HVM_PARAMS
+    };
+    let count = SPECIAL_PAGE_PARAMS.len() + rest.len();
+    let mut params = Vec::new();
+    params.extend_from_slice(&(count as u32).to_le_bytes());
+    params.extend_from_slice(&0u32.to_le_bytes());
+    for (i, v) in SPECIAL_PAGE_PARAMS.iter().chain(rest) {
+        params.extend_from_slice(&i.to_le_bytes());
+        params.extend_from_slice(&v.to_le_bytes());
+    }
+    out.libxc(libxc_type::HVM_PARAMS, &[&params]);
 }
 
 /// The libxl records of an HVM guest's device model (none for PV and PVH).

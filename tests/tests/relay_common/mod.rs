@@ -99,6 +99,12 @@ impl Scratch {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         p
     }
+    /// The one session the receiver recorded (asserts there was exactly one).
+    pub fn only_session(&self) -> Vec<u8> {
+        let mut sessions = self.sessions();
+        assert_eq!(sessions.len(), 1, "receiver sessions");
+        sessions.remove(0)
+    }
     /// What each receiver session recorded, in session order (pid order is start order
     /// only by accident, so sort by modification time).
     pub fn sessions(&self) -> Vec<Vec<u8>> {
@@ -190,6 +196,12 @@ pub fn wait_status(
     }
 }
 
+/// A receiver's status whose last event is the failover after checkpoint `n`.
+pub fn assert_failed_over_after(s: &serde_json::Value, n: u64) {
+    let event = s["last_event"].as_str().expect("a last event");
+    assert!(event.contains(&format!("after checkpoint {n}")), "{s}");
+}
+
 pub fn wait_child(c: &mut Child, what: &str) -> std::process::ExitStatus {
     let t = Instant::now();
     loop {
@@ -270,6 +282,12 @@ impl Receiver {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for it to exit and asserts its exit code (its log otherwise).
+    pub fn expect_exit(&mut self, code: i32) {
+        let got = wait_child(&mut self.child, "relay receive").code();
+        assert_eq!(got, Some(code), "receiver log:\n{}", self.log());
     }
 }
 
@@ -397,6 +415,18 @@ impl Sender {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Waits for it to exit and asserts its exit code (its log otherwise).
+    pub fn expect_exit(&mut self, code: i32) {
+        let got = wait_child(&mut self.child, "relay send").code();
+        assert_eq!(got, Some(code), "sender log:\n{}", self.log());
+    }
+
+    /// Closes xl's end of the pipe and expects the sender to end cleanly (exit 0).
+    pub fn finish(&mut self) {
+        self.close_stdin();
+        self.expect_exit(0);
+    }
 }
 
 impl Drop for Sender {
@@ -416,14 +446,7 @@ pub struct Stream {
 impl Stream {
     pub fn new(cfg: &WriterConfig) -> Stream {
         let w = write(cfg);
-        let ends = w
-            .events
-            .iter()
-            .filter_map(|e| match *e {
-                Event::CheckpointComplete { end, .. } => Some(end),
-                _ => None,
-            })
-            .collect();
+        let ends = w.checkpoint_ends();
         Stream { w, ends }
     }
 
@@ -433,21 +456,13 @@ impl Stream {
         remus_user::stream::Parser::new()
             .feed(&bytes, &mut events)
             .expect("the stream parses");
-        let ends = events
-            .iter()
-            .filter_map(|e| match *e {
-                Event::CheckpointComplete { end, .. } => Some(end),
-                _ => None,
-            })
-            .collect();
-        Stream {
-            w: Written {
-                bytes,
-                events,
-                page_records: Vec::new(),
-            },
-            ends,
-        }
+        let w = Written {
+            bytes,
+            events,
+            page_records: Vec::new(),
+        };
+        let ends = w.checkpoint_ends();
+        Stream { w, ends }
     }
 
     pub fn bytes(&self) -> &[u8] {

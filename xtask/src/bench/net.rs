@@ -50,6 +50,7 @@ use remus_testkit::{
     topo::Lan,
 };
 
+use super::common::load_average;
 use crate::util;
 
 #[derive(Args)]
@@ -414,14 +415,6 @@ impl Series {
             .collect();
         median(&mut r)
     }
-}
-
-/// The 1-minute load average, recorded next to the numbers it disturbs.
-fn load_average() -> f64 {
-    let mut load = [0f64; 3];
-    // SAFETY: getloadavg writes at most 3 doubles into the array.
-    unsafe { libc::getloadavg(load.as_mut_ptr(), 3) };
-    load[0]
 }
 
 /// Runs `f` once under configuration `attach` (None: no buffer), adding the holder's CPU.

@@ -21,8 +21,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
+use super::common::{self, load_average, run_json, verdict};
 use crate::util;
 
 const BANNER_LEN: usize = 54;
@@ -68,106 +69,143 @@ const SEALED_WITH: &str = "AES-256-GCM";
 const CAPTURED: &str = "remus-user/tests/fixtures/remus-pv-stream.bin.zst";
 
 pub fn run(a: RelayArgs) -> Result<()> {
-    util::run(util::cmd("cargo").args([
-        "build",
-        "--release",
-        "-p",
-        "remus-user",
-        "--bin",
-        "remus",
-        "--example",
-        "relay_bench",
-        "--example",
-        "aead_bench",
-    ]))?;
-    let target = util::root().join("target");
+    let target = common::build_release(&["relay_bench", "aead_bench"])?;
     let work = target.join("bench").join("relay-work");
     std::fs::create_dir_all(&work)?;
+    let release = target.join("release");
     let p = Paths {
-        remus: target.join("release").join("remus"),
-        helper: target.join("release").join("examples").join("relay_bench"),
-        aead: target.join("release").join("examples").join("aead_bench"),
+        remus: release.join("remus"),
+        helper: release.join("examples").join("relay_bench"),
+        aead: release.join("examples").join("aead_bench"),
         work,
     };
-    let mut rows: Vec<(String, String)> = Vec::new();
-    let mut out = serde_json::Map::new();
+    let mut r = Report::default();
     let load_before = load_average();
-
     if !a.latency_only {
-        // 0. The AEAD candidates on relay-sized frames (what chose the relay's cipher).
-        let aead = run_json(&p.aead, &[&a.aead_mib.to_string()])?;
-        aead_rows(&aead, &mut rows);
-        out.insert("aead".into(), aead);
-        out.insert("sealed_with".into(), json!(SEALED_WITH));
+        aead_part(&p, &a, &mut r)?;
+        synthetic_part(&p, &a, &mut r)?;
+        captured_part(&p, &a, &mut r);
+    }
+    latency_part(&p, &a, &mut r)?;
+    let load_after = load_average();
+    r.out.insert("load_average_1m".into(), json!(load_after));
+    r.out
+        .insert("load_average_1m_before".into(), json!(load_before));
+    common::Table {
+        title: "relay benchmark (loopback, one run)",
+        column: "value",
+        widths: (56, 20),
+    }
+    .print(
+        &r.rows,
+        &format!(
+            "(1-minute load average {load_before:.1} before, {load_after:.1} after; ratios are paired, plain then relay in each round)"
+        ),
+    );
+    common::write_json(&target, "relay", r.out)?;
+    let _ = std::fs::remove_dir_all(&p.work);
+    Ok(())
+}
 
-        // 1. Synthetic stream (stream::writer): throughput and compression.
-        let stream_file = p.work.join("stream.bin");
+/// What a run gathers: the table's rows and relay.json's keys.
+#[derive(Default)]
+struct Report {
+    rows: Vec<(String, String)>,
+    out: Map<String, Value>,
+}
+
+/// Part 0: the AEAD candidates on relay-sized frames (what chose the relay's cipher).
+fn aead_part(p: &Paths, a: &RelayArgs, r: &mut Report) -> Result<()> {
+    let aead = run_json(&p.aead, &[&a.aead_mib.to_string()])?;
+    aead_rows(&aead, &mut r.rows);
+    r.out.insert("aead".into(), aead);
+    r.out.insert("sealed_with".into(), json!(SEALED_WITH));
+    Ok(())
+}
+
+/// Part 1: the synthetic stream (stream::writer): throughput and compression.
+fn synthetic_part(p: &Paths, a: &RelayArgs, r: &mut Report) -> Result<()> {
+    let stream_file = p.work.join("stream.bin");
+    let info = helper(
+        p,
+        &[
+            "stream",
+            path_str(&stream_file)?,
+            &a.pages.to_string(),
+            &a.dirty.to_string(),
+            &a.checkpoints.to_string(),
+        ],
+    )?;
+    let stream = std::fs::read(&stream_file)?;
+    let _ = std::fs::remove_file(&stream_file);
+    eprintln!(
+        "synthetic stream: {} bytes, {} checkpoints",
+        stream.len(),
+        a.checkpoints
+    );
+    let t = throughput(p, &stream, a.checkpoints, a.repeat)?;
+    t.rows("synthetic", stream.len(), &mut r.rows);
+    let compression = helper(
+        p,
+        &[
+            "compress",
+            &a.pages.to_string(),
+            &a.dirty.to_string(),
+            "10",
+            "262144",
+        ],
+    )?;
+    compression_rows("synthetic", &compression, &mut r.rows);
+    r.out.insert(
+        "synthetic".into(),
+        json!({ "stream": info, "throughput": t.json(), "compression": compression }),
+    );
+    Ok(())
+}
+
+/// Part 2: the real stream captured from `xl remus` in the lab, if present; a failure is a
+/// row of the table, not the end of the run.
+fn captured_part(p: &Paths, a: &RelayArgs, r: &mut Report) {
+    let captured = util::root().join(CAPTURED);
+    if !captured.exists() {
+        eprintln!("no captured stream at {CAPTURED}: synthetic only");
+        return;
+    }
+    let file = p.work.join("captured.bin");
+    let run = || -> Result<(Value, Tput, usize)> {
         let info = helper(
-            &p,
-            &[
-                "stream",
-                path_str(&stream_file)?,
-                &a.pages.to_string(),
-                &a.dirty.to_string(),
-                &a.checkpoints.to_string(),
-            ],
+            p,
+            &["captured", path_str(&captured)?, path_str(&file)?, "262144"],
         )?;
-        let stream = std::fs::read(&stream_file)?;
-        let _ = std::fs::remove_file(&stream_file);
-        eprintln!(
-            "synthetic stream: {} bytes, {} checkpoints",
-            stream.len(),
-            a.checkpoints
-        );
-        let t = throughput(&p, &stream, a.checkpoints, a.repeat)?;
-        t.rows("synthetic", stream.len(), &mut rows);
-        out.insert(
-            "synthetic".into(),
-            json!({ "stream": info, "throughput": t.json(), "compression":
-        helper(&p, &["compress", &a.pages.to_string(), &a.dirty.to_string(), "10", "262144"])? }),
-        );
-        compression_rows("synthetic", &out["synthetic"]["compression"], &mut rows);
-        drop(stream);
-
-        // 2. The real stream captured from `xl remus` in the lab, if present.
-        let captured = util::root().join(CAPTURED);
-        if captured.exists() {
-            let file = p.work.join("captured.bin");
-            let run = || -> Result<(Value, Tput, usize)> {
-                let info = helper(
-                    &p,
-                    &["captured", path_str(&captured)?, path_str(&file)?, "262144"],
-                )?;
-                let stream = std::fs::read(&file)?;
-                let _ = std::fs::remove_file(&file);
-                let n = info["ends"].as_array().map_or(0, Vec::len) as u64;
-                eprintln!("captured stream: {} bytes, {n} checkpoints", stream.len());
-                Ok((info, throughput(&p, &stream, n, a.repeat)?, stream.len()))
-            };
-            match run() {
-                Ok((info, t, len)) => {
-                    t.rows("captured", len, &mut rows);
-                    compression_rows("captured", &info["compression"], &mut rows);
-                    out.insert(
-                    "captured".into(),
-                    json!({ "stream_bytes": len, "checkpoints": info["ends"].as_array().map(Vec::len),
-                        "throughput": t.json(), "compression": info["compression"] }),
-                );
-                }
-                Err(e) => {
-                    eprintln!("captured stream skipped: {e:#}");
-                    rows.push(("captured stream".into(), "unusable (see stderr)".into()));
-                }
-            }
-        } else {
-            eprintln!("no captured stream at {CAPTURED}: synthetic only");
+        let stream = std::fs::read(&file)?;
+        let _ = std::fs::remove_file(&file);
+        let n = info["ends"].as_array().map_or(0, Vec::len) as u64;
+        eprintln!("captured stream: {} bytes, {n} checkpoints", stream.len());
+        Ok((info, throughput(p, &stream, n, a.repeat)?, stream.len()))
+    };
+    match run() {
+        Ok((info, t, len)) => {
+            t.rows("captured", len, &mut r.rows);
+            compression_rows("captured", &info["compression"], &mut r.rows);
+            r.out.insert(
+                "captured".into(),
+                json!({ "stream_bytes": len, "checkpoints": info["ends"].as_array().map(Vec::len),
+                    "throughput": t.json(), "compression": info["compression"] }),
+            );
+        }
+        Err(e) => {
+            eprintln!("captured stream skipped: {e:#}");
+            r.rows
+                .push(("captured stream".into(), "unusable (see stderr)".into()));
         }
     }
+}
 
-    // 3. ACK latency: small paced checkpoints, the sender's own histogram; vs loopback RTT.
+/// Part 3: ACK latency: small paced checkpoints, the sender's own histogram; vs loopback RTT.
+fn latency_part(p: &Paths, a: &RelayArgs, r: &mut Report) -> Result<()> {
     let lat_file = p.work.join("latency.bin");
     let lat_info = helper(
-        &p,
+        p,
         &[
             "stream",
             path_str(&lat_file)?,
@@ -183,9 +221,31 @@ pub fn run(a: RelayArgs) -> Result<()> {
         .iter()
         .filter_map(Value::as_u64)
         .collect();
-    let lat = relay_once(&p, &lat_stream, "lz4", Pace::Acked(&ends))?;
+    let lat = relay_once(p, &lat_stream, "lz4", Pace::Acked(&ends))?;
     let rtt = loopback_rtt(2000)?;
     let ack = lat.ack.context("no ACK latency measured")?;
+    latency_rows(&ack, &rtt, lat.merges, &mut r.rows);
+    r.out.insert(
+        "ack_latency_us".into(),
+        json!({
+            "mean": ack.mean_us,
+            "p50": ack.p50_us,
+            "p90": ack.p90_us,
+            "p99": ack.p99_us,
+            "max": ack.max_us,
+            "count": ack.count,
+            "loopback_rtt_median": rtt.median_us,
+            "loopback_rtt_mean": rtt.mean_us,
+            "median_above_rtt": ack.p50_us - rtt.median_us,
+            "target_above_rtt": 200.0,
+            "merges": lat.merges,
+            "phases": ack.phases.iter().map(|(n, p50, p99)| json!({"phase": n, "p50": p50, "p99": p99})).collect::<Vec<_>>(),
+        }),
+    );
+    Ok(())
+}
+
+fn latency_rows(ack: &Ack, rtt: &Rtt, merges: u64, rows: &mut Vec<(String, String)>) {
     let above_rtt_us = ack.p50_us - rtt.median_us;
     rows.push((
         "loopback RTT (median)".into(),
@@ -207,53 +267,12 @@ pub fn run(a: RelayArgs) -> Result<()> {
     }
     rows.push((
         "epochs merged in the latency run".into(),
-        lat.merges.to_string(),
+        merges.to_string(),
     ));
     rows.push((
         "ACK latency median above RTT (target <= 200 us)".into(),
         format!("{above_rtt_us:.0} us {}", verdict(above_rtt_us <= 200.0)),
     ));
-    out.insert(
-        "ack_latency_us".into(),
-        json!({
-            "mean": ack.mean_us,
-            "p50": ack.p50_us,
-            "p90": ack.p90_us,
-            "p99": ack.p99_us,
-            "max": ack.max_us,
-            "count": ack.count,
-            "loopback_rtt_median": rtt.median_us,
-            "loopback_rtt_mean": rtt.mean_us,
-            "median_above_rtt": above_rtt_us,
-            "target_above_rtt": 200.0,
-            "merges": lat.merges,
-            "phases": ack.phases.iter().map(|(n, p50, p99)| json!({"phase": n, "p50": p50, "p99": p99})).collect::<Vec<_>>(),
-        }),
-    );
-    let load_after = load_average();
-    out.insert("load_average_1m".into(), json!(load_after));
-    out.insert("load_average_1m_before".into(), json!(load_before));
-
-    println!();
-    println!(
-        "{:<56} {:>20}",
-        "relay benchmark (loopback, one run)", "value"
-    );
-    println!("{}", "-".repeat(77));
-    for (k, v) in &rows {
-        println!("{k:<56} {v:>20}");
-    }
-    println!(
-        "(1-minute load average {load_before:.1} before, {load_after:.1} after; ratios are paired, plain then relay in each round)"
-    );
-    let json_path = target.join("bench").join("relay.json");
-    std::fs::write(
-        &json_path,
-        serde_json::to_string_pretty(&Value::Object(out))?,
-    )?;
-    println!("wrote {}", json_path.display());
-    let _ = std::fs::remove_dir_all(&p.work);
-    Ok(())
 }
 
 /// The throughput rounds of one stream: MB/s per round of each case, and the paired
@@ -374,14 +393,6 @@ fn throughput(p: &Paths, stream: &[u8], checkpoints: u64, repeat: usize) -> Resu
     Ok(t)
 }
 
-/// The 1-minute load average, recorded next to the numbers it disturbs.
-fn load_average() -> f64 {
-    let mut load = [0f64; 3];
-    // SAFETY: getloadavg writes at most 3 doubles into the array.
-    unsafe { libc::getloadavg(load.as_mut_ptr(), 3) };
-    load[0]
-}
-
 fn compression_rows(what: &str, c: &Value, rows: &mut Vec<(String, String)>) {
     let f = |k: &str| c[k].as_f64().unwrap_or(0.0);
     rows.push((
@@ -404,32 +415,12 @@ fn compression_rows(what: &str, c: &Value, rows: &mut Vec<(String, String)>) {
     }
 }
 
-fn verdict(ok: bool) -> &'static str {
-    if ok { "ok" } else { "MISS" }
-}
-
 fn path_str(p: &Path) -> Result<&str> {
     p.to_str().context("non-UTF-8 path")
 }
 
 fn helper(p: &Paths, args: &[&str]) -> Result<Value> {
     run_json(&p.helper, args)
-}
-
-/// Runs an example that prints one line of JSON.
-fn run_json(bin: &Path, args: &[&str]) -> Result<Value> {
-    let out = Command::new(bin)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {}", bin.display()))?;
-    if !out.status.success() {
-        bail!(
-            "{} {args:?} failed: {}",
-            bin.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(serde_json::from_slice(&out.stdout)?)
 }
 
 /// One row per AEAD candidate: seal / open MB/s on 64 KiB frames (the relay's DATA
@@ -535,74 +526,11 @@ fn relay_once(p: &Paths, stream: &[u8], codec: &str, pace: Pace) -> Result<Relay
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     let rsock = p.work.join("relay-receive.sock");
     let ssock = p.work.join("relay-send.sock");
-    let _rx = Kill(
-        Command::new(&p.remus)
-            .args([
-                "relay",
-                "receive",
-                "--once",
-                "--listen",
-                "127.0.0.1:0",
-                "--key-file",
-            ])
-            .arg(&key)
-            .args(["--receiver-cmd", FAKE_RECEIVER, "--status-socket"])
-            .arg(&rsock)
-            .env("REMUS_LOG", "off")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()?,
-    );
-    let st = wait_for(&rsock, |v| v["state"] == "waiting for primary")?;
-    let addr = st["address"]
-        .as_str()
-        .context("receiver address")?
-        .to_string();
+    let (_rx, addr) = start_receiver(p, &key, &rsock)?;
     let (r, mut w) = pipe(false)?;
-    let mut tx = Kill(
-        Command::new(&p.remus)
-            .args([
-                "relay",
-                "send",
-                "--no-buffer",
-                "--compress",
-                codec,
-                "--backup",
-                &addr,
-            ])
-            .arg("--key-file")
-            .arg(&key)
-            .arg("--status-socket")
-            .arg(&ssock)
-            .env("REMUS_LOG", "off")
-            .stdin(Stdio::from(r))
-            .stdout(Stdio::piped())
-            .spawn()?,
-    );
-    let mut banner = [0u8; BANNER_LEN];
-    tx.0.stdout
-        .as_mut()
-        .context("sender stdout")?
-        .read_exact(&mut banner)?;
+    let mut tx = start_sender(p, codec, &addr, &key, &ssock, r)?;
     let t = Instant::now();
-    let n = match pace {
-        Pace::Flat(n) => {
-            w.write_all(stream)?;
-            n
-        }
-        Pace::Acked(ends) => {
-            // Paced like `xl remus -i 5`: each ACK is back long before the next
-            // checkpoint. The status socket is not polled meanwhile (answering it costs
-            // the sender's thread time that would show up as latency).
-            let mut start = 0usize;
-            for &e in ends {
-                w.write_all(&stream[start..e as usize])?;
-                start = e as usize;
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            ends.len() as u64
-        }
-    };
+    let n = write_stream(&mut w, stream, pace)?;
     // Every checkpoint parsed, and acknowledged unless merged (a merged last checkpoint
     // is never acknowledged: wait until the ACKs stop coming).
     wait_for(&ssock, |v| v["last_checkpoint"].as_u64() >= Some(n))?;
@@ -616,6 +544,93 @@ fn relay_once(p: &Paths, stream: &[u8], codec: &str, pace: Pace) -> Result<Relay
         bail!("relay send exited with {code}");
     }
     Ok(RelayRun { secs, ack, merges })
+}
+
+/// `relay receive --once` with a sink receiver, once it waits; it and its address.
+fn start_receiver(p: &Paths, key: &Path, rsock: &Path) -> Result<(Kill, String)> {
+    let rx = Kill(
+        Command::new(&p.remus)
+            .args([
+                "relay",
+                "receive",
+                "--once",
+                "--listen",
+                "127.0.0.1:0",
+                "--key-file",
+            ])
+            .arg(key)
+            .args(["--receiver-cmd", FAKE_RECEIVER, "--status-socket"])
+            .arg(rsock)
+            .env("REMUS_LOG", "off")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+    let st = wait_for(rsock, |v| v["state"] == "waiting for primary")?;
+    let addr = st["address"]
+        .as_str()
+        .context("receiver address")?
+        .to_string();
+    Ok((rx, addr))
+}
+
+/// `relay send --no-buffer` reading `stdin`, once it has written xl's banner.
+fn start_sender(
+    p: &Paths,
+    codec: &str,
+    addr: &str,
+    key: &Path,
+    ssock: &Path,
+    stdin: OwnedFd,
+) -> Result<Kill> {
+    let mut tx = Kill(
+        Command::new(&p.remus)
+            .args([
+                "relay",
+                "send",
+                "--no-buffer",
+                "--compress",
+                codec,
+                "--backup",
+                addr,
+            ])
+            .arg("--key-file")
+            .arg(key)
+            .arg("--status-socket")
+            .arg(ssock)
+            .env("REMUS_LOG", "off")
+            .stdin(Stdio::from(stdin))
+            .stdout(Stdio::piped())
+            .spawn()?,
+    );
+    let mut banner = [0u8; BANNER_LEN];
+    tx.0.stdout
+        .as_mut()
+        .context("sender stdout")?
+        .read_exact(&mut banner)?;
+    Ok(tx)
+}
+
+/// Writes the stream into the sender's pipe as `pace` says; the checkpoints written.
+fn write_stream(w: &mut File, stream: &[u8], pace: Pace) -> Result<u64> {
+    match pace {
+        Pace::Flat(n) => {
+            w.write_all(stream)?;
+            Ok(n)
+        }
+        Pace::Acked(ends) => {
+            // Paced like `xl remus -i 5`: each ACK is back long before the next
+            // checkpoint. The status socket is not polled meanwhile (answering it costs
+            // the sender's thread time that would show up as latency).
+            let mut start = 0usize;
+            for &e in ends {
+                w.write_all(&stream[start..e as usize])?;
+                start = e as usize;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(ends.len() as u64)
+        }
+    }
 }
 
 /// The sender's status once checkpoint `n` is acknowledged, or once the ACKs have

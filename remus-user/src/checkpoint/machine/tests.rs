@@ -149,13 +149,8 @@ fn loss_fails_open_once_then_ignores_acks_and_ends_lost() {
     m.apply(Input::FailedOpen(r)).unwrap();
     assert_eq!(m.state().phase(), Phase::Unprotected);
     assert_eq!(m.apply(Input::Ack { checkpoint: 1 }).unwrap(), []);
-    m.apply(Input::StreamEnded {
-        checkpoints: 1,
-        finished: false,
-    })
-    .unwrap();
     assert_eq!(
-        m.state(),
+        end_stream_after_one(&mut m),
         &State::Ended(RunEnd::Lost {
             reason: why,
             checkpoint: 0
@@ -163,16 +158,21 @@ fn loss_fails_open_once_then_ignores_acks_and_ends_lost() {
     );
 }
 
-#[test]
-fn the_stream_ending_ends_the_run_and_nothing_follows() {
-    let (mut m, _) = run(checkpoint(1, 1, true));
+/// xl's stream ends (not finished) after checkpoint 1; the state it leaves.
+fn end_stream_after_one(m: &mut Machine) -> &State {
     m.apply(Input::StreamEnded {
         checkpoints: 1,
         finished: false,
     })
     .unwrap();
+    m.state()
+}
+
+#[test]
+fn the_stream_ending_ends_the_run_and_nothing_follows() {
+    let (mut m, _) = run(checkpoint(1, 1, true));
     assert_eq!(
-        m.state(),
+        end_stream_after_one(&mut m),
         &State::Ended(RunEnd::Closed {
             checkpoints: 1,
             finished: false

@@ -364,55 +364,80 @@ async fn replicate(mut live: Box<Live>, ctx: &Ctx<'_>) -> Phase {
 /// Waits for the next frame: stream bytes (decoded if compressed), `None` for a
 /// heartbeat, or how the session ends.
 async fn next_stream_bytes(live: &mut Live, ctx: &Ctx<'_>) -> Result<Option<Bytes>, Ending> {
+    let Some(r) = next_frame(live, ctx).await? else {
+        return Ok(None);
+    };
+    live.waiting_since = Instant::now();
+    match r {
+        Ok(Incoming::Data(d)) => Ok(Some(d)),
+        Ok(Incoming::PageData(e)) => match decode(&mut live.decoder, e).await {
+            Ok((e, d)) => {
+                let m = &ctx.shared.metrics;
+                m.page_data_wire_bytes_total.inc_by(e.len() as u64);
+                m.page_data_raw_bytes_total.inc_by(d.len() as u64);
+                Ok(Some(d.into()))
+            }
+            Err(e) => lost(
+                LossKind::Corrupt,
+                format!("undecodable page data from the primary: {e}"),
+            ),
+        },
+        Ok(Incoming::Message(m)) => on_message(live, m),
+        // A cut inside a frame is a broken connection too; a frame that does not open
+        // (forged, replayed, unsealed) is corrupt data like a bad CRC.
+        Err(
+            e @ (replication::WireError::Io(_)
+            | replication::WireError::Closed
+            | replication::WireError::Truncated { .. }),
+        ) => lost(LossKind::Connection, e.to_string()),
+        Err(e) => lost(LossKind::Corrupt, e.to_string()),
+    }
+}
+
+/// The session lost for `kind`, as `detail` says.
+fn lost<T>(kind: LossKind, detail: String) -> Result<T, Ending> {
+    Err(Ending::Lost(LossReason::new(kind, detail)))
+}
+
+/// The next frame as read, `None` when the heartbeat check found the silence still
+/// short, or how the session ends (silence, a lost writer, the receiver's end).
+async fn next_frame(
+    live: &mut Live,
+    ctx: &Ctx<'_>,
+) -> Result<Option<Result<Incoming, replication::WireError>>, Ending> {
     let hb = ctx.opts.heartbeat;
     let m = &ctx.shared.metrics;
-    let r = tokio::select! {
+    tokio::select! {
         // Frames first: a frame already received is never mistaken for silence,
         // however late this task gets to run.
         biased;
-        r = live.reader.next_frame() => r,
+        r = live.reader.next_frame() => Ok(Some(r)),
         _ = tokio::time::sleep(hb.silence_check(live.waiting_since)) => {
-            return match hb.judge_silence(live.waiting_since, m) {
-                Some(silent) => Err(Ending::Lost(LossReason::new(LossKind::Silence, format!(
+            match hb.judge_silence(live.waiting_since, m) {
+                Some(silent) => lost(LossKind::Silence, format!(
                     "the primary was silent for {} ms (heartbeat timeout {} ms)",
                     silent.as_millis(), hb.timeout.as_millis()
-                )))),
+                )),
                 None => Ok(None),
-            };
+            }
         }
-        r = live.lost.wait_for(Option::is_some) => return Err(Ending::Lost(loss_of(r))),
+        r = live.lost.wait_for(Option::is_some) => Err(Ending::Lost(loss_of(r))),
         // After a plain migration's END the receiver may finish before the CLOSE arrives.
-        st = live.child.wait(), if !live.cutter.finished() => return Err(match st {
+        st = live.child.wait(), if !live.cutter.finished() => Err(match st {
             Ok(st) => Ending::ReceiverEnded(st),
             Err(e) => Ending::Lost(LossReason::new(
                 LossKind::LocalFailure,
                 format!("waiting for the receiver: {e}"),
             )),
         }),
-    };
-    live.waiting_since = Instant::now();
-    let lost = |kind, detail: String| Err(Ending::Lost(LossReason::new(kind, detail)));
-    let r = match r {
-        Ok(Incoming::Data(d)) => return Ok(Some(d)),
-        Ok(Incoming::PageData(e)) => {
-            return match decode(&mut live.decoder, e).await {
-                Ok((e, d)) => {
-                    m.page_data_wire_bytes_total.inc_by(e.len() as u64);
-                    m.page_data_raw_bytes_total.inc_by(d.len() as u64);
-                    Ok(Some(d.into()))
-                }
-                Err(e) => lost(
-                    LossKind::Corrupt,
-                    format!("undecodable page data from the primary: {e}"),
-                ),
-            };
-        }
-        Ok(Incoming::Message(m)) => Ok(m),
-        Err(e) => Err(e),
-    };
-    match r {
-        Ok(Message::Heartbeat { .. }) => Ok(None),
-        Ok(Message::Merged { checkpoint }) => match live.cutter.merged(checkpoint) {
+    }
+}
+
+/// A control frame amid the stream: `None` to go on reading, or how the session ends.
+fn on_message(live: &mut Live, m: Message) -> Result<Option<Bytes>, Ending> {
+    match m {
+        Message::Heartbeat { .. } => Ok(None),
+        Message::Merged { checkpoint } => match live.cutter.merged(checkpoint) {
             Ok(()) => {
                 info!(
                     checkpoint,
@@ -422,26 +447,18 @@ async fn next_stream_bytes(live: &mut Live, ctx: &Ctx<'_>) -> Result<Option<Byte
             }
             Err(e) => lost(LossKind::Protocol, format!("protocol error: {e}")),
         },
-        Ok(Message::Close { finished, .. }) => Err(Ending::Closed { finished }),
-        Ok(Message::Discard) => Err(Ending::Discard),
-        Ok(Message::Abort { reason }) => {
+        Message::Close { finished, .. } => Err(Ending::Closed { finished }),
+        Message::Discard => Err(Ending::Discard),
+        Message::Abort { reason } => {
             lost(LossKind::Aborted, format!("the primary aborted: {reason}"))
         }
-        Ok(other) => lost(
+        other => lost(
             LossKind::Protocol,
             format!(
                 "protocol error: unexpected {:?} from the primary",
                 other.kind()
             ),
         ),
-        // A cut inside a frame is a broken connection too; a frame that does not open
-        // (forged, replayed, unsealed) is corrupt data like a bad CRC.
-        Err(
-            e @ (replication::WireError::Io(_)
-            | replication::WireError::Closed
-            | replication::WireError::Truncated { .. }),
-        ) => lost(LossKind::Connection, e.to_string()),
-        Err(e) => lost(LossKind::Corrupt, e.to_string()),
     }
 }
 
