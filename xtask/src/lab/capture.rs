@@ -2,9 +2,12 @@
 //!
 //! Owns: capturing stock `xl remus -s ''`'s stream teed to the share, cutting it after N
 //! complete checkpoints, and writing `remus-user/tests/fixtures/remus-pv-stream.bin.zst`
-//! with its README. Never touches: the lab's boot (vm.rs) or the scenarios; the product's
-//! code (it only writes the fixture file the product's tests read).
-use super::{build::tail_file, dom0, scenario::GUEST_MEM_MB, scenario::progress, vm};
+//! with its README. It runs on host A alone (xl sends the stream to itself: no second
+//! host is needed to capture one). Never touches: the lab's boot (vm.rs) or the scenarios;
+//! the product's code (it only writes the fixture file the product's tests read).
+use super::{
+    build::tail_file, dom0, scenario::GUEST_MEM_MB, scenario::progress, topology::Host, vm,
+};
 use anyhow::{Context, Result, bail};
 use std::{
     fs,
@@ -59,7 +62,7 @@ pub fn capture(checkpoints_wanted: u64) -> Result<PathBuf> {
         );
     }
     let cut = &bytes[..ends[want - 1]];
-    let cut_path = vm::share().join("run/stream-cut.bin");
+    let cut_path = vm::share(Host::A).join("run/stream-cut.bin");
     fs::write(&cut_path, cut)?;
     let dir = crate::util::root().join("remus-user/tests/fixtures");
     fs::create_dir_all(&dir)?;
@@ -93,12 +96,14 @@ pub fn capture(checkpoints_wanted: u64) -> Result<PathBuf> {
 /// Runs the capture in dom0 until `wanted` + 2 checkpoints started; returns the raw
 /// stream and a line naming the Xen and kernel versions.
 fn record(wanted: u64) -> Result<(Vec<u8>, String)> {
-    let lab = |what: &str, args: &str, secs: u64| dom0::lab(what, args, Duration::from_secs(secs));
+    let h = Host::A;
+    let lab =
+        |what: &str, args: &str, secs: u64| dom0::lab(h, what, args, Duration::from_secs(secs));
     lab("cleanup", "cleanup", 120)?;
     lab("guest up", &format!("guest-up {GUEST_MEM_MB}"), 300)?;
     lab("capture start", "remus-start capture", 60)?;
     let t = Instant::now();
-    let count = || progress::checkpoints(progress::Source::XlLog);
+    let count = || progress::checkpoints(progress::Source::XlLog, h);
     // One more than wanted: the first checkpoint is the initial copy; one more to be sure
     // the last wanted one is complete in the file.
     while count() < wanted + 2 {
@@ -106,16 +111,17 @@ fn record(wanted: u64) -> Result<(Vec<u8>, String)> {
             bail!(
                 "only {} checkpoints after 600 s:\n{}",
                 count(),
-                tail_file(&vm::share().join("run/sender.log"), 20)
+                tail_file(&vm::share(h).join("run/sender.log"), 20)
             );
         }
         std::thread::sleep(Duration::from_millis(200));
     }
     lab("stop sender", "stop-sender", 60)?;
     std::thread::sleep(Duration::from_secs(2));
-    let raw = vm::share().join("run/stream.bin");
+    let raw = vm::share(h).join("run/stream.bin");
     let bytes = fs::read(&raw).with_context(|| format!("reading {}", raw.display()))?;
     let info = dom0::exec_ok(
+        h,
         "versions",
         "echo \"Xen $(xl info | sed -n 's/^xen_version *: //p'), dom0 kernel $(uname -r)\"",
         Duration::from_secs(30),
