@@ -44,66 +44,78 @@ fn main() -> Result<(), String> {
             let n: u64 = cps.parse().map_err(|e| format!("CHECKPOINTS: {e}"))?;
             let records: Vec<&[u8]> = (2..=n).flat_map(|c| w.page_records_of(c)).collect();
             let m = compress::measure(&prime, &records, cache).map_err(|e| e.to_string())?;
-            println!(
-                "{}",
-                serde_json::json!({
-                    "records": m.records,
-                    "raw_bytes": m.raw_bytes,
-                    "encoded_bytes": m.encoded_bytes,
-                    "ratio": m.ratio(),
-                    "lz4_only_ratio": m.lz4_only_ratio(),
-                    "encode_mb_s": m.encode_mb_s(),
-                    "decode_mb_s": m.decode_mb_s(),
-                    "identical": m.identical,
-                })
-            );
+            println!("{}", measurement_json(&m));
         }
-        ["captured", zst, out, cache] => {
-            let file = std::fs::File::open(zst).map_err(|e| format!("{zst}: {e}"))?;
-            let mut d = ruzstd::decoding::StreamingDecoder::new(std::io::BufReader::new(file))
-                .map_err(|e| format!("{zst}: {e}"))?;
-            let mut bytes = Vec::new();
-            std::io::Read::read_to_end(&mut d, &mut bytes).map_err(|e| format!("{zst}: {e}"))?;
-            std::fs::write(out, &bytes).map_err(|e| format!("writing {out}: {e}"))?;
-            let mut events = Vec::new();
-            Parser::new().feed(&bytes, &mut events).map_err(|e| format!("{zst}: {e}"))?;
-            let (mut ends, mut pages) = (Vec::new(), Vec::<(u64, &[u8])>::new());
-            let mut cp = 1u64;
-            for e in &events {
-                match *e {
-                    Event::Record { layer: Layer::Libxc, rtype: libxc_type::PAGE_DATA, start, end, .. } => {
-                        pages.push((cp, &bytes[start as usize..end as usize]))
-                    }
-                    Event::CheckpointComplete { checkpoint, end } => {
-                        ends.push(end);
-                        cp = checkpoint + 1;
-                    }
-                    _ => {}
-                }
-            }
-            let cache: usize = cache.parse().map_err(|e| format!("CACHE: {e}"))?;
-            let prime: Vec<&[u8]> = pages.iter().filter(|(c, _)| *c == 1).map(|(_, r)| *r).collect();
-            let rest: Vec<&[u8]> = pages.iter().filter(|(c, _)| *c > 1).map(|(_, r)| *r).collect();
-            let m = compress::measure(&prime, &rest, cache).map_err(|e| e.to_string())?;
-            println!(
-                "{}",
-                serde_json::json!({
-                    "bytes": bytes.len(),
-                    "ends": ends,
-                    "compression": {
-                        "records": m.records,
-                        "raw_bytes": m.raw_bytes,
-                        "encoded_bytes": m.encoded_bytes,
-                        "ratio": m.ratio(),
-                        "lz4_only_ratio": m.lz4_only_ratio(),
-                        "encode_mb_s": m.encode_mb_s(),
-                        "decode_mb_s": m.decode_mb_s(),
-                        "identical": m.identical,
-                    },
-                })
-            );
-        }
+        ["captured", zst, out, cache] => captured(zst, out, cache)?,
         _ => return Err("usage: relay_bench stream OUT PAGES DIRTY CHECKPOINTS | compress PAGES DIRTY CHECKPOINTS CACHE | captured ZST OUT CACHE".into()),
     }
     Ok(())
+}
+
+/// A captured stream: written out raw to `out`, its checkpoint ends, and how its page
+/// data compresses (checkpoint 1 primes the caches, later ones are measured).
+fn captured(zst: &str, out: &str, cache: &str) -> Result<(), String> {
+    let file = std::fs::File::open(zst).map_err(|e| format!("{zst}: {e}"))?;
+    let mut d = ruzstd::decoding::StreamingDecoder::new(std::io::BufReader::new(file))
+        .map_err(|e| format!("{zst}: {e}"))?;
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut d, &mut bytes).map_err(|e| format!("{zst}: {e}"))?;
+    std::fs::write(out, &bytes).map_err(|e| format!("writing {out}: {e}"))?;
+    let mut events = Vec::new();
+    Parser::new()
+        .feed(&bytes, &mut events)
+        .map_err(|e| format!("{zst}: {e}"))?;
+    let (mut ends, mut pages) = (Vec::new(), Vec::<(u64, &[u8])>::new());
+    let mut cp = 1u64;
+    for e in &events {
+        match *e {
+            Event::Record {
+                layer: Layer::Libxc,
+                rtype: libxc_type::PAGE_DATA,
+                start,
+                end,
+                ..
+            } => pages.push((cp, &bytes[start as usize..end as usize])),
+            Event::CheckpointComplete { checkpoint, end } => {
+                ends.push(end);
+                cp = checkpoint + 1;
+            }
+            _ => {}
+        }
+    }
+    let cache: usize = cache.parse().map_err(|e| format!("CACHE: {e}"))?;
+    let prime: Vec<&[u8]> = pages
+        .iter()
+        .filter(|(c, _)| *c == 1)
+        .map(|(_, r)| *r)
+        .collect();
+    let rest: Vec<&[u8]> = pages
+        .iter()
+        .filter(|(c, _)| *c > 1)
+        .map(|(_, r)| *r)
+        .collect();
+    let m = compress::measure(&prime, &rest, cache).map_err(|e| e.to_string())?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "bytes": bytes.len(),
+            "ends": ends,
+            "compression": measurement_json(&m),
+        })
+    );
+    Ok(())
+}
+
+/// What `cargo xtask bench relay` reads of a compression measurement.
+fn measurement_json(m: &compress::Measurement) -> serde_json::Value {
+    serde_json::json!({
+        "records": m.records,
+        "raw_bytes": m.raw_bytes,
+        "encoded_bytes": m.encoded_bytes,
+        "ratio": m.ratio(),
+        "lz4_only_ratio": m.lz4_only_ratio(),
+        "encode_mb_s": m.encode_mb_s(),
+        "decode_mb_s": m.decode_mb_s(),
+        "identical": m.identical,
+    })
 }

@@ -57,8 +57,10 @@ const fn has_data(entry: u64) -> bool {
     !matches!(entry >> 60, 0xd..=0xf)
 }
 
-/// Compression of page data.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+/// Compression of page data. Also what the relays agree on in their handshake (the
+/// wire carries [`Codec::to_wire`]), and what `remus relay status` shows ("none", "lz4").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Codec {
     /// Records are sent as they are (no XOR, no compression, caches untouched).
     None,
@@ -68,28 +70,47 @@ pub enum Codec {
 }
 
 impl Codec {
-    fn to_u8(self) -> u8 {
+    /// The codec's byte in encoded records and in the relays' HELLO.
+    pub fn to_wire(self) -> u8 {
         match self {
             Codec::None => 0,
             Codec::Lz4 => 1,
         }
     }
-    fn from_u8(v: u8) -> Option<Self> {
+    /// The codec a byte names; `None` for a byte no codec has.
+    pub fn from_wire(v: u8) -> Option<Self> {
         match v {
             0 => Some(Codec::None),
             1 => Some(Codec::Lz4),
             _ => None,
         }
     }
+    pub fn name(self) -> &'static str {
+        match self {
+            Codec::None => "none",
+            Codec::Lz4 => "lz4",
+        }
+    }
 }
 
+impl std::fmt::Display for Codec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A codec name that is neither "none" nor "lz4".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown codec {0:?} (expected none or lz4)")]
+pub struct UnknownCodecName(pub String);
+
 impl std::str::FromStr for Codec {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownCodecName;
+    fn from_str(s: &str) -> Result<Self, UnknownCodecName> {
         match s {
             "none" => Ok(Codec::None),
             "lz4" => Ok(Codec::Lz4),
-            _ => Err(format!("unknown codec {s:?} (expected none or lz4)")),
+            _ => Err(UnknownCodecName(s.to_string())),
         }
     }
 }
@@ -112,6 +133,9 @@ pub enum CompressError {
     TooLarge(u32),
     #[error("payload length {header} in the header, but {actual} bytes follow it")]
     PayloadLength { header: u32, actual: usize },
+    #[error("lz4 payload decompresses to {got} bytes, not {expected}")]
+    DecompressedLength { expected: u32, got: usize },
+    /// `why` is lz4's own message (its error type can be neither cloned nor compared).
     #[error("lz4 payload does not decompress to {expected} bytes: {why}")]
     Decompress { expected: u32, why: String },
     #[error("inner length {inner} does not match the original length {original}")]
@@ -286,7 +310,7 @@ impl PageEncoder {
         let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
         out.extend_from_slice(&MAGIC);
         out.push(VERSION);
-        out.push(self.codec.to_u8());
+        out.push(self.codec.to_wire());
         out.extend_from_slice(&[flags, 0, 0, 0]);
         out.extend_from_slice(&(record.len() as u32).to_le_bytes());
         out.extend_from_slice(&(inner.len() as u32).to_le_bytes());
@@ -317,88 +341,37 @@ impl PageDecoder {
 
     /// Reconstructs the original record; on error the decoder is unchanged.
     pub fn decode(&mut self, encoded: &[u8]) -> Result<Vec<u8>, CompressError> {
-        if encoded.len() < HEADER_LEN {
-            return Err(CompressError::TooShort { len: encoded.len() });
-        }
-        let magic = [encoded[0], encoded[1]];
-        if magic != MAGIC {
-            return Err(CompressError::BadMagic(magic));
-        }
-        if encoded[2] != VERSION {
-            return Err(CompressError::UnsupportedVersion(encoded[2]));
-        }
-        let codec = Codec::from_u8(encoded[3]).ok_or(CompressError::UnknownCodec(encoded[3]))?;
-        let flags = encoded[4];
-        if flags & !(FLAG_XOR | FLAG_LZ4) != 0
-            || encoded[5..8] != [0, 0, 0]
-            || (codec == Codec::None && flags != 0)
-        {
-            return Err(CompressError::BadFlags(flags));
-        }
-        let orig_len = le32(encoded, 8);
-        let inner_len = le32(encoded, 12);
-        let payload_len = le32(encoded, 16);
-        let crc = le32(encoded, 20);
-        // XOR form: at most 8 bitmap bytes per page beyond the original.
-        let inner_max = orig_len as usize + orig_len as usize / 512 + 8;
-        if orig_len as usize > MAX_RECORD_LEN {
-            return Err(CompressError::TooLarge(orig_len));
-        }
-        if inner_len as usize > inner_max {
-            return Err(CompressError::TooLarge(inner_len));
-        }
+        let h = EncodedHeader::parse(encoded)?;
         let payload = &encoded[HEADER_LEN..];
-        if payload.len() != payload_len as usize {
-            return Err(CompressError::PayloadLength {
-                header: payload_len,
-                actual: payload.len(),
-            });
-        }
         let decompressed;
-        let inner: &[u8] = if flags & FLAG_LZ4 != 0 {
-            let mut out = vec![0u8; inner_len as usize];
-            match lz4_flex::block::decompress_into(payload, &mut out) {
-                Ok(n) if n == out.len() => {}
-                Ok(n) => {
-                    return Err(CompressError::Decompress {
-                        expected: inner_len,
-                        why: format!("got {n} bytes"),
-                    });
-                }
-                Err(e) => {
-                    return Err(CompressError::Decompress {
-                        expected: inner_len,
-                        why: e.to_string(),
-                    });
-                }
-            }
-            decompressed = out;
+        let inner: &[u8] = if h.flags & FLAG_LZ4 != 0 {
+            decompressed = h.decompress(payload)?;
             &decompressed
         } else {
-            if payload.len() != inner_len as usize {
+            if payload.len() != h.inner_len as usize {
                 return Err(CompressError::PayloadLength {
-                    header: inner_len,
+                    header: h.inner_len,
                     actual: payload.len(),
                 });
             }
             payload
         };
-        let (buf, pfns) = if flags & FLAG_XOR != 0 {
-            let (b, p) = self.unxor(inner, orig_len as usize)?;
+        let (buf, pfns) = if h.flags & FLAG_XOR != 0 {
+            let (b, p) = self.unxor(inner, h.orig_len as usize)?;
             (b, Some(p))
         } else {
-            if inner.len() != orig_len as usize {
+            if inner.len() != h.orig_len as usize {
                 return Err(CompressError::InnerLength {
-                    inner: inner_len,
-                    original: orig_len,
+                    inner: h.inner_len,
+                    original: h.orig_len,
                 });
             }
             (inner.to_vec(), None)
         };
         let actual = crc32fast::hash(&buf);
-        if actual != crc {
+        if actual != h.crc {
             return Err(CompressError::Checksum {
-                expected: crc,
+                expected: h.crc,
                 actual,
             });
         }
@@ -540,6 +513,78 @@ pub fn measure_primed(
     Ok(m)
 }
 
+/// The checked header of an encoded record.
+struct EncodedHeader {
+    flags: u8,
+    orig_len: u32,
+    inner_len: u32,
+    crc: u32,
+}
+
+impl EncodedHeader {
+    /// Checks magic, version, codec, flags and every length against the limits and the
+    /// bytes that follow, before anything is allocated.
+    fn parse(encoded: &[u8]) -> Result<EncodedHeader, CompressError> {
+        if encoded.len() < HEADER_LEN {
+            return Err(CompressError::TooShort { len: encoded.len() });
+        }
+        let magic = [encoded[0], encoded[1]];
+        if magic != MAGIC {
+            return Err(CompressError::BadMagic(magic));
+        }
+        if encoded[2] != VERSION {
+            return Err(CompressError::UnsupportedVersion(encoded[2]));
+        }
+        let codec = Codec::from_wire(encoded[3]).ok_or(CompressError::UnknownCodec(encoded[3]))?;
+        let flags = encoded[4];
+        if flags & !(FLAG_XOR | FLAG_LZ4) != 0
+            || encoded[5..8] != [0, 0, 0]
+            || (codec == Codec::None && flags != 0)
+        {
+            return Err(CompressError::BadFlags(flags));
+        }
+        let h = EncodedHeader {
+            flags,
+            orig_len: le32(encoded, 8),
+            inner_len: le32(encoded, 12),
+            crc: le32(encoded, 20),
+        };
+        let payload_len = le32(encoded, 16);
+        // XOR form: at most 8 bitmap bytes per page beyond the original.
+        let inner_max = h.orig_len as usize + h.orig_len as usize / 512 + 8;
+        if h.orig_len as usize > MAX_RECORD_LEN {
+            return Err(CompressError::TooLarge(h.orig_len));
+        }
+        if h.inner_len as usize > inner_max {
+            return Err(CompressError::TooLarge(h.inner_len));
+        }
+        let actual = encoded.len() - HEADER_LEN;
+        if actual != payload_len as usize {
+            return Err(CompressError::PayloadLength {
+                header: payload_len,
+                actual,
+            });
+        }
+        Ok(h)
+    }
+
+    /// The lz4 payload decompressed to exactly `inner_len` bytes.
+    fn decompress(&self, payload: &[u8]) -> Result<Vec<u8>, CompressError> {
+        let mut out = vec![0u8; self.inner_len as usize];
+        match lz4_flex::block::decompress_into(payload, &mut out) {
+            Ok(n) if n == out.len() => Ok(out),
+            Ok(n) => Err(CompressError::DecompressedLength {
+                expected: self.inner_len,
+                got: n,
+            }),
+            Err(e) => Err(CompressError::Decompress {
+                expected: self.inner_len,
+                why: e.to_string(),
+            }),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -563,7 +608,11 @@ mod tests {
 
     #[test]
     fn round_trip_is_byte_identical_for_both_codecs_and_guest_kinds() {
-        for w in [stream(), writer::write(&WriterConfig::hvm(3))] {
+        for w in [
+            stream(),
+            writer::write(&WriterConfig::hvm(3)),
+            writer::write(&WriterConfig::pvh(3)),
+        ] {
             for codec in [Codec::Lz4, Codec::None] {
                 let mut enc = PageEncoder::new(codec, 1 << 20);
                 let mut dec = PageDecoder::new(1 << 20);

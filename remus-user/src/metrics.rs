@@ -1,44 +1,31 @@
-//! The relay's counters and their Prometheus text exposition (format 0.0.4), served on an
-//! opt-in loopback address.
+//! The relay's metrics: values in a `prometheus-client` registry, exposed in the
+//! OpenMetrics text format on an opt-in loopback address.
 //!
-//! Owns: the metric values, their names and base units, a minimal HTTP responder.
+//! Owns: the metric values, their names (`remus_relay_*`, base units, `_total` on
+//! counters), the ACK-latency histogram and its recent window, a minimal HTTP responder.
 //! Never touches: anything it measures (callers update the values).
-use std::fmt::Write as _;
+//!
+//! The registry and the text encoding are the official crate's. The ACK-latency histogram
+//! keeps its own atomic buckets (encoded through the crate's `EncodeMetric`), because the
+//! crate's histogram does not let `remus relay status` read its buckets back. The HTTP
+//! responder is a few lines on tokio: one loopback route, no need for a server crate.
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::Counter as PromCounter;
+use prometheus_client::metrics::gauge::Gauge as PromGauge;
+use prometheus_client::registry::{Registry, Unit};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// A monotonically increasing count.
-#[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
-
-impl Counter {
-    pub fn inc(&self) {
-        self.add(1);
-    }
-    pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
-    }
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// A value that goes up and down.
-#[derive(Debug, Default)]
-pub struct Gauge(AtomicU64);
-
-impl Gauge {
-    pub fn set(&self, v: u64) {
-        self.0.store(v, Ordering::Relaxed);
-    }
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
+/// A monotonically increasing count (`inc`, `inc_by`, `get`).
+pub type Counter = PromCounter<u64, AtomicU64>;
+/// A value that goes up and down (`set`, `get`).
+pub type Gauge = PromGauge<u64, AtomicU64>;
 
 /// Upper bounds (seconds) of the latency histogram buckets.
 pub const LATENCY_BUCKETS: [f64; 14] = [
@@ -46,33 +33,43 @@ pub const LATENCY_BUCKETS: [f64; 14] = [
     1.0,
 ];
 
-/// A latency histogram with fixed buckets (cumulative on output, as Prometheus wants).
+/// The exposition's content type (OpenMetrics text, what `prometheus-client` encodes).
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 #[derive(Debug, Default)]
-pub struct Histogram {
-    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+struct HistogramCells {
+    /// Per bucket (not cumulative); the last cell is the +Inf overflow.
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
     count: AtomicU64,
     sum_ns: AtomicU64,
 }
 
+/// A latency histogram with fixed buckets that can be read back (for the status socket).
+#[derive(Clone, Debug, Default)]
+pub struct Histogram(Arc<HistogramCells>);
+
 impl Histogram {
     pub fn observe(&self, d: Duration) {
         let s = d.as_secs_f64();
-        if let Some(i) = LATENCY_BUCKETS.iter().position(|&b| s <= b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_ns
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|&b| s <= b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.0.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.0.count.fetch_add(1, Ordering::Relaxed);
+        self.0
+            .sum_ns
             .fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
     }
     pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
+        self.0.count.load(Ordering::Relaxed)
     }
     /// (upper bound in seconds, cumulative count) per bucket, +Inf excluded.
     pub fn cumulative(&self) -> Vec<(f64, u64)> {
         let mut cum = 0;
         LATENCY_BUCKETS
             .iter()
-            .zip(&self.buckets)
+            .zip(&self.0.buckets)
             .map(|(&b, c)| {
                 cum += c.load(Ordering::Relaxed);
                 (b, cum)
@@ -80,7 +77,28 @@ impl Histogram {
             .collect()
     }
     pub fn sum(&self) -> Duration {
-        Duration::from_nanos(self.sum_ns.load(Ordering::Relaxed))
+        Duration::from_nanos(self.0.sum_ns.load(Ordering::Relaxed))
+    }
+}
+
+impl EncodeMetric for Histogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let buckets: Vec<(f64, u64)> = LATENCY_BUCKETS
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::INFINITY))
+            .zip(&self.0.buckets)
+            .map(|(b, c)| (b, c.load(Ordering::Relaxed)))
+            .collect();
+        encoder.encode_histogram::<NoLabelSet>(
+            self.sum().as_secs_f64(),
+            self.count(),
+            &buckets,
+            None,
+        )
+    }
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
     }
 }
 
@@ -97,7 +115,9 @@ pub struct Quantiles {
     pub max: u32,
 }
 
-/// Every metric of one relay end. `role` is "send" or "receive" (a label on each line).
+/// Every metric of one relay end. `role` ("send" or "receive") labels each series. A
+/// field's name is its exposed name without the `remus_relay_` prefix (and is the JSON key
+/// of `remus relay status`), so each metric has one name.
 #[derive(Debug)]
 pub struct Metrics {
     pub role: &'static str,
@@ -110,10 +130,10 @@ pub struct Metrics {
     /// Bytes on the wire, frame headers included.
     pub wire_bytes_total: Counter,
     /// PAGE_DATA record bytes before and after compression.
-    pub page_bytes_raw_total: Counter,
-    pub page_bytes_wire_total: Counter,
+    pub page_data_raw_bytes_total: Counter,
+    pub page_data_wire_bytes_total: Counter,
     /// From the last byte of a checkpoint sent to its ACK.
-    pub ack_latency: Histogram,
+    pub ack_latency_seconds: Histogram,
     /// The last RECENT_ACKS ACK latencies in microseconds, for exact quantiles.
     recent_acks: std::sync::Mutex<std::collections::VecDeque<u32>>,
     pub epoch_merges_total: Counter,
@@ -125,21 +145,25 @@ pub struct Metrics {
     pub auth_failures_total: Counter,
     pub connected: Gauge,
     pub last_checkpoint: Gauge,
-    pub last_acked: Gauge,
+    pub last_acked_checkpoint: Gauge,
     pub committed_epoch: Gauge,
+    /// Send with `--domain`: from libxl's suspend request to the domain suspended, as
+    /// xenstore shows it (xenstore control path only).
+    pub suspend_seconds: Histogram,
+    registry: Registry,
 }
 
 impl Metrics {
     pub fn new(role: &'static str) -> Metrics {
-        Metrics {
+        let mut m = Metrics {
             role,
             checkpoints_total: Counter::default(),
             acks_total: Counter::default(),
             stream_bytes_total: Counter::default(),
             wire_bytes_total: Counter::default(),
-            page_bytes_raw_total: Counter::default(),
-            page_bytes_wire_total: Counter::default(),
-            ack_latency: Histogram::default(),
+            page_data_raw_bytes_total: Counter::default(),
+            page_data_wire_bytes_total: Counter::default(),
+            ack_latency_seconds: Histogram::default(),
             recent_acks: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(
                 RECENT_ACKS,
             )),
@@ -151,14 +175,136 @@ impl Metrics {
             auth_failures_total: Counter::default(),
             connected: Gauge::default(),
             last_checkpoint: Gauge::default(),
-            last_acked: Gauge::default(),
+            last_acked_checkpoint: Gauge::default(),
             committed_epoch: Gauge::default(),
+            suspend_seconds: Histogram::default(),
+            registry: Registry::with_prefix_and_labels(
+                "remus_relay",
+                [(Cow::Borrowed("role"), Cow::Borrowed(role))].into_iter(),
+            ),
+        };
+        m.register();
+        m
+    }
+
+    /// Puts every value in the registry under its one name.
+    fn register(&mut self) {
+        self.register_counters();
+        self.register_gauges();
+        let r = &mut self.registry;
+        r.register_with_unit(
+            "ack_latency",
+            "From the last byte of a checkpoint sent to its ACK",
+            Unit::Seconds,
+            self.ack_latency_seconds.clone(),
+        );
+        r.register_with_unit(
+            "suspend",
+            "From libxl's suspend request to the domain suspended (xenstore control path)",
+            Unit::Seconds,
+            self.suspend_seconds.clone(),
+        );
+    }
+
+    fn register_counters(&mut self) {
+        let r = &mut self.registry;
+        for (name, help, c) in [
+            (
+                "checkpoints",
+                "Checkpoints seen complete in the stream",
+                &self.checkpoints_total,
+            ),
+            (
+                "acks",
+                "Checkpoints acknowledged by the backup",
+                &self.acks_total,
+            ),
+            (
+                "epoch_merges",
+                "Epochs merged into the next because the cut could not be proven in time",
+                &self.epoch_merges_total,
+            ),
+            (
+                "heartbeats_sent",
+                "Heartbeats sent",
+                &self.heartbeats_sent_total,
+            ),
+            (
+                "heartbeats_missed",
+                "Heartbeat intervals that passed without hearing from the peer",
+                &self.heartbeats_missed_total,
+            ),
+            (
+                "failovers",
+                "Peers lost (backup: receiver's stream closed for failover; primary: backup lost, buffer opened)",
+                &self.failovers_total,
+            ),
+            ("sessions", "Authenticated sessions", &self.sessions_total),
+            (
+                "auth_failures",
+                "Connections refused at the handshake",
+                &self.auth_failures_total,
+            ),
+        ] {
+            r.register(name, help, c.clone());
+        }
+        for (name, help, c) in [
+            (
+                "stream",
+                "Migration stream bytes relayed, as xl wrote them",
+                &self.stream_bytes_total,
+            ),
+            (
+                "wire",
+                "Bytes on the replication connection, framing included",
+                &self.wire_bytes_total,
+            ),
+            (
+                "page_data_raw",
+                "PAGE_DATA record bytes before compression",
+                &self.page_data_raw_bytes_total,
+            ),
+            (
+                "page_data_wire",
+                "PAGE_DATA record bytes after compression",
+                &self.page_data_wire_bytes_total,
+            ),
+        ] {
+            r.register_with_unit(name, help, Unit::Bytes, c.clone());
+        }
+    }
+
+    fn register_gauges(&mut self) {
+        let r = &mut self.registry;
+        for (name, help, g) in [
+            (
+                "connected",
+                "1 while a peer is connected and authenticated",
+                &self.connected,
+            ),
+            (
+                "last_checkpoint",
+                "Number of the last complete checkpoint",
+                &self.last_checkpoint,
+            ),
+            (
+                "last_acked_checkpoint",
+                "Number of the last acknowledged checkpoint",
+                &self.last_acked_checkpoint,
+            ),
+            (
+                "committed_epoch",
+                "Highest epoch released by the output buffer",
+                &self.committed_epoch,
+            ),
+        ] {
+            r.register(name, help, g.clone());
         }
     }
 
     /// Records one ACK latency (histogram and the recent window).
     pub fn observe_ack(&self, d: Duration) {
-        self.ack_latency.observe(d);
+        self.ack_latency_seconds.observe(d);
         if let Ok(mut r) = self.recent_acks.lock() {
             if r.len() == RECENT_ACKS {
                 r.pop_front();
@@ -184,130 +330,11 @@ impl Metrics {
         })
     }
 
-    /// The Prometheus text exposition of every metric.
+    /// The OpenMetrics text exposition of every metric.
     pub fn render(&self) -> String {
         let mut o = String::new();
-        let role = self.role;
-        let mut one = |name: &str, kind: &str, help: &str, v: u64| {
-            let _ = writeln!(
-                o,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{role=\"{role}\"}} {v}"
-            );
-        };
-        one(
-            "remus_relay_checkpoints_total",
-            "counter",
-            "Checkpoints seen complete in the stream.",
-            self.checkpoints_total.get(),
-        );
-        one(
-            "remus_relay_acks_total",
-            "counter",
-            "Checkpoints acknowledged by the backup.",
-            self.acks_total.get(),
-        );
-        one(
-            "remus_relay_stream_bytes_total",
-            "counter",
-            "Migration stream bytes relayed, as xl wrote them.",
-            self.stream_bytes_total.get(),
-        );
-        one(
-            "remus_relay_wire_bytes_total",
-            "counter",
-            "Bytes on the replication connection, framing included.",
-            self.wire_bytes_total.get(),
-        );
-        one(
-            "remus_relay_page_data_raw_bytes_total",
-            "counter",
-            "PAGE_DATA record bytes before compression.",
-            self.page_bytes_raw_total.get(),
-        );
-        one(
-            "remus_relay_page_data_wire_bytes_total",
-            "counter",
-            "PAGE_DATA record bytes after compression.",
-            self.page_bytes_wire_total.get(),
-        );
-        one(
-            "remus_relay_epoch_merges_total",
-            "counter",
-            "Epochs merged into the next because the switch could not be proven in time.",
-            self.epoch_merges_total.get(),
-        );
-        one(
-            "remus_relay_heartbeats_sent_total",
-            "counter",
-            "Heartbeats sent.",
-            self.heartbeats_sent_total.get(),
-        );
-        one(
-            "remus_relay_heartbeats_missed_total",
-            "counter",
-            "Heartbeat intervals that passed without hearing from the peer.",
-            self.heartbeats_missed_total.get(),
-        );
-        one(
-            "remus_relay_failovers_total",
-            "counter",
-            "Peers lost (backup: receiver's stream closed for failover; primary: backup lost, buffer opened).",
-            self.failovers_total.get(),
-        );
-        one(
-            "remus_relay_sessions_total",
-            "counter",
-            "Authenticated sessions.",
-            self.sessions_total.get(),
-        );
-        one(
-            "remus_relay_auth_failures_total",
-            "counter",
-            "Connections refused at the handshake.",
-            self.auth_failures_total.get(),
-        );
-        one(
-            "remus_relay_connected",
-            "gauge",
-            "1 while a peer is connected and authenticated.",
-            self.connected.get(),
-        );
-        one(
-            "remus_relay_last_checkpoint",
-            "gauge",
-            "Number of the last complete checkpoint.",
-            self.last_checkpoint.get(),
-        );
-        one(
-            "remus_relay_last_acked_checkpoint",
-            "gauge",
-            "Number of the last acknowledged checkpoint.",
-            self.last_acked.get(),
-        );
-        one(
-            "remus_relay_committed_epoch",
-            "gauge",
-            "Highest epoch released by the output buffer.",
-            self.committed_epoch.get(),
-        );
-        let name = "remus_relay_ack_latency_seconds";
-        let _ = writeln!(
-            o,
-            "# HELP {name} From the last byte of a checkpoint sent to its ACK.\n# TYPE {name} histogram"
-        );
-        let mut cum = 0;
-        for (i, b) in LATENCY_BUCKETS.iter().enumerate() {
-            cum += self.ack_latency.buckets[i].load(Ordering::Relaxed);
-            let _ = writeln!(o, "{name}_bucket{{role=\"{role}\",le=\"{b}\"}} {cum}");
-        }
-        let count = self.ack_latency.count();
-        let _ = writeln!(o, "{name}_bucket{{role=\"{role}\",le=\"+Inf\"}} {count}");
-        let _ = writeln!(
-            o,
-            "{name}_sum{{role=\"{role}\"}} {}",
-            self.ack_latency.sum().as_secs_f64()
-        );
-        let _ = writeln!(o, "{name}_count{{role=\"{role}\"}} {count}");
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut o, &self.registry);
         o
     }
 }
@@ -336,25 +363,26 @@ pub async fn serve(
         .map_err(|source| MetricsError::Bind { addr, source })?;
     Ok(tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = l.accept().await else {
+            let Ok((s, _)) = l.accept().await else {
                 continue;
             };
-            let m = m.clone();
-            tokio::spawn(async move {
-                // Read the request head (bounded); its content does not matter.
-                let mut req = [0u8; 2048];
-                let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut req)).await;
-                let body = m.render();
-                let head = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    body.len()
-                );
-                let _ = s.write_all(head.as_bytes()).await;
-                let _ = s.write_all(body.as_bytes()).await;
-                let _ = s.shutdown().await;
-            });
+            tokio::spawn(answer(s, m.clone()));
         }
     }))
+}
+
+/// One scrape: read the request head (bounded; its content does not matter), answer.
+async fn answer(mut s: tokio::net::TcpStream, m: Arc<Metrics>) {
+    let mut req = [0u8; 2048];
+    let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut req)).await;
+    let body = m.render();
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: {CONTENT_TYPE}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = s.write_all(head.as_bytes()).await;
+    let _ = s.write_all(body.as_bytes()).await;
+    let _ = s.shutdown().await;
 }
 
 #[cfg(test)]
@@ -364,31 +392,43 @@ mod tests {
     #[test]
     fn exposition_is_well_formed() {
         let m = Metrics::new("send");
-        m.checkpoints_total.add(3);
-        m.ack_latency.observe(Duration::from_micros(150));
-        m.ack_latency.observe(Duration::from_secs(3));
+        m.checkpoints_total.inc_by(3);
+        m.page_data_raw_bytes_total.inc_by(4096);
+        m.committed_epoch.set(7);
+        m.ack_latency_seconds.observe(Duration::from_micros(150));
+        m.ack_latency_seconds.observe(Duration::from_secs(3));
         let t = m.render();
-        assert!(
-            t.contains("remus_relay_checkpoints_total{role=\"send\"} 3\n"),
-            "{t}"
-        );
-        assert!(
-            t.contains("remus_relay_ack_latency_seconds_bucket{role=\"send\",le=\"0.0002\"} 1\n"),
-            "{t}"
-        );
-        assert!(
-            t.contains("remus_relay_ack_latency_seconds_bucket{role=\"send\",le=\"+Inf\"} 2\n"),
-            "{t}"
-        );
-        assert!(
-            t.contains("remus_relay_ack_latency_seconds_count{role=\"send\"} 2\n"),
-            "{t}"
-        );
-        // Every sample line is `name{labels} value`.
-        for line in t.lines().filter(|l| !l.starts_with('#')) {
+        for line in [
+            "remus_relay_checkpoints_total{role=\"send\"} 3\n",
+            "remus_relay_page_data_raw_bytes_total{role=\"send\"} 4096\n",
+            "remus_relay_committed_epoch{role=\"send\"} 7\n",
+            "remus_relay_ack_latency_seconds_bucket{role=\"send\",le=\"0.0002\"} 1\n",
+            "remus_relay_ack_latency_seconds_bucket{role=\"send\",le=\"+Inf\"} 2\n",
+            "remus_relay_ack_latency_seconds_count{role=\"send\"} 2\n",
+            "# TYPE remus_relay_ack_latency_seconds histogram\n",
+            "# TYPE remus_relay_suspend_seconds histogram\n",
+        ] {
+            assert!(t.contains(line), "missing {line:?} in\n{t}");
+        }
+        assert!(t.ends_with("# EOF\n"), "{t}");
+        // Every sample line is `name{labels} value`, every name has the one prefix, and
+        // each metric is described once.
+        let mut described = std::collections::HashSet::new();
+        for line in t.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let name = rest.split(' ').next().unwrap();
+                assert!(described.insert(name.to_string()), "{name} twice");
+                continue;
+            }
+            if line.starts_with('#') {
+                continue;
+            }
+            assert!(line.starts_with("remus_relay_"), "{line}");
             let (_, v) = line.rsplit_once(' ').expect("value");
             assert!(v.parse::<f64>().is_ok(), "{line}");
         }
+        // 16 series plus the two histograms (ACK latency, suspend time).
+        assert_eq!(described.len(), 18, "{t}");
     }
 
     #[test]
@@ -400,7 +440,7 @@ mod tests {
         }
         let q = m.ack_quantiles().unwrap();
         assert_eq!((q.n, q.p50, q.p99, q.max), (100, 51, 99, 100));
-        assert_eq!(m.ack_latency.count(), 100);
+        assert_eq!(m.ack_latency_seconds.count(), 100);
     }
 
     #[tokio::test]
@@ -427,6 +467,7 @@ mod tests {
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+        assert!(out.contains(CONTENT_TYPE), "{out}");
         assert!(
             out.contains("remus_relay_failovers_total{role=\"receive\"} 1"),
             "{out}"

@@ -54,6 +54,20 @@ fn is_enodev(e: &rtnetlink::Error) -> bool {
         if m.code.map(|c| -c.get()) == Some(libc::ENODEV))
 }
 
+/// A link lookup's answer: ENODEV (no such link) is `None`, not an error.
+fn gone_is_none(
+    r: Result<Option<LinkMessage>, rtnetlink::Error>,
+) -> Result<Option<LinkMessage>, NetlinkError> {
+    match r {
+        Ok(m) => Ok(m),
+        Err(e) if is_enodev(&e) => Ok(None),
+        Err(source) => Err(NetlinkError::Request {
+            op: "get link",
+            source,
+        }),
+    }
+}
+
 impl Netlink {
     pub fn connect() -> Result<Netlink, NetlinkError> {
         let (conn, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Socket)?;
@@ -69,14 +83,7 @@ impl Netlink {
             .get()
             .match_name(name.to_string())
             .execute();
-        match req.try_next().await {
-            Ok(m) => Ok(m),
-            Err(e) if is_enodev(&e) => Ok(None),
-            Err(source) => Err(NetlinkError::Request {
-                op: "get link",
-                source,
-            }),
-        }
+        gone_is_none(req.try_next().await)
     }
 
     /// ifindex of `name`, or `NoSuchInterface`.
@@ -87,38 +94,30 @@ impl Netlink {
             .ok_or_else(|| NetlinkError::NoSuchInterface(name.to_string()))
     }
 
+    /// The link with `index`, or None if it is gone.
+    async fn link_by_index(&self, index: u32) -> Result<Option<LinkMessage>, NetlinkError> {
+        let mut req = self.handle.link().get().match_index(index).execute();
+        gone_is_none(req.try_next().await)
+    }
+
     /// Name of the interface with `index`, or None if it is gone.
     pub async fn name_of(&self, index: u32) -> Result<Option<String>, NetlinkError> {
-        let mut req = self.handle.link().get().match_index(index).execute();
-        match req.try_next().await {
-            Ok(Some(m)) => Ok(m.attributes.iter().find_map(|a| match a {
+        Ok(self.link_by_index(index).await?.and_then(|m| {
+            m.attributes.iter().find_map(|a| match a {
                 LinkAttribute::IfName(n) => Some(n.clone()),
                 _ => None,
-            })),
-            Ok(None) => Ok(None),
-            Err(e) if is_enodev(&e) => Ok(None),
-            Err(source) => Err(NetlinkError::Request {
-                op: "get link",
-                source,
-            }),
-        }
+            })
+        }))
     }
 
     /// MTU of `index`.
     pub async fn mtu(&self, index: u32) -> Result<Option<u32>, NetlinkError> {
-        let mut req = self.handle.link().get().match_index(index).execute();
-        match req.try_next().await {
-            Ok(Some(m)) => Ok(m.attributes.iter().find_map(|a| match a {
+        Ok(self.link_by_index(index).await?.and_then(|m| {
+            m.attributes.iter().find_map(|a| match a {
                 LinkAttribute::Mtu(n) => Some(*n),
                 _ => None,
-            })),
-            Ok(None) => Ok(None),
-            Err(e) if is_enodev(&e) => Ok(None),
-            Err(source) => Err(NetlinkError::Request {
-                op: "get link",
-                source,
-            }),
-        }
+            })
+        }))
     }
 
     pub async fn set_up(&self, index: u32) -> Result<(), NetlinkError> {

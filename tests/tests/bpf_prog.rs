@@ -31,6 +31,7 @@ fn load(name: &str, ring_bytes: u32) -> (Loaded, PinDir) {
     ));
     let _ = std::fs::remove_dir_all(&dir);
     let guard = PinDir(dir.clone());
+    remus_user::datapath::ensure_bpffs().expect("bpffs at /sys/fs/bpf");
     let loaded = Loaded::load(&dir, "test", ring_bytes).expect("loading the real eBPF object");
     (loaded, guard)
 }
@@ -65,12 +66,11 @@ fn frame(len: usize, seed: u8) -> Vec<u8> {
     f
 }
 
-/// Runs the capture program once; returns (verdict, mark after the run).
-fn run_vif(l: &mut Loaded, data: &[u8], ctx: &Ctx) -> (u32, u32) {
+/// Runs `prog` once on `data`; returns (verdict, mark after the run).
+fn run_prog(prog: &mut aya::programs::SchedClassifier, data: &[u8], ctx: &Ctx) -> (u32, u32) {
     let ctx_in = ctx.bytes();
     let mut ctx_out = [0u8; SKB_CTX_LEN];
     let mut data_out = vec![0u8; data.len() + 256];
-    let prog = l.vif_program().expect("program");
     let r = prog
         .test_run(TestRunOptions {
             data_in: Some(data),
@@ -83,6 +83,11 @@ fn run_vif(l: &mut Loaded, data: &[u8], ctx: &Ctx) -> (u32, u32) {
         .expect("BPF_PROG_TEST_RUN");
     let mark = u32::from_ne_bytes([ctx_out[8], ctx_out[9], ctx_out[10], ctx_out[11]]);
     (r.return_value, mark)
+}
+
+/// Runs the capture program once; returns (verdict, mark after the run).
+fn run_vif(l: &mut Loaded, data: &[u8], ctx: &Ctx) -> (u32, u32) {
+    run_prog(l.vif_program().expect("program"), data, ctx)
 }
 
 fn records(l: &mut Loaded) -> Vec<(FrameHdr, Vec<u8>)> {
@@ -240,24 +245,8 @@ fn root_bpf_a_full_ring_drops_and_counts_never_passes() {
 fn root_bpf_release_program_marks_and_redirects_to_the_vif() {
     let (mut l, _g) = load("release", 1 << 20);
     let run = |l: &mut Loaded| {
-        let f = frame(64, 1);
-        let ctx_in = Ctx::default().bytes();
-        let mut ctx_out = [0u8; SKB_CTX_LEN];
-        let mut out = vec![0u8; 512];
-        let r = l
-            .release_program()
-            .unwrap()
-            .test_run(TestRunOptions {
-                data_in: Some(&f),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx_in),
-                ctx_out: Some(&mut ctx_out),
-                repeat: 1,
-                ..Default::default()
-            })
-            .expect("test run");
-        let mark = u32::from_ne_bytes([ctx_out[8], ctx_out[9], ctx_out[10], ctx_out[11]]);
-        (r.return_value, mark)
+        let prog = l.release_program().expect("release program");
+        run_prog(prog, &frame(64, 1), &Ctx::default())
     };
     // No vif configured: fail closed.
     assert_eq!(run(&mut l).0, TC_ACT_SHOT);

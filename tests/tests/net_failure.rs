@@ -3,7 +3,7 @@
 //! while attached, and every kind of bad input with its exit code.
 use std::{net::SocketAddr, time::Duration};
 
-use remus_tests::netns::{Captured, Topo, run_in, send_udp, wait_until};
+use remus_tests::netns::{Captured, Topo, pid_alive, run_in, send_udp, wait_until};
 
 fn addr(s: &str) -> SocketAddr {
     s.parse().expect("socket address literal")
@@ -21,17 +21,6 @@ fn datagrams(n: usize) -> Vec<Vec<u8>> {
     (0..n).map(|i| format!("dgram {i}").into_bytes()).collect()
 }
 
-fn pid_alive(pid: u32) -> bool {
-    // A zombie counts as dead: it holds nothing any more.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s
-            .rsplit(')')
-            .next()
-            .is_some_and(|r| r.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
-}
-
 /// SIGKILL of the holder: the vif stays blocked (frames captured after the kill do not
 /// reach the peer), `status` reports the dead holder, and `detach` from a fresh process
 /// removes pins, state files, the tap and any clsact, and reports the lost frames.
@@ -43,27 +32,11 @@ fn sigkill_fails_closed(tag: &str, how: &str) {
     let sn = t.sniff_peer();
     send_udp(&t.guest, addr("10.77.0.2:7800"), datagrams(5));
     t.wait_held(5);
-    let pid = t.holder_pid().expect("holder pid in the state file");
-    // SAFETY: kill of the holder this test started.
-    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
-    wait_until("the holder to die", Duration::from_secs(10), || {
-        !pid_alive(pid)
-    });
+    t.kill_holder();
 
     // Fail closed: the program is still there and drops what the guest sends.
     send_udp(&t.guest, addr("10.77.0.2:7800"), datagrams(5));
-    wait_until(
-        "the dead holder's program to capture 10 frames",
-        Duration::from_secs(10),
-        || {
-            let o = t.remus(&["status", &t.vif, "-j"]);
-            o.code == 0
-                && o.json()["pinned"]["stats"]["captured_frames"]
-                    .as_u64()
-                    .unwrap_or(0)
-                    >= 10
-        },
-    );
+    t.wait_captured_by_dead_holder(10);
     let st = t
         .remus(&["status", &t.vif, "-j"])
         .ok("status of a dead holder")
@@ -93,11 +66,7 @@ fn sigkill_fails_closed(tag: &str, how: &str) {
         || !t.host_links().contains(&tap),
     );
 
-    let d = t
-        .remus(&["detach", &t.vif, "-j"])
-        .ok("detach from a fresh process")
-        .json();
-    assert_eq!(d["holder_was_alive"], false, "{d}");
+    let d = t.detach_dead_holder("detach from a fresh process");
     assert!(
         d["lost_frames"].as_u64().unwrap_or(0) >= 10,
         "lost frames reported: {d}"
@@ -308,26 +277,10 @@ fn root_attach_after_sigkill_takes_over_and_never_releases_the_dead_holders_fram
     send_udp(&t.guest, addr("10.77.0.2:7950"), datagrams(3));
     t.wait_held(3);
     assert_eq!(t.checkpoint(), 1);
-    let pid = t.holder_pid().expect("holder pid");
-    // SAFETY: kill of the holder this test started.
-    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
-    wait_until("the holder to die", Duration::from_secs(10), || {
-        !pid_alive(pid)
-    });
+    t.kill_holder();
     // Captured while nobody holds: lost, never released.
     send_udp(&t.guest, addr("10.77.0.2:7950"), datagrams(2));
-    wait_until(
-        "the orphaned program to capture 5 frames",
-        Duration::from_secs(10),
-        || {
-            let o = t.remus(&["status", &t.vif, "-j"]);
-            o.code == 0
-                && o.json()["pinned"]["stats"]["captured_frames"]
-                    .as_u64()
-                    .unwrap_or(0)
-                    >= 5
-        },
-    );
+    t.wait_captured_by_dead_holder(5);
 
     t.attach(&[]);
     let st = t.status();

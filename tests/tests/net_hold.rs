@@ -7,8 +7,8 @@ use std::{
 };
 
 use remus_tests::netns::{
-    Captured, PEER_IP, PEER_MAC, Topo, arp_request, eth_frame, in_netns, ipv4_udp, run, run_in,
-    send_raw, send_udp, vlan_frame,
+    Captured, PEER_IP, PEER_MAC, Sniffer, Topo, arp_request, eth_frame, in_netns, ipv4_udp, run,
+    run_in, send_raw, send_udp, send_udp_gso, vlan_frame,
 };
 
 type FramePredicate = fn(&Captured) -> bool;
@@ -37,6 +37,21 @@ fn seqs(frames: &[Captured], port: u16) -> Vec<u32> {
                 .ok()
         })
         .collect()
+}
+
+/// Commits `epoch` (100 datagrams to port 7100) and checks the peer then has the first
+/// `total` datagrams, each once, in capture order.
+fn commit_and_see_in_order(t: &Topo, sn: &Sniffer, epoch: u64, total: usize) {
+    let r = t.commit(epoch);
+    assert_eq!(r["frames"], 100, "commit {epoch} released {r}");
+    let f = sn.wait_for(&format!("epoch {epoch} at the peer"), |fs| {
+        count_port(fs, 7100) >= total
+    });
+    assert_eq!(
+        seqs(&f, 7100),
+        (0..total as u32).collect::<Vec<_>>(),
+        "epochs 1..={epoch} in capture order, once"
+    );
 }
 
 fn count_port(frames: &[Captured], port: u16) -> usize {
@@ -188,14 +203,7 @@ fn root_commit_releases_exactly_closed_epochs_in_capture_order() {
     );
     assert_eq!(t.held_frames(), 300);
 
-    let r1 = t.commit(1);
-    assert_eq!(r1["frames"], 100, "commit 1 released {r1}");
-    let f = sn.wait_for("epoch 1 at the peer", |fs| count_port(fs, 7100) >= 100);
-    assert_eq!(
-        seqs(&f, 7100),
-        (0..100).collect::<Vec<_>>(),
-        "epoch 1 in capture order"
-    );
+    commit_and_see_in_order(&t, &sn, 1, 100);
     assert_eq!(t.held_frames(), 200);
     // Nothing of epochs 2 and 3 follows on its own.
     std::thread::sleep(Duration::from_millis(300));
@@ -205,14 +213,7 @@ fn root_commit_releases_exactly_closed_epochs_in_capture_order() {
         "frames of later epochs escaped with commit 1"
     );
 
-    let r2 = t.commit(2);
-    assert_eq!(r2["frames"], 100, "commit 2 released {r2}");
-    let f = sn.wait_for("epoch 2 at the peer", |fs| count_port(fs, 7100) >= 200);
-    assert_eq!(
-        seqs(&f, 7100),
-        (0..200).collect::<Vec<_>>(),
-        "epochs 1 then 2, in order"
-    );
+    commit_and_see_in_order(&t, &sn, 2, 200);
 
     let o = t.remus(&["commit", &t.vif, "3"]);
     assert_eq!(o.code, 2, "epoch 3 is still open: {o:?}");
@@ -224,14 +225,7 @@ fn root_commit_releases_exactly_closed_epochs_in_capture_order() {
     );
 
     assert_eq!(t.checkpoint(), 3);
-    let r3 = t.commit(3);
-    assert_eq!(r3["frames"], 100, "commit 3 released {r3}");
-    let f = sn.wait_for("epoch 3 at the peer", |fs| count_port(fs, 7100) >= 300);
-    assert_eq!(
-        seqs(&f, 7100),
-        (0..300).collect::<Vec<_>>(),
-        "all epochs, in order, once"
-    );
+    commit_and_see_in_order(&t, &sn, 3, 300);
     let st = t.status();
     assert_eq!(st["held_frames"], 0);
     assert_eq!(st["release_errors"], 0);
@@ -431,22 +425,7 @@ fn root_gso_frames_up_to_64k_are_held_and_released() {
     let sn = t.sniff_peer();
     let payload: Vec<u8> = (0..65_000u32).map(|i| (i % 251) as u8).collect();
     let p2 = payload.clone();
-    in_netns(&t.guest, move || {
-        let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("udp bind");
-        let seg: libc::c_int = 1400;
-        // SAFETY: setsockopt(SOL_UDP, UDP_SEGMENT) with an int that outlives the call.
-        let r = unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&s),
-                libc::SOL_UDP,
-                libc::UDP_SEGMENT,
-                &seg as *const libc::c_int as *const libc::c_void,
-                4,
-            )
-        };
-        assert_eq!(r, 0, "UDP_SEGMENT: {}", std::io::Error::last_os_error());
-        s.send_to(&p2, "10.77.0.2:7300").expect("gso send");
-    });
+    send_udp_gso(&t.guest, "10.77.0.2:7300".parse().expect("addr"), p2, 1400);
     t.wait_held(1);
     let st = t.status();
     let e = &st["epochs"][0];
@@ -841,23 +820,12 @@ fn root_ring_overflow_drops_and_counts_and_releases_nothing() {
     let t = Topo::new("rf");
     t.attach(&["--ring-bytes", "4096"]);
     let sn = t.sniff_peer();
-    in_netns(&t.guest, || {
-        let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("udp bind");
-        let seg: libc::c_int = 1400;
-        // SAFETY: setsockopt(SOL_UDP, UDP_SEGMENT) with an int that outlives the call.
-        let r = unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&s),
-                libc::SOL_UDP,
-                libc::UDP_SEGMENT,
-                &seg as *const libc::c_int as *const libc::c_void,
-                4,
-            )
-        };
-        assert_eq!(r, 0, "UDP_SEGMENT: {}", std::io::Error::last_os_error());
-        s.send_to(&vec![7u8; 65_000], "10.77.0.2:7310")
-            .expect("gso send");
-    });
+    send_udp_gso(
+        &t.guest,
+        "10.77.0.2:7310".parse().expect("addr"),
+        vec![7u8; 65_000],
+        1400,
+    );
     remus_tests::netns::wait_until(
         "the ring overflow to be counted",
         Duration::from_secs(20),
@@ -884,4 +852,46 @@ fn root_ring_overflow_drops_and_counts_and_releases_nothing() {
             .all(|f| f.udp().is_none_or(|(p, _)| p != 7310)),
         "the dropped frame reached the peer"
     );
+}
+
+/// A commit of an epoch that is not closed yet, sent by the controller's `RemoteBuffer`
+/// through the holder's real control socket, comes back as the port's typed
+/// `EpochNotClosed` (rebuilt from the answer's error kind, not its text) and releases
+/// nothing.
+#[test]
+fn root_remote_commit_of_an_open_epoch_is_epoch_not_closed_and_releases_nothing() {
+    use remus_user::netbuf::{NetBuffer, NetBufferError};
+    let t = Topo::new("ec");
+    t.attach(&[]);
+    let sn = t.sniff_peer();
+    send_udp(
+        &t.guest,
+        "10.77.0.2:7410".parse().expect("addr"),
+        vec![b"held".to_vec(); 3],
+    );
+    t.wait_held(3);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (closed, r) = rt.block_on(async {
+        let mut rb = remus_user::netbuf::connect(&t.vif).await.expect("connect");
+        let closed = rb.close_epoch().await.expect("checkpoint");
+        (closed, rb.commit(closed + 1).await)
+    });
+    assert_eq!(closed, 1);
+    match r {
+        Err(NetBufferError::EpochNotClosed { epoch, current }) => {
+            assert_eq!((epoch, current), (2, 2))
+        }
+        other => panic!("expected EpochNotClosed, got {other:?}"),
+    }
+    assert_eq!(t.held_frames(), 3);
+    std::thread::sleep(Duration::from_millis(200));
+    let escaped = sn
+        .frames()
+        .iter()
+        .filter(|f| f.udp().is_some_and(|(p, _)| p == 7410))
+        .count();
+    assert_eq!(escaped, 0, "a refused commit released frames");
 }

@@ -5,61 +5,13 @@
 mod relay_common;
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use relay_common::*;
 use remus_tests::netns::{Captured, Topo, in_netns, send_udp};
-use remus_user::replication::{self, FrameReader, Key, Message, ServerConfig};
 use remus_user::stream::writer::WriterConfig;
-use tokio::sync::mpsc;
 
 const KEY: &str = "netns-relay-key-0123456789";
 const PORT: u16 = 7300;
-
-enum Cmd {
-    Ack(u64),
-    Drop,
-}
-
-/// A backup that authenticates, sends the banner, swallows the stream, heartbeats, and
-/// sends ACK(N) only on command. Runs on its own thread; `listener` is bound in the
-/// sender's namespace.
-fn fake_backup(
-    listener: std::net::TcpListener,
-    mut cmds: mpsc::UnboundedReceiver<Cmd>,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            listener.set_nonblocking(true).unwrap();
-            let l = tokio::net::TcpListener::from_std(listener).unwrap();
-            let (mut s, _) = l.accept().await.unwrap();
-            let cfg = ServerConfig { key: Key::from_bytes(KEY.as_bytes()).unwrap(), timeout: Duration::from_secs(30) };
-            replication::server_handshake(&mut s, &cfg).await.expect("the sender authenticates");
-            replication::send(&mut s, &Message::Welcome).await.unwrap();
-            replication::send(&mut s, &Message::Banner(BANNER.to_vec())).await.unwrap();
-            let (r, mut w) = s.into_split();
-            let mut r = FrameReader::new(r);
-            let mut tick = tokio::time::interval(Duration::from_millis(100));
-            loop {
-                tokio::select! {
-                    m = r.next() => if m.is_err() { return },
-                    _ = tick.tick() => {
-                        if replication::send(&mut w, &Message::Heartbeat { seq: 0 }).await.is_err() { return }
-                    }
-                    c = cmds.recv() => match c {
-                        Some(Cmd::Ack(n)) => replication::send(&mut w, &Message::Ack { checkpoint: n }).await.unwrap(),
-                        // Dropping both halves resets the connection: the backup is gone.
-                        Some(Cmd::Drop) | None => return,
-                    },
-                }
-            }
-        });
-    })
-}
 
 /// Payloads "eN:i" to PORT seen at the peer, in arrival order.
 fn seen(frames: &[Captured]) -> Vec<String> {
@@ -105,24 +57,8 @@ fn ordering(tag: &str, attached: bool) {
         ["--vif", t.vif.as_str()]
     };
     let sn = t.sniff_peer();
-    let dir = Scratch::new(&format!("netns-{tag}"));
-    let key = dir.key("key", KEY);
-    let listener = in_netns(&t.host, || {
-        std::net::TcpListener::bind("127.0.0.1:0").unwrap()
-    });
-    let addr = listener.local_addr().unwrap().to_string();
-    let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
-    let backup = fake_backup(listener, cmd_rx);
-
-    // Long heartbeat timeout: the ACKs are withheld on purpose, the heartbeats are not.
-    let hb = [
-        "--heartbeat-interval",
-        "100ms",
-        "--heartbeat-timeout",
-        "30s",
-    ];
-    let mut tx = Sender::start_in(Some(&t.host), &dir, "a", &buffer, &addr, &key, &hb);
-    assert_eq!(tx.read_banner(), BANNER, "sender log:\n{}", tx.log());
+    let run = relay_against_fake_backup(&t.host, &format!("netns-{tag}"), &buffer, KEY);
+    let (mut tx, cmd_tx, backup) = (run.tx, run.cmds, run.backup);
     let st = Stream::new(&WriterConfig::pv(3));
     let peer: SocketAddr = format!("10.77.0.2:{PORT}").parse().unwrap();
 

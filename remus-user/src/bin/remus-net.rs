@@ -2,7 +2,8 @@
 //!
 //! Owns: the command line (ip/bpftool-shaped `remus-net VERB IFACE …`), the daemon
 //! start-up handshake, human and JSON output, exit codes. Never touches: BPF, netlink or
-//! frames directly: everything goes through `remus_user::netbuf`.
+//! frames directly: everything goes through `remus_user::netbuf` (`AttachMode` is only the
+//! option's type).
 use std::{
     io::{BufRead, BufReader, Write},
     os::unix::process::CommandExt,
@@ -12,11 +13,11 @@ use std::{
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use remus_user::{
-    datapath::{self, AttachMode},
+    datapath::AttachMode,
     exit::{ExitCode, HasExitCode},
     netbuf::{
-        self, AttachOptions, DetachPolicy, DetachReport, Ended, Mode, NetError, RemoteBuffer,
-        Request, Response, Status,
+        self, AttachOptions, DetachPolicy, DetachReport, HolderEnd, Mode, NetError, RemoteBuffer,
+        Request, Response, Status, control,
     },
 };
 
@@ -238,52 +239,10 @@ async fn run(cli: Cli) -> Result<ExitCode, NetError> {
                 spawn_daemon(&opts, j.json)
             }
         }
-        Cmd::Checkpoint { iface, j } => {
-            match ask(&iface, Request::Checkpoint).await? {
-                Response::Epoch { epoch } => {
-                    if j.json {
-                        println!(
-                            "{}",
-                            serde_json::json!({"iface": iface, "closed_epoch": epoch})
-                        );
-                    } else {
-                        println!("{epoch}");
-                    }
-                }
-                other => unexpected(&iface, other)?,
-            }
-            Ok(ExitCode::Ok)
-        }
-        Cmd::Commit { iface, epoch, j } => {
-            match ask(&iface, Request::Commit { epoch }).await? {
-                Response::Released(r) => {
-                    if j.json {
-                        println!("{}", serde_json::json!({"iface": iface, "released": r}));
-                    } else {
-                        println!(
-                            "released epochs <= {}: {} frames, {} bytes",
-                            epoch, r.frames, r.bytes
-                        );
-                    }
-                }
-                other => unexpected(&iface, other)?,
-            }
-            Ok(ExitCode::Ok)
-        }
+        Cmd::Checkpoint { iface, j } => checkpoint(&iface, j.json).await,
+        Cmd::Commit { iface, epoch, j } => commit(&iface, epoch, j.json).await,
         Cmd::Status { iface, j } => status(iface, j.json).await,
-        Cmd::Mode { iface, mode, j } => {
-            let mode = match mode {
-                ModeArg::Hold => Mode::Hold,
-                ModeArg::Passthrough => Mode::Passthrough,
-            };
-            ask(&iface, Request::SetMode { mode }).await?;
-            if j.json {
-                println!("{}", serde_json::json!({"iface": iface, "mode": mode}));
-            } else {
-                println!("{iface}: mode {}", mode_name(mode));
-            }
-            Ok(ExitCode::Ok)
-        }
+        Cmd::Mode { iface, mode, j } => set_mode(&iface, mode, j.json).await,
         Cmd::Detach {
             iface,
             release,
@@ -309,22 +268,58 @@ async fn run(cli: Cli) -> Result<ExitCode, NetError> {
     }
 }
 
+async fn checkpoint(iface: &str, json: bool) -> Result<ExitCode, NetError> {
+    match ask(iface, Request::Checkpoint).await? {
+        Response::Epoch { epoch } if json => println!(
+            "{}",
+            serde_json::json!({"iface": iface, "closed_epoch": epoch})
+        ),
+        Response::Epoch { epoch } => println!("{epoch}"),
+        other => unexpected(iface, other)?,
+    }
+    Ok(ExitCode::Ok)
+}
+
+async fn commit(iface: &str, epoch: u64, json: bool) -> Result<ExitCode, NetError> {
+    match ask(iface, Request::Commit { epoch }).await? {
+        Response::Released(r) if json => {
+            println!("{}", serde_json::json!({"iface": iface, "released": r}))
+        }
+        Response::Released(r) => println!(
+            "released epochs <= {}: {} frames, {} bytes",
+            epoch, r.frames, r.bytes
+        ),
+        other => unexpected(iface, other)?,
+    }
+    Ok(ExitCode::Ok)
+}
+
+async fn set_mode(iface: &str, mode: ModeArg, json: bool) -> Result<ExitCode, NetError> {
+    let mode = match mode {
+        ModeArg::Hold => Mode::Hold,
+        ModeArg::Passthrough => Mode::Passthrough,
+    };
+    ask(iface, Request::SetMode { mode }).await?;
+    if json {
+        println!("{}", serde_json::json!({"iface": iface, "mode": mode}));
+    } else {
+        println!("{iface}: mode {}", mode.name());
+    }
+    Ok(ExitCode::Ok)
+}
+
 fn unexpected(iface: &str, r: Response) -> Result<(), NetError> {
-    Err(NetError::Remote {
-        iface: iface.to_string(),
-        message: format!("unexpected answer {r:?}"),
-        code: ExitCode::Failure,
-    })
+    Err(control::unexpected(iface, &r))
 }
 
 /// Sends one request to the holder of `iface`, turning error answers into errors.
 async fn ask(iface: &str, req: Request) -> Result<Response, NetError> {
-    remus_user::netlink::validate_name(iface)?;
+    netbuf::validate_name(iface)?;
     if !netbuf::is_root() {
         return Err(NetError::NotRoot);
     }
     if let Some(st) = netbuf::read_state(iface)
-        && !netbuf::pid_alive(st.pid)
+        && !st.holder_alive()
     {
         return Err(NetError::HolderDead {
             iface: iface.to_string(),
@@ -336,12 +331,12 @@ async fn ask(iface: &str, req: Request) -> Result<Response, NetError> {
 }
 
 async fn detach(iface: &str, policy: DetachPolicy) -> Result<DetachReport, NetError> {
-    remus_user::netlink::validate_name(iface)?;
+    netbuf::validate_name(iface)?;
     if !netbuf::is_root() {
         return Err(NetError::NotRoot);
     }
     let state = netbuf::read_state(iface);
-    let alive = state.as_ref().is_some_and(|s| netbuf::pid_alive(s.pid));
+    let alive = state.as_ref().is_some_and(|s| s.holder_alive());
     if alive && let Ok(mut rb) = RemoteBuffer::connect(iface).await {
         match rb.request(Request::Detach { policy }).await {
             Ok(resp) => match netbuf::check(iface, resp)? {
@@ -353,7 +348,7 @@ async fn detach(iface: &str, policy: DetachPolicy) -> Result<DetachReport, NetEr
                 // for another reason). Wait for it to be gone, then clean up from here.
                 let pid = state.as_ref().map_or(0, |s| s.pid);
                 for _ in 0..50 {
-                    if !netbuf::pid_alive(pid) {
+                    if !state.as_ref().is_some_and(|s| s.holder_alive()) {
                         break;
                     }
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -363,7 +358,7 @@ async fn detach(iface: &str, policy: DetachPolicy) -> Result<DetachReport, NetEr
                      see {} (cleaning up from this process)",
                     netbuf::log_path(iface).display()
                 );
-                if netbuf::read_state(iface).is_none() && !datapath::pin_dir(iface).exists() {
+                if netbuf::read_state(iface).is_none() && !netbuf::pins_left(iface) {
                     return Ok(DetachReport {
                         iface: iface.to_string(),
                         notes: vec!["the holder had already removed its program and pins".into()],
@@ -401,11 +396,31 @@ fn print_detach(r: &DetachReport) {
     }
 }
 
-fn mode_name(m: Mode) -> &'static str {
-    match m {
-        Mode::Hold => "hold",
-        Mode::Passthrough => "passthrough",
+/// What `status` knows of one interface: the live holder's answer, or for a dead holder
+/// its state file and what its pins (where this process can see them) say.
+async fn status_of(i: &str) -> Result<serde_json::Value, NetError> {
+    let st = netbuf::read_state(i);
+    if st.as_ref().is_some_and(|s| s.holder_alive()) {
+        return match ask(i, Request::Status).await? {
+            Response::Status(s) => Ok(serde_json::json!({"holder": "alive", "status": s})),
+            other => unexpected(i, other).map(|()| serde_json::Value::Null),
+        };
     }
+    let (pinned, looked_in) = netbuf::pinned_state(i)?;
+    if st.is_none() && pinned.is_none() {
+        return Err(NetError::NotAttached {
+            iface: i.to_string(),
+            path: netbuf::state_path(i).display().to_string(),
+        });
+    }
+    Ok(serde_json::json!({
+        "holder": "dead",
+        "iface": i,
+        "state": st,
+        "pinned": pinned,
+        "pins_looked_up_in": looked_in,
+        "hint": format!("fail closed: the vif is blocked; run `remus-net detach {i}`"),
+    }))
 }
 
 async fn status(iface: Option<String>, json: bool) -> Result<ExitCode, NetError> {
@@ -414,39 +429,14 @@ async fn status(iface: Option<String>, json: bool) -> Result<ExitCode, NetError>
     }
     let ifaces = match iface {
         Some(i) => {
-            remus_user::netlink::validate_name(&i)?;
+            netbuf::validate_name(&i)?;
             vec![i]
         }
         None => netbuf::attached_ifaces(),
     };
     let mut out = Vec::new();
     for i in &ifaces {
-        let st = netbuf::read_state(i);
-        let alive = st.as_ref().is_some_and(|s| netbuf::pid_alive(s.pid));
-        if alive {
-            match ask(i, Request::Status).await? {
-                Response::Status(s) => {
-                    out.push(serde_json::json!({"holder": "alive", "status": s}))
-                }
-                other => unexpected(i, other)?,
-            }
-        } else {
-            datapath::ensure_bpffs()?;
-            let pinned = datapath::read_pinned(&datapath::pin_dir(i))?;
-            if st.is_none() && pinned.is_none() {
-                return Err(NetError::NotAttached {
-                    iface: i.clone(),
-                    path: netbuf::state_path(i).display().to_string(),
-                });
-            }
-            out.push(serde_json::json!({
-                "holder": "dead",
-                "iface": i,
-                "state": st,
-                "pinned": pinned,
-                "hint": format!("fail closed: the vif is blocked; run `remus-net detach {i}`"),
-            }));
-        }
+        out.push(status_of(i).await?);
     }
     if json {
         let v = if out.len() == 1 {
@@ -455,33 +445,58 @@ async fn status(iface: Option<String>, json: bool) -> Result<ExitCode, NetError>
             serde_json::Value::Array(out)
         };
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-    } else if out.is_empty() {
+        return Ok(ExitCode::Ok);
+    }
+    if out.is_empty() {
         println!("no interface is attached");
-    } else {
-        for v in &out {
-            if let Some(s) = v
-                .get("status")
-                .and_then(|s| serde_json::from_value::<Status>(s.clone()).ok())
-            {
-                print_status(&s);
-            } else {
-                println!(
-                    "{}: HOLDER DEAD, vif blocked (fail closed); run `remus-net detach {}`",
-                    v["iface"].as_str().unwrap_or("?"),
-                    v["iface"].as_str().unwrap_or("?")
-                );
-            }
+    }
+    for v in &out {
+        if let Some(s) = v
+            .get("status")
+            .and_then(|s| serde_json::from_value::<Status>(s.clone()).ok())
+        {
+            print_status(&s);
+            continue;
+        }
+        let i = v["iface"].as_str().unwrap_or("?");
+        println!("{i}: HOLDER DEAD, vif blocked (fail closed); run `remus-net detach {i}`");
+        if let Some(dir) = v["state"]["pins"].as_str() {
+            let place = v["state"]["pin_place"].as_str().unwrap_or("unknown");
+            println!("  pins: {dir} ({})", place_words(place));
         }
     }
     Ok(ExitCode::Ok)
 }
 
+fn place_words(place: &str) -> &'static str {
+    match place {
+        "host" => "the host's bpffs: they outlive the holder",
+        "private" => {
+            "private to the holder's mount namespace: the capture program is a netlink \
+             filter that needs none"
+        }
+        _ => "written by an older remus-net",
+    }
+}
+
 fn print_status(s: &Status) {
+    print_status_head(s);
+    if let Some(p) = &s.pins {
+        let place = serde_json::to_value(p.place).unwrap_or_default();
+        println!(
+            "  pins: {} ({})",
+            p.dir(&s.iface).display(),
+            place_words(place.as_str().unwrap_or(""))
+        );
+    }
+}
+
+fn print_status_head(s: &Status) {
     println!(
         "{} (ifindex {}): {}, epoch {} (committed {}), attach {}, holder pid {}, tap {}",
         s.iface,
         s.ifindex,
-        mode_name(s.mode),
+        s.mode.name(),
         s.current_epoch,
         s.committed_epoch,
         s.attach_kind.name(),
@@ -528,7 +543,7 @@ fn print_attached(s: &Status, json: bool) {
         println!(
             "{}: holding ({}), epoch {}, attach {}, holder pid {}",
             s.iface,
-            mode_name(s.mode),
+            s.mode.name(),
             s.current_epoch,
             s.attach_kind.name(),
             s.pid
@@ -536,16 +551,19 @@ fn print_attached(s: &Status, json: bool) {
     }
 }
 
-fn ended_code(iface: &str, e: Result<Result<Ended, NetError>, tokio::task::JoinError>) -> ExitCode {
+fn ended_code(
+    iface: &str,
+    e: Result<Result<HolderEnd, NetError>, tokio::task::JoinError>,
+) -> ExitCode {
     match e {
-        Ok(Ok(Ended::Detached(_))) => ExitCode::Ok,
-        Ok(Ok(Ended::StoppedHolding)) => {
+        Ok(Ok(HolderEnd::Detached(_))) => ExitCode::Ok,
+        Ok(Ok(HolderEnd::StoppedHolding)) => {
             eprintln!(
                 "remus-net: stopped; {iface} stays blocked (fail closed) until `remus-net detach {iface}`"
             );
             ExitCode::Ok
         }
-        Ok(Ok(Ended::VifGone { frames, bytes })) => {
+        Ok(Ok(HolderEnd::VifGone { frames, bytes })) => {
             let e = NetError::VifGone {
                 iface: iface.to_string(),
                 frames,
@@ -619,32 +637,8 @@ async fn daemon_main(opts: AttachOptions) -> Result<ExitCode, NetError> {
     }
 }
 
-/// `attach` without --foreground: start the daemon and wait for its READY line.
-fn spawn_daemon(opts: &AttachOptions, json: bool) -> Result<ExitCode, NetError> {
-    if !netbuf::is_root() {
-        return Err(NetError::NotRoot);
-    }
-    remus_user::netlink::validate_name(&opts.iface)?;
-    let exe = std::env::current_exe().map_err(|e| NetError::Io {
-        what: "finding my own executable".into(),
-        source: e,
-    })?;
-    std::fs::create_dir_all(netbuf::RUN_DIR).map_err(|e| NetError::Io {
-        what: format!("creating {}", netbuf::RUN_DIR),
-        source: e,
-    })?;
-    let log_path = netbuf::log_path(&opts.iface);
-    // A refused attach (unknown interface, bad input) must not leave a log behind; an
-    // existing log may belong to a live holder of the same interface: keep that one.
-    let log_existed = log_path.exists();
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .map_err(|e| NetError::Io {
-            what: format!("opening {}", log_path.display()),
-            source: e,
-        })?;
+/// The command line of the daemon child for `opts`, its stderr going to `log`.
+fn daemon_command(exe: &std::path::Path, opts: &AttachOptions, log: std::fs::File) -> Command {
     let mut cmd = Command::new(exe);
     cmd.arg("attach")
         .arg(&opts.iface)
@@ -676,10 +670,31 @@ fn spawn_daemon(opts: &AttachOptions, json: bool) -> Result<ExitCode, NetError> 
             Ok(())
         });
     }
-    let mut child = cmd.spawn().map_err(|e| NetError::Io {
-        what: "starting the remus-net daemon".into(),
-        source: e,
-    })?;
+    cmd
+}
+
+/// `attach` without --foreground: start the daemon and wait for its READY line.
+fn spawn_daemon(opts: &AttachOptions, json: bool) -> Result<ExitCode, NetError> {
+    if !netbuf::is_root() {
+        return Err(NetError::NotRoot);
+    }
+    netbuf::validate_name(&opts.iface)?;
+    let io = |what: String| move |source| NetError::Io { what, source };
+    let exe = std::env::current_exe().map_err(io("finding my own executable".into()))?;
+    std::fs::create_dir_all(netbuf::RUN_DIR)
+        .map_err(io(format!("creating {}", netbuf::RUN_DIR)))?;
+    let log_path = netbuf::log_path(&opts.iface);
+    // A refused attach (unknown interface, bad input) must not leave a log behind; an
+    // existing log may belong to a live holder of the same interface: keep that one.
+    let log_existed = log_path.exists();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(io(format!("opening {}", log_path.display())))?;
+    let mut child = daemon_command(&exe, opts, log)
+        .spawn()
+        .map_err(io("starting the remus-net daemon".into()))?;
     let Some(stdout) = child.stdout.take() else {
         return Err(NetError::Stopped(opts.iface.clone()));
     };
@@ -700,15 +715,7 @@ fn spawn_daemon(opts: &AttachOptions, json: bool) -> Result<ExitCode, NetError> 
         if !log_existed {
             let _ = std::fs::remove_file(&log_path);
         }
-        let (code, msg) = rest.trim().split_once(' ').unwrap_or(("1", rest.trim()));
-        let code = match code {
-            "2" => ExitCode::Usage,
-            "3" => ExitCode::Unsupported,
-            "4" => ExitCode::PeerLost,
-            _ => ExitCode::Failure,
-        };
-        eprintln!("remus-net: {msg}");
-        return Ok(code);
+        return Ok(refused(rest));
     }
     let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
     let tail: Vec<&str> = tail.lines().rev().take(10).collect();
@@ -720,6 +727,19 @@ fn spawn_daemon(opts: &AttachOptions, json: bool) -> Result<ExitCode, NetError> 
         eprintln!("  {l}");
     }
     Ok(ExitCode::Failure)
+}
+
+/// The daemon's `ERROR <code> <message>` line: prints the message, returns the code.
+fn refused(rest: &str) -> ExitCode {
+    let (code, msg) = rest.trim().split_once(' ').unwrap_or(("1", rest.trim()));
+    let code = match code {
+        "2" => ExitCode::Usage,
+        "3" => ExitCode::Unsupported,
+        "4" => ExitCode::PeerLost,
+        _ => ExitCode::Failure,
+    };
+    eprintln!("remus-net: {msg}");
+    code
 }
 
 #[cfg(test)]

@@ -1,4 +1,6 @@
 //! `remus`: the checkpoint controller. Today: relay mode (`remus relay send|receive|status`).
+//! Durations on the command line take humantime syntax ("200ms", "1.5s"); a bare number
+//! is milliseconds, as `xl remus -i 200`.
 //!
 //! Owns: the command line, logging set-up, choosing the output buffer, exit codes.
 //! Never touches: the wire, the stream, the kernel directly: everything goes through
@@ -13,14 +15,17 @@ use std::time::Duration;
 use clap::{ArgGroup, Args, Parser, Subcommand};
 use remus_user::compress::Codec;
 use remus_user::exit::{ExitCode, HasExitCode};
-use remus_user::netbuf::{self, AttachOptions, RemoteBuffer};
+use remus_user::netbuf::{
+    self, AttachOptions, DetachPolicy, LocalBuffer, RemoteBuffer, Request, VifGroup,
+};
 use remus_user::relay::{
     self, DEFAULT_CACHE_PAGES, Heartbeat, RUN_DIR, Shared, parse_duration,
     receive::{self, DEFAULT_RECEIVER_CMD, ReceiveOptions},
     send::{self, SendOptions, Unbuffered},
-    status,
+    status::{self, Role},
 };
 use remus_user::replication::{Key, MIN_VERSION, VERSION};
+use remus_user::xen::XenDomain;
 
 const ABOUT: &str =
     "Remus-style high availability for Xen guests: checkpoint transport and output commit.";
@@ -32,16 +37,16 @@ Relay mode makes stock `xl remus` safe: `remus relay send` is the transport comm
 runs on the primary, `remus relay receive` its twin on the backup. Together they add what
 stock Remus lacks: the backup acknowledges each checkpoint, the guest's network output is
 held until then (eBPF buffer on the vif), heartbeats detect a dead or silent primary in
-about a second, the link is authenticated with a pre-shared key, and page data is
-compressed.
+about a second, page data is compressed, and the link is authenticated with a
+pre-shared key and encrypted (AES-256-GCM, every frame after the handshake).
 
   backup#  remus relay receive --listen 0.0.0.0:7788 --key-file /etc/remus/key
   primary# xl remus -F -n -s '' mydomain \\
              'remus relay send --backup backup:7788 --key-file /etc/remus/key --vif vif5.0'
   either#  remus relay status -j
 
-Exit codes: 0 ok; 1 operational failure; 2 usage (bad arguments, key file, stdin not a
-pipe); 3 environment unsupported (not root, no BPF); 4 peer lost (the backup, for
+Exit codes: 0 ok; 1 operational failure; 2 usage (bad arguments, key file, the two key
+files differ, stdin not a pipe); 3 environment unsupported (not root, no BPF); 4 peer lost (the backup, for
 `relay send`: the guest now runs unprotected).";
 
 #[derive(Parser)]
@@ -88,7 +93,11 @@ If the backup is lost (connection error, or silent for --heartbeat-timeout), eve
 held is released, the buffer passes traffic from then on, and it exits with code 4, so
 xl prints \"Backup failed? resuming domain at primary\": the guest runs UNPROTECTED.
 
-Exactly one of --vif, --attached, --no-buffer chooses the output buffer.";
+Exactly one of --vif, --attached, --no-buffer chooses the output buffer. --vif and
+--attached may be repeated, one per vif of the guest: every vif's epoch is closed at the
+same instant (while the guest is suspended) and ACK(N) releases epoch by epoch across
+the vifs, so no frame of a newer epoch leaves on one vif before an older epoch's frames
+on another. If any vif's buffer fails, none releases anything more (fail closed).";
 
 #[derive(Args)]
 #[command(long_about = SEND_LONG, group(ArgGroup::new("buffer").required(true).args(["vif", "attached", "no_buffer"])))]
@@ -100,12 +109,22 @@ struct SendArgs {
     /// Pre-shared key file, identical on both hosts, mode 0600 (`openssl rand -hex 32 > FILE`).
     #[arg(long, value_name = "FILE")]
     key_file: PathBuf,
-    /// The guest's vif on this dom0 (e.g. vif5.0): attach the output buffer to it in-process.
+    /// A vif of the guest on this dom0 (e.g. vif5.0): attach the output buffer to it
+    /// in-process. Repeat it for every vif of the guest (an HVM guest's emulated NIC
+    /// `vif5.0-emu` too): all share one epoch sequence and are released together.
     #[arg(long, value_name = "IFACE")]
-    vif: Option<String>,
-    /// Drive a buffer already attached with `remus-net attach IFACE` instead.
+    vif: Vec<String>,
+    /// Drive a buffer already attached with `remus-net attach IFACE` instead (repeatable,
+    /// one per vif, as --vif).
     #[arg(long, value_name = "IFACE")]
-    attached: Option<String>,
+    attached: Vec<String>,
+    /// The protected domain (name or id), for the operator's report: how libxl suspends
+    /// it (event channel, xenstore control node or SHUTDOWN_suspend) and how long a
+    /// suspend takes, in `relay status`, the metrics and the log; a PV guest without the
+    /// suspend event channel is warned about. xl passes only the stream, so name it here.
+    /// Without it there is no suspend report.
+    #[arg(long, value_name = "NAME|ID")]
+    domain: Option<String>,
     /// UNSAFE, testing only: no output buffer at all (the guest's output is not held, so
     /// a failover can lose what the world has seen). For relay tests and benchmarks.
     #[arg(long)]
@@ -121,19 +140,25 @@ struct SendArgs {
     cache_pages: u32,
     #[command(flatten)]
     hb: HeartbeatArgs,
-    /// Serve Prometheus metrics on this loopback address (e.g. 127.0.0.1:9788).
-    #[arg(long, value_name = "ADDR:PORT")]
-    metrics: Option<SocketAddr>,
-    /// Status socket (root-only) for `remus relay status`. Default:
-    /// /run/remus/relay-send-<vif or pid>.sock
-    #[arg(long, value_name = "PATH")]
-    status_socket: Option<PathBuf>,
+    #[command(flatten)]
+    observe: ObserveArgs,
     /// How long to wait for the backup's TCP connection and handshake.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     connect_timeout: Duration,
     /// How long the backup may take to start its receiver and send xl's banner.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     banner_timeout: Duration,
+}
+
+#[derive(Args)]
+struct ObserveArgs {
+    /// Serve metrics (OpenMetrics text) on this loopback address (e.g. 127.0.0.1:9788).
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<SocketAddr>,
+    /// Status socket (root-only) for `remus relay status`. Default:
+    /// /run/remus/relay-send-<vif or pid>.sock, /run/remus/relay-receive-<port>.sock
+    #[arg(long, value_name = "PATH")]
+    status_socket: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -158,8 +183,8 @@ written straight through; every later checkpoint is kept in memory until its las
 has arrived, then written whole and acknowledged, so the receiver only ever holds whole
 checkpoints.
 
-When the primary is silent for --heartbeat-timeout, the connection breaks, or a frame is
-corrupt, it closes the receiver's stdin: libxl then fails over and starts the backup copy
+When the primary is silent for --heartbeat-timeout, the connection breaks, or a frame
+fails to open (altered, replayed, reordered, dropped), it closes the receiver's stdin: libxl then fails over and starts the backup copy
 from the last complete checkpoint. The failover is logged with that checkpoint's number.
 Primaries without the key, with an incompatible protocol version, or arriving while
 another is connected are refused and logged; they never disturb the running session.";
@@ -180,12 +205,8 @@ struct ReceiveArgs {
     receiver_cmd: String,
     #[command(flatten)]
     hb: HeartbeatArgs,
-    /// Serve Prometheus metrics on this loopback address (e.g. 127.0.0.1:9789).
-    #[arg(long, value_name = "ADDR:PORT")]
-    metrics: Option<SocketAddr>,
-    /// Status socket (root-only). Default: /run/remus/relay-receive-<port>.sock
-    #[arg(long, value_name = "PATH")]
-    status_socket: Option<PathBuf>,
+    #[command(flatten)]
+    observe: ObserveArgs,
     /// Serve one primary, then exit (tests, benchmarks).
     #[arg(long)]
     once: bool,
@@ -300,33 +321,47 @@ async fn relay_send_inner(a: SendArgs) -> Result<ExitCode, ExitCode> {
         max_version: VERSION,
         min_version: MIN_VERSION,
     };
-    let iface = a.vif.clone().or(a.attached.clone());
+    let vifs = if a.vif.is_empty() {
+        a.attached.clone()
+    } else {
+        a.vif.clone()
+    };
+    check_vifs(&vifs)?;
+    let iface = vifs.first().cloned();
     let name = iface
         .clone()
         .unwrap_or_else(|| std::process::id().to_string());
-    let sock = a.status_socket.clone().unwrap_or_else(|| {
+    let sock = a.observe.status_socket.clone().unwrap_or_else(|| {
         PathBuf::from(RUN_DIR).join(format!("relay-send-{}.sock", relay::sanitize(&name)))
     });
-    let shared = Shared::new("send", a.backup.clone(), iface.clone());
+    let shared = Shared::new(Role::Send, a.backup.clone(), iface.clone());
+    shared.set(|s| s.vifs = vifs.clone());
     let _status = status_socket(&sock, &shared);
-    start_metrics(a.metrics, &shared).await?;
+    start_metrics(a.observe.metrics, &shared).await?;
     tracing::info!(capacity = pipe.capacity, "xl's pipe shrunk");
+    // The domain before any buffer: a wrong name leaves nothing attached.
+    if let Some(d) = &a.domain {
+        let dom = XenDomain::open(d)
+            .await
+            .map_err(|e| fail(format!("--domain {d}: {e}"), e.exit_code()))?;
+        tracing::info!(domain = %d, domid = dom.domid(), xenstore = dom.endpoint(), "watching the domain's suspends");
+        tokio::spawn(send::suspend::watch(dom, shared.clone()));
+    }
 
     // The buffer holds from before the banner reaches xl, i.e. from the stream's first byte.
-    if let Some(vif) = &a.vif {
-        let mut o = AttachOptions::new(vif.clone());
-        o.limit_bytes = a.limit_bytes;
-        let running = netbuf::attach(o)
-            .await
-            .map_err(|e| fail(&e, e.exit_code()))?;
-        tracing::info!(vif, "output buffer attached in-process: holding");
-        finish_send(send::run(opts, pipe, running.buffer, shared).await)
-    } else if let Some(iface) = &a.attached {
-        let b = RemoteBuffer::connect(iface)
-            .await
-            .map_err(|e| fail(&e, e.exit_code()))?;
-        tracing::info!(iface, "driving the output buffer attached by remus-net");
-        finish_send(send::run(opts, pipe, b, shared).await)
+    if !a.vif.is_empty() {
+        let group = attach_all(&a.vif, a.limit_bytes).await?;
+        finish_send(send::run(opts, pipe, group, shared).await)
+    } else if !a.attached.is_empty() {
+        let mut members = Vec::new();
+        for iface in &a.attached {
+            let b = RemoteBuffer::connect(iface)
+                .await
+                .map_err(|e| fail(&e, e.exit_code()))?;
+            tracing::info!(iface, "driving the output buffer attached by remus-net");
+            members.push((iface.clone(), b));
+        }
+        finish_send(send::run(opts, pipe, VifGroup::new(members), shared).await)
     } else {
         tracing::warn!(
             "--no-buffer: the guest's output is NOT held; this protects nothing (testing only)"
@@ -335,8 +370,53 @@ async fn relay_send_inner(a: SendArgs) -> Result<ExitCode, ExitCode> {
     }
 }
 
+/// The same vif twice would be cut twice per checkpoint: refuse it as a typo.
+fn check_vifs(vifs: &[String]) -> Result<(), ExitCode> {
+    let mut seen = std::collections::BTreeSet::new();
+    for v in vifs {
+        if !seen.insert(v.as_str()) {
+            return Err(fail(
+                format!("--vif/--attached {v} given twice: name each vif of the guest once"),
+                ExitCode::Usage,
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Attaches the buffer to every vif in-process, holding from here on. If one cannot be
+/// attached, the ones already attached are detached again, releasing what they held
+/// (no stream has started: there is no backup state to be inconsistent with).
+async fn attach_all(vifs: &[String], limit_bytes: u64) -> Result<VifGroup<LocalBuffer>, ExitCode> {
+    let mut members: Vec<(String, LocalBuffer)> = Vec::new();
+    for vif in vifs {
+        let mut o = AttachOptions::new(vif.clone());
+        o.limit_bytes = limit_bytes;
+        match netbuf::attach(o).await {
+            Ok(running) => {
+                tracing::info!(vif, "output buffer attached in-process: holding");
+                members.push((vif.clone(), running.buffer));
+            }
+            Err(e) => {
+                for (done, b) in &members {
+                    let undo = b
+                        .request(Request::Detach {
+                            policy: DetachPolicy::Release,
+                        })
+                        .await;
+                    if let Err(de) = undo {
+                        tracing::error!(vif = %done, error = %de, "could not detach again: run `remus-net detach {done}`");
+                    }
+                }
+                return Err(fail(format!("{vif}: {e}"), e.exit_code()));
+            }
+        }
+    }
+    Ok(VifGroup::new(members))
+}
+
 fn finish_send(
-    r: Result<remus_user::checkpoint::Outcome, send::SendError>,
+    r: Result<remus_user::checkpoint::RunEnd, send::SendError>,
 ) -> Result<ExitCode, ExitCode> {
     match r {
         Ok(_) => Ok(ExitCode::Ok),
@@ -369,12 +449,12 @@ async fn relay_receive(a: ReceiveArgs) -> ExitCode {
         return ExitCode::Usage;
     }
     let port = a.listen.rsplit(':').next().unwrap_or("0").to_string();
-    let sock = a.status_socket.clone().unwrap_or_else(|| {
+    let sock = a.observe.status_socket.clone().unwrap_or_else(|| {
         PathBuf::from(RUN_DIR).join(format!("relay-receive-{}.sock", relay::sanitize(&port)))
     });
-    let shared = Shared::new("receive", a.listen.clone(), None);
+    let shared = Shared::new(Role::Receive, a.listen.clone(), None);
     let _status = status_socket(&sock, &shared);
-    if let Err(c) = start_metrics(a.metrics, &shared).await {
+    if let Err(c) = start_metrics(a.observe.metrics, &shared).await {
         return c;
     }
     let opts = ReceiveOptions {

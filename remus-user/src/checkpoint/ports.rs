@@ -1,9 +1,12 @@
 //! The ports the checkpoint loop drives: the output buffer ([`NetBuffer`]) and the
 //! backup ([`Replicator`]). They live beside their user so every implementation (the real
 //! eBPF buffer, the TCP replicator, the fakes of the state-machine tests) conforms to what
-//! the checkpoint loop needs, not the other way round.
+//! the checkpoint loop needs, not the other way round. The ports the next issues add (a
+//! `DiskBarrier` cut at the same instant as the buffer's epoch) join them here; the
+//! `Hypervisor` port, with its own rules, is `checkpoint::hypervisor`.
 //!
-//! Owns: the traits and the types that cross them. Never touches: any implementation.
+//! Owns: the traits and the types that cross them (including why a peer was lost).
+//! Never touches: any implementation.
 use serde::{Deserialize, Serialize};
 
 use crate::stream::Event;
@@ -25,13 +28,30 @@ pub enum NetBufferError {
     Gone { iface: String, reason: String },
     #[error("buffer operation failed: {0}")]
     Failed(String),
+    /// A vif of a group numbers its epochs out of step with the others.
+    #[error(
+        "the epochs of {iface} drifted from the other vifs' (expected {expected}, got {got}): nothing more is released"
+    )]
+    Diverged {
+        iface: String,
+        expected: u64,
+        got: u64,
+    },
+    /// An earlier failure on `iface` stopped the group of vifs: nothing more is released.
+    #[error(
+        "the output buffer of {iface} failed earlier; the guest's vifs stay held (fail closed)"
+    )]
+    Stopped { iface: String },
+    /// Opening (backup lost) failed on these vifs (`iface: why`); the others are open.
+    #[error("could not open the output buffer of {}: they stay blocked", failed.join("; "))]
+    NotOpened { failed: Vec<String> },
 }
 
 /// The controller's view of an output buffer. Implemented by the real eBPF buffer and by
 /// fakes in state-machine tests.
 pub trait NetBuffer: Send {
-    /// Closes the current epoch; returns the number of the epoch just closed.
-    fn checkpoint(
+    /// Closes the current epoch (the cut); returns the number of the epoch just closed.
+    fn close_epoch(
         &mut self,
     ) -> impl std::future::Future<Output = Result<u64, NetBufferError>> + Send;
     /// Releases every held frame of epochs <= `epoch`.
@@ -45,14 +65,77 @@ pub trait NetBuffer: Send {
     ) -> impl std::future::Future<Output = Result<Released, NetBufferError>> + Send;
 }
 
+/// How a peer (the backup, seen from the primary, or the primary, seen from the backup)
+/// was lost. Code decides on the kind; the detail is for people.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossKind {
+    /// Nothing heard for the heartbeat timeout.
+    Silence,
+    /// The connection broke (read or write error, closed under us).
+    Connection,
+    /// The peer gave up and said so (ABORT).
+    Aborted,
+    /// The peer ended the session (CLOSE) where that leaves this end alone: the backup
+    /// closing unasked, or the primary ending a Remus stream (the backup fails over).
+    Closed,
+    /// The peer sent a frame kind that has no place here.
+    Protocol,
+    /// The peer's data could not be used: a corrupt frame, undecodable page data, a
+    /// malformed migration stream.
+    Corrupt,
+    /// This end could not go on: compressing failed (primary), the receiver process
+    /// stopped taking data (backup).
+    LocalFailure,
+}
+
+/// Why a peer was lost: a kind for code, a detail for people.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{detail}")]
+pub struct LossReason {
+    pub kind: LossKind,
+    pub detail: String,
+}
+
+impl LossReason {
+    pub fn new(kind: LossKind, detail: impl Into<String>) -> LossReason {
+        LossReason {
+            kind,
+            detail: detail.into(),
+        }
+    }
+}
+
 /// What the backup said, as the controller needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BackupEvent {
     /// The backup holds checkpoint N completely.
     Ack(u64),
-    /// The backup is gone (connection error, heartbeat timeout, abort); the reason is
-    /// for the operator.
-    Lost(String),
+    /// The backup is gone (connection error, heartbeat timeout, abort).
+    Lost(LossReason),
+}
+
+/// Why the replicator could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicatorError {
+    /// The backup is gone.
+    #[error(transparent)]
+    Lost(#[from] LossReason),
+    /// The orderly close was sent but not answered in time.
+    #[error("no CLOSE answer from the backup within {0:?}")]
+    NoCloseAnswer(std::time::Duration),
+}
+
+impl ReplicatorError {
+    /// The loss this error amounts to (a missing CLOSE answer counts as silence).
+    pub fn loss(&self) -> LossReason {
+        match self {
+            ReplicatorError::Lost(r) => r.clone(),
+            e @ ReplicatorError::NoCloseAnswer(_) => {
+                LossReason::new(LossKind::Silence, e.to_string())
+            }
+        }
+    }
 }
 
 /// The backup as the controller drives it. Implemented over TCP by `relay::send`, and by
@@ -60,13 +143,12 @@ pub enum BackupEvent {
 pub trait Replicator: Send {
     /// Sends `bytes` (the next bytes of the stream, in order) to the backup. `events` are
     /// the parser events these bytes completed (absolute offsets), so an implementation
-    /// can find record boundaries (e.g. to compress PAGE_DATA). `Err` means the backup is
-    /// lost (the reason).
+    /// can find record boundaries (e.g. to compress PAGE_DATA).
     fn forward(
         &mut self,
         bytes: &[u8],
         events: &[Event],
-    ) -> impl std::future::Future<Output = Result<(), String>> + Send;
+    ) -> impl std::future::Future<Output = Result<(), ReplicatorError>> + Send;
     /// The next thing the backup says. Must be cancel-safe (it is raced against stdin).
     fn next_event(&mut self) -> impl std::future::Future<Output = BackupEvent> + Send;
     /// xl's stream ended: tell the backup (orderly close) and wait for its answer.
@@ -76,5 +158,5 @@ pub trait Replicator: Send {
         &mut self,
         checkpoints: u64,
         finished: bool,
-    ) -> impl std::future::Future<Output = Result<Vec<u64>, String>> + Send;
+    ) -> impl std::future::Future<Output = Result<Vec<u64>, ReplicatorError>> + Send;
 }

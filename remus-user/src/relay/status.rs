@@ -1,12 +1,323 @@
-//! `remus relay status`: asks the relays on this host for their state.
+//! The relays' status: the state words and counters behind each relay's root-only
+//! status socket, and `remus relay status`, which asks those sockets.
 //!
-//! Owns: finding the relays' status sockets under /run/remus/ and printing what they
-//! say. Never touches: the relays themselves (read-only, one line of JSON per socket).
+//! Owns: [`RelayState`] and [`RelayStatus`] (the JSON, whose keys and state strings are
+//! stable: scripts and the lab read them), the socket that answers with one line of JSON,
+//! finding the sockets under /run/remus/ and rendering what they say. Never touches: the
+//! relays' work (read-only, one line of JSON per socket).
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use tokio::io::AsyncReadExt;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{RUN_DIR, RelayStatus};
+use crate::RUN_DIR;
+use crate::checkpoint::hypervisor::SuspendReport;
+use crate::compress::Codec;
+use crate::metrics::{Metrics, Quantiles};
+
+/// What a relay end is doing. The serialised names are the stable `state` strings of
+/// `remus relay status -j`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RelayState {
+    #[default]
+    #[serde(rename = "starting")]
+    Starting,
+    /// Primary: connecting and authenticating to the backup.
+    #[serde(rename = "connecting")]
+    Connecting,
+    /// Primary: authenticated, waiting for the backup's receiver to print its banner.
+    #[serde(rename = "waiting for the backup's receiver")]
+    WaitingForReceiver,
+    /// Either end: checkpoints flow.
+    #[serde(rename = "replicating")]
+    Replicating,
+    /// Primary: xl closed the stream and the backup was told.
+    #[serde(rename = "stream ended")]
+    StreamEnded,
+    /// Primary: the backup was lost; the buffer passes traffic, the guest is unprotected.
+    #[serde(rename = "backup lost, buffer open")]
+    BackupLost,
+    /// Backup: listening, no primary connected.
+    #[serde(rename = "waiting for primary")]
+    WaitingForPrimary,
+    /// Backup: a primary authenticated; the receiver command is starting.
+    #[serde(rename = "starting the receiver")]
+    StartingReceiver,
+    /// Backup: the primary finished a plain migration.
+    #[serde(rename = "finished")]
+    Finished,
+    /// Backup: the receiver's stream was closed after the last complete checkpoint.
+    #[serde(rename = "failed over")]
+    FailedOver,
+    /// Backup: the session is over; the receiver process is being waited for.
+    #[serde(rename = "waiting for the receiver to exit")]
+    WaitingForReceiverExit,
+}
+
+impl RelayState {
+    /// The state as `remus relay status` prints it (the same words as the JSON).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RelayState::Starting => "starting",
+            RelayState::Connecting => "connecting",
+            RelayState::WaitingForReceiver => "waiting for the backup's receiver",
+            RelayState::Replicating => "replicating",
+            RelayState::StreamEnded => "stream ended",
+            RelayState::BackupLost => "backup lost, buffer open",
+            RelayState::WaitingForPrimary => "waiting for primary",
+            RelayState::StartingReceiver => "starting the receiver",
+            RelayState::Finished => "finished",
+            RelayState::FailedOver => "failed over",
+            RelayState::WaitingForReceiverExit => "waiting for the receiver to exit",
+        }
+    }
+}
+
+impl std::fmt::Display for RelayState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which end a relay is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    #[default]
+    Send,
+    Receive,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Send => "send",
+            Role::Receive => "receive",
+        }
+    }
+}
+
+/// What `remus relay status` shows for one end (JSON keys are stable).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RelayStatus {
+    pub role: Role,
+    pub pid: u32,
+    pub state: RelayState,
+    /// The other end (host:port) when connected.
+    pub peer: Option<String>,
+    /// Listen address (receive) or backup address (send).
+    pub address: String,
+    /// The first protected vif (kept for scripts); `vifs` has them all.
+    pub vif: Option<String>,
+    /// Every vif whose output is held, in the order they are cut and released.
+    #[serde(default)]
+    pub vifs: Vec<String>,
+    pub protocol_version: Option<u16>,
+    pub compression: Option<Codec>,
+    pub last_checkpoint: u64,
+    pub last_acked: u64,
+    pub committed_epoch: u64,
+    pub checkpoints_total: u64,
+    pub acks_total: u64,
+    pub stream_bytes_total: u64,
+    pub wire_bytes_total: u64,
+    pub page_data_raw_bytes_total: u64,
+    pub page_data_wire_bytes_total: u64,
+    pub epoch_merges_total: u64,
+    pub heartbeats_missed_total: u64,
+    pub failovers_total: u64,
+    pub auth_failures_total: u64,
+    pub ack_latency_mean_us: Option<f64>,
+    /// Exact quantiles over the last `metrics::RECENT_ACKS` ACKs.
+    pub ack_latency_recent_us: Option<Quantiles>,
+    /// Cumulative ACK latency histogram: `{le_us, count}` per bucket.
+    pub ack_latency_buckets_us: Vec<LatencyBucket>,
+    pub last_event: Option<String>,
+    pub since_unix: u64,
+    /// Send with `--domain`: how the guest is suspended and how long that takes.
+    #[serde(default)]
+    pub suspend: Option<SuspendStatus>,
+}
+
+/// The protected domain's suspend path and timings (`relay send --domain`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SuspendStatus {
+    /// What xenstore said (domain, domid, guest_type, device_model, path, warning); absent
+    /// if it could not be asked (`error` says why).
+    pub report: Option<SuspendReport>,
+    /// How the timings are measured, or why they cannot be.
+    pub timing: String,
+    /// Suspends measured from request to suspended.
+    pub measured: u64,
+    pub last_request_to_suspended_us: Option<u64>,
+    pub last_request_to_ack_us: Option<u64>,
+    pub mean_request_to_suspended_us: Option<f64>,
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct LatencyBucket {
+    pub le_us: f64,
+    pub count: u64,
+}
+
+/// The live state behind a status socket: metrics plus a few words.
+#[derive(Debug)]
+pub struct Shared {
+    pub metrics: Arc<Metrics>,
+    info: Mutex<RelayStatus>,
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Shared {
+    pub fn new(role: Role, address: String, vif: Option<String>) -> Arc<Shared> {
+        Arc::new(Shared {
+            metrics: Arc::new(Metrics::new(role.as_str())),
+            info: Mutex::new(RelayStatus {
+                role,
+                pid: std::process::id(),
+                state: RelayState::Starting,
+                address,
+                vif,
+                since_unix: now_unix(),
+                ..Default::default()
+            }),
+        })
+    }
+
+    /// Updates the status (and notes the time).
+    pub fn set(&self, f: impl FnOnce(&mut RelayStatus)) {
+        if let Ok(mut g) = self.info.lock() {
+            f(&mut g);
+            g.since_unix = now_unix();
+        }
+    }
+
+    /// Updates counters-like fields without marking a change of state (`since_unix`).
+    pub fn set_quietly(&self, f: impl FnOnce(&mut RelayStatus)) {
+        if let Ok(mut g) = self.info.lock() {
+            f(&mut g);
+        }
+    }
+
+    /// Moves to `state`.
+    pub fn enter(&self, state: RelayState) {
+        self.set(|s| s.state = state);
+    }
+
+    pub fn state(&self) -> RelayState {
+        self.info.lock().map(|g| g.state).unwrap_or_default()
+    }
+
+    pub fn snapshot(&self) -> RelayStatus {
+        let mut s = self.info.lock().map(|g| g.clone()).unwrap_or_default();
+        let m = &self.metrics;
+        s.last_checkpoint = m.last_checkpoint.get();
+        s.last_acked = m.last_acked_checkpoint.get();
+        s.committed_epoch = m.committed_epoch.get();
+        s.checkpoints_total = m.checkpoints_total.get();
+        s.acks_total = m.acks_total.get();
+        s.stream_bytes_total = m.stream_bytes_total.get();
+        s.wire_bytes_total = m.wire_bytes_total.get();
+        s.page_data_raw_bytes_total = m.page_data_raw_bytes_total.get();
+        s.page_data_wire_bytes_total = m.page_data_wire_bytes_total.get();
+        s.epoch_merges_total = m.epoch_merges_total.get();
+        s.heartbeats_missed_total = m.heartbeats_missed_total.get();
+        s.failovers_total = m.failovers_total.get();
+        s.auth_failures_total = m.auth_failures_total.get();
+        let h = &m.ack_latency_seconds;
+        let n = h.count();
+        s.ack_latency_recent_us = m.ack_quantiles();
+        s.ack_latency_buckets_us = h
+            .cumulative()
+            .into_iter()
+            .map(|(le, count)| LatencyBucket {
+                le_us: le * 1e6,
+                count,
+            })
+            .collect();
+        s.ack_latency_mean_us = (n > 0).then(|| h.sum().as_secs_f64() * 1e6 / n as f64);
+        if let Some(sus) = &mut s.suspend {
+            let h = &m.suspend_seconds;
+            let n = h.count();
+            sus.measured = n;
+            sus.mean_request_to_suspended_us =
+                (n > 0).then(|| h.sum().as_secs_f64() * 1e6 / n as f64);
+        }
+        s
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StatusSocketError {
+    #[error("creating the status socket {path}: {source}")]
+    Bind {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// Binds a root-only (0600) unix socket at `path` that answers every connection with
+/// one line of JSON (the current [`RelayStatus`]). The socket file is removed on drop of
+/// the returned guard.
+pub fn serve_status(path: &Path, shared: Arc<Shared>) -> Result<StatusGuard, StatusSocketError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |source| StatusSocketError::Bind {
+        path: path.display().to_string(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.exists()) {
+        std::fs::create_dir_all(dir).map_err(err)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    }
+    // A stale socket of a dead relay: remove it (a live one answers; refuse to steal it).
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "another relay is serving this socket; pick another --status-socket",
+            )));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let l = tokio::net::UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            let mut line = serde_json::to_string(&shared.snapshot()).unwrap_or_default();
+            line.push('\n');
+            let _ = s.write_all(line.as_bytes()).await;
+        }
+    });
+    Ok(StatusGuard {
+        path: path.to_path_buf(),
+        task,
+    })
+}
+
+/// Removes the status socket when the relay ends.
+pub struct StatusGuard {
+    path: PathBuf,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for StatusGuard {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
@@ -67,17 +378,23 @@ pub async fn query(path: &Path) -> Result<RelayStatus, StatusError> {
 
 /// Human-readable form of one status.
 pub fn render(s: &RelayStatus) -> String {
-    let mut o = format!("relay {} (pid {}): {}\n", s.role, s.pid, s.state);
+    let mut o = format!("relay {} (pid {}): {}\n", s.role.as_str(), s.pid, s.state);
     let line = |o: &mut String, k: &str, v: String| o.push_str(&format!("  {k:<22}{v}\n"));
     line(
         &mut o,
-        if s.role == "send" { "backup" } else { "listen" },
+        if s.role == Role::Send {
+            "backup"
+        } else {
+            "listen"
+        },
         s.address.clone(),
     );
     if let Some(p) = &s.peer {
         line(&mut o, "peer", p.clone());
     }
-    if let Some(v) = &s.vif {
+    if s.vifs.len() > 1 {
+        line(&mut o, "vifs", s.vifs.join(", "));
+    } else if let Some(v) = &s.vif {
         line(&mut o, "vif", v.clone());
     }
     if let (Some(v), Some(c)) = (s.protocol_version, &s.compression) {
@@ -88,7 +405,7 @@ pub fn render(s: &RelayStatus) -> String {
         "checkpoint",
         format!("{} complete, {} acked", s.last_checkpoint, s.last_acked),
     );
-    if s.role == "send" {
+    if s.role == Role::Send {
         line(&mut o, "committed epoch", s.committed_epoch.to_string());
         line(&mut o, "epoch merges", s.epoch_merges_total.to_string());
     }
@@ -127,15 +444,118 @@ pub fn render(s: &RelayStatus) -> String {
             s.auth_failures_total.to_string(),
         );
     }
+    if let Some(sus) = &s.suspend {
+        render_suspend(&mut o, sus);
+    }
     if let Some(e) = &s.last_event {
         line(&mut o, "last event", e.clone());
     }
     o
 }
 
+fn render_suspend(o: &mut String, sus: &SuspendStatus) {
+    let mut line = |k: &str, v: String| o.push_str(&format!("  {k:<22}{v}\n"));
+    match &sus.report {
+        Some(r) => {
+            line(
+                "domain",
+                format!(
+                    "{} (id {}, {:?}{})",
+                    r.domain,
+                    r.domid,
+                    r.guest_type,
+                    if r.device_model { ", device model" } else { "" }
+                ),
+            );
+            line("suspend path", r.path.describe().to_string());
+            if let Some(w) = &r.warning {
+                line("WARNING", w.clone());
+            }
+        }
+        None => line(
+            "suspend path",
+            format!("unknown: {}", sus.error.as_deref().unwrap_or("not asked")),
+        ),
+    }
+    match (
+        sus.mean_request_to_suspended_us,
+        sus.last_request_to_suspended_us,
+    ) {
+        (Some(mean), Some(last)) => line(
+            "suspend time",
+            format!(
+                "mean {:.1} ms, last {:.1} ms over {} suspends (request to suspended)",
+                mean / 1e3,
+                last as f64 / 1e3,
+                sus.measured
+            ),
+        ),
+        _ => line("suspend time", sus.timing.clone()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn state_strings_are_the_stable_json_words() {
+        // Scripts, tests and the benchmark read these exact strings.
+        for (state, word) in [
+            (RelayState::Starting, "starting"),
+            (RelayState::Connecting, "connecting"),
+            (
+                RelayState::WaitingForReceiver,
+                "waiting for the backup's receiver",
+            ),
+            (RelayState::Replicating, "replicating"),
+            (RelayState::StreamEnded, "stream ended"),
+            (RelayState::BackupLost, "backup lost, buffer open"),
+            (RelayState::WaitingForPrimary, "waiting for primary"),
+            (RelayState::StartingReceiver, "starting the receiver"),
+            (RelayState::Finished, "finished"),
+            (RelayState::FailedOver, "failed over"),
+            (
+                RelayState::WaitingForReceiverExit,
+                "waiting for the receiver to exit",
+            ),
+        ] {
+            let json = serde_json::to_value(state).unwrap();
+            assert_eq!(json, serde_json::Value::String(word.into()));
+            assert_eq!(state.as_str(), word);
+            assert_eq!(serde_json::from_value::<RelayState>(json).unwrap(), state);
+        }
+        assert_eq!(serde_json::to_value(Role::Receive).unwrap(), "receive");
+        assert_eq!(serde_json::to_value(Some(Codec::Lz4)).unwrap(), "lz4");
+    }
+
+    #[tokio::test]
+    async fn status_socket_answers_json_and_is_root_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub").join("relay.sock");
+        let shared = Shared::new(Role::Receive, "127.0.0.1:7788".into(), None);
+        shared.metrics.failovers_total.inc();
+        shared.enter(RelayState::WaitingForPrimary);
+        let guard = serve_status(&path, shared.clone()).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let st = query(&path).await.unwrap();
+        assert_eq!(st.role, Role::Receive);
+        assert_eq!(st.state, RelayState::WaitingForPrimary);
+        assert_eq!(st.failovers_total, 1);
+        // The raw line carries the stable words.
+        let mut s = tokio::net::UnixStream::connect(&path).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(v["state"], "waiting for primary");
+        assert_eq!(v["role"], "receive");
+        // A second relay cannot steal a live socket.
+        assert!(serve_status(&path, shared).is_err());
+        drop(guard);
+        assert!(!path.exists());
+    }
 
     #[test]
     fn finds_only_relay_sockets() {
@@ -158,8 +578,8 @@ mod tests {
     #[test]
     fn renders_the_essentials() {
         let s = RelayStatus {
-            role: "send".into(),
-            state: "replicating".into(),
+            role: Role::Send,
+            state: RelayState::Replicating,
             address: "backup:7788".into(),
             last_checkpoint: 12,
             last_acked: 11,

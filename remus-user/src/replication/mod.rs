@@ -1,19 +1,22 @@
 //! The wire protocol between `remus relay send` (primary) and `remus relay receive` (backup).
 //!
-//! Owns: framing, message kinds, protocol versions, the pre-shared-key handshake. Never
-//! touches: the Xen stream's grammar (`stream`), page compression (`compress`), the output
-//! buffer, processes or sockets other than the one stream it is handed.
+//! Owns: framing, message kinds, protocol versions, the pre-shared-key handshake (`auth`),
+//! key derivation (`kdf`) and the sealed channel (`seal`). Never touches: the Xen
+//! stream's grammar (`stream`), page compression (`compress`), the output buffer,
+//! processes or sockets other than the one stream it is handed.
 //!
 //! ```text
 //!  primary (relay send)                              backup (relay receive)
 //!  ───────────────────                               ──────────────────────
-//!  HELLO{versions, codec, nonce_p} ─────────────────►
+//!  HELLO{versions, codec, cache, nonce_p} ──────────►            (plain, CRC)
 //!                                  ◄──────────────── CHALLENGE{version, nonce_b,
-//!                                                              mac_b = H(k, "server"‖v‖nonce_p‖nonce_b)}
-//!  verify mac_b (else ABORT, drop)
-//!  AUTH{mac_p = H(k, "client"‖v‖nonce_p‖nonce_b)} ──►
+//!                                                              mac_b = H(k, "backup"‖th)}
+//!  th = SHA-256(HELLO ‖ version ‖ nonce_b); verify mac_b (else ABORT, exit 2)
+//!  AUTH{mac_p = H(k, "primary"‖th)} ────────────────►            (plain, CRC)
 //!                                                     verify mac_p (else ABORT, log, drop)
-//!                                  ◄──────────────── WELCOME
+//!  both: keys = HKDF(k, nonce_p‖nonce_b, th), one per direction (`kdf`)
+//!  ═══════════════ from here every frame is sealed (AES-256-GCM, counter nonce) ════════
+//!                                  ◄──────────────── WELCOME   (or ABORT "busy")
 //!                                                     start `xl migrate-receive -r -e`
 //!                                  ◄──────────────── BANNER("xl migration receiver ready…\n")
 //!  banner → xl (stdout)
@@ -28,33 +31,44 @@
 //! ```
 //!
 //! H is HMAC-SHA256 keyed with the pre-shared key file. Every frame is a 16-byte header
-//! (`magic "RMUS"`, kind, flags, payload length, CRC-32 of header and payload) followed by
-//! the payload. The length is checked against [`MAX_PAYLOAD`] before anything is
-//! allocated. The CRC catches corruption; authenticity comes from the handshake on a
-//! TCP connection (an attacker who can inject into that TCP stream is out of scope:
-//! run replication on a trusted link or inside a tunnel).
+//! (`magic "RMUS"`, kind, flags, payload length, check) followed by the payload. The
+//! length is checked against [`MAX_PAYLOAD`] before anything is allocated. The handshake's
+//! frames are plain: their check is a CRC-32 of header and payload. Every later frame is
+//! sealed (`seal`): flag [`seal::FLAG_SEALED`], the check field holds the frame counter,
+//! and the payload is encrypted and authenticated with the header as associated data. A
+//! frame that fails to open ends the session: nothing after it is used.
 //!
 //! Versions: the primary announces the range it speaks in HELLO, the backup picks the
-//! highest common one or refuses naming both ranges. Version 1 carries raw stream data
-//! only; version 2 adds compressed PAGE_DATA. Both are accepted.
+//! highest common one or refuses naming both ranges. Version 3 seals every frame after
+//! the handshake; versions 1 (raw data) and 2 (compressed PAGE_DATA) sent frames in the
+//! clear and are refused, since accepting them would let a man in the middle downgrade a
+//! session to plaintext.
 use std::io;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
+use crate::compress::Codec;
+
 pub mod auth;
+pub mod kdf;
+pub mod seal;
 
 pub use auth::{ClientConfig, Key, ServerConfig, Session, client_handshake, server_handshake};
+pub use seal::{Keys, Opener, Sealer};
 
 /// First bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"RMUS";
 /// The protocol version this build speaks best.
-pub const VERSION: u16 = 2;
-/// The oldest version this build still accepts (the previous one).
-pub const MIN_VERSION: u16 = 1;
+pub const VERSION: u16 = 3;
+/// The oldest version this build accepts: the first sealed one (an unsealed peer is
+/// refused, or a man in the middle could downgrade the session to plaintext).
+pub const MIN_VERSION: u16 = VERSION_SEALED;
 /// First version that allows `PageData` frames.
 pub const VERSION_COMPRESSION: u16 = 2;
+/// First version whose frames after the handshake are sealed.
+pub const VERSION_SEALED: u16 = 3;
 /// Largest payload accepted, checked before allocating. A libxc PAGE_DATA record is at
 /// most 1024 pages (4 MiB + 8 KiB of PFNs); raw data is sent in chunks of [`DATA_CHUNK`].
 pub const MAX_PAYLOAD: u32 = 16 << 20;
@@ -111,10 +125,11 @@ impl Kind {
 pub struct FrameHeader {
     pub magic: [u8; 4],
     pub kind: U16,
-    /// Reserved, must be zero.
+    /// 0 for a plain frame, [`seal::FLAG_SEALED`] for a sealed one; other bits reserved.
     pub flags: U16,
     pub len: U32,
-    /// CRC-32 (IEEE) of the header with this field zeroed, then the payload.
+    /// Plain frame: CRC-32 (IEEE) of the header with this field zeroed, then the payload.
+    /// Sealed frame: the low 32 bits of the direction's frame counter.
     pub crc: U32,
 }
 const _: () = assert!(std::mem::size_of::<FrameHeader>() == 16);
@@ -195,7 +210,7 @@ pub enum Message {
 pub struct Hello {
     pub max_version: u16,
     pub min_version: u16,
-    pub codec: u8,
+    pub codec: Codec,
     pub cache_pages: u32,
     pub nonce: [u8; 32],
 }
@@ -220,8 +235,8 @@ pub enum WireError {
         expected: u32,
         found: u32,
     },
-    #[error("malformed {kind:?} frame: {what}")]
-    BadPayload { kind: Kind, what: String },
+    #[error("malformed {kind:?} frame: {problem}")]
+    BadPayload { kind: Kind, problem: PayloadProblem },
     #[error(
         "protocol version mismatch: peer speaks {theirs_min}..={theirs_max}, this build speaks {ours_min}..={ours_max}; upgrade one side"
     )]
@@ -231,16 +246,82 @@ pub enum WireError {
         theirs_min: u16,
         theirs_max: u16,
     },
+    #[error("unknown page-data codec {0} in HELLO (this build speaks 0 none, 1 lz4)")]
+    UnknownCodec(u8),
     #[error("authentication failed: {0}")]
-    AuthFailed(String),
+    AuthFailed(Prover),
+    #[error(
+        "unsealed {kind:?} frame after the handshake: every frame must be sealed (a frame injected on the way, or a peer that does not seal)"
+    )]
+    Unsealed { kind: Kind },
+    #[error("sealed {kind:?} frame where a plain handshake frame was due")]
+    SealedTooEarly { kind: Kind },
+    #[error(
+        "sealed {kind:?} frame #{found} arrived where #{expected} was due: {}",
+        seal::misorder(*found, *expected)
+    )]
+    OutOfOrder {
+        kind: Kind,
+        found: u32,
+        expected: u32,
+    },
+    #[error(
+        "sealed {kind:?} frame #{seq} failed authentication: altered on the way, or sealed with other keys"
+    )]
+    Forged { kind: Kind, seq: u64 },
+    #[error("the sealed channel failed at an earlier frame; nothing after it is opened")]
+    ChannelFailed,
+    #[error("the frame counter is exhausted; the session must be restarted")]
+    Exhausted,
+    #[error("the connection ended in the middle of a frame ({have} of {want} bytes)")]
+    Truncated { have: usize, want: usize },
     #[error("refused by the peer: {0}")]
     Refused(String),
     #[error("protocol error: expected {expected}, got {got:?}")]
     Unexpected { expected: &'static str, got: Kind },
-    #[error("key file {path}: {what}")]
-    KeyFile { path: String, what: String },
+    #[error("key file {path}: {problem}")]
+    KeyFile { path: String, problem: KeyProblem },
     #[error("timed out waiting for {0}")]
     Timeout(&'static str),
+}
+
+/// Whose proof of the key did not verify (seen from the side that checked it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Prover {
+    #[error(
+        "the backup's proof of the key did not verify: the two key files differ (or the handshake was altered on the way)"
+    )]
+    Backup,
+    #[error("the primary's proof of the key did not verify: it does not hold this key")]
+    Primary,
+}
+
+/// What is wrong with a key file.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyProblem {
+    #[error("cannot read it: {0}")]
+    Unreadable(io::Error),
+    #[error("not a regular file")]
+    NotAFile,
+    #[error("mode {mode:04o} lets group or others read the key; run `chmod 600 {path}`")]
+    Readable { mode: u32, path: String },
+    #[error("the key file is empty; create one with `openssl rand -hex 32 > FILE`")]
+    Empty,
+}
+
+/// What is wrong with a frame's payload (or its header's reserved bits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PayloadProblem {
+    #[error("payload is {got} bytes, expected {expected}")]
+    Length { got: usize, expected: usize },
+    #[error("payload is {got} bytes, too short for a version")]
+    NoVersion { got: usize },
+    #[error("payload is {got} bytes, expected at least {min}")]
+    TooShort { got: usize, min: usize },
+    #[error("{got} bytes exceed the limit of {max}")]
+    TooLong { got: usize, max: usize },
+    #[error("reserved flags {0:#x} set")]
+    ReservedFlags(u16),
 }
 
 impl Message {
@@ -273,16 +354,36 @@ impl Message {
         Message::Abort { reason }
     }
 
-    /// Appends the framed message (header + payload) to `out`.
+    /// Appends the framed message (header + payload) to `out` as a plain frame (CRC).
+    /// Only the handshake is sent this way; everything after it goes through a
+    /// [`Sealer`].
     pub fn encode(&self, out: &mut Vec<u8>) {
         let start = out.len();
         out.extend_from_slice(&[0u8; HEADER_LEN]);
+        self.encode_payload(out);
+        let len = (out.len() - start - HEADER_LEN) as u32;
+        let mut hdr = FrameHeader {
+            magic: MAGIC,
+            kind: (self.kind() as u16).into(),
+            flags: 0.into(),
+            len: len.into(),
+            crc: 0.into(),
+        };
+        let mut h = crc32fast::Hasher::new();
+        h.update(hdr.as_bytes());
+        h.update(&out[start + HEADER_LEN..]);
+        hdr.crc = h.finalize().into();
+        out[start..start + HEADER_LEN].copy_from_slice(hdr.as_bytes());
+    }
+
+    /// Appends the payload alone (no header) to `out`.
+    pub fn encode_payload(&self, out: &mut Vec<u8>) {
         match self {
             Message::Hello(h) => out.extend_from_slice(
                 HelloWire {
                     max_version: h.max_version.into(),
                     min_version: h.min_version.into(),
-                    codec: h.codec,
+                    codec: h.codec.to_wire(),
                     reserved: [0; 3],
                     cache_pages: h.cache_pages.into(),
                     nonce: h.nonce,
@@ -322,78 +423,33 @@ impl Message {
             ),
             Message::Abort { reason } => out.extend_from_slice(reason.as_bytes()),
         }
-        let len = (out.len() - start - HEADER_LEN) as u32;
-        let mut hdr = FrameHeader {
-            magic: MAGIC,
-            kind: (self.kind() as u16).into(),
-            flags: 0.into(),
-            len: len.into(),
-            crc: 0.into(),
-        };
-        let mut h = crc32fast::Hasher::new();
-        h.update(hdr.as_bytes());
-        h.update(&out[start + HEADER_LEN..]);
-        hdr.crc = h.finalize().into();
-        out[start..start + HEADER_LEN].copy_from_slice(hdr.as_bytes());
     }
 
     /// Decodes one payload of a frame whose header has been checked.
     pub fn decode(kind: Kind, payload: Vec<u8>) -> Result<Message, WireError> {
-        let bad = |what: String| WireError::BadPayload { kind, what };
-        let exact = |n: usize, p: &[u8]| {
-            if p.len() == n {
+        let bad = |problem| WireError::BadPayload { kind, problem };
+        let exact = |expected: usize, p: &[u8]| {
+            if p.len() == expected {
                 Ok(())
             } else {
-                Err(WireError::BadPayload {
-                    kind,
-                    what: format!("payload is {} bytes, expected {n}", p.len()),
-                })
+                Err(bad(PayloadProblem::Length {
+                    got: p.len(),
+                    expected,
+                }))
+            }
+        };
+        let at_most = |max: usize, p: &[u8]| {
+            if p.len() <= max {
+                Ok(())
+            } else {
+                Err(bad(PayloadProblem::TooLong { got: p.len(), max }))
             }
         };
         Ok(match kind {
             Kind::Invalid => return Err(WireError::UnknownKind(0)),
-            Kind::Hello => {
-                // The version range first, so a version mismatch is reported as such.
-                if payload.len() < 4 {
-                    return Err(bad(format!(
-                        "payload is {} bytes, too short for a version",
-                        payload.len()
-                    )));
-                }
-                let max_version = u16::from_le_bytes([payload[0], payload[1]]);
-                let min_version = u16::from_le_bytes([payload[2], payload[3]]);
-                if max_version < MIN_VERSION || min_version > VERSION || min_version > max_version {
-                    return Err(WireError::Version {
-                        ours_min: MIN_VERSION,
-                        ours_max: VERSION,
-                        theirs_min: min_version,
-                        theirs_max: max_version,
-                    });
-                }
-                // A newer peer may append fields: read our prefix.
-                let (w, _) = HelloWire::read_from_prefix(&payload[..]).map_err(|_| {
-                    bad(format!(
-                        "payload is {} bytes, expected at least {}",
-                        payload.len(),
-                        size_of::<HelloWire>()
-                    ))
-                })?;
-                Message::Hello(Hello {
-                    max_version,
-                    min_version,
-                    codec: w.codec,
-                    cache_pages: w.cache_pages.get(),
-                    nonce: w.nonce,
-                })
-            }
+            Kind::Hello => Message::Hello(decode_hello(&payload)?),
             Kind::Challenge => {
-                let w = ChallengeWire::read_from_bytes(&payload[..]).map_err(|_| {
-                    bad(format!(
-                        "payload is {} bytes, expected {}",
-                        payload.len(),
-                        size_of::<ChallengeWire>()
-                    ))
-                })?;
+                let w: ChallengeWire = fixed(kind, &payload)?;
                 Message::Challenge {
                     version: w.version.get(),
                     nonce: w.nonce,
@@ -411,12 +467,7 @@ impl Message {
                 Message::Welcome
             }
             Kind::Banner => {
-                if payload.len() > MAX_BANNER {
-                    return Err(bad(format!(
-                        "banner of {} bytes exceeds {MAX_BANNER}",
-                        payload.len()
-                    )));
-                }
+                at_most(MAX_BANNER, &payload)?;
                 Message::Banner(payload)
             }
             Kind::Data => Message::Data(payload),
@@ -434,30 +485,76 @@ impl Message {
                 }
             }
             Kind::Close => {
-                let w = CloseWire::read_from_bytes(&payload[..]).map_err(|_| {
-                    bad(format!(
-                        "payload is {} bytes, expected {}",
-                        payload.len(),
-                        size_of::<CloseWire>()
-                    ))
-                })?;
+                let w: CloseWire = fixed(kind, &payload)?;
                 Message::Close {
                     checkpoints: w.checkpoints.get(),
                     finished: w.finished != 0,
                 }
             }
             Kind::Abort => {
-                if payload.len() > MAX_REASON {
-                    return Err(bad(format!(
-                        "reason of {} bytes exceeds {MAX_REASON}",
-                        payload.len()
-                    )));
-                }
+                at_most(MAX_REASON, &payload)?;
                 Message::Abort {
                     reason: String::from_utf8_lossy(&payload).into_owned(),
                 }
             }
         })
+    }
+}
+
+/// A fixed-size payload of `kind`.
+fn fixed<T: FromBytes + KnownLayout + Immutable>(kind: Kind, p: &[u8]) -> Result<T, WireError> {
+    T::read_from_bytes(p).map_err(|_| WireError::BadPayload {
+        kind,
+        problem: PayloadProblem::Length {
+            got: p.len(),
+            expected: size_of::<T>(),
+        },
+    })
+}
+
+/// HELLO: the version range first, so a version mismatch is reported as such; then the
+/// rest (a newer peer may append fields: our prefix is read).
+fn decode_hello(payload: &[u8]) -> Result<Hello, WireError> {
+    let bad = |problem| WireError::BadPayload {
+        kind: Kind::Hello,
+        problem,
+    };
+    if payload.len() < 4 {
+        return Err(bad(PayloadProblem::NoVersion { got: payload.len() }));
+    }
+    let max_version = u16::from_le_bytes([payload[0], payload[1]]);
+    let min_version = u16::from_le_bytes([payload[2], payload[3]]);
+    if max_version < MIN_VERSION || min_version > VERSION || min_version > max_version {
+        return Err(WireError::Version {
+            ours_min: MIN_VERSION,
+            ours_max: VERSION,
+            theirs_min: min_version,
+            theirs_max: max_version,
+        });
+    }
+    let (w, _) = HelloWire::read_from_prefix(payload).map_err(|_| {
+        bad(PayloadProblem::TooShort {
+            got: payload.len(),
+            min: size_of::<HelloWire>(),
+        })
+    })?;
+    Ok(Hello {
+        max_version,
+        min_version,
+        codec: Codec::from_wire(w.codec).ok_or(WireError::UnknownCodec(w.codec))?,
+        cache_pages: w.cache_pages.get(),
+        nonce: w.nonce,
+    })
+}
+
+/// A header slice of the wrong size (cannot happen: the callers cut exactly HEADER_LEN).
+fn short_header(got: usize) -> WireError {
+    WireError::BadPayload {
+        kind: Kind::Invalid,
+        problem: PayloadProblem::Length {
+            got,
+            expected: HEADER_LEN,
+        },
     }
 }
 
@@ -467,7 +564,8 @@ fn u64_le(p: &[u8]) -> u64 {
     u64::from_le_bytes(b)
 }
 
-/// Checks a header: magic, kind, flags, size limit. Returns the kind and payload length.
+/// Checks a header: magic, kind, flags, size limit. Returns the kind and payload length
+/// (for a sealed frame: encrypted payload and tag).
 pub fn check_header(hdr: &FrameHeader) -> Result<(Kind, u32), WireError> {
     if hdr.magic != MAGIC {
         return Err(WireError::BadMagic { found: hdr.magic });
@@ -477,10 +575,10 @@ pub fn check_header(hdr: &FrameHeader) -> Result<(Kind, u32), WireError> {
     if kind == Kind::Invalid {
         return Err(WireError::UnknownKind(raw));
     }
-    if hdr.flags.get() != 0 {
+    if hdr.flags.get() & !seal::FLAG_SEALED != 0 {
         return Err(WireError::BadPayload {
             kind,
-            what: format!("reserved flags {:#x} set", hdr.flags.get()),
+            problem: PayloadProblem::ReservedFlags(hdr.flags.get()),
         });
     }
     let len = hdr.len.get();
@@ -493,7 +591,18 @@ pub fn check_header(hdr: &FrameHeader) -> Result<(Kind, u32), WireError> {
     Ok((kind, len))
 }
 
+/// Reads and checks the header in `bytes` (exactly [`HEADER_LEN`] of them).
+fn parse_header(bytes: &[u8]) -> Result<(FrameHeader, Kind, u32), WireError> {
+    let hdr = FrameHeader::read_from_bytes(bytes).map_err(|_| short_header(bytes.len()))?;
+    let (kind, len) = check_header(&hdr)?;
+    Ok((hdr, kind, len))
+}
+
+/// Checks a plain frame's CRC (and that it is not a sealed frame).
 fn check_crc(hdr: &FrameHeader, kind: Kind, payload: &[u8]) -> Result<(), WireError> {
+    if hdr.flags.get() & seal::FLAG_SEALED != 0 {
+        return Err(WireError::SealedTooEarly { kind });
+    }
     let mut zeroed = *hdr;
     zeroed.crc = 0.into();
     let mut h = crc32fast::Hasher::new();
@@ -510,19 +619,14 @@ fn check_crc(hdr: &FrameHeader, kind: Kind, payload: &[u8]) -> Result<(), WireEr
     Ok(())
 }
 
-/// Decodes one frame from the front of `buf` (synchronous; for tests and tools).
+/// Decodes one plain frame from the front of `buf` (synchronous; for tests and tools).
 /// Returns `None` when `buf` holds less than one whole frame, else the message and the
 /// number of bytes consumed.
 pub fn decode_frame(buf: &[u8]) -> Result<Option<(Message, usize)>, WireError> {
     if buf.len() < HEADER_LEN {
         return Ok(None);
     }
-    let hdr =
-        FrameHeader::read_from_bytes(&buf[..HEADER_LEN]).map_err(|_| WireError::BadPayload {
-            kind: Kind::Invalid,
-            what: "short header".into(),
-        })?;
-    let (kind, len) = check_header(&hdr)?;
+    let (hdr, kind, len) = parse_header(&buf[..HEADER_LEN])?;
     let total = HEADER_LEN + len as usize;
     if buf.len() < total {
         return Ok(None);
@@ -532,58 +636,117 @@ pub fn decode_frame(buf: &[u8]) -> Result<Option<(Message, usize)>, WireError> {
     Ok(Some((Message::decode(kind, payload.to_vec())?, total)))
 }
 
-/// Reads one frame: header, checks (size before allocating), payload, CRC, decode.
-pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> Result<Message, WireError> {
+/// Reads one whole frame: header, checks (size before allocating), payload.
+async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<(FrameHeader, Kind, Vec<u8>), WireError> {
     let mut hb = [0u8; HEADER_LEN];
-    match r.read_exact(&mut hb).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(WireError::Closed),
-        Err(e) => return Err(WireError::Io(e)),
-    }
-    let hdr = FrameHeader::read_from_bytes(&hb[..]).map_err(|_| WireError::BadPayload {
-        kind: Kind::Invalid,
-        what: "short header".into(),
-    })?;
-    let (kind, len) = check_header(&hdr)?;
+    read_exact_or(r, &mut hb, 0).await?;
+    let (hdr, kind, len) = parse_header(&hb)?;
     let mut payload = vec![0u8; len as usize];
-    match r.read_exact(&mut payload).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(WireError::Closed),
-        Err(e) => return Err(WireError::Io(e)),
+    read_exact_or(r, &mut payload, HEADER_LEN).await?;
+    Ok((hdr, kind, payload))
+}
+
+/// `read_exact`, with an end of stream named: `Closed` at a frame boundary,
+/// `Truncated` inside a frame (`before` bytes of it were read already).
+async fn read_exact_or<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut [u8],
+    before: usize,
+) -> Result<(), WireError> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]).await {
+            Ok(0) if got + before == 0 => return Err(WireError::Closed),
+            Ok(0) => {
+                return Err(WireError::Truncated {
+                    have: before + got,
+                    want: before + buf.len(),
+                });
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(WireError::Io(e)),
+        }
     }
+    Ok(())
+}
+
+/// Reads one plain frame (the handshake): header, checks, payload, CRC, decode.
+pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> Result<Message, WireError> {
+    let (hdr, kind, payload) = read_frame(r).await?;
     check_crc(&hdr, kind, &payload)?;
     Message::decode(kind, payload)
 }
 
-/// A cancel-safe frame reader: bytes are kept across cancelled `next` calls, so it can be
-/// raced against timers (heartbeat checks) without losing its place in the stream.
+/// Reads one frame that may be sealed (the end of the handshake, where a refusal from a
+/// backup that found no key is plain). Returns the message and whether it was sealed.
+pub async fn read_sealed_or_plain<R: AsyncRead + Unpin>(
+    r: &mut R,
+    opener: &Opener,
+) -> Result<(Message, bool), WireError> {
+    let (hdr, kind, mut payload) = read_frame(r).await?;
+    if hdr.flags.get() & seal::FLAG_SEALED == 0 {
+        check_crc(&hdr, kind, &payload)?;
+        return Ok((Message::decode(kind, payload)?, false));
+    }
+    let n = opener.open(&hdr, kind, &mut payload)?;
+    payload.truncate(n);
+    Ok((Message::decode(kind, payload)?, true))
+}
+
+/// A cancel-safe reader of sealed frames: bytes are kept across cancelled `next` calls,
+/// so it can be raced against timers (heartbeat checks) without losing its place in the
+/// stream. Every frame must open with the peer's key at the next counter; the first that
+/// does not ends the reader.
 pub struct FrameReader<R> {
     inner: R,
     buf: Vec<u8>,
     start: usize,
+    opener: Opener,
     /// Bytes read from the connection so far.
     pub bytes_read: u64,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
-    pub fn new(inner: R) -> Self {
+    pub fn new(inner: R, opener: Opener) -> Self {
         FrameReader {
             inner,
             buf: Vec::with_capacity(256 * 1024),
             start: 0,
+            opener,
             bytes_read: 0,
         }
+    }
+
+    /// Opens the whole sealed frame at the front of the buffer, if there is one. No
+    /// `await` between opening (in place) and consuming: cancel-safe.
+    fn take_frame(&mut self) -> Result<Option<Message>, WireError> {
+        let avail = &self.buf[self.start..];
+        if avail.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let (hdr, kind, len) = parse_header(&avail[..HEADER_LEN])?;
+        let total = HEADER_LEN + len as usize;
+        if avail.len() < total {
+            return Ok(None);
+        }
+        let body = self.start + HEADER_LEN..self.start + total;
+        let n = self.opener.open(&hdr, kind, &mut self.buf[body.clone()])?;
+        let payload = self.buf[body.start..body.start + n].to_vec();
+        self.start += total;
+        if self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
+        Message::decode(kind, payload).map(Some)
     }
 
     /// The next message. Cancel-safe.
     pub async fn next(&mut self) -> Result<Message, WireError> {
         loop {
-            if let Some((m, used)) = decode_frame(&self.buf[self.start..])? {
-                self.start += used;
-                if self.start == self.buf.len() {
-                    self.buf.clear();
-                    self.start = 0;
-                }
+            if let Some(m) = self.take_frame()? {
                 return Ok(m);
             }
             // Compact before growing, so a long stream does not grow the buffer.
@@ -592,19 +755,26 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 self.start = 0;
             }
             // Reserve what the pending frame needs (its size was checked already).
-            let want = if self.buf.len() >= HEADER_LEN {
-                let len = u32::from_le_bytes([self.buf[8], self.buf[9], self.buf[10], self.buf[11]])
-                    as usize;
-                (HEADER_LEN + len)
-                    .saturating_sub(self.buf.len())
-                    .max(64 * 1024)
+            let pending = if self.buf.len() >= HEADER_LEN {
+                HEADER_LEN
+                    + u32::from_le_bytes([self.buf[8], self.buf[9], self.buf[10], self.buf[11]])
+                        as usize
             } else {
-                64 * 1024
+                HEADER_LEN
             };
-            self.buf.reserve(want);
+            self.buf
+                .reserve(pending.saturating_sub(self.buf.len()).max(64 * 1024));
             let n = self.inner.read_buf(&mut self.buf).await?;
             if n == 0 {
-                return Err(WireError::Closed);
+                // A cut at a frame boundary looks like a closed connection; inside a
+                // frame it is named (either way the peer is lost: no sealed CLOSE came).
+                if self.buf.is_empty() {
+                    return Err(WireError::Closed);
+                }
+                return Err(WireError::Truncated {
+                    have: self.buf.len(),
+                    want: pending,
+                });
             }
             self.bytes_read += n as u64;
         }
@@ -615,7 +785,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 }
 
-/// Writes one message (no flush).
+/// Writes one plain message (no flush): the handshake only.
 pub async fn write_message<W: AsyncWrite + Unpin>(w: &mut W, m: &Message) -> Result<(), WireError> {
     let mut buf = Vec::with_capacity(HEADER_LEN + 64);
     m.encode(&mut buf);
@@ -623,7 +793,7 @@ pub async fn write_message<W: AsyncWrite + Unpin>(w: &mut W, m: &Message) -> Res
     Ok(())
 }
 
-/// Writes one message and flushes.
+/// Writes one plain message and flushes: the handshake only.
 pub async fn send<W: AsyncWrite + Unpin>(w: &mut W, m: &Message) -> Result<(), WireError> {
     write_message(w, m).await?;
     w.flush().await?;
@@ -647,7 +817,7 @@ mod tests {
         let hello = Hello {
             max_version: VERSION,
             min_version: MIN_VERSION,
-            codec: 1,
+            codec: Codec::Lz4,
             cache_pages: 8192,
             nonce: [7; 32],
         };
@@ -693,12 +863,22 @@ mod tests {
         assert!(matches!(read_message(&mut r).await, Err(WireError::Closed)));
     }
 
+    /// Both ends' keys of one made-up session.
+    fn keys() -> (Keys, Keys) {
+        seal::test_pair(seal::LIMITS)
+    }
+
     #[tokio::test]
     async fn frame_reader_survives_cancellation() {
+        let (p, b) = keys();
         let mut wire = Vec::new();
         for i in 0..20u64 {
-            Message::Ack { checkpoint: i }.encode(&mut wire);
-            Message::Data(vec![i as u8; 70_000]).encode(&mut wire);
+            p.sealer
+                .encode(&Message::Ack { checkpoint: i }, &mut wire)
+                .unwrap();
+            p.sealer
+                .encode(&Message::Data(vec![i as u8; 70_000]), &mut wire)
+                .unwrap();
         }
         let (mut w, r) = tokio::io::duplex(1000);
         let writer = tokio::spawn(async move {
@@ -708,7 +888,7 @@ mod tests {
                 tokio::task::yield_now().await;
             }
         });
-        let mut fr = FrameReader::new(r);
+        let mut fr = FrameReader::new(r, b.opener);
         let mut got = Vec::new();
         while got.len() < 40 {
             // Race every read against an immediately ready future: cancels often.
@@ -726,6 +906,70 @@ mod tests {
             );
         }
         assert!(matches!(fr.next().await, Err(WireError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn frame_reader_names_a_cut_inside_a_frame() {
+        let (p, b) = keys();
+        let mut wire = Vec::new();
+        p.sealer
+            .encode(&Message::Ack { checkpoint: 1 }, &mut wire)
+            .unwrap();
+        let one = wire.len();
+        p.sealer
+            .encode(&Message::Data(vec![1; 500]), &mut wire)
+            .unwrap();
+        // Cut at the frame boundary: closed. Inside the second frame: truncated.
+        let mut fr = FrameReader::new(&wire[..one], b.opener.clone());
+        assert_eq!(fr.next().await.unwrap(), Message::Ack { checkpoint: 1 });
+        assert!(matches!(fr.next().await, Err(WireError::Closed)));
+        let (p, b) = keys();
+        let mut wire = Vec::new();
+        p.sealer
+            .encode(&Message::Ack { checkpoint: 1 }, &mut wire)
+            .unwrap();
+        p.sealer
+            .encode(&Message::Data(vec![1; 500]), &mut wire)
+            .unwrap();
+        drop(b);
+        for cut in [one + 3, one + HEADER_LEN, wire.len() - 1] {
+            let (_, fresh) = keys();
+            let mut fr = FrameReader::new(&wire[..cut], fresh.opener);
+            assert_eq!(fr.next().await.unwrap(), Message::Ack { checkpoint: 1 });
+            match fr.next().await {
+                Err(WireError::Truncated { have, want }) => {
+                    assert_eq!(have, cut - one);
+                    assert!(want > have, "{want} > {have}");
+                }
+                other => panic!("cut {cut}: {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn frame_reader_refuses_plain_frames_and_stops_after_a_bad_one() {
+        let (p, b) = keys();
+        let mut wire = Vec::new();
+        Message::Heartbeat { seq: 1 }.encode(&mut wire);
+        let mut fr = FrameReader::new(&wire[..], b.opener);
+        assert!(matches!(
+            fr.next().await,
+            Err(WireError::Unsealed {
+                kind: Kind::Heartbeat
+            })
+        ));
+        let (_, b) = keys();
+        let mut wire = Vec::new();
+        p.sealer
+            .encode(&Message::Ack { checkpoint: 1 }, &mut wire)
+            .unwrap();
+        let good = wire.clone();
+        let last = wire.len() - 1;
+        wire[last] ^= 0x20;
+        wire.extend_from_slice(&good);
+        let mut fr = FrameReader::new(&wire[..], b.opener);
+        assert!(matches!(fr.next().await, Err(WireError::Forged { .. })));
+        assert!(matches!(fr.next().await, Err(WireError::ChannelFailed)));
     }
 
     #[test]
@@ -816,31 +1060,90 @@ mod tests {
             );
         }
         let mut b = buf.clone();
-        b[6] = 1; // reserved flags
+        b[6] = 2; // reserved flags (bit 0 is `seal::FLAG_SEALED`)
         assert!(matches!(
             decode_frame(&b),
-            Err(WireError::BadPayload { .. })
+            Err(WireError::BadPayload {
+                kind: Kind::Data,
+                problem: PayloadProblem::ReservedFlags(2)
+            })
+        ));
+        // A sealed frame is not taken for a plain one.
+        let mut b = buf.clone();
+        b[6] = 1;
+        assert!(matches!(
+            decode_frame(&b),
+            Err(WireError::SealedTooEarly { kind: Kind::Data })
         ));
     }
 
     #[test]
     fn malformed_payloads_are_named() {
-        for (kind, len) in [
-            (Kind::Ack, 7),
-            (Kind::Heartbeat, 9),
-            (Kind::Auth, 31),
-            (Kind::Welcome, 1),
+        for (kind, len, expected) in [
+            (Kind::Ack, 7, 8),
+            (Kind::Heartbeat, 9, 8),
+            (Kind::Auth, 31, 32),
+            (Kind::Welcome, 1, 0),
+            (Kind::Close, 15, 16),
         ] {
             match Message::decode(kind, vec![0; len]) {
-                Err(WireError::BadPayload { kind: k, what }) => {
+                Err(WireError::BadPayload { kind: k, problem }) => {
                     assert_eq!(k, kind);
-                    assert!(what.contains(&len.to_string()), "{what}");
+                    assert_eq!(problem, PayloadProblem::Length { got: len, expected });
                 }
                 other => panic!("{kind:?}: {other:?}"),
             }
         }
-        assert!(Message::decode(Kind::Banner, vec![b'x'; MAX_BANNER + 1]).is_err());
-        assert!(Message::decode(Kind::Abort, vec![b'x'; MAX_REASON + 1]).is_err());
+        assert!(matches!(
+            Message::decode(Kind::Banner, vec![b'x'; MAX_BANNER + 1]),
+            Err(WireError::BadPayload {
+                kind: Kind::Banner,
+                problem: PayloadProblem::TooLong { got, max: MAX_BANNER }
+            }) if got == MAX_BANNER + 1
+        ));
+        assert!(matches!(
+            Message::decode(Kind::Abort, vec![b'x'; MAX_REASON + 1]),
+            Err(WireError::BadPayload {
+                kind: Kind::Abort,
+                problem: PayloadProblem::TooLong { .. }
+            })
+        ));
+        assert!(matches!(
+            Message::decode(Kind::Hello, vec![2, 0]),
+            Err(WireError::BadPayload {
+                kind: Kind::Hello,
+                problem: PayloadProblem::NoVersion { got: 2 }
+            })
+        ));
+    }
+
+    #[test]
+    fn an_unknown_codec_in_hello_is_refused() {
+        let mut buf = Vec::new();
+        Message::Hello(Hello {
+            max_version: VERSION,
+            min_version: MIN_VERSION,
+            codec: Codec::Lz4,
+            cache_pages: 0,
+            nonce: [0; 32],
+        })
+        .encode(&mut buf);
+        // The codec byte: header, then max, min (u16 each).
+        buf[HEADER_LEN + 4] = 7;
+        let crc_of = |b: &[u8]| {
+            let mut h = crc32fast::Hasher::new();
+            let mut hdr = b[..HEADER_LEN].to_vec();
+            hdr[12..16].copy_from_slice(&[0; 4]);
+            h.update(&hdr);
+            h.update(&b[HEADER_LEN..]);
+            h.finalize()
+        };
+        let crc = crc_of(&buf);
+        buf[12..16].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(
+            decode_frame(&buf),
+            Err(WireError::UnknownCodec(7))
+        ));
     }
 
     #[test]
@@ -850,23 +1153,28 @@ mod tests {
             Message::Hello(Hello {
                 max_version: max,
                 min_version: min,
-                codec: 0,
+                codec: Codec::None,
                 cache_pages: 0,
                 nonce: [0; 32],
             })
             .encode(&mut buf);
             decode_frame(&buf)
         };
-        // Current and previous are accepted.
+        // Ours is accepted.
         assert!(enc(VERSION, MIN_VERSION).unwrap().is_some());
         assert!(enc(MIN_VERSION, MIN_VERSION).unwrap().is_some());
-        // A future-only peer and an ancient peer are refused, naming both ranges.
-        for (max, min) in [(VERSION + 5, VERSION + 1), (0, 0)] {
+        // A future-only peer, the unsealed versions 1 and 2, and garbage are refused,
+        // naming both ranges.
+        for (max, min) in [(VERSION + 5, VERSION + 1), (2, 1), (2, 2), (1, 1), (0, 0)] {
             match enc(max, min) {
-                Err(e @ WireError::Version { .. }) => {
-                    let msg = e.to_string();
-                    assert!(msg.contains(&format!("{min}..={max}")), "{msg}");
-                    assert!(msg.contains(&format!("{MIN_VERSION}..={VERSION}")), "{msg}");
+                Err(WireError::Version {
+                    ours_min,
+                    ours_max,
+                    theirs_min,
+                    theirs_max,
+                }) => {
+                    assert_eq!((theirs_min, theirs_max), (min, max));
+                    assert_eq!((ours_min, ours_max), (MIN_VERSION, VERSION));
                 }
                 other => panic!("{max}/{min}: {other:?}"),
             }

@@ -19,7 +19,8 @@
 //!   of checkpoint N ends at `end`: all bytes of checkpoint N are `< end`.
 //! - `Event::Record { .. }` for every record of either layer (start offset of the 8-byte
 //!   header, type, body length, end offset after padding).
-//! - Errors are `StreamError` with the offset; the parser is dead after an error.
+//! - Errors are `StreamError` variants, each with the offset; the parser is dead after
+//!   an error.
 //!
 //! Two precisions on the contract (the implementation is the reference):
 //! - For N = 1 the record type is only known once its 4-byte type field has arrived, so
@@ -46,9 +47,14 @@
 //! Every record is `u32 type, u32 body_length` (little-endian), body, zero padding to 8.
 //! Memory is bounded: only headers (at most 48 bytes) are buffered; bodies are skipped
 //! by counting.
+pub mod error;
+mod headers;
+mod records;
 pub mod writer;
 
 use std::fmt::Write as _;
+
+pub use error::{Field, Part, RecordId, Rule, StreamError};
 
 /// Which framing layer a record belongs to (type numbers collide between them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,35 +104,6 @@ impl Event {
                 start, body_len, ..
             } => Some(start + 8..start + 8 + u64::from(body_len)),
             _ => None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum StreamError {
-    #[error("at byte {pos}: {what}")]
-    Invalid { pos: u64, what: String },
-}
-
-impl StreamError {
-    fn at(pos: u64, what: impl Into<String>) -> Self {
-        StreamError::Invalid {
-            pos,
-            what: what.into(),
-        }
-    }
-
-    /// The stream offset the error refers to.
-    pub fn pos(&self) -> u64 {
-        match self {
-            StreamError::Invalid { pos, .. } => *pos,
-        }
-    }
-
-    /// What was wrong, without the position.
-    pub fn what(&self) -> &str {
-        match self {
-            StreamError::Invalid { what, .. } => what,
         }
     }
 }
@@ -292,8 +269,9 @@ enum State {
     LibxcDomainHeader,
     /// Buffering an 8-byte record header.
     RecordHeader,
-    /// Skipping a record body, then checking its padding.
+    /// Skipping the body of record `cur`, then checking its padding.
     RecordBody {
+        cur: Current,
         body_left: u64,
         pad_left: u8,
     },
@@ -315,18 +293,17 @@ impl State {
         }
     }
 
-    fn describe(self) -> &'static str {
-        match self {
-            State::XlFixed => "the xl header",
-            State::XlConfigLen { .. } => "the xl config length",
-            State::XlSkip { .. } => "the xl config",
-            State::LibxlHeader => "the libxl header",
-            State::LibxcImageHeader => "the libxc image header",
-            State::LibxcDomainHeader => "the libxc domain header",
-            State::RecordHeader => "a record header",
-            State::RecordBody { .. } => "a record body",
-            State::Finished => "nothing",
-        }
+    /// The fixed-size part a buffering state reads.
+    fn part(self) -> Option<Part> {
+        Some(match self {
+            State::XlFixed => Part::XlHeader,
+            State::XlConfigLen { .. } => Part::XlConfigLen,
+            State::LibxlHeader => Part::LibxlHeader,
+            State::LibxcImageHeader => Part::LibxcImageHeader,
+            State::LibxcDomainHeader => Part::LibxcDomainHeader,
+            State::RecordHeader => Part::RecordHeader,
+            _ => return None,
+        })
     }
 }
 
@@ -339,6 +316,15 @@ struct Current {
     body_len: u32,
 }
 
+impl Current {
+    fn id(&self) -> RecordId {
+        RecordId {
+            layer: self.layer,
+            rtype: self.rtype,
+        }
+    }
+}
+
 /// The incremental parser. See the module docs for the contract.
 #[derive(Debug)]
 pub struct Parser {
@@ -349,7 +335,6 @@ pub struct Parser {
     blen: usize,
     /// Start offset of the buffered header.
     bstart: u64,
-    cur: Option<Current>,
     domain: Option<DomainType>,
     /// The checkpoint whose bytes are being read (1-based).
     checkpoint: u64,
@@ -370,7 +355,6 @@ impl Default for Parser {
             buf: [0; XL_HEADER_LEN],
             blen: 0,
             bstart: 0,
-            cur: None,
             domain: None,
             checkpoint: 1,
             complete: 0,
@@ -462,50 +446,31 @@ impl Parser {
         if let Some(e) = &self.dead {
             return Err(e.clone());
         }
-        let what = match self.state {
+        let pos = self.pos;
+        Err(match self.state {
             State::Finished => return Ok(()),
             State::RecordHeader if self.blen == 0 => return Ok(()),
-            State::XlSkip { left, .. } => {
-                format!(
-                    "truncated inside the xl config: {left} more bytes of optional data expected"
-                )
-            }
+            _ if pos == 0 => StreamError::Empty { pos },
+            State::XlSkip { left, .. } => StreamError::TruncatedConfig { pos, left },
             State::RecordBody {
+                cur,
                 body_left,
                 pad_left,
-            } => {
-                let c = self.cur.unwrap_or(Current {
-                    layer: Layer::Libxl,
-                    rtype: 0,
-                    start: 0,
-                    body_len: 0,
-                });
-                format!(
-                    "truncated inside the {:?} {} record (type {:#x}) that starts at byte {}: \
-                     {} more body bytes and {} padding bytes expected",
-                    c.layer,
-                    type_name(c.layer, c.rtype),
-                    c.rtype,
-                    c.start,
-                    body_left,
-                    pad_left
-                )
-            }
-            s => {
-                let mut w = format!(
-                    "truncated inside {} that starts at byte {}: {} of {} bytes read",
-                    s.describe(),
-                    self.bstart,
-                    self.blen,
-                    s.need()
-                );
-                if self.pos == 0 {
-                    w = "empty stream: the xl header is missing".to_string();
-                }
-                w
-            }
-        };
-        Err(StreamError::at(self.pos, what))
+            } => StreamError::TruncatedRecord {
+                pos,
+                record: cur.id(),
+                start: cur.start,
+                body_left,
+                pad_left,
+            },
+            s => StreamError::TruncatedPart {
+                pos,
+                part: s.part().unwrap_or(Part::RecordHeader),
+                start: self.bstart,
+                have: self.blen,
+                need: s.need(),
+            },
+        })
     }
 
     fn feed_inner(&mut self, mut data: &[u8], ev: &mut Vec<Event>) -> Result<(), StreamError> {
@@ -518,81 +483,93 @@ impl Parser {
                     pos: self.pos,
                 });
             }
-            match self.state {
-                State::Finished => {
-                    return Err(StreamError::at(self.pos, "data after the libxl END record"));
-                }
-                State::XlSkip { left, config_len } => {
-                    let n = (data.len() as u64).min(left);
-                    data = &data[n as usize..];
-                    self.pos += n;
-                    let left = left - n;
-                    if left == 0 {
-                        ev.push(Event::XlHeader {
-                            end: self.pos,
-                            config_len,
-                        });
-                        self.begin_buffer(State::LibxlHeader);
-                    } else {
-                        self.state = State::XlSkip { left, config_len };
-                    }
-                }
+            let used = match self.state {
+                State::Finished => return Err(StreamError::AfterEnd { pos: self.pos }),
+                State::XlSkip { left, config_len } => self.skip_config(data, left, config_len, ev),
                 State::RecordBody {
+                    cur,
                     body_left,
                     pad_left,
-                } => {
-                    if body_left > 0 {
-                        let n = (data.len() as u64).min(body_left);
-                        data = &data[n as usize..];
-                        self.pos += n;
-                        self.state = State::RecordBody {
-                            body_left: body_left - n,
-                            pad_left,
-                        };
-                    } else if pad_left > 0 {
-                        if data[0] != 0 {
-                            return Err(StreamError::at(
-                                self.pos,
-                                format!(
-                                    "padding byte is {:#04x}, not zero (record at byte {})",
-                                    data[0],
-                                    self.cur.map(|c| c.start).unwrap_or(0)
-                                ),
-                            ));
-                        }
-                        data = &data[1..];
-                        self.pos += 1;
-                        self.state = State::RecordBody {
-                            body_left: 0,
-                            pad_left: pad_left - 1,
-                        };
-                    }
-                    if let State::RecordBody {
-                        body_left: 0,
-                        pad_left: 0,
-                    } = self.state
-                    {
-                        self.record_complete(ev)?;
-                    }
-                }
-                s => {
-                    let need = s.need();
-                    let before = self.blen;
-                    let n = (need - self.blen).min(data.len());
-                    self.buf[self.blen..self.blen + n].copy_from_slice(&data[..n]);
-                    self.blen += n;
-                    self.pos += n as u64;
-                    data = &data[n..];
-                    if s == State::RecordHeader && before < 4 && self.blen >= 4 {
-                        self.record_type_known(ev)?;
-                    }
-                    if self.blen == need {
-                        self.header_complete(s, ev)?;
-                    }
-                }
-            }
+                } => self.skip_body(data, cur, body_left, pad_left, ev)?,
+                s => self.buffer(data, s, ev)?,
+            };
+            data = &data[used..];
         }
         Ok(())
+    }
+
+    /// Skips the xl config and the rest of the optional data. Returns the bytes used.
+    fn skip_config(
+        &mut self,
+        data: &[u8],
+        left: u64,
+        config_len: u32,
+        ev: &mut Vec<Event>,
+    ) -> usize {
+        let n = (data.len() as u64).min(left);
+        self.pos += n;
+        let left = left - n;
+        if left == 0 {
+            ev.push(Event::XlHeader {
+                end: self.pos,
+                config_len,
+            });
+            self.begin_buffer(State::LibxlHeader);
+        } else {
+            self.state = State::XlSkip { left, config_len };
+        }
+        n as usize
+    }
+
+    /// Skips a record body by counting, then checks its padding byte by byte.
+    fn skip_body(
+        &mut self,
+        data: &[u8],
+        cur: Current,
+        body_left: u64,
+        pad_left: u8,
+        ev: &mut Vec<Event>,
+    ) -> Result<usize, StreamError> {
+        let (used, body_left, pad_left) = if body_left > 0 {
+            let n = (data.len() as u64).min(body_left);
+            (n as usize, body_left - n, pad_left)
+        } else {
+            if data[0] != 0 {
+                return Err(StreamError::Padding {
+                    pos: self.pos,
+                    byte: data[0],
+                    record_start: cur.start,
+                });
+            }
+            (1, 0, pad_left - 1)
+        };
+        self.pos += used as u64;
+        self.state = State::RecordBody {
+            cur,
+            body_left,
+            pad_left,
+        };
+        if body_left == 0 && pad_left == 0 {
+            self.record_complete(cur, ev);
+        }
+        Ok(used)
+    }
+
+    /// Buffers the bytes of a fixed-size part; checks it once whole.
+    fn buffer(&mut self, data: &[u8], s: State, ev: &mut Vec<Event>) -> Result<usize, StreamError> {
+        let need = s.need();
+        let before = self.blen;
+        let n = (need - self.blen).min(data.len());
+        self.buf[self.blen..self.blen + n].copy_from_slice(&data[..n]);
+        self.blen += n;
+        self.pos += n as u64;
+        if s == State::RecordHeader && before < 4 && self.blen >= 4 {
+            self.record_type_known(ev);
+        }
+        if self.blen == need {
+            self.header_complete(s, ev)?;
+        }
+        Ok(n)
     }
 
     fn begin_buffer(&mut self, s: State) {
@@ -601,182 +578,35 @@ impl Parser {
         self.bstart = self.pos;
     }
 
+    /// A buffered part is whole: check it and move on.
     fn header_complete(&mut self, s: State, ev: &mut Vec<Event>) -> Result<(), StreamError> {
         let b = self.buf;
         let at = self.bstart;
         match s {
-            State::XlFixed => {
-                if &b[..32] != XL_MAGIC {
-                    let first = b[..32]
-                        .iter()
-                        .zip(XL_MAGIC.iter())
-                        .position(|(a, m)| a != m)
-                        .unwrap_or(0);
-                    return Err(StreamError::at(
-                        at + first as u64,
-                        format!(
-                            "wrong xl magic: expected {:?}, got {:?}",
-                            String::from_utf8_lossy(XL_MAGIC),
-                            String::from_utf8_lossy(&b[..32])
-                        ),
-                    ));
-                }
-                let order = le32(&b, 32);
-                if order != XL_BYTEORDER {
-                    return Err(StreamError::at(
-                        at + 32,
-                        format!(
-                            "wrong xl byte-order marker {order:#010x} (expected {XL_BYTEORDER:#010x}, little-endian)"
-                        ),
-                    ));
-                }
-                let mandatory = le32(&b, 36);
-                let unknown = mandatory & !(XL_FLAG_JSON | XL_FLAG_STREAMV2);
-                if unknown != 0 {
-                    return Err(StreamError::at(
-                        at + 36,
-                        format!("unknown xl mandatory flags {unknown:#x}"),
-                    ));
-                }
-                if mandatory & XL_FLAG_STREAMV2 == 0 {
-                    return Err(StreamError::at(
-                        at + 36,
-                        "xl mandatory flags lack STREAMv2: a legacy (v1) stream is not supported",
-                    ));
-                }
-                // optional_flags (b[40..44]): xl 4.17 defines none and does not check them.
-                let opt_len = le32(&b, 44);
-                if opt_len > XL_OPTIONAL_DATA_MAX {
-                    return Err(StreamError::at(
-                        at + 44,
-                        format!("xl optional data length {opt_len} exceeds {XL_OPTIONAL_DATA_MAX}"),
-                    ));
-                }
-                match opt_len {
-                    0 => {
-                        ev.push(Event::XlHeader {
-                            end: self.pos,
-                            config_len: 0,
-                        });
-                        self.begin_buffer(State::LibxlHeader);
-                    }
-                    1..=3 => {
-                        return Err(StreamError::at(
-                            at + 44,
-                            format!(
-                                "xl optional data length {opt_len} is too short for the u32 config length"
-                            ),
-                        ));
-                    }
-                    _ => self.begin_buffer(State::XlConfigLen { opt_len }),
-                }
-            }
+            State::XlFixed => match headers::xl_fixed(&b, at)? {
+                0 => self.xl_header_done(0, ev),
+                opt_len => self.begin_buffer(State::XlConfigLen { opt_len }),
+            },
             State::XlConfigLen { opt_len } => {
-                let config_len = le32(&b, 0);
-                if config_len > opt_len - 4 {
-                    return Err(StreamError::at(
-                        at,
-                        format!(
-                            "xl config length {config_len} exceeds the {} bytes of optional data left",
-                            opt_len - 4
-                        ),
-                    ));
-                }
-                let left = u64::from(opt_len - 4);
+                let (config_len, left) = headers::xl_config_len(&b, at, opt_len)?;
                 if left == 0 {
-                    ev.push(Event::XlHeader {
-                        end: self.pos,
-                        config_len,
-                    });
-                    self.begin_buffer(State::LibxlHeader);
+                    self.xl_header_done(config_len, ev);
                 } else {
                     self.state = State::XlSkip { left, config_len };
                     self.blen = 0;
                 }
             }
             State::LibxlHeader => {
-                let ident = be64(&b, 0);
-                if ident != LIBXL_IDENT {
-                    return Err(StreamError::at(
-                        at,
-                        format!(
-                            "wrong libxl ident {ident:#018x} (expected {LIBXL_IDENT:#018x}, \"LibxlFmt\")"
-                        ),
-                    ));
-                }
-                let version = be32(&b, 8);
-                if version != LIBXL_VERSION {
-                    return Err(StreamError::at(
-                        at + 8,
-                        format!(
-                            "unsupported libxl stream version {version} (expected {LIBXL_VERSION})"
-                        ),
-                    ));
-                }
-                let options = be32(&b, 12);
-                if options & LIBXL_OPT_BIG_ENDIAN != 0 {
-                    return Err(StreamError::at(
-                        at + 12,
-                        "big-endian libxl streams are not supported (libxl refuses them too)",
-                    ));
-                }
+                headers::libxl(&b, at)?;
                 self.phase = Phase::LibxlStart;
                 self.begin_buffer(State::RecordHeader);
             }
             State::LibxcImageHeader => {
-                let marker = be64(&b, 0);
-                if marker != LIBXC_MARKER {
-                    return Err(StreamError::at(
-                        at,
-                        format!("wrong libxc image marker {marker:#018x} (expected all ones)"),
-                    ));
-                }
-                let id = be32(&b, 8);
-                if id != LIBXC_ID {
-                    return Err(StreamError::at(
-                        at + 8,
-                        format!(
-                            "wrong libxc image id {id:#010x} (expected {LIBXC_ID:#010x}, \"XENF\")"
-                        ),
-                    ));
-                }
-                let version = be32(&b, 12);
-                if !(2..=3).contains(&version) {
-                    return Err(StreamError::at(
-                        at + 12,
-                        format!("unsupported libxc image version {version} (expected 2 or 3)"),
-                    ));
-                }
-                let options = u16::from_be_bytes([b[16], b[17]]);
-                if options & LIBXC_OPT_BIG_ENDIAN != 0 {
-                    return Err(StreamError::at(
-                        at + 16,
-                        "big-endian libxc images are not supported (libxc refuses them too)",
-                    ));
-                }
+                headers::libxc_image(&b, at)?;
                 self.begin_buffer(State::LibxcDomainHeader);
             }
             State::LibxcDomainHeader => {
-                let dtype = le32(&b, 0);
-                self.domain = Some(match dtype {
-                    1 => DomainType::X86Pv,
-                    2 => DomainType::X86Hvm,
-                    t => {
-                        return Err(StreamError::at(
-                            at,
-                            format!(
-                                "unsupported libxc domain type {t} (expected 1 x86 PV or 2 x86 HVM)"
-                            ),
-                        ));
-                    }
-                });
-                let page_shift = u16::from_le_bytes([b[4], b[5]]);
-                if page_shift != 12 {
-                    return Err(StreamError::at(
-                        at + 4,
-                        format!("libxc page shift {page_shift} is not 12 (x86 has 4 KiB pages)"),
-                    ));
-                }
+                self.domain = Some(headers::libxc_domain(&b, at)?);
                 self.phase = Phase::Libxc;
                 self.begin_buffer(State::RecordHeader);
             }
@@ -784,6 +614,14 @@ impl Parser {
             State::XlSkip { .. } | State::RecordBody { .. } | State::Finished => {}
         }
         Ok(())
+    }
+
+    fn xl_header_done(&mut self, config_len: u32, ev: &mut Vec<Event>) {
+        ev.push(Event::XlHeader {
+            end: self.pos,
+            config_len,
+        });
+        self.begin_buffer(State::LibxlHeader);
     }
 
     fn phase_layer(&self) -> Layer {
@@ -795,7 +633,7 @@ impl Parser {
     }
 
     /// The 4-byte type field of a record header has arrived.
-    fn record_type_known(&mut self, ev: &mut Vec<Event>) -> Result<(), StreamError> {
+    fn record_type_known(&mut self, ev: &mut Vec<Event>) {
         let rtype = le32(&self.buf, 0);
         if self.phase == Phase::Libxc
             && !self.post_suspend_sent
@@ -808,169 +646,30 @@ impl Parser {
                 pos: self.bstart,
             });
         }
-        Ok(())
-    }
-
-    fn not_allowed(&self, rtype: u32, why: &str) -> StreamError {
-        let layer = self.phase_layer();
-        StreamError::at(
-            self.bstart,
-            format!(
-                "{:?} record type {:#x} ({}) is not allowed here: {}",
-                layer,
-                rtype,
-                type_name(layer, rtype),
-                why
-            ),
-        )
     }
 
     fn record_header_complete(&mut self, ev: &mut Vec<Event>) -> Result<(), StreamError> {
-        let rtype = le32(&self.buf, 0);
-        let len = le32(&self.buf, 4);
-        let start = self.bstart;
-        let layer = self.phase_layer();
-        if len > REC_LENGTH_MAX {
-            return Err(StreamError::at(
-                start + 4,
-                format!(
-                    "{:?} {} record (type {:#x}) body length {} exceeds the 128 MiB limit",
-                    layer,
-                    type_name(layer, rtype),
-                    rtype,
-                    len
-                ),
-            ));
-        }
-        let optional = rtype & REC_TYPE_OPTIONAL != 0;
+        let cur = Current {
+            layer: self.phase_layer(),
+            rtype: le32(&self.buf, 0),
+            start: self.bstart,
+            body_len: le32(&self.buf, 4),
+        };
         let hvm = self.domain == Some(DomainType::X86Hvm);
-        // Records that carry no fields: Xen writes them with length 0.
-        let mut marker = false;
-        let mut emulator = false;
-        if !optional {
-            match self.phase {
-                Phase::LibxlStart => match rtype {
-                    libxl_type::LIBXC_CONTEXT => marker = true,
-                    _ => return Err(self.not_allowed(
-                        rtype,
-                        "before LIBXC_CONTEXT only LIBXC_CONTEXT and optional records may appear",
-                    )),
-                },
-                Phase::LibxlCheckpoint | Phase::LibxlTail => match rtype {
-                    libxl_type::EMULATOR_XENSTORE_DATA | libxl_type::EMULATOR_CONTEXT => {
-                        if !hvm {
-                            return Err(self.not_allowed(
-                                rtype,
-                                "emulator records belong to HVM guests, this is a PV stream",
-                            ));
-                        }
-                        emulator = true;
-                    }
-                    libxl_type::CHECKPOINT_END if self.phase == Phase::LibxlCheckpoint => {
-                        marker = true
-                    }
-                    libxl_type::END if self.phase == Phase::LibxlTail => marker = true,
-                    libxl_type::CHECKPOINT_END => {
-                        return Err(self.not_allowed(
-                            rtype,
-                            "CHECKPOINT_END after a libxc END (plain stream)",
-                        ));
-                    }
-                    libxl_type::END => {
-                        return Err(self.not_allowed(
-                            rtype,
-                            "END inside a checkpoint (libxc ended it with CHECKPOINT)",
-                        ));
-                    }
-                    libxl_type::LIBXC_CONTEXT => {
-                        return Err(self
-                            .not_allowed(rtype, "LIBXC_CONTEXT appears only once, at the start"));
-                    }
-                    libxl_type::CHECKPOINT_STATE => {
-                        return Err(self.not_allowed(rtype, "CHECKPOINT_STATE is COLO-only"));
-                    }
-                    _ => return Err(self.not_allowed(rtype, "unknown mandatory libxl record type")),
-                },
-                Phase::Libxc => {
-                    use libxc_type::*;
-                    match rtype {
-                        END | VERIFY | CHECKPOINT | STATIC_DATA_END => marker = true,
-                        PAGE_DATA | X86_TSC_INFO | X86_CPUID_POLICY | X86_MSR_POLICY => {}
-                        X86_PV_INFO | X86_PV_P2M_FRAMES | X86_PV_VCPU_BASIC
-                        | X86_PV_VCPU_EXTENDED | X86_PV_VCPU_XSAVE | SHARED_INFO
-                        | X86_PV_VCPU_MSRS => {
-                            if hvm {
-                                return Err(self.not_allowed(rtype, "a PV record in an HVM stream"));
-                            }
-                        }
-                        HVM_CONTEXT | HVM_PARAMS => {
-                            if !hvm {
-                                return Err(self.not_allowed(rtype, "an HVM record in a PV stream"));
-                            }
-                        }
-                        TOOLSTACK => {
-                            return Err(self.not_allowed(
-                                rtype,
-                                "the deprecated TOOLSTACK record is not accepted by Xen 4.17",
-                            ));
-                        }
-                        CHECKPOINT_DIRTY_PFN_LIST => {
-                            return Err(self.not_allowed(
-                                rtype,
-                                "CHECKPOINT_DIRTY_PFN_LIST only travels backup to primary (COLO)",
-                            ));
-                        }
-                        _ => {
-                            return Err(
-                                self.not_allowed(rtype, "unknown mandatory libxc record type")
-                            );
-                        }
-                    }
-                }
-            }
-        }
-        if marker && len != 0 {
-            return Err(StreamError::at(
-                start + 4,
-                format!(
-                    "{:?} {} record must have body length 0, has {}",
-                    layer,
-                    type_name(layer, rtype),
-                    len
-                ),
-            ));
-        }
-        if emulator && len < 8 {
-            return Err(StreamError::at(
-                start + 4,
-                format!(
-                    "libxl {} record body length {} is shorter than its 8-byte emulator header",
-                    type_name(layer, rtype),
-                    len
-                ),
-            ));
-        }
-        self.cur = Some(Current {
-            layer,
-            rtype,
-            start,
-            body_len: len,
-        });
+        records::check(self.phase, hvm, cur)?;
         self.blen = 0;
         self.state = State::RecordBody {
-            body_left: u64::from(len),
-            pad_left: pad_of(len),
+            cur,
+            body_left: u64::from(cur.body_len),
+            pad_left: pad_of(cur.body_len),
         };
-        if len == 0 {
-            self.record_complete(ev)?;
+        if cur.body_len == 0 {
+            self.record_complete(cur, ev);
         }
         Ok(())
     }
 
-    fn record_complete(&mut self, ev: &mut Vec<Event>) -> Result<(), StreamError> {
-        let Some(c) = self.cur.take() else {
-            return Err(StreamError::at(self.pos, "internal: record without header"));
-        };
+    fn record_complete(&mut self, c: Current, ev: &mut Vec<Event>) {
         let end = self.pos;
         ev.push(Event::Record {
             layer: c.layer,
@@ -1015,10 +714,8 @@ impl Parser {
             }
         }
         self.begin_buffer(next);
-        Ok(())
     }
 }
-
 /// Renders events one per line (for test failure messages and debugging).
 pub fn render_events(events: &[Event]) -> String {
     let mut s = String::new();

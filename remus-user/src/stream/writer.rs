@@ -10,8 +10,14 @@
 //! checkpoint 1 is a live migration (static records, every page, then the pages dirtied
 //! meanwhile), later checkpoints carry only the pages dirtied during the interval. Each
 //! checkpoint ends with the end-of-checkpoint records (PV: TSC_INFO, SHARED_INFO, vCPU
-//! records; HVM: TSC_INFO, HVM_CONTEXT, HVM_PARAMS), libxc CHECKPOINT, then libxl
-//! (HVM: EMULATOR_XENSTORE_DATA, EMULATOR_CONTEXT) CHECKPOINT_END.
+//! records; HVM and PVH: TSC_INFO, HVM_CONTEXT, HVM_PARAMS), libxc CHECKPOINT, then libxl
+//! (HVM only: [EMULATOR_XENSTORE_DATA] EMULATOR_CONTEXT) CHECKPOINT_END.
+//!
+//! PVH and HVM share the libxc side (domain header type 2, `xg_sr_save_x86_hvm.c`); libxl
+//! tells them apart (`libxl_stream_write.c`): only an HVM guest has a device model, so
+//! only its checkpoints carry the emulator records, at every checkpoint. The xenstore
+//! record is written only when QEMU's xenstore subtree (`physmap/…`) has something in
+//! it (`WriterConfig::emulator_xenstore`).
 //!
 //! Page contents mimic a guest: zero pages, text, page tables / counters, and some
 //! random pages; between checkpoints a dirty page changes a few words or a short run, so
@@ -37,7 +43,26 @@ pub const PFINFO_XTAB: u64 = 0xf;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GuestKind {
     Pv,
+    /// HVM with a device model (QEMU upstream): emulator records at every checkpoint.
     Hvm,
+    /// PVH: an HVM container without a device model; no emulator records.
+    Pvh,
+}
+
+impl GuestKind {
+    /// Has the libxc HVM records (domain header type 2).
+    pub fn is_hvm_container(self) -> bool {
+        matches!(self, GuestKind::Hvm | GuestKind::Pvh)
+    }
+
+    /// The `type` of the xl config.
+    fn config_type(self) -> &'static str {
+        match self {
+            GuestKind::Pv => "pv",
+            GuestKind::Hvm => "hvm",
+            GuestKind::Pvh => "pvh",
+        }
+    }
 }
 
 /// What to write.
@@ -58,6 +83,9 @@ pub struct WriterConfig {
     pub plain: bool,
     /// Insert an optional (bit 31) record in both layers, as a future Xen might.
     pub optional_records: bool,
+    /// HVM: write EMULATOR_XENSTORE_DATA before EMULATOR_CONTEXT (libxl omits it when
+    /// QEMU's xenstore subtree is empty).
+    pub emulator_xenstore: bool,
 }
 
 impl WriterConfig {
@@ -71,12 +99,21 @@ impl WriterConfig {
             seed: 1,
             plain: false,
             optional_records: false,
+            emulator_xenstore: true,
         }
     }
 
+    /// HVM with a device model.
     pub fn hvm(checkpoints: u64) -> Self {
         WriterConfig {
             kind: GuestKind::Hvm,
+            ..WriterConfig::pv(checkpoints)
+        }
+    }
+
+    pub fn pvh(checkpoints: u64) -> Self {
+        WriterConfig {
+            kind: GuestKind::Pvh,
             ..WriterConfig::pv(checkpoints)
         }
     }
@@ -320,7 +357,7 @@ fn page_data(out: &mut Out, mem: &GuestMemory, pfns: &[u64], kind: GuestKind, wi
         for &pfn in chunk {
             // PV guests have typed page-table pages; HVM pages are all NOTAB.
             let t = match (kind, pfn % 512) {
-                (GuestKind::Hvm, _) => PFINFO_NOTAB,
+                (GuestKind::Hvm | GuestKind::Pvh, _) => PFINFO_NOTAB,
                 (GuestKind::Pv, 3) => PFINFO_L4TAB_PIN,
                 (GuestKind::Pv, 2 | 66) => PFINFO_L3TAB,
                 (GuestKind::Pv, r) if r % 64 == 1 => PFINFO_L1TAB,
@@ -378,11 +415,44 @@ fn end_of_checkpoint(out: &mut Out, cfg: &WriterConfig, rng: &mut Rng, n: u64) {
                 out.libxc(libxc_type::X86_PV_VCPU_XSAVE, &[&h, &xsave]);
             }
         }
-        GuestKind::Hvm => {
-            let ctx = noise(rng, 0x1a3b + 1000 * cfg.vcpus as usize);
+        GuestKind::Hvm | GuestKind::Pvh => {
+            // Sizes and parameters as in the lab's captured streams (1 vCPU: HVM_CONTEXT
+            // of 2504 bytes for PVH, 4112 for HVM with its emulated platform; 8 and 12
+            // parameters, the special pages' PFNs among them); more vCPUs add about a
+            // CPU record each.
+            let per_vcpu = 1024 * (cfg.vcpus.max(1) as usize - 1);
+            let ctx_len = match cfg.kind {
+                GuestKind::Pvh => 2504 + per_vcpu,
+                _ => 4112 + per_vcpu,
+            };
+            let ctx = noise(rng, ctx_len);
             out.libxc(libxc_type::HVM_CONTEXT, &[&ctx]);
             let mut params = Vec::new();
-            let list: &[(u64, u64)] = &[(2, 0xfeffe), (1, 0xfefff), (5, 0xfeffc), (17, 1)];
+            let pvh: &[(u64, u64)] = &[
+                (1, 1_044_476),
+                (5, 1_044_477),
+                (6, 1_044_475),
+                (27, 1_044_472),
+                (28, 1_044_473),
+                (29, 1_044_474),
+                (17, 1_044_479),
+                (12, 4_278_181_888),
+            ];
+            let hvm: &[(u64, u64)] = &[
+                (1, 1_044_476),
+                (5, 1_044_477),
+                (6, 1_044_475),
+                (27, 1_044_472),
+                (28, 1_044_473),
+                (29, 1_044_474),
+                (37, 1_653_496_349_312),
+                (17, 1_044_479),
+                (19, 1),
+                (12, 4_278_181_888),
+                (32, 1_044_464),
+                (33, 8),
+            ];
+            let list = if cfg.kind == GuestKind::Pvh { pvh } else { hvm };
             params.extend_from_slice(&(list.len() as u32).to_le_bytes());
             params.extend_from_slice(&0u32.to_le_bytes());
             for (i, v) in list {
@@ -394,12 +464,20 @@ fn end_of_checkpoint(out: &mut Out, cfg: &WriterConfig, rng: &mut Rng, n: u64) {
     }
 }
 
-fn emulator_records(out: &mut Out, rng: &mut Rng, n: u64) {
+/// The libxl records of an HVM guest's device model (none for PV and PVH).
+fn emulator_records(out: &mut Out, cfg: &WriterConfig, rng: &mut Rng, n: u64) {
+    if cfg.kind != GuestKind::Hvm {
+        return;
+    }
     let emu: &[u8] = &[2, 0, 0, 0, 0, 0, 0, 0]; // QEMU upstream, index 0
-    let xs = format!("physmap/f0000/start_addr\0f0000\0physmap/f0000/size\0{n:x}\0");
-    out.libxl(libxl_type::EMULATOR_XENSTORE_DATA, &[emu, xs.as_bytes()]);
+    if cfg.emulator_xenstore {
+        let xs = format!("physmap/f0000/start_addr\0f0000\0physmap/f0000/size\0{n:x}\0");
+        out.libxl(libxl_type::EMULATOR_XENSTORE_DATA, &[emu, xs.as_bytes()]);
+    }
+    // QEMU's device state as libxl copies it from QEMU's save file (8066 bytes in the
+    // lab's captured HVM stream, in a record of 8074 with the emulator header).
     let mut blob = b"QEVM\0\0\0\x03".to_vec();
-    blob.extend((0..3001).map(|i| if i % 5 == 0 { rng.next_u64() as u8 } else { 0 }));
+    blob.extend((0..8058).map(|i| if i % 5 == 0 { rng.next_u64() as u8 } else { 0 }));
     out.libxl(libxl_type::EMULATOR_CONTEXT, &[emu, &blob]);
 }
 
@@ -414,16 +492,35 @@ pub fn write(cfg: &WriterConfig) -> Written {
     };
     let mut mem = GuestMemory::new(cfg.guest_pages, cfg.seed);
     let mut rng = Rng::new(cfg.seed ^ 0x5eed);
+    write_headers(&mut out, cfg);
+    write_static_data(&mut out, cfg);
+    // Checkpoint 1: the live pass (every page), then what was dirtied meanwhile.
+    let all: Vec<u64> = (0..cfg.guest_pages as u64).collect();
+    page_data(&mut out, &mem, &all, cfg.kind, true);
+    let dirty = mem.dirty(cfg.dirty_pages);
+    page_data(&mut out, &mem, &dirty, cfg.kind, false);
+    end_of_checkpoint(&mut out, cfg, &mut rng, 1);
 
+    if cfg.plain {
+        write_plain_end(&mut out, cfg, &mut rng);
+    } else {
+        write_checkpoints(&mut out, cfg, &mut mem, &mut rng);
+    }
+    Written {
+        bytes: out.b,
+        events: out.ev,
+        page_records: out.pages,
+    }
+}
+
+/// The xl header with its JSON config, the libxl header, LIBXC_CONTEXT, the libxc image
+/// and domain headers.
+fn write_headers(out: &mut Out, cfg: &WriterConfig) {
     // xl header + JSON config (NUL-terminated, as xl writes it).
     let config = format!(
         "{{\"c_info\":{{\"type\":\"{}\",\"name\":\"guest{}\",\"uuid\":\"6d3c5f2e-0000-4000-8000-{:012x}\"}},\
          \"b_info\":{{\"max_vcpus\":{},\"max_memkb\":{}}}}}\0",
-        if cfg.kind == GuestKind::Pv {
-            "pv"
-        } else {
-            "hvm"
-        },
+        cfg.kind.config_type(),
         cfg.seed,
         cfg.seed,
         cfg.vcpus,
@@ -459,13 +556,16 @@ pub fn write(cfg: &WriterConfig) -> Written {
     out.b.extend_from_slice(&3u32.to_be_bytes());
     out.b.extend_from_slice(&0u16.to_be_bytes());
     out.b.extend_from_slice(&[0u8; 6]);
-    let dtype: u32 = if cfg.kind == GuestKind::Pv { 1 } else { 2 };
+    let dtype: u32 = if cfg.kind.is_hvm_container() { 2 } else { 1 };
     out.b.extend_from_slice(&dtype.to_le_bytes());
     out.b.extend_from_slice(&12u16.to_le_bytes());
     out.b.extend_from_slice(&0u16.to_le_bytes());
     out.b.extend_from_slice(&4u32.to_le_bytes());
     out.b.extend_from_slice(&17u32.to_le_bytes());
+}
 
+/// The libxc static data before the first page.
+fn write_static_data(out: &mut Out, cfg: &WriterConfig) {
     // Static data.
     if cfg.kind == GuestKind::Pv {
         out.libxc(libxc_type::X86_PV_INFO, &[&[8, 4, 0, 0, 0, 0, 0, 0]]);
@@ -488,32 +588,22 @@ pub fn write(cfg: &WriterConfig) -> Written {
         }
         out.libxc(libxc_type::X86_PV_P2M_FRAMES, &[&p2m]);
     }
+}
 
-    // Checkpoint 1: the live pass (every page), then what was dirtied meanwhile.
-    let all: Vec<u64> = (0..cfg.guest_pages as u64).collect();
-    page_data(&mut out, &mem, &all, cfg.kind, true);
-    let dirty = mem.dirty(cfg.dirty_pages);
-    page_data(&mut out, &mem, &dirty, cfg.kind, false);
-    end_of_checkpoint(&mut out, cfg, &mut rng, 1);
-
-    if cfg.plain {
-        out.libxc(libxc_type::END, &[]);
-        if cfg.kind == GuestKind::Hvm {
-            emulator_records(&mut out, &mut rng, 1);
-        }
-        if cfg.optional_records {
-            out.libxl(REC_TYPE_OPTIONAL | 0x43, &[b"x"]);
-        }
-        out.libxl(libxl_type::END, &[]);
-        let end = out.pos();
-        out.ev.push(Event::End { end });
-        return Written {
-            bytes: out.b,
-            events: out.ev,
-            page_records: out.pages,
-        };
+/// A plain migration ends with libxc END, (emulator records,) libxl END.
+fn write_plain_end(out: &mut Out, cfg: &WriterConfig, rng: &mut Rng) {
+    out.libxc(libxc_type::END, &[]);
+    emulator_records(out, cfg, rng, 1);
+    if cfg.optional_records {
+        out.libxl(REC_TYPE_OPTIONAL | 0x43, &[b"x"]);
     }
+    out.libxl(libxl_type::END, &[]);
+    let end = out.pos();
+    out.ev.push(Event::End { end });
+}
 
+/// The CHECKPOINT / CHECKPOINT_END of checkpoint 1, then the later checkpoints whole.
+fn write_checkpoints(out: &mut Out, cfg: &WriterConfig, mem: &mut GuestMemory, rng: &mut Rng) {
     for n in 1..=cfg.checkpoints.max(1) {
         if n > 1 {
             // The first byte after CHECKPOINT_END of n-1 is written after the suspend.
@@ -522,15 +612,13 @@ pub fn write(cfg: &WriterConfig) -> Written {
             let pos = out.pos();
             out.ev.push(Event::PostSuspendStart { checkpoint: n, pos });
             let dirty = mem.dirty(cfg.dirty_pages);
-            page_data(&mut out, &mem, &dirty, cfg.kind, false);
-            end_of_checkpoint(&mut out, cfg, &mut rng, n);
+            page_data(out, mem, &dirty, cfg.kind, false);
+            end_of_checkpoint(out, cfg, rng, n);
         }
         out.libxc(libxc_type::CHECKPOINT, &[]);
         let end = out.pos();
         out.ev.push(Event::LibxcCheckpoint { checkpoint: n, end });
-        if cfg.kind == GuestKind::Hvm {
-            emulator_records(&mut out, &mut rng, n);
-        }
+        emulator_records(out, cfg, rng, n);
         if cfg.optional_records {
             out.libxl(REC_TYPE_OPTIONAL | 0x44, &[b"opt"]);
         }
@@ -538,10 +626,5 @@ pub fn write(cfg: &WriterConfig) -> Written {
         let end = out.pos();
         out.ev
             .push(Event::CheckpointComplete { checkpoint: n, end });
-    }
-    Written {
-        bytes: out.b,
-        events: out.ev,
-        page_records: out.pages,
     }
 }

@@ -20,6 +20,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub use remus_user::relay::BANNER;
+use remus_user::replication::{self, FrameReader, Key, Message, ServerConfig};
 use remus_user::stream::Event;
 use remus_user::stream::writer::{WriterConfig, Written, write};
 
@@ -42,34 +43,7 @@ pub const HANG_GUARD: Duration = Duration::from_secs(120);
 pub fn remus_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("REMUS_BIN") {
-            return PathBuf::from(p);
-        }
-        let exe = std::env::current_exe().expect("test executable path");
-        // target/<profile>/deps/<test> → target/<profile>/remus
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile>");
-        let bin = profile_dir.join("remus");
-        if !bin.exists() {
-            let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-                .parent()
-                .expect("workspace root");
-            let path = format!(
-                "/var/cache/remus/bin:{}",
-                std::env::var("PATH").unwrap_or_default()
-            );
-            let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                .args(["build", "-p", "remus-user", "--bin", "remus"])
-                .current_dir(root)
-                .env("PATH", path)
-                .status()
-                .expect("running cargo build for the remus binary");
-            assert!(st.success(), "cargo build -p remus-user --bin remus failed");
-        }
-        assert!(bin.exists(), "no remus binary at {}", bin.display());
-        bin
+        remus_testkit::bins::for_this_test("remus", "REMUS_BIN").unwrap_or_else(|e| panic!("{e}"))
     })
     .clone()
 }
@@ -419,5 +393,92 @@ pub fn feed(s: &mut Sender, st: &Stream, from: usize, to: usize) {
     for n in from..=to {
         s.write(st.checkpoint(n));
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// What the fake backup of `fake_backup` is told to do.
+pub enum Cmd {
+    Ack(u64),
+    Drop,
+}
+
+/// A backup that authenticates, sends the banner, swallows the stream, heartbeats, and
+/// sends ACK(N) only on command. Runs on its own thread; `listener` is bound in the
+/// sender's namespace.
+pub fn fake_backup(
+    listener: std::net::TcpListener,
+    mut cmds: tokio::sync::mpsc::UnboundedReceiver<Cmd>,
+    key: &'static str,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            listener.set_nonblocking(true).unwrap();
+            let l = tokio::net::TcpListener::from_std(listener).unwrap();
+            let (mut s, _) = l.accept().await.unwrap();
+            let cfg = ServerConfig { key: Key::from_bytes(key.as_bytes()).unwrap(), timeout: Duration::from_secs(30) };
+            let session = replication::server_handshake(&mut s, &cfg).await.expect("the sender authenticates");
+            let sealer = session.keys.sealer.clone();
+            sealer.send(&mut s, &Message::Welcome).await.unwrap();
+            sealer.send(&mut s, &Message::Banner(BANNER.to_vec())).await.unwrap();
+            let (r, mut w) = s.into_split();
+            let mut r = FrameReader::new(r, session.keys.opener.clone());
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tokio::select! {
+                    m = r.next() => if m.is_err() { return },
+                    _ = tick.tick() => {
+                        if sealer.send(&mut w, &Message::Heartbeat { seq: 0 }).await.is_err() { return }
+                    }
+                    c = cmds.recv() => match c {
+                        Some(Cmd::Ack(n)) => sealer.send(&mut w, &Message::Ack { checkpoint: n }).await.unwrap(),
+                        // Dropping both halves resets the connection: the backup is gone.
+                        Some(Cmd::Drop) | None => return,
+                    },
+                }
+            }
+        });
+    })
+}
+
+/// `remus relay send BUFFER…` started in network namespace `host` against a
+/// [`fake_backup`] listening there, past the banner. The heartbeat timeout is long: the
+/// ACKs are withheld on purpose, the heartbeats are not.
+pub struct FakeBackupRun {
+    pub dir: Scratch,
+    pub tx: Sender,
+    pub cmds: tokio::sync::mpsc::UnboundedSender<Cmd>,
+    pub backup: std::thread::JoinHandle<()>,
+}
+
+pub fn relay_against_fake_backup(
+    host: &str,
+    scratch: &str,
+    buffer: &[&str],
+    key: &'static str,
+) -> FakeBackupRun {
+    let dir = Scratch::new(scratch);
+    let key_file = dir.key("key", key);
+    let listener =
+        remus_tests::netns::in_netns(host, || std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    let addr = listener.local_addr().unwrap().to_string();
+    let (cmds, cmd_rx) = tokio::sync::mpsc::unbounded_channel();
+    let backup = fake_backup(listener, cmd_rx, key);
+    let hb = [
+        "--heartbeat-interval",
+        "100ms",
+        "--heartbeat-timeout",
+        "30s",
+    ];
+    let mut tx = Sender::start_in(Some(host), &dir, "a", buffer, &addr, &key_file, &hb);
+    assert_eq!(tx.read_banner(), BANNER, "sender log:\n{}", tx.log());
+    FakeBackupRun {
+        dir,
+        tx,
+        cmds,
+        backup,
     }
 }

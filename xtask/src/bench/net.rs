@@ -25,13 +25,10 @@
 //! Configurations are interleaved per repeat; a ratio is the median of the per-repeat
 //! ratios against the unbuffered run of the same repeat.
 use std::{
-    fs::File,
     io::{BufRead, BufReader, Write},
     mem,
-    os::{
-        fd::{AsRawFd, FromRawFd, OwnedFd},
-        unix::net::UnixStream,
-    },
+    ops::Deref,
+    os::unix::net::UnixStream,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
@@ -44,6 +41,14 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::{Value, json};
+
+use remus_testkit::{
+    cmd::{self as kit, nsenter_args},
+    frames::{GUEST_MAC, udp_frame},
+    ns::enter_netns,
+    packet::PacketSocket,
+    topo::Lan,
+};
 
 use crate::util;
 
@@ -63,6 +68,12 @@ pub struct NetArgs {
     only: Vec<Part>,
 }
 
+impl NetArgs {
+    fn wants(&self, p: Part) -> bool {
+        self.only.is_empty() || self.only.contains(&p)
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Part {
     /// Bulk TCP.
@@ -74,8 +85,6 @@ enum Part {
 }
 
 const PFX: &str = "rbn";
-const GUEST_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
-const PEER_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -90,51 +99,15 @@ fn check_interrupt() -> Result<()> {
     Ok(())
 }
 
-fn mac_str(m: &[u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-/// Output of a finished command.
-struct Out {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
+/// A finished command (the kit's).
+type Out = kit::Out;
 
 fn sh(program: &str, args: &[&str]) -> Result<Out> {
-    let o = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("starting {program}"))?;
-    Ok(Out {
-        ok: o.status.success(),
-        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-    })
+    Ok(kit::run(program, args)?)
 }
 
 fn must(program: &str, args: &[&str]) -> Result<String> {
-    let o = sh(program, args)?;
-    if !o.ok {
-        bail!("{program} {args:?} failed: {}", o.stderr.trim());
-    }
-    Ok(o.stdout)
-}
-
-fn nsargs<'a>(ns: &'a str, program: &'a str, args: &[&'a str]) -> Vec<String> {
-    let mut a = vec![format!("--net=/run/netns/{ns}"), program.to_string()];
-    a.extend(args.iter().map(|s| s.to_string()));
-    a
-}
-
-fn must_in(ns: &str, program: &str, args: &[&str]) -> Result<String> {
-    let a = nsargs(ns, program, args);
-    let a: Vec<&str> = a.iter().map(String::as_str).collect();
-    must("nsenter", &a)
+    Ok(kit::must(program, args)?)
 }
 
 /// The benchmark's namespaces and processes; all removed on drop.
@@ -142,11 +115,15 @@ struct Bench {
     bin: PathBuf,
     /// Where the holder logs of every attach are kept (the runtime log is removed).
     keep_log: PathBuf,
-    host: String,
-    guest: String,
-    peer: String,
-    vif: String,
+    lan: Lan,
     children: Vec<Child>,
+}
+
+impl Deref for Bench {
+    type Target = Lan;
+    fn deref(&self) -> &Lan {
+        &self.lan
+    }
 }
 
 impl Bench {
@@ -155,109 +132,17 @@ impl Bench {
         let b = Bench {
             bin,
             keep_log,
-            host: format!("{PFX}h"),
-            guest: format!("{PFX}g"),
-            peer: format!("{PFX}p"),
-            vif: format!("{PFX}v"),
+            lan: Lan::named(PFX, "v"),
             children: Vec::new(),
         };
         b.cleanup();
-        b.build()?;
+        b.lan.build()?;
         Ok(b)
-    }
-
-    fn build(&self) -> Result<()> {
-        let lan = format!("{PFX}l");
-        for ns in [&self.host, &self.guest, &self.peer] {
-            must("ip", &["netns", "add", ns])?;
-            must_in(ns, "sysctl", &["-qw", "net.ipv6.conf.all.disable_ipv6=1"])?;
-            must("ip", &["-n", ns, "link", "set", "lo", "up"])?;
-        }
-        let h = self.host.as_str();
-        must(
-            "ip",
-            &[
-                "-n",
-                h,
-                "link",
-                "add",
-                "br0",
-                "type",
-                "bridge",
-                "stp_state",
-                "0",
-                "forward_delay",
-                "0",
-            ],
-        )?;
-        must(
-            "ip",
-            &[
-                "-n",
-                h,
-                "link",
-                "add",
-                &self.vif,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                &self.guest,
-            ],
-        )?;
-        must(
-            "ip",
-            &[
-                "-n", h, "link", "add", &lan, "type", "veth", "peer", "name", "eth0", "netns",
-                &self.peer,
-            ],
-        )?;
-        for d in [self.vif.as_str(), lan.as_str(), "br0"] {
-            if d != "br0" {
-                must("ip", &["-n", h, "link", "set", d, "master", "br0"])?;
-            }
-            must("ip", &["-n", h, "link", "set", d, "up"])?;
-        }
-        for (ns, mac, ip, oip, omac) in [
-            (&self.guest, GUEST_MAC, "10.77.0.1", "10.77.0.2", PEER_MAC),
-            (&self.peer, PEER_MAC, "10.77.0.2", "10.77.0.1", GUEST_MAC),
-        ] {
-            must(
-                "ip",
-                &["-n", ns, "link", "set", "eth0", "address", &mac_str(&mac)],
-            )?;
-            must(
-                "ip",
-                &["-n", ns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"],
-            )?;
-            must("ip", &["-n", ns, "link", "set", "eth0", "up"])?;
-            must(
-                "ip",
-                &[
-                    "-n",
-                    ns,
-                    "neigh",
-                    "replace",
-                    oip,
-                    "lladdr",
-                    &mac_str(&omac),
-                    "dev",
-                    "eth0",
-                    "nud",
-                    "permanent",
-                ],
-            )?;
-        }
-        Ok(())
     }
 
     fn remus(&self, args: &[&str]) -> Result<Out> {
         let bin = self.bin.to_string_lossy().into_owned();
-        let a = nsargs(&self.host, &bin, args);
-        let a: Vec<&str> = a.iter().map(String::as_str).collect();
-        sh("nsenter", &a)
+        Ok(kit::run_in(&self.host, &bin, args)?)
     }
 
     /// Attaches the buffer; returns the holder's pid.
@@ -265,7 +150,7 @@ impl Bench {
         let mut a = vec!["attach", self.vif.as_str(), "-j"];
         a.extend_from_slice(extra);
         let o = self.remus(&a)?;
-        if !o.ok {
+        if !o.success() {
             bail!("remus-net attach {extra:?} failed: {}", o.stderr.trim());
         }
         let v: Value = serde_json::from_str(&o.stdout).context("attach -j output")?;
@@ -285,7 +170,7 @@ impl Bench {
         // --release: the last frames of a finished run (iperf3's closing handshake) must
         // reach the peer, or its server stays busy with a half-closed test.
         let o = self.remus(&["detach", &self.vif, "--release"])?;
-        if !o.ok {
+        if !o.success() {
             bail!("remus-net detach failed: {}", o.stderr.trim());
         }
         Ok(())
@@ -293,7 +178,7 @@ impl Bench {
 
     fn spawn_in(&mut self, ns: &str, program: &str, args: &[&str]) -> Result<()> {
         let c = Command::new("nsenter")
-            .args(nsargs(ns, program, args))
+            .args(nsenter_args(ns, program, args))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -323,25 +208,11 @@ impl Bench {
     }
 
     fn cleanup(&self) {
-        if Path::new(&format!("/run/netns/{}", self.host)).exists() {
+        if remus_testkit::ns::exists(&self.host) {
             let _ = self.remus(&["detach", &self.vif, "--drop"]);
         }
-        for ns in [&self.host, &self.guest, &self.peer] {
-            if Path::new(&format!("/run/netns/{ns}")).exists() {
-                // Processes in the benchmark's own namespaces (iperf3, a holder).
-                if let Ok(o) = sh("ip", &["netns", "pids", ns]) {
-                    for p in o
-                        .stdout
-                        .split_whitespace()
-                        .filter_map(|p| p.parse::<i32>().ok())
-                    {
-                        // SAFETY: kill has no memory preconditions.
-                        unsafe { libc::kill(p, libc::SIGKILL) };
-                    }
-                }
-                let _ = sh("ip", &["netns", "del", ns]);
-            }
-        }
+        // Processes in the benchmark's own namespaces (iperf3, a holder) go with them.
+        self.lan.remove();
         self.keep_holder_log();
         for ext in ["json", "sock", "log"] {
             let _ = std::fs::remove_file(format!("/run/remus/net-{}.{ext}", self.vif));
@@ -393,118 +264,14 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-fn enter_netns(ns: &str) -> std::io::Result<()> {
-    let f = File::open(format!("/run/netns/{ns}"))?;
-    // SAFETY: setns on a valid fd, network namespace of this thread only.
-    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-fn packet_socket(iface: &str) -> std::io::Result<OwnedFd> {
-    let proto = (libc::ETH_P_ALL as u16).to_be();
-    // SAFETY: socket(2).
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            proto as i32,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fresh fd we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let name = std::ffi::CString::new(iface).map_err(std::io::Error::other)?;
-    // SAFETY: valid C string.
-    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) } as i32;
-    // SAFETY: zeroed sockaddr_ll is valid.
-    let mut sll: libc::sockaddr_ll = unsafe { mem::zeroed() };
-    sll.sll_family = libc::AF_PACKET as u16;
-    sll.sll_protocol = proto;
-    sll.sll_ifindex = ifindex;
-    // SAFETY: sll valid for its size.
-    let r = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            &sll as *const _ as *const libc::sockaddr,
-            mem::size_of::<libc::sockaddr_ll>() as u32,
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(fd)
-}
-
-/// An IPv4/UDP frame guest → peer with `payload` bytes to `dport`, UDP checksum 0
-/// (64 bytes: 106 on the wire; 1472 bytes: a 1514-byte MTU frame).
-fn udp_frame(payload: usize, dport: u16) -> Vec<u8> {
-    let mut f = Vec::new();
-    f.extend_from_slice(&PEER_MAC);
-    f.extend_from_slice(&GUEST_MAC);
-    f.extend_from_slice(&[0x08, 0x00]);
-    let total = (20 + 8 + payload) as u16;
-    let mut ip = vec![
-        0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0, 10, 77, 0, 1, 10, 77, 0, 2,
-    ];
-    ip[2..4].copy_from_slice(&total.to_be_bytes());
-    let mut sum: u32 = ip
-        .chunks(2)
-        .map(|c| u16::from_be_bytes([c[0], c[1]]) as u32)
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
-    f.extend_from_slice(&ip);
-    f.extend_from_slice(&40000u16.to_be_bytes());
-    f.extend_from_slice(&dport.to_be_bytes());
-    f.extend_from_slice(&((8 + payload) as u16).to_be_bytes());
-    f.extend_from_slice(&[0, 0]);
-    f.resize(f.len() + payload, 0x5a);
-    f
-}
-
 /// Sends `count` copies of `frame` (0: until `until`) from the guest's eth0 with
 /// sendmmsg; returns how many were sent.
 fn inject(guest: String, frame: Vec<u8>, count: u64, until: Duration) -> Result<u64> {
-    std::thread::spawn(move || -> std::io::Result<u64> {
+    std::thread::spawn(move || -> Result<u64> {
         enter_netns(&guest)?;
-        let fd = packet_socket("eth0")?;
-        const BATCH: usize = 64;
-        let mut iov: Vec<libc::iovec> = (0..BATCH)
-            .map(|_| libc::iovec {
-                iov_base: frame.as_ptr() as *mut libc::c_void,
-                iov_len: frame.len(),
-            })
-            .collect();
-        // SAFETY: zeroed mmsghdr is valid; each points at one iovec of the live frame.
-        let mut msgs: Vec<libc::mmsghdr> = (0..BATCH).map(|_| unsafe { mem::zeroed() }).collect();
-        for (m, v) in msgs.iter_mut().zip(iov.iter_mut()) {
-            m.msg_hdr.msg_iov = v;
-            m.msg_hdr.msg_iovlen = 1;
-        }
-        let end = Instant::now() + until;
-        let mut n = 0u64;
-        while (count == 0 || n < count)
-            && Instant::now() < end
-            && !INTERRUPTED.load(Ordering::Relaxed)
-        {
-            let want = if count == 0 {
-                BATCH
-            } else {
-                BATCH.min((count - n) as usize)
-            };
-            // SAFETY: msgs and the frame they point at are alive.
-            let r = unsafe { libc::sendmmsg(fd.as_raw_fd(), msgs.as_mut_ptr(), want as u32, 0) };
-            if r > 0 {
-                n += r as u64;
-            }
-        }
-        Ok(n)
+        let sock = PacketSocket::open("eth0")?;
+        let stop = || INTERRUPTED.load(Ordering::Relaxed);
+        Ok(sock.send_copies(&frame, count, Instant::now() + until, stop))
     })
     .join()
     .map_err(|_| anyhow::anyhow!("injector thread panicked"))?
@@ -563,7 +330,7 @@ fn raw_burst(b: &Bench, n: u64, port: u16) -> Result<(f64, f64)> {
 fn iperf(b: &Bench, args: &[&str]) -> Result<Value> {
     let mut a = vec!["-c", "10.77.0.2", "-J"];
     a.extend_from_slice(args);
-    let argv = nsargs(&b.guest, "iperf3", &a);
+    let argv = nsenter_args(&b.guest, "iperf3", &a);
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let t0 = Instant::now();
     loop {
@@ -731,15 +498,15 @@ const RING_BLOCKS: usize = 8;
 
 /// A mapped `TPACKET_V3` receive ring on a bound packet socket.
 struct RxRing {
-    fd: OwnedFd,
+    sock: PacketSocket,
     map: *mut u8,
 }
 
 impl RxRing {
-    fn open(iface: &str) -> std::io::Result<RxRing> {
-        let fd = packet_socket(iface)?;
+    fn open(iface: &str) -> Result<RxRing> {
+        let sock = PacketSocket::open(iface)?;
         let version = libc::tpacket_versions::TPACKET_V3 as i32;
-        sockopt(&fd, libc::SOL_PACKET, libc::PACKET_VERSION, &version)?;
+        sock.setopt(libc::SOL_PACKET, libc::PACKET_VERSION, &version)?;
         let req = libc::tpacket_req3 {
             tp_block_size: RING_BLOCK as u32,
             tp_block_nr: RING_BLOCKS as u32,
@@ -749,7 +516,7 @@ impl RxRing {
             tp_sizeof_priv: 0,
             tp_feature_req_word: 0,
         };
-        sockopt(&fd, libc::SOL_PACKET, libc::PACKET_RX_RING, &req)?;
+        sock.setopt(libc::SOL_PACKET, libc::PACKET_RX_RING, &req)?;
         // SAFETY: mapping the ring the kernel just allocated for this socket.
         let map = unsafe {
             libc::mmap(
@@ -757,15 +524,15 @@ impl RxRing {
                 RING_BLOCK * RING_BLOCKS,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
-                fd.as_raw_fd(),
+                sock.raw_fd(),
                 0,
             )
         };
         if map == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
+            return Err(std::io::Error::last_os_error()).context("mapping the TPACKET_V3 ring");
         }
         Ok(RxRing {
-            fd,
+            sock,
             map: map as *mut u8,
         })
     }
@@ -814,7 +581,7 @@ impl RxRing {
     /// Waits up to `ms` for the kernel to hand over a block.
     fn wait(&self, ms: i32) {
         let mut p = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
+            fd: self.sock.raw_fd(),
             events: libc::POLLIN | libc::POLLERR,
             revents: 0,
         };
@@ -830,40 +597,24 @@ impl Drop for RxRing {
     }
 }
 
-fn sockopt<T>(fd: &OwnedFd, level: i32, opt: i32, v: &T) -> std::io::Result<()> {
-    // SAFETY: v is a valid T for the duration of the call.
-    let r = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            opt,
-            v as *const T as *const libc::c_void,
-            mem::size_of::<T>() as u32,
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 impl Stamps {
     fn start(ns: &str, port: u16) -> Result<Stamps> {
         let stop = Arc::new(AtomicBool::new(false));
         let count = Arc::new(AtomicU64::new(0));
         let last_ns = Arc::new(AtomicU64::new(0));
-        let (tx, rx) = std::sync::mpsc::channel::<std::io::Result<()>>();
+        let (tx, rx) = std::sync::mpsc::channel::<Result<()>>();
         let (ns, s2, c2, l2) = (ns.to_string(), stop.clone(), count.clone(), last_ns.clone());
         let thread = std::thread::spawn(move || {
             // The UDP socket nobody reads is the frames' sink: without a listener the
             // peer would answer every frame with an ICMP port-unreachable, work a LAN
             // peer would do on its own CPU, not on the host being measured.
-            let opened = enter_netns(&ns).and_then(|_| {
+            let opened = (|| -> Result<_> {
+                enter_netns(&ns)?;
                 Ok((
                     RxRing::open("eth0")?,
                     std::net::UdpSocket::bind(("10.77.0.2", port))?,
                 ))
-            });
+            })();
             let (ring, _sink) = match opened {
                 Ok(r) => r,
                 Err(e) => {
@@ -926,7 +677,7 @@ fn release_latency(b: &Bench, n: u64, port: u16) -> Result<(f64, f64)> {
     b.attach(&[])?;
     let stamps = Stamps::start(&b.peer, port)?;
     let guest = b.guest.clone();
-    std::thread::spawn(move || -> std::io::Result<()> {
+    std::thread::spawn(move || -> Result<()> {
         enter_netns(&guest)?;
         let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
         let payload = vec![0x5au8; 1472];
@@ -982,25 +733,47 @@ fn release_latency(b: &Bench, n: u64, port: u16) -> Result<(f64, f64)> {
     Ok((last.saturating_sub(sent_ns) as f64 / 1e6, answer_ms))
 }
 
-pub fn run(a: NetArgs) -> Result<()> {
+/// Bulk TCP configurations: name, `remus-net attach` options (None: no buffer).
+const TCP_CFGS: [(&str, Option<&[&str]>); 4] = [
+    ("no buffer", None),
+    (
+        "epoch 0 (commit after every drain)",
+        Some(&["--autocommit-unsafe", "0"]),
+    ),
+    ("epoch 5 ms", Some(&["--autocommit-unsafe", "5"])),
+    ("epoch 25 ms", Some(&["--autocommit-unsafe", "25"])),
+];
+
+/// 64-byte configurations: name, attach options, raw injection (else iperf3 UDP).
+const SMALL_CFGS: [(&str, Option<&[&str]>, bool); 4] = [
+    ("iperf3 UDP 64 B, no buffer", None, false),
+    (
+        "iperf3 UDP 64 B, hold+release (epoch 0)",
+        Some(&["--autocommit-unsafe", "0"]),
+        false,
+    ),
+    ("raw AF_PACKET injection, no buffer", None, true),
+    (
+        "raw AF_PACKET injection, hold+release (epoch 0)",
+        Some(&["--autocommit-unsafe", "0"]),
+        true,
+    ),
+];
+
+/// Checks the tools, builds unless told not to; the release binary and the target dir.
+fn prepare(a: &NetArgs) -> Result<(PathBuf, PathBuf)> {
     if !util::is_root() {
         bail!("bench net needs root: it creates network namespaces and attaches BPF programs");
     }
     for tool in ["iperf3", "nsenter", "ip"] {
-        if sh("sh", &["-c", &format!("command -v {tool}")])?
-            .stdout
-            .trim()
-            .is_empty()
-        {
+        if !kit::have(tool) {
             bail!("{tool} is not installed (cargo xtask deps installs it)");
         }
     }
     if !a.no_build {
         util::run(util::cmd("cargo").args(["build", "--release", "-p", "remus-user", "--bins"]))?;
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| util::root().join("target"));
+    let target = remus_testkit::bins::target_dir();
     let bin = target.join("release/remus-net");
     if !bin.exists() {
         bail!(
@@ -1008,112 +781,88 @@ pub fn run(a: NetArgs) -> Result<()> {
             bin.display()
         );
     }
-    // Ctrl-C / SIGTERM: stop at the next step and clean up through Drop.
-    // SAFETY: installing a handler that only stores to an atomic.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
-    let dir = target.join("bench");
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let want = |p: Part| a.only.is_empty() || a.only.contains(&p);
-    let mut b = Bench::new(bin.clone(), dir.join("net-holder.log"))?;
-    let peer = b.peer.clone();
-    b.spawn_in(&peer, "iperf3", &["-s", "-B", "10.77.0.2"])?;
-    std::thread::sleep(Duration::from_millis(500));
-    let secs = a.secs;
+    Ok((bin, target))
+}
 
+/// Bulk TCP, every configuration once per repeat.
+fn measure_tcp(b: &Bench, a: &NetArgs) -> Result<Vec<Series>> {
     eprintln!(
         "bench net: TCP bulk, offloads on ({} s x {})",
-        secs, a.repeats
+        a.secs, a.repeats
     );
-    let tcp_cfgs: [(&str, Option<&[&str]>); 4] = [
-        ("no buffer", None),
-        (
-            "epoch 0 (commit after every drain)",
-            Some(&["--autocommit-unsafe", "0"]),
-        ),
-        ("epoch 5 ms", Some(&["--autocommit-unsafe", "5"])),
-        ("epoch 25 ms", Some(&["--autocommit-unsafe", "25"])),
-    ];
-    let mut tcp: Vec<Series> = tcp_cfgs.iter().map(|_| Series::default()).collect();
-    for _ in 0..a.repeats * want(Part::Tcp) as usize {
-        for (i, (_, cfg)) in tcp_cfgs.iter().enumerate() {
-            with_config(&b, *cfg, &mut tcp[i], || {
-                iperf_tcp(&b, secs).map(|(g, r)| (g, r as f64))
+    let mut tcp: Vec<Series> = TCP_CFGS.iter().map(|_| Series::default()).collect();
+    for _ in 0..a.repeats * a.wants(Part::Tcp) as usize {
+        for (i, (_, cfg)) in TCP_CFGS.iter().enumerate() {
+            with_config(b, *cfg, &mut tcp[i], || {
+                iperf_tcp(b, a.secs).map(|(g, r)| (g, r as f64))
             })?;
         }
     }
+    Ok(tcp)
+}
 
+/// 64-byte frame rates, every configuration once per repeat.
+fn measure_small(b: &Bench, a: &NetArgs) -> Result<Vec<Series>> {
     eprintln!("bench net: 64-byte frames");
-    let small_cfgs: [(&str, Option<&[&str]>, bool); 4] = [
-        ("iperf3 UDP 64 B, no buffer", None, false),
-        (
-            "iperf3 UDP 64 B, hold+release (epoch 0)",
-            Some(&["--autocommit-unsafe", "0"]),
-            false,
-        ),
-        ("raw AF_PACKET injection, no buffer", None, true),
-        (
-            "raw AF_PACKET injection, hold+release (epoch 0)",
-            Some(&["--autocommit-unsafe", "0"]),
-            true,
-        ),
-    ];
-    let mut small: Vec<Series> = small_cfgs.iter().map(|_| Series::default()).collect();
-    for _ in 0..a.repeats * want(Part::Small) as usize {
-        for (i, (_, cfg, raw)) in small_cfgs.iter().enumerate() {
-            with_config(&b, *cfg, &mut small[i], || {
+    let mut small: Vec<Series> = SMALL_CFGS.iter().map(|_| Series::default()).collect();
+    for _ in 0..a.repeats * a.wants(Part::Small) as usize {
+        for (i, (_, cfg, raw)) in SMALL_CFGS.iter().enumerate() {
+            with_config(b, *cfg, &mut small[i], || {
                 // Series value: received pps; extra: sent pps.
                 let (s, r) = if *raw {
-                    raw_inject(&b, secs)?
+                    raw_inject(b, a.secs)?
                 } else {
-                    iperf_udp64(&b, secs)?
+                    iperf_udp64(b, a.secs)?
                 };
                 Ok((r, s))
             })?;
         }
     }
+    Ok(small)
+}
 
+/// Release latency with the buffer and the raw-burst baseline, 1k and 10k frames.
+type Latencies = (Vec<(u64, Series)>, Vec<(u64, Series)>);
+
+fn measure_latency(b: &Bench, a: &NetArgs) -> Result<Latencies> {
     eprintln!("bench net: release latency");
     let mut lat: Vec<(u64, Series)> = vec![(1000, Series::default()), (10_000, Series::default())];
     let mut burst: Vec<(u64, Series)> =
         vec![(1000, Series::default()), (10_000, Series::default())];
-    for _ in 0..a.repeats * want(Part::Latency) as usize {
+    for _ in 0..a.repeats * a.wants(Part::Latency) as usize {
         for ((n, s), (_, raw)) in lat.iter_mut().zip(burst.iter_mut()) {
             check_interrupt()?;
-            let (ms, answer) = release_latency(&b, *n, 5999)?;
+            let (ms, answer) = release_latency(b, *n, 5999)?;
             s.vals.push(ms);
             s.extra.push(answer);
-            let (ms, got) = raw_burst(&b, *n, 5998)?;
+            let (ms, got) = raw_burst(b, *n, 5998)?;
             raw.vals.push(ms);
             raw.extra.push(got);
         }
     }
-    drop(b);
+    Ok((lat, burst))
+}
 
-    // Report. Ratios are paired (see Series::paired_ratio).
-    let load = load_average();
-    let mut rows = Vec::new();
-    println!();
-    println!("| measurement | median | runs | ratio | holder CPU (% of one core) |");
-    println!("|---|---|---|---|---|");
-    for (i, (name, _)) in tcp_cfgs.iter().enumerate() {
+fn cpu_cell(s: &Series) -> String {
+    s.cpu_pct()
+        .map(|c| format!("{c:.0}%"))
+        .unwrap_or_else(|| "–".into())
+}
+
+fn report_tcp(tcp: &[Series], rows: &mut Vec<Value>) {
+    for (i, (name, _)) in TCP_CFGS.iter().enumerate() {
         let s = &tcp[i];
         if s.vals.is_empty() {
             continue;
         }
         let runs: Vec<String> = s.vals.iter().map(|v| format!("{v:.2}")).collect();
-        let cpu = s
-            .cpu_pct()
-            .map(|c| format!("{c:.0}%"))
-            .unwrap_or_else(|| "–".into());
         println!(
-            "| TCP, {name} | {:.2} Gbit/s (retr {:.0}) | {} | {:.2} of no buffer | {cpu} |",
+            "| TCP, {name} | {:.2} Gbit/s (retr {:.0}) | {} | {:.2} of no buffer | {} |",
             s.med(),
             s.med_extra(),
             runs.join(" / "),
-            s.paired_ratio(&tcp[0])
+            s.paired_ratio(&tcp[0]),
+            cpu_cell(s)
         );
         rows.push(
             json!({"kind": "tcp", "config": name, "gbps_median": s.med(), "gbps_runs": s.vals,
@@ -1121,47 +870,78 @@ pub fn run(a: NetArgs) -> Result<()> {
             "ratio_of_medians": s.med() / tcp[0].med(), "holder_cpu_pct": s.cpu_pct()}),
         );
     }
-    for (i, (name, _, _)) in small_cfgs.iter().enumerate() {
+}
+
+fn report_small(small: &[Series], rows: &mut Vec<Value>) {
+    for (i, (name, _, _)) in SMALL_CFGS.iter().enumerate() {
         let s = &small[i];
         if s.vals.is_empty() {
             continue;
         }
         let runs: Vec<String> = s.vals.iter().map(|v| format!("{:.0}k", v / 1e3)).collect();
-        let cpu = s
-            .cpu_pct()
-            .map(|c| format!("{c:.0}%"))
-            .unwrap_or_else(|| "–".into());
         println!(
-            "| {name} | {:.0}k pps recv (sent {:.0}k) | {} | {:.2} of raw injection | {cpu} |",
+            "| {name} | {:.0}k pps recv (sent {:.0}k) | {} | {:.2} of raw injection | {} |",
             s.med() / 1e3,
             s.med_extra() / 1e3,
             runs.join(" / "),
-            s.paired_ratio(&small[2])
+            s.paired_ratio(&small[2]),
+            cpu_cell(s)
         );
         rows.push(json!({"kind": "small_frames", "config": name, "recv_pps_median": s.med(), "recv_pps_runs": s.vals,
             "sent_pps_median": s.med_extra(), "ratio_to_raw_injection": s.paired_ratio(&small[2]),
             "ratio_of_medians": s.med() / small[2].med(), "holder_cpu_pct": s.cpu_pct()}));
     }
-    for (n, s) in lat.iter().filter(|(_, s)| !s.vals.is_empty()) {
+}
+
+/// One table row and one JSON row per frame count: `what(n, s)` is the row's first two
+/// cells, `extra` names the JSON field of the series' second value.
+fn report_ms(
+    list: &[(u64, Series)],
+    kind: &str,
+    extra: &str,
+    what: impl Fn(u64, &Series) -> String,
+    rows: &mut Vec<Value>,
+) {
+    for (n, s) in list.iter().filter(|(_, s)| !s.vals.is_empty()) {
         let runs: Vec<String> = s.vals.iter().map(|v| format!("{v:.2}")).collect();
-        println!(
-            "| release latency, {n} MTU frames | {:.2} ms to the last frame (commit answered in {:.2} ms) | {} | – | – |",
-            s.med(),
-            s.med_extra(),
-            runs.join(" / ")
-        );
-        rows.push(json!({"kind": "release_latency", "frames": n, "ms_median": s.med(), "ms_runs": s.vals, "commit_answer_ms_median": s.med_extra()}));
+        println!("| {} | {} | – | – |", what(*n, s), runs.join(" / "));
+        let mut row = json!({"kind": kind, "frames": n, "ms_median": s.med(), "ms_runs": s.vals});
+        row[extra] = json!(s.med_extra());
+        rows.push(row);
     }
-    for (n, s) in burst.iter().filter(|(_, s)| !s.vals.is_empty()) {
-        let runs: Vec<String> = s.vals.iter().map(|v| format!("{v:.2}")).collect();
-        println!(
-            "| baseline: {n} MTU frames injected raw, no buffer | {:.2} ms first send to last frame ({:.0} arrived) | {} | – | – |",
-            s.med(),
-            s.med_extra(),
-            runs.join(" / ")
-        );
-        rows.push(json!({"kind": "raw_burst_baseline", "frames": n, "ms_median": s.med(), "ms_runs": s.vals, "arrived_median": s.med_extra()}));
-    }
+}
+
+fn report_latency((lat, burst): &Latencies, rows: &mut Vec<Value>) {
+    report_ms(
+        lat,
+        "release_latency",
+        "commit_answer_ms_median",
+        |n, s| {
+            format!(
+                "release latency, {n} MTU frames | {:.2} ms to the last frame (commit answered in {:.2} ms)",
+                s.med(),
+                s.med_extra()
+            )
+        },
+        rows,
+    );
+    report_ms(
+        burst,
+        "raw_burst_baseline",
+        "arrived_median",
+        |n, s| {
+            format!(
+                "baseline: {n} MTU frames injected raw, no buffer | {:.2} ms first send to last frame ({:.0} arrived)",
+                s.med(),
+                s.med_extra()
+            )
+        },
+        rows,
+    );
+}
+
+/// Prints the targets (reported, never asserted); returns them for the JSON.
+fn report_targets(tcp: &[Series], small: &[Series], lat: &[(u64, Series)], load: f64) -> Value {
     let e0 = tcp[1].paired_ratio(&tcp[0]);
     let l10k = lat[1].1.med();
     // Same load generator with and without the buffer: raw injection through
@@ -1194,18 +974,49 @@ pub fn run(a: NetArgs) -> Result<()> {
         "  64-byte hold+release >= 0.8 of raw injection: {hr:.2} {}",
         verdict(hr, hr >= 0.8)
     );
+    json!({"epoch0_tcp_ratio": e0, "release_10k_ms": l10k, "small_frames_ratio_to_raw": hr})
+}
 
+pub fn run(a: NetArgs) -> Result<()> {
+    let (bin, target) = prepare(&a)?;
+    // Ctrl-C / SIGTERM: stop at the next step and clean up through Drop.
+    // SAFETY: installing a handler that only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let dir = target.join("bench");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut b = Bench::new(bin.clone(), dir.join("net-holder.log"))?;
+    let peer = b.peer.clone();
+    b.spawn_in(&peer, "iperf3", &["-s", "-B", "10.77.0.2"])?;
+    std::thread::sleep(Duration::from_millis(500));
+    let tcp = measure_tcp(&b, &a)?;
+    let small = measure_small(&b, &a)?;
+    let lat = measure_latency(&b, &a)?;
+    drop(b);
+
+    // Report. Ratios are paired (see Series::paired_ratio).
+    let load = load_average();
+    let mut rows = Vec::new();
+    println!();
+    println!("| measurement | median | runs | ratio | holder CPU (% of one core) |");
+    println!("|---|---|---|---|---|");
+    report_tcp(&tcp, &mut rows);
+    report_small(&small, &mut rows);
+    report_latency(&lat, &mut rows);
+    let targets = report_targets(&tcp, &small, &lat.0, load);
     let out = json!({
         "bench": "net",
         "unix_time": now_ns() / 1_000_000_000,
-        "secs_per_run": secs,
+        "secs_per_run": a.secs,
         "repeats": a.repeats,
         "kernel": must("uname", &["-r"]).unwrap_or_default().trim(),
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "load_average_1m": load,
         "binary": bin.display().to_string(),
         "rows": rows,
-        "targets": {"epoch0_tcp_ratio": e0, "release_10k_ms": l10k, "small_frames_ratio_to_raw": hr},
+        "targets": targets,
     });
     let path = dir.join("net.json");
     std::fs::write(&path, serde_json::to_string_pretty(&out)?)

@@ -1,11 +1,12 @@
 //! `cargo xtask bench relay`: the relay pair on loopback against a plain TCP pipe of the
 //! same bytes, page compression on incremental checkpoints, and ACK latency against the
-//! loopback round trip. One run, measured side by side; a table on stdout and
-//! target/bench/relay.json.
+//! loopback round trip; the relay's frames are sealed (protocol version 3 always
+//! encrypts), and the AEAD candidates' seal/open rates are measured beside it. One run,
+//! measured side by side; a table on stdout and target/bench/relay.json.
 //!
-//! Owns: driving release builds of `remus` and the `relay_bench` example like an
-//! operator would (xl's part is played here: a pipe shrunk by the relay, the banner
-//! first). Never touches: the product's internals.
+//! Owns: driving release builds of `remus` and the `relay_bench` and `aead_bench`
+//! examples like an operator would (xl's part is played here: a pipe shrunk by the relay,
+//! the banner first). Never touches: the product's internals.
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -44,13 +45,20 @@ pub struct RelayArgs {
     /// Checkpoints for the ACK latency run (16 dirty pages each, paced).
     #[arg(long, default_value_t = 200)]
     latency_checkpoints: u64,
+    /// MiB sealed and opened per AEAD candidate and frame size.
+    #[arg(long, default_value_t = 128)]
+    aead_mib: usize,
 }
 
 struct Paths {
     remus: PathBuf,
     helper: PathBuf,
+    aead: PathBuf,
     work: PathBuf,
 }
+
+/// The relay's AEAD (`remus_user::replication::seal::ALGORITHM`, ring's implementation).
+const SEALED_WITH: &str = "AES-256-GCM";
 
 /// The captured lab stream (zstd), when the lab has committed it.
 const CAPTURED: &str = "remus-user/tests/fixtures/remus-pv-stream.bin.zst";
@@ -65,6 +73,8 @@ pub fn run(a: RelayArgs) -> Result<()> {
         "remus",
         "--example",
         "relay_bench",
+        "--example",
+        "aead_bench",
     ]))?;
     let target = util::root().join("target");
     let work = target.join("bench").join("relay-work");
@@ -72,12 +82,19 @@ pub fn run(a: RelayArgs) -> Result<()> {
     let p = Paths {
         remus: target.join("release").join("remus"),
         helper: target.join("release").join("examples").join("relay_bench"),
+        aead: target.join("release").join("examples").join("aead_bench"),
         work,
     };
     let mut rows: Vec<(String, String)> = Vec::new();
     let mut out = serde_json::Map::new();
 
     if !a.latency_only {
+        // 0. The AEAD candidates on relay-sized frames (what chose the relay's cipher).
+        let aead = run_json(&p.aead, &[&a.aead_mib.to_string()])?;
+        aead_rows(&aead, &mut rows);
+        out.insert("aead".into(), aead);
+        out.insert("sealed_with".into(), json!(SEALED_WITH));
+
         // 1. Synthetic stream (stream::writer): throughput and compression.
         let stream_file = p.work.join("stream.bin");
         let info = helper(
@@ -229,16 +246,21 @@ struct Tput {
     plain_big: f64,
     none: f64,
     lz4: f64,
+    /// Median over the rounds of relay none ÷ plain, each pair run back to back (steadier
+    /// than the ratio of the bests on a loaded machine).
+    paired: f64,
 }
 
 impl Tput {
     fn json(&self) -> Value {
         json!({
+            "sealed_with": SEALED_WITH,
             "plain_tcp_pipe_one_page_mb_s": self.plain,
             "plain_tcp_pipe_default_pipe_mb_s": self.plain_big,
             "relay_compress_none_mb_s": self.none,
             "relay_compress_lz4_mb_s": self.lz4,
             "relay_none_over_plain": self.none / self.plain,
+            "relay_none_over_plain_paired_median": self.paired,
             "target": 0.9,
         })
     }
@@ -258,16 +280,20 @@ impl Tput {
             format!("{:.0} MB/s", self.plain_big),
         ));
         rows.push((
-            format!("{what}: relay pair, --compress none"),
+            format!("{what}: relay pair, sealed, --compress none"),
             format!("{:.0} MB/s", self.none),
         ));
         rows.push((
-            format!("{what}: relay pair, --compress lz4"),
+            format!("{what}: relay pair, sealed, --compress lz4"),
             format!("{:.0} MB/s", self.lz4),
         ));
         rows.push((
-            format!("{what}: relay none / plain (target >= 0.9)"),
+            format!("{what}: relay sealed none / plain (target >= 0.9)"),
             format!("{r:.2} {}", verdict(r >= 0.9)),
+        ));
+        rows.push((
+            format!("{what}: same, median of paired rounds"),
+            format!("{:.2} {}", self.paired, verdict(self.paired >= 0.9)),
         ));
     }
 }
@@ -275,13 +301,18 @@ impl Tput {
 /// Throughput cases, interleaved so machine noise hits all of them alike.
 fn throughput(p: &Paths, stream: &[u8], repeat: usize) -> Result<Tput> {
     let mut best = [f64::MAX; 4];
+    let mut paired = Vec::with_capacity(repeat);
     for i in 0..repeat {
         eprintln!("throughput round {}/{repeat}", i + 1);
-        best[0] = best[0].min(plain_pipe(stream, true)?);
-        best[1] = best[1].min(relay_once(p, stream, "none", None)?.secs);
+        let plain = plain_pipe(stream, true)?;
+        let none = relay_once(p, stream, "none", None)?.secs;
+        paired.push(plain / none);
+        best[0] = best[0].min(plain);
+        best[1] = best[1].min(none);
         best[2] = best[2].min(relay_once(p, stream, "lz4", None)?.secs);
         best[3] = best[3].min(plain_pipe(stream, false)?);
     }
+    paired.sort_by(f64::total_cmp);
     let mb = stream.len() as f64 / 1e6;
     let [plain, none, lz4, plain_big] = best.map(|s| mb / s);
     Ok(Tput {
@@ -289,6 +320,7 @@ fn throughput(p: &Paths, stream: &[u8], repeat: usize) -> Result<Tput> {
         plain_big,
         none,
         lz4,
+        paired: paired.get(paired.len() / 2).copied().unwrap_or(f64::NAN),
     })
 }
 
@@ -323,18 +355,48 @@ fn path_str(p: &Path) -> Result<&str> {
 }
 
 fn helper(p: &Paths, args: &[&str]) -> Result<Value> {
-    let out = Command::new(&p.helper)
+    run_json(&p.helper, args)
+}
+
+/// Runs an example that prints one line of JSON.
+fn run_json(bin: &Path, args: &[&str]) -> Result<Value> {
+    let out = Command::new(bin)
         .args(args)
         .output()
-        .with_context(|| format!("running {}", p.helper.display()))?;
+        .with_context(|| format!("running {}", bin.display()))?;
     if !out.status.success() {
         bail!(
             "{} {args:?} failed: {}",
-            p.helper.display(),
+            bin.display(),
             String::from_utf8_lossy(&out.stderr)
         );
     }
     Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// One row per AEAD candidate: seal / open MB/s on 64 KiB frames (the relay's DATA
+/// frames) and on 1 MiB frames (page data).
+fn aead_rows(v: &Value, rows: &mut Vec<(String, String)>) {
+    let cases = &v["frame_bytes"];
+    let Some(names) = cases["65536"]
+        .as_object()
+        .map(|o| o.keys().cloned().collect::<Vec<_>>())
+    else {
+        return;
+    };
+    for name in names {
+        let f = |size: &str, k: &str| cases[size][&name][k].as_f64().unwrap_or(0.0);
+        rows.push((
+            format!("AEAD {name}: seal/open 64 KiB, 1 MiB"),
+            format!(
+                "{:.0}/{:.0}, {:.0}/{:.0} MB/s",
+                f("65536", "seal_mb_s"),
+                f("65536", "open_mb_s"),
+                f("1048576", "seal_mb_s"),
+                f("1048576", "open_mb_s")
+            ),
+        ));
+    }
 }
 
 /// A pipe; the read end is for a child's stdin, the write end stays here (close-on-exec).

@@ -4,8 +4,11 @@
 //! leave in (epoch by epoch, capture order within one), and turning a captured frame back
 //! into something the kernel will transmit correctly (virtio-net header with checksum and
 //! GSO state, out-of-band VLAN tag put back in band).
-//! Never touches: any I/O. The service (`netbuf`) feeds it frames from the ring and
+//! Never touches: any I/O. The holder (the task in `netbuf::service` that owns one vif's
+//! ring; in `remus-net attach`, the holder process) feeds it frames from the ring and
 //! writes what it hands back to the helper tap.
+//!
+//! Names: "the holder" is always that task or process; this module only keeps its queues.
 use std::collections::VecDeque;
 
 use remus_common::FrameHdr;
@@ -55,7 +58,7 @@ pub enum Pushed {
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HolderCounters {
+pub struct QueueCounters {
     pub held_frames: u64,
     pub held_bytes: u64,
     pub released_frames: u64,
@@ -76,33 +79,33 @@ pub struct EpochSummary {
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum HolderError {
+pub enum EpochError {
     #[error("epoch {epoch} is not closed yet (current epoch is {current}): run checkpoint first")]
     NotClosed { epoch: u64, current: u64 },
 }
 
-/// The per-epoch queues. Epoch numbers only grow.
+/// The per-epoch queues of one vif. Epoch numbers only grow.
 #[derive(Debug)]
-pub struct Holder {
+pub struct EpochQueues {
     queues: VecDeque<EpochQueue>,
     current: u64,
     committed: u64,
     /// Frames stamped below this epoch predate this holder (takeover) and are dropped.
     floor: u64,
     limit_bytes: u64,
-    counters: HolderCounters,
+    counters: QueueCounters,
 }
 
-impl Holder {
-    /// A holder whose open epoch is `first_epoch` (1 on a fresh attach).
-    pub fn new(first_epoch: u64, limit_bytes: u64) -> Holder {
-        Holder {
+impl EpochQueues {
+    /// Queues whose open epoch is `first_epoch` (1 on a fresh attach).
+    pub fn new(first_epoch: u64, limit_bytes: u64) -> EpochQueues {
+        EpochQueues {
             queues: VecDeque::new(),
             current: first_epoch,
             committed: first_epoch.saturating_sub(1),
             floor: first_epoch,
             limit_bytes,
-            counters: HolderCounters::default(),
+            counters: QueueCounters::default(),
         }
     }
 
@@ -118,7 +121,7 @@ impl Holder {
         self.limit_bytes
     }
 
-    pub fn counters(&self) -> HolderCounters {
+    pub fn counters(&self) -> QueueCounters {
         self.counters
     }
 
@@ -194,9 +197,9 @@ impl Holder {
     }
 
     /// Removes and returns the queues of epochs <= `epoch`, oldest first.
-    pub fn commit(&mut self, epoch: u64) -> Result<Vec<EpochQueue>, HolderError> {
+    pub fn commit(&mut self, epoch: u64) -> Result<Vec<EpochQueue>, EpochError> {
         if epoch >= self.current {
-            return Err(HolderError::NotClosed {
+            return Err(EpochError::NotClosed {
                 epoch,
                 current: self.current,
             });
@@ -334,53 +337,27 @@ pub fn prepare(meta: &FrameHdr, frame: &mut [u8]) -> Result<Prepared, PrepareErr
         t
     });
     let shift: usize = if vlan.is_some() { 4 } else { 0 };
-    let mut l3 = 12;
-    let mut ethertype = u16::from_be_bytes([frame[12], frame[13]]);
-    // Up to two in-band tags (802.1Q, 802.1ad).
-    for _ in 0..2 {
-        if (ethertype == 0x8100 || ethertype == 0x88a8) && frame.len() >= l3 + 6 {
-            l3 += 4;
-            ethertype = u16::from_be_bytes([frame[l3], frame[l3 + 1]]);
-        }
-    }
-    l3 += 2;
     let mut out = Prepared {
         vnet: VnetHdr::default(),
         vlan,
     };
     let is_gso = meta.gso_size > 0;
-    // (l4 offset, l4 protocol, l4 length, pseudo-header partial sum, is_v6)
-    let l4info = match ethertype {
-        0x0800 if frame.len() >= l3 + 20 => {
-            let ihl = ((frame[l3] & 0x0f) as usize) * 4;
-            let tot = u16::from_be_bytes([frame[l3 + 2], frame[l3 + 3]]) as usize;
-            let frag = u16::from_be_bytes([frame[l3 + 6], frame[l3 + 7]]) & 0x3fff;
-            let proto = frame[l3 + 9];
-            if ihl < 20 || frag != 0 || frame.len() < l3 + ihl || tot < ihl {
-                None
-            } else {
-                // The IP total length of a GSO super-frame may be 0 or stale; the frame's
-                // own length is what the pseudo-header must cover.
-                let l4len = (frame.len() - l3 - ihl) as u32;
-                let acc = sum16(&frame[l3 + 12..l3 + 20], 0) + proto as u32 + l4len;
-                Some((l3 + ihl, proto, acc, false))
-            }
-        }
-        0x86dd if frame.len() >= l3 + 40 => {
-            let nh = frame[l3 + 6];
-            let l4len = (frame.len() - l3 - 40) as u32;
-            let acc =
-                sum16(&frame[l3 + 8..l3 + 40], 0) + (l4len >> 16) + (l4len & 0xffff) + nh as u32;
-            Some((l3 + 40, nh, acc, true))
-        }
-        _ => None,
-    };
-    let Some((l4, proto, acc, v6)) = l4info else {
-        return if is_gso && meta.gso_segs > 1 {
+    // Not TCP/UDP over IP as far as we can parse: leave it, unless it needs segmenting.
+    let as_is = |out| {
+        if is_gso && meta.gso_segs > 1 {
             Err(PrepareError::UnsupportedGso)
         } else {
             Ok(out)
-        };
+        }
+    };
+    let Some(L4 {
+        off: l4,
+        proto,
+        acc,
+        v6,
+    }) = l4_of(frame)
+    else {
+        return as_is(out);
     };
     let (csum_off, hdr_len) = match proto {
         6 if frame.len() >= l4 + 20 => (16usize, ((frame[l4 + 12] >> 4) as usize) * 4),
@@ -392,13 +369,7 @@ pub fn prepare(meta: &FrameHdr, frame: &mut [u8]) -> Result<Prepared, PrepareErr
             }
             (6usize, 8usize)
         }
-        _ => {
-            return if is_gso && meta.gso_segs > 1 {
-                Err(PrepareError::UnsupportedGso)
-            } else {
-                Ok(out)
-            };
-        }
+        _ => return as_is(out),
     };
     let pseudo = fold(acc);
     frame[l4 + csum_off..l4 + csum_off + 2].copy_from_slice(&pseudo.to_be_bytes());
@@ -422,6 +393,62 @@ pub fn prepare(meta: &FrameHdr, frame: &mut [u8]) -> Result<Prepared, PrepareErr
     Ok(out)
 }
 
+/// Where a frame's L4 header starts, its protocol, the pseudo-header's partial sum.
+struct L4 {
+    off: usize,
+    proto: u8,
+    acc: u32,
+    v6: bool,
+}
+
+/// The L4 header of an unfragmented IPv4 or IPv6 (no extension headers) frame, after up
+/// to two in-band VLAN tags (802.1Q, 802.1ad).
+fn l4_of(frame: &[u8]) -> Option<L4> {
+    let mut l3 = 12;
+    let mut ethertype = u16::from_be_bytes([frame[12], frame[13]]);
+    for _ in 0..2 {
+        if (ethertype == 0x8100 || ethertype == 0x88a8) && frame.len() >= l3 + 6 {
+            l3 += 4;
+            ethertype = u16::from_be_bytes([frame[l3], frame[l3 + 1]]);
+        }
+    }
+    l3 += 2;
+    match ethertype {
+        0x0800 if frame.len() >= l3 + 20 => {
+            let ihl = ((frame[l3] & 0x0f) as usize) * 4;
+            let tot = u16::from_be_bytes([frame[l3 + 2], frame[l3 + 3]]) as usize;
+            let frag = u16::from_be_bytes([frame[l3 + 6], frame[l3 + 7]]) & 0x3fff;
+            let proto = frame[l3 + 9];
+            if ihl < 20 || frag != 0 || frame.len() < l3 + ihl || tot < ihl {
+                return None;
+            }
+            // The IP total length of a GSO super-frame may be 0 or stale; the frame's
+            // own length is what the pseudo-header must cover.
+            let l4len = (frame.len() - l3 - ihl) as u32;
+            let acc = sum16(&frame[l3 + 12..l3 + 20], 0) + proto as u32 + l4len;
+            Some(L4 {
+                off: l3 + ihl,
+                proto,
+                acc,
+                v6: false,
+            })
+        }
+        0x86dd if frame.len() >= l3 + 40 => {
+            let nh = frame[l3 + 6];
+            let l4len = (frame.len() - l3 - 40) as u32;
+            let acc =
+                sum16(&frame[l3 + 8..l3 + 40], 0) + (l4len >> 16) + (l4len & 0xffff) + nh as u32;
+            Some(L4 {
+                off: l3 + 40,
+                proto: nh,
+                acc,
+                v6: true,
+            })
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -435,7 +462,7 @@ mod tests {
 
     #[test]
     fn commit_releases_only_closed_epochs_in_order() {
-        let mut h = Holder::new(1, 1 << 20);
+        let mut h = EpochQueues::new(1, 1 << 20);
         assert_eq!(h.push(meta(1), b"a1"), Pushed::Held);
         assert_eq!(h.push(meta(1), b"a2"), Pushed::Held);
         assert_eq!(h.checkpoint(), 1);
@@ -444,7 +471,7 @@ mod tests {
         assert_eq!(h.push(meta(3), b"c1"), Pushed::Held);
         assert_eq!(
             h.commit(3),
-            Err(HolderError::NotClosed {
+            Err(EpochError::NotClosed {
                 epoch: 3,
                 current: 3
             })
@@ -469,7 +496,7 @@ mod tests {
 
     #[test]
     fn a_frame_stamped_before_the_checkpoint_but_drained_after_keeps_its_epoch() {
-        let mut h = Holder::new(1, 1 << 20);
+        let mut h = EpochQueues::new(1, 1 << 20);
         h.push(meta(1), b"x");
         h.checkpoint();
         h.push(meta(2), b"y");
@@ -482,7 +509,7 @@ mod tests {
 
     #[test]
     fn frames_of_committed_epochs_are_late_and_stale_ones_dropped() {
-        let mut h = Holder::new(5, 1 << 20);
+        let mut h = EpochQueues::new(5, 1 << 20);
         assert_eq!(h.push(meta(4), b"old"), Pushed::DroppedStale);
         h.push(meta(5), b"a");
         h.checkpoint();
@@ -494,7 +521,7 @@ mod tests {
 
     #[test]
     fn the_limit_drops_and_counts_and_never_releases() {
-        let mut h = Holder::new(1, 10);
+        let mut h = EpochQueues::new(1, 10);
         assert_eq!(h.push(meta(1), &[0; 8]), Pushed::Held);
         assert_eq!(h.push(meta(1), &[0; 8]), Pushed::DroppedLimit);
         let c = h.counters();
@@ -506,7 +533,7 @@ mod tests {
 
     #[test]
     fn take_all_and_drop_all() {
-        let mut h = Holder::new(1, 1 << 20);
+        let mut h = EpochQueues::new(1, 1 << 20);
         h.push(meta(1), b"a");
         h.checkpoint();
         h.push(meta(2), b"bb");
@@ -563,11 +590,8 @@ mod tests {
     #[test]
     fn gso_superframes_get_their_type_size_and_header_length() {
         let mut f = ipv4_tcp(3000);
-        let m = FrameHdr {
-            gso_size: 1448,
-            gso_segs: 3,
-            ..Default::default()
-        };
+        let mut m = FrameHdr::default();
+        (m.gso_size, m.gso_segs) = (1448, 3);
         let p = prepare(&m, &mut f).unwrap();
         assert_eq!(p.vnet.gso_type, VIRTIO_NET_HDR_GSO_TCPV4);
         assert_eq!(p.vnet.gso_size, 1448);

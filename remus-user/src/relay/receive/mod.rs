@@ -1,0 +1,528 @@
+//! `remus relay receive`: the backup end. Long-running; one primary at a time.
+//!
+//! Owns: the listening socket, refusing unauthenticated or surplus primaries, and each
+//! session as a state machine (below). Never touches: the wire format (`replication`),
+//! the stream grammar (`stream`), what is cut where ([`cutter`]), the receiver process
+//! itself ([`receiver`]), Xen (the receiver command does that).
+//!
+//! One session, one state per phase; each step consumes the state and returns the next:
+//!
+//! ```text
+//!   Authenticated ──receiver started, banner passed back──► Replicating ──┐ one frame
+//!        │ receiver did not start (ABORT sent)                  ▲  │      │ per step
+//!        ▼                                                      └──┘◄─────┘
+//!      Done ◄── the receiver exited ◄── Closing(end) ◄── CLOSE │ silence │ broken or
+//!                                        │                     corrupt frame │ ABORT │
+//!                                        │                     the receiver stopped
+//!                                        └ whole checkpoints written, stdin closed
+//!                                          (failover), primary answered: CLOSE | ABORT
+//! ```
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tracing::{Instrument, error, info, info_span, warn};
+
+use super::connection::{LossSender, loss_of, offload, spawn_writer};
+use super::{Heartbeat, RelayState, Shared};
+use crate::checkpoint::{LossKind, LossReason, RunEnd};
+use crate::compress::{CompressError, PageDecoder};
+use crate::exit::{ExitCode, HasExitCode};
+use crate::replication::{self, FrameReader, Key, Message, ServerConfig, Session};
+
+pub mod cutter;
+pub mod receiver;
+
+pub use cutter::{Cutter, Step};
+pub use receiver::RECEIVER_PIPE_BYTES;
+
+pub const DEFAULT_RECEIVER_CMD: &str = "xl migrate-receive -r -e";
+
+#[derive(Clone, Debug)]
+pub struct ReceiveOptions {
+    pub listen: String,
+    pub key: Key,
+    /// Run with `sh -c`.
+    pub receiver_cmd: String,
+    pub heartbeat: Heartbeat,
+    pub handshake_timeout: Duration,
+    pub banner_timeout: Duration,
+    /// Serve one primary, then exit (tests and benchmarks).
+    pub once: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+impl HasExitCode for ReceiveError {
+    fn exit_code(&self) -> ExitCode {
+        ExitCode::Failure
+    }
+}
+
+/// Listens and serves primaries, one at a time, until the process is stopped (or after
+/// one session with `once`).
+pub async fn run(opts: ReceiveOptions, shared: Arc<Shared>) -> Result<(), ReceiveError> {
+    let l = TcpListener::bind(&opts.listen)
+        .await
+        .map_err(|source| ReceiveError::Listen {
+            addr: opts.listen.clone(),
+            source,
+        })?;
+    let local = l
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| opts.listen.clone());
+    info!(listen = %local, receiver = %opts.receiver_cmd, "waiting for a primary");
+    shared.set(|s| {
+        s.state = RelayState::WaitingForPrimary;
+        s.address = local.clone();
+    });
+    let slot = Arc::new(tokio::sync::Mutex::new(()));
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    loop {
+        let (sock, peer) = tokio::select! {
+            r = l.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = done_rx.recv() => return Ok(()),
+        };
+        let _ = sock.set_nodelay(true);
+        let opts = opts.clone();
+        let shared = shared.clone();
+        let slot = slot.clone();
+        let done_tx = done_tx.clone();
+        tokio::spawn(async move {
+            if handle(sock, peer.to_string(), &opts, &shared, &slot).await && opts.once {
+                let _ = done_tx.send(()).await;
+            }
+        });
+    }
+}
+
+/// One incoming connection: authenticate, claim the slot, run the session. Returns
+/// whether a session ran.
+async fn handle(
+    mut sock: TcpStream,
+    peer: String,
+    opts: &ReceiveOptions,
+    shared: &Arc<Shared>,
+    slot: &Arc<tokio::sync::Mutex<()>>,
+) -> bool {
+    let cfg = ServerConfig {
+        key: opts.key.clone(),
+        timeout: opts.handshake_timeout,
+    };
+    let session = match replication::server_handshake(&mut sock, &cfg).await {
+        Ok(s) => s,
+        Err(e) => {
+            shared.metrics.auth_failures_total.inc();
+            warn!(%peer, error = %e, "refused a primary");
+            shared.set(|s| s.last_event = Some(format!("refused {peer}: {e}")));
+            return false;
+        }
+    };
+    let Ok(_guard) = slot.clone().try_lock_owned() else {
+        warn!(%peer, "refused a primary: another primary is connected");
+        let _ = session
+            .keys
+            .sealer
+            .send(
+                &mut sock,
+                &Message::abort("busy: another primary is being replicated here"),
+            )
+            .await;
+        return false;
+    };
+    if session
+        .keys
+        .sealer
+        .send(&mut sock, &Message::Welcome)
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    shared.metrics.sessions_total.inc();
+    let span = info_span!("session", primary = %peer);
+    serve(sock, peer, session, opts, shared)
+        .instrument(span)
+        .await;
+    shared.set(|s| {
+        s.state = RelayState::WaitingForPrimary;
+        s.peer = None;
+    });
+    true
+}
+
+/// One session's phases (see the module docs); each carries what it needs.
+enum Phase {
+    /// The primary authenticated and was welcomed.
+    Authenticated {
+        reader: OwnedReadHalf,
+        writer: OwnedWriteHalf,
+    },
+    /// Checkpoints flow: each step reads one frame from the primary.
+    Replicating(Box<Live>),
+    /// The session is over: write what is whole, close the receiver's stdin, answer.
+    Closing {
+        live: Box<Live>,
+        end: Ending,
+    },
+    Done,
+}
+
+/// Why the session is closing.
+enum Ending {
+    /// The primary said CLOSE.
+    Closed {
+        finished: bool,
+    },
+    Lost(LossReason),
+}
+
+/// What a replicating session holds.
+struct Live {
+    reader: FrameReader<OwnedReadHalf>,
+    /// The writer task's queue (ACKs, the final answer) and its handle.
+    tx: mpsc::Sender<Message>,
+    writer: tokio::task::JoinHandle<()>,
+    lost: watch::Receiver<Option<LossReason>>,
+    cutter: Cutter,
+    decoder: Option<PageDecoder>,
+    feed: mpsc::Sender<Step>,
+    feeder: tokio::task::JoinHandle<Result<(), receiver::ReceiverError>>,
+    child: tokio::process::Child,
+    waiting_since: Instant,
+    steps: Vec<Step>,
+}
+
+/// What the session needs besides its state.
+struct Ctx<'a> {
+    opts: &'a ReceiveOptions,
+    shared: &'a Arc<Shared>,
+    session: Session,
+}
+
+async fn serve(
+    sock: TcpStream,
+    peer: String,
+    session: Session,
+    opts: &ReceiveOptions,
+    shared: &Arc<Shared>,
+) {
+    info!(
+        version = session.version,
+        codec = %session.codec,
+        "primary authenticated; starting the receiver"
+    );
+    shared.set(|s| {
+        s.state = RelayState::StartingReceiver;
+        s.peer = Some(peer.clone());
+        s.protocol_version = Some(session.version);
+        s.compression = Some(session.codec);
+    });
+    let ctx = Ctx {
+        opts,
+        shared,
+        session,
+    };
+    let (reader, writer) = sock.into_split();
+    let mut phase = Phase::Authenticated { reader, writer };
+    loop {
+        phase = match phase {
+            Phase::Authenticated { reader, writer } => start(reader, writer, &ctx).await,
+            Phase::Replicating(live) => replicate(live, &ctx).await,
+            Phase::Closing { live, end } => close(*live, end, &ctx).await,
+            Phase::Done => return,
+        };
+    }
+}
+
+/// Authenticated → Replicating: start the receiver, pass its banner back, start the
+/// writer and feeder tasks. A receiver that does not start is answered with ABORT.
+async fn start(reader: OwnedReadHalf, mut w: OwnedWriteHalf, ctx: &Ctx<'_>) -> Phase {
+    let m = ctx.shared.metrics.clone();
+    // Every frame from here on is sealed, the refusal too.
+    let sealer = &ctx.session.keys.sealer;
+    let started = match receiver::start(&ctx.opts.receiver_cmd, ctx.opts.banner_timeout).await {
+        Ok(s) => s,
+        Err(e) => {
+            error!("{e}");
+            let _ = sealer.send(&mut w, &Message::abort(e.to_string())).await;
+            return Phase::Done;
+        }
+    };
+    let mut child = started.child;
+    if sealer
+        .send(&mut w, &Message::Banner(started.banner))
+        .await
+        .is_err()
+    {
+        drop(started.stdin);
+        let _ = child.kill().await;
+        return Phase::Done;
+    }
+    let (tx, rx) = mpsc::channel::<Message>(1024);
+    let (lost_tx, lost) = watch::channel::<Option<LossReason>>(None);
+    let lost_tx: LossSender = Arc::new(lost_tx);
+    let writer = spawn_writer(
+        w,
+        sealer.clone(),
+        rx,
+        ctx.opts.heartbeat.interval,
+        m.clone(),
+        lost_tx,
+    );
+    m.connected.set(1);
+    ctx.shared.enter(RelayState::Replicating);
+    // The feeder writes whole checkpoints to the receiver and acknowledges each once
+    // written, while the session keeps reading the next one (and watching for silence).
+    let (feed, feeder) = receiver::spawn_feeder(started.stdin, tx.clone(), m);
+    Phase::Replicating(Box::new(Live {
+        reader: FrameReader::new(reader, ctx.session.keys.opener.clone()),
+        tx,
+        writer,
+        lost,
+        cutter: Cutter::new(),
+        decoder: Some(PageDecoder::new(ctx.session.cache_pages as usize)),
+        feed,
+        feeder,
+        child,
+        waiting_since: Instant::now(),
+        steps: Vec::new(),
+    }))
+}
+
+/// Replicating → Replicating (one frame handled) or Closing.
+async fn replicate(mut live: Box<Live>, ctx: &Ctx<'_>) -> Phase {
+    match next_stream_bytes(&mut live, ctx).await {
+        Ok(None) => Phase::Replicating(live),
+        Ok(Some(data)) => match cut_and_feed(&mut live, &data).await {
+            Ok(()) => Phase::Replicating(live),
+            Err(end) => Phase::Closing { live, end },
+        },
+        Err(end) => Phase::Closing { live, end },
+    }
+}
+
+/// Waits for the next frame: stream bytes (decoded if compressed), `None` for a
+/// heartbeat, or how the session ends.
+async fn next_stream_bytes(live: &mut Live, ctx: &Ctx<'_>) -> Result<Option<Vec<u8>>, Ending> {
+    let hb = ctx.opts.heartbeat;
+    let m = &ctx.shared.metrics;
+    let r = tokio::select! {
+        // Frames first: a frame already received is never mistaken for silence,
+        // however late this task gets to run.
+        biased;
+        r = live.reader.next() => r,
+        _ = tokio::time::sleep(hb.silence_check(live.waiting_since)) => {
+            return match hb.judge_silence(live.waiting_since, m) {
+                Some(silent) => Err(Ending::Lost(LossReason::new(LossKind::Silence, format!(
+                    "the primary was silent for {} ms (heartbeat timeout {} ms)",
+                    silent.as_millis(), hb.timeout.as_millis()
+                )))),
+                None => Ok(None),
+            };
+        }
+        r = live.lost.wait_for(Option::is_some) => return Err(Ending::Lost(loss_of(r))),
+    };
+    live.waiting_since = Instant::now();
+    let lost = |kind, detail: String| Err(Ending::Lost(LossReason::new(kind, detail)));
+    match r {
+        Ok(Message::Data(d)) => Ok(Some(d)),
+        Ok(Message::PageData(e)) => match decode(&mut live.decoder, e).await {
+            Ok((e, d)) => {
+                m.page_data_wire_bytes_total.inc_by(e.len() as u64);
+                m.page_data_raw_bytes_total.inc_by(d.len() as u64);
+                Ok(Some(d))
+            }
+            Err(e) => lost(
+                LossKind::Corrupt,
+                format!("undecodable page data from the primary: {e}"),
+            ),
+        },
+        Ok(Message::Heartbeat { .. }) => Ok(None),
+        Ok(Message::Close { finished, .. }) => Err(Ending::Closed { finished }),
+        Ok(Message::Abort { reason }) => {
+            lost(LossKind::Aborted, format!("the primary aborted: {reason}"))
+        }
+        Ok(other) => lost(
+            LossKind::Protocol,
+            format!(
+                "protocol error: unexpected {:?} from the primary",
+                other.kind()
+            ),
+        ),
+        // A cut inside a frame is a broken connection too; a frame that does not open
+        // (forged, replayed, unsealed) is corrupt data like a bad CRC.
+        Err(
+            e @ (replication::WireError::Io(_)
+            | replication::WireError::Closed
+            | replication::WireError::Truncated { .. }),
+        ) => lost(LossKind::Connection, e.to_string()),
+        Err(e) => lost(LossKind::Corrupt, e.to_string()),
+    }
+}
+
+/// Hands the bytes to the cut and its steps to the feeder.
+async fn cut_and_feed(live: &mut Live, data: &[u8]) -> Result<(), Ending> {
+    live.steps.clear();
+    if let Err(e) = live.cutter.push(data, &mut live.steps) {
+        return Err(Ending::Lost(LossReason::new(
+            LossKind::Corrupt,
+            format!("the primary sent a malformed stream: {e}"),
+        )));
+    }
+    for s in live.steps.drain(..) {
+        if live.feed.send(s).await.is_err() {
+            return Err(Ending::Lost(LossReason::new(
+                LossKind::LocalFailure,
+                receiver::ReceiverError::Gone.to_string(),
+            )));
+        }
+    }
+    // Heartbeats resume counting from now: time spent writing to the receiver is
+    // not the primary's silence.
+    live.waiting_since = Instant::now();
+    Ok(())
+}
+
+/// Why a PAGE_DATA frame could not be decoded.
+#[derive(Debug, thiserror::Error)]
+enum DecodeError {
+    #[error("the page decoder was lost after an earlier failure")]
+    NoDecoder,
+    #[error(transparent)]
+    Offload(#[from] super::connection::OffloadError),
+    #[error(transparent)]
+    Compress(#[from] CompressError),
+}
+
+/// Decodes a PAGE_DATA frame (off the runtime thread when big, so heartbeats keep
+/// flowing). Returns the encoded bytes back (for the metrics) with the decoded ones.
+async fn decode(
+    dec: &mut Option<PageDecoder>,
+    e: Vec<u8>,
+) -> Result<(Vec<u8>, Vec<u8>), DecodeError> {
+    let Some(d) = dec.take() else {
+        return Err(DecodeError::NoDecoder);
+    };
+    // The encoded header carries the original length (u32 LE at offset 8).
+    let original = e.get(8..12).map_or(usize::MAX, |b| {
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize
+    });
+    let f = |d: &mut PageDecoder, e: &[u8]| d.decode(e);
+    let (d, e, r) = offload("decompression", original, d, e, f).await?;
+    *dec = Some(d);
+    Ok((e, r?))
+}
+
+/// Closing → Done: the feeder writes what is queued (whole checkpoints only), then closes
+/// the receiver's stdin (the failover signal, or the normal end of a plain migration);
+/// the primary is answered if it can still hear; the receiver is waited for.
+async fn close(live: Live, end: Ending, ctx: &Ctx<'_>) -> Phase {
+    ctx.shared.metrics.connected.set(0);
+    let Live {
+        cutter,
+        feed,
+        feeder,
+        tx,
+        writer,
+        mut child,
+        ..
+    } = live;
+    drop(feed);
+    let end = match feeder.await {
+        Ok(Ok(())) => end,
+        Ok(Err(e)) => Ending::Lost(LossReason::new(LossKind::LocalFailure, e.to_string())),
+        Err(e) => Ending::Lost(LossReason::new(
+            LossKind::LocalFailure,
+            receiver::ReceiverError::Feeder(e).to_string(),
+        )),
+    };
+    let n = cutter.complete();
+    let run_end = match end {
+        Ending::Closed { finished: true } => RunEnd::Closed {
+            checkpoints: n,
+            finished: true,
+        },
+        Ending::Closed { finished: false } => RunEnd::Lost {
+            reason: LossReason::new(LossKind::Closed, "the primary closed the stream"),
+            checkpoint: n,
+        },
+        Ending::Lost(reason) => RunEnd::Lost {
+            reason,
+            checkpoint: n,
+        },
+    };
+    // CLOSE answers CLOSE (orderly, even if the backup now fails over), ABORT otherwise.
+    let answer = match &run_end {
+        RunEnd::Lost { reason, .. } if reason.kind != LossKind::Closed => {
+            Message::abort(reason.detail.clone())
+        }
+        _ => Message::Close {
+            checkpoints: n,
+            finished: cutter.finished(),
+        },
+    };
+    report_end(&run_end, &cutter, ctx.shared);
+    let _ = tokio::time::timeout(Duration::from_secs(1), tx.send(answer)).await;
+    drop(tx);
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    ctx.shared.enter(RelayState::WaitingForReceiverExit);
+    match child.wait().await {
+        Ok(st) => info!(status = %st, "the receiver exited"),
+        Err(e) => warn!(error = %e, "waiting for the receiver"),
+    }
+    Phase::Done
+}
+
+/// Logs and shows how the session ended: a finished plain migration, or a failover from
+/// the last whole checkpoint.
+fn report_end(end: &RunEnd, cutter: &Cutter, shared: &Shared) {
+    let reason = match end {
+        RunEnd::Closed { .. } => {
+            info!(
+                bytes = cutter.written(),
+                "the primary finished a plain migration; receiver's stream closed"
+            );
+            shared.set(|s| {
+                s.state = RelayState::Finished;
+                s.last_event = Some("plain migration finished".into());
+            });
+            return;
+        }
+        RunEnd::Lost { reason, .. } => reason,
+    };
+    let n = cutter.complete();
+    shared.metrics.failovers_total.inc();
+    if reason.kind == LossKind::Closed {
+        warn!(
+            checkpoint = n,
+            held_bytes = cutter.held(),
+            "FAILOVER: the primary ended the stream (xl remus stopped); closed the receiver's stream after checkpoint {n}, the backup resumes from it"
+        );
+    } else if n == 0 {
+        error!(%reason, "FAILOVER IMPOSSIBLE: primary lost before the first complete checkpoint; the receiver's stream is closed and it holds no usable copy");
+    } else {
+        error!(%reason, checkpoint = n, held_bytes = cutter.held(), "FAILOVER: primary lost; closed the receiver's stream after checkpoint {n}, the backup resumes from it");
+    }
+    shared.set(|s| {
+        s.state = RelayState::FailedOver;
+        s.last_event = Some(format!("failover after checkpoint {n}: {reason}"));
+    });
+}
