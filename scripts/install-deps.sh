@@ -25,6 +25,9 @@ need_root() {
 apt_packages=(
     iproute2 ethtool iperf3 iputils-ping tcpdump bridge-utils procps psmisc
     debootstrap busybox-static cpio e2fsprogs zstd python3
+    dpkg-dev binutils
+    # disk tests: qemu-io is the independent NBD client
+    qemu-utils
 )
 
 install_apt() {

@@ -17,6 +17,10 @@ pub enum ExitCode {
     Unsupported = 3,
     /// The protected side lost its peer: the backup (relay send) or the vif (remus-net).
     PeerLost = 4,
+    /// Ending protection was not confirmed: the backup did not say it discarded its copy
+    /// (no answer in time, or it was lost meanwhile), so the guest's output stays held
+    /// (`relay send`, `remus protect`, `remus unprotect` on the primary).
+    Unconfirmed = 5,
 }
 
 impl ExitCode {

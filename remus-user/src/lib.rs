@@ -16,22 +16,32 @@
 //!   driver.
 //! - `output_commit`: the one invariant, where it is enforced, and the ACK ledger.
 //! - `relay`: `remus relay send|receive|status`, joining xl, the wire and the buffer.
+//! - `disk`: `remus disk …`, protocol-D disk replication (NBD device, write stream,
+//!   the backup's journal).
 //! - `metrics`: the relay's metrics (prometheus-client registry, OpenMetrics text).
 //! - `xen`: xenstore only (the protected domain's suspend path and suspend events; the
 //!   only module that talks to Xen).
 //! - `exit`: the one exit-code enum of both binaries.
+//! - `config`: /etc/remus/remus.toml (parsing, located errors, merged settings).
+//! - `protect`: `remus protect|unprotect|status|backup`: xl, xenstore and the relay's
+//!   CLI composed into one command per host.
+//! - `assets`: man pages and shell completions from the binaries' clap definitions.
 //!
 //! The library itself owns no state and touches nothing at load time: the binaries (and
 //! the controller) choose what to start.
+pub mod assets;
 pub mod checkpoint;
 pub mod compress;
+pub mod config;
 pub mod datapath;
+pub mod disk;
 pub mod epochs;
 pub mod exit;
 pub mod metrics;
 pub mod netbuf;
 pub mod netlink;
 pub mod output_commit;
+pub mod protect;
 pub mod relay;
 pub mod replication;
 pub mod stream;

@@ -141,6 +141,11 @@ pub struct Metrics {
     pub heartbeats_missed_total: Counter,
     /// Backup: receiver stdin closed on a lost primary. Primary: backup lost.
     pub failovers_total: Counter,
+    /// Protections ended on request without a failover. Backup: copy discarded (receiver
+    /// killed). Primary: the backup confirmed it, the buffer was opened.
+    pub discards_total: Counter,
+    /// Backup: probes answered (a primary checked the key; no session).
+    pub probes_total: Counter,
     pub sessions_total: Counter,
     pub auth_failures_total: Counter,
     pub connected: Gauge,
@@ -171,6 +176,8 @@ impl Metrics {
             heartbeats_sent_total: Counter::default(),
             heartbeats_missed_total: Counter::default(),
             failovers_total: Counter::default(),
+            discards_total: Counter::default(),
+            probes_total: Counter::default(),
             sessions_total: Counter::default(),
             auth_failures_total: Counter::default(),
             connected: Gauge::default(),
@@ -238,6 +245,16 @@ impl Metrics {
                 "failovers",
                 "Peers lost (backup: receiver's stream closed for failover; primary: backup lost, buffer opened)",
                 &self.failovers_total,
+            ),
+            (
+                "discards",
+                "Protections ended on request without a failover (backup: copy discarded; primary: the backup confirmed, buffer opened)",
+                &self.discards_total,
+            ),
+            (
+                "probes",
+                "Probes answered (the key checked, no session started)",
+                &self.probes_total,
             ),
             ("sessions", "Authenticated sessions", &self.sessions_total),
             (
@@ -427,8 +444,33 @@ mod tests {
             let (_, v) = line.rsplit_once(' ').expect("value");
             assert!(v.parse::<f64>().is_ok(), "{line}");
         }
-        // 16 series plus the two histograms (ACK latency, suspend time).
-        assert_eq!(described.len(), 18, "{t}");
+        // The names are a stable interface (docs/metrics.md): exactly these, no more.
+        let expected: std::collections::HashSet<String> = [
+            "checkpoints",
+            "acks",
+            "epoch_merges",
+            "heartbeats_sent",
+            "heartbeats_missed",
+            "failovers",
+            "discards",
+            "probes",
+            "sessions",
+            "auth_failures",
+            "stream_bytes",
+            "wire_bytes",
+            "page_data_raw_bytes",
+            "page_data_wire_bytes",
+            "connected",
+            "last_checkpoint",
+            "last_acked_checkpoint",
+            "committed_epoch",
+            "ack_latency_seconds",
+            "suspend_seconds",
+        ]
+        .iter()
+        .map(|n| format!("remus_relay_{n}"))
+        .collect();
+        assert_eq!(described, expected, "{t}");
     }
 
     #[test]

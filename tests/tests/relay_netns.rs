@@ -15,17 +15,7 @@ const PORT: u16 = 7300;
 
 /// Payloads "eN:i" to PORT seen at the peer, in arrival order.
 fn seen(frames: &[Captured]) -> Vec<String> {
-    frames
-        .iter()
-        .filter(|f| f.from_guest())
-        .filter_map(|f| f.udp())
-        .filter(|(p, _)| *p == PORT)
-        .filter_map(|(_, pl)| std::str::from_utf8(pl).ok().map(str::to_string))
-        .collect()
-}
-
-fn epoch_payloads(e: u32) -> Vec<Vec<u8>> {
-    (0..10).map(|i| format!("e{e}:{i}").into_bytes()).collect()
+    udp_payloads(frames, PORT)
 }
 
 fn of_epoch(v: &[String], e: u32) -> Vec<String> {

@@ -46,6 +46,7 @@ fn rogue_client(addr: &str) -> Message {
             min_version: MIN_VERSION,
             codec: Codec::None,
             cache_pages: 0,
+            probe: false,
             nonce: [9; 32],
         };
         replication::send(&mut s, &Message::Hello(hello))

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod deps;
 mod lab;
+mod package;
 mod test;
 mod util;
 
@@ -36,6 +37,8 @@ enum Cmd {
     /// Benchmarks: print a table and write JSON under target/bench/.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// Build the Debian package (target/package/remus.deb); --check also installs it.
+    Package(package::PackageArgs),
 }
 
 fn main() -> Result<()> {
@@ -46,5 +49,6 @@ fn main() -> Result<()> {
         Cmd::Demo(a) => lab::demo(a),
         Cmd::Lab(c) => lab::run(c),
         Cmd::Bench(c) => bench::run(c),
+        Cmd::Package(a) => package::run(a),
     }
 }

@@ -1,6 +1,7 @@
 //! `cargo xtask test`: every tier, in order: install what is missing, build, then unit
 //! tests (no root), the real eBPF object under BPF_PROG_TEST_RUN (root), network-namespace
-//! and relay-pair tests (root), and the Xen lab (root, slow). The first three tiers are `cargo test` over the workspace (root-only tests are named `root_…` and
+//! and relay-pair tests (root), the Debian package (`cargo xtask package --check`: built,
+//! installed and removed in throwaway roots), and the Xen lab (root, slow). The first three tiers are `cargo test` over the workspace (root-only tests are named `root_…` and
 //! run because CI is root); tier 4 is `cargo xtask lab test`. Prints one summary line at
 //! the end ("N passed, N failed, N skipped") and fails if any tier failed.
 use std::{
@@ -93,6 +94,19 @@ pub fn run(a: TestArgs) -> Result<()> {
         totals.failed += 1;
     }
 
+    // The Debian package: built, inspected, installed and removed in throwaway roots.
+    let mut package_err = None;
+    if a.filter.is_none() {
+        match crate::package::check() {
+            Ok(()) => totals.passed += 1,
+            Err(e) => {
+                totals.failed += 1;
+                eprintln!("xtask test: the package check FAILED: {e:#}");
+                package_err = Some(e);
+            }
+        }
+    }
+
     let mut lab_err = None;
     if !a.no_lab && a.filter.is_none() {
         match crate::lab::run(crate::lab::LabCmd::Test(Default::default())) {
@@ -122,6 +136,9 @@ pub fn run(a: TestArgs) -> Result<()> {
     );
     if let Some(e) = lab_err {
         return Err(e.context("the Xen lab tier failed"));
+    }
+    if let Some(e) = package_err {
+        return Err(e.context("the package check failed"));
     }
     if !cargo_ok {
         bail!("cargo test failed (see the failures above)");

@@ -143,12 +143,32 @@ enum Cmd {
         #[command(flatten)]
         j: JsonFlag,
     },
+    /// Internal: write man pages and shell completions into DIR (packaging).
+    #[command(name = "__generate", hide = true)]
+    Generate { dir: std::path::PathBuf },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
 enum ModeArg {
     Hold,
     Passthrough,
+}
+
+/// Man pages and completions from this file's clap definitions (`cargo xtask package`).
+fn generate_assets(dir: &std::path::Path) -> ExitCode {
+    use clap::CommandFactory;
+    match remus_user::assets::generate(Cli::command(), dir) {
+        Ok(files) => {
+            for f in files {
+                println!("{}", dir.join(f).display());
+            }
+            ExitCode::Ok
+        }
+        Err(e) => {
+            eprintln!("remus-net: writing into {}: {e}", dir.display());
+            ExitCode::Failure
+        }
+    }
 }
 
 /// Parses "65536", "64K", "256M", "1G", "256MiB".
@@ -207,6 +227,7 @@ fn main() -> ProcessExit {
 
 async fn run(cli: Cli) -> Result<ExitCode, NetError> {
     match cli.cmd {
+        Cmd::Generate { dir } => Ok(generate_assets(&dir)),
         Cmd::Attach {
             iface,
             limit_bytes,

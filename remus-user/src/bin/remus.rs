@@ -18,9 +18,10 @@ use remus_user::exit::{ExitCode, HasExitCode};
 use remus_user::netbuf::{
     self, AttachOptions, DetachPolicy, LocalBuffer, RemoteBuffer, Request, VifGroup,
 };
+use remus_user::protect::cli as protect_cli;
 use remus_user::relay::{
-    self, DEFAULT_CACHE_PAGES, Heartbeat, RUN_DIR, Shared, parse_duration,
-    receive::{self, DEFAULT_RECEIVER_CMD, ReceiveOptions},
+    self, DEFAULT_CACHE_PAGES, Heartbeat, RUN_DIR, Shared, control, parse_duration,
+    receive::{self, DEFAULT_DISCARD_CMD, DEFAULT_RECEIVER_CMD, ReceiveOptions},
     send::{self, SendOptions, Unbuffered},
     status::{self, Role},
 };
@@ -47,7 +48,8 @@ pre-shared key and encrypted (AES-256-GCM, every frame after the handshake).
 
 Exit codes: 0 ok; 1 operational failure; 2 usage (bad arguments, key file, the two key
 files differ, stdin not a pipe); 3 environment unsupported (not root, no BPF); 4 peer lost (the backup, for
-`relay send`: the guest now runs unprotected).";
+`relay send`: the guest now runs unprotected); 5 ending protection not confirmed by the
+backup (`relay send`, `protect`, `unprotect`: the guest's output stays held).";
 
 #[derive(Parser)]
 #[command(name = "remus", version, about = ABOUT, long_about = LONG_ABOUT)]
@@ -61,6 +63,33 @@ enum Cmd {
     /// The checkpoint relay for stock `xl remus` (send on the primary, receive on the backup).
     #[command(subcommand)]
     Relay(RelayCmd),
+    #[command(flatten)]
+    Operator(OperatorCmd),
+    /// Protocol-D disk replication: the primary's and the backup's disk daemons.
+    #[command(subcommand, long_about = remus_user::disk::cli::DISK_LONG)]
+    Disk(remus_user::disk::cli::DiskCmd),
+}
+
+/// The operator's commands (issue #12), defined in `remus_user::protect::cli`.
+#[derive(Subcommand)]
+enum OperatorCmd {
+    // (No doc comments here: each Args struct carries its own short and long help, which
+    // a variant's doc comment would replace.)
+    Protect(protect_cli::ProtectArgs),
+    Unprotect(protect_cli::UnprotectArgs),
+    Status(protect_cli::StatusArgs),
+    Backup(protect_cli::BackupArgs),
+    /// Check /etc/remus/remus.toml, or show the settings a domain gets.
+    #[command(subcommand)]
+    Config(protect_cli::ConfigCmd),
+    /// Internal: the wrapper xl runs around `remus relay send` for `remus protect`.
+    #[command(name = "__relay-child", hide = true)]
+    RelayChild(protect_cli::RelayChildArgs),
+    /// Internal: write man pages and shell completions into DIR (packaging).
+    #[command(name = "__generate", hide = true)]
+    Generate {
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -92,6 +121,17 @@ never earlier; counted in `epoch merges`).
 If the backup is lost (connection error, or silent for --heartbeat-timeout), everything
 held is released, the buffer passes traffic from then on, and it exits with code 4, so
 xl prints \"Backup failed? resuming domain at primary\": the guest runs UNPROTECTED.
+
+Ending protection without a failover: one JSON line {\"op\":\"end_protection\"} on the
+control socket (root-only; `remus unprotect DOMAIN` and `systemctl stop
+remus-protect@DOMAIN` send it). The relay stops reading xl's stream and tells the backup
+to discard its copy (its receiver is killed before its stream can end, so nothing is
+activated; the incoming domain is destroyed). Once the backup confirms, everything held
+is released, the buffer passes traffic (with --vif it is detached), the answer is
+{\"result\":\"discarded\",…} and it exits 0: xl resumes the guest here, unprotected. If
+the backup does not confirm within --discard-timeout (or is lost meanwhile), nothing is
+released: the answer is {\"result\":\"unconfirmed\",…} and it exits 5 with the output held
+(the backup may still activate its copy).
 
 Exactly one of --vif, --attached, --no-buffer chooses the output buffer. --vif and
 --attached may be repeated, one per vif of the guest: every vif's epoch is closed at the
@@ -148,6 +188,16 @@ struct SendArgs {
     /// How long the backup may take to start its receiver and send xl's banner.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     banner_timeout: Duration,
+    /// How long the backup may take to confirm it discarded its copy when protection is
+    /// ended on request (it kills its receiver and destroys the copy); past it the
+    /// output stays held and the relay exits 5.
+    #[arg(long, value_name = "DURATION", default_value = "45s", value_parser = parse_duration)]
+    discard_timeout: Duration,
+    /// Control socket (root-only) that takes the request to end protection. Default:
+    /// the status socket's path with the extension .ctl
+    /// (/run/remus/relay-send-<vif or pid>.ctl).
+    #[arg(long, value_name = "PATH")]
+    control_socket: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -187,7 +237,15 @@ When the primary is silent for --heartbeat-timeout, the connection breaks, or a 
 fails to open (altered, replayed, reordered, dropped), it closes the receiver's stdin: libxl then fails over and starts the backup copy
 from the last complete checkpoint. The failover is logged with that checkpoint's number.
 Primaries without the key, with an incompatible protocol version, or arriving while
-another is connected are refused and logged; they never disturb the running session.";
+another is connected are refused and logged; they never disturb the running session.
+A probe (`remus protect` checking the key) is answered and starts nothing.
+
+When the primary ends protection (DISCARD), the receiver's whole process group is
+frozen and killed before its stream can end (so libxl activates nothing), then
+--discard-cmd destroys the copy (run with sh -c; $REMUS_DOMAIN is the domain's name from
+the stream's xl header, whose copy xl named \"$REMUS_DOMAIN--incoming\"), and the primary
+is told. No failover is counted. A receiver that ends on its own is no failover either:
+nothing activates without its stream's end.";
 
 #[derive(Args)]
 #[command(long_about = RECEIVE_LONG)]
@@ -203,6 +261,13 @@ struct ReceiveArgs {
     /// it must print xl's banner line first).
     #[arg(long, value_name = "CMD", default_value = DEFAULT_RECEIVER_CMD)]
     receiver_cmd: String,
+    /// The command that destroys a discarded copy (sh -c; $REMUS_DOMAIN is the domain's
+    /// name from the stream). The default destroys "$REMUS_DOMAIN--incoming" if it exists.
+    #[arg(long, value_name = "CMD", default_value = DEFAULT_DISCARD_CMD)]
+    discard_cmd: String,
+    /// How long the discard command may take before it is killed.
+    #[arg(long, value_name = "DURATION", default_value = "20s", value_parser = parse_duration)]
+    discard_cmd_timeout: Duration,
     #[command(flatten)]
     hb: HeartbeatArgs,
     #[command(flatten)]
@@ -251,11 +316,39 @@ fn main() -> ProcessExit {
             Cmd::Relay(RelayCmd::Send(a)) => relay_send(a).await,
             Cmd::Relay(RelayCmd::Receive(a)) => relay_receive(a).await,
             Cmd::Relay(RelayCmd::Status(a)) => relay_status(a).await,
+            Cmd::Operator(c) => operator(c).await,
+            Cmd::Disk(c) => disk(c).await,
         }
     });
     // Do not wait for lingering tasks (the buffer's holder, sockets).
     rt.shutdown_timeout(Duration::from_millis(200));
     code.into()
+}
+
+async fn operator(c: OperatorCmd) -> ExitCode {
+    match c {
+        OperatorCmd::Protect(a) => protect_cli::protect(a).await,
+        OperatorCmd::Unprotect(a) => protect_cli::unprotect(a).await,
+        OperatorCmd::Status(a) => protect_cli::status(a).await,
+        OperatorCmd::Backup(a) => protect_cli::backup(a).await,
+        OperatorCmd::Config(c) => protect_cli::config(c).await,
+        OperatorCmd::RelayChild(a) => protect_cli::relay_child(a),
+        OperatorCmd::Generate { dir } => {
+            use clap::CommandFactory;
+            match remus_user::assets::generate(Cli::command(), &dir) {
+                Ok(files) => {
+                    for f in files {
+                        println!("{}", dir.join(f).display());
+                    }
+                    ExitCode::Ok
+                }
+                Err(e) => fail(
+                    format!("writing into {}: {e}", dir.display()),
+                    ExitCode::Failure,
+                ),
+            }
+        }
+    }
 }
 
 fn fail(what: impl std::fmt::Display, code: ExitCode) -> ExitCode {
@@ -318,6 +411,7 @@ async fn relay_send_inner(a: SendArgs) -> Result<ExitCode, ExitCode> {
         heartbeat: hb,
         connect_timeout: a.connect_timeout,
         banner_timeout: a.banner_timeout,
+        discard_timeout: a.discard_timeout,
         max_version: VERSION,
         min_version: MIN_VERSION,
     };
@@ -337,6 +431,12 @@ async fn relay_send_inner(a: SendArgs) -> Result<ExitCode, ExitCode> {
     let shared = Shared::new(Role::Send, a.backup.clone(), iface.clone());
     shared.set(|s| s.vifs = vifs.clone());
     let _status = status_socket(&sock, &shared);
+    let ctl = a
+        .control_socket
+        .clone()
+        .unwrap_or_else(|| sock.with_extension("ctl"));
+    // Without it nobody can end protection cleanly: refuse to start (nothing is held yet).
+    let control = control::serve(&ctl).map_err(|e| fail(&e, ExitCode::Failure))?;
     start_metrics(a.observe.metrics, &shared).await?;
     tracing::info!(capacity = pipe.capacity, "xl's pipe shrunk");
     // The domain before any buffer: a wrong name leaves nothing attached.
@@ -350,8 +450,16 @@ async fn relay_send_inner(a: SendArgs) -> Result<ExitCode, ExitCode> {
 
     // The buffer holds from before the banner reaches xl, i.e. from the stream's first byte.
     if !a.vif.is_empty() {
-        let group = attach_all(&a.vif, a.limit_bytes).await?;
-        finish_send(send::run(opts, pipe, group, shared).await)
+        let (group, handles) = attach_all(&a.vif, a.limit_bytes).await?;
+        let r = send::run(opts, pipe, group, shared, &control).await;
+        if let Ok(remus_user::checkpoint::RunEnd::Discarded { .. }) = &r {
+            // Protection ended for good: nothing is held any more (everything went out
+            // when the backup confirmed), so the buffers leave the vifs.
+            for (vif, buffer) in &handles {
+                detach_after_end(buffer, vif).await;
+            }
+        }
+        finish_send(r)
     } else if !a.attached.is_empty() {
         let mut members = Vec::new();
         for iface in &a.attached {
@@ -361,12 +469,33 @@ async fn relay_send_inner(a: SendArgs) -> Result<ExitCode, ExitCode> {
             tracing::info!(iface, "driving the output buffer attached by remus-net");
             members.push((iface.clone(), b));
         }
-        finish_send(send::run(opts, pipe, VifGroup::new(members), shared).await)
+        finish_send(send::run(opts, pipe, VifGroup::new(members), shared, &control).await)
     } else {
         tracing::warn!(
             "--no-buffer: the guest's output is NOT held; this protects nothing (testing only)"
         );
-        finish_send(send::run(opts, pipe, Unbuffered::new(), shared).await)
+        finish_send(send::run(opts, pipe, Unbuffered::new(), shared, &control).await)
+    }
+}
+
+/// After protection ended on request: removes the in-process buffer (pass-through by
+/// now, holding nothing) from the vif. A failure leaves it passing traffic.
+async fn detach_after_end(buffer: &netbuf::LocalBuffer, vif: &str) {
+    let req = netbuf::Request::Detach {
+        policy: netbuf::DetachPolicy::Release,
+    };
+    match buffer.request(req).await {
+        Ok(netbuf::Response::Detached(r)) => tracing::info!(
+            vif,
+            released_frames = r.released_frames,
+            "the output buffer is detached"
+        ),
+        Ok(other) => {
+            tracing::warn!(vif, answer = ?other, "detaching the buffer: unexpected answer; it stays in pass-through")
+        }
+        Err(e) => {
+            tracing::warn!(vif, error = %e, "detaching the buffer failed; it stays in pass-through (`remus-net detach` removes it)")
+        }
     }
 }
 
@@ -387,7 +516,11 @@ fn check_vifs(vifs: &[String]) -> Result<(), ExitCode> {
 /// Attaches the buffer to every vif in-process, holding from here on. If one cannot be
 /// attached, the ones already attached are detached again, releasing what they held
 /// (no stream has started: there is no backup state to be inconsistent with).
-async fn attach_all(vifs: &[String], limit_bytes: u64) -> Result<VifGroup<LocalBuffer>, ExitCode> {
+/// The vifs' buffers, attached in-process, as one group, and a handle on each (to
+/// detach them after protection ended).
+type Attached = (VifGroup<LocalBuffer>, Vec<(String, LocalBuffer)>);
+
+async fn attach_all(vifs: &[String], limit_bytes: u64) -> Result<Attached, ExitCode> {
     let mut members: Vec<(String, LocalBuffer)> = Vec::new();
     for vif in vifs {
         let mut o = AttachOptions::new(vif.clone());
@@ -412,7 +545,8 @@ async fn attach_all(vifs: &[String], limit_bytes: u64) -> Result<VifGroup<LocalB
             }
         }
     }
-    Ok(VifGroup::new(members))
+    let handles = members.clone();
+    Ok((VifGroup::new(members), handles))
 }
 
 fn finish_send(
@@ -461,6 +595,8 @@ async fn relay_receive(a: ReceiveArgs) -> ExitCode {
         listen: a.listen,
         key,
         receiver_cmd: a.receiver_cmd,
+        discard_cmd: a.discard_cmd,
+        discard_timeout: a.discard_cmd_timeout,
         heartbeat: hb,
         handshake_timeout: Duration::from_secs(10),
         banner_timeout: Duration::from_secs(30),
@@ -528,4 +664,28 @@ async fn relay_status(a: StatusArgs) -> ExitCode {
         }
     }
     code
+}
+
+/// `remus disk …`: everything lives in `remus_user::disk::cli`.
+async fn disk(c: remus_user::disk::cli::DiskCmd) -> ExitCode {
+    remus_user::disk::cli::run(c).await
+}
+
+#[cfg(test)]
+mod operator_cmd_tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_operator_commands_keep_their_long_help() {
+        // A doc comment on the subcommand's variant would replace the long help the Args
+        // struct carries (it did once: the man pages lost their description).
+        let c = Cli::command();
+        for n in ["protect", "unprotect", "status", "backup"] {
+            let s = c.find_subcommand(n).expect(n);
+            let long = s.get_long_about().map(|l| l.to_string());
+            assert!(long.is_some(), "{n} has no long help");
+            assert_ne!(long, s.get_about().map(|a| a.to_string()), "{n}");
+        }
+    }
 }

@@ -46,14 +46,20 @@ pub enum Action {
     FailOpen,
 }
 
-/// How a run ended (both relay ends use it).
+/// How the primary's run ended (the backup's sessions end with `relay::SessionEnd`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RunEnd {
-    /// The stream ended in order: xl closed it (primary), or the primary said CLOSE
-    /// (backup). `finished`: it ended with libxl END (a plain migration).
+    /// The stream ended in order: xl closed it. `finished`: it ended with libxl END (a
+    /// plain migration).
     Closed { checkpoints: u64, finished: bool },
     /// The peer was lost. `checkpoint`: the last one the backup holds (acknowledged).
     Lost { reason: LossReason, checkpoint: u64 },
+    /// Protection ended on request: the backup discarded its copy, everything held was
+    /// released. `checkpoint`: the last one acknowledged before.
+    Discarded {
+        checkpoint: u64,
+        copy_destroyed: bool,
+    },
 }
 
 /// Which input arrived (for errors; the input itself may carry a large reason).

@@ -14,6 +14,9 @@
 //!     BackupLost(why)   → [FailOpen] → FailingOpen ── FailedOpen(released) ──► Unprotected
 //!     StreamEnded       → Ended(Closed)               Unprotected ── StreamEnded ──► Ended(Lost)
 //!   in FailingOpen / Unprotected: ACKs, suspends, cuts, proofs change nothing (no holding)
+//!   ending protection on request: the driver asks the backup to discard its copy; only
+//!     once it confirmed does it feed BackupLost(Discarded) (→ FailOpen); unconfirmed,
+//!     it stops with nothing released
 //!   any error (out of order, wrong checkpoint, bogus ACK) → Aborted: nothing more is released
 //!
 //!   one checkpoint's life in the ledger (`output_commit::Ledger`):
@@ -43,8 +46,8 @@ pub mod relay_mode;
 
 pub use machine::{Action, Input, Machine, MachineError, Phase, RunEnd, State};
 pub use ports::{
-    BackupEvent, LossKind, LossReason, NetBuffer, NetBufferError, Released, Replicator,
-    ReplicatorError,
+    BackupEvent, DiscardedCopy, LossKind, LossReason, NetBuffer, NetBufferError, Released,
+    Replicator, ReplicatorError,
 };
 pub use relay_mode::RelayDriver;
 
@@ -62,6 +65,12 @@ pub enum CheckpointError {
     Machine(#[from] MachineError),
     #[error("the checkpoint loop stopped while {0:?}, not at an end")]
     NotEnded(Phase),
+    /// Asked to end protection, the backup did not confirm that it discarded its copy:
+    /// nothing was released (it may still activate that copy).
+    #[error(
+        "the backup did not confirm that it discarded its copy ({0}); the guest's output stays held"
+    )]
+    EndUnconfirmed(ReplicatorError),
 }
 
 #[cfg(test)]

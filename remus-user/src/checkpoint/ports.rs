@@ -87,6 +87,9 @@ pub enum LossKind {
     /// This end could not go on: compressing failed (primary), the receiver process
     /// stopped taking data (backup).
     LocalFailure,
+    /// The backup discarded its copy at this end's request (protection ended): its
+    /// receiver is dead, so no copy can be activated from here on.
+    Discarded,
 }
 
 /// Why a peer was lost: a kind for code, a detail for people.
@@ -115,6 +118,15 @@ pub enum BackupEvent {
     Lost(LossReason),
 }
 
+/// The backup's word that it discarded its copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiscardedCopy {
+    /// The last checkpoint it had whole when it killed its receiver.
+    pub checkpoint: u64,
+    /// Its discard command destroyed the incoming domain (or none had been built).
+    pub copy_destroyed: bool,
+}
+
 /// Why the replicator could not do what was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicatorError {
@@ -124,6 +136,9 @@ pub enum ReplicatorError {
     /// The orderly close was sent but not answered in time.
     #[error("no CLOSE answer from the backup within {0:?}")]
     NoCloseAnswer(std::time::Duration),
+    /// DISCARD was sent but not answered in time.
+    #[error("no answer to DISCARD from the backup within {0:?}")]
+    NoDiscardAnswer(std::time::Duration),
 }
 
 impl ReplicatorError {
@@ -131,7 +146,7 @@ impl ReplicatorError {
     pub fn loss(&self) -> LossReason {
         match self {
             ReplicatorError::Lost(r) => r.clone(),
-            e @ ReplicatorError::NoCloseAnswer(_) => {
+            e @ (ReplicatorError::NoCloseAnswer(_) | ReplicatorError::NoDiscardAnswer(_)) => {
                 LossReason::new(LossKind::Silence, e.to_string())
             }
         }
@@ -159,4 +174,11 @@ pub trait Replicator: Send {
         checkpoints: u64,
         finished: bool,
     ) -> impl std::future::Future<Output = Result<Vec<u64>, ReplicatorError>> + Send;
+    /// Protection ends on request: tell the backup to discard its copy (kill its
+    /// receiver before its stream can end, destroy the copy) and wait, bounded, for its
+    /// word. Only `Ok` means no copy can be activated any more; anything else (no answer,
+    /// a refusal, the backup lost meanwhile) leaves that unknown.
+    fn discard(
+        &mut self,
+    ) -> impl std::future::Future<Output = Result<DiscardedCopy, ReplicatorError>> + Send;
 }

@@ -3,9 +3,10 @@
 //! came in time.
 //!
 //! Owns: the read loop over xl's pipe (parser, forwarding to the backup, racing the
-//! backup's answers), the pipe proof, executing the machine's actions on the ports, the
-//! per-checkpoint log span and the controller's metrics. Never touches: the rules (the
-//! machine decides), sockets or the kernel (reached through the ports).
+//! backup's answers and a request to end protection), the pipe proof, executing the
+//! machine's actions on the ports, the per-checkpoint log span and the controller's
+//! metrics. Never touches: the rules (the machine decides), sockets or the kernel
+//! (reached through the ports).
 //!
 //! The pipe proof (DESIGN.md, "Checkpoints and epochs with stock xl remus"): at the first
 //! post-suspend byte of checkpoint N the driver has read R bytes from the pipe and asks
@@ -24,11 +25,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::watch;
 use tracing::{Span, debug, error, info, info_span, warn};
 
 use super::CheckpointError;
 use super::machine::{Action, Input, Machine, RunEnd, State};
-use super::ports::{BackupEvent, LossReason, NetBuffer, Replicator};
+use super::ports::{BackupEvent, LossKind, LossReason, NetBuffer, Replicator};
 use crate::metrics::Metrics;
 use crate::stream::{Event, Parser};
 
@@ -51,6 +53,8 @@ pub struct RelayDriver<B: NetBuffer> {
     last_acked: u64,
     committed_epoch: u64,
     merges: u64,
+    /// Raised when protection is to end on request (the relay's control socket).
+    end_request: Option<watch::Receiver<bool>>,
 }
 
 impl<B: NetBuffer> RelayDriver<B> {
@@ -66,7 +70,15 @@ impl<B: NetBuffer> RelayDriver<B> {
             last_acked: 0,
             committed_epoch: 0,
             merges: 0,
+            end_request: None,
         }
+    }
+
+    /// Ends protection when `rx` becomes true: the backup is asked to discard its copy,
+    /// and only once it confirmed is anything released (see [`Replicator::discard`]).
+    pub fn end_on_request(mut self, rx: watch::Receiver<bool>) -> Self {
+        self.end_request = Some(rx);
+        self
     }
 
     pub fn buffer(&self) -> &B {
@@ -226,6 +238,7 @@ impl<B: NetBuffer> RelayDriver<B> {
         let mut events = Vec::new();
         let mut read_total: u64 = 0;
         let mut finished = false;
+        let mut end_request = self.end_request.take();
         loop {
             tokio::select! {
                 // The backup first: an ACK that has arrived is committed before more of
@@ -235,6 +248,7 @@ impl<B: NetBuffer> RelayDriver<B> {
                     BackupEvent::Ack(n) => self.apply(Input::Ack { checkpoint: n }).await?,
                     BackupEvent::Lost(reason) => return self.lost(reason).await,
                 },
+                () = requested(&mut end_request) => return self.end_protection(rep).await,
                 r = input.read(&mut buf) => {
                     let n = match r {
                         Ok(n) => n,
@@ -284,6 +298,37 @@ impl<B: NetBuffer> RelayDriver<B> {
         .await
     }
 
+    /// Ending protection on request: no more of xl's stream is read (xl blocks on its
+    /// pipe, then resumes the guest here once the relay exits). The buffer is opened only
+    /// once the backup confirmed that its copy is discarded: then there is no copy left
+    /// for what the guest sent to contradict, exactly as after a lost backup. Without
+    /// that word nothing is released (`EndUnconfirmed`): the backup may still activate.
+    async fn end_protection<P: Replicator>(
+        &mut self,
+        rep: &mut P,
+    ) -> Result<RunEnd, CheckpointError> {
+        info!("ending protection on request: asking the backup to discard its copy");
+        let copy = rep
+            .discard()
+            .await
+            .map_err(CheckpointError::EndUnconfirmed)?;
+        let reason = LossReason::new(
+            LossKind::Discarded,
+            format!(
+                "protection ended on request: the backup discarded its copy (it had checkpoint {})",
+                copy.checkpoint
+            ),
+        );
+        self.apply(Input::BackupLost(reason)).await?;
+        match self.machine.state() {
+            State::Unprotected { acked, .. } => Ok(RunEnd::Discarded {
+                checkpoint: *acked,
+                copy_destroyed: copy.copy_destroyed,
+            }),
+            s => Err(CheckpointError::NotEnded(s.phase())),
+        }
+    }
+
     /// The backup is lost: open the buffer (the machine says so) and end unprotected.
     pub(super) async fn lost(&mut self, reason: LossReason) -> Result<RunEnd, CheckpointError> {
         error!(kind = ?reason.kind, %reason, "the backup is lost");
@@ -304,4 +349,15 @@ impl<B: NetBuffer> RelayDriver<B> {
             s => Err(CheckpointError::NotEnded(s.phase())),
         }
     }
+}
+
+/// Resolves once an end of protection was asked for; never without a request (or
+/// when nobody can ask any more).
+async fn requested(rx: &mut Option<watch::Receiver<bool>>) {
+    if let Some(r) = rx
+        && r.wait_for(|v| *v).await.is_ok()
+    {
+        return;
+    }
+    std::future::pending().await
 }

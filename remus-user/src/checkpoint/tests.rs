@@ -304,11 +304,26 @@ async fn an_ack_of_u64_max_is_refused_without_overflow() {
     assert!(!d.buffer().open);
 }
 
-/// A fake backup: records what it was sent; answers with scripted events.
+/// A fake backup: records what it was sent; answers with scripted events, and DISCARD
+/// with `discard` (`None`: never answers, as a backup that is gone).
 struct FakeReplicator {
     sent: Vec<u8>,
     script: VecDeque<BackupEvent>,
     finished: Option<(u64, bool)>,
+    discard: Option<DiscardedCopy>,
+    discard_asked: bool,
+}
+
+impl FakeReplicator {
+    fn new(script: impl Into<VecDeque<BackupEvent>>) -> Self {
+        FakeReplicator {
+            sent: Vec::new(),
+            script: script.into(),
+            finished: None,
+            discard: None,
+            discard_asked: false,
+        }
+    }
 }
 
 impl Replicator for FakeReplicator {
@@ -329,6 +344,11 @@ impl Replicator for FakeReplicator {
     ) -> Result<Vec<u64>, ReplicatorError> {
         self.finished = Some((checkpoints, finished));
         Ok(Vec::new())
+    }
+    async fn discard(&mut self) -> Result<DiscardedCopy, ReplicatorError> {
+        self.discard_asked = true;
+        self.discard
+            .ok_or(ReplicatorError::NoDiscardAnswer(std::time::Duration::ZERO))
     }
 }
 
@@ -358,6 +378,14 @@ impl Replicator for FakeAckingReplicator {
     }
     async fn finish(&mut self, _: u64, _: bool) -> Result<Vec<u64>, ReplicatorError> {
         Ok(self.acks.drain(..).collect())
+    }
+    async fn discard(&mut self) -> Result<DiscardedCopy, ReplicatorError> {
+        // ACKs not yet taken are dropped: the backup killed its receiver.
+        let checkpoint = self.acks.drain(..).next_back().unwrap_or(0);
+        Ok(DiscardedCopy {
+            checkpoint,
+            copy_destroyed: true,
+        })
     }
 }
 
@@ -434,6 +462,9 @@ impl Replicator for FakeLateAckReplicator {
     async fn finish(&mut self, _: u64, _: bool) -> Result<Vec<u64>, ReplicatorError> {
         Ok(std::mem::take(&mut self.completed))
     }
+    async fn discard(&mut self) -> Result<DiscardedCopy, ReplicatorError> {
+        Err(ReplicatorError::NoDiscardAnswer(std::time::Duration::ZERO))
+    }
 }
 
 #[tokio::test]
@@ -462,15 +493,10 @@ async fn acks_that_come_with_the_close_answer_still_commit() {
 #[tokio::test]
 async fn run_fails_open_when_the_backup_is_lost() {
     let mut d = driver();
-    let mut rep = FakeReplicator {
-        sent: Vec::new(),
-        script: [BackupEvent::Lost(LossReason::new(
-            LossKind::Silence,
-            "heartbeat timeout",
-        ))]
-        .into(),
-        finished: None,
-    };
+    let mut rep = FakeReplicator::new([BackupEvent::Lost(LossReason::new(
+        LossKind::Silence,
+        "heartbeat timeout",
+    ))]);
     // Input that never yields: the loss must win.
     let (_keep, input) = tokio::io::duplex(16);
     let out = d.run(input, &mut rep).await.unwrap();
@@ -491,11 +517,7 @@ async fn run_fails_open_when_the_backup_is_lost() {
 #[tokio::test]
 async fn run_on_empty_input_closes_in_order() {
     let mut d = driver();
-    let mut rep = FakeReplicator {
-        sent: Vec::new(),
-        script: Default::default(),
-        finished: None,
-    };
+    let mut rep = FakeReplicator::new([]);
     let out = d.run(&b""[..], &mut rep).await.unwrap();
     assert_eq!(
         out,
@@ -507,4 +529,89 @@ async fn run_on_empty_input_closes_in_order() {
     assert_eq!(rep.finished, Some((0, false)));
     assert!(!d.buffer().open);
     assert_eq!(d.state().phase(), Phase::Ended);
+}
+
+/// A driver whose end of protection is asked for at once.
+fn driver_asked_to_end() -> (RelayDriver<FakeBuffer>, tokio::sync::watch::Sender<bool>) {
+    let (tx, rx) = tokio::sync::watch::channel(true);
+    (driver().end_on_request(rx), tx)
+}
+
+#[tokio::test]
+async fn ending_protection_releases_once_the_backup_confirmed_the_discard() {
+    let (mut d, _tx) = driver_asked_to_end();
+    let mut rep = FakeReplicator::new([]);
+    rep.discard = Some(DiscardedCopy {
+        checkpoint: 0,
+        copy_destroyed: true,
+    });
+    // Input that never yields: the request must be carried out without xl's stream.
+    let (_keep, input) = tokio::io::duplex(16);
+    let out = d.run(input, &mut rep).await.unwrap();
+    assert_eq!(
+        out,
+        RunEnd::Discarded {
+            checkpoint: 0,
+            copy_destroyed: true
+        }
+    );
+    assert!(rep.discard_asked);
+    assert_eq!(d.buffer().calls, [Call::FailOpen]);
+    match d.state() {
+        State::Unprotected { reason, .. } => assert_eq!(reason.kind, LossKind::Discarded),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn ending_protection_unconfirmed_releases_nothing() {
+    let (mut d, _tx) = driver_asked_to_end();
+    let mut rep = FakeReplicator::new([]);
+    let (_keep, input) = tokio::io::duplex(16);
+    match d.run(input, &mut rep).await {
+        Err(CheckpointError::EndUnconfirmed(ReplicatorError::NoDiscardAnswer(_))) => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(rep.discard_asked);
+    assert!(
+        !d.buffer().open,
+        "nothing may be released without the backup's word"
+    );
+    assert!(d.buffer().calls.is_empty());
+    assert_eq!(d.state().phase(), Phase::Running);
+}
+
+#[tokio::test]
+async fn ending_protection_mid_stream_commits_only_acked_epochs_before_opening() {
+    // Checkpoints 1-2 and half of 3 flow, each acknowledged when whole; then the end is
+    // asked for. Whatever was committed went in order; the last thing is the opening.
+    let w = crate::stream::writer::write(&crate::stream::writer::WriterConfig::pv(3));
+    let ends: Vec<u64> = w
+        .events
+        .iter()
+        .filter_map(|e| match *e {
+            Event::CheckpointComplete { end, .. } => Some(end),
+            _ => None,
+        })
+        .collect();
+    let cut = ((ends[1] + ends[2]) / 2) as usize;
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let (mut wr, r) = tokio::io::duplex(4096);
+    let writer = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        wr.write_all(&w.bytes[..cut]).await.unwrap();
+        tx.send_replace(true);
+        // The pipe stays open, as xl's does while it waits.
+        std::future::pending::<()>().await;
+        drop(wr);
+    });
+    let mut d = driver().end_on_request(rx);
+    let mut rep = FakeAckingReplicator::default();
+    let out = d.run(r, &mut rep).await.unwrap();
+    writer.abort();
+    assert!(matches!(out, RunEnd::Discarded { .. }), "{out:?}");
+    let calls = &d.buffer().calls;
+    assert_eq!(calls.last(), Some(&Call::FailOpen));
+    assert_eq!(calls.iter().filter(|c| **c == Call::FailOpen).count(), 1);
+    assert!(d.buffer().commits().iter().all(|e| *e <= 2));
 }

@@ -2,9 +2,10 @@
 //! stock `xl remus` safe (DESIGN.md, "Checkpoints and epochs with stock xl remus").
 //!
 //! Owns: joining xl's pipes, the replication connection and the output buffer; the
-//! backup's receiver process; the status sockets; the CLI's duration syntax. Never
-//! touches: the wire format itself (`replication`), the stream grammar (`stream`), the
-//! epoch rules (`checkpoint`), the kernel (`netbuf` does that).
+//! backup's receiver process; the status sockets and the primary's control socket; the
+//! CLI's duration syntax. Never touches: the wire format itself (`replication`), the
+//! stream grammar (`stream`), the epoch rules (`checkpoint`), the kernel (`netbuf` does
+//! that).
 //!
 //! ```text
 //!  xl remus ─pipe─► relay send ══TCP══► relay receive ─pipe─► xl migrate-receive -r -e
@@ -15,11 +16,13 @@
 //! Parts: [`heartbeat`] (settings, the judgement of silence), [`connection`] (the writer
 //! task both ends share, page (de)compression off the runtime thread), [`send`] (the
 //! primary: xl's pipe, the TCP replicator), [`receive`] (the backup: the session state
-//! machine, the cut, the receiver process), [`status`] (the status socket, its JSON and
-//! `remus relay status`).
+//! machine, the cut, the receiver process, discarding the copy), [`status`] (the status
+//! socket, its JSON and `remus relay status`), [`control`] (the primary's control socket:
+//! ending protection without a failover).
 use std::time::Duration;
 
 pub mod connection;
+pub mod control;
 pub mod heartbeat;
 pub mod receive;
 pub mod send;
@@ -30,7 +33,7 @@ pub use heartbeat::{
     DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_TIMEOUT, Heartbeat, HeartbeatError,
     MIN_HEARTBEAT_TIMEOUT,
 };
-pub use status::{RelayState, RelayStatus, Shared, StatusGuard, serve_status};
+pub use status::{RelayState, RelayStatus, SessionEnd, Shared, StatusGuard, serve_status};
 
 /// What xl migrate-receive prints before it reads anything (54 bytes).
 pub const BANNER: &[u8] = b"xl migration receiver ready, send binary domain data.\n";

@@ -54,6 +54,14 @@ pub enum RelayState {
     /// Backup: the session is over; the receiver process is being waited for.
     #[serde(rename = "waiting for the receiver to exit")]
     WaitingForReceiverExit,
+    /// Protection ended on request, no failover. Backup: the receiver was killed before
+    /// its stream ended and the copy destroyed. Primary: the backup confirmed that, and
+    /// the buffer passes traffic.
+    #[serde(rename = "discarded")]
+    Discarded,
+    /// Primary: asked to end protection; waiting for the backup to discard its copy.
+    #[serde(rename = "ending protection")]
+    EndingProtection,
 }
 
 impl RelayState {
@@ -71,6 +79,8 @@ impl RelayState {
             RelayState::Finished => "finished",
             RelayState::FailedOver => "failed over",
             RelayState::WaitingForReceiverExit => "waiting for the receiver to exit",
+            RelayState::Discarded => "discarded",
+            RelayState::EndingProtection => "ending protection",
         }
     }
 }
@@ -97,6 +107,34 @@ impl Role {
             Role::Receive => "receive",
         }
     }
+}
+
+/// How the backup's last session ended (typed: code decides on it, `last_event` says it
+/// in words).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "end", rename_all = "snake_case")]
+pub enum SessionEnd {
+    /// A plain migration finished: the receiver got the whole stream.
+    Finished { checkpoints: u64 },
+    /// The receiver's stream was closed after `checkpoint`: libxl activates the copy
+    /// (`checkpoint` 0: it had no usable one).
+    FailedOver {
+        checkpoint: u64,
+        reason: crate::checkpoint::LossKind,
+    },
+    /// The primary ended protection: the receiver was killed before its stream ended,
+    /// so nothing was activated; `copy_destroyed`: the discard command succeeded.
+    Discarded {
+        checkpoint: u64,
+        copy_destroyed: bool,
+    },
+    /// The receiver exited on its own while its stream was still open: nothing was
+    /// activated (libxl activates only on the stream's end), no failover happened.
+    ReceiverEnded {
+        checkpoint: u64,
+        code: Option<i32>,
+        signal: Option<i32>,
+    },
 }
 
 /// What `remus relay status` shows for one end (JSON keys are stable).
@@ -128,6 +166,10 @@ pub struct RelayStatus {
     pub epoch_merges_total: u64,
     pub heartbeats_missed_total: u64,
     pub failovers_total: u64,
+    #[serde(default)]
+    pub discards_total: u64,
+    #[serde(default)]
+    pub probes_total: u64,
     pub auth_failures_total: u64,
     pub ack_latency_mean_us: Option<f64>,
     /// Exact quantiles over the last `metrics::RECENT_ACKS` ACKs.
@@ -135,6 +177,13 @@ pub struct RelayStatus {
     /// Cumulative ACK latency histogram: `{le_us, count}` per bucket.
     pub ack_latency_buckets_us: Vec<LatencyBucket>,
     pub last_event: Option<String>,
+    /// Backup: how the last session ended.
+    #[serde(default)]
+    pub last_session: Option<SessionEnd>,
+    /// The guest's pause per checkpoint (suspend to resume), milliseconds, when the relay
+    /// measures it (the checkpoint-speed work fills it; absent until then).
+    #[serde(default)]
+    pub guest_pause_ms: Option<f64>,
     pub since_unix: u64,
     /// Send with `--domain`: how the guest is suspended and how long that takes.
     #[serde(default)]
@@ -232,6 +281,8 @@ impl Shared {
         s.epoch_merges_total = m.epoch_merges_total.get();
         s.heartbeats_missed_total = m.heartbeats_missed_total.get();
         s.failovers_total = m.failovers_total.get();
+        s.discards_total = m.discards_total.get();
+        s.probes_total = m.probes_total.get();
         s.auth_failures_total = m.auth_failures_total.get();
         let h = &m.ack_latency_seconds;
         let n = h.count();
@@ -269,27 +320,10 @@ pub enum StatusSocketError {
 /// one line of JSON (the current [`RelayStatus`]). The socket file is removed on drop of
 /// the returned guard.
 pub fn serve_status(path: &Path, shared: Arc<Shared>) -> Result<StatusGuard, StatusSocketError> {
-    use std::os::unix::fs::PermissionsExt;
-    let err = |source| StatusSocketError::Bind {
+    let l = bind_root_only(path, "--status-socket").map_err(|source| StatusSocketError::Bind {
         path: path.display().to_string(),
         source,
-    };
-    if let Some(dir) = path.parent().filter(|d| !d.exists()) {
-        std::fs::create_dir_all(dir).map_err(err)?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
-    }
-    // A stale socket of a dead relay: remove it (a live one answers; refuse to steal it).
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                "another relay is serving this socket; pick another --status-socket",
-            )));
-        }
-        let _ = std::fs::remove_file(path);
-    }
-    let l = tokio::net::UnixListener::bind(path).map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    })?;
     let task = tokio::spawn(async move {
         loop {
             let Ok((mut s, _)) = l.accept().await else {
@@ -304,6 +338,29 @@ pub fn serve_status(path: &Path, shared: Arc<Shared>) -> Result<StatusGuard, Sta
         path: path.to_path_buf(),
         task,
     })
+}
+
+/// Binds a root-only (0600) unix socket at `path`, creating its directory (0700) if
+/// needed. A stale socket of a dead relay is replaced; a live one (it accepts) is not
+/// stolen: the error names `flag`, the option that picks another path.
+pub(super) fn bind_root_only(path: &Path, flag: &str) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent().filter(|d| !d.exists()) {
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("another relay is serving this socket; pick another {flag}"),
+            ));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let l = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
 }
 
 /// Removes the status socket when the relay ends.
@@ -437,6 +494,9 @@ pub fn render(s: &RelayStatus) -> String {
         s.heartbeats_missed_total.to_string(),
     );
     line(&mut o, "failovers", s.failovers_total.to_string());
+    if s.discards_total > 0 {
+        line(&mut o, "discards", s.discards_total.to_string());
+    }
     if s.auth_failures_total > 0 {
         line(
             &mut o,
@@ -519,6 +579,8 @@ mod tests {
                 RelayState::WaitingForReceiverExit,
                 "waiting for the receiver to exit",
             ),
+            (RelayState::Discarded, "discarded"),
+            (RelayState::EndingProtection, "ending protection"),
         ] {
             let json = serde_json::to_value(state).unwrap();
             assert_eq!(json, serde_json::Value::String(word.into()));
@@ -527,6 +589,20 @@ mod tests {
         }
         assert_eq!(serde_json::to_value(Role::Receive).unwrap(), "receive");
         assert_eq!(serde_json::to_value(Some(Codec::Lz4)).unwrap(), "lz4");
+        // How a session ended is tagged by a stable word too.
+        let v = serde_json::to_value(SessionEnd::Discarded {
+            checkpoint: 3,
+            copy_destroyed: true,
+        })
+        .unwrap();
+        assert_eq!(v["end"], "discarded");
+        let v = serde_json::to_value(SessionEnd::ReceiverEnded {
+            checkpoint: 2,
+            code: None,
+            signal: Some(9),
+        })
+        .unwrap();
+        assert_eq!(v["end"], "receiver_ended");
     }
 
     #[tokio::test]

@@ -9,7 +9,12 @@
 //! the chosen version, both nonces), with a different label per side so one side's proof
 //! can never be replayed as the other's. The backup proves first, but only over a nonce
 //! of its own choosing too, so a peer without the key learns nothing it can reuse; a
-//! HELLO rewritten on the way (an older version, no compression) makes the proofs fail.
+//! HELLO rewritten on the way (an older version, no compression, a probe made a session
+//! or the other way round) makes the proofs fail.
+//!
+//! A probe ([`client_probe`]) is the same handshake with HELLO's probe flag: the backup
+//! answers PROBE_OK (sealed, so it proves the backup derived the same keys) instead of
+//! WELCOME, and neither end starts anything.
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
@@ -164,6 +169,16 @@ pub struct Session {
     /// Seal every frame sent from now on with `keys.sealer`; read with a `FrameReader`
     /// built on `keys.opener`. Clones share their counters.
     pub keys: Keys,
+    /// The primary only probed (backup side): answer PROBE_OK, start nothing.
+    pub probe: bool,
+}
+
+/// What a probe learnt: the backup holds the key, speaks `version`, and whether another
+/// primary is being replicated there now (a session would be refused as busy).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProbeAnswer {
+    pub version: u16,
+    pub busy: bool,
 }
 
 fn random_nonce() -> [u8; 32] {
@@ -187,12 +202,61 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     cfg: &ClientConfig,
 ) -> Result<Session, WireError> {
+    let (version, keys) = client_auth(s, cfg, false).await?;
+    match first_sealed(s, cfg, &keys, "the backup's welcome").await? {
+        Message::Welcome => {}
+        other => {
+            return Err(WireError::Unexpected {
+                expected: "WELCOME",
+                got: other.kind(),
+            });
+        }
+    }
+    let codec = if version >= VERSION_COMPRESSION {
+        cfg.codec
+    } else {
+        Codec::None
+    };
+    Ok(Session {
+        version,
+        codec,
+        cache_pages: cfg.cache_pages,
+        keys,
+        probe: false,
+    })
+}
+
+/// Primary side of a probe: the whole handshake with HELLO's probe flag, then the
+/// backup's sealed PROBE_OK. Nothing is started at the backup; the caller drops the
+/// connection. A wrong key is `AuthFailed(Prover::Backup)`, as for a session.
+pub async fn client_probe<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    cfg: &ClientConfig,
+) -> Result<ProbeAnswer, WireError> {
+    let (version, keys) = client_auth(s, cfg, true).await?;
+    match first_sealed(s, cfg, &keys, "the backup's probe answer").await? {
+        Message::ProbeOk { busy } => Ok(ProbeAnswer { version, busy }),
+        other => Err(WireError::Unexpected {
+            expected: "PROBE_OK",
+            got: other.kind(),
+        }),
+    }
+}
+
+/// HELLO, the backup's CHALLENGE checked, AUTH sent: the chosen version and the
+/// session's keys.
+async fn client_auth<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    cfg: &ClientConfig,
+    probe: bool,
+) -> Result<(u16, Keys), WireError> {
     let nonce_p = random_nonce();
     let hello = Hello {
         max_version: cfg.max_version,
         min_version: cfg.min_version,
         codec: cfg.codec,
         cache_pages: cfg.cache_pages,
+        probe,
         nonce: nonce_p,
     };
     send(s, &Message::Hello(hello)).await?;
@@ -232,34 +296,28 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let mac = cfg.key.prove(LABEL_CLIENT, &th);
     send(s, &Message::Auth { mac }).await?;
-    let keys = cfg.key.keys(Role::Primary, &nonce_p, &nonce_b, &th);
-    // WELCOME is the first sealed frame: opening it proves the backup derived the same
-    // keys. A backup that found no key can only refuse in the clear.
-    let welcome = tokio::time::timeout(cfg.timeout, read_sealed_or_plain(s, &keys.opener))
-        .await
-        .map_err(|_| WireError::Timeout("the backup's welcome"))??;
-    match welcome {
-        (Message::Welcome, true) => {}
-        (Message::Abort { reason }, _) => return Err(WireError::Refused(reason)),
-        (other, true) => {
-            return Err(WireError::Unexpected {
-                expected: "WELCOME",
-                got: other.kind(),
-            });
-        }
-        (other, false) => return Err(WireError::Unsealed { kind: other.kind() }),
-    }
-    let codec = if version >= VERSION_COMPRESSION {
-        cfg.codec
-    } else {
-        Codec::None
-    };
-    Ok(Session {
+    Ok((
         version,
-        codec,
-        cache_pages: cfg.cache_pages,
-        keys,
-    })
+        cfg.key.keys(Role::Primary, &nonce_p, &nonce_b, &th),
+    ))
+}
+
+/// The backup's first sealed frame: opening it proves the backup derived the same keys.
+/// A backup that found no key can only refuse in the clear.
+async fn first_sealed<S: AsyncRead + Unpin>(
+    s: &mut S,
+    cfg: &ClientConfig,
+    keys: &Keys,
+    what: &'static str,
+) -> Result<Message, WireError> {
+    let m = tokio::time::timeout(cfg.timeout, read_sealed_or_plain(s, &keys.opener))
+        .await
+        .map_err(|_| WireError::Timeout(what))??;
+    match m {
+        (Message::Abort { reason }, _) => Err(WireError::Refused(reason)),
+        (m, true) => Ok(m),
+        (other, false) => Err(WireError::Unsealed { kind: other.kind() }),
+    }
 }
 
 /// Backup side, up to and including verifying the primary's proof. The caller answers
@@ -343,6 +401,7 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
         codec,
         cache_pages: hello.cache_pages,
         keys: cfg.key.keys(Role::Backup, &hello.nonce, &nonce_b, &th),
+        probe: hello.probe,
     })
 }
 
@@ -487,12 +546,95 @@ mod tests {
             through_mitm(|h| h.cache_pages = 1).await,
             through_mitm(|h| h.nonce[0] ^= 1).await,
             through_mitm(|h| h.max_version = VERSION + 1).await,
+            // A session turned into a probe: the backup would start nothing.
+            through_mitm(|h| h.probe = true).await,
         ] {
             assert!(
                 matches!(r, Err(WireError::AuthFailed(Prover::Backup))),
                 "{r:?}"
             );
         }
+    }
+
+    /// A probe against the real backup handshake; the backup answers as `relay receive`
+    /// does (PROBE_OK for a probe, WELCOME otherwise). Returns both ends' results.
+    async fn probe_pair(
+        ckey: &[u8],
+        skey: &[u8],
+    ) -> (Result<ProbeAnswer, WireError>, Result<Session, WireError>) {
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        let c = ClientConfig::new(Key::from_bytes(ckey).unwrap(), Codec::None, 0);
+        let s = ServerConfig {
+            key: Key::from_bytes(skey).unwrap(),
+            timeout: Duration::from_secs(5),
+        };
+        let server = async move {
+            let r = server_handshake(&mut b, &s).await;
+            if let Ok(session) = &r {
+                let m = if session.probe {
+                    Message::ProbeOk { busy: true }
+                } else {
+                    Message::Welcome
+                };
+                session.keys.sealer.send(&mut b, &m).await.unwrap();
+            }
+            r
+        };
+        tokio::join!(client_probe(&mut a, &c), server)
+    }
+
+    #[tokio::test]
+    async fn a_probe_with_the_key_is_answered_sealed_and_is_no_session() {
+        let (c, s) = probe_pair(b"0123456789abcdef", b"0123456789abcdef").await;
+        assert_eq!(
+            c.unwrap(),
+            ProbeAnswer {
+                version: VERSION,
+                busy: true
+            }
+        );
+        assert!(s.unwrap().probe, "the backup knows it was a probe");
+        // A session is not a probe.
+        let (_, s) = pair(b"k", b"k", |_| {}).await;
+        assert!(!s.unwrap().probe);
+    }
+
+    #[tokio::test]
+    async fn a_probe_with_another_key_is_the_typed_auth_error() {
+        let (c, s) = probe_pair(b"the primary key!", b"the backup key!!").await;
+        assert!(
+            matches!(c, Err(WireError::AuthFailed(Prover::Backup))),
+            "{c:?}"
+        );
+        // The backup hears why (the primary's ABORT) and starts nothing.
+        assert!(matches!(s, Err(WireError::Refused(_))), "{s:?}");
+    }
+
+    #[tokio::test]
+    async fn a_welcome_is_no_answer_to_a_probe() {
+        // A backup that starts a session for a probe (not this build): refused, named.
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        let (c, s) = configs();
+        let server = async move {
+            let session = server_handshake(&mut b, &s).await.unwrap();
+            session
+                .keys
+                .sealer
+                .send(&mut b, &Message::Welcome)
+                .await
+                .unwrap();
+        };
+        let (r, ()) = tokio::join!(client_probe(&mut a, &c), server);
+        assert!(
+            matches!(
+                r,
+                Err(WireError::Unexpected {
+                    expected: "PROBE_OK",
+                    got: Kind::Welcome
+                })
+            ),
+            "{r:?}"
+        );
     }
 
     #[tokio::test]
@@ -562,6 +704,7 @@ mod tests {
                 min_version: MIN_VERSION,
                 codec: Codec::None,
                 cache_pages: 0,
+                probe: false,
                 nonce: [0; 32],
             };
             send(&mut a, &Message::Hello(hello)).await.unwrap();

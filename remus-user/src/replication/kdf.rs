@@ -15,7 +15,7 @@
 //!   next = HKDF-Expand(secret, "next", 32)    the secret of the next epoch (old one dropped)
 //! ```
 //!
-//! Binding the transcript (versions, codec, cache size, both nonces) into the secrets
+//! Binding the transcript (versions, codec, cache size, the probe flag, both nonces) into the secrets
 //! means a man in the middle who rewrites HELLO ends with keys that do not match: the
 //! first sealed frame (WELCOME) fails to open. The proofs of `auth` cover the same
 //! transcript, so such a rewrite is already refused one step earlier.
@@ -105,6 +105,7 @@ mod tests {
             min_version: 3,
             codec: Codec::Lz4,
             cache_pages: 1024,
+            probe: false,
             nonce: [1; 32],
         }
     }
@@ -149,6 +150,14 @@ mod tests {
             transcript(
                 &Hello {
                     nonce: [9; 32],
+                    ..hello()
+                },
+                3,
+                &nb,
+            ),
+            transcript(
+                &Hello {
+                    probe: true,
                     ..hello()
                 },
                 3,

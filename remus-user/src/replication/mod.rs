@@ -8,7 +8,7 @@
 //! ```text
 //!  primary (relay send)                              backup (relay receive)
 //!  ───────────────────                               ──────────────────────
-//!  HELLO{versions, codec, cache, nonce_p} ──────────►            (plain, CRC)
+//!  HELLO{versions, codec, cache, probe?, nonce_p} ──►            (plain, CRC)
 //!                                  ◄──────────────── CHALLENGE{version, nonce_b,
 //!                                                              mac_b = H(k, "backup"‖th)}
 //!  th = SHA-256(HELLO ‖ version ‖ nonce_b); verify mac_b (else ABORT, exit 2)
@@ -16,6 +16,8 @@
 //!                                                     verify mac_p (else ABORT, log, drop)
 //!  both: keys = HKDF(k, nonce_p‖nonce_b, th), one per direction (`kdf`)
 //!  ═══════════════ from here every frame is sealed (AES-256-GCM, counter nonce) ════════
+//!                                  ◄──────────────── PROBE_OK{busy}, close   (HELLO said
+//!                                                     "probe": no session, no receiver)
 //!                                  ◄──────────────── WELCOME   (or ABORT "busy")
 //!                                                     start `xl migrate-receive -r -e`
 //!                                  ◄──────────────── BANNER("xl migration receiver ready…\n")
@@ -27,6 +29,9 @@
 //!  HEARTBEAT ◄──────────────────────────────────────► HEARTBEAT   (every interval, both ways)
 //!  CLOSE{checkpoints, finished}    ─────────────────► xl's stream ended: close receiver's stdin
 //!                                  ◄──────────────── CLOSE
+//!  DISCARD                         ─────────────────► protection ended: receiver killed before
+//!                                                     its stream ends, the copy destroyed
+//!                                  ◄──────────────── DISCARDED{checkpoint, copy_destroyed}
 //!  ABORT{reason}                   ◄────────────────► either side gives up (reason is logged)
 //! ```
 //!
@@ -55,7 +60,10 @@ pub mod auth;
 pub mod kdf;
 pub mod seal;
 
-pub use auth::{ClientConfig, Key, ServerConfig, Session, client_handshake, server_handshake};
+pub use auth::{
+    ClientConfig, Key, ProbeAnswer, ServerConfig, Session, client_handshake, client_probe,
+    server_handshake,
+};
 pub use seal::{Keys, Opener, Sealer};
 
 /// First bytes of every frame.
@@ -82,6 +90,7 @@ pub const MAX_REASON: usize = 1024;
 pub const HEADER_LEN: usize = std::mem::size_of::<FrameHeader>();
 
 /// Frame kinds. `Invalid = 0` so zeroed or unknown bytes never parse as a real kind.
+/// New kinds are added at the end.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u16)]
 pub enum Kind {
@@ -97,6 +106,12 @@ pub enum Kind {
     Heartbeat = 9,
     Close = 10,
     Abort = 11,
+    /// Backup → primary, instead of WELCOME when HELLO asked for a probe.
+    ProbeOk = 12,
+    /// Primary → backup: protection ended, discard the copy (no failover).
+    Discard = 13,
+    /// Backup → primary: the copy is discarded (its receiver is dead).
+    Discarded = 14,
 }
 
 impl Kind {
@@ -114,6 +129,9 @@ impl Kind {
             9 => Kind::Heartbeat,
             10 => Kind::Close,
             11 => Kind::Abort,
+            12 => Kind::ProbeOk,
+            13 => Kind::Discard,
+            14 => Kind::Discarded,
             _ => Kind::Invalid,
         }
     }
@@ -143,11 +161,17 @@ pub struct HelloWire {
     pub min_version: U16,
     /// 0 = none, 1 = lz4 (page data, XOR against the last copy of the page).
     pub codec: u8,
-    pub reserved: [u8; 3],
+    /// [`HELLO_PROBE`]; other bits are refused.
+    pub flags: u8,
+    pub reserved: [u8; 2],
     /// PFN cache size both sides must use for the XOR base.
     pub cache_pages: U32,
     pub nonce: [u8; 32],
 }
+
+/// HELLO flag: a probe (is the backup there, does it hold the key?): the backup answers
+/// PROBE_OK instead of WELCOME and starts nothing.
+pub const HELLO_PROBE: u8 = 1;
 
 /// CHALLENGE payload (backup → primary).
 #[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
@@ -167,6 +191,26 @@ pub struct CloseWire {
     pub checkpoints: U64,
     /// 1 if the stream ended with libxl END (a plain migration), 0 otherwise.
     pub finished: u8,
+    pub reserved: [u8; 7],
+}
+
+/// PROBE_OK payload.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct ProbeOkWire {
+    /// 1 if another primary is being replicated there now (a session would be refused).
+    pub busy: u8,
+    pub reserved: [u8; 7],
+}
+
+/// DISCARDED payload.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct DiscardedWire {
+    /// Last checkpoint the backup had whole when it killed the receiver.
+    pub checkpoint: U64,
+    /// 1 if the incoming domain was destroyed (or none had been built yet).
+    pub copy_destroyed: u8,
     pub reserved: [u8; 7],
 }
 
@@ -204,6 +248,17 @@ pub enum Message {
     Abort {
         reason: String,
     },
+    /// The answer to a probe: the backup holds the key (its proof verified, ours too).
+    ProbeOk {
+        busy: bool,
+    },
+    /// Protection ended: kill the receiver before its stream ends, destroy the copy.
+    Discard,
+    /// The copy is discarded: its receiver is dead, nothing can activate it.
+    Discarded {
+        checkpoint: u64,
+        copy_destroyed: bool,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -212,6 +267,8 @@ pub struct Hello {
     pub min_version: u16,
     pub codec: Codec,
     pub cache_pages: u32,
+    /// A probe, not a session ([`HELLO_PROBE`]).
+    pub probe: bool,
     pub nonce: [u8; 32],
 }
 
@@ -338,6 +395,9 @@ impl Message {
             Message::Heartbeat { .. } => Kind::Heartbeat,
             Message::Close { .. } => Kind::Close,
             Message::Abort { .. } => Kind::Abort,
+            Message::ProbeOk { .. } => Kind::ProbeOk,
+            Message::Discard => Kind::Discard,
+            Message::Discarded { .. } => Kind::Discarded,
         }
     }
 
@@ -384,7 +444,8 @@ impl Message {
                     max_version: h.max_version.into(),
                     min_version: h.min_version.into(),
                     codec: h.codec.to_wire(),
-                    reserved: [0; 3],
+                    flags: if h.probe { HELLO_PROBE } else { 0 },
+                    reserved: [0; 2],
                     cache_pages: h.cache_pages.into(),
                     nonce: h.nonce,
                 }
@@ -404,7 +465,7 @@ impl Message {
                 .as_bytes(),
             ),
             Message::Auth { mac } => out.extend_from_slice(mac),
-            Message::Welcome => {}
+            Message::Welcome | Message::Discard => {}
             Message::Banner(b) | Message::Data(b) | Message::PageData(b) => {
                 out.extend_from_slice(b)
             }
@@ -422,6 +483,24 @@ impl Message {
                 .as_bytes(),
             ),
             Message::Abort { reason } => out.extend_from_slice(reason.as_bytes()),
+            Message::ProbeOk { busy } => out.extend_from_slice(
+                ProbeOkWire {
+                    busy: u8::from(*busy),
+                    reserved: [0; 7],
+                }
+                .as_bytes(),
+            ),
+            Message::Discarded {
+                checkpoint,
+                copy_destroyed,
+            } => out.extend_from_slice(
+                DiscardedWire {
+                    checkpoint: (*checkpoint).into(),
+                    copy_destroyed: u8::from(*copy_destroyed),
+                    reserved: [0; 7],
+                }
+                .as_bytes(),
+            ),
         }
     }
 
@@ -497,8 +576,40 @@ impl Message {
                     reason: String::from_utf8_lossy(&payload).into_owned(),
                 }
             }
+            Kind::ProbeOk | Kind::Discard | Kind::Discarded => decode_answer(kind, &payload)?,
         })
     }
+}
+
+/// The payloads of a probe's answer and of ending protection.
+fn decode_answer(kind: Kind, payload: &[u8]) -> Result<Message, WireError> {
+    Ok(match kind {
+        Kind::ProbeOk => {
+            let w: ProbeOkWire = fixed(kind, payload)?;
+            Message::ProbeOk { busy: w.busy != 0 }
+        }
+        Kind::Discarded => {
+            let w: DiscardedWire = fixed(kind, payload)?;
+            Message::Discarded {
+                checkpoint: w.checkpoint.get(),
+                copy_destroyed: w.copy_destroyed != 0,
+            }
+        }
+        Kind::Discard => {
+            if !payload.is_empty() {
+                return Err(WireError::BadPayload {
+                    kind,
+                    problem: PayloadProblem::Length {
+                        got: payload.len(),
+                        expected: 0,
+                    },
+                });
+            }
+            Message::Discard
+        }
+        // `Message::decode` hands only the three kinds above to this.
+        other => return Err(WireError::UnknownKind(other as u16)),
+    })
 }
 
 /// A fixed-size payload of `kind`.
@@ -538,11 +649,16 @@ fn decode_hello(payload: &[u8]) -> Result<Hello, WireError> {
             min: size_of::<HelloWire>(),
         })
     })?;
+    // An unknown flag would change what the primary asks for: refused, not ignored.
+    if w.flags & !HELLO_PROBE != 0 {
+        return Err(bad(PayloadProblem::ReservedFlags(u16::from(w.flags))));
+    }
     Ok(Hello {
         max_version,
         min_version,
         codec: Codec::from_wire(w.codec).ok_or(WireError::UnknownCodec(w.codec))?,
         cache_pages: w.cache_pages.get(),
+        probe: w.flags & HELLO_PROBE != 0,
         nonce: w.nonce,
     })
 }
@@ -819,10 +935,15 @@ mod tests {
             min_version: MIN_VERSION,
             codec: Codec::Lz4,
             cache_pages: 8192,
+            probe: false,
             nonce: [7; 32],
         };
         for m in [
             Message::Hello(hello),
+            Message::Hello(Hello {
+                probe: true,
+                ..hello
+            }),
             Message::Challenge {
                 version: 2,
                 nonce: [1; 32],
@@ -841,6 +962,13 @@ mod tests {
                 finished: true,
             },
             Message::abort("backup disk full"),
+            Message::ProbeOk { busy: true },
+            Message::ProbeOk { busy: false },
+            Message::Discard,
+            Message::Discarded {
+                checkpoint: 9,
+                copy_destroyed: true,
+            },
         ] {
             roundtrip(m);
         }
@@ -985,7 +1113,7 @@ mod tests {
     fn invalid_and_unknown_kinds_fail() {
         let mut buf = Vec::new();
         Message::Ack { checkpoint: 1 }.encode(&mut buf);
-        for k in [0u16, 12, 0xffff] {
+        for k in [0u16, 15, 0xffff] {
             let mut b = buf.clone();
             b[4..6].copy_from_slice(&k.to_le_bytes());
             match decode_frame(&b) {
@@ -1085,6 +1213,9 @@ mod tests {
             (Kind::Auth, 31, 32),
             (Kind::Welcome, 1, 0),
             (Kind::Close, 15, 16),
+            (Kind::ProbeOk, 7, 8),
+            (Kind::Discard, 1, 0),
+            (Kind::Discarded, 17, 16),
         ] {
             match Message::decode(kind, vec![0; len]) {
                 Err(WireError::BadPayload { kind: k, problem }) => {
@@ -1125,6 +1256,7 @@ mod tests {
             min_version: MIN_VERSION,
             codec: Codec::Lz4,
             cache_pages: 0,
+            probe: false,
             nonce: [0; 32],
         })
         .encode(&mut buf);
@@ -1147,6 +1279,38 @@ mod tests {
     }
 
     #[test]
+    fn hello_carries_the_probe_flag_and_refuses_unknown_flags() {
+        let hello = |probe| Hello {
+            max_version: VERSION,
+            min_version: MIN_VERSION,
+            codec: Codec::None,
+            cache_pages: 0,
+            probe,
+            nonce: [3; 32],
+        };
+        let mut buf = Vec::new();
+        Message::Hello(hello(true)).encode(&mut buf);
+        // The flags byte: header, max, min (u16 each), codec.
+        assert_eq!(buf[HEADER_LEN + 5], HELLO_PROBE);
+        match decode_frame(&buf) {
+            Ok(Some((Message::Hello(h), _))) => assert!(h.probe),
+            other => panic!("{other:?}"),
+        }
+        let mut buf = Vec::new();
+        Message::Hello(hello(false)).encode(&mut buf);
+        assert_eq!(buf[HEADER_LEN + 5], 0);
+        let mut payload = buf[HEADER_LEN..].to_vec();
+        payload[5] = 0x80 | HELLO_PROBE;
+        assert!(matches!(
+            Message::decode(Kind::Hello, payload),
+            Err(WireError::BadPayload {
+                kind: Kind::Hello,
+                problem: PayloadProblem::ReservedFlags(0x81)
+            })
+        ));
+    }
+
+    #[test]
     fn version_skew_in_hello() {
         let enc = |max: u16, min: u16| {
             let mut buf = Vec::new();
@@ -1155,6 +1319,7 @@ mod tests {
                 min_version: min,
                 codec: Codec::None,
                 cache_pages: 0,
+                probe: false,
                 nonce: [0; 32],
             })
             .encode(&mut buf);

@@ -184,7 +184,31 @@ impl Sealer {
         let start = out.len();
         out.extend_from_slice(&[0u8; HEADER_LEN]);
         m.encode_payload(out);
-        let body = out.len() - start - HEADER_LEN;
+        self.seal_in_place(m.kind(), out, start)
+    }
+
+    /// Seals the frame a caller built at `out[start..]`: [`HEADER_LEN`] bytes of room for
+    /// the header, then the payload. Writes the header, encrypts the payload in place and
+    /// appends the tag (reserve [`TAG_LEN`] bytes of capacity to avoid a reallocation).
+    /// For senders whose payload already sits in a buffer of their own (the disk
+    /// stream), so it is sealed without being copied into a [`Message`]. On error
+    /// `out` is truncated to `start`.
+    pub fn seal_in_place(
+        &self,
+        kind: Kind,
+        out: &mut Vec<u8>,
+        start: usize,
+    ) -> Result<(), WireError> {
+        let Some(body) = out.len().checked_sub(start + HEADER_LEN) else {
+            out.truncate(start);
+            return Err(WireError::BadPayload {
+                kind,
+                problem: PayloadProblem::TooShort {
+                    got: out.len().saturating_sub(start),
+                    min: HEADER_LEN,
+                },
+            });
+        };
         let len = body + TAG_LEN;
         if len > MAX_PAYLOAD as usize {
             out.truncate(start);
@@ -200,7 +224,7 @@ impl Sealer {
         }
         let hdr = FrameHeader {
             magic: MAGIC,
-            kind: (m.kind() as u16).into(),
+            kind: (kind as u16).into(),
             flags: FLAG_SEALED.into(),
             len: (len as u32).into(),
             crc: (d.counter as u32).into(),
@@ -211,7 +235,7 @@ impl Sealer {
             .key
             .seal_in_place_separate_tag(d.nonce(), Aad::from(hdr.as_bytes()), payload)
             .map_err(|_| WireError::BadPayload {
-                kind: m.kind(),
+                kind,
                 problem: PayloadProblem::TooLong {
                     got: body,
                     max: MAX_PAYLOAD as usize - TAG_LEN,
@@ -415,6 +439,24 @@ mod tests {
         }
         assert_eq!(p.sealer.frames(), msgs().len() as u64);
         assert_eq!(b.opener.frames(), msgs().len() as u64);
+    }
+
+    #[test]
+    fn a_frame_sealed_in_place_is_the_encoded_frame() {
+        let (p, b) = pair(LIMITS);
+        let (q, _) = pair(LIMITS);
+        let data = vec![0x5Au8; 3000];
+        let mut buf = vec![7u8; 5]; // the frame need not start the buffer
+        buf.extend_from_slice(&[0u8; HEADER_LEN]);
+        buf.extend_from_slice(&data);
+        p.sealer.seal_in_place(Kind::Data, &mut buf, 5).unwrap();
+        assert_eq!(buf[..5], [7u8; 5]);
+        assert_eq!(buf[5..], seal(&q.sealer, &Message::Data(data.clone()))[..]);
+        assert_eq!(open(&b.opener, &buf[5..]).unwrap(), Message::Data(data));
+        // No room for a header: refused, the buffer is left as it was before `start`.
+        let mut short = vec![1u8; 10];
+        assert!(p.sealer.seal_in_place(Kind::Data, &mut short, 0).is_err());
+        assert!(short.is_empty());
     }
 
     #[test]

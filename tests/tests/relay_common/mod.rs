@@ -40,6 +40,37 @@ fn with_heartbeat<'a>(extra: &[&'a str]) -> Vec<&'a str> {
 /// Guards against hangs only: no test asserts on time.
 pub const HANG_GUARD: Duration = Duration::from_secs(120);
 
+/// `remus` inside network namespace `netns` (through `nsenter`, which execs: the child is
+/// `remus` itself, and its BPF pins stay in the real bpffs), or in ours.
+pub fn remus_command(netns: Option<&str>) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/run/netns/{ns}"))
+                .arg("--")
+                .arg(remus_bin());
+            c
+        }
+        None => Command::new(remus_bin()),
+    }
+}
+
+/// Payloads the guest sent to UDP `port`, as seen at the peer, in arrival order.
+pub fn udp_payloads(frames: &[remus_tests::netns::Captured], port: u16) -> Vec<String> {
+    frames
+        .iter()
+        .filter(|f| f.from_guest())
+        .filter_map(|f| f.udp())
+        .filter(|(p, _)| *p == port)
+        .filter_map(|(_, pl)| std::str::from_utf8(pl).ok().map(str::to_string))
+        .collect()
+}
+
+/// Ten payloads "eN:0" … "eN:9": what the guest sends in epoch `e`.
+pub fn epoch_payloads(e: u32) -> Vec<Vec<u8>> {
+    (0..10).map(|i| format!("e{e}:{i}").into_bytes()).collect()
+}
+
 pub fn remus_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -113,6 +144,25 @@ pub fn fake_receiver_cmd(dir: &Path) -> String {
     )
 }
 
+/// The fake receiver that also says whether its stream ended cleanly: it records stdin,
+/// and only once `cat` saw the end does it create `eof.$$` (a receiver killed while its
+/// stream is open never does).
+pub fn eof_marking_receiver_cmd(dir: &Path) -> String {
+    format!(
+        "printf 'xl migration receiver ready, send binary domain data.\\n'; cat > {d}/session.$$; : > {d}/eof.$$",
+        d = dir.display()
+    )
+}
+
+/// How many receivers saw their stream end (`eof.*` files of `eof_marking_receiver_cmd`).
+pub fn clean_ends(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("eof."))
+        .count()
+}
+
 pub fn status(sock: &Path) -> Option<serde_json::Value> {
     let mut s = std::os::unix::net::UnixStream::connect(sock).ok()?;
     let mut out = String::new();
@@ -171,13 +221,26 @@ pub struct Receiver {
 impl Receiver {
     /// Starts `remus relay receive` on an ephemeral loopback port with the fake receiver.
     pub fn start(dir: &Scratch, key: &Path, once: bool, extra: &[&str]) -> Receiver {
+        Receiver::start_with(None, dir, key, &fake_receiver_cmd(dir.path()), once, extra)
+    }
+
+    /// The same with receiver command `receiver`, inside network namespace `netns` (through
+    /// `nsenter`, which execs: the child is the relay itself) or in ours.
+    pub fn start_with(
+        netns: Option<&str>,
+        dir: &Scratch,
+        key: &Path,
+        receiver: &str,
+        once: bool,
+        extra: &[&str],
+    ) -> Receiver {
         let status_sock = dir.path().join("relay-receive.sock");
         let log = dir.path().join("receive.log");
-        let mut cmd = Command::new(remus_bin());
+        let mut cmd = remus_command(netns);
         cmd.args(["relay", "receive", "--listen", "127.0.0.1:0", "--key-file"])
             .arg(key)
             .arg("--receiver-cmd")
-            .arg(fake_receiver_cmd(dir.path()))
+            .arg(receiver)
             .arg("--status-socket")
             .arg(&status_sock)
             .args(with_heartbeat(extra))
@@ -255,17 +318,7 @@ impl Sender {
         let (r, w) = pipe();
         let status_sock = dir.path().join(format!("relay-send-{name}.sock"));
         let log = dir.path().join(format!("send-{name}.log"));
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net=/run/netns/{ns}"))
-                    .arg("--")
-                    .arg(remus_bin());
-                c
-            }
-            None => Command::new(remus_bin()),
-        };
-        let child = cmd
+        let child = remus_command(netns)
             .args(["relay", "send"])
             .args(buffer)
             .args(["--backup", addr, "--key-file"])
@@ -314,6 +367,24 @@ impl Sender {
 
     pub fn status(&self) -> Option<serde_json::Value> {
         status(&self.status_sock)
+    }
+
+    /// Its control socket (the status socket's path with `.ctl`, the relay's default).
+    pub fn control_sock(&self) -> PathBuf {
+        self.status_sock.with_extension("ctl")
+    }
+
+    /// Asks it to end protection (`remus unprotect` on a primary comes down to this).
+    pub fn end_protection(&self) -> remus_user::relay::control::EndAnswer {
+        let sock = self.control_sock();
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(remus_user::relay::control::end_protection(
+                &sock, HANG_GUARD,
+            ))
+            .unwrap_or_else(|e| panic!("asking the sender to end protection: {e}\n{}", self.log()))
     }
 
     pub fn log(&self) -> String {

@@ -1,9 +1,10 @@
 //! `remus relay receive`: the backup end. Long-running; one primary at a time.
 //!
-//! Owns: the listening socket, refusing unauthenticated or surplus primaries, and each
-//! session as a state machine (below). Never touches: the wire format (`replication`),
-//! the stream grammar (`stream`), what is cut where ([`cutter`]), the receiver process
-//! itself ([`receiver`]), Xen (the receiver command does that).
+//! Owns: the listening socket, answering probes, refusing unauthenticated or surplus
+//! primaries, and each session as a state machine (below). Never touches: the wire
+//! format (`replication`), the stream grammar (`stream`), what is cut where ([`cutter`]),
+//! the receiver process itself ([`receiver`]), Xen (the receiver and discard commands
+//! do that, [`discard`]).
 //!
 //! One session, one state per phase; each step consumes the state and returns the next:
 //!
@@ -13,10 +14,20 @@
 //!        ▼                                                      └──┘◄─────┘
 //!      Done ◄── the receiver exited ◄── Closing(end) ◄── CLOSE │ silence │ broken or
 //!                                        │                     corrupt frame │ ABORT │
-//!                                        │                     the receiver stopped
-//!                                        └ whole checkpoints written, stdin closed
-//!                                          (failover), primary answered: CLOSE | ABORT
+//!                                        │                     the receiver stopped │
+//!                                        │                     DISCARD
+//!                                        ├ CLOSE, loss: whole checkpoints written, stdin
+//!                                        │   closed (failover), answered: CLOSE | ABORT
+//!                                        ├ DISCARD: receiver group frozen and killed with
+//!                                        │   its stdin open (nothing activates), the copy
+//!                                        │   destroyed, answered: DISCARDED
+//!                                        └ the receiver ended on its own: no failover
+//!                                            (nothing activates without its stream's
+//!                                            end), answered: ABORT
 //! ```
+//!
+//! A probe (HELLO with the probe flag) is answered with PROBE_OK after the usual
+//! authentication, and nothing else happens: no session, no receiver, no refusal.
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,16 +37,18 @@ use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, error, info, info_span, warn};
 
 use super::connection::{LossSender, loss_of, offload, spawn_writer};
-use super::{Heartbeat, RelayState, Shared};
-use crate::checkpoint::{LossKind, LossReason, RunEnd};
+use super::{Heartbeat, RelayState, SessionEnd, Shared};
+use crate::checkpoint::{LossKind, LossReason};
 use crate::compress::{CompressError, PageDecoder};
 use crate::exit::{ExitCode, HasExitCode};
 use crate::replication::{self, FrameReader, Key, Message, ServerConfig, Session};
 
 pub mod cutter;
+pub mod discard;
 pub mod receiver;
 
 pub use cutter::{Cutter, Step};
+pub use discard::{DEFAULT_DISCARD_CMD, DEFAULT_DISCARD_TIMEOUT, DomainName};
 pub use receiver::RECEIVER_PIPE_BYTES;
 
 pub const DEFAULT_RECEIVER_CMD: &str = "xl migrate-receive -r -e";
@@ -46,6 +59,10 @@ pub struct ReceiveOptions {
     pub key: Key,
     /// Run with `sh -c`.
     pub receiver_cmd: String,
+    /// Destroys the discarded copy (`sh -c`, `$REMUS_DOMAIN` = the stream's domain).
+    pub discard_cmd: String,
+    /// How long the discard command may take.
+    pub discard_timeout: Duration,
     pub heartbeat: Heartbeat,
     pub handshake_timeout: Duration,
     pub banner_timeout: Duration,
@@ -135,6 +152,16 @@ async fn handle(
             return false;
         }
     };
+    if session.probe {
+        // Both proofs verified: the primary holds the key. Answer and start nothing.
+        let busy = slot.try_lock().is_err();
+        let answer = Message::ProbeOk { busy };
+        if session.keys.sealer.send(&mut sock, &answer).await.is_ok() {
+            shared.metrics.probes_total.inc();
+            info!(%peer, busy, "answered a probe (the key is the same; no session)");
+        }
+        return false;
+    }
     let Ok(_guard) = slot.clone().try_lock_owned() else {
         warn!(%peer, "refused a primary: another primary is connected");
         let _ = session
@@ -192,6 +219,10 @@ enum Ending {
         finished: bool,
     },
     Lost(LossReason),
+    /// The primary said DISCARD: protection ended, no failover.
+    Discard,
+    /// The receiver's first process exited while its stream was open.
+    ReceiverEnded(std::process::ExitStatus),
 }
 
 /// What a replicating session holds.
@@ -206,6 +237,10 @@ struct Live {
     feed: mpsc::Sender<Step>,
     feeder: tokio::task::JoinHandle<Result<(), receiver::ReceiverError>>,
     child: tokio::process::Child,
+    /// The receiver's process group (frozen and killed as one on DISCARD).
+    pgid: u32,
+    /// The domain the stream carries (for the discard command).
+    name: DomainName,
     waiting_since: Instant,
     steps: Vec<Step>,
 }
@@ -267,11 +302,13 @@ async fn start(reader: OwnedReadHalf, mut w: OwnedWriteHalf, ctx: &Ctx<'_>) -> P
         }
     };
     let mut child = started.child;
+    let pgid = started.pgid;
     if sealer
         .send(&mut w, &Message::Banner(started.banner))
         .await
         .is_err()
     {
+        // The receiver has read nothing: ending its stream activates nothing.
         drop(started.stdin);
         let _ = child.kill().await;
         return Phase::Done;
@@ -302,6 +339,8 @@ async fn start(reader: OwnedReadHalf, mut w: OwnedWriteHalf, ctx: &Ctx<'_>) -> P
         feed,
         feeder,
         child,
+        pgid,
+        name: DomainName::new(),
         waiting_since: Instant::now(),
         steps: Vec::new(),
     }))
@@ -339,6 +378,14 @@ async fn next_stream_bytes(live: &mut Live, ctx: &Ctx<'_>) -> Result<Option<Vec<
             };
         }
         r = live.lost.wait_for(Option::is_some) => return Err(Ending::Lost(loss_of(r))),
+        // After a plain migration's END the receiver may finish before the CLOSE arrives.
+        st = live.child.wait(), if !live.cutter.finished() => return Err(match st {
+            Ok(st) => Ending::ReceiverEnded(st),
+            Err(e) => Ending::Lost(LossReason::new(
+                LossKind::LocalFailure,
+                format!("waiting for the receiver: {e}"),
+            )),
+        }),
     };
     live.waiting_since = Instant::now();
     let lost = |kind, detail: String| Err(Ending::Lost(LossReason::new(kind, detail)));
@@ -357,6 +404,7 @@ async fn next_stream_bytes(live: &mut Live, ctx: &Ctx<'_>) -> Result<Option<Vec<
         },
         Ok(Message::Heartbeat { .. }) => Ok(None),
         Ok(Message::Close { finished, .. }) => Err(Ending::Closed { finished }),
+        Ok(Message::Discard) => Err(Ending::Discard),
         Ok(Message::Abort { reason }) => {
             lost(LossKind::Aborted, format!("the primary aborted: {reason}"))
         }
@@ -380,6 +428,7 @@ async fn next_stream_bytes(live: &mut Live, ctx: &Ctx<'_>) -> Result<Option<Vec<
 
 /// Hands the bytes to the cut and its steps to the feeder.
 async fn cut_and_feed(live: &mut Live, data: &[u8]) -> Result<(), Ending> {
+    live.name.push(data);
     live.steps.clear();
     if let Err(e) = live.cutter.push(data, &mut live.steps) {
         return Err(Ending::Lost(LossReason::new(
@@ -431,58 +480,91 @@ async fn decode(
     Ok((e, r?))
 }
 
-/// Closing → Done: the feeder writes what is queued (whole checkpoints only), then closes
-/// the receiver's stdin (the failover signal, or the normal end of a plain migration);
-/// the primary is answered if it can still hear; the receiver is waited for.
+/// What closing needs once nothing more is read from the primary.
+struct Closing {
+    cutter: Cutter,
+    name: DomainName,
+    /// The writer task's queue (the answer) and its handle.
+    tx: mpsc::Sender<Message>,
+    writer: tokio::task::JoinHandle<()>,
+    child: tokio::process::Child,
+    pgid: u32,
+}
+
+impl Closing {
+    /// Sends the primary its answer if it can still hear it, and lets the writer finish.
+    async fn answer(self, m: Message) -> (Cutter, DomainName, tokio::process::Child) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.tx.send(m)).await;
+        drop(self.tx);
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.writer).await;
+        (self.cutter, self.name, self.child)
+    }
+}
+
+/// Closing → Done. How the session ended decides what the receiver gets: its stdin
+/// closed after whole checkpoints (CLOSE, a lost primary: libxl fails over or finishes),
+/// or its process group killed with its stdin still open (DISCARD, or it ended on its
+/// own: nothing is activated).
 async fn close(live: Live, end: Ending, ctx: &Ctx<'_>) -> Phase {
     ctx.shared.metrics.connected.set(0);
     let Live {
         cutter,
+        name,
         feed,
         feeder,
         tx,
         writer,
-        mut child,
+        child,
+        pgid,
         ..
     } = live;
+    let c = Closing {
+        cutter,
+        name,
+        tx,
+        writer,
+        child,
+        pgid,
+    };
+    let end = match end {
+        Ending::Discard => return discard(c, feed, feeder, ctx).await,
+        Ending::ReceiverEnded(st) => {
+            // What it started may live on in its group and still read the stream.
+            kill_group(c.pgid);
+            drop(feed);
+            feeder.abort();
+            return receiver_ended(c, Some(st), ctx).await;
+        }
+        Ending::Closed { finished } => Ok(finished),
+        Ending::Lost(reason) => Err(reason),
+    };
+    // The feeder writes what is queued (whole checkpoints only), then closes the
+    // receiver's stdin: the failover signal, or the normal end of a plain migration.
     drop(feed);
     let end = match feeder.await {
         Ok(Ok(())) => end,
-        Ok(Err(e)) => Ending::Lost(LossReason::new(LossKind::LocalFailure, e.to_string())),
-        Err(e) => Ending::Lost(LossReason::new(
+        // The receiver closed its stdin itself (it died): it cannot see an end either.
+        Ok(Err(receiver::ReceiverError::Write(e)))
+            if e.kind() == std::io::ErrorKind::BrokenPipe =>
+        {
+            return receiver_ended(c, None, ctx).await;
+        }
+        Ok(Err(e)) => Err(LossReason::new(LossKind::LocalFailure, e.to_string())),
+        Err(e) => Err(LossReason::new(
             LossKind::LocalFailure,
             receiver::ReceiverError::Feeder(e).to_string(),
         )),
     };
-    let n = cutter.complete();
-    let run_end = match end {
-        Ending::Closed { finished: true } => RunEnd::Closed {
-            checkpoints: n,
-            finished: true,
-        },
-        Ending::Closed { finished: false } => RunEnd::Lost {
-            reason: LossReason::new(LossKind::Closed, "the primary closed the stream"),
-            checkpoint: n,
-        },
-        Ending::Lost(reason) => RunEnd::Lost {
-            reason,
-            checkpoint: n,
-        },
-    };
     // CLOSE answers CLOSE (orderly, even if the backup now fails over), ABORT otherwise.
-    let answer = match &run_end {
-        RunEnd::Lost { reason, .. } if reason.kind != LossKind::Closed => {
-            Message::abort(reason.detail.clone())
-        }
-        _ => Message::Close {
-            checkpoints: n,
-            finished: cutter.finished(),
+    let answer = match &end {
+        Ok(_) => Message::Close {
+            checkpoints: c.cutter.complete(),
+            finished: c.cutter.finished(),
         },
+        Err(reason) => Message::abort(reason.detail.clone()),
     };
-    report_end(&run_end, &cutter, ctx.shared);
-    let _ = tokio::time::timeout(Duration::from_secs(1), tx.send(answer)).await;
-    drop(tx);
-    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    report_end(end, &c.cutter, ctx.shared);
+    let (_, _, mut child) = c.answer(answer).await;
     ctx.shared.enter(RelayState::WaitingForReceiverExit);
     match child.wait().await {
         Ok(st) => info!(status = %st, "the receiver exited"),
@@ -491,11 +573,146 @@ async fn close(live: Live, end: Ending, ctx: &Ctx<'_>) -> Phase {
     Phase::Done
 }
 
-/// Logs and shows how the session ended: a finished plain migration, or a failover from
-/// the last whole checkpoint.
-fn report_end(end: &RunEnd, cutter: &Cutter, shared: &Shared) {
+/// Freezes, then kills the receiver's process group (logged if it fails: only a group
+/// that is not ours could refuse).
+fn kill_group(pgid: u32) -> bool {
+    match receiver::freeze_and_kill(pgid) {
+        Ok(()) => true,
+        Err(e) => {
+            error!(pgid, error = %e, "could not kill the receiver's process group");
+            false
+        }
+    }
+}
+
+/// DISCARD: the primary ended protection. The receiver is killed before its stdin can
+/// close (the feeder holds it), then the copy it built is destroyed; the primary hears
+/// DISCARDED once nothing can activate the copy any more.
+async fn discard(
+    c: Closing,
+    feed: mpsc::Sender<Step>,
+    feeder: tokio::task::JoinHandle<Result<(), receiver::ReceiverError>>,
+    ctx: &Ctx<'_>,
+) -> Phase {
+    let n = c.cutter.complete();
+    info!(
+        checkpoint = n,
+        "the primary ended protection: discarding the copy (the receiver is killed before its stream can end, so nothing is activated)"
+    );
+    if !kill_group(c.pgid) {
+        // Closing its stdin now would activate the copy: keep it open for good (the
+        // feeder waits on a queue that never closes) and let the primary keep holding.
+        std::mem::forget(feed);
+        let why = "the backup could not kill its receiver; the copy is left as it is (its stream stays open)";
+        ctx.shared
+            .set(|s| s.last_event = Some(format!("discard failed: {why}")));
+        let _ = c.answer(Message::abort(why)).await;
+        return Phase::Done;
+    }
+    drop(feed);
+    feeder.abort();
+    let mut c = c;
+    match tokio::time::timeout(Duration::from_secs(10), c.child.wait()).await {
+        Ok(Ok(st)) => info!(status = %st, "the receiver is dead"),
+        Ok(Err(e)) => warn!(error = %e, "waiting for the killed receiver"),
+        Err(_) => warn!(
+            "the killed receiver has not been reaped within 10 s (stuck in the kernel?); it was frozen first and cannot activate anything"
+        ),
+    }
+    let copy_destroyed = match c.name.get() {
+        // xl builds the domain from the config in the stream's header: no name yet, no
+        // domain yet.
+        None => {
+            info!(
+                "the stream had not named its domain yet: the receiver built none, nothing to destroy"
+            );
+            true
+        }
+        Some(d) => {
+            match discard::run_discard_cmd(&ctx.opts.discard_cmd, d, ctx.opts.discard_timeout).await
+            {
+                Ok(()) => {
+                    info!(domain = d, "discarded the copy of {d}");
+                    true
+                }
+                Err(e) => {
+                    error!(
+                        domain = d,
+                        "{e}; the copy {d}--incoming may be left paused (inert: nothing activates it): `remus unprotect {d}` or `xl destroy {d}--incoming` removes it"
+                    );
+                    false
+                }
+            }
+        }
+    };
+    ctx.shared.metrics.discards_total.inc();
+    ctx.shared.set(|s| {
+        s.state = RelayState::Discarded;
+        s.last_event = Some(format!(
+            "protection ended by the primary: copy discarded after checkpoint {n}{}",
+            if copy_destroyed {
+                ""
+            } else {
+                " (the discard command failed)"
+            }
+        ));
+        s.last_session = Some(SessionEnd::Discarded {
+            checkpoint: n,
+            copy_destroyed,
+        });
+    });
+    c.answer(Message::Discarded {
+        checkpoint: n,
+        copy_destroyed,
+    })
+    .await;
+    Phase::Done
+}
+
+/// The receiver ended on its own (crashed, killed, gave up) while its stream was open:
+/// libxl activates a copy only at the end of its stream, so nothing was activated and
+/// this is no failover. The primary hears ABORT: this backup holds no copy any more.
+async fn receiver_ended(
+    mut c: Closing,
+    status: Option<std::process::ExitStatus>,
+    ctx: &Ctx<'_>,
+) -> Phase {
+    use std::os::unix::process::ExitStatusExt;
+    let status = match status {
+        Some(st) => Some(st),
+        None => match tokio::time::timeout(Duration::from_secs(5), c.child.wait()).await {
+            Ok(Ok(st)) => Some(st),
+            _ => None,
+        },
+    };
+    let n = c.cutter.complete();
+    let how = status.map_or("it closed its stream".to_string(), |st| st.to_string());
+    warn!(
+        checkpoint = n,
+        status = %how,
+        "the receiver ended on its own while its stream was open ({how}): nothing was activated, no failover happened; this backup holds no copy now"
+    );
+    ctx.shared.set(|s| {
+        s.last_event = Some(format!(
+            "the receiver ended on its own after checkpoint {n} ({how}); no failover"
+        ));
+        s.last_session = Some(SessionEnd::ReceiverEnded {
+            checkpoint: n,
+            code: status.and_then(|st| st.code()),
+            signal: status.and_then(|st| st.signal()),
+        });
+    });
+    let why = format!("the backup's receiver ended ({how}): the backup holds no copy any more");
+    c.answer(Message::abort(why)).await;
+    Phase::Done
+}
+
+/// Logs and shows how a session whose receiver's stream was closed ended: a finished
+/// plain migration (`Ok(true)`), or a failover from the last whole checkpoint.
+fn report_end(end: Result<bool, LossReason>, cutter: &Cutter, shared: &Shared) {
+    let n = cutter.complete();
     let reason = match end {
-        RunEnd::Closed { .. } => {
+        Ok(true) => {
             info!(
                 bytes = cutter.written(),
                 "the primary finished a plain migration; receiver's stream closed"
@@ -503,12 +720,13 @@ fn report_end(end: &RunEnd, cutter: &Cutter, shared: &Shared) {
             shared.set(|s| {
                 s.state = RelayState::Finished;
                 s.last_event = Some("plain migration finished".into());
+                s.last_session = Some(SessionEnd::Finished { checkpoints: n });
             });
             return;
         }
-        RunEnd::Lost { reason, .. } => reason,
+        Ok(false) => LossReason::new(LossKind::Closed, "the primary closed the stream"),
+        Err(reason) => reason,
     };
-    let n = cutter.complete();
     shared.metrics.failovers_total.inc();
     if reason.kind == LossKind::Closed {
         warn!(
@@ -524,5 +742,9 @@ fn report_end(end: &RunEnd, cutter: &Cutter, shared: &Shared) {
     shared.set(|s| {
         s.state = RelayState::FailedOver;
         s.last_event = Some(format!("failover after checkpoint {n}: {reason}"));
+        s.last_session = Some(SessionEnd::FailedOver {
+            checkpoint: n,
+            reason: reason.kind,
+        });
     });
 }

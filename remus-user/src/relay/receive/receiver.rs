@@ -1,9 +1,15 @@
 //! The receiver process on the backup (`xl migrate-receive -r -e` by default): starting
-//! it, its banner, and the feeder task that writes whole checkpoints into its stdin and
-//! acknowledges each once written.
+//! it, its banner, the feeder task that writes whole checkpoints into its stdin and
+//! acknowledges each once written, and killing it without ever ending its stream.
 //!
-//! Owns: the child process, its pipes, the feeder task. Never touches: the connection
-//! (ACKs are handed to the writer's queue), what is cut where (`cutter`).
+//! Owns: the child process (in a process group of its own), its pipes, the feeder task.
+//! Never touches: the connection (ACKs are handed to the writer's queue), what is cut
+//! where (`cutter`).
+//!
+//! The receiver runs in its own process group so that its whole tree (`sh -c`, xl, the
+//! restore helper libxl forks) can be frozen at once, then killed: none of them may see
+//! its stream end first, since libxl activates the copy on that end. (Its own group also
+//! keeps a terminal's Ctrl-C, meant for the relay, away from it.)
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,6 +52,8 @@ pub enum ReceiverError {
 /// A started receiver: the process, its stdin, and the banner it printed.
 pub struct Started {
     pub child: Child,
+    /// Its process group (its pid, taken at start: the pid is gone once it is reaped).
+    pub pgid: u32,
     pub stdin: ChildStdin,
     pub banner: Vec<u8>,
 }
@@ -58,12 +66,14 @@ pub async fn start(cmd: &str, banner_timeout: Duration) -> Result<Started, Recei
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
+        .process_group(0)
         .kill_on_drop(false)
         .spawn()
         .map_err(|source| ReceiverError::Spawn {
             cmd: cmd.to_string(),
             source,
         })?;
+    let pgid = child.id().unwrap_or(0);
     let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
         return Err(ReceiverError::NoPipes {
             cmd: cmd.to_string(),
@@ -73,6 +83,7 @@ pub async fn start(cmd: &str, banner_timeout: Duration) -> Result<Started, Recei
     match read_banner(stdout, cmd, banner_timeout).await {
         Ok(banner) => Ok(Started {
             child,
+            pgid,
             stdin,
             banner,
         }),
@@ -82,6 +93,29 @@ pub async fn start(cmd: &str, banner_timeout: Duration) -> Result<Started, Recei
             Err(e)
         }
     }
+}
+
+/// Freezes the receiver's whole process group `pgid` (SIGSTOP), then kills it
+/// (SIGKILL): a frozen process cannot react to another's death or to its stream's end,
+/// and a killed one never activates the copy. Call it before its stdin is closed (also
+/// when the receiver's first process has exited: what it started may live on in the
+/// group, and the group's id stays taken while it does); then reap the child.
+pub fn freeze_and_kill(pgid: u32) -> std::io::Result<()> {
+    use nix::sys::signal::{Signal, killpg};
+    use nix::unistd::Pid;
+    // 0 would be this relay's own group.
+    if pgid == 0 {
+        return Ok(());
+    }
+    let group = Pid::from_raw(pgid as i32);
+    for sig in [Signal::SIGSTOP, Signal::SIGKILL] {
+        match killpg(group, sig) {
+            // Nothing left in the group (the receiver ended a moment ago).
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 fn grow_pipe(stdin: &ChildStdin) {

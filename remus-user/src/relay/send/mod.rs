@@ -1,10 +1,12 @@
 //! `remus relay send`: the primary end. xl's stream on stdin, the reverse channel on stdout.
 //!
 //! Owns: xl's pipe (checked, shrunk to one page), setting up the connection to the backup
-//! (connect, handshake, banner), and running the relay-mode checkpoint driver over them.
-//! Never touches: the epoch rules (`checkpoint` decides), the connection once it runs
-//! ([`replicator`]), the kernel (the `NetBuffer` it is handed does that), Xen (the
-//! suspend report of `--domain`, [`suspend`], asks it through the `Hypervisor` port).
+//! (connect, handshake, banner), running the relay-mode checkpoint driver over them, and
+//! answering a request to end protection with how the run ended. Never touches: the
+//! epoch rules (`checkpoint` decides), the connection once it runs ([`replicator`]), the
+//! kernel (the `NetBuffer` it is handed does that), the control socket itself
+//! (`relay::control`), Xen (the suspend report of `--domain`, [`suspend`], asks it
+//! through the `Hypervisor` port).
 use std::io::Write as _;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
@@ -13,6 +15,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tracing::{error, info, warn};
 
+use super::control::{EndAnswer, EndControl};
 use super::{Heartbeat, RelayState, Shared};
 use crate::checkpoint::{
     CheckpointError, LossReason, NetBuffer, NetBufferError, RelayDriver, Released, RunEnd,
@@ -38,6 +41,9 @@ pub struct SendOptions {
     pub connect_timeout: Duration,
     /// How long the backup may take to start its receiver and send the banner.
     pub banner_timeout: Duration,
+    /// How long the backup may take to answer DISCARD (kill its receiver, destroy the
+    /// copy) when protection is ended on request; past it, the output stays held.
+    pub discard_timeout: Duration,
     /// Protocol versions announced (tests provoke skew with these).
     pub max_version: u16,
     pub min_version: u16,
@@ -92,6 +98,8 @@ pub enum BannerError {
 impl HasExitCode for SendError {
     fn exit_code(&self) -> ExitCode {
         match self {
+            // Ending protection was not confirmed: output held, its own code.
+            SendError::Controller(CheckpointError::EndUnconfirmed(_)) => ExitCode::Unconfirmed,
             SendError::StdinNotPipe(_) | SendError::PipeBusy => ExitCode::Usage,
             // The two key files differ: the operator's to fix, like a bad key file.
             SendError::Handshake {
@@ -277,14 +285,45 @@ async fn read_banner(
 
 /// The whole primary end: connect, banner to xl, then the checkpoint driver. Returns how
 /// the run ended; a lost backup has already failed the buffer open when this returns
-/// `Err(SendError::PeerLost)`, and so has a failure to set up.
+/// `Err(SendError::PeerLost)`, and so has a failure to set up. Whoever asked through
+/// `control` to end protection hears how the run ended before this returns.
 pub async fn run<B: NetBuffer>(
     opts: SendOptions,
     pipe: XlPipe,
-    mut buffer: B,
+    buffer: B,
     shared: Arc<Shared>,
+    control: &EndControl,
 ) -> Result<RunEnd, SendError> {
-    let c = match setup(&opts, &shared).await {
+    let r = run_inner(opts, pipe, buffer, &shared, control).await;
+    let answer = match &r {
+        Ok(RunEnd::Discarded {
+            checkpoint,
+            copy_destroyed,
+        }) => EndAnswer::Discarded {
+            checkpoint: *checkpoint,
+            copy_destroyed: *copy_destroyed,
+        },
+        Err(e @ SendError::Controller(CheckpointError::EndUnconfirmed(_))) => {
+            EndAnswer::Unconfirmed {
+                reason: e.to_string(),
+            }
+        }
+        _ => EndAnswer::Ended {
+            state: shared.state(),
+        },
+    };
+    control.answer(answer, Duration::from_secs(2)).await;
+    r
+}
+
+async fn run_inner<B: NetBuffer>(
+    opts: SendOptions,
+    pipe: XlPipe,
+    mut buffer: B,
+    shared: &Arc<Shared>,
+    control: &EndControl,
+) -> Result<RunEnd, SendError> {
+    let c = match setup(&opts, shared).await {
         Ok(c) => c,
         Err(e) => {
             // Nothing was replicated, and xl resumes the guest when we exit: what the
@@ -305,10 +344,32 @@ pub async fn run<B: NetBuffer>(
     let rx_pipe =
         tokio::net::unix::pipe::Receiver::from_owned_fd(pipe.fd).map_err(SendError::Stdin)?;
     let mut rep = TcpReplicator::start(c.reader, c.writer, &c.session, &opts, shared.clone());
-    let mut driver = RelayDriver::new(buffer, pipe.capacity, shared.metrics.clone());
-    let end = driver.run(rx_pipe, &mut rep).await?;
+    let mut driver = RelayDriver::new(buffer, pipe.capacity, shared.metrics.clone())
+        .end_on_request(control.requested());
+    // Only shows the state while the driver carries a request out.
+    let show = {
+        let shared = shared.clone();
+        let mut ending = control.requested();
+        tokio::spawn(async move {
+            if ending.wait_for(|v| *v).await.is_ok() {
+                shared.enter(RelayState::EndingProtection);
+            }
+        })
+    };
+    let end = driver.run(rx_pipe, &mut rep).await;
+    show.abort();
     shared.metrics.connected.set(0);
-    report_end(end, c.peer, &shared)
+    if let Err(CheckpointError::EndUnconfirmed(e)) = &end {
+        shared.set(|s| {
+            s.state = RelayState::Replicating;
+            s.last_event = Some(format!("ending protection was not confirmed: {e}"));
+        });
+        error!(
+            backup = %c.peer, reason = %e,
+            "ENDING PROTECTION NOT CONFIRMED: the backup did not say it discarded its copy, so it may still activate it; the guest's output stays HELD (fail closed). Find out on the backup (`remus status`), then `remus-net detach` here only once its copy is gone"
+        );
+    }
+    report_end(end?, c.peer, shared)
 }
 
 /// Status and log of how the run ended.
@@ -323,6 +384,26 @@ fn report_end(end: RunEnd, peer: String, shared: &Shared) -> Result<RunEnd, Send
                 finished, "xl ended the stream; the backup was told (orderly close)"
             );
             shared.enter(RelayState::StreamEnded);
+            Ok(end)
+        }
+        RunEnd::Discarded {
+            checkpoint,
+            copy_destroyed,
+        } => {
+            shared.metrics.discards_total.inc();
+            shared.set(|s| {
+                s.state = RelayState::Discarded;
+                s.last_event = Some(format!(
+                    "protection ended on request: the backup discarded its copy (last acknowledged checkpoint {checkpoint})"
+                ));
+            });
+            info!(
+                backup = %peer, last_acked = checkpoint,
+                "PROTECTION ENDED on request: the backup discarded its copy; released everything held and switched the buffer to pass-through; xl resumes the guest here, unprotected"
+            );
+            if !copy_destroyed {
+                warn!(backup = %peer, "the backup could not destroy its (inert, never activated) copy: remove it there (`remus unprotect DOMAIN` or `xl destroy DOMAIN--incoming`)");
+            }
             Ok(end)
         }
         RunEnd::Lost { reason, checkpoint } => {

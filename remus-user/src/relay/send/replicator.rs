@@ -1,9 +1,9 @@
 //! The backup as the checkpoint driver's [`Replicator`] port, over TCP.
 //!
 //! Owns: a running session's connection on the primary: the writer task (frames and
-//! heartbeats), the reader task (ACKs, heartbeats, silence, loss), coalescing raw stream
-//! bytes, compressing PAGE_DATA records on the way out, ACK latency. Never touches: the
-//! epoch rules, xl's pipe, the buffer.
+//! heartbeats), the reader task (ACKs, heartbeats, silence, loss, the answers to CLOSE
+//! and DISCARD), coalescing raw stream bytes, compressing PAGE_DATA records on the way
+//! out, ACK latency. Never touches: the epoch rules, xl's pipe, the buffer.
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
 use super::SendOptions;
-use crate::checkpoint::{BackupEvent, LossKind, LossReason, Replicator, ReplicatorError};
+use crate::checkpoint::{
+    BackupEvent, DiscardedCopy, LossKind, LossReason, Replicator, ReplicatorError,
+};
 use crate::compress::{Codec, CompressError, PageEncoder};
 use crate::relay::connection::{LossSender, loss_of, offload, spawn_writer};
 use crate::relay::{Heartbeat, Shared};
@@ -34,6 +36,7 @@ pub struct TcpReplicator {
     acks: mpsc::Receiver<u64>,
     lost: watch::Receiver<Option<LossReason>>,
     closed: watch::Receiver<bool>,
+    discarded: watch::Receiver<Option<DiscardedCopy>>,
     encoder: Option<PageEncoder>,
     /// Unsent stream bytes, starting at absolute offset `pending_at`.
     pending: Vec<u8>,
@@ -43,6 +46,7 @@ pub struct TcpReplicator {
     sent_at: HashMap<u64, Instant>,
     shared: Arc<Shared>,
     finish_timeout: Duration,
+    discard_timeout: Duration,
 }
 
 /// What the reader task hands on.
@@ -50,10 +54,11 @@ struct ReaderChannels {
     acks: mpsc::Sender<u64>,
     lost: LossSender,
     closed: watch::Sender<bool>,
+    discarded: watch::Sender<Option<DiscardedCopy>>,
 }
 
 /// Reads what the backup says: ACKs go to `ch.acks`; silence for the timeout, a broken
-/// connection, ABORT or a stray frame is a loss; CLOSE ends the session.
+/// connection, ABORT or a stray frame is a loss; CLOSE and DISCARDED end the session.
 async fn read_backup(mut reader: Reader, hb: Heartbeat, shared: Arc<Shared>, ch: ReaderChannels) {
     let m = &shared.metrics;
     let mut waiting_since = Instant::now();
@@ -83,6 +88,16 @@ async fn read_backup(mut reader: Reader, hb: Heartbeat, shared: Arc<Shared>, ch:
             Ok(Message::Heartbeat { .. }) => {}
             Ok(Message::Close { .. }) => {
                 ch.closed.send_replace(true);
+                return;
+            }
+            Ok(Message::Discarded {
+                checkpoint,
+                copy_destroyed,
+            }) => {
+                ch.discarded.send_replace(Some(DiscardedCopy {
+                    checkpoint,
+                    copy_destroyed,
+                }));
                 return;
             }
             Ok(Message::Abort { reason }) => {
@@ -120,6 +135,7 @@ impl TcpReplicator {
         let (ack_tx, acks) = mpsc::channel::<u64>(1024);
         let (lost_tx, lost) = watch::channel::<Option<LossReason>>(None);
         let (closed_tx, closed) = watch::channel(false);
+        let (discarded_tx, discarded) = watch::channel(None);
         let lost_tx = Arc::new(lost_tx);
         let hb = opts.heartbeat;
         spawn_writer(
@@ -134,6 +150,7 @@ impl TcpReplicator {
             acks: ack_tx,
             lost: lost_tx,
             closed: closed_tx,
+            discarded: discarded_tx,
         };
         tokio::spawn(read_backup(reader, hb, shared.clone(), ch));
         let encoder = (session.codec != Codec::None)
@@ -143,6 +160,7 @@ impl TcpReplicator {
             acks,
             lost,
             closed,
+            discarded,
             encoder,
             pending: Vec::new(),
             pending_at: 0,
@@ -150,6 +168,7 @@ impl TcpReplicator {
             sent_at: HashMap::new(),
             shared,
             finish_timeout: opts.heartbeat.timeout.max(Duration::from_secs(5)),
+            discard_timeout: opts.discard_timeout,
         }
     }
 
@@ -305,13 +324,20 @@ impl Replicator for TcpReplicator {
                 self.note_ack(n);
                 BackupEvent::Ack(n)
             }
-            // The reader ended: on a CLOSE from the backup (we did not ask: `finish` does
-            // not come through here), else it set the reason before dropping the channel.
+            // The reader ended: on a CLOSE or DISCARDED from the backup (we did not ask:
+            // `finish` and `discard` do not come through here), else it set the reason
+            // before dropping the channel.
             Got::Ack(None) => {
                 if *self.closed.borrow() {
                     return BackupEvent::Lost(LossReason::new(
                         LossKind::Closed,
                         "the backup closed the session",
+                    ));
+                }
+                if self.discarded.borrow().is_some() {
+                    return BackupEvent::Lost(LossReason::new(
+                        LossKind::Protocol,
+                        "the backup discarded its copy unasked",
                     ));
                 }
                 BackupEvent::Lost(loss_of(lost.wait_for(Option::is_some).await))
@@ -348,6 +374,29 @@ impl Replicator for TcpReplicator {
                 Ok(acks)
             }
             _ => Err(ReplicatorError::NoCloseAnswer(self.finish_timeout)),
+        }
+    }
+
+    async fn discard(&mut self) -> Result<DiscardedCopy, ReplicatorError> {
+        // Stream bytes still pending here are of an unfinished checkpoint: the backup
+        // would drop them anyway. Heartbeats go on while it kills and destroys.
+        self.push(Message::Discard).await?;
+        let mut discarded = self.discarded.clone();
+        let mut lost = self.lost.clone();
+        tokio::select! {
+            r = discarded.wait_for(Option::is_some) => match r.ok().and_then(|v| *v) {
+                Some(copy) => Ok(copy),
+                // The reader ended on something else (a CLOSE): no word of a discard.
+                None => Err(LossReason::new(
+                    LossKind::Protocol,
+                    "the backup ended the session without answering DISCARD",
+                )
+                .into()),
+            },
+            r = lost.wait_for(Option::is_some) => Err(loss_of(r).into()),
+            _ = tokio::time::sleep(self.discard_timeout) => {
+                Err(ReplicatorError::NoDiscardAnswer(self.discard_timeout))
+            }
         }
     }
 }
