@@ -17,6 +17,8 @@
 #                                 `remus relay status -j` says of each relay end on this
 #                                 host to /share/run/relay-send.json, relay-receive.json
 #   lab remus-alive               exit 0 if the sending xl is still running
+#   lab hold PHASE MS PEER_IP     (primary, the soak) wait for a replication phase and stop
+#                                 the sending side in it (hold.py says how)
 #   lab stop-sender               SIGSTOP the sending side (ends a capture cleanly)
 #   lab domains                   the names of the domains this host runs, one a line
 #   lab cleanup                   kill everything the lab started, destroy all guests
@@ -209,6 +211,7 @@ cleanup() {
     sleep 1
     for d in $(xl list | awk 'NR>1 && $1!="Domain-0" {print $1}'); do xl destroy "$d" || true; done
     rm -f "$S"/*.pid "$S/frozen.pids"
+    tc qdisc del dev repl0 ingress 2>/dev/null
     xl list
 }
 
@@ -220,8 +223,9 @@ relay-receive) relay_receive "$@" ;;
 remus-start) remus_start "$@" ;;
 relay-sampler) relay_sampler ;;
 remus-alive) kill -0 "$(cat "$S/sender.pid")" 2>/dev/null ;;
+hold) exec python3 /share/lab/dom0/hold.py "$@" ;;
 stop-sender) stop_sender ;;
 domains) xl list | awk 'NR>1 && $1!="Domain-0" {print $1}' ;;
 cleanup) cleanup ;;
-*) die "usage: lab guest-up|relay-receive|remus-start|relay-sampler|remus-alive|stop-sender|domains|cleanup" ;;
+*) die "usage: lab guest-up|relay-receive|remus-start|relay-sampler|remus-alive|hold|stop-sender|domains|cleanup" ;;
 esac

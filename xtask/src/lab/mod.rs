@@ -28,7 +28,7 @@ mod switch;
 mod topology;
 mod vm;
 
-use scenario::{Scenario, catalog};
+use scenario::{Scenario, catalog, soak};
 use topology::Host;
 
 #[derive(Args, Default)]
@@ -53,6 +53,25 @@ pub struct TestArgs {
     /// client may then see repeats; tests the relay's transport and failover alone).
     #[arg(long)]
     pub relay_no_buffer: bool,
+    /// After the scenarios, this many random-kill soak rounds (as `lab soak`).
+    #[arg(long, default_value_t = 0)]
+    pub soak_rounds: u32,
+    /// The soak's seed (default: from the clock; printed either way).
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+#[derive(Args)]
+pub struct SoakArgs {
+    /// Rounds: each protects the guest and powers host A off at a drawn phase.
+    #[arg(long, default_value_t = 5)]
+    pub rounds: u32,
+    /// The seed the phases and moments are drawn from (default: from the clock; printed).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Leave the lab running afterwards.
+    #[arg(long)]
+    pub keep: bool,
 }
 
 /// A failure switch, thrown by hand (`lab fail`).
@@ -109,6 +128,9 @@ pub enum LabCmd {
     /// The scenarios (remus and the stock anchor with a power-off, the link cuts) on two
     /// hosts; report under target/lab/report.json.
     Test(TestArgs),
+    /// The random-kill soak: rounds of protect + power-off of the primary at a random
+    /// phase of replication; target/lab/soak.json.
+    Soak(SoakArgs),
     /// Capture a real Remus stream of a few checkpoints as the stream parser's fixture
     /// (host A alone: it sends to itself).
     CaptureStream {
@@ -153,7 +175,14 @@ pub fn run(c: LabCmd) -> Result<()> {
             } else {
                 a.only.iter().map(String::as_str).collect()
             };
-            test(&scenarios(&names, a.relay_no_buffer)?, false, a.keep)
+            let mut list = scenarios(&names, a.relay_no_buffer)?;
+            let seed = soak_rounds(&mut list, a.soak_rounds, a.seed);
+            test(&list, seed, false, a.keep)
+        }
+        LabCmd::Soak(a) => {
+            let mut list = vec![];
+            let seed = soak_rounds(&mut list, a.rounds, a.seed);
+            test(&list, seed, false, a.keep)
         }
         LabCmd::CaptureStream { checkpoints } => {
             let booted = !vm::up(&[Host::A], false)?.is_empty();
@@ -195,10 +224,31 @@ fn scenarios(names: &[&str], relay_no_buffer: bool) -> Result<Vec<Scenario>> {
         .collect()
 }
 
-/// Boots if needed, runs the scenarios in sequence on that one boot, writes the report,
-/// stops the lab if it booted it (unless `keep`). Fails if any run failed; the anchor
-/// fails only if the lab broke.
-fn test(scenarios: &[Scenario], live: bool, keep: bool) -> Result<()> {
+/// Appends `rounds` soak rounds drawn from `seed` (or a fresh one, printed); the seed if
+/// any round was added.
+fn soak_rounds(list: &mut Vec<Scenario>, rounds: u32, seed: Option<u64>) -> Option<u64> {
+    if rounds == 0 {
+        return None;
+    }
+    let seed = seed.unwrap_or_else(soak::fresh_seed);
+    let plan = soak::plan(rounds, seed);
+    eprintln!("[lab] soak: {rounds} round(s), seed {seed} (`--seed {seed}` replays them)");
+    for (i, k) in plan.into_iter().enumerate() {
+        eprintln!(
+            "[lab] soak-{}: power-off in phase {} ({} ms)",
+            i + 1,
+            k.phase.arg(),
+            k.delay_ms
+        );
+        list.push(catalog::soak_round(i + 1, k));
+    }
+    Some(seed)
+}
+
+/// Boots if needed, runs the scenarios in sequence on that one boot, writes the report
+/// (and, with soak rounds, target/lab/soak.json), stops the lab if it booted it (unless
+/// `keep`). Fails if any run failed; the anchor fails only if the lab broke.
+fn test(scenarios: &[Scenario], seed: Option<u64>, live: bool, keep: bool) -> Result<()> {
     let t = Instant::now();
     let boots = vm::up(&Host::ALL, scenarios.iter().any(Scenario::needs_remus))?;
     let runs = scenario::run_all(scenarios, live);
@@ -215,6 +265,28 @@ fn test(scenarios: &[Scenario], live: bool, keep: bool) -> Result<()> {
     });
     let path = vm::run_dir().join("report.json");
     fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+    if let Some(seed) = seed {
+        let rounds: Vec<_> = runs.iter().filter(|r| r.soak.is_some()).collect();
+        let soak = json!({
+            "seed": seed,
+            "rounds": rounds.iter().map(|r| json!({
+                "round": r.mode,
+                "passed": r.passed,
+                "failed_step": r.failed_step,
+                "error": r.error,
+                "soak": r.soak,
+                "acked_before_death": r.acked_before_death,
+                "garp_after_failure_s": r.garp_after_failure_s,
+                "client": r.client,
+            })).collect::<Vec<_>>(),
+            "passed": rounds.iter().filter(|r| r.passed).count(),
+            "failed": rounds.iter().filter(|r| !r.passed).count(),
+        });
+        let sp = vm::run_dir().join("soak.json");
+        fs::write(&sp, serde_json::to_string_pretty(&soak)?)?;
+        println!("\nsoak, seed {seed}:\n{}", soak::table(&runs));
+        println!("soak report: {}", sp.display());
+    }
     if !boots.is_empty() && !keep {
         vm::down()?;
     }
@@ -249,5 +321,10 @@ pub fn demo(a: DemoArgs) -> Result<()> {
     // The README's main-job command installs what it needs itself (idempotent): the
     // project's binaries need bpf-linker and the nightly rust-src to build.
     crate::deps::install()?;
-    test(&scenarios(&["remus"], a.relay_no_buffer)?, true, a.keep)
+    test(
+        &scenarios(&["remus"], a.relay_no_buffer)?,
+        None,
+        true,
+        a.keep,
+    )
 }

@@ -6,7 +6,7 @@
 //! holds the scenarios), the report's wording (report.rs), QEMU and the switch except
 //! through their failure switches (vm.rs, switch.rs); dom0 only through `lab.sh`
 //! subcommands.
-use super::{GUEST_MEM_MB, INTERVAL_MS, On, Run, Step, progress, report};
+use super::{GUEST_MEM_MB, INTERVAL_MS, On, Run, Step, progress, report, soak};
 use crate::lab::{
     build::tail_file,
     dom0, lan, switch,
@@ -71,6 +71,16 @@ pub enum Act {
     /// Asserts: one connection that never ended, every counter value exactly once and in
     /// order, 20 replies after the failure, and the backup runs the guest.
     ExactlyOnce,
+    /// The soak: waits in the primary's dom0 for the phase and stops the sending side in
+    /// it (`lab.sh hold`). Asserts: the hold returned. Records: the round's `soak` record
+    /// with the kill and what the hold saw.
+    Hold(soak::Kill),
+    /// The soak, after the power-off: waits (up to the bound) for the backup relay to say
+    /// how its session ended, then, if it held a complete checkpoint, for the client's
+    /// first reply. Asserts nothing (`SoakVerdict` judges). Records: the checkpoint.
+    AwaitOutcome,
+    /// The soak's verdict (`soak::judge`). Asserts it; records it in the round's record.
+    SoakVerdict,
 }
 
 /// How the guest is protected.
@@ -143,6 +153,9 @@ pub fn execute(step: &Step, run: &mut Run) -> Result<()> {
             Ok(())
         }
         Act::ExactlyOnce => exactly_once(run),
+        Act::Hold(k) => hold(run, run.dom0(step)?, k, b),
+        Act::AwaitOutcome => await_outcome(run, b),
+        Act::SoakVerdict => soak_verdict(run),
     }
 }
 
@@ -449,6 +462,88 @@ fn exactly_once(run: &mut Run) -> Result<()> {
     }
     if !bad.is_empty() {
         bail!("{}", bad.join("; "));
+    }
+    Ok(())
+}
+
+/// `lab.sh hold PHASE MS BACKUP_IP` in the primary's dom0: returns once the sending side
+/// is stopped in the phase (or bails if the phase never came).
+fn hold(run: &mut Run, h: Host, k: soak::Kill, bound: Duration) -> Result<()> {
+    let out = dom0::lab(
+        h,
+        "hold",
+        &format!(
+            "hold {} {} {}",
+            k.phase.arg(),
+            k.delay_ms,
+            run.backup.repl_ip()
+        ),
+        bound,
+    )?;
+    let line = out.lines().last().unwrap_or_default();
+    let held: soak::Hold = serde_json::from_str(line)
+        .with_context(|| format!("lab.sh hold printed something else: {out}"))?;
+    run.say(&format!(
+        "sending side stopped in {} (asked {}, {} ms)",
+        held.seen,
+        k.phase.arg(),
+        k.delay_ms
+    ));
+    run.report
+        .soak
+        .get_or_insert_with(|| soak::SoakRecord::new(k))
+        .hold = Some(held);
+    Ok(())
+}
+
+/// How the backup's session ended: the checkpoint it held (0: none), once it says.
+fn backup_checkpoint(run: &Run) -> Option<u64> {
+    progress::relay(run.backup, progress::End::Receive)
+        .and_then(|v| v.last_session)
+        .and_then(|s| s.checkpoint())
+}
+
+fn await_outcome(run: &mut Run, bound: Duration) -> Result<()> {
+    run.report.failover_bound_s = Some(bound.as_secs_f64());
+    let death = run.death;
+    let mut settled: Option<Instant> = None;
+    run.wait(
+        "waiting for the backup's word and the client",
+        bound,
+        || {
+            let s = run.seen(death);
+            if s.replies_after_death > 0 || s.terminal_event.is_some() {
+                return Ok(true);
+            }
+            // Without a complete checkpoint nothing can answer: give the backup a little
+            // while to show it does not start a guest anyway, then stop waiting.
+            if backup_checkpoint(run) == Some(0) {
+                let t = *settled.get_or_insert_with(Instant::now);
+                return Ok(t.elapsed() > Duration::from_secs(15));
+            }
+            Ok(false)
+        },
+    )?;
+    let c = backup_checkpoint(run);
+    if let Some(rec) = run.report.soak.as_mut() {
+        rec.backup_checkpoint = c;
+    }
+    Ok(())
+}
+
+fn soak_verdict(run: &mut Run) -> Result<()> {
+    let seen = run.report.client.clone();
+    let took_over = run.report.backup_took_over;
+    let Some(rec) = run.report.soak.as_mut() else {
+        bail!("no soak record: the round did not hold a phase");
+    };
+    let (ok, why) = soak::judge(&seen, rec.backup_checkpoint, took_over);
+    rec.failover = took_over;
+    rec.failover_s = seen.first_reply_after_death_s;
+    rec.passed = ok;
+    rec.verdict = why.clone();
+    if !ok {
+        bail!("{why}");
     }
     Ok(())
 }

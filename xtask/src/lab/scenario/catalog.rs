@@ -12,12 +12,16 @@
 //! - `anchor`: stock `xl remus` over ssh, host A powered off; the comparison, reported and
 //!   never asserted on what its client saw (stock Remus has no heartbeat).
 //!
+//! - the soak's rounds (`soak_round`): the relay, host A powered off at a drawn phase
+//!   (scenario/soak.rs judges them).
+//!
 //! The power-off scenarios come first and last so that host A, off after `remus`, boots
 //! once again for the link cuts, and stays off after `anchor` (the lab stops then).
 //! Never touches: how a step is carried out (acts.rs) or run (mod.rs).
 use super::{
     On, Scenario, Step,
     acts::{Act, Failure, Protection, Restore},
+    soak::{Kill, Phase},
 };
 use crate::lab::topology::Host;
 
@@ -63,7 +67,73 @@ pub fn by_name(name: &str, relay_no_buffer: bool) -> Option<Scenario> {
         primary: Host::A,
         backup: Host::B,
         steps,
+        kill: None,
     })
+}
+
+/// Bound on a soak round's wait for the backup's word and the client's first reply (the
+/// client's TCP backs off: its first retransmission after the backup resumed can come
+/// tens of seconds later).
+const SOAK_BOUND_S: u64 = 180;
+
+/// Soak round `i`: protected by the relay, host A powered off in `kill`'s phase.
+pub fn soak_round(i: usize, kill: Kill) -> Scenario {
+    use On::{Backup, Machine, Primary};
+    let relay = Protection::Relay { no_buffer: false };
+    let mut steps: Vec<Step> = protected(relay)
+        .into_iter()
+        .filter(|s| match s.act {
+            Act::MeasureRate => false,
+            Act::FirstCheckpoints => kill.phase != Phase::InitialCopy,
+            _ => true,
+        })
+        .collect();
+    steps.extend([
+        Step::new(
+            "d: the sending side stops in the phase",
+            Primary,
+            400,
+            Act::Hold(kill),
+        ),
+        Step::new(
+            "d: the primary host loses power (its QEMU is killed)",
+            Machine,
+            30,
+            Act::Fail(Failure::PowerOff),
+        ),
+        Step::new(
+            "e: the backup's word, then the client's first reply",
+            Machine,
+            SOAK_BOUND_S,
+            Act::AwaitOutcome,
+        ),
+        Step::new(
+            "e: the client carries on after the failover",
+            Machine,
+            60,
+            Act::RepliesAfterFailover(super::soak::REPLIES_AFTER),
+        ),
+        Step::new(
+            "e: the backup host runs the guest",
+            Backup,
+            30,
+            Act::BackupIsGuest,
+        ),
+        Step::new("e: the client stops", Machine, 30, Act::ClientStop),
+        Step::new(
+            "e: every value once on one connection, or no failover without a checkpoint",
+            Machine,
+            0,
+            Act::SoakVerdict,
+        ),
+    ]);
+    Scenario {
+        name: Box::leak(format!("soak-{i}").into_boxed_str()),
+        primary: Host::A,
+        backup: Host::B,
+        steps,
+        kill: Some(kill),
+    }
 }
 
 /// Up to the moment the guest is protected and measured: the same for every scenario.
@@ -289,6 +359,22 @@ mod tests {
         assert!(asserts("remus"));
         for n in ["anchor", "link-cut-remus", "link-cut-stock", "freeze-remus"] {
             assert!(!asserts(n), "{n} must not judge its outcome");
+        }
+    }
+
+    #[test]
+    fn a_soak_round_holds_its_phase_before_the_power_off_and_judges_after() {
+        for phase in Phase::ALL {
+            let s = soak_round(3, Kill { phase, delay_ms: 5 });
+            assert_eq!(s.name, "soak-3");
+            let at = |f: fn(&Act) -> bool| s.steps.iter().position(|s| f(&s.act));
+            let hold = at(|a| matches!(a, Act::Hold(k) if k.delay_ms == 5)).expect("holds");
+            let off = at(|a| matches!(a, Act::Fail(Failure::PowerOff))).expect("powers off");
+            let verdict = at(|a| matches!(a, Act::SoakVerdict)).expect("judges");
+            assert!(hold + 1 == off && off < verdict, "{phase:?}");
+            let waits_first = at(|a| matches!(a, Act::FirstCheckpoints)).is_some();
+            assert_eq!(waits_first, phase != Phase::InitialCopy, "{phase:?}");
+            assert!(at(|a| matches!(a, Act::MeasureRate)).is_none());
         }
     }
 

@@ -27,6 +27,7 @@ pub mod catalog;
 pub mod client;
 pub mod progress;
 pub mod report;
+pub mod soak;
 
 pub use acts::Act;
 use report::{RunReport, StepRecord};
@@ -42,6 +43,8 @@ pub struct Scenario {
     pub primary: Host,
     pub backup: Host,
     pub steps: Vec<Step>,
+    /// A soak round: where it kills the primary (its report then carries a soak record).
+    pub kill: Option<soak::Kill>,
 }
 
 impl Scenario {
@@ -131,6 +134,7 @@ impl Run {
             report: RunReport {
                 mode: name.into(),
                 hosts: vec![s.primary, s.backup],
+                soak: s.kill.map(soak::SoakRecord::new),
                 ..Default::default()
             },
         }

@@ -51,6 +51,42 @@ pub struct RelayView {
     pub last_acked: u64,
     #[serde(default)]
     pub failovers_total: u64,
+    /// The backup: how its last session ended (absent while none has).
+    #[serde(default)]
+    pub last_session: Option<SessionView>,
+}
+
+/// How a backup's last session ended (`last_session`, tagged by `end`), as far as the lab
+/// reads it: the checkpoint the backup was left with.
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Eq)]
+#[serde(tag = "end", rename_all = "snake_case")]
+pub enum SessionView {
+    Finished {},
+    /// The receiver's stream was closed after `checkpoint` (0: no usable one).
+    FailedOver {
+        checkpoint: u64,
+    },
+    Discarded {
+        checkpoint: u64,
+    },
+    ReceiverEnded {
+        checkpoint: u64,
+    },
+    /// An end this reader does not know (a newer relay).
+    #[serde(other)]
+    Other,
+}
+
+impl SessionView {
+    /// The complete checkpoint the backup held when the session ended, if it says.
+    pub fn checkpoint(&self) -> Option<u64> {
+        match self {
+            SessionView::FailedOver { checkpoint }
+            | SessionView::Discarded { checkpoint }
+            | SessionView::ReceiverEnded { checkpoint } => Some(*checkpoint),
+            SessionView::Finished {} | SessionView::Other => None,
+        }
+    }
 }
 
 /// The last status sampled from relay end `end` on host `h`, if any.
@@ -117,6 +153,16 @@ mod tests {
         assert_eq!(
             (v.checkpoints_total, v.last_acked, v.failovers_total),
             (12, 11, 1)
+        );
+        assert_eq!(v.last_session, None);
+        let j = br#"[{"checkpoints_total":3,"last_session":{"end":"failed_over","checkpoint":0,
+            "reason":"heartbeat"}}]"#;
+        let v = parse_status(j).expect("parses");
+        assert_eq!(v.last_session.and_then(|s| s.checkpoint()), Some(0));
+        let j = br#"[{"last_session":{"end":"from_the_future","x":1}}]"#;
+        assert_eq!(
+            parse_status(j).expect("parses").last_session,
+            Some(SessionView::Other)
         );
         assert!(parse_status(b"[]").is_none());
         assert!(parse_status(b"not json").is_none());

@@ -3,7 +3,7 @@
 //!
 //! Owns: the report's shape and wording. Never touches: the lab (no dom0 calls, no
 //! files); the runner and the steps fill it in.
-use super::{client::Seen, progress::RelayView};
+use super::{client::Seen, progress::RelayView, soak::SoakRecord};
 use crate::lab::{topology::Host, vm::Boot};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -87,6 +87,9 @@ pub struct RunReport {
     /// Hosts (re)booted by this run (a host powered off by an earlier run boots again).
     pub boots: Vec<Boot>,
     pub snapshots: Vec<Snapshot>,
+    /// A soak round: where it killed the primary and its verdict.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub soak: Option<SoakRecord>,
     /// The bound the failover was awaited within (for the verdict).
     #[serde(skip)]
     pub failover_bound_s: Option<f64>,
