@@ -17,7 +17,9 @@
 #                 for a checkpoint; xl stopped, it stays suspended
 #   ack-pending   frames from the backup dropped on repl0 (tc ingress), so ACKs never
 #                 arrive; stopped once a checkpoint complete at the sender is unacked for
-#                 DELAY_MS (it reached the backup; the backup's own status says so later)
+#                 DELAY_MS (it reached the backup; the backup's own status says so later);
+#                 the drop never lasts more than a few seconds (GATE_S, retried), well
+#                 under the heartbeat timeout
 #   release       as ack-pending until output is held, then the drop is lifted: the held
 #                 ACKs arrive and release their epochs; stopped DELAY_MS (0-50) later
 #   idle          every complete checkpoint acked and the guest running; stopped DELAY_MS
@@ -27,6 +29,7 @@ import json, os, signal, socket, subprocess, sys, time
 
 SOCK = os.environ.get("SOCK_SEND", "/run/remus/lab-send.sock")
 BOUND_S = 300
+GATE_S = 4.0
 
 
 def status():
@@ -131,20 +134,35 @@ def main():
                 break
         s = status()
     elif phase in ("ack-pending", "release"):
-        base = wait(lambda s: s["checkpoints_total"] >= 2 and s["last_acked"] >= 1,
-                    "two checkpoints, one acked")
-        gate(True, peer)
+        # The gate must not stay shut near the heartbeat timeout (8 s in the lab): the
+        # primary would then declare the backup lost and let its output go. Tries again
+        # if no unacked checkpoint shows within GATE_S.
+        while True:
+            base = wait(lambda s: s["checkpoints_total"] >= 2 and s["last_acked"] >= 1,
+                        "two checkpoints, one acked")
+            gate(True, peer)
+            t = time.time()
+            s = None
+            while time.time() - t < GATE_S:
+                s = status()
+                if s and s["checkpoints_total"] > max(s["last_acked"], base["checkpoints_total"]):
+                    break
+                s = None
+                time.sleep(0.01)
+            if s is not None:
+                break
+            gate(False, peer)
+            time.sleep(2)
         extra["acked_at_gate"] = base["last_acked"]
-        s = wait(lambda s: s["checkpoints_total"] > s["last_acked"] and
-                 s["checkpoints_total"] > base["checkpoints_total"], "an unacked checkpoint")
         if phase == "ack-pending":
-            time.sleep(max(d, 0.3))
+            time.sleep(d)
             s = status() or s
         else:
             time.sleep(0.3)
             gate(False, peer)
             time.sleep(d)
             s = status() or s
+        extra["gate_shut_s"] = round(time.time() - t, 3)
     elif phase == "idle":
         wait(lambda s: s["checkpoints_total"] >= 2 and s["last_acked"] >= s["checkpoints_total"],
              "every checkpoint acked")

@@ -112,6 +112,17 @@ pub struct Hold {
     pub guest_state_after: Option<String>,
 }
 
+impl Hold {
+    /// The sender's (complete checkpoints, last acked) when it stopped.
+    pub fn sent_acked(&self) -> Option<(u64, u64)> {
+        let s = self.sender.as_ref()?;
+        Some((
+            s.get("checkpoints_total")?.as_u64()?,
+            s.get("last_acked")?.as_u64()?,
+        ))
+    }
+}
+
 /// One round's soak record (in its run report).
 #[derive(Serialize, Debug, Clone)]
 pub struct SoakRecord {
@@ -209,18 +220,33 @@ pub fn judge(seen: &Seen, backup_checkpoint: Option<u64>, took_over: bool) -> (b
 /// The soak's table: one line per round.
 pub fn table(runs: &[RunReport]) -> String {
     let mut s = format!(
-        "{:<8} {:<13} {:>6} {:<5} {:>7} {:>9} {:>10} {:<6}  {}\n",
-        "round", "phase", "at_ms", "held", "backup", "failover", "failover_s", "result", "verdict"
+        "{:<8} {:<13} {:>6} {:<5} {:>9} {:>8} {:>9} {:>10} {:<6}  {}\n",
+        "round",
+        "phase",
+        "at_ms",
+        "held",
+        "A sent/ak",
+        "B ckpt",
+        "failover",
+        "failover_s",
+        "result",
+        "verdict"
     );
     for r in runs {
         let Some(k) = &r.soak else { continue };
         let yn = |b: bool| if b { "yes" } else { "no" };
+        let sent = k
+            .hold
+            .as_ref()
+            .and_then(Hold::sent_acked)
+            .map_or("-".into(), |(s, a)| format!("{s}/{a}"));
         s.push_str(&format!(
-            "{:<8} {:<13} {:>6} {:<5} {:>7} {:>9} {:>10} {:<6}  {}\n",
+            "{:<8} {:<13} {:>6} {:<5} {:>9} {:>8} {:>9} {:>10} {:<6}  {}\n",
             r.mode,
             k.kill.phase.arg(),
             k.kill.delay_ms,
             k.hold.as_ref().map_or("-", |h| yn(h.held)),
+            sent,
             k.backup_checkpoint.map_or("-".into(), |c| c.to_string()),
             yn(k.failover),
             k.failover_s.map_or("-".into(), |t| format!("{t:.1}")),
