@@ -145,7 +145,7 @@ remus_start() {
 
 # Samples each relay end's status every LAB_SAMPLE_S seconds (default 2) into the share
 # (atomically, by rename). A relay that does not answer (the status command gives up after
-# 2 s) keeps its last sample. Runs until cleanup kills it. In bash, napping with `read -t`
+# 2 s) keeps its last sample; one whose socket is gone (it exited) has its sample removed. Runs until cleanup kills it. In bash, napping with `read -t`
 # on a FIFO: a `sleep` process per round would cost dom0 more than the sample itself.
 relay_sampler() {
     exec /bin/bash -c '
@@ -155,7 +155,9 @@ relay_sampler() {
             for role in send receive; do
                 sock=$SOCK_SEND
                 [ $role = receive ] && sock=$SOCK_RECEIVE
-                [ -S "$sock" ] || continue
+                # A relay that is gone leaves no sample behind (a stale one would say
+                # it still replicates).
+                [ -S "$sock" ] || { rm -f "$L/relay-$role.json"; continue; }
                 if remus relay status -j --socket "$sock" >"$L/relay-$role.json.tmp" 2>/dev/null; then
                     mv "$L/relay-$role.json.tmp" "$L/relay-$role.json"
                 fi
