@@ -28,6 +28,8 @@ mod switch;
 mod topology;
 mod vm;
 
+/// The scenario names `lab test --only` accepts, in the order they run.
+pub use scenario::catalog::NAMES as SCENARIOS;
 use scenario::{Scenario, catalog, soak};
 use topology::Host;
 
@@ -214,6 +216,12 @@ fn report_switch(what: &str, t: f64) -> Result<()> {
 
 /// The named scenarios, in the catalog's order.
 fn scenarios(names: &[&str], relay_no_buffer: bool) -> Result<Vec<Scenario>> {
+    if let Some(n) = names.iter().find(|n| !SCENARIOS.contains(n)) {
+        bail!(
+            "no scenario named {n} (there are: {})",
+            catalog::NAMES.join(", ")
+        );
+    }
     catalog::NAMES
         .iter()
         .filter(|n| names.contains(n))
