@@ -77,8 +77,18 @@ def sending_pids():
     return out
 
 
+PIDS = None
+
+
+def prepare():
+    """Finds the sending side's processes ahead of the stop, so that the stop follows the
+    last look at the phase by no more than the signals themselves."""
+    global PIDS
+    PIDS = sending_pids()
+
+
 def stop():
-    pids = sending_pids()
+    pids = PIDS or sending_pids()
     for p in pids:
         try:
             os.kill(p, signal.SIGSTOP)
@@ -121,12 +131,14 @@ def main():
     seen, extra = phase, {}
     if phase == "initial-copy":
         wait(lambda s: s.get("peer") and s["stream_bytes_total"] > 0, "a connected sender")
+        prepare()
         time.sleep(d)
         s = status()
         if s is None or s["checkpoints_total"] > 0:
             seen = "after-initial-copy"
     elif phase == "suspended":
         wait(lambda s: s["checkpoints_total"] >= 1, "a first checkpoint")
+        prepare()
         t = time.time()
         while time.time() - t < BOUND_S:
             st = guest_state()
@@ -140,6 +152,7 @@ def main():
         while True:
             base = wait(lambda s: s["checkpoints_total"] >= 2 and s["last_acked"] >= 1,
                         "two checkpoints, one acked")
+            prepare()
             gate(True, peer)
             t = time.time()
             s = None
@@ -164,6 +177,7 @@ def main():
             s = status() or s
         extra["gate_shut_s"] = round(time.time() - t, 3)
     elif phase == "idle":
+        prepare()
         wait(lambda s: s["checkpoints_total"] >= 2 and s["last_acked"] >= s["checkpoints_total"],
              "every checkpoint acked")
         time.sleep(d)
