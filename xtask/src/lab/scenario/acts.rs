@@ -56,8 +56,9 @@ pub enum Act {
     AwaitFailover { required: bool },
     /// Lets the client run on for the bound. Asserts nothing.
     Watch,
-    /// Waits (up to the bound) for this many more replies, or the connection's end.
-    /// Asserts nothing (`ExactlyOnce` judges).
+    /// Waits (up to the bound) for this many more replies, or the connection's end; at
+    /// once in a soak round whose backup held no checkpoint. Asserts nothing
+    /// (`ExactlyOnce`, `SoakVerdict` judge).
     RepliesAfterFailover(usize),
     /// Records: `backup_took_over` (the step's host runs a domain named guest) and, for
     /// the relay, the backup relay's `failovers_total`.
@@ -135,6 +136,7 @@ pub fn execute(step: &Step, run: &mut Run) -> Result<()> {
         Act::Restore(r) => restore(run, r),
         Act::AwaitFailover { required } => await_failover(run, required, b),
         Act::Watch => run.wait("watching", b, || Ok(false)).map(drop),
+        Act::RepliesAfterFailover(_) if no_checkpoint_at_backup(run) => Ok(()),
         Act::RepliesAfterFailover(n) => {
             let base = run.replies();
             run.wait(&format!("{n} more replies"), b, || {
@@ -503,8 +505,12 @@ fn backup_checkpoint(run: &Run) -> Option<u64> {
         .and_then(|s| s.checkpoint())
 }
 
+/// A soak round whose backup said it held no complete checkpoint: nothing can fail over.
+fn no_checkpoint_at_backup(run: &Run) -> bool {
+    run.report.soak.as_ref().and_then(|r| r.backup_checkpoint) == Some(0)
+}
+
 fn await_outcome(run: &mut Run, bound: Duration) -> Result<()> {
-    run.report.failover_bound_s = Some(bound.as_secs_f64());
     let death = run.death;
     let mut settled: Option<Instant> = None;
     run.wait(
@@ -524,6 +530,8 @@ fn await_outcome(run: &mut Run, bound: Duration) -> Result<()> {
             Ok(false)
         },
     )?;
+    // What the verdict calls the wait: how long after the failure it really ended.
+    run.report.failover_bound_s = death.map(|d| vm::unix_now() - d);
     let c = backup_checkpoint(run);
     if let Some(rec) = run.report.soak.as_mut() {
         rec.backup_checkpoint = c;
@@ -577,6 +585,27 @@ impl Run {
 #[cfg(test)]
 mod tests {
     use super::kv;
+    use crate::lab::scenario::{
+        Run, catalog,
+        soak::{Kill, Phase},
+    };
+
+    #[test]
+    fn a_round_without_a_checkpoint_at_the_backup_waits_for_no_replies() {
+        let k = Kill {
+            phase: Phase::InitialCopy,
+            delay_ms: 0,
+        };
+        let mut run = Run::new(&catalog::soak_round(1, k), false);
+        assert!(!super::no_checkpoint_at_backup(&run), "not yet known");
+        let rec = run.report.soak.as_mut().expect("a soak round has a record");
+        rec.backup_checkpoint = Some(3);
+        assert!(!super::no_checkpoint_at_backup(&run));
+        run.report.soak.as_mut().expect("still").backup_checkpoint = Some(0);
+        assert!(super::no_checkpoint_at_backup(&run));
+        let plain = Run::new(&catalog::by_name("remus", false).expect("exists"), false);
+        assert!(!super::no_checkpoint_at_backup(&plain));
+    }
 
     #[test]
     fn kv_reads_typed_values_and_only_whole_keys() {
