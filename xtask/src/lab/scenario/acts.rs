@@ -545,6 +545,19 @@ fn soak_verdict(run: &mut Run) -> Result<()> {
     let Some(rec) = run.report.soak.as_mut() else {
         bail!("no soak record: the round did not hold a phase");
     };
+    // An ACK is pending only if the backup did get the checkpoint the primary saw unacked.
+    let sent = rec
+        .hold
+        .as_ref()
+        .and_then(soak::Hold::sent_acked)
+        .map(|(s, _)| s);
+    if rec.kill.phase == soak::Phase::AckPending
+        && let (Some(h), Some(s), Some(b)) = (rec.hold.as_mut(), sent, rec.backup_checkpoint)
+        && b < s
+    {
+        h.held = false;
+        h.seen = format!("in flight (the backup held {b}, not the unacked {s})");
+    }
     let (ok, why) = soak::judge(&seen, rec.backup_checkpoint, took_over);
     rec.failover = took_over;
     rec.failover_s = seen.first_reply_after_death_s;
