@@ -1,7 +1,8 @@
 //! `cargo xtask test`: every tier, in order: install what is missing, build, then unit
 //! tests (no root), the real eBPF object under BPF_PROG_TEST_RUN (root), network-namespace
 //! and relay-pair tests (root), the Debian package (`cargo xtask package --check`: built,
-//! installed and removed in throwaway roots), and the Xen lab (root, slow). The first three tiers are `cargo test` over the workspace (root-only tests are named `root_…` and
+//! installed and removed in throwaway roots), and the Xen lab (root, slow: the remus and anchor power-offs and one random-kill soak round;
+//! `--lab-all` adds the measured link cuts and the freeze). The first three tiers are `cargo test` over the workspace (root-only tests are named `root_…` and
 //! run because CI is root); tier 4 is `cargo xtask lab test`. Prints one summary line at
 //! the end ("N passed, N failed, N skipped") and fails if any tier failed.
 use std::{
@@ -22,7 +23,16 @@ pub struct TestArgs {
     /// Only run cargo tests whose name contains this (implies --no-lab).
     #[arg(long)]
     pub filter: Option<String>,
+    /// Run every lab scenario (also the measured link cuts and the freeze), not only
+    /// CI's set (remus, anchor, one soak round).
+    #[arg(long)]
+    pub lab_all: bool,
 }
+
+/// The lab scenarios CI runs: the judged failover and its stock comparison, both with a
+/// real power-off. The measured ones (link cuts, freeze) add ~17 min on a loaded 2-core
+/// machine and run with `--lab-all` or `cargo xtask lab test`.
+const CI_SCENARIOS: &[&str] = &["remus", "anchor"];
 
 #[derive(Default)]
 struct Totals {
@@ -109,7 +119,17 @@ pub fn run(a: TestArgs) -> Result<()> {
 
     let mut lab_err = None;
     if !a.no_lab && a.filter.is_none() {
-        match crate::lab::run(crate::lab::LabCmd::Test(Default::default())) {
+        // CI's scenarios (or all), then one random-kill soak round (its seed is printed).
+        let lab = crate::lab::TestArgs {
+            only: if a.lab_all {
+                vec![]
+            } else {
+                CI_SCENARIOS.iter().map(|s| s.to_string()).collect()
+            },
+            soak_rounds: 1,
+            ..Default::default()
+        };
+        match crate::lab::run(crate::lab::LabCmd::Test(lab)) {
             Ok(()) => totals.passed += 1,
             Err(e) => {
                 totals.failed += 1;
@@ -149,6 +169,13 @@ pub fn run(a: TestArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ci_runs_scenarios_that_exist() {
+        for n in CI_SCENARIOS {
+            assert!(crate::lab::SCENARIOS.contains(n), "{n}");
+        }
+    }
 
     #[test]
     fn cargo_result_lines_are_summed() {

@@ -1,13 +1,16 @@
 //! `cargo xtask lab build`: QEMU, the dom0 image and the guest, cached by their inputs.
 //!
-//! Owns: the lab cache under `$REMUS_CACHE/lab/` (default `/var/cache/remus/lab/`):
+//! Owns: the lab cache under `$REMUS_CACHE/lab/` (default `/var/cache/remus/lab/`), one
+//! set of images both hosts boot:
 //! `qemu-<key>/`, `rootfs-<key>/`, `dom0-<key>/`, `guest-<key>.img`, `debs/` (debootstrap's
 //! download cache). Each key is a hash of that step's inputs (script, package list, tool
 //! versions, the lab files that go into the image, the previous step's key), so a step is
-//! redone only when something it depends on changed, and an older entry of the same kind
-//! is deleted once its replacement is complete. Never touches: the project's own binaries
-//! (`remus`, `remus-net`, the counter client go into dom0 fresh on every boot through the
-//! 9p share, see `vm.rs`) and anything outside the cache and `target/`.
+//! redone only when something it depends on changed; once a replacement is complete, the
+//! oldest entries of its kind are deleted (the newest three are kept: branches sharing
+//! the machine's cache would otherwise delete each other's). Never touches: the project's
+//! own binaries (`remus` and `remus-net` go into dom0 fresh on every boot through the 9p
+//! share, see `share.rs`; the counter client runs on the machine) and anything outside
+//! the cache and `target/`.
 //!
 //! The heavy lifting is in `lab/host/*.sh` (debootstrap, unpacking QEMU, mkfs); this file
 //! decides what to run, bounds every step with `timeout`, and logs each step to
@@ -56,7 +59,6 @@ pub struct Artifacts {
     pub qemu: PathBuf,
     pub dom0: PathBuf,
     pub guest_initrd: PathBuf,
-    pub counter_client: PathBuf,
 }
 
 impl Artifacts {
@@ -191,22 +193,36 @@ fn cmd_output(argv: &[&str]) -> String {
         .unwrap_or_default()
 }
 
-/// Deletes `<prefix>*` entries in the cache other than `keep` (a finished replacement).
+/// How many entries of one kind the cache keeps: the newest, plus the few before it, so
+/// checkouts of different branches sharing the machine's cache (one lab at a time) do not
+/// delete each other's images and rebuild them in turn.
+const KEEP: usize = 3;
+
+/// Deletes `<prefix>*` entries in the cache but `keep` (a finished replacement) and the
+/// `KEEP - 1` most recently modified others.
 fn prune(prefix: &str, keep: &Path) {
     let Ok(rd) = fs::read_dir(cache()) else {
         return;
     };
-    for e in rd.flatten() {
-        let p = e.path();
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with(prefix) && p != keep && !name.ends_with(".tmp") {
-            eprintln!("[lab build] removing the stale cache entry {}", p.display());
-            let _ = if p.is_dir() {
-                fs::remove_dir_all(&p)
-            } else {
-                fs::remove_file(&p)
-            };
-        }
+    let mut others: Vec<(std::time::SystemTime, PathBuf)> = rd
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with(prefix) && e.path() != keep && !name.ends_with(".tmp")
+        })
+        .map(|e| {
+            let t = e.metadata().and_then(|m| m.modified());
+            (t.unwrap_or(std::time::UNIX_EPOCH), e.path())
+        })
+        .collect();
+    others.sort_by_key(|e| std::cmp::Reverse(e.0));
+    for (_, p) in others.into_iter().skip(KEEP - 1) {
+        eprintln!("[lab build] removing the stale cache entry {}", p.display());
+        let _ = if p.is_dir() {
+            fs::remove_dir_all(&p)
+        } else {
+            fs::remove_file(&p)
+        };
     }
 }
 
@@ -288,10 +304,26 @@ fn dom0(rootfs_key: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// Builds the counter service and client static (they run in the busybox guest and dom0).
+/// Where the static counter binaries are built (`counter`).
+const COUNTER_TARGET: &str = "x86_64-unknown-linux-gnu";
+
+fn counter_dir() -> PathBuf {
+    util::root()
+        .join("target")
+        .join(COUNTER_TARGET)
+        .join("release")
+}
+
+/// The static counter client (the lab's client runs it on the machine).
+pub fn counter_client() -> PathBuf {
+    counter_dir().join("counter-client")
+}
+
+/// Builds the counter service and client static (the service runs in the busybox guest,
+/// the client on the machine).
 fn counter() -> Result<PathBuf> {
     fs::create_dir_all(logs_dir())?;
-    let target = "x86_64-unknown-linux-gnu";
+    let target = COUNTER_TARGET;
     util::run(
         util::cmd("timeout")
             .args([
@@ -310,7 +342,7 @@ fn counter() -> Result<PathBuf> {
             ),
     )
     .context("lab build step `counter` (cargo build -p lab-counter, static) failed")?;
-    Ok(util::root().join("target").join(target).join("release"))
+    Ok(counter_dir())
 }
 
 fn guest(dom0_dir: &Path, counter_dir: &Path) -> Result<PathBuf> {
@@ -363,6 +395,5 @@ pub fn build() -> Result<Artifacts> {
         qemu,
         dom0,
         guest_initrd,
-        counter_client: cdir.join("counter-client"),
     })
 }

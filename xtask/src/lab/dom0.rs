@@ -1,11 +1,11 @@
-//! Running commands in dom0 through the request agent: nothing is ever typed into a
-//! console.
+//! Running commands in a host's dom0 through its request agent: nothing is ever typed
+//! into a console.
 //!
-//! Owns: the host's side of the agent protocol (see `lab/dom0/agent.sh`): the host writes
-//! `req/ID.sh`, then `req/ID.cmd` by rename; dom0 runs it and writes `ID.out`, `ID.err`,
-//! and last `ID.rc` by rename. Never touches: QEMU (vm.rs boots and stops it) or anything
-//! in the share but its own request files.
-use super::{build::tail_file, vm};
+//! Owns: the machine's side of the agent protocol (see `lab/dom0/agent.sh`): it writes
+//! `req/ID.sh`, then `req/ID.cmd` by rename, into the host's share; dom0 runs it and writes
+//! `ID.out`, `ID.err`, and last `ID.rc` by rename. Never touches: QEMU (vm.rs boots and
+//! stops it) or anything in the share but its own request files.
+use super::{build::tail_file, topology::Host, vm};
 use anyhow::{Context, Result, bail};
 use std::{
     fs,
@@ -22,10 +22,10 @@ pub struct Output {
 
 static SEQ: AtomicU64 = AtomicU64::new(0);
 
-/// Runs a shell script in dom0 through the agent, bounded by `timeout` in dom0 (and a
-/// little more on the host). rc 124 means dom0's `timeout` killed it.
-pub fn exec(script: &str, timeout: Duration) -> Result<Output> {
-    let req = vm::share().join("req");
+/// Runs a shell script in host `h`'s dom0 through the agent, bounded by `timeout` in dom0
+/// (and a little more on the machine). rc 124 means dom0's `timeout` killed it.
+pub fn exec(h: Host, script: &str, timeout: Duration) -> Result<Output> {
+    let req = vm::share(h).join("req");
     fs::create_dir_all(&req)?;
     let id = format!(
         "h{}-{}",
@@ -47,15 +47,17 @@ pub fn exec(script: &str, timeout: Duration) -> Result<Output> {
     while !p("rc").exists() {
         if Instant::now() > deadline {
             bail!(
-                "dom0 did not answer request {id} within {} s (agent dead?): {script}",
+                "host {}: dom0 did not answer request {id} within {} s (agent dead?): {script}",
+                h.name(),
                 timeout.as_secs() + 30
             );
         }
         n += 1;
-        if n.is_multiple_of(20) && vm::qemu_pid().is_none() {
+        if n.is_multiple_of(20) && vm::qemu_pid(h).is_none() {
             bail!(
-                "QEMU died while running `{script}` in dom0; serial console tail:\n{}",
-                tail_file(&vm::serial_log(), 30)
+                "host {}: QEMU died while running `{script}` in dom0; serial console tail:\n{}",
+                h.name(),
+                tail_file(&vm::serial_log(h), 30)
             );
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -73,8 +75,8 @@ pub fn exec(script: &str, timeout: Duration) -> Result<Output> {
 }
 
 /// Like `exec`, but a non-zero status is an error naming `what`, with both outputs.
-pub fn exec_ok(what: &str, script: &str, timeout: Duration) -> Result<String> {
-    let o = exec(script, timeout)?;
+pub fn exec_ok(h: Host, what: &str, script: &str, timeout: Duration) -> Result<String> {
+    let o = exec(h, script, timeout)?;
     if o.rc != 0 {
         let why = if o.rc == 124 {
             format!("timed out after {} s", timeout.as_secs())
@@ -82,8 +84,9 @@ pub fn exec_ok(what: &str, script: &str, timeout: Duration) -> Result<String> {
             format!("exit status {}", o.rc)
         };
         bail!(
-            "{what}: `{}` in dom0: {why}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            "{what}: `{}` in host {}'s dom0: {why}\n--- stdout ---\n{}\n--- stderr ---\n{}",
             script.trim(),
+            h.name(),
             o.stdout.trim_end(),
             o.stderr.trim_end()
         );
@@ -91,7 +94,13 @@ pub fn exec_ok(what: &str, script: &str, timeout: Duration) -> Result<String> {
     Ok(o.stdout)
 }
 
-/// Runs a `lab.sh` subcommand (`lab/dom0/lab.sh`) in dom0; a failure names `what`.
-pub fn lab(what: &str, args: &str, timeout: Duration) -> Result<String> {
-    exec_ok(what, &format!("sh /share/lab/dom0/lab.sh {args}"), timeout)
+/// Runs a `lab.sh` subcommand (`lab/dom0/lab.sh`) in host `h`'s dom0; a failure names
+/// `what`.
+pub fn lab(h: Host, what: &str, args: &str, timeout: Duration) -> Result<String> {
+    exec_ok(
+        h,
+        what,
+        &format!("sh /share/lab/dom0/lab.sh {args}"),
+        timeout,
+    )
 }

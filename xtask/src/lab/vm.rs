@@ -1,213 +1,164 @@
-//! The running lab: QEMU (software emulation) booting Xen 4.17 + dom0, the share it
-//! boots with, and the machine-wide lab lock.
+//! The lab's two hosts: QEMU (software emulation) booting Xen 4.17 + dom0 as host A and
+//! host B, and the failure switches on a host's QEMU (power-off, freeze, thaw).
 //!
-//! Owns: `target/lab/` at run time: `share/` (the virtio-9p share, dom0's `/share`:
-//! `lab/dom0/*.sh` scripts, `bin/` with the project's binaries, `guest/` kernel + initrd,
-//! `req/` the agent's request directory, `run/` dom0's logs and guest consoles),
-//! `serial.log` (Xen + dom0 console), `qemu.pid`, `qemu.log`; and the lock file in the
-//! cache directory. Never touches: the cache's images (read only here), anything outside
-//! `target/lab/`, and dom0's insides (dom0.rs talks to its agent).
-use super::build::{Artifacts, tail_file};
-use super::dom0;
+//! Owns: `target/lab/<host>/` at run time (`share/`, filled by share.rs; `serial.log`,
+//! Xen + dom0's console; `qemu.pid`; `qemu.log`). Both hosts boot the one cached image
+//! with `snapshot=on`: each gets its own copy-on-write overlay, thrown away when its QEMU
+//! stops. Never touches: the cache (read only), the switch and the client LAN
+//! (switch.rs), dom0's insides (dom0.rs talks to its agent).
+use super::{
+    build::{self, Artifacts, tail_file},
+    dom0, lock, share, switch,
+    topology::Host,
+};
 use crate::util;
 use anyhow::{Context, Result, bail};
+use serde::Serialize;
 use std::{
     fs,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-/// QEMU's memory (MiB), Xen's command line. dom0 gets 1 GiB: the relay's two ends (page
-/// caches for compression, the buffer's ring) run there side by side, and with 512 MiB
-/// the sender was OOM-killed. `bootscrub=idle`: free memory is scrubbed
-/// in the background and before it is handed out, so guests start from zeroed pages
-/// (with `bootscrub=false` they got leftovers of the boot modules, which made the
-/// migration stream incompressible); boot time is unchanged.
+/// QEMU's memory (MiB), Xen's command line. dom0 gets 1 GiB (with 512 MiB the relay's
+/// sender was OOM-killed when both relay ends ran in one dom0). `bootscrub=idle`: free
+/// memory is scrubbed in the background and before it is handed out, so guests start from
+/// zeroed pages (with `bootscrub=false` they got leftovers of the boot modules, which made
+/// the migration stream incompressible); boot time is unchanged.
 const QEMU_MEM_MB: &str = "2048";
 const XEN_ARGS: &str = "console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M dom0_max_vcpus=2 \
     loglvl=all guest_loglvl=all noreboot console_timestamps=boot bootscrub=idle";
 const DOM0_ARGS: &str = "console=hvc0 earlyprintk=xen root=/dev/vda rw init=/lab/bin/init";
-/// Bound on QEMU start → dom0 ready (measured 40–70 s on 2 shared cores).
-const BOOT_TIMEOUT: Duration = Duration::from_secs(420);
+/// Bound on QEMU start → dom0 ready (one host alone 17–72 s, the second beside it ~51 s,
+/// on 2 shared cores).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 
 pub fn run_dir() -> PathBuf {
     util::root().join("target/lab")
 }
-pub fn share() -> PathBuf {
-    run_dir().join("share")
+fn host_dir(h: Host) -> PathBuf {
+    run_dir().join(h.name())
 }
-pub fn serial_log() -> PathBuf {
-    run_dir().join("serial.log")
+pub fn share(h: Host) -> PathBuf {
+    host_dir(h).join("share")
 }
-fn pid_file() -> PathBuf {
-    run_dir().join("qemu.pid")
+pub fn serial_log(h: Host) -> PathBuf {
+    host_dir(h).join("serial.log")
+}
+fn pid_file(h: Host) -> PathBuf {
+    host_dir(h).join("qemu.pid")
 }
 
-/// The pid of the lab's QEMU if it is running.
-pub fn qemu_pid() -> Option<i32> {
-    let pid: i32 = fs::read_to_string(pid_file()).ok()?.trim().parse().ok()?;
+/// Unix time now, in seconds (the client's clock: failures are stamped with it).
+pub fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// The pid in `pid_file` if that process is alive and is a QEMU.
+pub fn qemu_running(pid_file: &Path) -> Option<i32> {
+    let pid: i32 = fs::read_to_string(pid_file).ok()?.trim().parse().ok()?;
     let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     String::from_utf8_lossy(&cmdline)
         .contains("qemu-system")
         .then_some(pid)
 }
 
-fn copy_into(src: &Path, dst: &Path) -> Result<()> {
-    fs::copy(src, dst)
-        .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
-    Ok(())
+/// The pid of host `h`'s QEMU if it is running.
+pub fn qemu_pid(h: Host) -> Option<i32> {
+    qemu_running(&pid_file(h))
 }
 
-/// Builds `remus` and `remus-net` (release) for dom0. Returns the error instead of failing
-/// so a run that does not need them (the anchor) can go on.
-fn build_remus() -> Result<PathBuf> {
-    util::run(util::cmd("timeout").args([
-        "2400",
-        "cargo",
-        "build",
-        "--release",
-        "-p",
-        "remus-user",
-        "--bins",
-    ]))
-    .context("cargo build --release -p remus-user failed")?;
-    Ok(util::root().join("target/release"))
+/// The pids of every running QEMU of this lab (hosts and switch).
+fn lab_pids() -> Vec<i32> {
+    Host::ALL
+        .iter()
+        .filter_map(|h| qemu_pid(*h))
+        .chain(switch::pid())
+        .collect()
 }
 
-/// Fills the share: dom0 scripts, guest kernel + initrd, the project's binaries (fresh
-/// every boot, never in the cached image). `need_remus`: fail if remus cannot be built.
-fn stage(a: &Artifacts, need_remus: bool) -> Result<()> {
-    let sh = share();
-    for d in ["run", "req", "lab"] {
-        let p = sh.join(d);
-        if p.exists() {
-            fs::remove_dir_all(&p).with_context(|| format!("clearing {}", p.display()))?;
-        }
-    }
-    for d in ["bin", "guest", "lab/dom0", "req", "run"] {
-        fs::create_dir_all(sh.join(d))?;
-    }
-    for e in fs::read_dir(super::build::lab_src().join("dom0"))?.flatten() {
-        if e.path().is_file() {
-            copy_into(&e.path(), &sh.join("lab/dom0").join(e.file_name()))?;
-        }
-    }
-    copy_into(&a.dom0.join("vmlinuz"), &sh.join("guest/vmlinuz"))?;
-    copy_into(&a.guest_initrd, &sh.join("guest/initrd.img"))?;
-    copy_into(&a.counter_client, &sh.join("bin/counter-client"))?;
-    match build_remus() {
-        Ok(dir) => {
-            for b in ["remus", "remus-net"] {
-                copy_into(&dir.join(b), &sh.join("bin").join(b))?;
-            }
-        }
-        Err(e) if !need_remus => {
-            eprintln!("[lab] warning: {e:#}; dom0 gets no remus binaries this time");
-            for b in ["remus", "remus-net"] {
-                let _ = fs::remove_file(sh.join("bin").join(b));
-            }
-        }
-        Err(e) => return Err(e),
-    }
-    Ok(())
+/// One host's boot, as the report records it.
+#[derive(Serialize, Debug, Clone)]
+pub struct Boot {
+    pub host: Host,
+    /// QEMU start to dom0's agent answering.
+    pub s: f64,
 }
 
-/// The machine-wide lab lock: one lab at a time per machine, whichever checkout boots it
-/// (two emulated Xen hosts of different checkouts on 2 shared cores starve each other
-/// into heartbeat timeouts). Taken before building or booting; the fd is inherited by
-/// QEMU, so the lock lives exactly as long as the lab's QEMU does (and is released by
-/// the kernel when it dies, however it dies).
-fn lock_path() -> PathBuf {
-    util::cache_dir().join("lab.lock")
-}
-
-/// How long `up` waits for another checkout's lab to finish.
-const LOCK_WAIT: Duration = Duration::from_secs(3 * 3600);
-
-/// Takes the lab lock (waiting for another lab to finish), and returns its fd with
-/// close-on-exec cleared, so the QEMU started next inherits it.
-pub fn take_lock() -> Result<fs::File> {
-    use std::io::{Read, Seek, Write};
-    use std::os::fd::AsRawFd;
-    fs::create_dir_all(util::cache_dir())?;
-    let mut f = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(lock_path())
-        .with_context(|| format!("opening {}", lock_path().display()))?;
+/// Boots what of `hosts` is not running (and the switch first, if it is not), in
+/// parallel. A fresh lab gets fresh shares; a host booting again in a running lab keeps
+/// its logs. Returns each boot it did.
+pub fn up(hosts: &[Host], need_remus: bool) -> Result<Vec<Boot>> {
+    let down: Vec<Host> = hosts
+        .iter()
+        .copied()
+        .filter(|h| qemu_pid(*h).is_none())
+        .collect();
+    if down.is_empty() {
+        return Ok(vec![]);
+    }
+    lock::hold(&lab_pids())?;
+    let a = build::build()?;
+    if switch::pid().is_none() {
+        share::stage_all(&a, need_remus)?;
+        switch::up(&a)?;
+    } else {
+        for h in &down {
+            share::reset_for_boot(*h)?;
+        }
+    }
     let t = Instant::now();
-    let mut said = false;
-    loop {
-        // SAFETY: flock on an fd we own.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            break;
-        }
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
-            bail!("locking {}: {e}", lock_path().display());
-        }
-        if !said {
-            let mut owner = String::new();
-            let _ = f.read_to_string(&mut owner);
-            eprintln!(
-                "[lab] another lab is running on this machine ({}); waiting for it to stop",
-                owner.trim()
-            );
-            said = true;
-        }
-        if t.elapsed() > LOCK_WAIT {
-            bail!(
-                "another lab held {} for more than {} s",
-                lock_path().display(),
-                LOCK_WAIT.as_secs()
-            );
-        }
-        std::thread::sleep(Duration::from_secs(2));
+    for h in &down {
+        start(*h, &a)?;
     }
-    f.set_len(0)?;
-    f.rewind()?;
-    let _ = write!(f, "{} (pid {})", util::root().display(), std::process::id());
-    // SAFETY: F_SETFD on an fd we own: clear FD_CLOEXEC so QEMU inherits the lock.
-    unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFD, 0) };
-    Ok(f)
+    let mut boots = vec![];
+    let mut waiting = down.clone();
+    while !waiting.is_empty() {
+        std::thread::sleep(Duration::from_millis(500));
+        for h in waiting.clone() {
+            if ready(h, t)? {
+                let s = t.elapsed().as_secs_f64();
+                eprintln!("[lab] host {}: dom0 ready in {s:.1} s", h.name());
+                boots.push(Boot { host: h, s });
+                waiting.retain(|w| *w != h);
+            }
+        }
+    }
+    Ok(boots)
 }
 
-/// Boots the lab unless it is already up. Returns the boot time (None if it was up).
-pub fn up(need_remus: bool) -> Result<Option<Duration>> {
-    if let Some(pid) = qemu_pid() {
-        eprintln!("[lab] already up (QEMU pid {pid}); `cargo xtask lab down` to stop it");
-        return Ok(None);
-    }
-    // Held until this process exits; QEMU inherits it and holds it while it runs.
-    let _lock = take_lock()?;
-    let a = super::build::build()?;
-    stage(&a, need_remus)?;
-    let _ = fs::remove_file(serial_log());
-    let _ = fs::remove_file(pid_file());
-    let qlog = run_dir().join("qemu.log");
-    let mut c = qemu_command(&a);
+/// Starts host `h`'s QEMU (daemonized; it inherits the lab lock).
+fn start(h: Host, a: &Artifacts) -> Result<()> {
+    let _ = fs::remove_file(serial_log(h));
+    let _ = fs::remove_file(pid_file(h));
+    let qlog = host_dir(h).join("qemu.log");
+    let mut c = qemu_command(h, a, &switch::ports()?);
+    lock::inherit(&mut c)?;
     let qf = fs::File::create(&qlog).with_context(|| format!("creating {}", qlog.display()))?;
     c.stdout(qf.try_clone()?).stderr(qf);
-    let t = Instant::now();
     eprintln!(
-        "[lab] booting Xen + dom0 in QEMU (serial console: {})",
-        serial_log().display()
+        "[lab] host {}: booting Xen + dom0 in QEMU (serial console: {})",
+        h.name(),
+        serial_log(h).display()
     );
     let st = c.status().context("starting QEMU")?;
     if !st.success() {
-        bail!("QEMU failed to start ({st}): {}", tail_file(&qlog, 20));
+        bail!(
+            "host {}: QEMU failed to start ({st}): {}",
+            h.name(),
+            tail_file(&qlog, 20)
+        );
     }
-    wait_ready(t, &qlog)?;
-    let d = t.elapsed();
-    eprintln!("[lab] dom0 ready in {:.1} s", d.as_secs_f64());
-    Ok(Some(d))
+    Ok(())
 }
 
-/// QEMU booting Xen with dom0 from the cached image, daemonized with its pid file.
-fn qemu_command(a: &Artifacts) -> Command {
+/// QEMU booting Xen with dom0 from the cached image, its two NICs on the switch's client
+/// LAN and replication link, daemonized with its pid file.
+fn qemu_command(h: Host, a: &Artifacts, ports: &switch::Ports) -> Command {
     let initrd_arg = format!(
         "{} {DOM0_ARGS},{}",
         a.dom0.join("vmlinuz").display(),
@@ -220,8 +171,10 @@ fn qemu_command(a: &Artifacts) -> Command {
         .args(["-machine", "pc", "-accel", "tcg,thread=multi"])
         .args(["-cpu", "qemu64,+svm", "-m", QEMU_MEM_MB, "-smp", "2"])
         .args(["-display", "none", "-nodefaults", "-monitor", "none"])
-        .args(["-nic", "none", "-chardev"])
-        .arg(format!("file,id=s0,path={}", serial_log().display()))
+        .args(nic("lan", ports.lan(h), h.lan_mac()))
+        .args(nic("repl", ports.repl(h), h.repl_mac()))
+        .arg("-chardev")
+        .arg(format!("file,id=s0,path={}", serial_log(h).display()))
         .args(["-serial", "chardev:s0", "-drive"])
         // snapshot=on: writes go to a temporary overlay, the cached image never changes.
         .arg(format!(
@@ -235,80 +188,141 @@ fn qemu_command(a: &Artifacts) -> Command {
         .arg("-virtfs")
         .arg(format!(
             "local,path={},mount_tag=share,security_model=none,id=share",
-            share().display()
+            share(h).display()
         ))
         .arg("-pidfile")
-        .arg(pid_file())
+        .arg(pid_file(h))
         .arg("-daemonize")
         .stdin(Stdio::null());
     c
 }
 
-/// Waits for dom0's setup to finish and its agent to answer; stops QEMU if it does not
-/// within `BOOT_TIMEOUT` of `t`.
-fn wait_ready(t: Instant, qlog: &Path) -> Result<()> {
-    let ready = share().join("run/dom0-ready");
-    while !ready.exists() {
-        if qemu_pid().is_none() {
-            bail!(
-                "QEMU exited during boot; serial console tail:\n{}\nqemu.log: {}",
-                tail_file(&serial_log(), 40),
-                tail_file(qlog, 10)
-            );
-        }
-        if t.elapsed() > BOOT_TIMEOUT {
-            let _ = down();
-            bail!(
-                "dom0 was not ready within {} s; serial console tail:\n{}\ndom0 setup log:\n{}",
-                BOOT_TIMEOUT.as_secs(),
-                tail_file(&serial_log(), 40),
-                tail_file(&share().join("run/dom0-setup.log"), 20)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    dom0::exec_ok("agent check", "true", Duration::from_secs(60)).inspect_err(|_| {
-        let _ = down();
-    })?;
-    Ok(())
+/// A virtio NIC on a socket netdev connected to the switch's port. `romfile=`: the
+/// unpacked QEMU has no `efi-virtio.rom`, and nothing here boots from the network.
+fn nic(id: &str, port: u16, mac: &str) -> [String; 4] {
+    [
+        "-netdev".into(),
+        format!("socket,id={id},connect=127.0.0.1:{port}"),
+        "-device".into(),
+        format!("virtio-net-pci,netdev={id},mac={mac},romfile="),
+    ]
 }
 
-/// Stops QEMU (TERM, then KILL after 10 s). The disk overlay is discarded with it.
-pub fn down() -> Result<()> {
-    let Some(pid) = qemu_pid() else {
-        eprintln!("[lab] not running");
+/// Whether host `h`'s dom0 finished its setup and its agent answers; an error (and the
+/// host stopped) if QEMU died or `BOOT_TIMEOUT` passed since `t`.
+fn ready(h: Host, t: Instant) -> Result<bool> {
+    if qemu_pid(h).is_none() {
+        bail!(
+            "host {}: QEMU exited during boot; serial console tail:\n{}\nqemu.log: {}",
+            h.name(),
+            tail_file(&serial_log(h), 40),
+            tail_file(&host_dir(h).join("qemu.log"), 10)
+        );
+    }
+    if t.elapsed() > BOOT_TIMEOUT {
+        let _ = stop(h);
+        bail!(
+            "host {}: dom0 was not ready within {} s; serial console tail:\n{}\ndom0 setup log:\n{}",
+            h.name(),
+            BOOT_TIMEOUT.as_secs(),
+            tail_file(&serial_log(h), 40),
+            tail_file(&share(h).join("run/dom0-setup.log"), 20)
+        );
+    }
+    if !share(h).join("run/dom0-ready").exists() {
+        return Ok(false);
+    }
+    dom0::exec_ok(h, "agent check", "true", Duration::from_secs(60)).inspect_err(|_| {
+        let _ = stop(h);
+    })?;
+    Ok(true)
+}
+
+/// Sends `sig` to host `h`'s QEMU; the error names the host if it is not running.
+fn signal(h: Host, sig: i32) -> Result<i32> {
+    let pid = qemu_pid(h).with_context(|| format!("host {} is not running", h.name()))?;
+    // SAFETY: kill(2) on a pid read from our own pid file and checked to be QEMU.
+    if unsafe { libc::kill(pid, sig) } != 0 {
+        bail!(
+            "signalling host {}'s QEMU (pid {pid}): {}",
+            h.name(),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(pid)
+}
+
+/// Power-off: host `h`'s QEMU is killed at once (SIGKILL: the machine stops mid-instruction,
+/// nothing is closed cleanly by dom0). Returns the moment of the kill (Unix seconds).
+pub fn power_off(h: Host) -> Result<f64> {
+    signal(h, libc::SIGKILL)?;
+    let t = unix_now();
+    let waited = Instant::now();
+    while qemu_pid(h).is_some() && waited.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = fs::remove_file(pid_file(h));
+    Ok(t)
+}
+
+/// A frozen host: its QEMU is stopped (SIGSTOP), every vCPU and device with it; its
+/// sockets stay open. Returns the moment (Unix seconds).
+pub fn freeze(h: Host) -> Result<f64> {
+    signal(h, libc::SIGSTOP)?;
+    Ok(unix_now())
+}
+
+/// A frozen host runs on (SIGCONT). Returns the moment (Unix seconds).
+pub fn thaw(h: Host) -> Result<f64> {
+    signal(h, libc::SIGCONT)?;
+    Ok(unix_now())
+}
+
+/// Stops host `h` (TERM, then KILL after 10 s; a frozen one is thawed first so it can
+/// act on TERM). Its disk overlay is discarded with it.
+fn stop(h: Host) -> Result<()> {
+    let Ok(pid) = signal(h, libc::SIGCONT).and_then(|_| signal(h, libc::SIGTERM)) else {
         return Ok(());
     };
-    // SAFETY: kill(2) on a pid we read from our own pid file and checked is QEMU.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
     for _ in 0..100 {
-        if qemu_pid().is_none() {
-            let _ = fs::remove_file(pid_file());
-            eprintln!("[lab] stopped (QEMU pid {pid})");
+        if qemu_pid(h).is_none() {
+            let _ = fs::remove_file(pid_file(h));
+            eprintln!("[lab] host {}: stopped (QEMU pid {pid})", h.name());
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    // SAFETY: as above.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
-    let _ = fs::remove_file(pid_file());
-    eprintln!("[lab] killed (QEMU pid {pid})");
+    let _ = signal(h, libc::SIGKILL);
+    let _ = fs::remove_file(pid_file(h));
+    eprintln!("[lab] host {}: killed (QEMU pid {pid})", h.name());
     Ok(())
 }
 
-/// The tails of every console: Xen + dom0 (serial), dom0's setup log, guest consoles.
-pub fn consoles(n: usize) -> String {
+/// Stops both hosts, then the switch and the client LAN.
+pub fn down() -> Result<()> {
+    if lab_pids().is_empty() {
+        eprintln!("[lab] not running");
+    }
+    for h in Host::ALL {
+        stop(h)?;
+    }
+    switch::down()
+}
+
+/// The tails of host `h`'s consoles: Xen + dom0 (serial), dom0's setup log, guest consoles.
+pub fn consoles(h: Host, n: usize) -> String {
     let mut s = String::new();
     let mut add = |title: &str, p: &Path| {
         s.push_str(&format!(
-            "===== {title} ({}) =====\n{}\n",
+            "===== host {}: {title} ({}) =====\n{}\n",
+            h.name(),
             p.display(),
             tail_file(p, n)
         ));
     };
-    add("Xen + dom0 serial console", &serial_log());
-    add("dom0 setup", &share().join("run/dom0-setup.log"));
-    if let Ok(rd) = fs::read_dir(share().join("run/console")) {
+    add("Xen + dom0 serial console", &serial_log(h));
+    add("dom0 setup", &share(h).join("run/dom0-setup.log"));
+    if let Ok(rd) = fs::read_dir(share(h).join("run/console")) {
         let mut v: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
         v.sort();
         for p in v {

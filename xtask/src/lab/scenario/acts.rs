@@ -1,29 +1,44 @@
-//! What a step can do (`Act`): each act runs something in dom0 or watches from the
-//! machine, asserts what it says it asserts, and records its results in the run's report.
-//! `execute` dispatches a step to its act with the step's bound.
+//! What a step can do (`Act`): each act runs something in a dom0 or on the machine,
+//! asserts what it says it asserts, and records its results in the run's report.
+//! `execute` dispatches a step to its act, with the step's bound and host.
 //!
 //! Owns: the acts and their assertions. Never touches: the order of steps (catalog.rs
-//! holds the scenarios), the report's wording (report.rs), the lab's boot (vm.rs); dom0
-//! only through `lab.sh` subcommands.
-use super::{INTERVAL_MS, Run, Step, progress};
-use crate::lab::{build::tail_file, dom0, vm};
+//! holds the scenarios), the report's wording (report.rs), QEMU and the switch except
+//! through their failure switches (vm.rs, switch.rs); dom0 only through `lab.sh`
+//! subcommands.
+use super::{GUEST_MEM_MB, INTERVAL_MS, On, Run, Step, progress, report, soak};
+use crate::lab::{
+    build::tail_file,
+    dom0, lan, switch,
+    topology::{GUEST_IP, GUEST_MAC, Host, RELAY_PORT},
+    vm,
+};
 use anyhow::{Context, Result, bail};
 use std::time::{Duration, Instant};
 
-/// What a step does. Each variant's doc says what it asserts and what it records.
+/// What a step does. Each variant's doc says what it asserts and what it records. Acts
+/// that run in a dom0 run in the step's host (`On`).
 #[derive(Clone, Copy, Debug)]
 pub enum Act {
-    /// `lab.sh cleanup`: kills what an earlier run left in dom0, destroys every guest.
+    /// On the machine: the link is up, no host frozen, the client stopped, then
+    /// `lab.sh cleanup` in every running dom0 (kills what an earlier run left, destroys
+    /// every guest).
     Cleanup,
+    /// Boots the scenario's hosts that are off (powered off by an earlier run). Records:
+    /// `boots`.
+    HostsUp,
     /// Creates the PV guest. Asserts: its service answers within the bound. Records:
     /// `guest_ready_s`.
     GuestUp,
-    /// Starts the client in its netns behind a veth on the bridge. Asserts: it connected.
+    /// Starts the client on the client LAN and the ARP watcher. Asserts: it connected.
     ClientStart,
     /// Asserts: the client has this many replies within the bound.
     Replies(usize),
-    /// Starts protection. Asserts: the sender is still running a second later. Sets where
-    /// checkpoints are counted.
+    /// Starts the backup's relay (`remus relay receive` on the replication link).
+    /// Asserts: it runs a second later.
+    BackupListens,
+    /// Starts protection towards the backup host. Asserts: the sender runs a second
+    /// later. Sets where checkpoints are counted.
     Protect(Protection),
     /// Asserts: two checkpoints within the bound, the sender alive meanwhile. Records:
     /// `first_checkpoint_s`.
@@ -31,28 +46,42 @@ pub enum Act {
     /// Counts over the bound. Asserts: checkpoints and replies both keep coming and the
     /// connection stays open. Records: `checkpoints_per_s`, `ms_per_checkpoint`.
     MeasureRate,
-    /// Injects a failure. Records: the moment of death, `checkpoints_before_death`,
-    /// `acked_before_death` (relay).
+    /// Injects a failure. Records: the moment (the run's moment of failure),
+    /// `checkpoints_before_death`, `acked_before_death` (relay), the event.
     Fail(Failure),
-    /// Waits for the client's first reply after the death. Asserts (when `required`): one
-    /// within the bound. Records: the bound, for the verdict.
+    /// Undoes a failure. Records: the event.
+    Restore(Restore),
+    /// Waits for the client's first reply after the failure. Asserts (when `required`):
+    /// one within the bound. Records: the bound, for the verdict.
     AwaitFailover { required: bool },
-    /// When no failover came: kills the frozen sender (its socket closes, as after a host
-    /// reboot) and watches for the bound. Records: `after_kill_first_reply_s`.
-    KillFrozenSenderIfNoFailover,
     /// Lets the client run on for the bound. Asserts nothing.
     Watch,
-    /// Waits (up to the bound) for this many more replies, or the connection's end.
-    /// Asserts nothing (`ExactlyOnce` judges).
+    /// Waits (up to the bound) for this many more replies, or the connection's end; at
+    /// once in a soak round whose backup held no checkpoint. Asserts nothing
+    /// (`ExactlyOnce`, `SoakVerdict` judge).
     RepliesAfterFailover(usize),
-    /// Records: `backup_took_over` (the domain named guest is a new domain) and, for the
-    /// relay, the backup relay's `failovers_total`.
+    /// Records: `backup_took_over` (the step's host runs a domain named guest) and, for
+    /// the relay, the backup relay's `failovers_total`.
     BackupIsGuest,
-    /// Stops the client. Records: `client_tcp`, `client` and the verdict.
+    /// Records a `Snapshot` with this label: each host's domains, the relays' counters,
+    /// the client's replies.
+    Snapshot(&'static str),
+    /// Stops the client and the ARP watcher. Records: `client_tcp`, `client`,
+    /// `garp_after_failure_s` and the verdict.
     ClientStop,
     /// Asserts: one connection that never ended, every counter value exactly once and in
-    /// order, 20 replies after the death, and the guest is the backup copy.
+    /// order, 20 replies after the failure, and the backup runs the guest.
     ExactlyOnce,
+    /// The soak: waits in the primary's dom0 for the phase and stops the sending side in
+    /// it (`lab.sh hold`). Asserts: the hold returned. Records: the round's `soak` record
+    /// with the kill and what the hold saw.
+    Hold(soak::Kill),
+    /// The soak, after the power-off: waits (up to the bound) for the backup relay to say
+    /// how its session ended, then, if it held a complete checkpoint, for the client's
+    /// first reply. Asserts nothing (`SoakVerdict` judges). Records: the checkpoint.
+    AwaitOutcome,
+    /// The soak's verdict (`soak::judge`). Asserts it; records it in the round's record.
+    SoakVerdict,
 }
 
 /// How the guest is protected.
@@ -65,33 +94,49 @@ pub enum Protection {
     Relay { no_buffer: bool },
 }
 
-/// How the primary dies.
+/// A failure the scenarios inject.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Failure {
-    /// One host: the sending processes are frozen (SIGSTOP), then the primary domain is
-    /// destroyed; nothing closes a connection, as after a power loss.
-    FreezeAndDestroy,
+    /// The primary host loses power: its QEMU is killed at once (SIGKILL).
+    PowerOff,
+    /// The primary host freezes: its QEMU is stopped (SIGSTOP), sockets open, nothing
+    /// runs.
+    Freeze,
+    /// The replication link goes dark at the switch; both hosts live, the client LAN too.
+    LinkDown,
+}
+
+/// A failure undone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Restore {
+    /// The frozen primary runs on.
+    Thaw,
+    /// The replication link comes back.
+    LinkUp,
 }
 
 /// Runs one step's act with the step's bound.
 pub fn execute(step: &Step, run: &mut Run) -> Result<()> {
     let b = step.bound;
     match step.act {
-        Act::Cleanup => dom0::lab("cleanup", "cleanup", b).map(drop),
-        Act::GuestUp => guest_up(run, b),
-        Act::ClientStart => {
-            dom0::lab("client start", &format!("client-start {}", run.name), b).map(drop)
+        Act::Cleanup => cleanup(run, b),
+        Act::HostsUp => {
+            let boots = vm::up(&[run.primary, run.backup], run.needs_remus)?;
+            run.report.boots.extend(boots);
+            Ok(())
         }
+        Act::GuestUp => guest_up(run, run.dom0(step)?, b),
+        Act::ClientStart => client_start(run, b),
         Act::Replies(n) => replies(run, n, b),
-        Act::Protect(p) => protect(run, p, b),
+        Act::BackupListens => backup_listens(run.dom0(step)?, b),
+        Act::Protect(p) => protect(run, run.dom0(step)?, p, b),
         Act::FirstCheckpoints => first_checkpoints(run, b),
         Act::MeasureRate => measure_rate(run, b),
-        Act::Fail(f) => fail(run, f, b),
+        Act::Fail(f) => fail(run, f),
+        Act::Restore(r) => restore(run, r),
         Act::AwaitFailover { required } => await_failover(run, required, b),
-        Act::KillFrozenSenderIfNoFailover => kill_frozen_sender(run, b),
-        Act::Watch => run
-            .wait("letting the client run on", b, || Ok(false))
-            .map(drop),
+        Act::Watch => run.wait("watching", b, || Ok(false)).map(drop),
+        Act::RepliesAfterFailover(_) if no_checkpoint_at_backup(run) => Ok(()),
         Act::RepliesAfterFailover(n) => {
             let base = run.replies();
             run.wait(&format!("{n} more replies"), b, || {
@@ -99,9 +144,20 @@ pub fn execute(step: &Step, run: &mut Run) -> Result<()> {
             })
             .map(drop)
         }
-        Act::BackupIsGuest => backup_is_guest(run, b),
-        Act::ClientStop => client_stop(run, b),
+        Act::BackupIsGuest => backup_is_guest(run, run.dom0(step)?, b),
+        Act::Snapshot(label) => {
+            let s = snapshot(run, label, b);
+            run.report.snapshots.push(s);
+            Ok(())
+        }
+        Act::ClientStop => {
+            client_stop(run);
+            Ok(())
+        }
         Act::ExactlyOnce => exactly_once(run),
+        Act::Hold(k) => hold(run, run.dom0(step)?, k, b),
+        Act::AwaitOutcome => await_outcome(run, b),
+        Act::SoakVerdict => soak_verdict(run),
     }
 }
 
@@ -112,14 +168,34 @@ fn kv<T: std::str::FromStr>(out: &str, key: &str) -> Option<T> {
         .and_then(|v| v.parse().ok())
 }
 
-fn guest_up(run: &mut Run, bound: Duration) -> Result<()> {
-    let out = dom0::lab(
-        "guest up",
-        &format!("guest-up {}", super::GUEST_MEM_MB),
-        bound,
-    )?;
+fn cleanup(run: &mut Run, bound: Duration) -> Result<()> {
+    run.stop_client();
+    switch::set_repl_link(true).context("bringing the replication link up")?;
+    for h in Host::ALL {
+        if vm::qemu_pid(h).is_some() {
+            let _ = vm::thaw(h);
+            dom0::lab(h, "cleanup", "cleanup", bound)?;
+        }
+    }
+    Ok(())
+}
+
+fn guest_up(run: &mut Run, h: Host, bound: Duration) -> Result<()> {
+    let out = dom0::lab(h, "guest up", &format!("guest-up {GUEST_MEM_MB}"), bound)?;
     run.report.guest_ready_s = kv(&out, "ready_after_s");
     run.say(out.trim());
+    Ok(())
+}
+
+fn client_start(run: &mut Run, bound: Duration) -> Result<()> {
+    let bin = crate::lab::build::counter_client();
+    run.arp = Some(lan::ArpWatch::start(run.arp_log.clone())?);
+    let c = lan::Client::start(&bin, run.name, bound)?;
+    run.say(&format!(
+        "client connected from the client LAN ({})",
+        run.seen(None).local_addr
+    ));
+    run.client = Some(c);
     Ok(())
 }
 
@@ -137,11 +213,23 @@ fn replies(run: &mut Run, n: usize, bound: Duration) -> Result<()> {
     Ok(())
 }
 
-fn protect(run: &mut Run, p: Protection, bound: Duration) -> Result<()> {
-    let (mode, env, source) = match p {
-        Protection::Stock => ("anchor", "", progress::Source::XlLog),
+fn backup_listens(h: Host, bound: Duration) -> Result<()> {
+    let out = dom0::lab(
+        h,
+        "relay receive",
+        &format!("relay-receive {}:{RELAY_PORT}", h.repl_ip()),
+        bound,
+    )?;
+    eprintln!("[lab] host {}: {}", h.name(), out.trim());
+    Ok(())
+}
+
+fn protect(run: &mut Run, h: Host, p: Protection, bound: Duration) -> Result<()> {
+    let backup = run.backup.repl_ip();
+    let (args, env, source) = match p {
+        Protection::Stock => (format!("anchor {backup}"), "", progress::Source::XlLog),
         Protection::Relay { no_buffer } => (
-            "relay",
+            format!("relay {backup}:{RELAY_PORT}"),
             if no_buffer {
                 "LAB_RELAY_BUFFER='--no-buffer' "
             } else {
@@ -151,8 +239,9 @@ fn protect(run: &mut Run, p: Protection, bound: Duration) -> Result<()> {
         ),
     };
     let out = dom0::exec_ok(
+        h,
         "remus start",
-        &format!("{env}LAB_INTERVAL={INTERVAL_MS} sh /share/lab/dom0/lab.sh remus-start {mode}"),
+        &format!("{env}LAB_INTERVAL={INTERVAL_MS} sh /share/lab/dom0/lab.sh remus-start {args}"),
         bound,
     )?;
     run.say(out.trim());
@@ -163,17 +252,19 @@ fn protect(run: &mut Run, p: Protection, bound: Duration) -> Result<()> {
 
 fn first_checkpoints(run: &mut Run, bound: Duration) -> Result<()> {
     let mut alive_check = Instant::now();
+    let primary = run.primary;
     let ok = run.wait("waiting for the first checkpoint", bound, || {
         if alive_check.elapsed() > Duration::from_secs(5) {
             alive_check = Instant::now();
             let alive = dom0::exec(
+                primary,
                 "sh /share/lab/dom0/lab.sh remus-alive",
                 Duration::from_secs(30),
             )?;
             if alive.rc != 0 {
                 bail!(
                     "xl remus exited before its first checkpoint:\n{}",
-                    tail_file(&vm::share().join("run/sender.log"), 25)
+                    tail_file(&vm::share(primary).join("run/sender.log"), 25)
                 );
             }
         }
@@ -214,20 +305,44 @@ fn measure_rate(run: &mut Run, bound: Duration) -> Result<()> {
     Ok(())
 }
 
-fn fail(run: &mut Run, f: Failure, bound: Duration) -> Result<()> {
+fn fail(run: &mut Run, f: Failure) -> Result<()> {
     run.report.checkpoints_before_death = Some(run.checkpoints());
     if run.source == Some(progress::Source::Relay) {
         run.report.acked_before_death =
-            progress::relay(progress::Role::Receive).map(|v| v.last_acked);
+            progress::relay(run.backup, progress::End::Receive).map(|v| v.last_acked);
     }
-    match f {
-        Failure::FreezeAndDestroy => {
-            let out = dom0::lab("freeze primary", "freeze-primary", bound)?;
-            run.say(out.trim());
-            run.death = Some(kv(&out, "death").context("freeze-primary printed no death time")?);
-            run.primary = kv(&out, "destroyed_domid").unwrap_or_default();
+    let (what, host, t) = match f {
+        Failure::PowerOff => {
+            let h = run.primary;
+            run.down.push(h);
+            ("power-off", Some(h), vm::power_off(h)?)
         }
-    }
+        Failure::Freeze => {
+            let h = run.primary;
+            run.down.push(h);
+            ("freeze", Some(h), vm::freeze(h)?)
+        }
+        Failure::LinkDown => ("link-down", None, switch::set_repl_link(false)?),
+    };
+    run.report.failure = match host {
+        Some(h) => format!("{what} of host {}", h.name()),
+        None => "the replication link goes dark".into(),
+    };
+    run.death = Some(t);
+    run.event(what, host, t);
+    Ok(())
+}
+
+fn restore(run: &mut Run, r: Restore) -> Result<()> {
+    let (what, host, t) = match r {
+        Restore::Thaw => {
+            let h = run.primary;
+            run.down.retain(|d| *d != h);
+            ("thaw", Some(h), vm::thaw(h)?)
+        }
+        Restore::LinkUp => ("link-up", None, switch::set_repl_link(true)?),
+    };
+    run.event(what, host, t);
     Ok(())
 }
 
@@ -239,11 +354,11 @@ fn await_failover(run: &mut Run, required: bool, bound: Duration) -> Result<()> 
         Ok(s.replies_after_death > 0 || s.terminal_event.is_some())
     })?;
     let seen = run.seen(death);
-    run.failover_seen = ok && seen.replies_after_death > 0;
-    if required && !run.failover_seen {
-        run.report.client_tcp = client_tcp();
+    let failover_seen = ok && seen.replies_after_death > 0;
+    if required && !failover_seen {
+        run.report.client_tcp = lan::client_tcp();
         bail!(
-            "no reply from the backup within {} s of the primary's death ({}); client TCP: {}",
+            "no reply from the backup within {} s of the failure ({}); client TCP: {}",
             bound.as_secs(),
             seen.terminal_event
                 .unwrap_or_else(|| "connection still open".into()),
@@ -253,69 +368,72 @@ fn await_failover(run: &mut Run, required: bool, bound: Duration) -> Result<()> 
     Ok(())
 }
 
-fn kill_frozen_sender(run: &mut Run, bound: Duration) -> Result<()> {
-    if run.failover_seen {
-        run.say("the backup took over: nothing to kill");
-        return Ok(());
-    }
-    run.say(&format!(
-        "no failover within {:.0} s (stock Remus has no heartbeat); killing the frozen sender",
-        run.report.failover_bound_s.unwrap_or_default()
-    ));
-    let out = dom0::lab(
-        "kill the frozen sender",
-        "unfreeze-kill",
-        Duration::from_secs(60),
-    )?;
-    let killed = kv(&out, "killed").or(run.death);
-    run.report.sender_killed = true;
-    run.wait(
-        "waiting for a reply after the sender was killed",
-        bound,
-        || {
-            let s = run.seen(killed);
-            Ok(s.replies_after_death > 0 || s.terminal_event.is_some())
-        },
-    )?;
-    run.report.after_kill_first_reply_s = run.seen(killed).first_reply_after_death_s;
-    Ok(())
+/// The domains host `h` runs (names, Domain-0 left out).
+fn domains(h: Host, bound: Duration) -> Result<Vec<String>> {
+    let out = dom0::lab(h, "domains", "domains", bound)?;
+    Ok(out.lines().map(str::to_string).collect())
 }
 
-fn backup_is_guest(run: &mut Run, bound: Duration) -> Result<()> {
-    let backup = dom0::exec_ok(
-        "backup domain",
-        "xl list | awk '$1==\"guest\" {print $2}'",
-        bound,
-    )?;
-    let backup = backup.trim();
-    run.report.backup_took_over = !backup.is_empty() && backup != run.primary;
+fn backup_is_guest(run: &mut Run, h: Host, bound: Duration) -> Result<()> {
+    let d = domains(h, bound)?;
+    run.report.backup_took_over = d.iter().any(|n| n == "guest");
     if run.source == Some(progress::Source::Relay) {
         run.report.backup_failovers =
-            progress::relay(progress::Role::Receive).map(|v| v.failovers_total);
+            progress::relay(h, progress::End::Receive).map(|v| v.failovers_total);
     }
-    run.say(&format!(
-        "primary domid was {}, the domain named guest is now {backup:?}",
-        run.primary
-    ));
+    run.say(&format!("host {} runs {d:?}", h.name()));
     Ok(())
 }
 
-/// The client's TCP state (`ss -tni`), empty if it cannot be read.
-pub fn client_tcp() -> String {
-    dom0::lab("client tcp", "client-tcp", Duration::from_secs(30))
-        .unwrap_or_default()
-        .trim()
-        .to_string()
-}
-
-fn client_stop(run: &mut Run, bound: Duration) -> Result<()> {
-    run.report.client_tcp = client_tcp();
-    dom0::lab("client stop", "client-stop", bound)?;
+fn snapshot(run: &Run, label: &str, bound: Duration) -> report::Snapshot {
+    let mut s = report::Snapshot {
+        label: label.into(),
+        at_s: run.t0.elapsed().as_secs_f64(),
+        ..Default::default()
+    };
+    for h in Host::ALL {
+        let d = vm::qemu_pid(h)
+            .filter(|_| !run.down.contains(&h))
+            .and_then(|_| domains(h, bound).ok());
+        s.live_copies += d.as_ref().is_some_and(|d| d.iter().any(|n| n == "guest")) as usize;
+        s.domains.insert(h.name(), d);
+    }
+    s.relay_send = progress::relay(run.primary, progress::End::Send);
+    s.relay_receive = progress::relay(run.backup, progress::End::Receive);
     let seen = run.seen(run.death);
-    run.report.verdict = super::report::verdict(&seen, &run.report);
+    s.client_replies = seen.replies;
+    s.client_replies_after_failure = seen.replies_after_death;
+    s.client_ended = seen.terminal_event;
+    run.say(&format!(
+        "{label}: {:?}, {} live copies, client {} replies ({} after the failure)",
+        s.domains, s.live_copies, s.client_replies, s.client_replies_after_failure
+    ));
+    s
+}
+
+/// Stops the client and the ARP watcher, and records what the client saw.
+pub fn client_stop(run: &mut Run) {
+    if run.client.is_some() {
+        run.report.client_tcp = lan::client_tcp();
+    }
+    run.stop_client();
+    let seen = run.seen(run.death);
+    run.report.garp_after_failure_s = run.death.and_then(|d| {
+        lan::arps(&run.arp_log)
+            .iter()
+            .find(|a| {
+                a.t > d
+                    && a.sender_mac == GUEST_MAC
+                    && a.sender_ip == GUEST_IP
+                    && a.target_ip == GUEST_IP
+            })
+            .map(|a| a.t - d)
+    });
+    if run.death.is_some() {
+        run.report.verdict = report::verdict(&seen, &run.report);
+        run.say(&format!("client saw: {}", run.report.verdict));
+    }
     run.report.client = seen;
-    run.say(&format!("client saw: {}", run.report.verdict));
-    Ok(())
 }
 
 fn exactly_once(run: &mut Run) -> Result<()> {
@@ -342,10 +460,7 @@ fn exactly_once(run: &mut Run) -> Result<()> {
         ));
     }
     if !run.report.backup_took_over {
-        bad.push(format!(
-            "the guest is not a new domain (primary {})",
-            run.primary
-        ));
+        bad.push(format!("host {} does not run the guest", run.backup.name()));
     }
     if !bad.is_empty() {
         bail!("{}", bad.join("; "));
@@ -353,16 +468,164 @@ fn exactly_once(run: &mut Run) -> Result<()> {
     Ok(())
 }
 
+/// `lab.sh hold PHASE MS BACKUP_IP` in the primary's dom0: returns once the sending side
+/// is stopped in the phase (or bails if the phase never came).
+fn hold(run: &mut Run, h: Host, k: soak::Kill, bound: Duration) -> Result<()> {
+    let out = dom0::lab(
+        h,
+        "hold",
+        &format!(
+            "hold {} {} {}",
+            k.phase.arg(),
+            k.delay_ms,
+            run.backup.repl_ip()
+        ),
+        bound,
+    )?;
+    let line = out.lines().last().unwrap_or_default();
+    let held: soak::Hold = serde_json::from_str(line)
+        .with_context(|| format!("lab.sh hold printed something else: {out}"))?;
+    run.say(&format!(
+        "sending side stopped in {} (asked {}, {} ms)",
+        held.seen,
+        k.phase.arg(),
+        k.delay_ms
+    ));
+    run.report
+        .soak
+        .get_or_insert_with(|| soak::SoakRecord::new(k))
+        .hold = Some(held);
+    Ok(())
+}
+
+/// How the backup's session ended: the checkpoint it held (0: none), once it says.
+fn backup_checkpoint(run: &Run) -> Option<u64> {
+    progress::relay(run.backup, progress::End::Receive)
+        .and_then(|v| v.last_session)
+        .and_then(|s| s.checkpoint())
+}
+
+/// A soak round whose backup said it held no complete checkpoint: nothing can fail over.
+fn no_checkpoint_at_backup(run: &Run) -> bool {
+    run.report.soak.as_ref().and_then(|r| r.backup_checkpoint) == Some(0)
+}
+
+fn await_outcome(run: &mut Run, bound: Duration) -> Result<()> {
+    let death = run.death;
+    let mut settled: Option<Instant> = None;
+    run.wait(
+        "waiting for the backup's word and the client",
+        bound,
+        || {
+            let s = run.seen(death);
+            if s.replies_after_death > 0 || s.terminal_event.is_some() {
+                return Ok(true);
+            }
+            // Without a complete checkpoint nothing can answer: give the backup a little
+            // while to show it does not start a guest anyway, then stop waiting.
+            if backup_checkpoint(run) == Some(0) {
+                let t = *settled.get_or_insert_with(Instant::now);
+                return Ok(t.elapsed() > Duration::from_secs(15));
+            }
+            Ok(false)
+        },
+    )?;
+    // What the verdict calls the wait: how long after the failure it really ended.
+    run.report.failover_bound_s = death.map(|d| vm::unix_now() - d);
+    let c = backup_checkpoint(run);
+    if let Some(rec) = run.report.soak.as_mut() {
+        rec.backup_checkpoint = c;
+    }
+    Ok(())
+}
+
+fn soak_verdict(run: &mut Run) -> Result<()> {
+    let seen = run.report.client.clone();
+    let took_over = run.report.backup_took_over;
+    let Some(rec) = run.report.soak.as_mut() else {
+        bail!("no soak record: the round did not hold a phase");
+    };
+    // An ACK is pending only if the backup did get the checkpoint the primary saw unacked.
+    let sent = rec
+        .hold
+        .as_ref()
+        .and_then(soak::Hold::sent_acked)
+        .map(|(s, _)| s);
+    if rec.kill.phase == soak::Phase::AckPending
+        && let (Some(h), Some(s), Some(b)) = (rec.hold.as_mut(), sent, rec.backup_checkpoint)
+        && b < s
+    {
+        h.held = false;
+        h.seen = format!("in flight (the backup held {b}, not the unacked {s})");
+    }
+    let (ok, why) = soak::judge(&seen, rec.backup_checkpoint, took_over);
+    rec.failover = took_over;
+    rec.failover_s = seen.first_reply_after_death_s;
+    rec.passed = ok;
+    rec.verdict = why.clone();
+    if !ok {
+        bail!("{why}");
+    }
+    Ok(())
+}
+
+impl Run {
+    /// The host a step runs in; an error if the step is not placed in a dom0.
+    fn dom0(&self, step: &Step) -> Result<Host> {
+        match step.on {
+            On::Primary => Ok(self.primary),
+            On::Backup => Ok(self.backup),
+            On::Machine => bail!("step `{}` must run in a dom0", step.name),
+        }
+    }
+
+    fn event(&mut self, what: &'static str, host: Option<Host>, unix: f64) {
+        let at_s = self.t0.elapsed().as_secs_f64();
+        self.say(&format!(
+            "{what}{} at {unix:.3}",
+            host.map(|h| format!(" of host {}", h.name()))
+                .unwrap_or_default()
+        ));
+        self.report.events.push(report::Event {
+            what,
+            host,
+            at_s,
+            unix,
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::kv;
+    use crate::lab::scenario::{
+        Run, catalog,
+        soak::{Kill, Phase},
+    };
+
+    #[test]
+    fn a_round_without_a_checkpoint_at_the_backup_waits_for_no_replies() {
+        let k = Kill {
+            phase: Phase::InitialCopy,
+            delay_ms: 0,
+        };
+        let mut run = Run::new(&catalog::soak_round(1, k), false);
+        assert!(!super::no_checkpoint_at_backup(&run), "not yet known");
+        let rec = run.report.soak.as_mut().expect("a soak round has a record");
+        rec.backup_checkpoint = Some(3);
+        assert!(!super::no_checkpoint_at_backup(&run));
+        run.report.soak.as_mut().expect("still").backup_checkpoint = Some(0);
+        assert!(super::no_checkpoint_at_backup(&run));
+        let plain = Run::new(&catalog::by_name("remus", false).expect("exists"), false);
+        assert!(!super::no_checkpoint_at_backup(&plain));
+    }
 
     #[test]
     fn kv_reads_typed_values_and_only_whole_keys() {
-        let out = "frozen pid=1: xl\nfrozen_at=10.5 death=11.25 destroyed_domid=3";
-        assert_eq!(kv::<f64>(out, "death"), Some(11.25));
-        assert_eq!(kv::<u32>(out, "destroyed_domid"), Some(3));
-        assert_eq!(kv::<f64>(out, "at"), None);
-        assert_eq!(kv::<f64>(out, "pid"), None);
+        let out = "guest domid=1 ready_after_s=14.5\nprimary domid=3 started=11.25";
+        assert_eq!(kv::<f64>(out, "ready_after_s"), Some(14.5));
+        assert_eq!(kv::<u32>(out, "domid"), Some(1));
+        assert_eq!(kv::<f64>(out, "after_s"), None);
+        assert_eq!(kv::<f64>(out, "started"), Some(11.25));
     }
 }

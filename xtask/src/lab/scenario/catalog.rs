@@ -1,50 +1,161 @@
-//! The lab's scenarios, as data: which steps, where, bounded how.
+//! The lab's scenarios, as data: which steps, on which host, bounded how.
 //!
-//! Owns: the step lists of `anchor` (stock `xl remus`, the comparison: what its client saw
-//! is reported, never asserted) and `remus` (the relay: the backup must take over and the
-//! client must see every counter value exactly once, in order, on the same connection).
+//! Owns: the step lists of the scenarios `lab test` runs, in order:
+//! - `remus`: the relay with the buffer on the vif, host A protected to host B, host A
+//!   powered off; the backup must take over and the client must see every counter value
+//!   exactly once, in order, on the same connection (asserted);
+//! - `link-cut-remus` and `link-cut-stock`: the replication link goes dark while both
+//!   hosts live, then comes back; what each does is measured and reported, not judged
+//!   (the baseline for split-brain protection);
+//! - `freeze-remus`: host A freezes (its QEMU stopped) for a while, then runs on;
+//!   measured, not judged;
+//! - `anchor`: stock `xl remus` over ssh, host A powered off; the comparison, reported and
+//!   never asserted on what its client saw (stock Remus has no heartbeat).
+//!
+//! - the soak's rounds (`soak_round`): the relay, host A powered off at a drawn phase
+//!   (scenario/soak.rs judges them).
+//!
+//! The power-off scenarios come first and last so that host A, off after `remus`, boots
+//! once again for the link cuts, and stays off after `anchor` (the lab stops then).
 //! Never touches: how a step is carried out (acts.rs) or run (mod.rs).
 use super::{
     On, Scenario, Step,
-    acts::{Act, Failure, Protection},
+    acts::{Act, Failure, Protection, Restore},
+    soak::{Kill, Phase},
 };
+use crate::lab::topology::Host;
 
-/// How long the anchor's client is watched after the silent death before the frozen
-/// sender is killed (stock Remus has no heartbeat: it is expected not to fail over).
+/// How long the anchor's client is watched after the power-off (stock Remus has no
+/// heartbeat: it is expected not to fail over).
 const ANCHOR_BOUND_S: u64 = 60;
-/// After the anchor's frozen sender is killed (its socket closes), how long to watch.
-const ANCHOR_AFTER_KILL_S: u64 = 60;
 /// Bound on the relay's failover (heartbeat timeout + libxl's activation of the backup).
 const REMUS_BOUND_S: u64 = 120;
-/// How long checkpoints are counted before the death.
+/// How long checkpoints are counted before the failure.
 const MEASURE_S: u64 = 15;
+/// How long the replication link stays dark, then how long it is watched once back.
+const LINK_DARK_S: u64 = 30;
+const LINK_BACK_S: u64 = 20;
+/// How long the frozen primary stays frozen (the backup may take over meanwhile), then
+/// how long it is watched once it runs on.
+const FROZEN_S: u64 = 30;
+const THAWED_S: u64 = 20;
 
 /// The scenario names `lab test --only` accepts, in the order `lab test` runs them.
-pub const NAMES: &[&str] = &["anchor", "remus"];
+pub const NAMES: &[&str] = &[
+    "remus",
+    "link-cut-remus",
+    "link-cut-stock",
+    "freeze-remus",
+    "anchor",
+];
 
 /// A scenario by name; `relay_no_buffer` runs the relay without output commit.
 pub fn by_name(name: &str, relay_no_buffer: bool) -> Option<Scenario> {
-    match name {
-        "anchor" => Some(anchor()),
-        "remus" => Some(remus(relay_no_buffer)),
-        _ => None,
+    let relay = Protection::Relay {
+        no_buffer: relay_no_buffer,
+    };
+    let (steps, name) = match name {
+        "remus" => (power_off(relay, true), "remus"),
+        "anchor" => (power_off(Protection::Stock, false), "anchor"),
+        "link-cut-remus" => (link_cut(relay), "link-cut-remus"),
+        "link-cut-stock" => (link_cut(Protection::Stock), "link-cut-stock"),
+        "freeze-remus" => (freeze(relay), "freeze-remus"),
+        _ => return None,
+    };
+    Some(Scenario {
+        name,
+        primary: Host::A,
+        backup: Host::B,
+        steps,
+        kill: None,
+    })
+}
+
+/// Bound on a soak round's wait for the backup's word and the client's first reply (the
+/// client's TCP backs off: its first retransmission after the backup resumed can come
+/// tens of seconds later).
+const SOAK_BOUND_S: u64 = 180;
+
+/// Soak round `i`: protected by the relay, host A powered off in `kill`'s phase.
+pub fn soak_round(i: usize, kill: Kill) -> Scenario {
+    use On::{Backup, Machine, Primary};
+    let relay = Protection::Relay { no_buffer: false };
+    let mut steps: Vec<Step> = protected(relay)
+        .into_iter()
+        .filter(|s| match s.act {
+            Act::MeasureRate => false,
+            Act::FirstCheckpoints => kill.phase != Phase::InitialCopy,
+            _ => true,
+        })
+        .collect();
+    steps.extend([
+        Step::new(
+            "d: the sending side stops in the phase",
+            Primary,
+            400,
+            Act::Hold(kill),
+        ),
+        Step::new(
+            "d: the primary host loses power (its QEMU is killed)",
+            Machine,
+            30,
+            Act::Fail(Failure::PowerOff),
+        ),
+        Step::new(
+            "e: the backup's word, then the client's first reply",
+            Machine,
+            SOAK_BOUND_S,
+            Act::AwaitOutcome,
+        ),
+        Step::new(
+            "e: the client carries on after the failover",
+            Machine,
+            60,
+            Act::RepliesAfterFailover(super::soak::REPLIES_AFTER),
+        ),
+        Step::new(
+            "e: the backup host runs the guest",
+            Backup,
+            30,
+            Act::BackupIsGuest,
+        ),
+        Step::new("e: the client stops", Machine, 30, Act::ClientStop),
+        Step::new(
+            "e: every value once on one connection, or no failover without a checkpoint",
+            Machine,
+            0,
+            Act::SoakVerdict,
+        ),
+    ]);
+    Scenario {
+        name: Box::leak(format!("soak-{i}").into_boxed_str()),
+        primary: Host::A,
+        backup: Host::B,
+        steps,
+        kill: Some(kill),
     }
 }
 
-/// Up to the moment the primary is protected and measured: the same for both runs.
+/// Up to the moment the guest is protected and measured: the same for every scenario.
 fn protected(p: Protection) -> Vec<Step> {
-    use On::{Dom0, Machine};
-    vec![
-        Step::new("cleanup before the run", Dom0, 120, Act::Cleanup),
+    use On::{Backup, Machine, Primary};
+    let mut v = vec![
+        Step::new("cleanup before the run", Machine, 120, Act::Cleanup),
         Step::new(
-            "a: the guest boots and its service answers",
-            Dom0,
+            "both hosts are up (one powered off earlier boots again)",
+            Machine,
+            900,
+            Act::HostsUp,
+        ),
+        Step::new(
+            "a: the guest boots on the primary and its service answers",
+            Primary,
             300,
             Act::GuestUp,
         ),
         Step::new(
-            "a: the client connects from its own netns across the bridge",
-            Dom0,
+            "a: the client connects across the client LAN",
+            Machine,
             60,
             Act::ClientStart,
         ),
@@ -54,7 +165,22 @@ fn protected(p: Protection) -> Vec<Step> {
             60,
             Act::Replies(10),
         ),
-        Step::new("c: protection starts (xl remus)", Dom0, 60, Act::Protect(p)),
+    ];
+    if matches!(p, Protection::Relay { .. }) {
+        v.push(Step::new(
+            "c: the backup's relay listens on the replication link",
+            Backup,
+            60,
+            Act::BackupListens,
+        ));
+    }
+    v.extend([
+        Step::new(
+            "c: protection starts (xl remus, primary to backup)",
+            Primary,
+            60,
+            Act::Protect(p),
+        ),
         Step::new(
             "c: the first checkpoints complete",
             Machine,
@@ -67,86 +193,140 @@ fn protected(p: Protection) -> Vec<Step> {
             MEASURE_S,
             Act::MeasureRate,
         ),
-        Step::new(
-            "d: the primary dies silently (sender frozen, primary destroyed)",
-            Dom0,
-            60,
-            Act::Fail(Failure::FreezeAndDestroy),
-        ),
-    ]
+    ]);
+    v
 }
 
-/// Stock `xl remus -F -n` over ssh: the comparison, reported and never asserted on what
-/// its client saw (stock Remus has no heartbeat: no failover is expected).
-pub fn anchor() -> Scenario {
-    use On::{Dom0, Machine};
-    let mut steps = protected(Protection::Stock);
-    steps.extend([
-        Step::new(
-            "e: the backup takes over and the client's connection carries on",
+/// The primary host loses power. `judged`: the backup must take over and the client see
+/// every value exactly once (remus); otherwise what happens is reported (the anchor).
+fn power_off(p: Protection, judged: bool) -> Vec<Step> {
+    use On::{Backup, Machine};
+    let mut v = protected(p);
+    v.push(Step::new(
+        "d: the primary host loses power (its QEMU is killed)",
+        Machine,
+        30,
+        Act::Fail(Failure::PowerOff),
+    ));
+    if judged {
+        v.extend([
+            Step::new(
+                "e: the backup takes over and the client's connection carries on",
+                Machine,
+                REMUS_BOUND_S,
+                Act::AwaitFailover { required: true },
+            ),
+            Step::new(
+                "e: the client carries on after the failover",
+                Machine,
+                60,
+                Act::RepliesAfterFailover(20),
+            ),
+        ]);
+    } else {
+        v.push(Step::new(
+            "e: does the backup take over? (stock Remus has no heartbeat)",
             Machine,
             ANCHOR_BOUND_S,
             Act::AwaitFailover { required: false },
-        ),
-        Step::new(
-            "e: without a failover, the frozen sender is killed (its socket closes)",
-            Dom0,
-            ANCHOR_AFTER_KILL_S,
-            Act::KillFrozenSenderIfNoFailover,
-        ),
-        Step::new("e: the client runs on", Machine, 5, Act::Watch),
-        Step::new(
-            "e: the backup copy is now the guest",
-            Dom0,
-            30,
-            Act::BackupIsGuest,
-        ),
-        Step::new("e: the client stops", Dom0, 60, Act::ClientStop),
-    ]);
-    Scenario {
-        name: "anchor",
-        steps,
+        ));
     }
-}
-
-/// The relay with the buffer on the vif: the backup must take over and the client must
-/// see every value exactly once, in order, on its one connection.
-pub fn remus(relay_no_buffer: bool) -> Scenario {
-    use On::{Dom0, Machine};
-    let mut steps = protected(Protection::Relay {
-        no_buffer: relay_no_buffer,
-    });
-    steps.extend([
+    v.extend([
         Step::new(
-            "e: the backup takes over and the client's connection carries on",
-            Machine,
-            REMUS_BOUND_S,
-            Act::AwaitFailover { required: true },
-        ),
-        Step::new(
-            "e: the client carries on after the failover",
-            Machine,
-            60,
-            Act::RepliesAfterFailover(20),
-        ),
-        Step::new(
-            "e: the backup copy is now the guest",
-            Dom0,
+            "e: the backup host runs the guest",
+            Backup,
             30,
             Act::BackupIsGuest,
         ),
-        Step::new("e: the client stops", Dom0, 60, Act::ClientStop),
         Step::new(
+            "e: what each host runs",
+            Machine,
+            30,
+            Act::Snapshot("after the power-off"),
+        ),
+        Step::new("e: the client stops", Machine, 30, Act::ClientStop),
+    ]);
+    if judged {
+        v.push(Step::new(
             "e: every counter value exactly once, in order, on one connection",
             Machine,
             0,
             Act::ExactlyOnce,
-        ),
-    ]);
-    Scenario {
-        name: "remus",
-        steps,
+        ));
     }
+    v
+}
+
+/// The replication link goes dark while both hosts live, then comes back: measured.
+fn link_cut(p: Protection) -> Vec<Step> {
+    use On::Machine;
+    let mut v = protected(p);
+    v.extend([
+        Step::new(
+            "d: the replication link goes dark (both hosts live)",
+            Machine,
+            30,
+            Act::Fail(Failure::LinkDown),
+        ),
+        Step::new("d: the link stays dark", Machine, LINK_DARK_S, Act::Watch),
+        Step::new(
+            "d: what each host runs with the link dark",
+            Machine,
+            30,
+            Act::Snapshot("link dark"),
+        ),
+        Step::new(
+            "e: the replication link comes back",
+            Machine,
+            30,
+            Act::Restore(Restore::LinkUp),
+        ),
+        Step::new("e: the link stays up", Machine, LINK_BACK_S, Act::Watch),
+        Step::new(
+            "e: what each host runs with the link back",
+            Machine,
+            30,
+            Act::Snapshot("link back"),
+        ),
+        Step::new("e: the client stops", Machine, 30, Act::ClientStop),
+    ]);
+    v
+}
+
+/// The primary host freezes while protected, then runs on: measured.
+fn freeze(p: Protection) -> Vec<Step> {
+    use On::Machine;
+    let mut v = protected(p);
+    v.extend([
+        Step::new(
+            "d: the primary host freezes (its QEMU is stopped)",
+            Machine,
+            30,
+            Act::Fail(Failure::Freeze),
+        ),
+        Step::new("d: the primary stays frozen", Machine, FROZEN_S, Act::Watch),
+        Step::new(
+            "d: what each host runs with the primary frozen",
+            Machine,
+            30,
+            Act::Snapshot("primary frozen"),
+        ),
+        Step::new(
+            "e: the primary runs on",
+            Machine,
+            30,
+            Act::Restore(Restore::Thaw),
+        ),
+        Step::new("e: the primary runs", Machine, THAWED_S, Act::Watch),
+        Step::new(
+            "e: what each host runs with the primary back",
+            Machine,
+            30,
+            Act::Snapshot("primary thawed"),
+        ),
+        Step::new("e: the client stops", Machine, 30, Act::ClientStop),
+    ]);
+    v
 }
 
 #[cfg(test)]
@@ -168,15 +348,42 @@ mod tests {
 
     #[test]
     fn only_the_remus_run_asserts_the_outcome() {
-        let asserts = |s: &Scenario| {
-            s.steps.iter().any(|s| {
+        let asserts = |n: &str| {
+            by_name(n, false).expect("exists").steps.iter().any(|s| {
                 matches!(
                     s.act,
                     Act::ExactlyOnce | Act::AwaitFailover { required: true }
                 )
             })
         };
-        assert!(asserts(&remus(false)));
-        assert!(!asserts(&anchor()));
+        assert!(asserts("remus"));
+        for n in ["anchor", "link-cut-remus", "link-cut-stock", "freeze-remus"] {
+            assert!(!asserts(n), "{n} must not judge its outcome");
+        }
+    }
+
+    #[test]
+    fn a_soak_round_holds_its_phase_before_the_power_off_and_judges_after() {
+        for phase in Phase::ALL {
+            let s = soak_round(3, Kill { phase, delay_ms: 5 });
+            assert_eq!(s.name, "soak-3");
+            let at = |f: fn(&Act) -> bool| s.steps.iter().position(|s| f(&s.act));
+            let hold = at(|a| matches!(a, Act::Hold(k) if k.delay_ms == 5)).expect("holds");
+            let off = at(|a| matches!(a, Act::Fail(Failure::PowerOff))).expect("powers off");
+            let verdict = at(|a| matches!(a, Act::SoakVerdict)).expect("judges");
+            assert!(hold + 1 == off && off < verdict, "{phase:?}");
+            let waits_first = at(|a| matches!(a, Act::FirstCheckpoints)).is_some();
+            assert_eq!(waits_first, phase != Phase::InitialCopy, "{phase:?}");
+            assert!(at(|a| matches!(a, Act::MeasureRate)).is_none());
+        }
+    }
+
+    #[test]
+    fn every_scenario_boots_its_hosts_and_fails_something() {
+        for n in NAMES {
+            let s = by_name(n, false).expect("exists");
+            assert!(matches!(s.steps[1].act, Act::HostsUp), "{n}");
+            assert!(s.steps.iter().any(|s| matches!(s.act, Act::Fail(_))), "{n}");
+        }
     }
 }

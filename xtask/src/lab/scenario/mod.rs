@@ -1,18 +1,20 @@
 //! The lab's scenarios as data, and the runner that executes any of them the same way.
 //!
-//! A scenario (`Scenario`) is a name and a list of steps. A step (`Step`) says where it
-//! runs (dom0, or the host machine watching the client's log), its bound, and what it
-//! does, asserts and records (`Act`, in acts.rs). The runner here executes the steps in
-//! order, records every step the same way (`report::StepRecord`), stops at the first step
-//! that fails, always cleans dom0 up afterwards and keeps the run's logs under its name.
-//! Several scenarios run in sequence on one boot (`run_all`); the scenarios themselves
-//! are in catalog.rs.
+//! A scenario (`Scenario`) is a name, its primary and backup host, and a list of steps. A
+//! step (`Step`) says where it runs (the primary's or the backup's dom0, or the machine:
+//! the client, the failure switches, the logs), its bound, and what it does, asserts and
+//! records (`Act`, in acts.rs). The runner here executes the steps in order, records
+//! every step the same way (`report::StepRecord`), stops at the first step that fails,
+//! always stops the client and cleans the dom0s up afterwards, and keeps the run's logs
+//! under its name. Several scenarios run in sequence on one boot (`run_all`): a host an
+//! earlier run powered off boots again in the next run's `HostsUp` step. The scenarios
+//! themselves are in catalog.rs.
 //!
-//! Owns: the scenario and step types, a run's context (its clock, the client's log, what
-//! earlier steps learnt: the checkpoint source, the moment of death, the primary's domid)
-//! and the live view. Never touches: the lab's boot (vm.rs) or the cache (build.rs); dom0
-//! only through `dom0::exec` and the `lab.sh` subcommands.
-use super::{build::tail_file, dom0, vm};
+//! Owns: the scenario and step types, a run's context (its clock, the client, what
+//! earlier steps learnt: the checkpoint source, the moment of failure, the hosts it took
+//! down) and the live view. Never touches: the cache (build.rs); QEMU and the switch only
+//! through acts.rs; dom0 only through `dom0::exec` and the `lab.sh` subcommands.
+use super::{build::tail_file, dom0, lan, switch, topology::Host, vm};
 use anyhow::{Result, bail};
 use std::{
     fs,
@@ -25,6 +27,7 @@ pub mod catalog;
 pub mod client;
 pub mod progress;
 pub mod report;
+pub mod soak;
 
 pub use acts::Act;
 use report::{RunReport, StepRecord};
@@ -34,10 +37,14 @@ pub const GUEST_MEM_MB: u32 = 96;
 /// The checkpoint interval every scenario asks `xl remus` for (`-i`).
 pub const INTERVAL_MS: u32 = 200;
 
-/// A named list of steps, run in order by `run`.
+/// A named list of steps on a primary and a backup host, run in order by `run`.
 pub struct Scenario {
     pub name: &'static str,
+    pub primary: Host,
+    pub backup: Host,
     pub steps: Vec<Step>,
+    /// A soak round: where it kills the primary (its report then carries a soak record).
+    pub kill: Option<soak::Kill>,
 }
 
 impl Scenario {
@@ -71,20 +78,13 @@ impl Step {
 /// Where a step runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum On {
-    /// In dom0, through the request agent (`lab.sh` subcommands).
-    Dom0,
-    /// On the machine running the lab: it watches the client's log and the sampled
-    /// status files in the share.
+    /// In the primary host's dom0, through its request agent (`lab.sh` subcommands).
+    Primary,
+    /// In the backup host's dom0.
+    Backup,
+    /// On the machine running the lab: the client, the failure switches, the logs and
+    /// the sampled status files in the shares.
     Machine,
-}
-
-impl On {
-    fn name(self) -> &'static str {
-        match self {
-            On::Dom0 => "dom0",
-            On::Machine => "machine",
-        }
-    }
 }
 
 /// A run's context: shared by its steps, filled in as they go.
@@ -92,37 +92,69 @@ pub struct Run {
     pub name: &'static str,
     pub live: bool,
     pub t0: Instant,
-    /// The client's JSON-lines log.
+    pub primary: Host,
+    pub backup: Host,
+    /// Whether the scenario protects with the relay (a host booted again needs `remus`).
+    pub needs_remus: bool,
+    /// Hosts this run powered off or froze: their QEMU may be gone or stopped.
+    pub down: Vec<Host>,
+    /// The client on the client LAN, and its JSON-lines log.
+    pub client: Option<lan::Client>,
     pub log: PathBuf,
+    /// The ARP watcher on the client's tap, and its log.
+    pub arp: Option<lan::ArpWatch>,
+    pub arp_log: PathBuf,
     /// Where checkpoint counts come from, and when protection started.
     pub source: Option<progress::Source>,
     pub protected_at: Option<Instant>,
-    /// The moment of the primary's death, on the client's clock (Unix seconds).
+    /// The moment of the failure (a power-off: the primary's death), on the client's
+    /// clock (Unix seconds).
     pub death: Option<f64>,
-    /// The primary's domid, as destroyed.
-    pub primary: String,
-    /// A reply came after the death within the failover step's bound.
-    pub failover_seen: bool,
     pub report: RunReport,
 }
 
 impl Run {
-    fn new(name: &'static str, live: bool) -> Run {
+    fn new(s: &Scenario, live: bool) -> Run {
+        let name = s.name;
         Run {
             name,
             live,
             t0: Instant::now(),
-            log: vm::share().join(format!("run/client-{name}.jsonl")),
+            primary: s.primary,
+            backup: s.backup,
+            needs_remus: s.needs_remus(),
+            down: vec![],
+            client: None,
+            log: lan::dir().join(format!("client-{name}.jsonl")),
+            arp: None,
+            arp_log: lan::dir().join(format!("arp-{name}.jsonl")),
             source: None,
             protected_at: None,
             death: None,
-            primary: String::new(),
-            failover_seen: false,
             report: RunReport {
                 mode: name.into(),
+                hosts: vec![s.primary, s.backup],
+                soak: s.kill.map(soak::SoakRecord::new),
                 ..Default::default()
             },
         }
+    }
+
+    /// Where a step runs, as the report names it.
+    fn place(&self, on: On) -> &'static str {
+        match on {
+            On::Primary => self.primary.name(),
+            On::Backup => self.backup.name(),
+            On::Machine => "machine",
+        }
+    }
+
+    /// Stops the client and the ARP watcher, if running.
+    pub fn stop_client(&mut self) {
+        if let Some(mut c) = self.client.take() {
+            c.stop();
+        }
+        self.arp = None;
     }
 
     pub fn say(&self, msg: &str) {
@@ -146,7 +178,10 @@ impl Run {
             None => "client: no reply yet".into(),
         };
         match self.source {
-            Some(src) => format!("{} | {c}", progress::describe(src)),
+            Some(src) => format!(
+                "{} | {c}",
+                progress::describe(src, self.primary, self.backup)
+            ),
             None => c,
         }
     }
@@ -173,11 +208,26 @@ impl Run {
                 self.say(&format!("{what}… {}", self.status()));
                 last_print = Instant::now();
             }
-            if vm::qemu_pid().is_none() {
-                bail!("QEMU died");
-            }
+            self.check_alive()?;
             std::thread::sleep(Duration::from_millis(250));
         }
+    }
+
+    /// Fails if a QEMU of the lab died that this run did not take down.
+    fn check_alive(&self) -> Result<()> {
+        for h in [self.primary, self.backup] {
+            if !self.down.contains(&h) && vm::qemu_pid(h).is_none() {
+                bail!(
+                    "host {}'s QEMU died; serial console tail:\n{}",
+                    h.name(),
+                    tail_file(&vm::serial_log(h), 30)
+                );
+            }
+        }
+        if switch::pid().is_none() {
+            bail!("the switch's QEMU died");
+        }
+        Ok(())
     }
 
     /// What the client saw so far, relative to `death`.
@@ -195,7 +245,8 @@ impl Run {
 
     /// Checkpoints so far (0 before protection started).
     pub fn checkpoints(&self) -> u64 {
-        self.source.map_or(0, progress::checkpoints)
+        self.source
+            .map_or(0, |src| progress::checkpoints(src, self.primary))
     }
 }
 
@@ -205,10 +256,10 @@ pub fn run_all(scenarios: &[Scenario], live: bool) -> Vec<RunReport> {
 }
 
 /// Runs one scenario: its steps in order until one fails, then what every run ends with
-/// (the client's view if a death happened, dom0 cleaned up, logs kept under the run's
-/// name). A failure is recorded in the report with its step, never returned.
+/// (the client stopped and its view recorded, the dom0s cleaned up, logs kept under the
+/// run's name). A failure is recorded in the report with its step, never returned.
 pub fn run(s: &Scenario, live: bool) -> RunReport {
-    let mut run = Run::new(s.name, live);
+    let mut run = Run::new(s, live);
     let mut failed = None;
     for step in &s.steps {
         run.say(step.name);
@@ -216,7 +267,7 @@ pub fn run(s: &Scenario, live: bool) -> RunReport {
         let res = acts::execute(step, &mut run);
         run.report.steps.push(StepRecord {
             name: step.name.into(),
-            on: step.on.name(),
+            on: run.place(step.on),
             bound_s: step.bound.as_secs_f64(),
             started_s: started.as_secs_f64(),
             took_s: (run.t0.elapsed() - started).as_secs_f64(),
@@ -234,35 +285,41 @@ pub fn run(s: &Scenario, live: bool) -> RunReport {
         Some((step, e)) => {
             r.failed_step = Some(step.into());
             r.error = Some(format!("{e:#}"));
-            eprintln!(
-                "[lab {}] FAILED at step `{step}`: {e:#}\n{}",
-                s.name,
-                vm::consoles(25)
-            );
-            print_logs(s.name);
+            eprintln!("[lab {}] FAILED at step `{step}`: {e:#}", s.name);
+            for h in [s.primary, s.backup] {
+                eprintln!("{}", vm::consoles(h, 25));
+            }
+            print_logs(s);
         }
     }
     r
 }
 
-/// What every run ends with, passed or not: if the primary died and no step recorded
-/// what the client saw, record it now; then clean dom0 up and keep the logs.
+/// What every run ends with, passed or not: the client stopped and, if a failure was
+/// injected and no step recorded what the client saw, that recorded now; the dom0s that
+/// run cleaned up; the logs kept under the run's name.
 fn finish(run: &mut Run) {
-    if run.death.is_some() && run.report.verdict.is_empty() {
-        if run.report.client_tcp.is_empty() {
-            run.report.client_tcp = acts::client_tcp();
-        }
-        let seen = run.seen(run.death);
-        run.report.verdict = report::verdict(&seen, &run.report);
-        run.report.client = seen;
+    if run.client.is_some() || (run.death.is_some() && run.report.verdict.is_empty()) {
+        acts::client_stop(run);
     }
-    let _ = dom0::exec(
-        "sh /share/lab/dom0/lab.sh cleanup",
-        Duration::from_secs(120),
-    );
-    let dir = vm::share().join("run");
-    for (from, to) in log_names(run.name) {
-        let _ = fs::rename(dir.join(from), dir.join(to));
+    for h in [run.primary, run.backup] {
+        if vm::qemu_pid(h).is_some() {
+            let _ = vm::thaw(h);
+            let _ = dom0::exec(
+                h,
+                "sh /share/lab/dom0/lab.sh cleanup",
+                Duration::from_secs(120),
+            );
+        }
+    }
+    let _ = switch::set_repl_link(true);
+    for h in [run.primary, run.backup] {
+        let dir = vm::share(h).join("run");
+        for (from, to) in log_names(run.name) {
+            if dir.join(&from).exists() {
+                let _ = fs::rename(dir.join(&from), dir.join(to));
+            }
+        }
     }
 }
 
@@ -282,12 +339,13 @@ fn log_names(name: &str) -> Vec<(String, String)> {
     .collect()
 }
 
-fn print_logs(name: &str) {
-    for f in ["sender", "receiver"] {
-        let p = vm::share().join(format!("run/{f}-{name}.log"));
+fn print_logs(s: &Scenario) {
+    for (h, f) in [(s.primary, "sender"), (s.backup, "receiver")] {
+        let p = vm::share(h).join(format!("run/{f}-{}.log", s.name));
         if p.exists() {
             eprintln!(
-                "===== {f} log ({}) =====\n{}",
+                "===== host {}: {f} log ({}) =====\n{}",
+                h.name(),
                 p.display(),
                 tail_file(&p, 25)
             );

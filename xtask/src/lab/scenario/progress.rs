@@ -1,13 +1,14 @@
 //! How far replication got: checkpoints and acknowledgements, from stock `xl remus`'s log
 //! or from the relay's JSON status.
 //!
-//! Owns: reading `run/sender.log` (stock Remus has no status interface: its `-vvv` log is
-//! the only record, so it is counted there) and `run/relay-send.json` /
-//! `run/relay-receive.json` (what `remus relay status -j` answered, sampled in dom0 by
-//! `lab.sh relay-sampler`; read through its typed fields, never its words). Never
-//! touches: xl or the relays themselves (it only reads files in the share).
-use super::super::vm;
-use serde::Deserialize;
+//! Owns: reading the primary's `run/sender.log` (stock Remus has no status interface: its
+//! `-vvv` log is the only record, so it is counted there) and each end's
+//! `run/relay-send.json` / `run/relay-receive.json` (what `remus relay status -j`
+//! answered, sampled in that host's dom0 by `lab.sh relay-sampler`; read through its typed
+//! fields, never its words). Never touches: xl or the relays themselves (it only reads
+//! files in the hosts' shares).
+use crate::lab::{topology::Host, vm};
+use serde::{Deserialize, Serialize};
 use std::fs;
 
 /// Where a run's checkpoint counts come from.
@@ -24,23 +25,23 @@ pub enum Source {
 
 /// The relay's ends, as their status files are named.
 #[derive(Clone, Copy, Debug)]
-pub enum Role {
+pub enum End {
     Send,
     Receive,
 }
 
-impl Role {
+impl End {
     fn file(self) -> &'static str {
         match self {
-            Role::Send => "run/relay-send.json",
-            Role::Receive => "run/relay-receive.json",
+            End::Send => "run/relay-send.json",
+            End::Receive => "run/relay-receive.json",
         }
     }
 }
 
 /// The fields of `remus relay status -j` the lab reads (the JSON keys are stable; see
-/// docs/relay.md). `state` is shown to people, never compared.
-#[derive(Deserialize, Debug, Default, Clone)]
+/// docs/relay.md). `state` is shown to people (and kept in the report), never compared.
+#[derive(Deserialize, Serialize, Debug, Default, Clone)]
 pub struct RelayView {
     #[serde(default)]
     pub state: Option<serde_json::Value>,
@@ -50,11 +51,47 @@ pub struct RelayView {
     pub last_acked: u64,
     #[serde(default)]
     pub failovers_total: u64,
+    /// The backup: how its last session ended (absent while none has).
+    #[serde(default)]
+    pub last_session: Option<SessionView>,
 }
 
-/// The last status sampled from one relay end, if any.
-pub fn relay(role: Role) -> Option<RelayView> {
-    let b = fs::read(vm::share().join(role.file())).ok()?;
+/// How a backup's last session ended (`last_session`, tagged by `end`), as far as the lab
+/// reads it: the checkpoint the backup was left with.
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Eq)]
+#[serde(tag = "end", rename_all = "snake_case")]
+pub enum SessionView {
+    Finished {},
+    /// The receiver's stream was closed after `checkpoint` (0: no usable one).
+    FailedOver {
+        checkpoint: u64,
+    },
+    Discarded {
+        checkpoint: u64,
+    },
+    ReceiverEnded {
+        checkpoint: u64,
+    },
+    /// An end this reader does not know (a newer relay).
+    #[serde(other)]
+    Other,
+}
+
+impl SessionView {
+    /// The complete checkpoint the backup held when the session ended, if it says.
+    pub fn checkpoint(&self) -> Option<u64> {
+        match self {
+            SessionView::FailedOver { checkpoint }
+            | SessionView::Discarded { checkpoint }
+            | SessionView::ReceiverEnded { checkpoint } => Some(*checkpoint),
+            SessionView::Finished {} | SessionView::Other => None,
+        }
+    }
+}
+
+/// The last status sampled from relay end `end` on host `h`, if any.
+pub fn relay(h: Host, end: End) -> Option<RelayView> {
+    let b = fs::read(vm::share(h).join(end.file())).ok()?;
     parse_status(&b)
 }
 
@@ -66,27 +103,27 @@ fn parse_status(b: &[u8]) -> Option<RelayView> {
         .next()
 }
 
-/// Checkpoints so far, from `src`.
-pub fn checkpoints(src: Source) -> u64 {
+/// Checkpoints so far, from `src` on the primary host.
+pub fn checkpoints(src: Source, primary: Host) -> u64 {
     match src {
-        Source::XlLog => fs::read(vm::share().join("run/sender.log"))
+        Source::XlLog => fs::read(vm::share(primary).join("run/sender.log"))
             .map(|b| {
                 String::from_utf8_lossy(&b)
                     .matches("guest has suspended")
                     .count() as u64
             })
             .unwrap_or(0),
-        Source::Relay => relay(Role::Send).map_or(0, |v| v.checkpoints_total),
+        Source::Relay => relay(primary, End::Send).map_or(0, |v| v.checkpoints_total),
     }
 }
 
 /// One line for the live view.
-pub fn describe(src: Source) -> String {
+pub fn describe(src: Source, primary: Host, backup: Host) -> String {
     match src {
-        Source::XlLog => format!("checkpoints {:4}", checkpoints(src)),
+        Source::XlLog => format!("checkpoints {:4}", checkpoints(src, primary)),
         Source::Relay => {
-            let s = relay(Role::Send).unwrap_or_default();
-            let r = relay(Role::Receive).unwrap_or_default();
+            let s = relay(primary, End::Send).unwrap_or_default();
+            let r = relay(backup, End::Receive).unwrap_or_default();
             let word = |v: &Option<serde_json::Value>| match v {
                 Some(serde_json::Value::String(s)) => s.clone(),
                 Some(v) => v.to_string(),
@@ -116,6 +153,16 @@ mod tests {
         assert_eq!(
             (v.checkpoints_total, v.last_acked, v.failovers_total),
             (12, 11, 1)
+        );
+        assert_eq!(v.last_session, None);
+        let j = br#"[{"checkpoints_total":3,"last_session":{"end":"failed_over","checkpoint":0,
+            "reason":"heartbeat"}}]"#;
+        let v = parse_status(j).expect("parses");
+        assert_eq!(v.last_session.and_then(|s| s.checkpoint()), Some(0));
+        let j = br#"[{"last_session":{"end":"from_the_future","x":1}}]"#;
+        assert_eq!(
+            parse_status(j).expect("parses").last_session,
+            Some(SessionView::Other)
         );
         assert!(parse_status(b"[]").is_none());
         assert!(parse_status(b"not json").is_none());

@@ -3,14 +3,17 @@
 //!
 //! Owns: the report's shape and wording. Never touches: the lab (no dom0 calls, no
 //! files); the runner and the steps fill it in.
-use super::client::Seen;
+use super::{client::Seen, progress::RelayView, soak::SoakRecord};
+use crate::lab::{topology::Host, vm::Boot};
 use serde::Serialize;
+use std::collections::BTreeMap;
 
 /// One step as it ran: the same for every step of every scenario.
 #[derive(Serialize, Debug, Clone)]
 pub struct StepRecord {
     pub name: String,
-    /// Where it ran: "dom0" or "machine" (the host machine: waits on the client's log).
+    /// Where it ran: "a" or "b" (that host's dom0), or "machine" (the machine running the
+    /// lab: the client, the failure switches, waits on the logs).
     pub on: &'static str,
     pub bound_s: f64,
     /// Seconds after the run started.
@@ -19,10 +22,43 @@ pub struct StepRecord {
     pub ok: bool,
 }
 
+/// A failure injected or undone, stamped on the client's clock.
+#[derive(Serialize, Debug, Clone)]
+pub struct Event {
+    /// "power-off", "freeze", "thaw", "link-down", "link-up".
+    pub what: &'static str,
+    /// The host it hit (none for the replication link).
+    pub host: Option<Host>,
+    /// Seconds after the run started, and Unix seconds.
+    pub at_s: f64,
+    pub unix: f64,
+}
+
+/// What the lab looked like at one moment (the link-cut scenarios take these).
+#[derive(Serialize, Debug, Clone, Default)]
+pub struct Snapshot {
+    pub label: String,
+    pub at_s: f64,
+    /// Per host: the domains it runs (Domain-0 left out), or null if its QEMU is off.
+    pub domains: BTreeMap<&'static str, Option<Vec<String>>>,
+    /// Hosts running a domain named `guest`: live copies of the guest (the backup's
+    /// paused copy is `guest--incoming`).
+    pub live_copies: usize,
+    pub relay_send: Option<RelayView>,
+    pub relay_receive: Option<RelayView>,
+    pub client_replies: usize,
+    pub client_replies_after_failure: usize,
+    pub client_ended: Option<String>,
+}
+
 #[derive(Serialize, Default, Debug)]
 pub struct RunReport {
     pub mode: String,
     pub passed: bool,
+    /// Primary and backup host.
+    pub hosts: Vec<Host>,
+    /// The failure injected (e.g. "power-off of host a"), empty if none was.
+    pub failure: String,
     /// The step that failed and why (lab broke, or an asserted outcome was not met).
     pub failed_step: Option<String>,
     pub error: Option<String>,
@@ -36,8 +72,9 @@ pub struct RunReport {
     pub backup_took_over: bool,
     /// Relay runs: the backup relay's `failovers_total` once the backup copy is the guest.
     pub backup_failovers: Option<u64>,
-    /// Failover once the frozen sender was killed (its socket closed), when a step did.
-    pub after_kill_first_reply_s: Option<f64>,
+    /// The first gratuitous ARP for the guest's address, from the guest's MAC, seen on
+    /// the client LAN after the failure (the backup copy announcing itself).
+    pub garp_after_failure_s: Option<f64>,
     pub verdict: String,
     pub client: Seen,
     /// The client's TCP socket just before it was stopped (`ss -tni`): shows a connection
@@ -45,37 +82,28 @@ pub struct RunReport {
     pub client_tcp: String,
     /// Every step in order, including the one that failed.
     pub steps: Vec<StepRecord>,
+    /// Failures injected and undone, in order.
+    pub events: Vec<Event>,
+    /// Hosts (re)booted by this run (a host powered off by an earlier run boots again).
+    pub boots: Vec<Boot>,
+    pub snapshots: Vec<Snapshot>,
+    /// A soak round: where it killed the primary and its verdict.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub soak: Option<SoakRecord>,
     /// The bound the failover was awaited within (for the verdict).
     #[serde(skip)]
     pub failover_bound_s: Option<f64>,
-    /// A step killed the frozen sender because no failover came (for the verdict).
-    #[serde(skip)]
-    pub sender_killed: bool,
 }
 
 /// One sentence on what the client saw after the death.
 pub fn verdict(s: &Seen, r: &RunReport) -> String {
     let mut v = vec![];
-    match s.first_reply_after_death_s {
-        Some(t) => v.push(format!("first reply {t:.1} s after the death")),
-        None if r.sender_killed => {
-            v.push(format!(
-                "no failover within {:.0} s",
-                r.failover_bound_s.unwrap_or_default()
-            ));
-            match r.after_kill_first_reply_s {
-                Some(t) => v.push(format!(
-                    "after the frozen sender was killed: reply after {t:.1} s"
-                )),
-                None => v.push("no reply after the sender was killed either".into()),
-            }
-        }
-        None => v.push("no reply after the death".into()),
+    match (s.first_reply_after_death_s, r.failover_bound_s) {
+        (Some(t), _) => v.push(format!("first reply {t:.1} s after the failure")),
+        (None, Some(b)) => v.push(format!("no reply within {b:.0} s of the failure")),
+        (None, None) => v.push("no reply after the failure".into()),
     }
-    if r.backup_took_over
-        && s.first_reply_after_death_s.is_none()
-        && r.after_kill_first_reply_s.is_none()
-    {
+    if r.backup_took_over && s.first_reply_after_death_s.is_none() {
         v.push(
             "the backup copy did take over, but the client's connection never answered again, most likely because \
              without output commit the client had acknowledged replies that the backup's older TCP state never sent (see client_tcp)"
@@ -102,6 +130,9 @@ pub fn verdict(s: &Seen, r: &RunReport) -> String {
     {
         v.push("every value once, in order, same connection".into());
     }
+    if let Some(n) = r.snapshots.last().map(|s| s.live_copies).filter(|n| *n > 1) {
+        v.push(format!("{n} live copies of the guest"));
+    }
     v.join("; ")
 }
 
@@ -109,7 +140,7 @@ pub fn verdict(s: &Seen, r: &RunReport) -> String {
 pub fn table(runs: &[RunReport]) -> String {
     let f = |o: Option<f64>, p: usize| o.map_or("-".to_string(), |v| format!("{v:.p$}"));
     let mut s = format!(
-        "{:<8} {:<6} {:>8} {:>8} {:>10} {:>9} {:>8}  {}\n",
+        "{:<15} {:<6} {:>8} {:>8} {:>10} {:>9} {:>8}  {}\n",
         "run",
         "result",
         "ckpt/s",
@@ -126,7 +157,7 @@ pub fn table(runs: &[RunReport]) -> String {
             .first_good_reply_after_death_s
             .or(r.client.first_reply_after_death_s);
         s.push_str(&format!(
-            "{:<8} {:<6} {:>8} {:>8} {:>10} {:>9} {:>8}  {}\n",
+            "{:<15} {:<6} {:>8} {:>8} {:>10} {:>9} {:>8}  {}\n",
             r.mode,
             res,
             f(r.checkpoints_per_s, 2),
@@ -149,7 +180,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn verdict_of_a_clean_failover_and_of_a_stuck_anchor() {
+    fn verdict_of_a_clean_failover_of_a_stock_backup_and_of_two_live_copies() {
         let clean = Seen {
             replies_after_death: 20,
             first_reply_after_death_s: Some(7.25),
@@ -157,17 +188,23 @@ mod tests {
         };
         assert_eq!(
             verdict(&clean, &RunReport::default()),
-            "first reply 7.2 s after the death; every value once, in order, same connection"
+            "first reply 7.2 s after the failure; every value once, in order, same connection"
         );
         let stuck = RunReport {
-            sender_killed: true,
             failover_bound_s: Some(60.0),
-            backup_took_over: true,
             ..Default::default()
         };
-        let v = verdict(&Seen::default(), &stuck);
-        assert!(v.starts_with(
-            "no failover within 60 s; no reply after the sender was killed either; the backup copy did take over"
-        ));
+        assert_eq!(
+            verdict(&Seen::default(), &stuck),
+            "no reply within 60 s of the failure"
+        );
+        let split = RunReport {
+            snapshots: vec![Snapshot {
+                live_copies: 2,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert!(verdict(&clean, &split).ends_with("; 2 live copies of the guest"));
     }
 }
