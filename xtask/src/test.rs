@@ -1,10 +1,12 @@
 //! `cargo xtask test`: every tier, in order: install what is missing, build, then unit
 //! tests (no root), the real eBPF object under BPF_PROG_TEST_RUN (root), network-namespace
 //! and relay-pair tests (root), the Debian package (`cargo xtask package --check`: built,
-//! installed and removed in throwaway roots), and the Xen lab (root, slow: the remus and anchor power-offs and one random-kill soak round;
-//! `--lab-all` adds the measured link cuts and the freeze). The first three tiers are `cargo test` over the workspace (root-only tests are named `root_…` and
-//! run because CI is root); tier 4 is `cargo xtask lab test`. Prints one summary line at
-//! the end ("N passed, N failed, N skipped") and fails if any tier failed.
+//! installed and removed in throwaway roots), and the Xen lab (root, slow: the remus and
+//! anchor power-offs and one random-kill soak round; `--lab-all` adds the measured link
+//! cuts and the freeze). The first three tiers are `cargo test` over the workspace
+//! (root-only tests are named `root_…` and run because CI is root); the lab tier is
+//! `cargo xtask lab test`. Prints one summary line at the end ("N passed, N failed, N
+//! skipped") and fails if any tier failed.
 use std::{
     io::{BufRead, BufReader},
     process::Stdio,
@@ -67,22 +69,14 @@ fn parse_result(line: &str, t: &mut Totals) {
     }
 }
 
-pub fn run(a: TestArgs) -> Result<()> {
-    if !util::is_root() {
-        bail!(
-            "cargo xtask test needs root: the BPF, netns and lab tiers load programs, create \
-             network namespaces and boot QEMU (CI runs it as root)"
-        );
-    }
-    let start = Instant::now();
-    crate::deps::install()?;
-    util::run(util::cmd("cargo").args(["build", "--bins", "--tests"]))?;
-
-    let mut totals = Totals::default();
+/// The cargo tiers (unit, BPF, netns, relay pairs): `cargo test` over the default
+/// members, one test at a time. Whether cargo succeeded; a build failure or a crashed
+/// test binary counts as a failure even when no test reported one.
+fn cargo_tiers(filter: Option<&str>, totals: &mut Totals) -> Result<bool> {
     // The default members: the whole workspace but remus-ebpf, which only builds for BPF
     // (remus-user/build.rs builds it).
     let mut args = vec!["test", "--no-fail-fast", "--"];
-    if let Some(f) = &a.filter {
+    if let Some(f) = filter {
         args.push(f);
     }
     // Namespaces, pins and /run/remus files are per test, but the machine has 2 cores
@@ -96,49 +90,78 @@ pub fn run(a: TestArgs) -> Result<()> {
     for line in BufReader::new(out).lines() {
         let line = line.context("reading cargo test output")?;
         println!("{line}");
-        parse_result(&line, &mut totals);
+        parse_result(&line, totals);
     }
     let cargo_ok = child.wait().context("waiting for cargo test")?.success();
     if !cargo_ok && totals.failed == 0 {
-        // A build failure or a crashed test binary: count it, never hide it.
         totals.failed += 1;
     }
+    Ok(cargo_ok)
+}
 
-    // The Debian package: built, inspected, installed and removed in throwaway roots.
-    let mut package_err = None;
-    if a.filter.is_none() {
-        match crate::package::check() {
-            Ok(()) => totals.passed += 1,
-            Err(e) => {
-                totals.failed += 1;
-                eprintln!("xtask test: the package check FAILED: {e:#}");
-                package_err = Some(e);
-            }
+/// The Debian package: built, inspected, installed and removed in throwaway roots.
+fn package_tier(totals: &mut Totals) -> Option<anyhow::Error> {
+    match crate::package::check() {
+        Ok(()) => {
+            totals.passed += 1;
+            None
+        }
+        Err(e) => {
+            totals.failed += 1;
+            eprintln!("xtask test: the package check FAILED: {e:#}");
+            Some(e)
         }
     }
+}
 
-    let mut lab_err = None;
-    if !a.no_lab && a.filter.is_none() {
-        // CI's scenarios (or all), then one random-kill soak round (its seed is printed).
-        let lab = crate::lab::TestArgs {
-            only: if a.lab_all {
-                vec![]
-            } else {
-                CI_SCENARIOS.iter().map(|s| s.to_string()).collect()
-            },
-            soak_rounds: 1,
-            ..Default::default()
-        };
-        match crate::lab::run(crate::lab::LabCmd::Test(lab)) {
-            Ok(()) => totals.passed += 1,
-            Err(e) => {
-                totals.failed += 1;
-                lab_err = Some(e);
-            }
+/// The Xen lab: CI's scenarios (or all), then one random-kill soak round (its seed is
+/// printed).
+fn lab_tier(all: bool, totals: &mut Totals) -> Option<anyhow::Error> {
+    let lab = crate::lab::TestArgs {
+        only: if all {
+            vec![]
+        } else {
+            CI_SCENARIOS.iter().map(|s| s.to_string()).collect()
+        },
+        soak_rounds: 1,
+        ..Default::default()
+    };
+    match crate::lab::run(crate::lab::LabCmd::Test(lab)) {
+        Ok(()) => {
+            totals.passed += 1;
+            None
         }
+        Err(e) => {
+            totals.failed += 1;
+            Some(e)
+        }
+    }
+}
+
+pub fn run(a: TestArgs) -> Result<()> {
+    if !util::is_root() {
+        bail!(
+            "cargo xtask test needs root: the BPF, netns and lab tiers load programs, create \
+             network namespaces and boot QEMU (CI runs it as root)"
+        );
+    }
+    let start = Instant::now();
+    crate::deps::install()?;
+    util::run(util::cmd("cargo").args(["build", "--bins", "--tests"]))?;
+
+    let mut totals = Totals::default();
+    let cargo_ok = cargo_tiers(a.filter.as_deref(), &mut totals)?;
+    let package_err = if a.filter.is_none() {
+        package_tier(&mut totals)
+    } else {
+        None
+    };
+    let lab_err = if !a.no_lab && a.filter.is_none() {
+        lab_tier(a.lab_all, &mut totals)
     } else {
         eprintln!("xtask test: the Xen lab tier was not run (--no-lab / --filter)");
-    }
+        None
+    };
 
     println!(
         "\nxtask test: cargo tiers {} and lab {} in {:.0} s",
