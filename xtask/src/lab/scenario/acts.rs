@@ -438,20 +438,9 @@ pub fn client_stop(run: &mut Run) {
 
 fn exactly_once(run: &mut Run) -> Result<()> {
     let seen = &run.report.client;
-    let mut bad = vec![];
-    if seen.connections != 1 {
-        bad.push(format!("{} connections (must be 1)", seen.connections));
-    }
+    let mut bad = seen.order_problems();
     if let Some(t) = &seen.terminal_event {
         bad.push(format!("the connection ended: {t}"));
-    }
-    if seen.repeats_or_regressions > 0 || seen.gaps > 0 {
-        bad.push(format!(
-            "{} repeats/regressions and {} gaps, first {}",
-            seen.repeats_or_regressions,
-            seen.gaps,
-            seen.first_anomaly.clone().unwrap_or_default()
-        ));
     }
     if seen.replies_after_death < 20 {
         bad.push(format!(

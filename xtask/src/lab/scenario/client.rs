@@ -91,6 +91,25 @@ pub struct Seen {
     pub first_good_reply_after_death_s: Option<f64>,
 }
 
+impl Seen {
+    /// What breaks "every value once, in order, on one connection" (empty: nothing).
+    pub fn order_problems(&self) -> Vec<String> {
+        let mut bad = vec![];
+        if self.connections != 1 {
+            bad.push(format!("{} connections (must be 1)", self.connections));
+        }
+        if self.repeats_or_regressions > 0 || self.gaps > 0 {
+            bad.push(format!(
+                "{} repeats/regressions and {} gaps, first {}",
+                self.repeats_or_regressions,
+                self.gaps,
+                self.first_anomaly.clone().unwrap_or_default()
+            ));
+        }
+        bad
+    }
+}
+
 /// Analyses the client's events; `death` on the client's clock (Unix seconds).
 pub fn analyse(ev: &[Event], death: Option<f64>) -> Seen {
     let mut s = Seen::default();
@@ -148,6 +167,30 @@ fn reply(s: &mut Seen, prev: Option<(u64, f64)>, v: u64, t: f64, death: Option<f
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn order_problems_name_a_second_connection_and_each_anomaly() {
+        let clean = Seen {
+            connections: 1,
+            ..Seen::default()
+        };
+        assert!(clean.order_problems().is_empty());
+        let bad = Seen {
+            connections: 2,
+            gaps: 1,
+            first_anomaly: Some("4 -> 6 at 1.0".into()),
+            ..Seen::default()
+        };
+        let p = bad.order_problems();
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[1].contains("4 -> 6"), "{p:?}");
+        let none = Seen::default();
+        assert_eq!(
+            none.order_problems().len(),
+            1,
+            "no connection at all is a problem"
+        );
+    }
 
     fn parse(lines: &[&str]) -> Vec<Event> {
         lines

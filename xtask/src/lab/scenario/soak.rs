@@ -160,18 +160,7 @@ pub const REPLIES_AFTER: usize = 10;
 /// A round's verdict: (passed, why). `backup_checkpoint`: what the backup held when the
 /// primary was lost (None: it never said); `took_over`: the backup runs the guest.
 pub fn judge(seen: &Seen, backup_checkpoint: Option<u64>, took_over: bool) -> (bool, String) {
-    let mut bad = vec![];
-    if seen.connections != 1 {
-        bad.push(format!("{} connections (must be 1)", seen.connections));
-    }
-    if seen.repeats_or_regressions > 0 || seen.gaps > 0 {
-        bad.push(format!(
-            "{} repeats/regressions and {} gaps, first {}",
-            seen.repeats_or_regressions,
-            seen.gaps,
-            seen.first_anomaly.clone().unwrap_or_default()
-        ));
-    }
+    let mut bad = seen.order_problems();
     let ok_why = match backup_checkpoint {
         None => {
             bad.push("the backup's relay never said how its session ended".into());
