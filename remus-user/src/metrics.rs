@@ -221,6 +221,8 @@ pub struct Metrics {
     /// Send with `--domain`: from libxl's suspend request to the domain suspended, as
     /// xenstore shows it (xenstore control path only).
     pub suspend_seconds: Histogram,
+    /// Send: time xl's pipe spent narrow (µs; `relay status` only, not exported).
+    xl_pipe_narrow_us: AtomicU64,
     registry: Registry,
 }
 
@@ -250,6 +252,7 @@ impl Metrics {
             last_acked_checkpoint: Gauge::default(),
             committed_epoch: Gauge::default(),
             suspend_seconds: Histogram::default(),
+            xl_pipe_narrow_us: AtomicU64::new(0),
             registry: Registry::with_prefix_and_labels(
                 "remus_relay",
                 [(Cow::Borrowed("role"), Cow::Borrowed(role))].into_iter(),
@@ -257,6 +260,17 @@ impl Metrics {
         };
         m.register();
         m
+    }
+
+    /// Counts `d` more of xl's pipe at one page (the relay's pipe sizing).
+    pub fn add_xl_pipe_narrow(&self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.xl_pipe_narrow_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// Time xl's pipe spent narrow so far (periods still open are not counted yet).
+    pub fn xl_pipe_narrow(&self) -> Duration {
+        Duration::from_micros(self.xl_pipe_narrow_us.load(Ordering::Relaxed))
     }
 
     /// Puts every value in the registry under its one name.

@@ -37,19 +37,26 @@
 //! The proof fails only if libxc wrote the rest of the checkpoint, CHECKPOINT record
 //! included, into the pipe before the cut took effect. With a big pipe that happens
 //! whenever a checkpoint (or checkpoint 1's tail after its first post-suspend record) is
-//! smaller than the pipe and libxc gets ahead of the relay. So the pipe is kept
-//! [`PipeSizes::narrow`] (one page) while the relay has caught up with xl (the pipe is
-//! empty after a read) and waits for a suspend (between checkpoints the stream is idle),
-//! and made [`PipeSizes::wide`] at every cut and whenever the relay falls behind while
-//! narrow (a bulk transfer: the pipe still holds bytes after many reads in a row).
-//! Narrowing fails (EBUSY) when the pipe holds more than a page: then it stays wide,
-//! which only costs proofs, never safety.
+//! smaller than the pipe and libxc gets ahead of the relay. So the pipe is made
+//! [`PipeSizes::narrow`] (one page) while the stream is idle, which is when the relay
+//! waits for a suspend: between checkpoints, and while libxc waits for the guest to
+//! suspend at the end of the initial copy. Idle means: the pipe stayed empty for
+//! [`PipeSizes::idle`] after a read (an idle timer, armed by a read that empties a wide
+//! pipe, disarmed by the next read). It is made [`PipeSizes::wide`] at every cut, and when
+//! the relay falls behind while narrow: a read that fills the narrow pipe (xl was blocked
+//! on it) or leaves bytes in it, [`PipeSizes::widen_after_reads_behind`] reads in a row,
+//! reset by a read that finds it less than full. Narrowing at every read that empties
+//! the pipe (the rule before) kept bulk transfers at one page for seconds: through a
+//! one-page pipe every read empties it, so "behind" was almost never seen
+//! (docs/notes-relay-throughput.md). Narrowing fails (EBUSY) when the pipe holds more
+//! than a page: then it stays wide, which only costs proofs, never safety. The time spent
+//! narrow is counted for `relay status` (`xl_pipe_narrow_ms`).
 //!
 //! Several vifs: the cut is one `close_epoch` on the group, which closes every vif's
 //! epoch in turn, and F is read after the last one; the proof covers them all.
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -79,8 +86,12 @@ pub struct PipeSizes {
     pub narrow: u64,
     /// During bulk transfers and from each cut until the checkpoint's end.
     pub wide: u64,
-    /// Reads in a row that leave bytes in the narrow pipe after which it is widened.
+    /// Reads in a row that fill the narrow pipe (or leave bytes in it) after which it is
+    /// widened.
     pub widen_after_reads_behind: u32,
+    /// How long the pipe stays empty after a read before it is narrowed (the stream is
+    /// idle: the relay waits for a suspend).
+    pub idle: Duration,
 }
 
 impl Default for PipeSizes {
@@ -89,6 +100,7 @@ impl Default for PipeSizes {
             narrow: 4096,
             wide: 1 << 20,
             widen_after_reads_behind: 64,
+            idle: Duration::from_millis(1),
         }
     }
 }
@@ -130,6 +142,11 @@ pub struct RelayDriver<B: NetBuffer, G: PipeGauge> {
     /// The pipe's capacity as last set (or as found).
     capacity: u64,
     reads_behind: u32,
+    /// When the pipe is to be narrowed unless a read comes first (armed by a read that
+    /// emptied the wide pipe outside a cut).
+    idle_at: Option<Instant>,
+    /// Since when the pipe has been narrow (for the time-narrow count).
+    narrow_since: Option<Instant>,
     pub(super) metrics: Arc<Metrics>,
     machine: Machine,
     cut: Option<PendingCut>,
@@ -154,6 +171,8 @@ impl<B: NetBuffer, G: PipeGauge> RelayDriver<B, G> {
             sizes,
             capacity,
             reads_behind: 0,
+            idle_at: None,
+            narrow_since: (capacity < sizes.wide).then(Instant::now),
             metrics,
             machine: Machine::new(),
             cut: None,
@@ -301,6 +320,7 @@ impl<B: NetBuffer, G: PipeGauge> RelayDriver<B, G> {
             Ok(c) => {
                 self.capacity = c;
                 self.reads_behind = 0;
+                self.count_narrow_time();
             }
             // Busy (more in the pipe than the new size): keep the size; only speed or
             // the odds of a proof depend on it.
@@ -308,21 +328,51 @@ impl<B: NetBuffer, G: PipeGauge> RelayDriver<B, G> {
         }
     }
 
-    /// After a read: narrow the pipe when the relay has caught up (it is empty) while
-    /// waiting for a suspend, widen it when it stays behind (see the module docs).
-    pub(super) fn size_pipe(&mut self) {
+    /// Adds the time the pipe was narrow to the status count when it becomes wide, and
+    /// starts counting when it becomes narrow.
+    fn count_narrow_time(&mut self) {
+        let narrow = self.capacity < self.sizes.wide;
+        match (narrow, self.narrow_since) {
+            (true, None) => self.narrow_since = Some(Instant::now()),
+            (false, Some(t)) => {
+                self.narrow_since = None;
+                self.metrics.add_xl_pipe_narrow(t.elapsed());
+            }
+            _ => {}
+        }
+    }
+
+    /// After a read of `n` bytes (see "Sizing xl's pipe" in the module docs): while
+    /// narrow, widen after enough reads in a row that found xl ahead; while wide, arm the
+    /// idle timer when the read emptied the pipe. Nothing changes inside a cut.
+    pub(super) fn size_pipe(&mut self, n: usize) {
+        self.idle_at = None;
         if self.cut.is_some() {
             return;
         }
-        match self.pipe.fill() {
-            Ok(0) => self.resize(self.sizes.narrow),
-            Ok(_) if self.capacity < self.sizes.wide => {
-                self.reads_behind += 1;
-                if self.reads_behind >= self.sizes.widen_after_reads_behind {
-                    self.resize(self.sizes.wide);
-                }
+        let fill = self.pipe.fill();
+        if self.capacity < self.sizes.wide {
+            let behind = n as u64 >= self.capacity || matches!(fill, Ok(f) if f > 0);
+            self.reads_behind = if behind { self.reads_behind + 1 } else { 0 };
+            if self.reads_behind >= self.sizes.widen_after_reads_behind {
+                self.resize(self.sizes.wide);
             }
-            _ => {}
+        } else if let Ok(0) = fill {
+            self.idle_at = Some(Instant::now() + self.sizes.idle);
+        }
+    }
+
+    /// When the idle timer should fire, if it is armed.
+    pub(super) fn idle_deadline(&self) -> Option<Instant> {
+        self.idle_at
+    }
+
+    /// The idle timer fired: no read for [`PipeSizes::idle`] since one that emptied the
+    /// pipe. Narrow it for the next suspend, if it is still empty and no cut is pending.
+    pub(super) fn on_idle(&mut self) {
+        self.idle_at = None;
+        if self.cut.is_none() && matches!(self.pipe.fill(), Ok(0)) {
+            self.resize(self.sizes.narrow);
         }
     }
 
@@ -458,8 +508,9 @@ impl<B: NetBuffer, G: PipeGauge> RelayDriver<B, G> {
                     if let Err(e) = rep.forward(chunk, &events, &merged).await {
                         return self.lost(e.loss()).await;
                     }
-                    self.size_pipe();
+                    self.size_pipe(n);
                 }
+                () = idle_timer(self.idle_deadline()) => self.on_idle(),
             }
         }
     }
@@ -538,6 +589,14 @@ impl<B: NetBuffer, G: PipeGauge> RelayDriver<B, G> {
             State::Ended(end) => Ok(end.clone()),
             s => Err(CheckpointError::NotEnded(s.phase())),
         }
+    }
+}
+
+/// Resolves at `deadline`; never without one.
+async fn idle_timer(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -291,7 +291,13 @@ async fn the_pipe_is_wide_from_a_cut_and_narrow_while_the_relay_waits_for_a_susp
     suspend(&mut d, 1, 100).await.unwrap();
     assert_eq!(resizes(&d), [sizes.wide]);
     fill(&mut d, 0);
-    d.size_pipe();
+    d.size_pipe(10);
+    assert_eq!(
+        d.idle_deadline(),
+        None,
+        "no idle timer between cut and proof"
+    );
+    d.on_idle();
     assert_eq!(
         d.pipe_capacity(),
         sizes.wide,
@@ -299,21 +305,51 @@ async fn the_pipe_is_wide_from_a_cut_and_narrow_while_the_relay_waits_for_a_susp
     );
     libxc_checkpoint(&mut d, 1, 1 << 20).await.unwrap();
     complete(&mut d, 1).await;
-    // Caught up (the pipe is empty after a read): narrow for the next suspend.
-    d.size_pipe();
-    assert_eq!(d.pipe_capacity(), sizes.narrow);
-    // Behind while narrow (bytes left after many reads in a row): wide again.
+    // A read that empties the pipe only arms the idle timer: a bulk transfer's next
+    // read comes first and disarms it, and the pipe stays wide.
+    d.size_pipe(8192);
+    assert!(d.idle_deadline().is_some());
+    assert_eq!(
+        d.pipe_capacity(),
+        sizes.wide,
+        "not narrowed by one empty read"
+    );
+    d.size_pipe(8192);
     fill(&mut d, 4096);
-    for _ in 0..sizes.widen_after_reads_behind {
-        d.size_pipe();
+    d.size_pipe(65536);
+    assert_eq!(d.idle_deadline(), None, "bytes left: not idle");
+    // Idle (the timer fired, the pipe still empty): narrow for the next suspend.
+    fill(&mut d, 0);
+    d.size_pipe(100);
+    d.on_idle();
+    assert_eq!(d.pipe_capacity(), sizes.narrow);
+    // Reads that fill the narrow pipe (xl blocked on it) mean a bulk transfer, even
+    // though each of them empties it; a read that finds it less than full resets the
+    // count, and enough full reads in a row widen it.
+    for _ in 1..sizes.widen_after_reads_behind {
+        d.size_pipe(sizes.narrow as usize);
     }
+    d.size_pipe(100);
+    for _ in 1..sizes.widen_after_reads_behind {
+        d.size_pipe(sizes.narrow as usize);
+    }
+    assert_eq!(d.pipe_capacity(), sizes.narrow, "reset by the short read");
+    d.size_pipe(sizes.narrow as usize);
     assert_eq!(d.pipe_capacity(), sizes.wide);
     assert_eq!(resizes(&d), [sizes.wide, sizes.narrow, sizes.wide]);
     // A pipe that cannot be narrowed (it holds more than a page) keeps its size.
     d.pipe.busy = true;
-    fill(&mut d, 0);
-    d.size_pipe();
+    d.size_pipe(100);
+    d.on_idle();
     assert_eq!(d.pipe_capacity(), sizes.wide);
+}
+
+#[test]
+fn the_time_the_pipe_was_narrow_is_counted() {
+    let m = crate::metrics::Metrics::new("send");
+    m.add_xl_pipe_narrow(std::time::Duration::from_millis(3));
+    m.add_xl_pipe_narrow(std::time::Duration::from_micros(500));
+    assert_eq!(m.xl_pipe_narrow(), std::time::Duration::from_micros(3500));
 }
 
 #[tokio::test]

@@ -200,6 +200,9 @@ pub struct RelayStatus {
     /// (send only; absent until a checkpoint was timed).
     #[serde(default)]
     pub guest_pause_ms: Option<f64>,
+    /// Send: how long xl's pipe was kept at one page (waiting for suspends), in all.
+    #[serde(default)]
+    pub xl_pipe_narrow_ms: f64,
     pub since_unix: u64,
     /// Send with `--domain`: how the guest is suspended and how long that takes.
     #[serde(default)]
@@ -295,6 +298,7 @@ impl Shared {
         s.page_data_raw_bytes_total = m.page_data_raw_bytes_total.get();
         s.page_data_wire_bytes_total = m.page_data_wire_bytes_total.get();
         s.epoch_merges_total = m.epoch_merges_total.get();
+        s.xl_pipe_narrow_ms = m.xl_pipe_narrow().as_secs_f64() * 1e3;
         s.heartbeats_missed_total = m.heartbeats_missed_total.get();
         s.failovers_total = m.failovers_total.get();
         s.discards_total = m.discards_total.get();
