@@ -15,16 +15,19 @@
 #   initial-copy  connected, no checkpoint complete yet; stopped DELAY_MS after that is seen
 #   suspended     at least one checkpoint complete, the guest seen suspended (`s`) by xl
 #                 for a checkpoint; xl stopped, it stays suspended
-#   ack-pending   frames from the backup dropped on repl0 (tc ingress), so ACKs never
-#                 arrive; stopped once a checkpoint complete at the sender is unacked for
-#                 DELAY_MS (it reached the backup; the backup's own status says so later);
+#   ack-pending   the backup's data segments dropped on repl0 (iptables INPUT, segments
+#                 over 80 bytes: pure TCP ACKs pass, so the stream still reaches the
+#                 backup), so relay ACKs never arrive; stopped once a checkpoint complete
+#                 at the sender is unacked for DELAY_MS (it reached the backup; the
+#                 backup's own status says so later);
 #                 the drop never lasts more than a few seconds (GATE_S, retried), well
 #                 under the heartbeat timeout
 #   release       as ack-pending until output is held, then the drop is lifted: the held
 #                 ACKs arrive and release their epochs; stopped DELAY_MS (0-50) later
 #   idle          every complete checkpoint acked and the guest running; stopped DELAY_MS
 #                 later (within the interval between checkpoints)
-# Touches: the sending side's processes (signals only), tc on repl0. Never the backup.
+# Touches: the sending side's processes (signals only), one iptables INPUT rule on repl0.
+# Never the backup.
 import json, os, signal, socket, subprocess, sys, time
 
 SOCK = os.environ.get("SOCK_SEND", "/run/remus/lab-send.sock")
@@ -100,14 +103,15 @@ def stop():
 
 
 def gate(drop, peer):
-    """Drops (or lets through again) every IPv4 frame from the backup on repl0."""
-    tc = ["tc", "filter", "add" if drop else "del", "dev", "repl0", "parent", "ffff:"]
-    if drop:
-        subprocess.run(["modprobe", "-a", "sch_ingress", "cls_u32", "act_gact"])
-        subprocess.run(["tc", "qdisc", "add", "dev", "repl0", "ingress"], stderr=subprocess.DEVNULL)
-        tc += ["protocol", "ip", "prio", "1", "u32", "match", "ip", "src", f"{peer}/32",
-               "action", "drop"]
-    subprocess.run(tc, check=True)
+    """Drops (or lets through again) every TCP segment from the backup on repl0 that
+    carries data (its ACK and heartbeat frames), and only those: a segment of at most
+    80 bytes (20 of IPv4 header, at most 60 of TCP header) is a pure TCP acknowledgement
+    and passes, so the primary's stream keeps flowing into the backup while its ACKs are
+    held back. (Dropping every frame from the backup stalled the primary's TCP window:
+    the checkpoint then never reached the backup, and "ack-pending" was not reached.)"""
+    rule = ["INPUT", "-i", "repl0", "-s", f"{peer}/32", "-p", "tcp",
+            "-m", "length", "--length", "81:65535", "-j", "DROP"]
+    subprocess.run(["iptables", "-I" if drop else "-D", *rule], check=True)
 
 
 def wait(cond, what):
