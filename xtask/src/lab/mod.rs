@@ -71,6 +71,9 @@ pub struct SoakArgs {
     /// The seed the phases and moments are drawn from (default: from the clock; printed).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Draw every round's phase from these only (repeatable; default: all five).
+    #[arg(long, value_enum)]
+    pub phase: Vec<soak::Phase>,
     /// Leave the lab running afterwards.
     #[arg(long)]
     pub keep: bool,
@@ -178,12 +181,12 @@ pub fn run(c: LabCmd) -> Result<()> {
                 a.only.iter().map(String::as_str).collect()
             };
             let mut list = scenarios(&names, a.relay_no_buffer)?;
-            let seed = soak_rounds(&mut list, a.soak_rounds, a.seed);
+            let seed = soak_rounds(&mut list, a.soak_rounds, a.seed, &[]);
             test(&list, seed, false, a.keep)
         }
         LabCmd::Soak(a) => {
             let mut list = vec![];
-            let seed = soak_rounds(&mut list, a.rounds, a.seed);
+            let seed = soak_rounds(&mut list, a.rounds, a.seed, &a.phase);
             test(&list, seed, false, a.keep)
         }
         LabCmd::CaptureStream { checkpoints } => {
@@ -234,12 +237,17 @@ fn scenarios(names: &[&str], relay_no_buffer: bool) -> Result<Vec<Scenario>> {
 
 /// Appends `rounds` soak rounds drawn from `seed` (or a fresh one, printed); the seed if
 /// any round was added.
-fn soak_rounds(list: &mut Vec<Scenario>, rounds: u32, seed: Option<u64>) -> Option<u64> {
+fn soak_rounds(
+    list: &mut Vec<Scenario>,
+    rounds: u32,
+    seed: Option<u64>,
+    phases: &[soak::Phase],
+) -> Option<u64> {
     if rounds == 0 {
         return None;
     }
     let seed = seed.unwrap_or_else(soak::fresh_seed);
-    let plan = soak::plan(rounds, seed);
+    let plan = soak::plan(rounds, seed, phases);
     eprintln!("[lab] soak: {rounds} round(s), seed {seed} (`--seed {seed}` replays them)");
     for (i, k) in plan.into_iter().enumerate() {
         eprintln!(

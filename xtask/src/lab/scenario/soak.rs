@@ -16,7 +16,7 @@ use super::{client::Seen, report::RunReport};
 use serde::{Deserialize, Serialize};
 
 /// A phase of replication the primary can die in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Phase {
     /// The initial live copy: no checkpoint complete at the backup yet.
@@ -77,12 +77,18 @@ pub struct Kill {
     pub delay_ms: u32,
 }
 
-/// The rounds' kills, drawn from `seed` (the same seed gives the same plan).
-pub fn plan(rounds: u32, seed: u64) -> Vec<Kill> {
+/// The rounds' kills, drawn from `seed` (the same seed and phases give the same plan),
+/// each in one of `phases` (every phase when empty).
+pub fn plan(rounds: u32, seed: u64, phases: &[Phase]) -> Vec<Kill> {
     let mut rng = fastrand::Rng::with_seed(seed);
+    let phases = if phases.is_empty() {
+        &Phase::ALL[..]
+    } else {
+        phases
+    };
     (0..rounds)
         .map(|_| {
-            let phase = Phase::ALL[rng.usize(..Phase::ALL.len())];
+            let phase = phases[rng.usize(..phases.len())];
             Kill {
                 phase,
                 delay_ms: rng.u32(phase.delay_range_ms()),
@@ -257,9 +263,14 @@ mod tests {
 
     #[test]
     fn a_seed_gives_one_plan_and_every_phase_comes_up() {
-        let a = plan(40, 7);
-        assert_eq!(a, plan(40, 7));
-        assert_ne!(a, plan(40, 8));
+        let a = plan(40, 7, &[]);
+        assert_eq!(a, plan(40, 7, &[]));
+        assert_ne!(a, plan(40, 8, &[]));
+        let only = plan(10, 7, &[Phase::AckPending]);
+        assert!(
+            only.iter().all(|k| k.phase == Phase::AckPending),
+            "{only:?}"
+        );
         for p in Phase::ALL {
             assert!(a.iter().any(|k| k.phase == p), "{p:?} never drawn in 40");
         }
