@@ -35,12 +35,15 @@ impl From<ControlError> for DiskBarrierError {
 /// The primary daemon's control socket as a [`DiskBarrier`].
 pub struct PrimaryBarrier {
     c: Client,
+    /// The daemon's `--name` (known after [`PrimaryBarrier::connect_fresh`]).
+    name: String,
 }
 
 impl PrimaryBarrier {
     pub async fn connect(socket: &Path) -> Result<PrimaryBarrier, DiskBarrierError> {
         Ok(PrimaryBarrier {
             c: Client::connect(socket).await?,
+            name: String::new(),
         })
     }
 
@@ -74,7 +77,12 @@ impl PrimaryBarrier {
                 open.saturating_sub(1)
             )));
         }
+        b.name = s.name;
         Ok(b)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
     }
 }
 
@@ -103,12 +111,15 @@ impl DiskBarrier for PrimaryBarrier {
 /// The backup daemon as the relay's receive side drives it.
 pub struct BackupDisk {
     c: Client,
+    /// The daemon's `--name` (known after [`BackupDisk::connect_checked`]).
+    name: String,
 }
 
 impl BackupDisk {
     pub async fn connect(socket: &Path) -> Result<BackupDisk, DiskBarrierError> {
         Ok(BackupDisk {
             c: Client::connect(socket).await?,
+            name: String::new(),
         })
     }
 
@@ -130,7 +141,12 @@ impl BackupDisk {
                 s.name
             )));
         }
+        b.name = s.name;
         Ok(b)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// The daemon's status.
