@@ -24,6 +24,7 @@ use crate::relay::{DiskState, Shared};
 /// The disks of one session.
 pub struct BackupDisks {
     disks: Vec<BackupDisk>,
+    sockets: Vec<PathBuf>,
     shared: Arc<Shared>,
     /// How long one `durable` may wait.
     timeout: Duration,
@@ -53,6 +54,7 @@ impl BackupDisks {
         shared.set(|s| s.disks = states);
         Ok(BackupDisks {
             disks,
+            sockets: sockets.to_vec(),
             shared: shared.clone(),
             timeout,
         })
@@ -70,7 +72,15 @@ impl BackupDisks {
     /// (naming the disk); checkpoint `n` must then not reach the receiver.
     pub async fn durable(&mut self, n: u64) -> Result<(), String> {
         for i in 0..self.disks.len() {
-            let r = self.disks[i].durable(n, self.timeout).await;
+            // The daemon bounds its own wait; this bounds a daemon that does not answer.
+            let grace = self.timeout + Duration::from_secs(5);
+            let r = match tokio::time::timeout(grace, self.disks[i].durable(n, self.timeout)).await
+            {
+                Ok(r) => r,
+                Err(_) => Err(DiskBarrierError::Daemon(format!(
+                    "no answer to durable({n}) within {grace:?}"
+                ))),
+            };
             match r {
                 Ok(()) => self.shared.set_disk(i, |d| d.last_durable = n),
                 Err(e) => {
@@ -116,7 +126,13 @@ impl BackupDisks {
     /// every disk did may the stream close (xl then activates the guest on disks at n).
     pub async fn failover(&mut self, n: u64) -> Result<(), String> {
         for i in 0..self.disks.len() {
-            match self.disks[i].failover(n).await {
+            // A fresh connection: an earlier request may have been given up on (a late
+            // answer would be read as this one's).
+            let r = match BackupDisk::connect(&self.sockets[i]).await {
+                Ok(mut d) => d.failover(n).await,
+                Err(e) => Err(e),
+            };
+            match r {
                 Ok(r) => {
                     info!(disk = self.disks[i].name(), checkpoint = n, applied = ?r.applied, discarded = ?r.discarded, device = ?r.device, "disk failed over");
                     self.shared.set_disk(i, |d| d.failed_over = Some(n));
