@@ -31,6 +31,11 @@ struct Rig {
 
 impl Rig {
     fn start(name: &str, seed: u64) -> Rig {
+        Rig::start_with(name, seed, &[], WriterConfig::pv(6))
+    }
+
+    /// The same with more sender flags and another stream.
+    fn start_with(name: &str, seed: u64, tx_extra: &[&str], cfg: WriterConfig) -> Rig {
         let dir = Scratch::new(name);
         let key = key(&dir);
         let p_img = dir.path().join("p.img");
@@ -47,6 +52,7 @@ impl Rig {
         let rx = Receiver::start(&dir, &key, true, &rx_args);
         let mut tx_args = vec!["--disk", psock.as_str()];
         tx_args.extend(hb);
+        tx_args.extend(tx_extra);
         let mut tx = Sender::start(&dir, "a", &rx.addr, &key, &tx_args);
         // The banner comes only once the disk is in sync.
         assert_eq!(tx.read_banner(), BANNER, "sender log:\n{}", tx.log());
@@ -61,7 +67,7 @@ impl Rig {
             guest,
             m: Model::new(vec![0; SIZE as usize]),
             rng: Rng::new(seed),
-            st: Stream::new(&WriterConfig::pv(6)),
+            st: Stream::new(&cfg),
         }
     }
 
@@ -268,4 +274,44 @@ fn root_relay_disk_refusals_have_their_exit_codes() {
     assert_eq!(code, Some(2), "{log}");
     assert!(log.contains("has cut 1 epochs already"), "{log}");
     assert_eq!(rx.status()["acks_total"], 0);
+}
+
+#[test]
+fn root_relay_disk_merged_checkpoints_are_merged_on_the_disk_and_no_failover_point() {
+    // xl's pipe wide while the relay waits, and the sender stopped while all three
+    // checkpoints are written: no cut can be proven, every one is merged.
+    let pipe = [
+        "--xl-pipe-narrow-bytes",
+        "1048576",
+        "--xl-pipe-bytes",
+        "1048576",
+    ];
+    let mut cfg = WriterConfig::pv(3);
+    cfg.guest_pages = 24;
+    cfg.dirty_pages = 8;
+    let mut r = Rig::start_with("relay-disk-merged", 0xd15c_0004, &pipe, cfg);
+    r.io();
+    signal(&r.tx.child, libc::SIGSTOP);
+    let all = r.st.through(3).to_vec();
+    r.tx.write(&all);
+    signal(&r.tx.child, libc::SIGCONT);
+    r.tx.wait_drained();
+    let s = wait_status(&r.tx.status_sock, "three checkpoints", |v| {
+        v["last_checkpoint"] == 3
+    });
+    assert_eq!(s["epoch_merges_total"], 3, "{s}");
+    assert_eq!(s["disks"][0]["last_cut"], 3, "{s}");
+    let bs = r.b.wait("the backup disk to hear of the merges", |v| {
+        v["merged"] == serde_json::json!([1, 2, 3])
+    });
+    assert_eq!(bs["committed"], 0, "{bs}");
+    r.tx.finish();
+    r.rx.expect_exit(0);
+    let log = r.rx.log();
+    assert!(log.contains("FAILOVER IMPOSSIBLE"), "{log}");
+    // No failover point: the disk is neither failed over nor touched.
+    let bs = r.b.status();
+    assert!(bs["device"].is_null(), "{bs}");
+    assert_eq!(bs["applied"], 0, "{bs}");
+    assert_same(&r.backup_image(), &vec![0; SIZE as usize], "backup disk");
 }
