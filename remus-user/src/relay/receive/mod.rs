@@ -26,6 +26,10 @@
 //!                                            end), answered: ABORT
 //! ```
 //!
+//! With replicated disks (`--disk`, [`disks`]) a checkpoint reaches the receiver only once
+//! every disk holds its epoch durably, and the receiver's stream is closed for a failover
+//! only once every disk failed over to the checkpoint it holds.
+//!
 //! A probe (HELLO with the probe flag) is answered with PROBE_OK after the usual
 //! authentication, and nothing else happens: no session, no receiver, no refusal.
 use std::sync::Arc;

@@ -70,6 +70,11 @@ pub async fn connect_all(
             })
         });
         info!(disk = %name, socket = %sock.display(), "waiting until the backup's disk is in sync (protection starts only then)");
+        shared.set(|s| {
+            s.last_event = Some(format!(
+                "waiting until disk {name}'s backup is in sync (protection starts only then)"
+            ))
+        });
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         b.wait_in_sync(left).await.map_err(err)?;
         info!(disk = %name, "the backup's disk is in sync");
