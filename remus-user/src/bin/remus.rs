@@ -213,6 +213,16 @@ struct SendArgs {
     /// output stays held and the relay exits 5.
     #[arg(long, value_name = "DURATION", default_value = "45s", value_parser = parse_duration)]
     discard_timeout: Duration,
+    /// A replicated disk of the guest: the control socket of its primary `remus disk
+    /// serve` (e.g. /run/remus/disk-web0.sock). Repeat it for every disk. Each disk's
+    /// epoch is cut at every checkpoint with the output buffer; protection starts only
+    /// once every backup's disk is in sync. See docs/disk.md.
+    #[arg(long, value_name = "SOCKET")]
+    disk: Vec<PathBuf>,
+    /// How long the disks may take to reach sync (their initial copy) before protection
+    /// starts; past it the relay exits 1 without starting.
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
+    disk_sync_timeout: Duration,
     /// Control socket (root-only) that takes the request to end protection. Default:
     /// the status socket's path with the extension .ctl
     /// (/run/remus/relay-send-<vif or pid>.ctl).
@@ -295,6 +305,18 @@ struct ReceiveArgs {
     /// Serve one primary, then exit (tests, benchmarks).
     #[arg(long)]
     once: bool,
+    /// A replicated disk: the control socket of its backup `remus disk receive`
+    /// (repeatable, one per disk of the guest). Checkpoint N is written to the receiver
+    /// and acknowledged only once every disk holds epoch N durably, committed after its
+    /// ACK, and on failover every disk fails over to the same checkpoint before the
+    /// receiver's stream is closed. See docs/disk.md.
+    #[arg(long, value_name = "SOCKET")]
+    disk: Vec<PathBuf>,
+    /// How long one checkpoint may wait for a disk's epoch to become durable before the
+    /// relay stops writing checkpoints to the receiver (no more ACKs; a failover then
+    /// goes to the last checkpoint written, with every disk at it).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    disk_timeout: Duration,
 }
 
 #[derive(Args)]
@@ -454,6 +476,7 @@ async fn relay_send_inner(a: SendArgs) -> Result<ExitCode, ExitCode> {
         a.vif.clone()
     };
     check_vifs(&vifs)?;
+    send::disks::check_unique(&a.disk).map_err(|e| fail(e, ExitCode::Usage))?;
     let iface = vifs.first().cloned();
     let name = iface
         .clone()
@@ -496,6 +519,8 @@ fn send_options(a: &SendArgs, key: Key, heartbeat: Heartbeat, pipe: PipeSizes) -
         max_version: VERSION,
         min_version: MIN_VERSION,
         pipe,
+        disks: a.disk.clone(),
+        disk_sync_timeout: a.disk_sync_timeout,
     }
 }
 
@@ -694,6 +719,8 @@ async fn relay_receive(a: ReceiveArgs) -> ExitCode {
         handshake_timeout: Duration::from_secs(10),
         banner_timeout: Duration::from_secs(30),
         once: a.once,
+        disks: a.disk,
+        disk_timeout: a.disk_timeout,
     };
     tokio::select! {
         r = receive::run(opts, shared) => match r {

@@ -16,6 +16,10 @@ pub enum Input {
     Suspended { checkpoint: u64 },
     /// The cut asked for was made: the output buffer closed `epoch`.
     EpochCut { checkpoint: u64, epoch: u64 },
+    /// A port could not cut its epoch (a disk whose backup is lost, a disk epoch that is
+    /// not the checkpoint's): protection ends fail closed, nothing more is released (the
+    /// backup may still activate a copy the port's state no longer matches).
+    CutFailed { checkpoint: u64, why: String },
     /// Whether the cut is proven to have happened while the guest was still suspended
     /// (relay mode: the pipe bound P > R + F, F the fill read after the cut; native mode:
     /// Xen's word). A cut that is not proven makes the checkpoint no failover point.
@@ -35,8 +39,9 @@ pub enum Input {
 /// What the driver must do, in order, on its ports.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
-    /// Cut the epoch of every port at this instant (today the output buffer; disk epochs
-    /// join here), then report [`Input::EpochCut`].
+    /// Cut the epoch of every port at this instant (the output buffer, then every
+    /// replicated disk, all before the proof's fill is read), then report
+    /// [`Input::EpochCut`], or [`Input::CutFailed`] if a port could not.
     CutEpoch { checkpoint: u64 },
     /// The cut of `checkpoint` may have come after the guest resumed: `epoch` is merged
     /// into the next proven one (released later, never earlier), and the backup must
@@ -72,6 +77,7 @@ pub enum RunEnd {
 pub enum InputKind {
     Suspended,
     EpochCut,
+    CutFailed,
     Proof,
     Sent,
     Ack,
@@ -85,6 +91,7 @@ impl Input {
         match self {
             Input::Suspended { .. } => InputKind::Suspended,
             Input::EpochCut { .. } => InputKind::EpochCut,
+            Input::CutFailed { .. } => InputKind::CutFailed,
             Input::Proof { .. } => InputKind::Proof,
             Input::Sent { .. } => InputKind::Sent,
             Input::Ack { .. } => InputKind::Ack,
@@ -120,6 +127,8 @@ pub enum MachineError {
     },
     #[error(transparent)]
     BogusAck(#[from] BogusAck),
+    #[error("the epoch cut of checkpoint {checkpoint} failed: {why}; nothing more is released")]
+    CutFailed { checkpoint: u64, why: String },
 }
 
 /// What every protected phase carries.
@@ -278,6 +287,10 @@ fn cycle(s: State, input: Input) -> Step {
                 State::Cutting { p, checkpoint },
                 vec![Action::CutEpoch { checkpoint }],
             ))
+        }
+        (State::Cutting { checkpoint: c, .. }, Input::CutFailed { checkpoint, why }) => {
+            expect(InputKind::CutFailed, c, checkpoint)?;
+            Err(MachineError::CutFailed { checkpoint, why })
         }
         (State::Cutting { p, checkpoint: c }, Input::EpochCut { checkpoint, epoch }) => {
             expect(InputKind::EpochCut, c, checkpoint)?;

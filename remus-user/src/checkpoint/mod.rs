@@ -17,6 +17,7 @@
 //!   ending protection on request: the driver asks the backup to discard its copy; only
 //!     once it confirmed does it feed BackupLost(Discarded) (→ FailOpen); unconfirmed,
 //!     it stops with nothing released
+//!   in Cutting: CutFailed (a disk's cut failed) → Aborted
 //!   any error (out of order, wrong checkpoint, bogus ACK) → Aborted: nothing more is released
 //!
 //!   one checkpoint's life in the ledger (`output_commit::Ledger`):
@@ -35,9 +36,10 @@
 //! returns on its ports, and feeds back their results. The relay-mode driver learns the
 //! suspend instant from the first post-suspend byte of xl's stream and proves the cut with
 //! the pipe bound; a native driver (asking Xen through a `Hypervisor` port) can feed the
-//! same inputs. Cutting an epoch is one action ([`Action::CutEpoch`]), so a `DiskBarrier`
-//! port is cut at the same instant as the output buffer when it arrives, and merged with
-//! it. The invariant it all serves is described, with where it is enforced, in
+//! same inputs. Cutting an epoch is one action ([`Action::CutEpoch`]), so every
+//! replicated disk ([`DiskBarrier`]) is cut at the same instant as the output buffer, and
+//! merged with it; a disk cut that fails ends protection fail closed
+//! ([`Input::CutFailed`] → Aborted). The invariant it all serves is described, with where it is enforced, in
 //! [`crate::output_commit`].
 pub mod hypervisor;
 pub mod machine;
@@ -46,8 +48,8 @@ pub mod relay_mode;
 
 pub use machine::{Action, Input, Machine, MachineError, Phase, RunEnd, State};
 pub use ports::{
-    Acked, BackupEvent, BeforeFirstCut, DiscardedCopy, LossKind, LossReason, NetBuffer,
-    NetBufferError, Released, Replicator, ReplicatorError,
+    Acked, BackupEvent, BeforeFirstCut, DiscardedCopy, DiskBarrier, DiskBarrierError, LossKind,
+    LossReason, NetBuffer, NetBufferError, NoDisk, Released, Replicator, ReplicatorError,
 };
 pub use relay_mode::{PipeGauge, PipeSizes, RelayDriver};
 

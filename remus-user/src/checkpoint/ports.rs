@@ -1,9 +1,9 @@
-//! The ports the checkpoint loop drives: the output buffer ([`NetBuffer`]) and the
-//! backup ([`Replicator`]). They live beside their user so every implementation (the real
-//! eBPF buffer, the TCP replicator, the fakes of the state-machine tests) conforms to what
-//! the checkpoint loop needs, not the other way round. The ports the next issues add (a
-//! `DiskBarrier` cut at the same instant as the buffer's epoch) join them here; the
-//! `Hypervisor` port, with its own rules, is `checkpoint::hypervisor`.
+//! The ports the checkpoint loop drives: the output buffer ([`NetBuffer`]), the backup
+//! ([`Replicator`]) and the replicated disks ([`DiskBarrier`], cut at the same instant as
+//! the buffer's epoch). They live beside their user so every implementation (the real
+//! eBPF buffer, the TCP replicator, the disk daemon's control socket, the fakes of the
+//! state-machine tests) conforms to what the checkpoint loop needs, not the other way
+//! round. The `Hypervisor` port, with its own rules, is `checkpoint::hypervisor`.
 //!
 //! Owns: the traits and the types that cross them (including why a peer was lost).
 //! Never touches: any implementation.
@@ -232,4 +232,52 @@ pub trait Replicator: Send {
     fn discard(
         &mut self,
     ) -> impl std::future::Future<Output = Result<DiscardedCopy, ReplicatorError>> + Send;
+}
+
+/// Why a disk barrier operation failed, typed for the state machine and the relay.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DiskBarrierError {
+    /// The disk's backup is gone. A cut that fails so ends protection fail closed: the
+    /// memory backup may still activate its copy, so nothing more is released.
+    #[error("disk backup lost: {0}")]
+    Lost(String),
+    /// The backup's disk is still being synchronised: protection cannot start yet.
+    #[error("disk not in sync yet: {0}")]
+    NotInSync(String),
+    /// The disk daemon itself does not answer (crashed, not started).
+    #[error("disk daemon unreachable: {0}")]
+    Daemon(String),
+    /// The daemon refused (wrong role, wrong state); the message says which.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// A replicated disk as the checkpoint loop drives it on the primary: its epoch is cut
+/// at the same proven suspend instant as the output buffer's ([`Action::CutEpoch`]).
+/// Implemented over the disk daemon's control socket by `disk::barrier::PrimaryBarrier`,
+/// and by fakes in the state-machine tests.
+///
+/// [`Action::CutEpoch`]: super::Action::CutEpoch
+pub trait DiskBarrier: Send {
+    /// Blocks until the backup's disk is in sync (protection must not start before).
+    fn wait_in_sync(
+        &mut self,
+        timeout: std::time::Duration,
+    ) -> impl std::future::Future<Output = Result<(), DiskBarrierError>> + Send;
+    /// Closes the open disk epoch; returns its number, which must be the checkpoint's
+    /// (disk epochs are numbered like checkpoints, from 1).
+    fn cut(&mut self) -> impl std::future::Future<Output = Result<u64, DiskBarrierError>> + Send;
+}
+
+/// No disk: the type of a driver without replicated disks (it has no values).
+#[derive(Debug)]
+pub enum NoDisk {}
+
+impl DiskBarrier for NoDisk {
+    async fn wait_in_sync(&mut self, _: std::time::Duration) -> Result<(), DiskBarrierError> {
+        match *self {}
+    }
+    async fn cut(&mut self) -> Result<u64, DiskBarrierError> {
+        match *self {}
+    }
 }

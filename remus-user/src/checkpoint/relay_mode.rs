@@ -15,9 +15,9 @@
 //!
 //! 1. the parser reports the first post-suspend byte of N in the chunk just read; R is
 //!    the number of bytes read from the pipe so far (that chunk included);
-//! 2. the epoch is cut on every port ([`Action::CutEpoch`]: today the output buffer; disk
-//!    epochs join the same action), and the driver waits until the cut has taken effect;
-//!    nothing is read from the pipe meanwhile;
+//! 2. the epoch is cut on every port ([`Action::CutEpoch`]: the output buffer, then
+//!    every replicated disk in the order given), and the driver waits until each cut has
+//!    taken effect; nothing is read from the pipe meanwhile;
 //! 3. only then the pipe's fill F is read (FIONREAD, [`PipeGauge::fill`]). Whatever xl
 //!    had written when the cut took effect is at most what it has written now, R + F;
 //! 4. when libxc's CHECKPOINT record of N is seen ending at P: if P > R + F, libxc had
@@ -54,6 +54,17 @@
 //!
 //! Several vifs: the cut is one `close_epoch` on the group, which closes every vif's
 //! epoch in turn, and F is read after the last one; the proof covers them all.
+//!
+//! # Disks
+//!
+//! Each replicated disk ([`DiskBarrier`]) is cut after the output buffer, inside the same
+//! action, and F is read after the last disk's cut: the proof covers the disks too, so a
+//! proven checkpoint N has its memory, its output epoch and every disk's epoch N cut
+//! while the guest was suspended; an unproven one is merged for all of them alike (the
+//! backup merges the disk epochs when it is told, `relay::receive`). A disk cut that
+//! fails (its backup lost, the daemon gone) or returns an epoch that is not the
+//! checkpoint's ends protection fail closed ([`Input::CutFailed`]): the memory backup
+//! may still activate its copy, so nothing more may be released.
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -65,7 +76,9 @@ use tracing::{Span, debug, error, info, info_span, warn};
 
 use super::CheckpointError;
 use super::machine::{Action, Input, Machine, RunEnd, State};
-use super::ports::{Acked, BackupEvent, LossKind, LossReason, NetBuffer, Replicator};
+use super::ports::{
+    Acked, BackupEvent, DiskBarrier, LossKind, LossReason, NetBuffer, NoDisk, Replicator,
+};
 use crate::metrics::Metrics;
 use crate::stream::{Event, Parser};
 
@@ -134,10 +147,13 @@ struct Clock {
     suspended: Instant,
 }
 
-/// Drives the checkpoint machine from xl's stream (see the module docs).
-pub struct RelayDriver<B: NetBuffer, G: PipeGauge> {
+/// Drives the checkpoint machine from xl's stream (see the module docs). `D`: the
+/// replicated disks' port (none by default).
+pub struct RelayDriver<B: NetBuffer, G: PipeGauge, D: DiskBarrier = NoDisk> {
     pub(super) buffer: B,
     pub(super) pipe: G,
+    /// The replicated disks (a name for the log, the port), cut in this order.
+    pub(super) disks: Vec<(String, D)>,
     sizes: PipeSizes,
     /// The pipe's capacity as last set (or as found).
     capacity: u64,
@@ -168,6 +184,7 @@ impl<B: NetBuffer, G: PipeGauge> RelayDriver<B, G> {
         RelayDriver {
             buffer,
             pipe,
+            disks: Vec::new(),
             sizes,
             capacity,
             reads_behind: 0,
@@ -186,6 +203,31 @@ impl<B: NetBuffer, G: PipeGauge> RelayDriver<B, G> {
         }
     }
 
+    /// Cuts these disks at every checkpoint, with the output buffer (see "Disks" in the
+    /// module docs). Call before the first checkpoint.
+    pub fn with_disks<D: DiskBarrier>(self, disks: Vec<(String, D)>) -> RelayDriver<B, G, D> {
+        RelayDriver {
+            buffer: self.buffer,
+            pipe: self.pipe,
+            disks,
+            sizes: self.sizes,
+            capacity: self.capacity,
+            reads_behind: self.reads_behind,
+            metrics: self.metrics,
+            machine: self.machine,
+            cut: self.cut,
+            merged_out: self.merged_out,
+            spans: self.spans,
+            clocks: self.clocks,
+            last_acked: self.last_acked,
+            committed_epoch: self.committed_epoch,
+            merges: self.merges,
+            end_request: self.end_request,
+        }
+    }
+}
+
+impl<B: NetBuffer, G: PipeGauge, D: DiskBarrier> RelayDriver<B, G, D> {
     /// Ends protection when `rx` becomes true: the backup is asked to discard its copy,
     /// and only once it confirmed is anything released (see [`Replicator::discard`]).
     pub fn end_on_request(mut self, rx: watch::Receiver<bool>) -> Self {
@@ -244,7 +286,11 @@ impl<B: NetBuffer, G: PipeGauge> RelayDriver<B, G> {
         match a {
             Action::CutEpoch { checkpoint } => {
                 let epoch = self.buffer.close_epoch().await?;
-                // The cut has taken effect: only now may the fill be read (step 3).
+                if let Err(why) = self.cut_disks(checkpoint).await {
+                    error!(checkpoint, %why, "DISK CUT FAILED: protection ends fail closed; the guest's output stays held");
+                    return Ok(Some(Input::CutFailed { checkpoint, why }));
+                }
+                // Every cut has taken effect: only now may the fill be read (step 3).
                 self.note_fill(checkpoint);
                 let span = info_span!("checkpoint", n = checkpoint, epoch);
                 span.in_scope(|| debug!("epoch cut at the first post-suspend byte"));
@@ -294,6 +340,22 @@ impl<B: NetBuffer, G: PipeGauge> RelayDriver<B, G> {
                 Ok(Some(Input::FailedOpen(r)))
             }
         }
+    }
+
+    /// Cuts every disk's epoch in turn; each must close the checkpoint's epoch.
+    async fn cut_disks(&mut self, checkpoint: u64) -> Result<(), String> {
+        for (name, d) in &mut self.disks {
+            match d.cut().await {
+                Ok(e) if e == checkpoint => {}
+                Ok(e) => {
+                    return Err(format!(
+                        "disk {name} closed epoch {e}, not checkpoint {checkpoint}'s: its epochs do not match the checkpoints"
+                    ));
+                }
+                Err(e) => return Err(format!("disk {name}: {e}")),
+            }
+        }
+        Ok(())
     }
 
     /// Step 3 of the proof: F, read after the cut took effect. Then the pipe may be wide

@@ -20,6 +20,8 @@ enum Call {
     Fill,
     /// The pipe was resized to this many bytes.
     Resize(u64),
+    /// A fake disk cut its epoch: (disk, epoch).
+    DiskCut(&'static str, u64),
 }
 
 type Log = Arc<Mutex<Vec<Call>>>;
@@ -144,7 +146,7 @@ impl PipeGauge for FakePipe {
 /// F: what the fake pipe holds after each cut.
 const F: u64 = 4096;
 
-type Driver = RelayDriver<FakeBuffer, FakePipe>;
+type Driver<D = NoDisk> = RelayDriver<FakeBuffer, FakePipe, D>;
 
 fn driver_with(before_cut: u64, after_cut: u64) -> Driver {
     let log = Log::default();
@@ -167,12 +169,16 @@ fn driver() -> Driver {
     driver_with(F, F)
 }
 
-fn log_of(d: &Driver) -> Vec<Call> {
+fn log_of<D: DiskBarrier>(d: &Driver<D>) -> Vec<Call> {
     d.buffer().log.lock().unwrap().clone()
 }
 
 /// Stream events as the parser reports them, and the pipe position at each.
-async fn suspend(d: &mut Driver, n: u64, read: u64) -> Result<(), CheckpointError> {
+async fn suspend<D: DiskBarrier>(
+    d: &mut Driver<D>,
+    n: u64,
+    read: u64,
+) -> Result<(), CheckpointError> {
     let ev = Event::PostSuspendStart {
         checkpoint: n,
         pos: read,
@@ -180,12 +186,16 @@ async fn suspend(d: &mut Driver, n: u64, read: u64) -> Result<(), CheckpointErro
     d.on_stream_event(&ev, read).await
 }
 
-async fn libxc_checkpoint(d: &mut Driver, n: u64, end: u64) -> Result<(), CheckpointError> {
+async fn libxc_checkpoint<D: DiskBarrier>(
+    d: &mut Driver<D>,
+    n: u64,
+    end: u64,
+) -> Result<(), CheckpointError> {
     let ev = Event::LibxcCheckpoint { checkpoint: n, end };
     d.on_stream_event(&ev, end).await
 }
 
-async fn complete(d: &mut Driver, n: u64) {
+async fn complete<D: DiskBarrier>(d: &mut Driver<D>, n: u64) {
     let ev = Event::CheckpointComplete {
         checkpoint: n,
         end: 0,
@@ -193,7 +203,7 @@ async fn complete(d: &mut Driver, n: u64) {
     d.on_stream_event(&ev, 0).await.unwrap();
 }
 
-async fn ack(d: &mut Driver, n: u64) -> Result<(), CheckpointError> {
+async fn ack<D: DiskBarrier>(d: &mut Driver<D>, n: u64) -> Result<(), CheckpointError> {
     d.apply(Input::Ack { checkpoint: n }).await
 }
 
@@ -879,4 +889,149 @@ async fn ending_protection_mid_stream_commits_only_acked_epochs_before_opening()
     assert_eq!(calls.last(), Some(&Call::FailOpen));
     assert_eq!(calls.iter().filter(|c| **c == Call::FailOpen).count(), 1);
     assert!(d.buffer().commits().iter().all(|e| *e <= 2));
+}
+
+/// A fake replicated disk (state-machine tests only): records its cuts in the shared log;
+/// it can be told to fail (its backup lost) or to number its epochs out of step.
+struct FakeDisk {
+    name: &'static str,
+    next: u64,
+    log: Log,
+    lost: bool,
+}
+
+impl FakeDisk {
+    fn new(name: &'static str, log: &Log) -> FakeDisk {
+        FakeDisk {
+            name,
+            next: 1,
+            log: log.clone(),
+            lost: false,
+        }
+    }
+}
+
+impl DiskBarrier for FakeDisk {
+    async fn wait_in_sync(&mut self, _: std::time::Duration) -> Result<(), DiskBarrierError> {
+        Ok(())
+    }
+    async fn cut(&mut self) -> Result<u64, DiskBarrierError> {
+        if self.lost {
+            return Err(DiskBarrierError::Lost("fake: connection reset".into()));
+        }
+        let e = self.next;
+        self.next += 1;
+        self.log.lock().unwrap().push(Call::DiskCut(self.name, e));
+        Ok(e)
+    }
+}
+
+/// A driver with the fake disks `names`, sharing the buffer's log.
+fn driver_with_disks(names: &[&'static str]) -> Driver<FakeDisk> {
+    let d = driver();
+    let log = d.buffer().log.clone();
+    let disks = names
+        .iter()
+        .map(|n| (n.to_string(), FakeDisk::new(n, &log)))
+        .collect();
+    d.with_disks(disks)
+}
+
+#[tokio::test]
+async fn disks_are_cut_after_the_buffer_and_before_the_fill_is_read() {
+    let mut d = driver_with_disks(&["xvda", "xvdb"]);
+    suspend(&mut d, 1, 1000).await.unwrap();
+    let log: Vec<Call> = log_of(&d)
+        .into_iter()
+        .filter(|c| !matches!(c, Call::Resize(_)))
+        .collect();
+    assert_eq!(
+        log,
+        [
+            Call::Cut(1),
+            Call::DiskCut("xvda", 1),
+            Call::DiskCut("xvdb", 1),
+            Call::Fill
+        ],
+        "the proof's fill must be read after every port's cut"
+    );
+    libxc_checkpoint(&mut d, 1, 1000 + F + 1).await.unwrap();
+    complete(&mut d, 1).await;
+    ack(&mut d, 1).await.unwrap();
+    assert_eq!(d.committed_epoch(), 1);
+}
+
+#[tokio::test]
+async fn several_disks_are_cut_at_every_checkpoint_merged_ones_too() {
+    let mut d = driver_with_disks(&["a", "b", "c"]);
+    for n in 1..=3u64 {
+        suspend(&mut d, n, n * 10_000).await.unwrap();
+        // Checkpoint 2's cut is not proven: the disks were cut all the same (the backup
+        // merges their epochs when told), and the numbering stays in step.
+        let end = if n == 2 {
+            n * 10_000
+        } else {
+            n * 10_000 + F + 1
+        };
+        libxc_checkpoint(&mut d, n, end).await.unwrap();
+        complete(&mut d, n).await;
+    }
+    assert_eq!(d.take_merged(), [2]);
+    let cuts: Vec<Call> = log_of(&d)
+        .into_iter()
+        .filter(|c| matches!(c, Call::DiskCut(..)))
+        .collect();
+    let want: Vec<Call> = (1..=3)
+        .flat_map(|n| ["a", "b", "c"].map(|x| Call::DiskCut(x, n)))
+        .collect();
+    assert_eq!(cuts, want);
+    ack(&mut d, 3).await.unwrap();
+    assert_eq!(d.buffer().commits(), [3]);
+}
+
+#[tokio::test]
+async fn a_failed_disk_cut_ends_protection_fail_closed() {
+    let mut d = driver_with_disks(&["a", "b"]);
+    suspend(&mut d, 1, 1000).await.unwrap();
+    libxc_checkpoint(&mut d, 1, 1000 + F + 1).await.unwrap();
+    complete(&mut d, 1).await;
+    d.disks[1].1.lost = true;
+    match suspend(&mut d, 2, 5000).await {
+        Err(CheckpointError::Machine(MachineError::CutFailed { checkpoint, why })) => {
+            assert_eq!(checkpoint, 2);
+            assert!(why.contains("disk b"), "{why}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(d.state().phase(), Phase::Aborted);
+    // The ACK of checkpoint 1 arriving now releases nothing, and nothing fails open.
+    assert!(ack(&mut d, 1).await.is_err());
+    assert!(d.buffer().commits().is_empty(), "{:?}", d.buffer().calls);
+    assert!(!d.buffer().open);
+    assert!(!d.buffer().calls.contains(&Call::FailOpen));
+    // A lost memory backup afterwards does not open the buffer either.
+    assert!(
+        d.lost(LossReason::new(LossKind::Silence, "test"))
+            .await
+            .is_err()
+    );
+    assert!(!d.buffer().open);
+}
+
+#[tokio::test]
+async fn a_disk_epoch_out_of_step_with_the_checkpoints_ends_protection_fail_closed() {
+    let mut d = driver_with_disks(&["a"]);
+    // The daemon served an earlier run: its next epoch is 5, not checkpoint 1's.
+    d.disks[0].1.next = 5;
+    match suspend(&mut d, 1, 1000).await {
+        Err(CheckpointError::Machine(MachineError::CutFailed { checkpoint: 1, why })) => {
+            assert!(why.contains("epoch 5"), "{why}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(d.state().phase(), Phase::Aborted);
+    assert!(
+        !log_of(&d).contains(&Call::Fill),
+        "no proof after a failed cut"
+    );
 }

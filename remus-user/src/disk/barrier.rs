@@ -1,34 +1,19 @@
-//! The disk as the checkpoint controller and the relay see it (phase 2 wires these in):
-//! [`DiskBarrier`] on the primary (cut disk epoch N at the proven suspend point, and
-//! do not start before the backup's disk is in sync), [`BackupDisk`] on the backup
-//! (durable / merge / commit / failover, called by the relay's receive side).
+//! The disk as the checkpoint controller and the relay see it: [`PrimaryBarrier`], the
+//! checkpoint loop's [`DiskBarrier`] port on the primary (cut disk epoch N at the proven
+//! suspend point, and do not start before the backup's disk is in sync), [`BackupDisk`]
+//! on the backup (durable / merge / commit / failover, called by the relay's receive
+//! side).
 //!
 //! Owns: the typed clients of the daemons' control sockets. Never touches: the daemons'
-//! internals; the checkpoint state machine (`checkpoint/` will own the trait, see the
-//! proposal in docs/disk.md).
-use std::future::Future;
+//! internals; the checkpoint state machine (`checkpoint::ports` owns the trait).
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+pub use crate::checkpoint::ports::{DiskBarrier, DiskBarrierError};
 
 use super::control::{
     ApplyReport, Client, ControlError, ErrorKind, FailoverReport, Request, Response,
 };
-
-/// Why a barrier operation failed, typed for the state machine.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum DiskBarrierError {
-    /// The disk backup is gone: fail open (like a lost memory backup).
-    #[error("disk backup lost: {0}")]
-    Lost(String),
-    /// The backup's disk is still being synchronised: protection cannot start yet.
-    #[error("disk not in sync yet: {0}")]
-    NotInSync(String),
-    /// The disk daemon itself does not answer (crashed, not started).
-    #[error("disk daemon unreachable: {0}")]
-    Daemon(String),
-    #[error("{0}")]
-    Refused(String),
-}
 
 impl From<ControlError> for DiskBarrierError {
     fn from(e: ControlError) -> Self {
@@ -47,29 +32,57 @@ impl From<ControlError> for DiskBarrierError {
     }
 }
 
-/// The port the checkpoint state machine drives on the primary (proposed for
-/// `checkpoint/ports.rs`; implemented here by [`PrimaryBarrier`], by fakes in tests).
-pub trait DiskBarrier: Send {
-    /// Blocks until the backup's disk is in sync (checkpointing must not start before).
-    fn wait_in_sync(
-        &mut self,
-        timeout: Duration,
-    ) -> impl Future<Output = Result<(), DiskBarrierError>> + Send;
-    /// Closes the open disk epoch at the proven suspend point; returns its number, which
-    /// is the checkpoint's. Called exactly where the network epoch is closed.
-    fn cut(&mut self) -> impl Future<Output = Result<u64, DiskBarrierError>> + Send;
-}
-
 /// The primary daemon's control socket as a [`DiskBarrier`].
 pub struct PrimaryBarrier {
     c: Client,
+    /// The daemon's `--name` (known after [`PrimaryBarrier::connect_fresh`]).
+    name: String,
 }
 
 impl PrimaryBarrier {
     pub async fn connect(socket: &Path) -> Result<PrimaryBarrier, DiskBarrierError> {
         Ok(PrimaryBarrier {
             c: Client::connect(socket).await?,
+            name: String::new(),
         })
+    }
+
+    /// Connects and checks that the daemon can join a checkpoint loop from its start: it
+    /// is a primary (`disk serve`), it replicates to a backup, and it has cut no epoch yet
+    /// (its epochs must be numbered like the relay's checkpoints, from 1).
+    pub async fn connect_fresh(socket: &Path) -> Result<PrimaryBarrier, DiskBarrierError> {
+        let mut b = PrimaryBarrier::connect(socket).await?;
+        let s = b.c.status().await?;
+        let at = socket.display();
+        if s.role != "primary" {
+            return Err(DiskBarrierError::Refused(format!(
+                "{at} is a {} disk daemon (`remus disk receive`): relay send needs the primary's (`remus disk serve`)",
+                s.role
+            )));
+        }
+        if s.backup.is_none() {
+            return Err(DiskBarrierError::Refused(format!(
+                "{at} ({}) replicates to no backup (started without --backup): nothing to protect",
+                s.name
+            )));
+        }
+        if let Some(l) = s.lost {
+            return Err(DiskBarrierError::Lost(format!("{at} ({}): {l}", s.name)));
+        }
+        let open = s.epoch.unwrap_or(1);
+        if open != 1 {
+            return Err(DiskBarrierError::Refused(format!(
+                "{at} ({}) has cut {} epochs already (an earlier protection run): its epochs would not match the checkpoints; start both disk daemons again",
+                s.name,
+                open.saturating_sub(1)
+            )));
+        }
+        b.name = s.name;
+        Ok(b)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
     }
 }
 
@@ -98,13 +111,47 @@ impl DiskBarrier for PrimaryBarrier {
 /// The backup daemon as the relay's receive side drives it.
 pub struct BackupDisk {
     c: Client,
+    /// The daemon's `--name` (known after [`BackupDisk::connect_checked`]).
+    name: String,
 }
 
 impl BackupDisk {
     pub async fn connect(socket: &Path) -> Result<BackupDisk, DiskBarrierError> {
         Ok(BackupDisk {
             c: Client::connect(socket).await?,
+            name: String::new(),
         })
+    }
+
+    /// Connects and checks that the daemon is a backup (`disk receive`) that has not
+    /// failed over yet.
+    pub async fn connect_checked(socket: &Path) -> Result<BackupDisk, DiskBarrierError> {
+        let mut b = BackupDisk::connect(socket).await?;
+        let s = b.c.status().await?;
+        let at = socket.display();
+        if s.role != "backup" {
+            return Err(DiskBarrierError::Refused(format!(
+                "{at} is a {} disk daemon (`remus disk serve`): relay receive needs the backup's (`remus disk receive`)",
+                s.role
+            )));
+        }
+        if s.device.is_some() {
+            return Err(DiskBarrierError::Refused(format!(
+                "{at} ({}) has failed over already (its disk is exported): start it again for a new primary",
+                s.name
+            )));
+        }
+        b.name = s.name;
+        Ok(b)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The daemon's status.
+    pub async fn status(&mut self) -> Result<super::control::DiskStatus, DiskBarrierError> {
+        Ok(self.c.status().await?)
     }
 
     /// Epoch `n` complete and fsync'ed in the journal. ACK(N) waits for this.

@@ -33,7 +33,9 @@ pub use heartbeat::{
     DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_TIMEOUT, Heartbeat, HeartbeatError,
     MIN_HEARTBEAT_TIMEOUT,
 };
-pub use status::{RelayState, RelayStatus, SessionEnd, Shared, StatusGuard, serve_status};
+pub use status::{
+    DiskState, RelayState, RelayStatus, SessionEnd, Shared, StatusGuard, serve_status,
+};
 
 /// What xl migrate-receive prints before it reads anything (54 bytes).
 pub const BANNER: &[u8] = b"xl migration receiver ready, send binary domain data.\n";

@@ -207,6 +207,28 @@ pub struct RelayStatus {
     /// Send with `--domain`: how the guest is suspended and how long that takes.
     #[serde(default)]
     pub suspend: Option<SuspendStatus>,
+    /// The replicated disks (`--disk`), in the order they are cut.
+    #[serde(default)]
+    pub disks: Vec<DiskState>,
+}
+
+/// One replicated disk as a relay end drives it (`relay status -j`, key `disks`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskState {
+    /// The disk daemon's control socket.
+    pub socket: String,
+    /// The daemon's `--name`.
+    pub name: String,
+    /// Send: the last epoch cut (= checkpoint).
+    pub last_cut: u64,
+    /// Receive: the last epoch found durable in the journal before its ACK.
+    pub last_durable: u64,
+    /// Receive: the last epoch committed (applied) after its ACK.
+    pub last_committed: u64,
+    /// Receive: the checkpoint the disk failed over to.
+    pub failed_over: Option<u64>,
+    /// The last failure on this disk, if any.
+    pub error: Option<String>,
 }
 
 /// The protected domain's suspend path and timings (`relay send --domain`).
@@ -274,6 +296,15 @@ impl Shared {
         if let Ok(mut g) = self.info.lock() {
             f(&mut g);
         }
+    }
+
+    /// Updates the state of disk `i` (no-op for an unknown index).
+    pub fn set_disk(&self, i: usize, f: impl FnOnce(&mut DiskState)) {
+        self.set_quietly(|s| {
+            if let Some(d) = s.disks.get_mut(i) {
+                f(d)
+            }
+        });
     }
 
     /// Moves to `state`.
@@ -469,6 +500,20 @@ pub fn render(s: &RelayStatus) -> String {
     render_failures(&mut o, s);
     if let Some(sus) = &s.suspend {
         render_suspend(&mut o, sus);
+    }
+    for d in &s.disks {
+        let mut v = if s.role == Role::Send {
+            format!("cut {}", d.last_cut)
+        } else {
+            format!("durable {}, committed {}", d.last_durable, d.last_committed)
+        };
+        if let Some(f) = d.failed_over {
+            v.push_str(&format!(", failed over to {f}"));
+        }
+        if let Some(e) = &d.error {
+            v.push_str(&format!(" (error: {e})"));
+        }
+        line(&mut o, &format!("disk {}", d.name), v);
     }
     if let Some(e) = &s.last_event {
         line(&mut o, "last event", e.clone());

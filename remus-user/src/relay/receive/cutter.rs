@@ -41,6 +41,31 @@ pub enum Step {
     Write(Bytes),
     /// Checkpoint N is wholly written once the preceding writes are: acknowledge it.
     Ack(u64),
+    /// Not from the cutter: the session puts it before checkpoint N's writes when disks
+    /// are replicated. Every disk must hold epoch N durably before N reaches the receiver.
+    Durable(u64),
+    /// Not from the cutter: the primary said checkpoint N is merged; the disks are told.
+    Merged(u64),
+}
+
+/// Puts `Durable(N)` before the writes that precede each `Ack(N)` in `steps` (the
+/// session does this when disks are replicated; see `receive::disks`).
+pub fn with_durable(steps: &mut Vec<Step>) {
+    if !steps.iter().any(|s| matches!(s, Step::Ack(_))) {
+        return;
+    }
+    let mut out = Vec::with_capacity(steps.len() + 2);
+    let mut segment = 0;
+    for s in steps.drain(..) {
+        if let Step::Ack(n) = s {
+            out.insert(segment, Step::Durable(n));
+            out.push(s);
+            segment = out.len();
+        } else {
+            out.push(s);
+        }
+    }
+    *steps = out;
 }
 
 /// A merge notice that cannot be honoured.
@@ -239,6 +264,9 @@ mod tests {
                     match s {
                         Step::Write(b) => out.extend_from_slice(&b),
                         Step::Ack(n) => acks.push(n),
+                        s @ (Step::Durable(_) | Step::Merged(_)) => {
+                            panic!("the cutter never emits {s:?}")
+                        }
                     }
                 }
                 pos = end;
@@ -488,5 +516,44 @@ mod tests {
             steps.is_empty(),
             "nothing of a bad stream reaches the receiver"
         );
+    }
+}
+
+#[cfg(test)]
+mod durable_tests {
+    use super::*;
+
+    fn w(b: &'static [u8]) -> Step {
+        Step::Write(Bytes::from_static(b))
+    }
+
+    #[test]
+    fn durable_goes_before_each_checkpoints_writes() {
+        let mut steps = vec![
+            w(b"a"),
+            w(b"b"),
+            Step::Ack(3),
+            w(b"c"),
+            Step::Ack(4),
+            w(b"d"),
+        ];
+        with_durable(&mut steps);
+        assert_eq!(
+            steps,
+            [
+                Step::Durable(3),
+                w(b"a"),
+                w(b"b"),
+                Step::Ack(3),
+                Step::Durable(4),
+                w(b"c"),
+                Step::Ack(4),
+                w(b"d"),
+            ]
+        );
+        // Without an ACK (checkpoint 1 streaming through, a held checkpoint) nothing waits.
+        let mut steps = vec![w(b"x")];
+        with_durable(&mut steps);
+        assert_eq!(steps, [w(b"x")]);
     }
 }

@@ -26,6 +26,10 @@
 //!                                            end), answered: ABORT
 //! ```
 //!
+//! With replicated disks (`--disk`, [`disks`]) a checkpoint reaches the receiver only once
+//! every disk holds its epoch durably, and the receiver's stream is closed for a failover
+//! only once every disk failed over to the checkpoint it holds.
+//!
 //! A probe (HELLO with the probe flag) is answered with PROBE_OK after the usual
 //! authentication, and nothing else happens: no session, no receiver, no refusal.
 use std::sync::Arc;
@@ -47,6 +51,7 @@ use crate::replication::{self, FrameReader, Incoming, Key, Message, ServerConfig
 
 pub mod cutter;
 pub mod discard;
+pub mod disks;
 pub mod receiver;
 
 pub use cutter::{Cutter, MergeError, Step};
@@ -70,6 +75,10 @@ pub struct ReceiveOptions {
     pub banner_timeout: Duration,
     /// Serve one primary, then exit (tests and benchmarks).
     pub once: bool,
+    /// The backup disk daemons' control sockets (`--disk`, see [`disks`]).
+    pub disks: Vec<std::path::PathBuf>,
+    /// How long one checkpoint may wait for a disk's epoch to become durable.
+    pub disk_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -237,7 +246,7 @@ struct Live {
     cutter: Cutter,
     decoder: Option<PageDecoder>,
     feed: mpsc::Sender<Step>,
-    feeder: tokio::task::JoinHandle<Result<(), receiver::ReceiverError>>,
+    feeder: tokio::task::JoinHandle<receiver::Fed>,
     child: tokio::process::Child,
     /// The receiver's process group (frozen and killed as one on DISCARD).
     pgid: u32,
@@ -245,6 +254,10 @@ struct Live {
     name: DomainName,
     waiting_since: Instant,
     steps: Vec<Step>,
+    /// Disks are replicated: each checkpoint waits for them ([`disks`]).
+    with_disks: bool,
+    /// Checkpoints the primary said were merged, not yet passed to the feeder.
+    merges: Vec<u64>,
 }
 
 /// What the session needs besides its state.
@@ -295,6 +308,24 @@ async fn start(reader: OwnedReadHalf, mut w: OwnedWriteHalf, ctx: &Ctx<'_>) -> P
     let m = ctx.shared.metrics.clone();
     // Every frame from here on is sealed, the refusal too.
     let sealer = &ctx.session.keys.sealer;
+    // The disks first: without them this backup holds no usable copy.
+    let disks = if ctx.opts.disks.is_empty() {
+        None
+    } else {
+        match disks::BackupDisks::connect(&ctx.opts.disks, ctx.opts.disk_timeout, ctx.shared).await
+        {
+            Ok(d) => Some(d),
+            Err(e) => {
+                error!("{e}");
+                ctx.shared
+                    .set(|s| s.last_event = Some(format!("refused a session: {e}")));
+                let why = format!("the backup's disk is not usable: {e}");
+                let _ = sealer.send(&mut w, &Message::abort(why)).await;
+                return Phase::Done;
+            }
+        }
+    };
+    let with_disks = disks.is_some();
     let started = match receiver::start(&ctx.opts.receiver_cmd, ctx.opts.banner_timeout).await {
         Ok(s) => s,
         Err(e) => {
@@ -331,7 +362,7 @@ async fn start(reader: OwnedReadHalf, mut w: OwnedWriteHalf, ctx: &Ctx<'_>) -> P
     ctx.shared.enter(RelayState::Replicating);
     // The feeder writes whole checkpoints to the receiver and acknowledges each once
     // written, while the session keeps reading the next one (and watching for silence).
-    let (feed, feeder) = receiver::spawn_feeder(started.stdin, tx.clone(), m);
+    let (feed, feeder) = receiver::spawn_feeder(started.stdin, tx.clone(), m, disks);
     Phase::Replicating(Box::new(Live {
         reader: FrameReader::new(reader, ctx.session.keys.opener.clone()),
         tx,
@@ -346,12 +377,23 @@ async fn start(reader: OwnedReadHalf, mut w: OwnedWriteHalf, ctx: &Ctx<'_>) -> P
         name: DomainName::new(),
         waiting_since: Instant::now(),
         steps: Vec::new(),
+        with_disks,
+        merges: Vec::new(),
     }))
 }
 
 /// Replicating → Replicating (one frame handled) or Closing.
 async fn replicate(mut live: Box<Live>, ctx: &Ctx<'_>) -> Phase {
-    match next_stream_bytes(&mut live, ctx).await {
+    let r = next_stream_bytes(&mut live, ctx).await;
+    // A merge notice goes to the disks before any later checkpoint's steps.
+    for n in std::mem::take(&mut live.merges) {
+        if live.with_disks && live.feed.send(Step::Merged(n)).await.is_err() {
+            let gone = receiver::ReceiverError::Gone.to_string();
+            let end = Ending::Lost(LossReason::new(LossKind::LocalFailure, gone));
+            return Phase::Closing { live, end };
+        }
+    }
+    match r {
         Ok(None) => Phase::Replicating(live),
         Ok(Some(data)) => match cut_and_feed(&mut live, data).await {
             Ok(()) => Phase::Replicating(live),
@@ -439,6 +481,7 @@ fn on_message(live: &mut Live, m: Message) -> Result<Option<Bytes>, Ending> {
         Message::Heartbeat { .. } => Ok(None),
         Message::Merged { checkpoint } => match live.cutter.merged(checkpoint) {
             Ok(()) => {
+                live.merges.push(checkpoint);
                 info!(
                     checkpoint,
                     "the primary could not prove checkpoint {checkpoint}'s cut: it is no failover point and goes to the receiver with the next one"
@@ -472,6 +515,9 @@ async fn cut_and_feed(live: &mut Live, data: Bytes) -> Result<(), Ending> {
             LossKind::Corrupt,
             format!("the primary sent a malformed stream: {e}"),
         )));
+    }
+    if live.with_disks {
+        cutter::with_durable(&mut live.steps);
     }
     for s in live.steps.drain(..) {
         if live.feed.send(s).await.is_err() {
@@ -572,23 +618,51 @@ async fn close(live: Live, end: Ending, ctx: &Ctx<'_>) -> Phase {
         Ending::Closed { finished } => Ok(finished),
         Ending::Lost(reason) => Err(reason),
     };
-    // The feeder writes what is queued (whole checkpoints only), then closes the
-    // receiver's stdin: the failover signal, or the normal end of a plain migration.
+    // The feeder writes what is queued (whole checkpoints only) and hands the receiver's
+    // stdin back; closing it is the failover signal, or the normal end of a plain
+    // migration.
     drop(feed);
-    let end = match feeder.await {
-        Ok(Ok(())) => end,
+    let fed = match feeder.await {
+        Ok(fed) => fed,
+        // The task died with the stdin it held: the stream is closed already.
+        Err(e) => {
+            let why = receiver::ReceiverError::Feeder(e).to_string();
+            return closed(c, Err(LossReason::new(LossKind::LocalFailure, why)), ctx).await;
+        }
+    };
+    let end = match fed.result {
+        Ok(()) => end,
         // The receiver closed its stdin itself (it died): it cannot see an end either.
-        Ok(Err(receiver::ReceiverError::Write(e)))
-            if e.kind() == std::io::ErrorKind::BrokenPipe =>
-        {
+        Err(receiver::ReceiverError::Write(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            drop(fed.stdin);
             return receiver_ended(c, None, ctx).await;
         }
-        Ok(Err(e)) => Err(LossReason::new(LossKind::LocalFailure, e.to_string())),
-        Err(e) => Err(LossReason::new(
-            LossKind::LocalFailure,
-            receiver::ReceiverError::Feeder(e).to_string(),
-        )),
+        Err(e) => Err(LossReason::new(LossKind::LocalFailure, e.to_string())),
     };
+    // Every disk goes to the checkpoint the receiver holds before its stream closes, so
+    // xl activates the guest on disks at exactly that checkpoint; if one cannot, the
+    // receiver is killed instead (no guest rather than a guest on the wrong disk).
+    if let Some(mut disks) = fed.disks.filter(|d| !d.is_empty())
+        && !matches!(end, Ok(true))
+        && fed.last > 0
+        && let Err(why) = disks.failover(fed.last).await
+    {
+        kill_group(c.pgid);
+        drop(fed.stdin);
+        return disk_failover_failed(c, fed.last, why, ctx).await;
+    }
+    drop(fed.stdin);
+    let n = if ctx.opts.disks.is_empty() {
+        c.cutter.complete()
+    } else {
+        fed.last
+    };
+    closed(c, end.map(|f| (f, n)), ctx).await
+}
+
+/// The receiver's stream is closed: answer the primary, report, wait for the receiver.
+/// `end`: Ok((finished, checkpoint failed over to)) or why the session was lost.
+async fn closed(c: Closing, end: Result<(bool, u64), LossReason>, ctx: &Ctx<'_>) -> Phase {
     // CLOSE answers CLOSE (orderly, even if the backup now fails over), ABORT otherwise.
     let answer = match &end {
         Ok(_) => Message::Close {
@@ -597,13 +671,36 @@ async fn close(live: Live, end: Ending, ctx: &Ctx<'_>) -> Phase {
         },
         Err(reason) => Message::abort(reason.detail.clone()),
     };
-    report_end(end, &c.cutter, ctx.shared);
+    let n = end.as_ref().map_or(c.cutter.complete(), |(_, n)| *n);
+    report_end(end.map(|(f, _)| f), n, &c.cutter, ctx.shared);
     let (_, _, mut child) = c.answer(answer).await;
     ctx.shared.enter(RelayState::WaitingForReceiverExit);
     match child.wait().await {
         Ok(st) => info!(status = %st, "the receiver exited"),
         Err(e) => warn!(error = %e, "waiting for the receiver"),
     }
+    Phase::Done
+}
+
+/// A disk could not fail over to checkpoint `n`: the receiver was killed before its
+/// stream could end, so no guest starts on a disk that is not at `n`. No failover.
+async fn disk_failover_failed(c: Closing, n: u64, why: String, ctx: &Ctx<'_>) -> Phase {
+    error!(
+        checkpoint = n,
+        %why,
+        "NO FAILOVER: a disk could not fail over to checkpoint {n}; the receiver was killed before its stream ended, so the guest is not started on a disk that is not at checkpoint {n}"
+    );
+    ctx.shared.set(|s| {
+        s.last_event = Some(format!(
+            "no failover: a disk could not fail over to checkpoint {n} ({why}); the receiver was killed"
+        ));
+    });
+    let (_, _, mut child) = c
+        .answer(Message::abort(format!(
+            "the backup's disk could not fail over: {why}"
+        )))
+        .await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
     Phase::Done
 }
 
@@ -625,7 +722,7 @@ fn kill_group(pgid: u32) -> bool {
 async fn discard(
     c: Closing,
     feed: mpsc::Sender<Step>,
-    feeder: tokio::task::JoinHandle<Result<(), receiver::ReceiverError>>,
+    feeder: tokio::task::JoinHandle<receiver::Fed>,
     ctx: &Ctx<'_>,
 ) -> Phase {
     let n = c.cutter.complete();
@@ -743,8 +840,7 @@ async fn receiver_ended(
 
 /// Logs and shows how a session whose receiver's stream was closed ended: a finished
 /// plain migration (`Ok(true)`), or a failover from the last whole checkpoint.
-fn report_end(end: Result<bool, LossReason>, cutter: &Cutter, shared: &Shared) {
-    let n = cutter.complete();
+fn report_end(end: Result<bool, LossReason>, n: u64, cutter: &Cutter, shared: &Shared) {
     let reason = match end {
         Ok(true) => {
             info!(

@@ -18,9 +18,10 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::mpsc;
-use tracing::{debug, info_span};
+use tracing::{debug, error, info_span};
 
 use super::cutter::Step;
+use super::disks::BackupDisks;
 use crate::metrics::Metrics;
 use crate::relay::connection::write_all_vectored;
 use crate::replication::{MAX_BANNER, Message};
@@ -164,26 +165,64 @@ async fn read_banner(
     Ok(banner)
 }
 
+/// What the feeder hands back when its queue closed or a write failed: the receiver's
+/// stdin, still open (the session closes it: after the disks failed over, or never),
+/// the last checkpoint written whole, and the disks.
+pub struct Fed {
+    pub stdin: ChildStdin,
+    /// The last checkpoint written whole to the receiver (and acknowledged): what the
+    /// receiver fails over to when its stream closes now.
+    pub last: u64,
+    pub result: Result<(), ReceiverError>,
+    pub disks: Option<BackupDisks>,
+}
+
 /// Writes steps to the receiver in order; acknowledges a checkpoint once its bytes are
 /// written, with the time spent writing them (since the previous ACK). Write steps that
 /// are queued together go out in one `writev` (a checkpoint is held as the frames it
-/// arrived in). Ends (closing the receiver's stdin) when the queue closes or a write
-/// fails.
+/// arrived in). Ends when the queue closes or a write fails, handing the receiver's
+/// stdin back ([`Fed`]).
+///
+/// With `disks`: at `Durable(N)` every disk must hold epoch N durably before anything
+/// more is written; if one cannot, the feeder stalls: nothing more reaches the receiver
+/// and nothing more is acknowledged (the primary keeps holding the guest's output), so
+/// the receiver can only fail over to a checkpoint every disk has. After `Ack(N)` the
+/// disks commit N; `Merged(N)` is passed on to them.
 pub fn spawn_feeder(
     mut stdin: ChildStdin,
     acks: mpsc::Sender<Message>,
     m: Arc<Metrics>,
-) -> (
-    mpsc::Sender<Step>,
-    tokio::task::JoinHandle<Result<(), ReceiverError>>,
-) {
+    mut disks: Option<BackupDisks>,
+) -> (mpsc::Sender<Step>, tokio::task::JoinHandle<Fed>) {
     let (feed_tx, mut feed_rx) = mpsc::channel::<Step>(256);
     let h = tokio::spawn(async move {
         let mut writing = Duration::ZERO;
         let mut batch = VecDeque::new();
+        let mut last = 0;
+        let mut stalled = false;
         let mut next = feed_rx.recv().await;
         while let Some(step) = next.take() {
             let n = match step {
+                Step::Durable(n) => {
+                    if let (false, Some(d)) = (stalled, disks.as_mut())
+                        && let Err(why) = d.durable(n).await
+                    {
+                        stalled = true;
+                        error!(checkpoint = n, %why, "DISK NOT DURABLE: checkpoint {n} is not written to the receiver and not acknowledged; nothing more is (a failover goes to checkpoint {last}, where every disk is)");
+                    }
+                    None
+                }
+                Step::Merged(n) => {
+                    if let Some(d) = disks.as_mut() {
+                        d.merge(n).await;
+                    }
+                    None
+                }
+                Step::Write(b) if stalled => {
+                    drop(b);
+                    None
+                }
+                Step::Ack(_) if stalled => None,
                 Step::Write(b) => {
                     batch.push_back(b);
                     // Whatever else is queued, up to an ACK, joins this write.
@@ -197,9 +236,17 @@ pub fn spawn_feeder(
                         }
                     }
                     let t = std::time::Instant::now();
-                    let bytes = write_all_vectored(&mut stdin, &mut batch)
-                        .await
-                        .map_err(ReceiverError::Write)?;
+                    let bytes = match write_all_vectored(&mut stdin, &mut batch).await {
+                        Ok(b) => b,
+                        Err(e) => {
+                            return Fed {
+                                stdin,
+                                last,
+                                result: Err(ReceiverError::Write(e)),
+                                disks,
+                            };
+                        }
+                    };
                     writing += t.elapsed();
                     m.stream_bytes_total.inc_by(bytes);
                     None
@@ -208,13 +255,21 @@ pub fn spawn_feeder(
             };
             if let Some(n) = n {
                 acknowledge(n, std::mem::take(&mut writing), &acks, &m).await;
+                last = n;
+                if let Some(d) = disks.as_mut() {
+                    d.commit(n).await;
+                }
             }
             if next.is_none() {
                 next = feed_rx.recv().await;
             }
         }
-        drop(stdin);
-        Ok(())
+        Fed {
+            stdin,
+            last,
+            result: Ok(()),
+            disks,
+        }
     });
     (feed_tx, h)
 }

@@ -19,13 +19,14 @@ use tracing::{error, info, warn};
 use super::control::{EndAnswer, EndControl};
 use super::{Heartbeat, RelayState, Shared};
 use crate::checkpoint::{
-    CheckpointError, LossReason, NetBuffer, NetBufferError, PipeGauge, PipeSizes, RelayDriver,
-    Released, RunEnd,
+    CheckpointError, DiskBarrierError, LossReason, NetBuffer, NetBufferError, PipeGauge, PipeSizes,
+    RelayDriver, Released, RunEnd,
 };
 use crate::compress::Codec;
 use crate::exit::{ExitCode, HasExitCode};
 use crate::replication::{self, ClientConfig, FrameReader, Key, Message, Session, WireError};
 
+pub mod disks;
 pub mod replicator;
 pub mod suspend;
 
@@ -51,6 +52,10 @@ pub struct SendOptions {
     pub min_version: u16,
     /// The sizes of xl's pipe (`checkpoint::relay_mode`, "Sizing xl's pipe").
     pub pipe: PipeSizes,
+    /// The primary disk daemons' control sockets (`--disk`): cut at every checkpoint.
+    pub disks: Vec<std::path::PathBuf>,
+    /// How long the disks may take to be in sync before protection starts.
+    pub disk_sync_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +87,9 @@ pub enum SendError {
     Stdout(std::io::Error),
     #[error(transparent)]
     Controller(#[from] CheckpointError),
+    /// A disk cannot join protection (before anything was replicated).
+    #[error(transparent)]
+    Disk(#[from] disks::DiskSetupError),
     #[error("the backup {addr} was lost: {reason}")]
     PeerLost { addr: String, reason: LossReason },
 }
@@ -105,6 +113,14 @@ impl HasExitCode for SendError {
             // Ending protection was not confirmed: output held, its own code.
             SendError::Controller(CheckpointError::EndUnconfirmed(_)) => ExitCode::Unconfirmed,
             SendError::StdinNotPipe(_) | SendError::PipeBusy => ExitCode::Usage,
+            // A backup's daemon, one that cut epochs already: the operator's to fix.
+            SendError::Disk(e) if matches!(e.source, DiskBarrierError::Refused(_)) => {
+                ExitCode::Usage
+            }
+            // The disk's backup is gone before protection started.
+            SendError::Disk(e) if matches!(e.source, DiskBarrierError::Lost(_)) => {
+                ExitCode::PeerLost
+            }
             // The two key files differ: the operator's to fix, like a bad key file.
             SendError::Handshake {
                 source: WireError::AuthFailed(_),
@@ -362,7 +378,12 @@ async fn run_inner<B: NetBuffer>(
     shared: &Arc<Shared>,
     control: &EndControl,
 ) -> Result<RunEnd, SendError> {
-    let c = match setup(&opts, shared).await {
+    let disks = disks::connect_all(&opts.disks, opts.disk_sync_timeout, shared).await;
+    let c = match disks.map_err(SendError::from) {
+        Ok(disks) => setup(&opts, shared).await.map(|c| (c, disks)),
+        Err(e) => Err(e),
+    };
+    let (c, disks) = match c {
         Ok(c) => c,
         Err(e) => {
             // Nothing was replicated, and xl resumes the guest when we exit: what the
@@ -391,7 +412,8 @@ async fn run_inner<B: NetBuffer>(
         opts.pipe,
         shared.metrics.clone(),
     )
-    .end_on_request(control.requested());
+    .end_on_request(control.requested())
+    .with_disks(disks);
     // Only shows the state while the driver carries a request out.
     let show = {
         let shared = shared.clone();
