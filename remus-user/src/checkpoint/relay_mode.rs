@@ -213,6 +213,8 @@ impl<B: NetBuffer, G: PipeGauge> RelayDriver<B, G> {
             sizes: self.sizes,
             capacity: self.capacity,
             reads_behind: self.reads_behind,
+            idle_at: self.idle_at,
+            narrow_since: self.narrow_since,
             metrics: self.metrics,
             machine: self.machine,
             cut: self.cut,
