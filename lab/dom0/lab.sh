@@ -21,6 +21,15 @@
 #                                 the sending side in it (hold.py says how)
 #   lab stop-sender               SIGSTOP the sending side (ends a capture cleanly)
 #   lab domains                   the names of the domains this host runs, one a line
+#   lab disk-receive ADDR:PORT    (backup, scenario `disk`) `remus disk receive` of the
+#                                 replicated disk guestdisk, listening there (/dev/nbd0
+#                                 after its failover); relay-receive then adds --disk
+#   lab disk-serve PEER:PORT      (primary) `remus disk serve` of guestdisk as /dev/nbd0
+#                                 to that backup, until it is in sync; guest-up then gives
+#                                 the guest the disk (script=block-remus) and remus-start
+#                                 relay adds `xl remus -d` and the relay's --disk
+#   lab disk-check                what the guest's service says of its disk (`disk?`: its
+#                                 memory vs its disk), then the disk daemon's status
 #   lab cleanup                   kill everything the lab started, destroy all guests
 # State in /run/lab, logs in /share/run. Times are dom0's clock, Unix seconds.
 # LAB_RELAY_BUFFER replaces the relay's `--vif vifN.0` (e.g. `--no-buffer`, diagnostics).
@@ -39,6 +48,16 @@ HB=${LAB_HEARTBEAT:---heartbeat-interval 300ms --heartbeat-timeout 8s}
 export SOCK_SEND=/run/remus/lab-send.sock
 export SOCK_RECEIVE=/run/remus/lab-receive.sock
 KEY=/root/remus.key
+# The scenario `disk`: one replicated disk, guestdisk, a sparse file on each host served
+# as /dev/nbd0. $S/disk.name (written once the daemon runs) is what makes guest-up,
+# relay-receive and remus-start use it; cleanup removes it.
+DISK=guestdisk
+DISK_DIR=/var/lib/remus-lab
+DISK_SOCK=/run/remus/disk-$DISK.sock
+DISK_MB=${LAB_DISK_MB:-64}
+# As loose as the relay's (HB), and a little looser: a disk daemon that judges its peer
+# lost ends protection fail closed (the next cut fails).
+DISK_HB=${LAB_DISK_HEARTBEAT:---heartbeat-interval 500ms --heartbeat-timeout 10s}
 mkdir -p "$S" "$L"
 
 die() { echo "lab: $*" >&2; exit 1; }
@@ -67,6 +86,11 @@ vcpus = 1
 vif = [ 'mac=00:16:3e:4c:41:42,bridge=xenbr0' ]
 on_crash = "preserve"
 CFG
+    # The scenario `disk`: the replicated disk, by name (block-remus asks the local disk
+    # daemon for its device; the same config works on the backup after its failover).
+    if [ -s "$S/disk.name" ]; then
+        echo "disk = [ 'vdev=xvda, access=w, script=block-remus, target=$(cat "$S/disk.name")' ]" >>"$S/guest.cfg"
+    fi
     t0=$(now)
     xl create "$S/guest.cfg" || die "xl create failed"
     i=0
@@ -105,7 +129,7 @@ relay_receive() {
     install_key
     rm -f "$S/receiver.pid" "$L/relay-receive.json"
     bg receiver remus relay receive --listen "$listen" --key-file "$KEY" $HB \
-        --status-socket "$SOCK_RECEIVE"
+        --status-socket "$SOCK_RECEIVE" $(disk_flag)
     sleep 1
     kill -0 "$(cat "$S/receiver.pid")" 2>/dev/null || die "remus relay receive exited: $(tail -n 20 "$L/receiver.log")"
     start_sampler
@@ -132,8 +156,8 @@ remus_start() {
         [ -n "$peer" ] || die "remus-start relay needs the backup relay's ADDR:PORT"
         install_key
         rm -f "$L/relay-send.json"
-        bg sender xl -vvv remus -F -n -i "$INTERVAL" -s '' guest \
-            "remus relay send --backup $peer --key-file $KEY ${LAB_RELAY_BUFFER:---vif vif$d.0} $HB --status-socket $SOCK_SEND"
+        bg sender xl -vvv remus -F -n $(disk_xl_flag) -i "$INTERVAL" -s '' guest \
+            "remus relay send --backup $peer --key-file $KEY ${LAB_RELAY_BUFFER:---vif vif$d.0} $HB --status-socket $SOCK_SEND $(disk_flag)"
         start_sampler
         ;;
     *) die "unknown mode $mode" ;;
@@ -199,6 +223,83 @@ stop_sender() {
 # True if pid $1 is alive and its argv contains $2 (pid files can outlive their process).
 is() { tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -q -- "$2"; }
 
+# The relay's --disk for the replicated disk, if this host runs its daemon.
+disk_flag() { [ -s "$S/disk.name" ] && echo "--disk $DISK_SOCK"; }
+# xl remus must not replicate the disk itself (libxl's remus knows only DRBD): -d.
+disk_xl_flag() { [ -s "$S/disk.name" ] && echo "-d"; }
+
+# Both hosts: nbd, the hotplug script, the key, a fresh sparse backing file.
+disk_prepare() {
+    modprobe nbd 2>&1 || die "modprobe nbd failed"
+    i=0
+    while [ ! -b /dev/nbd0 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+    [ -b /dev/nbd0 ] || die "no /dev/nbd0 after modprobe nbd"
+    install -m 755 /share/lab/dom0/block-remus /etc/xen/scripts/block-remus
+    install_key
+    rm -rf "$DISK_DIR" "$S/disk.name"
+    mkdir -p "$DISK_DIR"
+    truncate -s "${DISK_MB}M" "$DISK_DIR/$DISK.img"
+}
+
+# Waits (up to $2 s) for the disk daemon $1 (a bg name) to answer on its control socket.
+disk_wait_up() {
+    i=0
+    until [ -S "$DISK_SOCK" ] && remus disk status --name "$DISK" >/dev/null 2>&1; do
+        kill -0 "$(cat "$S/$1.pid" 2>/dev/null)" 2>/dev/null ||
+            die "remus disk exited: $(tail -n 20 "$L/$1.log")"
+        i=$((i + 1))
+        [ $i -gt $(($2 * 5)) ] && die "remus disk did not answer within $2 s: $(tail -n 20 "$L/$1.log")"
+        sleep 0.2
+    done
+}
+
+disk_receive() {
+    listen=$1
+    disk_prepare
+    rm -f "$S/disk-receive.pid"
+    bg disk-receive remus disk receive --listen "$listen" --backing "$DISK_DIR/$DISK.img" \
+        --journal "$DISK_DIR/journal" --key-file "$KEY" --name "$DISK" --device /dev/nbd0 $DISK_HB
+    disk_wait_up disk-receive 30
+    echo "$DISK" >"$S/disk.name"
+    echo "disk receive pid=$(cat "$S/disk-receive.pid") name=$DISK listening on $listen size_mb=$DISK_MB"
+}
+
+disk_serve() {
+    peer=$1
+    disk_prepare
+    rm -f "$S/disk-serve.pid"
+    t0=$(now)
+    bg disk-serve remus disk serve --backing "$DISK_DIR/$DISK.img" --device /dev/nbd0 \
+        --name "$DISK" --backup "$peer" --key-file "$KEY" $DISK_HB
+    disk_wait_up disk-serve 30
+    remus disk wait-sync --name "$DISK" --timeout 300s ||
+        die "the disk did not get in sync: $(tail -n 20 "$L/disk-serve.log")"
+    echo "$DISK" >"$S/disk.name"
+    echo "disk serve pid=$(cat "$S/disk-serve.pid") name=$DISK device=/dev/nbd0 in_sync_after_s=$(awk "BEGIN{printf \"%.1f\", $(now) - $t0}")"
+}
+
+# The guest's own word on its disk (one line, `disk mem=… contiguous=… newer=… checks=…
+# mismatches=…`), asked from this dom0 over the client LAN; then this host's daemon.
+disk_check() {
+    r=$(echo 'disk?' | timeout 30 busybox nc -w 20 "$GUEST_IP" "$PORT" 2>&1)
+    echo "guest: $r"
+    echo "daemon: $(remus disk status -j --name "$DISK" 2>&1 | tr -d '\n')"
+    case $r in "disk mem="*) ;; *) exit 1 ;; esac
+}
+
+# The disk daemons, and the /dev/nbd0 a killed one leaves configured (cleanup).
+disk_cleanup() {
+    for f in disk-serve disk-receive; do
+        p=$(cat "$S/$f.pid" 2>/dev/null) || continue
+        is "$p" "remus" && kill -9 "$p" 2>/dev/null
+    done
+    if [ -e /sys/block/nbd0/pid ]; then
+        sleep 0.5
+        remus disk release --device /dev/nbd0 || echo "lab: releasing /dev/nbd0 failed" >&2
+    fi
+    rm -rf "$DISK_DIR" "$S/disk.name" "$DISK_SOCK"
+}
+
 cleanup() {
     for f in sender receiver sampler; do
         p=$(cat "$S/$f.pid" 2>/dev/null) || continue
@@ -212,6 +313,7 @@ cleanup() {
     for p in $(pgrep -f 'xl migrate-receive'); do kill -9 "$p" 2>/dev/null; done
     sleep 1
     for d in $(xl list | awk 'NR>1 && $1!="Domain-0" {print $1}'); do xl destroy "$d" || true; done
+    disk_cleanup
     rm -f "$S"/*.pid "$S/frozen.pids"
     iptables -F INPUT 2>/dev/null  # the soak's ACK gate (hold.py), if a round left it
     xl list
@@ -228,6 +330,9 @@ remus-alive) kill -0 "$(cat "$S/sender.pid")" 2>/dev/null ;;
 hold) exec python3 /share/lab/dom0/hold.py "$@" ;;
 stop-sender) stop_sender ;;
 domains) xl list | awk 'NR>1 && $1!="Domain-0" {print $1}' ;;
+disk-receive) disk_receive "$@" ;;
+disk-serve) disk_serve "$@" ;;
+disk-check) disk_check ;;
 cleanup) cleanup ;;
-*) die "usage: lab guest-up|relay-receive|remus-start|relay-sampler|remus-alive|hold|stop-sender|domains|cleanup" ;;
+*) die "usage: lab guest-up|relay-receive|remus-start|relay-sampler|remus-alive|hold|stop-sender|domains|cleanup|disk-receive|disk-serve|disk-check" ;;
 esac

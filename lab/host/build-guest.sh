@@ -10,6 +10,8 @@ trap 'rm -rf "$w"' EXIT
 mkdir -p "$w"/{bin,lib,proc,sys,dev,tmp}
 cp "$files/busybox" "$w/bin/busybox"
 cp "$files/xen-netfront.ko" "$w/lib/xen-netfront.ko"
+# xen-blkfront.ko, when build-image.sh found it: the guest of the scenario `disk`.
+if [ -f "$files/xen-blkfront.ko" ]; then cp "$files/xen-blkfront.ko" "$w/lib/xen-blkfront.ko"; fi
 cp "$server" "$w/bin/counter-server"
 cp "$init" "$w/init"
 chmod 755 "$w/init" "$w/bin/busybox" "$w/bin/counter-server"

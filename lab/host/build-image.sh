@@ -5,7 +5,7 @@
 #   OUT/vmlinuz      Debian's kernel (dom0 and the guest)
 #   OUT/initrd.img   Debian's initramfs for dom0 (virtio-blk + ext4)
 #   OUT/dom0.img     the root filesystem (ext4, made with mkfs.ext4 -d: no loop mount)
-#   OUT/guest-files/ busybox and xen-netfront.ko for the guest's initramfs
+#   OUT/guest-files/ busybox, xen-netfront.ko and xen-blkfront.ko for the guest's initramfs
 # Usage: build-image.sh ROOTFS LAB_DIR OUT
 set -euo pipefail
 rootfs=$1 lab=$2 out=$3
@@ -35,6 +35,7 @@ cp "$rootfs"/boot/initrd.img-* "$out.tmp/initrd.img"
 cp "$rootfs/bin/busybox" "$out.tmp/guest-files/busybox"
 find "$rootfs/lib/modules" -name xen-netfront.ko -exec cp {} "$out.tmp/guest-files/" \;
 [ -f "$out.tmp/guest-files/xen-netfront.ko" ] || { log "xen-netfront.ko not found in the rootfs"; exit 1; }
+find "$rootfs/lib/modules" -name xen-blkfront.ko -exec cp {} "$out.tmp/guest-files/" \;
 
 size_mb=$(( $(du -sm "$rootfs" | cut -f1) + 400 ))
 log "mkfs.ext4 -d ($size_mb MiB sparse)"

@@ -7,9 +7,13 @@
 //! Protocol: the client sends one line per request; the server answers each with one line,
 //! the decimal value of a counter kept in the guest's memory, incremented once per request
 //! (first reply is 1). State lives only in guest RAM, so a backup that resumed from an old
-//! checkpoint shows up as a repeat or regression of the counter.
+//! checkpoint shows up as a repeat or regression of the counter. With a disk, each value
+//! is also on the guest's disk before it is answered (`disk`), and `disk?` reports how
+//! the disk compares with memory.
 
 use std::fmt::Write as _;
+
+pub mod disk;
 
 /// The port the server listens on in the guest.
 pub const PORT: u16 = 7000;

@@ -6,7 +6,7 @@
 //! holds the scenarios), the report's wording (report.rs), QEMU and the switch except
 //! through their failure switches (vm.rs, switch.rs); dom0 only through `lab.sh`
 //! subcommands.
-use super::{GUEST_MEM_MB, INTERVAL_MS, On, Run, Step, progress, report, soak};
+use super::{GUEST_MEM_MB, INTERVAL_MS, On, Run, Step, disk, progress, report, soak};
 use crate::lab::{
     build::tail_file,
     dom0, lan, switch,
@@ -82,6 +82,20 @@ pub enum Act {
     AwaitOutcome,
     /// The soak's verdict (`soak::judge`). Asserts it; records it in the round's record.
     SoakVerdict,
+    /// The scenario `disk`, on the backup: `remus disk receive` of the replicated disk
+    /// listens on the replication link (`lab.sh disk-receive`). Asserts: it answers on
+    /// its control socket.
+    DiskListens,
+    /// The scenario `disk`, on the primary, before the guest boots: `remus disk serve`
+    /// exports the disk as /dev/nbd0 replicating to the backup's daemon (`lab.sh
+    /// disk-serve`). Asserts: the backup's disk is in sync within the bound.
+    DiskServe,
+    /// The scenario `disk`: asks the guest's service, from the step's host, how its disk
+    /// compares with its memory (`lab.sh disk-check`; `disk::problems`). Asserts: every
+    /// request found the disk exactly at memory's value, the disk holds 1..=memory and
+    /// nothing newer, and every value the client received is on it. Records: a
+    /// `disk::DiskCheck` labelled so in the report's `disk`.
+    DiskAgrees(&'static str),
 }
 
 /// How the guest is protected.
@@ -158,6 +172,28 @@ pub fn execute(step: &Step, run: &mut Run) -> Result<()> {
         Act::Hold(k) => hold(run, run.dom0(step)?, k, b),
         Act::AwaitOutcome => await_outcome(run, b),
         Act::SoakVerdict => soak_verdict(run),
+        Act::DiskListens => {
+            let h = run.dom0(step)?;
+            let out = dom0::lab(
+                h,
+                "disk receive",
+                &format!("disk-receive {}:{}", h.repl_ip(), disk::DISK_PORT),
+                b,
+            )?;
+            run.say(out.trim());
+            Ok(())
+        }
+        Act::DiskServe => {
+            let out = dom0::lab(
+                run.dom0(step)?,
+                "disk serve",
+                &format!("disk-serve {}:{}", run.backup.repl_ip(), disk::DISK_PORT),
+                b,
+            )?;
+            run.say(out.trim());
+            Ok(())
+        }
+        Act::DiskAgrees(when) => disk_agrees(run, run.dom0(step)?, when, b),
     }
 }
 
@@ -524,6 +560,25 @@ fn await_outcome(run: &mut Run, bound: Duration) -> Result<()> {
     let c = backup_checkpoint(run);
     if let Some(rec) = run.report.soak.as_mut() {
         rec.backup_checkpoint = c;
+    }
+    Ok(())
+}
+
+/// `lab.sh disk-check` in `h`'s dom0; the client's highest value is taken before asking,
+/// so the guest's memory at the answer is at least that.
+fn disk_agrees(run: &mut Run, h: Host, when: &'static str, bound: Duration) -> Result<()> {
+    let client_max = run.seen(None).last_value;
+    let out = dom0::lab(h, "disk check", "disk-check", bound)?;
+    let c = disk::parse(&out, when, client_max).map_err(|e| anyhow::anyhow!(e))?;
+    run.say(&format!(
+        "{when}: guest memory {} , disk holds 1..={} , {} newer, {}/{} requests found the disk \
+         elsewhere, client had {:?}",
+        c.mem, c.contiguous, c.newer, c.mismatches, c.checks, c.client_max
+    ));
+    let bad = disk::problems(&c);
+    run.report.disk.push(c);
+    if !bad.is_empty() {
+        bail!("{when}: {}", bad.join("; "));
     }
     Ok(())
 }

@@ -9,6 +9,10 @@
 //!   (the baseline for split-brain protection);
 //! - `freeze-remus`: host A freezes (its QEMU stopped) for a while, then runs on;
 //!   measured, not judged;
+//! - `disk`: `remus` with a replicated disk (`remus disk serve|receive`, started before
+//!   the guest, which writes each counter value to its disk before replying); after the
+//!   power-off, the backup guest's disk must agree with its memory and hold every value
+//!   the client received (asserted);
 //! - `anchor`: stock `xl remus` over ssh, host A powered off; the comparison, reported and
 //!   never asserted on what its client saw (stock Remus has no heartbeat).
 //!
@@ -46,6 +50,7 @@ pub const NAMES: &[&str] = &[
     "link-cut-remus",
     "link-cut-stock",
     "freeze-remus",
+    "disk",
     "anchor",
 ];
 
@@ -60,6 +65,7 @@ pub fn by_name(name: &str, relay_no_buffer: bool) -> Option<Scenario> {
         "link-cut-remus" => (link_cut(relay), "link-cut-remus"),
         "link-cut-stock" => (link_cut(Protection::Stock), "link-cut-stock"),
         "freeze-remus" => (freeze(relay), "freeze-remus"),
+        "disk" => (disk(relay), "disk"),
         _ => return None,
     };
     Some(Scenario {
@@ -257,6 +263,54 @@ fn power_off(p: Protection, judged: bool) -> Vec<Step> {
     v
 }
 
+/// `remus` with a replicated disk: the disk daemons start before the guest (backup first,
+/// then the primary until the backup is in sync), the guest's disk is checked against its
+/// memory while protected (on the primary) and after the failover (on the backup).
+fn disk(p: Protection) -> Vec<Step> {
+    use On::{Backup, Primary};
+    let mut v = power_off(p, true);
+    let at = |v: &[Step], f: fn(&Act) -> bool| v.iter().position(|s| f(&s.act));
+    let guest = at(&v, |a| matches!(a, Act::GuestUp)).unwrap_or(2);
+    v.splice(
+        guest..guest,
+        [
+            Step::new(
+                "a: the backup's disk daemon listens on the replication link",
+                Backup,
+                60,
+                Act::DiskListens,
+            ),
+            Step::new(
+                "a: the primary's disk daemon serves /dev/nbd0, the backup gets in sync",
+                Primary,
+                300,
+                Act::DiskServe,
+            ),
+        ],
+    );
+    let off = at(&v, |a| matches!(a, Act::Fail(_))).unwrap_or(v.len());
+    v.insert(
+        off,
+        Step::new(
+            "c: the guest's disk agrees with its memory while protected",
+            Primary,
+            60,
+            Act::DiskAgrees("protected"),
+        ),
+    );
+    let after = at(&v, |a| matches!(a, Act::RepliesAfterFailover(_))).map_or(v.len(), |i| i + 1);
+    v.insert(
+        after,
+        Step::new(
+            "e: the backup guest's disk agrees with its memory and holds every value the client got",
+            Backup,
+            60,
+            Act::DiskAgrees("after failover"),
+        ),
+    );
+    v
+}
+
 /// The replication link goes dark while both hosts live, then comes back: measured.
 fn link_cut(p: Protection) -> Vec<Step> {
     use On::Machine;
@@ -357,6 +411,7 @@ mod tests {
             })
         };
         assert!(asserts("remus"));
+        assert!(asserts("disk"));
         for n in ["anchor", "link-cut-remus", "link-cut-stock", "freeze-remus"] {
             assert!(!asserts(n), "{n} must not judge its outcome");
         }
@@ -376,6 +431,28 @@ mod tests {
             assert_eq!(waits_first, phase != Phase::InitialCopy, "{phase:?}");
             assert!(at(|a| matches!(a, Act::MeasureRate)).is_none());
         }
+    }
+
+    #[test]
+    fn the_disk_daemons_start_before_the_guest_and_the_disk_is_judged_after_the_failover() {
+        let s = by_name("disk", false).expect("exists");
+        let at = |f: fn(&Act) -> bool| s.steps.iter().position(|s| f(&s.act)).expect("step");
+        let listens = at(|a| matches!(a, Act::DiskListens));
+        let serves = at(|a| matches!(a, Act::DiskServe));
+        let guest = at(|a| matches!(a, Act::GuestUp));
+        let off = at(|a| matches!(a, Act::Fail(Failure::PowerOff)));
+        let before = at(|a| matches!(a, Act::DiskAgrees("protected")));
+        let after = at(|a| matches!(a, Act::DiskAgrees("after failover")));
+        assert!(
+            listens < serves && serves < guest,
+            "daemons before the guest"
+        );
+        assert!(
+            before < off && off < after,
+            "judged before and after the power-off"
+        );
+        assert_eq!(s.steps[after].on, On::Backup);
+        assert!(s.steps.iter().any(|s| matches!(s.act, Act::ExactlyOnce)));
     }
 
     #[test]

@@ -25,6 +25,7 @@ use std::{
 pub mod acts;
 pub mod catalog;
 pub mod client;
+pub mod disk;
 pub mod progress;
 pub mod report;
 pub mod soak;
@@ -330,6 +331,8 @@ fn log_names(name: &str) -> Vec<(String, String)> {
         "receiver.log",
         "relay-send.json",
         "relay-receive.json",
+        "disk-serve.log",
+        "disk-receive.log",
     ]
     .iter()
     .map(|f| {

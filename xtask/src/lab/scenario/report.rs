@@ -90,6 +90,9 @@ pub struct RunReport {
     /// A soak round: where it killed the primary and its verdict.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub soak: Option<SoakRecord>,
+    /// The scenario `disk`: the guest's word on its disk vs its memory, per check.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub disk: Vec<super::disk::DiskCheck>,
     /// The bound the failover was awaited within (for the verdict).
     #[serde(skip)]
     pub failover_bound_s: Option<f64>,
