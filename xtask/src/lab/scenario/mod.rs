@@ -25,9 +25,11 @@ use std::{
 pub mod acts;
 pub mod catalog;
 pub mod client;
+pub mod frames;
 pub mod progress;
 pub mod report;
 pub mod soak;
+pub mod timeline;
 
 pub use acts::Act;
 use report::{RunReport, StepRecord};
