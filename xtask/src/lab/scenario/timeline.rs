@@ -61,12 +61,15 @@ impl Spread {
 /// Per-checkpoint phases of a protected run, measured over the rate window.
 #[derive(Serialize, Debug, Clone, Default)]
 pub struct Phases {
-    /// Guest pause as xl's log shows it: libxl's suspend request → the checkpoint's
-    /// resume (libxl arms the interval timer right after resuming the guest), from the
-    /// stamped `xl -vvv` lines. The same measure for stock and relay.
+    /// Guest pause as xl's log shows it: libxl's suspend request → libxc's last progress
+    /// line of the checkpoint's pages (the resume follows at once), from the stamped
+    /// `xl -vvv` lines. The same measure for stock and relay (`xl_pauses`).
     pub xl_pause: Option<Spread>,
     /// libxl's suspend request → "guest has suspended" (part of the pause).
     pub xl_suspend: Option<Spread>,
+    /// libxc's "Domain now suspended" → its last progress line: the pages written into
+    /// xl's stream while the guest is paused (part of the pause).
+    pub xl_transfer: Option<Spread>,
     /// The relay's own phases (relay runs): guest pause, transfer, backup write, ACK,
     /// release (see docs/relay.md, "Where a checkpoint's time goes").
     pub relay_pause: Option<Spread>,
@@ -100,28 +103,32 @@ pub fn read_lines<T: for<'de> Deserialize<'de>>(p: &Path) -> Vec<T> {
         .collect()
 }
 
-/// From xl's stamped log: per checkpoint, (suspend request → suspended, suspend request →
-/// resumed) in ms. A checkpoint counts once all three lines were seen, in order.
-pub fn xl_pauses(lines: &[Stamped]) -> (Vec<f64>, Vec<f64>) {
-    let (mut suspend, mut pause) = (vec![], vec![]);
-    let mut req: Option<f64> = None;
-    let mut suspended: Option<f64> = None;
+/// From xl's stamped log, per checkpoint in ms: (suspend request → "guest has
+/// suspended", libxc's "Domain now suspended" → its "Checkpointed save" progress line at
+/// the end of the checkpoint's pages, suspend request → that line). libxl resumes the
+/// guest right after libxc's `CHECKPOINT` record, which follows the pages at once, so the
+/// last is the guest's pause as xl shows it. A checkpoint counts once all its lines were
+/// seen, in order.
+pub fn xl_pauses(lines: &[Stamped]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (mut suspend, mut transfer, mut pause) = (vec![], vec![], vec![]);
+    let (mut req, mut suspended, mut now_suspended) = (None::<f64>, None::<f64>, None::<f64>);
     for l in lines {
-        if l.line.contains("suspend request") {
-            req = Some(l.t);
-            suspended = None;
+        if l.line.contains("suspend request via") {
+            (req, suspended, now_suspended) = (Some(l.t), None, None);
         } else if l.line.contains("guest has suspended") {
             suspended = req.map(|_| l.t);
-        } else if l.line.contains("ev_time") && l.line.contains("register") {
-            if let (Some(r), Some(s)) = (req, suspended) {
+        } else if l.line.contains("Domain now suspended") {
+            now_suspended = suspended.map(|_| l.t);
+        } else if l.line.contains("Checkpointed save") {
+            if let (Some(r), Some(s), Some(n)) = (req, suspended, now_suspended) {
                 suspend.push((s - r) * 1e3);
+                transfer.push((l.t - n) * 1e3);
                 pause.push((l.t - r) * 1e3);
             }
-            req = None;
-            suspended = None;
+            (req, suspended, now_suspended) = (None, None, None);
         }
     }
-    (suspend, pause)
+    (suspend, transfer, pause)
 }
 
 /// The client's replies in [from, to] (Unix seconds): their rtt spread and longest gap.
@@ -145,11 +152,12 @@ pub fn phases(
     window: (f64, f64),
     rate: Option<f64>,
 ) -> Phases {
-    let (suspend, pause) = xl_pauses(xl);
+    let (suspend, transfer, pause) = xl_pauses(xl);
     let (rtt, gap) = client_window(client, window.0, window.1);
     let mut p = Phases {
         xl_pause: Spread::of(pause),
         xl_suspend: Spread::of(suspend),
+        xl_transfer: Spread::of(transfer),
         checkpoints_per_s: rate,
         client_rtt: rtt,
         client_max_gap_ms: gap,
@@ -388,7 +396,7 @@ pub fn phases_table(runs: &[(&str, &Phases)]) -> String {
     }
     s.push('\n');
     type Row = (&'static str, fn(&Phases) -> String);
-    let rows: [Row; 11] = [
+    let rows: [Row; 12] = [
         ("checkpoints/s", |p| {
             p.checkpoints_per_s
                 .map_or("-".into(), |r| format!("{r:.2}"))
@@ -399,6 +407,7 @@ pub fn phases_table(runs: &[(&str, &Phases)]) -> String {
         ("  of which suspend (req. → suspended)", |p| {
             ms(&p.xl_suspend)
         }),
+        ("  of which pages into xl's stream", |p| ms(&p.xl_transfer)),
         ("guest pause, relay", |p| ms(&p.relay_pause)),
         ("transfer, relay", |p| ms(&p.relay_transfer)),
         ("backup write, relay", |p| ms(&p.relay_backup_write)),
@@ -467,25 +476,28 @@ mod tests {
     }
 
     #[test]
-    fn xl_pauses_pair_request_suspended_and_the_timer_armed_after_resume() {
+    fn xl_pauses_follow_libxl_and_libxc_through_each_checkpoint() {
         let l = [
+            st(0.9, "xc: progress: Checkpointed save: 371/371  100%"),
             st(
                 1.0,
-                "libxl: debug: issuing PV suspend request via XenBus control node",
+                "libxl: debug: Domain 2:issuing PV suspend request via XenBus control node",
             ),
-            st(1.1, "libxl: debug: Domain 1:guest has suspended"),
-            st(1.3, "libxl: debug: ev_time=0x1 register min=200"),
-            st(1.5, "libxl: debug: ev_time=0x1 occurs abs=..."),
+            st(1.1, "libxl: debug: Domain 2:guest has suspended"),
+            st(1.15, "xc: progress: Domain now suspended: 0/0    0%"),
+            st(1.3, "xc: progress: Checkpointed save: 385/385  100%"),
+            st(1.3, "xc: info: All records buffered"),
             // An incomplete checkpoint (the log ends) does not count.
             st(
                 1.6,
-                "libxl: debug: issuing PV suspend request via XenBus control node",
+                "libxl: debug: Domain 2:issuing PV suspend request via XenBus control node",
             ),
-            st(1.7, "libxl: debug: Domain 1:guest has suspended"),
+            st(1.7, "libxl: debug: Domain 2:guest has suspended"),
         ];
-        let (s, p) = xl_pauses(&l);
-        assert_eq!(s.len(), 1);
-        assert!((s[0] - 100.0).abs() < 1e-6 && (p[0] - 300.0).abs() < 1e-6);
+        let (s, t, p) = xl_pauses(&l);
+        assert_eq!((s.len(), t.len(), p.len()), (1, 1, 1));
+        let near = |a: f64, b: f64| (a - b).abs() < 1e-6;
+        assert!(near(s[0], 100.0) && near(t[0], 150.0) && near(p[0], 300.0));
     }
 
     #[test]
