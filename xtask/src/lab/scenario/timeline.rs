@@ -173,7 +173,7 @@ pub fn phases(
             p.relay_release = s(&v.release_recent_us);
         }
         None => p.not_reported = vec![
-            "transfer: libxc writes the checkpoint into ssh while the guest is suspended; nothing stamps its last byte (it is inside the pause)".into(),
+            "transfer to the backup: libxc writes the pages into ssh's pipe while the guest is paused (xl_transfer); when they reach the backup is not seen".into(),
             "backup write, ACK: stock Remus reads no acknowledgement from the backup (the ssh channel carries the stream one way during checkpoints)".into(),
             "release: `-n` (no output buffering, as the lab runs stock) holds nothing, so nothing is released".into(),
         ],
