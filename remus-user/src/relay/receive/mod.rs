@@ -45,6 +45,7 @@ use crate::compress::{CompressError, PageDecoder};
 use crate::exit::{ExitCode, HasExitCode};
 use crate::replication::{self, FrameReader, Incoming, Key, Message, ServerConfig, Session};
 
+pub mod announce;
 pub mod cutter;
 pub mod discard;
 pub mod receiver;
@@ -597,7 +598,11 @@ async fn close(live: Live, end: Ending, ctx: &Ctx<'_>) -> Phase {
         },
         Err(reason) => Message::abort(reason.detail.clone()),
     };
+    let failover = !matches!(end, Ok(true)) && c.cutter.complete() > 0;
     report_end(end, &c.cutter, ctx.shared);
+    if failover {
+        announce::at_failover(c.name.config());
+    }
     let (_, _, mut child) = c.answer(answer).await;
     ctx.shared.enter(RelayState::WaitingForReceiverExit);
     match child.wait().await {
