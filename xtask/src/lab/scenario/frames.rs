@@ -32,7 +32,7 @@ pub struct Frame {
     pub t: f64,
     /// The guest's MAC is the source (true) or the destination (false).
     pub from_guest: bool,
-    /// "tcp", "arp" or "other".
+    /// "tcp", "arp", "rarp" (the backup's announcement) or "other".
     pub kind: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq: Option<u32>,
@@ -135,6 +135,8 @@ fn parse(f: &[u8], mac: &[u8; 6], t: f64) -> Option<Frame> {
     };
     match f.get(12..14)? {
         [0x08, 0x06] => fr.kind = "arp".into(),
+        // The backup dom0's announcement of the guest's MAC at the cut, not the guest.
+        [0x80, 0x35] => fr.kind = "rarp".into(),
         [0x08, 0x00] => {
             let ip = f.get(14..)?;
             let ihl = usize::from(ip.first()? & 0x0f) * 4;
@@ -249,6 +251,8 @@ mod tests {
         arp[12..14].copy_from_slice(&[0x08, 0x06]);
         let a = parse(&arp, &guest, 2.0).expect("from the guest");
         assert!(a.from_guest && a.kind == "arp");
+        arp[12..14].copy_from_slice(&[0x80, 0x35]);
+        assert_eq!(parse(&arp, &guest, 2.0).expect("from the MAC").kind, "rarp");
         assert!(parse(&f[..10], &guest, 1.0).is_none());
     }
 }

@@ -298,7 +298,12 @@ pub fn timeline(
         rest.split_whitespace().next()?.parse().ok()
     });
     let failover = log("FAILOVER");
-    let from_guest = frames.iter().find(|f| f.from_guest && f.t > death);
+    let from_guest = frames
+        .iter()
+        .find(|f| f.from_guest && f.t > death && f.kind != "rarp");
+    let rarp = frames
+        .iter()
+        .find(|f| f.from_guest && f.t > death && f.kind == "rarp");
     let seen = client::analyse(client, Some(death));
     let dom0 = "backup dom0 (stamp.py)";
     let mark = |what: &str, at_s: Option<f64>, source: &str| Mark {
@@ -349,6 +354,11 @@ pub fn timeline(
                 v.as_str().is_some_and(|s| s.starts_with("vif"))
             }),
             dom0,
+        ),
+        mark(
+            "the backup's announcement (RARP) on the client LAN",
+            rarp.map(|f| f.t - death),
+            "client tap",
         ),
         mark(
             "first frame from the backup guest on the client LAN",
