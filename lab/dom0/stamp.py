@@ -72,7 +72,8 @@ def relay_state():
                 break
             b += c
         s.close()
-        v = json.loads(b)[0]
+        v = json.loads(b)
+        v = v[0] if isinstance(v, list) else v
         ls = v.get("last_session") or {}
         return f"{v.get('state')} failovers={v.get('failovers_total')} end={ls.get('end')}"
     except (OSError, ValueError, IndexError, KeyError):
