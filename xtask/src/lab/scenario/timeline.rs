@@ -334,6 +334,16 @@ pub fn timeline(
             "relay log (its own timestamp)",
         ),
         mark(
+            "the backup's bridge forgot the guest's MAC (the announcement's flush)",
+            first("guest_mac_port", &serde_json::Value::is_null),
+            dom0,
+        ),
+        mark(
+            "the restored domain's vif appears (netback)",
+            first(".bridge_port", &|_| true),
+            dom0,
+        ),
+        mark(
             "a vif on the backup's bridge",
             first(".bridge_port", &truthy),
             dom0,
