@@ -30,6 +30,9 @@
 #                                 relay adds `xl remus -d` and the relay's --disk
 #   lab disk-check                what the guest's service says of its disk (`disk?`: its
 #                                 memory vs its disk), then the disk daemon's status
+#   lab stamp MODE OUT SECONDS [FILE]  start stamp.py in the background (bounded): the
+#                                 primary's xl log lines (tail) or the backup's failover
+#                                 (failover), stamped with dom0's clock into OUT
 #   lab cleanup                   kill everything the lab started, destroy all guests
 # State in /run/lab, logs in /share/run. Times are dom0's clock, Unix seconds.
 # LAB_RELAY_BUFFER replaces the relay's `--vif vifN.0` (e.g. `--no-buffer`, diagnostics).
@@ -301,9 +304,9 @@ disk_cleanup() {
 }
 
 cleanup() {
-    for f in sender receiver sampler; do
+    for f in sender receiver sampler stamp-tail stamp-failover; do
         p=$(cat "$S/$f.pid" 2>/dev/null) || continue
-        is "$p" "xl\|remus\|relay-sampler" || continue
+        is "$p" "xl\|remus\|relay-sampler\|stamp.py" || continue
         for c in $(descendants "$p") "$p"; do kill -9 "$c" 2>/dev/null; done
     done
     for p in $(cat "$S/frozen.pids" 2>/dev/null); do is "$p" "xl\|remus\|ssh\|helper" && kill -9 "$p"; done
@@ -329,10 +332,15 @@ relay-sampler) relay_sampler ;;
 remus-alive) kill -0 "$(cat "$S/sender.pid")" 2>/dev/null ;;
 hold) exec python3 /share/lab/dom0/hold.py "$@" ;;
 stop-sender) stop_sender ;;
+stamp)
+    rm -f "$S/stamp-$1.pid"
+    bg "stamp-$1" python3 /share/lab/dom0/stamp.py "$@"
+    echo "stamp $1 pid=$(cat "$S/stamp-$1.pid" 2>/dev/null)"
+    ;;
 domains) xl list | awk 'NR>1 && $1!="Domain-0" {print $1}' ;;
 disk-receive) disk_receive "$@" ;;
 disk-serve) disk_serve "$@" ;;
 disk-check) disk_check ;;
 cleanup) cleanup ;;
-*) die "usage: lab guest-up|relay-receive|remus-start|relay-sampler|remus-alive|hold|stop-sender|domains|cleanup|disk-receive|disk-serve|disk-check" ;;
+*) die "usage: lab guest-up|relay-receive|remus-start|relay-sampler|remus-alive|hold|stop-sender|stamp|domains|cleanup|disk-receive|disk-serve|disk-check" ;;
 esac

@@ -78,6 +78,13 @@ impl DomainName {
         }
     }
 
+    /// libxl's JSON config as the stream's xl header carried it (the failover's
+    /// announcement reads the guest's NICs in it), once whole.
+    pub fn config(&self) -> Option<&[u8]> {
+        let len = le32(&self.head, XL_HEADER_LEN)? as usize;
+        self.head.get(XL_HEADER_LEN + 4..XL_HEADER_LEN + 4 + len)
+    }
+
     /// Bytes needed: the xl header, the config length, the config (once known).
     fn wanted(&self) -> Option<usize> {
         let len = le32(&self.head, XL_HEADER_LEN)? as usize;

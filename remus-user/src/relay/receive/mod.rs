@@ -49,6 +49,7 @@ use crate::compress::{CompressError, PageDecoder};
 use crate::exit::{ExitCode, HasExitCode};
 use crate::replication::{self, FrameReader, Incoming, Key, Message, ServerConfig, Session};
 
+pub mod announce;
 pub mod cutter;
 pub mod discard;
 pub mod disks;
@@ -672,7 +673,11 @@ async fn closed(c: Closing, end: Result<(bool, u64), LossReason>, ctx: &Ctx<'_>)
         Err(reason) => Message::abort(reason.detail.clone()),
     };
     let n = end.as_ref().map_or(c.cutter.complete(), |(_, n)| *n);
+    let failover = !matches!(end, Ok((true, _))) && n > 0;
     report_end(end.map(|(f, _)| f), n, &c.cutter, ctx.shared);
+    if failover {
+        announce::at_failover(c.name.config());
+    }
     let (_, _, mut child) = c.answer(answer).await;
     ctx.shared.enter(RelayState::WaitingForReceiverExit);
     match child.wait().await {

@@ -6,7 +6,10 @@
 //! holds the scenarios), the report's wording (report.rs), QEMU and the switch except
 //! through their failure switches (vm.rs, switch.rs); dom0 only through `lab.sh`
 //! subcommands.
-use super::{GUEST_MEM_MB, INTERVAL_MS, On, Run, Step, disk, progress, report, soak};
+use super::{
+    GUEST_MEM_MB, INTERVAL_MS, On, Run, Step, client, disk, frames, progress, report, soak,
+    timeline,
+};
 use crate::lab::{
     build::tail_file,
     dom0, lan, switch,
@@ -96,6 +99,13 @@ pub enum Act {
     /// nothing newer, and every value the client received is on it. Records: a
     /// `disk::DiskCheck` labelled so in the report's `disk`.
     DiskAgrees(&'static str),
+    /// Before a power-off: starts stamp.py's failover watcher in the step's host (the
+    /// backup) and the frame watcher on the client's tap. Asserts: the watcher wrote its
+    /// first sync file within the bound.
+    WatchFailover,
+    /// After the client stopped: stops the frame watcher. Records: `failover_timeline`
+    /// (asserts nothing).
+    FailoverTimeline,
 }
 
 /// How the guest is protected.
@@ -194,6 +204,11 @@ pub fn execute(step: &Step, run: &mut Run) -> Result<()> {
             Ok(())
         }
         Act::DiskAgrees(when) => disk_agrees(run, run.dom0(step)?, when, b),
+        Act::WatchFailover => watch_failover(run, run.dom0(step)?, b),
+        Act::FailoverTimeline => {
+            failover_timeline(run);
+            Ok(())
+        }
     }
 }
 
@@ -316,10 +331,25 @@ fn first_checkpoints(run: &mut Run, bound: Duration) -> Result<()> {
     Ok(())
 }
 
+/// The primary's xl log stamped over the rate window (stamp.py tail), for the phases.
+fn stamp_tail(run: &Run) -> std::path::PathBuf {
+    vm::share(run.primary).join(format!("run/stamp-tail-{}.jsonl", run.name))
+}
+
 fn measure_rate(run: &mut Run, bound: Duration) -> Result<()> {
+    let stamp = format!(
+        "stamp tail /share/run/stamp-tail-{}.jsonl {} /share/run/sender.log",
+        run.name,
+        bound.as_secs() + 5
+    );
+    if let Err(e) = dom0::lab(run.primary, "stamp", &stamp, Duration::from_secs(30)) {
+        run.say(&format!("xl's log is not stamped (no xl phases): {e:#}"));
+    }
     let (n1, t1, rep1) = (run.checkpoints(), Instant::now(), run.replies());
+    let u1 = vm::unix_now();
     run.wait("measuring", bound, || Ok(false))?;
     let (n2, dt, rep2) = (run.checkpoints(), t1.elapsed().as_secs_f64(), run.replies());
+    let u2 = vm::unix_now();
     if n2 <= n1 {
         bail!("no checkpoint in {dt:.0} s after the first ones ({n1} then {n2})");
     }
@@ -334,6 +364,23 @@ fn measure_rate(run: &mut Run, bound: Duration) -> Result<()> {
     let rate = (n2 - n1) as f64 / dt;
     run.report.checkpoints_per_s = Some(rate);
     run.report.ms_per_checkpoint = Some(1e3 / rate);
+    let relay = (run.source == Some(progress::Source::Relay))
+        .then(|| progress::relay(run.primary, progress::End::Send))
+        .flatten();
+    let p = timeline::phases(
+        relay.as_ref(),
+        &timeline::read_lines(&stamp_tail(run)),
+        &client::events(&run.log),
+        (u1, u2),
+        Some(rate),
+    );
+    run.say(&format!(
+        "phases (ms, p50/p99): xl pause {:?}, relay pause {:?}, client rtt {:?}",
+        p.xl_pause.as_ref().map(|s| (s.p50_ms, s.p99_ms)),
+        p.relay_pause.as_ref().map(|s| (s.p50_ms, s.p99_ms)),
+        p.client_rtt.as_ref().map(|s| (s.p50_ms, s.p99_ms))
+    ));
+    run.report.phases = Some(p);
     run.say(&format!(
         "{rate:.2} checkpoints/s ({:.0} ms each)",
         1e3 / rate
@@ -611,6 +658,46 @@ fn soak_verdict(run: &mut Run) -> Result<()> {
         bail!("{why}");
     }
     Ok(())
+}
+
+/// stamp.py's failover record on the backup, for run `name`.
+fn stamp_failover(h: Host, name: &str) -> std::path::PathBuf {
+    vm::share(h).join(format!("run/stamp-failover-{name}.jsonl"))
+}
+
+fn watch_failover(run: &mut Run, h: Host, bound: Duration) -> Result<()> {
+    let out = stamp_failover(h, run.name);
+    let sync0 = out.with_file_name(format!("stamp-failover-{}.jsonl.sync0", run.name));
+    let _ = std::fs::remove_file(&sync0);
+    dom0::lab(
+        h,
+        "failover watcher",
+        &format!(
+            "stamp failover /share/run/stamp-failover-{}.jsonl 150",
+            run.name
+        ),
+        bound,
+    )?;
+    frames::start(run.name)?;
+    if !run.wait("the failover watcher starts", bound, || Ok(sync0.exists()))? {
+        bail!("stamp.py wrote no sync file within {} s", bound.as_secs());
+    }
+    Ok(())
+}
+
+fn failover_timeline(run: &mut Run) {
+    frames::stop();
+    let Some(death) = run.death else { return };
+    let out = stamp_failover(run.backup, run.name);
+    let t = timeline::timeline(
+        death,
+        &timeline::read_lines(&out),
+        timeline::clock_offset(&out),
+        &frames::frames(&frames::log(run.name)),
+        &client::events(&run.log),
+    );
+    eprintln!("{}", timeline::timeline_table(run.name, &t));
+    run.report.failover_timeline = Some(t);
 }
 
 impl Run {

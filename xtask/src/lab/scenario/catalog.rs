@@ -208,6 +208,14 @@ fn protected(p: Protection) -> Vec<Step> {
 fn power_off(p: Protection, judged: bool) -> Vec<Step> {
     use On::{Backup, Machine};
     let mut v = protected(p);
+    if judged {
+        v.push(Step::new(
+            "d: the failover watchers start (backup dom0, client tap)",
+            Backup,
+            60,
+            Act::WatchFailover,
+        ));
+    }
     v.push(Step::new(
         "d: the primary host loses power (its QEMU is killed)",
         Machine,
@@ -253,6 +261,12 @@ fn power_off(p: Protection, judged: bool) -> Vec<Step> {
         Step::new("e: the client stops", Machine, 30, Act::ClientStop),
     ]);
     if judged {
+        v.push(Step::new(
+            "e: the failover timeline",
+            Machine,
+            0,
+            Act::FailoverTimeline,
+        ));
         v.push(Step::new(
             "e: every counter value exactly once, in order, on one connection",
             Machine,

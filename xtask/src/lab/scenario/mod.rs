@@ -26,9 +26,11 @@ pub mod acts;
 pub mod catalog;
 pub mod client;
 pub mod disk;
+pub mod frames;
 pub mod progress;
 pub mod report;
 pub mod soak;
+pub mod timeline;
 
 pub use acts::Act;
 use report::{RunReport, StepRecord};

@@ -54,6 +54,33 @@ pub struct RelayView {
     /// The backup: how its last session ended (absent while none has).
     #[serde(default)]
     pub last_session: Option<SessionView>,
+    /// The sender's per-checkpoint phases over its last checkpoints (absent until
+    /// measured; docs/relay.md, "Where a checkpoint's time goes").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_recent_us: Option<Quantiles>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer_recent_us: Option<Quantiles>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_write_recent_us: Option<Quantiles>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ack_recent_us: Option<Quantiles>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release_recent_us: Option<Quantiles>,
+}
+
+/// A phase's quantiles as the relay reports them (`{n, p50, p90, p99, max}`, µs).
+#[derive(Deserialize, Serialize, Debug, Default, Clone, PartialEq, Eq)]
+pub struct Quantiles {
+    #[serde(default)]
+    pub n: u64,
+    #[serde(default)]
+    pub p50: u64,
+    #[serde(default)]
+    pub p90: u64,
+    #[serde(default)]
+    pub p99: u64,
+    #[serde(default)]
+    pub max: u64,
 }
 
 /// How a backup's last session ended (`last_session`, tagged by `end`), as far as the lab
@@ -164,6 +191,12 @@ mod tests {
             parse_status(j).expect("parses").last_session,
             Some(SessionView::Other)
         );
+        let j = br#"[{"pause_recent_us":{"n":40,"p50":120000,"p90":150000,"p99":180000,"max":190000}}]"#;
+        let q = parse_status(j)
+            .expect("parses")
+            .pause_recent_us
+            .expect("phase");
+        assert_eq!((q.n, q.p50, q.p99), (40, 120_000, 180_000));
         assert!(parse_status(b"[]").is_none());
         assert!(parse_status(b"not json").is_none());
     }

@@ -3,7 +3,12 @@
 //!
 //! Owns: the report's shape and wording. Never touches: the lab (no dom0 calls, no
 //! files); the runner and the steps fill it in.
-use super::{client::Seen, progress::RelayView, soak::SoakRecord};
+use super::{
+    client::Seen,
+    progress::RelayView,
+    soak::SoakRecord,
+    timeline::{self, Phases, Timeline},
+};
 use crate::lab::{topology::Host, vm::Boot};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -87,6 +92,12 @@ pub struct RunReport {
     /// Hosts (re)booted by this run (a host powered off by an earlier run boots again).
     pub boots: Vec<Boot>,
     pub snapshots: Vec<Snapshot>,
+    /// Per-checkpoint phases over the rate window and the client's reply latency then.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phases: Option<Phases>,
+    /// A power-off's failover, each moment in seconds after the death (relay runs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failover_timeline: Option<Timeline>,
     /// A soak round: where it killed the primary and its verdict.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub soak: Option<SoakRecord>,
@@ -174,6 +185,20 @@ pub fn table(runs: &[RunReport]) -> String {
                 r.verdict.clone()
             }
         ));
+    }
+    let with: Vec<(&str, &Phases)> = runs
+        .iter()
+        .filter_map(|r| Some((r.mode.as_str(), r.phases.as_ref()?)))
+        .collect();
+    if !with.is_empty() {
+        s.push('\n');
+        s.push_str(&timeline::phases_table(&with));
+    }
+    for r in runs {
+        if let Some(t) = &r.failover_timeline {
+            s.push('\n');
+            s.push_str(&timeline::timeline_table(&r.mode, t));
+        }
     }
     s
 }
