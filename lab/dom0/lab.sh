@@ -6,14 +6,21 @@
 #                                 answers on the client LAN
 #   lab relay-receive ADDR:PORT   (backup) start `remus relay receive` listening there,
 #                                 and the relay sampler
+#   lab backup-start              (backup) `remus backup guest`, configured by
+#                                 /etc/remus/remus.toml (setup.sh): the command line of
+#                                 the package's remus-backup@guest unit (dom0 runs busybox
+#                                 init, no systemd), and the relay sampler
 #   lab remus-start MODE [PEER]   (primary) start the sending side in the background:
 #                                 anchor PEER_IP  stock xl remus -F -n -i 200 guest PEER_IP
 #                                                 (over ssh)
 #                                 relay PEER:PORT xl remus -s '' … remus relay send to the
 #                                                 backup's relay, and the relay sampler
+#                                 protect         `remus protect guest` (the package's
+#                                                 remus-protect@guest unit's command
+#                                                 line), configured by remus.toml
 #                                 capture         stock, -s '' to this host, the stream
 #                                                 teed to /share/run/stream.bin
-#   lab relay-sampler             (started by the two above) every 2 s, writes what
+#   lab relay-sampler             (started by the above) every 2 s, writes what
 #                                 `remus relay status -j` says of each relay end on this
 #                                 host to /share/run/relay-send.json, relay-receive.json
 #   lab remus-alive               exit 0 if the sending xl is still running
@@ -139,6 +146,20 @@ relay_receive() {
     echo "relay receive pid=$(cat "$S/receiver.pid") listening on $listen"
 }
 
+# The backup as the package runs it: `remus backup guest` checks, then becomes `remus
+# relay receive` (same pid) with its status socket at /run/remus/relay-receive-guest.sock;
+# the sampler's fixed $SOCK_RECEIVE is pointed at it.
+backup_start() {
+    rm -f "$S/receiver.pid" "$L/relay-receive.json"
+    mkdir -p /run/remus
+    ln -sfn /run/remus/relay-receive-guest.sock "$SOCK_RECEIVE"
+    bg receiver /usr/sbin/remus backup guest
+    sleep 1
+    kill -0 "$(cat "$S/receiver.pid")" 2>/dev/null || die "remus backup guest exited: $(tail -n 20 "$L/receiver.log")"
+    start_sampler
+    echo "remus backup guest pid=$(cat "$S/receiver.pid") ($(grep '^listen' /etc/remus/remus.toml))"
+}
+
 remus_start() {
     mode=$1
     peer=${2:-}
@@ -161,6 +182,15 @@ remus_start() {
         rm -f "$L/relay-send.json"
         bg sender xl -vvv remus -F -n $(disk_xl_flag) -i "$INTERVAL" -s '' guest \
             "remus relay send --backup $peer --key-file $KEY ${LAB_RELAY_BUFFER:---vif vif$d.0} $HB --status-socket $SOCK_SEND $(disk_flag)"
+        start_sampler
+        ;;
+    protect)
+        # Backup, key, interval and heartbeat from /etc/remus/remus.toml. Its relay's
+        # status socket is named after the (first) vif: the sampler's $SOCK_SEND points there.
+        rm -f "$L/relay-send.json"
+        mkdir -p /run/remus
+        ln -sfn "/run/remus/relay-send-vif$d.0.sock" "$SOCK_SEND"
+        bg sender /usr/sbin/remus protect guest
         start_sampler
         ;;
     *) die "unknown mode $mode" ;;
@@ -318,6 +348,8 @@ cleanup() {
     for d in $(xl list | awk 'NR>1 && $1!="Domain-0" {print $1}'); do xl destroy "$d" || true; done
     disk_cleanup
     rm -f "$S"/*.pid "$S/frozen.pids"
+    # The sampler's sockets, when they point at remus protect's or remus backup's.
+    for k in "$SOCK_SEND" "$SOCK_RECEIVE"; do [ -L "$k" ] && rm -f "$k"; done
     iptables -F INPUT 2>/dev/null  # the soak's ACK gate (hold.py), if a round left it
     xl list
 }
@@ -327,6 +359,7 @@ cmd=${1:-}
 case $cmd in
 guest-up) guest_up "$@" ;;
 relay-receive) relay_receive "$@" ;;
+backup-start) backup_start ;;
 remus-start) remus_start "$@" ;;
 relay-sampler) relay_sampler ;;
 remus-alive) kill -0 "$(cat "$S/sender.pid")" 2>/dev/null ;;
@@ -342,5 +375,5 @@ disk-receive) disk_receive "$@" ;;
 disk-serve) disk_serve "$@" ;;
 disk-check) disk_check ;;
 cleanup) cleanup ;;
-*) die "usage: lab guest-up|relay-receive|remus-start|relay-sampler|remus-alive|hold|stop-sender|stamp|domains|cleanup|disk-receive|disk-serve|disk-check" ;;
+*) die "usage: lab guest-up|relay-receive|backup-start|remus-start|relay-sampler|remus-alive|hold|stop-sender|stamp|domains|cleanup|disk-receive|disk-serve|disk-check" ;;
 esac

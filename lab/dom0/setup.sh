@@ -4,8 +4,13 @@
 # (written by the machine, xtask/src/lab/share.rs). Sets up: the Xen backends, xenstored
 # + xenconsoled (guest consoles logged to the share); the client LAN: NIC `lan0` in bridge
 # `xenbr0` with the host's link-local address (the guest's vif joins it); the replication
-# link: NIC `repl0` with its own /24; sshd (stock `xl remus` sends over ssh). Nothing
-# leaves the emulated machines. Ends by touching /share/run/dom0-ready.
+# link: NIC `repl0` with its own /24; sshd (stock `xl remus` sends over ssh); remus, as
+# an operator installs it: the project's Debian package (/share/pkg/remus.deb, built by
+# `cargo xtask package` on every `lab up`) with `dpkg -i`, the lab's key as
+# /etc/remus/key (0600, the same on both hosts: the package keeps a key it finds) and
+# /etc/remus/remus.toml naming the peer as the backup and this host's replication
+# address as the listener. Nothing leaves the emulated machines. Ends by touching
+# /share/run/dom0-ready.
 set -x
 export PATH=/share/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 . /share/lab/host.env || exit 1
@@ -52,5 +57,35 @@ ip link set repl0 up
 printf 'Host 169.254.200.*\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n' \
     >>/root/.ssh/config
 /usr/sbin/sshd || exit 1
+
+# remus from its package. The key goes first: the postinst creates a random one only if
+# none exists. The config after: the package's own is a conffile, replaced here whole.
+if [ -f /share/pkg/remus.deb ]; then
+    install -d -m 0700 /etc/remus
+    install -m 0600 /share/lab/remus.key /etc/remus/key || exit 1
+    t=$(date +%s.%N)
+    if ! dpkg -i /share/pkg/remus.deb >/share/run/dpkg.log 2>&1; then
+        cat /share/run/dpkg.log
+        echo "LAB-DOM0-SETUP-FAILED: dpkg -i /share/pkg/remus.deb (see run/dpkg.log)"
+        exit 1
+    fi
+    echo "remus installed in $(awk "BEGIN{printf \"%.1f\", $(date +%s.%N) - $t}") s: $(dpkg-query -W remus)"
+    # The lab's settings (lab.sh's HB for the hand-composed relay): a 300 ms heartbeat
+    # and 8 s timeout (two emulated hosts on 2 shared cores: 3 s did not tell a dead
+    # primary from a starved one), checkpoints every 200 ms.
+    cat >/etc/remus/remus.toml <<TOML
+# Written by the lab (lab/dom0/setup.sh) on host $LAB_HOST.
+[defaults]
+backup = "$LAB_PEER_REPL_IP:7788"
+listen = "$LAB_REPL_IP:7788"
+key_file = "/etc/remus/key"
+interval_ms = 200
+heartbeat_interval_ms = 300
+heartbeat_timeout_ms = 8000
+TOML
+    remus config check || exit 1
+else
+    echo "no /share/pkg/remus.deb: remus is not installed in this dom0"
+fi
 date +%s.%N >/share/run/dom0-ready
 echo LAB-DOM0-READY

@@ -261,7 +261,7 @@ fn the_lab_guest_gets_the_exact_xl_remus_command() {
     assert_eq!(p.domid, 1);
     assert_eq!(p.guest_type, GuestType::Pv);
     // No vifname in xenstore: libxl's default name.
-    assert_eq!(p.vif, "vif1.0");
+    assert_eq!(p.vifs, ["vif1.0"]);
     assert_eq!(p.backup, "backup.example:7788");
     assert!(!p.has_disks);
     assert!(p.warnings.is_empty(), "{:?}", p.warnings);
@@ -323,7 +323,7 @@ fn a_named_vif_comes_from_xenstore() {
         &FakeBackup::ok(),
     )
     .unwrap();
-    assert_eq!(p.vif, "web-lan");
+    assert_eq!(p.vifs, ["web-lan"]);
 }
 
 #[test]
@@ -508,36 +508,88 @@ fn the_captured_two_vif_domain_with_a_disk_is_refused_for_each_reason() {
     let (code, f) = refusal("multi", BACKUP, &k.good, &xen, &host, &FakeBackup::ok());
     assert_eq!(code, ExitCode::Unsupported);
     let kinds: Vec<&str> = f.iter().map(CheckFailure::summary).collect();
+    // Its two vifs are fine: both are held.
     assert_eq!(
         kinds,
         [
-            "vifs (",
             "has writable disks that are not replicated",
             "advertises no suspend path"
         ]
     );
     assert!(
-        matches!(&f[0], CheckFailure::SeveralVifs { n: 2, vifs, .. } if vifs == "vif2.0, multi-lan"),
-        "{f:?}"
-    );
-    assert!(
-        matches!(&f[1], CheckFailure::UnreplicatedDisks { disks, .. } if disks == "xvda: /run/lab/multi-disk.img"),
+        matches!(&f[0], CheckFailure::UnreplicatedDisks { disks, .. } if disks == "xvda: /run/lab/multi-disk.img"),
         "{f:?}"
     );
 }
 
 #[test]
-fn several_vifs_are_refused_naming_each() {
+fn every_vif_of_a_two_vif_domain_is_held() {
     let k = keys();
+    let host = FakeHost {
+        ifaces: vec!["vif1.0".into(), "guest-lan".into()],
+        ..Default::default()
+    };
+    let p = run(
+        &request("guest", BACKUP, &k.good),
+        &with_devices(TWO_NICS, ""),
+        &host,
+        &FakeBackup::ok(),
+    )
+    .unwrap();
+    assert_eq!(p.vifs, ["vif1.0", "guest-lan"]);
+    // The first names the relay's sockets, as `relay send` names them by default.
+    assert_eq!(p.vif(), "vif1.0");
+    let argv = p.relay_argv(Path::new("/usr/sbin/remus"), Path::new("/run/remus"));
+    let vifs: Vec<&str> = argv
+        .windows(2)
+        .filter(|w| w[0] == "--vif")
+        .map(|w| w[1].as_str())
+        .collect();
+    assert_eq!(vifs, ["vif1.0", "guest-lan"]);
+    let rune = p.xl_argv("xl", Path::new("/usr/sbin/remus"), Path::new("/run/remus"))[9].clone();
+    assert!(
+        rune.contains("--vif vif1.0 --vif guest-lan --heartbeat-interval"),
+        "{rune}"
+    );
+    assert!(
+        rune.contains("--status-socket /run/remus/relay-send-vif1.0.sock"),
+        "{rune}"
+    );
+}
+
+#[test]
+fn a_two_vif_domain_is_refused_for_its_one_bad_vif() {
+    let k = keys();
+    // The second vif is missing from dom0: named, and nothing is planned.
     let (code, f) = refusal_on(&with_devices(TWO_NICS, ""), "guest", BACKUP, &k.good);
+    assert_eq!(code, ExitCode::Failure);
+    assert!(
+        matches!(&f[..], [CheckFailure::VifMissing { vif, .. }] if vif == "guest-lan"),
+        "{f:?}"
+    );
+    // The second NIC is an emulated one: refused by its devid.
+    let emu = TWO_NICS.replacen(
+        r#""ifname": "guest-lan", "nictype": "vif""#,
+        r#""ifname": "guest-lan", "nictype": "vif_ioemu""#,
+        1,
+    );
+    let host = FakeHost {
+        ifaces: vec!["vif1.0".into(), "guest-lan".into()],
+        ..Default::default()
+    };
+    let (code, f) = refusal(
+        "guest",
+        BACKUP,
+        &k.good,
+        &with_devices(&emu, ""),
+        &host,
+        &FakeBackup::ok(),
+    );
     assert_eq!(code, ExitCode::Unsupported);
-    match &f[0] {
-        CheckFailure::SeveralVifs { n, vifs, .. } => {
-            assert_eq!(*n, 2);
-            assert_eq!(vifs, "vif1.0, guest-lan");
-        }
-        other => panic!("{other:?}"),
-    }
+    assert!(
+        matches!(&f[..], [CheckFailure::EmulatedNic { devid: 1, .. }]),
+        "{f:?}"
+    );
 }
 
 #[test]
@@ -684,11 +736,6 @@ fn every_check_failure_is_in_the_operator_guide() {
         CheckFailure::NoVif {
             domain: String::new(),
         },
-        CheckFailure::SeveralVifs {
-            domain: String::new(),
-            n: 2,
-            vifs: String::new(),
-        },
         CheckFailure::EmulatedNic {
             domain: String::new(),
             devid: 0,
@@ -752,7 +799,6 @@ fn every_check_failure_is_in_the_operator_guide() {
             | AlreadyProtected { .. }
             | BufferLeftHolding { .. }
             | NoVif { .. }
-            | SeveralVifs { .. }
             | EmulatedNic { .. }
             | VifMissing { .. }
             | UnreplicatedDisks { .. }
@@ -770,7 +816,7 @@ fn every_check_failure_is_in_the_operator_guide() {
             | CopyLeft { .. } => {}
         }
     }
-    assert_eq!(all.len(), 27);
+    assert_eq!(all.len(), 26);
     for f in &all {
         assert!(
             f.to_string().contains(f.summary()),

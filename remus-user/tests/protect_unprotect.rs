@@ -108,6 +108,7 @@ fn protect_state(pid: u32, phase: Phase) -> ProtectState {
         pid,
         xl_pid: None,
         vif: "vif1.0".into(),
+        vifs: vec![],
         backup: "backup.example:7788".into(),
         interval_ms: 200,
         phase,

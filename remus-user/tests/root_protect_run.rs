@@ -157,7 +157,7 @@ impl Env {
             domain: "fake".into(),
             domid: 99,
             guest_type: GuestType::Pv,
-            vif: self.vif.clone(),
+            vifs: vec![self.vif.clone()],
             backup: format!("127.0.0.1:{}", self.port),
             settings,
             unsafe_disks: vec![],

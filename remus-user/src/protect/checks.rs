@@ -1,7 +1,7 @@
 //! Everything `remus protect` checks before it starts anything, and the plan it makes.
 //!
 //! Owns: the order of the checks, one typed failure per missing thing (each with its exit
-//! code and a message that says how to fix it), the decision which vif to hold and
+//! code and a message that says how to fix it), the vifs to hold (every one) and
 //! whether the disks allow protection, and the exact `xl remus` command line. Never
 //! touches: Xen, the host or the network directly: it asks the `Xen`, `Host` and `Backup`
 //! ports, so it is tested with fakes.
@@ -96,17 +96,9 @@ pub enum CheckFailure {
     )]
     BufferLeftHolding { domain: String, vif: String },
     #[error(
-        "`{domain}` has no vif: remus holds a guest's network output and needs exactly one vif"
+        "`{domain}` has no vif: remus holds a guest's network output and needs at least one vif"
     )]
     NoVif { domain: String },
-    #[error(
-        "`{domain}` has {n} vifs ({vifs}): this remus holds the output of one vif per domain, and holding only one would let the others' output out unchecked; give the guest a single vif"
-    )]
-    SeveralVifs {
-        domain: String,
-        n: usize,
-        vifs: String,
-    },
     #[error(
         "`{domain}`'s NIC {devid} is an emulated one (HVM, vif_ioemu): the guest can send through {vif}-emu, which is not held; use a PV NIC (type=vif in the vif= line)"
     )]
@@ -173,7 +165,6 @@ impl CheckFailure {
             | NoXenTools { .. }
             | XenNotRunning { .. }
             | NoVif { .. }
-            | SeveralVifs { .. }
             | EmulatedNic { .. }
             | UnreplicatedDisks { .. }
             | DiskReplicationMissing { .. }
@@ -213,7 +204,6 @@ impl CheckFailure {
             AlreadyProtected { .. } => "is already protected",
             BufferLeftHolding { .. } => "a buffer left on",
             NoVif { .. } => "has no vif",
-            SeveralVifs { .. } => "vifs (",
             EmulatedNic { .. } => "is an emulated one",
             VifMissing { .. } => "does not exist in dom0",
             UnreplicatedDisks { .. } => "has writable disks that are not replicated",
@@ -248,7 +238,9 @@ pub struct Plan {
     pub domain: String,
     pub domid: u32,
     pub guest_type: GuestType,
-    pub vif: String,
+    /// Every vif of the domain, in devid order: the relay holds the output of each
+    /// (`--vif` repeated). Never empty.
+    pub vifs: Vec<String>,
     /// HOST:PORT.
     pub backup: String,
     pub settings: Settings,
@@ -262,11 +254,17 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// The first vif: it names the relay's status and control sockets, as `relay send`
+    /// names them by default.
+    pub fn vif(&self) -> &str {
+        self.vifs.first().map_or("", String::as_str)
+    }
+
     /// `remus relay send …` as xl will run it (through `remus __relay-child`, which
     /// records the relay's exit status for `remus protect`).
     pub fn relay_argv(&self, exe: &Path, run_dir: &Path) -> Vec<String> {
         let s = &self.settings;
-        vec![
+        let mut argv = vec![
             exe.display().to_string(),
             "__relay-child".into(),
             "--exit-file".into(),
@@ -280,8 +278,11 @@ impl Plan {
             self.backup.clone(),
             "--key-file".into(),
             s.key_file.display().to_string(),
-            "--vif".into(),
-            self.vif.clone(),
+        ];
+        for v in &self.vifs {
+            argv.extend(["--vif".into(), v.clone()]);
+        }
+        argv.extend([
             "--heartbeat-interval".into(),
             format!("{}ms", s.heartbeat_interval.as_millis()),
             "--heartbeat-timeout".into(),
@@ -293,14 +294,15 @@ impl Plan {
             "--cache-pages".into(),
             s.cache_pages.to_string(),
             "--status-socket".into(),
-            state::relay_send_socket(run_dir, &self.vif)
+            state::relay_send_socket(run_dir, self.vif())
                 .display()
                 .to_string(),
             "--control-socket".into(),
-            state::relay_send_control(run_dir, &self.vif)
+            state::relay_send_control(run_dir, self.vif())
                 .display()
                 .to_string(),
-        ]
+        ]);
+        argv
     }
 
     /// The `xl remus` argv: `-F -n` (xl's own network buffering is absent on Debian and
@@ -461,7 +463,10 @@ fn check_domain<'a>(
     Some(d)
 }
 
-/// Which vif to hold; the disks' verdict; the suspend path.
+/// The vifs to hold (all of them) and the writable disks accepted unreplicated.
+type Devices = (Vec<String>, Vec<String>);
+
+/// The vifs to hold; the disks' verdict; the suspend path.
 #[allow(clippy::too_many_arguments)]
 fn check_devices(
     cfg: &DomainConfig,
@@ -471,46 +476,51 @@ fn check_devices(
     host: &impl Host,
     f: &mut Failures,
     warnings: &mut Vec<String>,
-) -> Option<(String, Vec<String>)> {
-    let vif = check_vif(cfg, vifs_backend, host, f, warnings);
+) -> Option<Devices> {
+    let vifs = check_vifs(cfg, vifs_backend, host, f, warnings);
     let unsafe_disks = check_disks(cfg, settings, host, f, warnings);
     check_suspend(cfg, guest_store, f, warnings);
-    vif.map(|v| (v, unsafe_disks))
+    vifs.map(|v| (v, unsafe_disks))
 }
 
-/// The one paravirtual vif whose output is held, present on this host and not held by
+/// Every vif of the domain, in devid order: all of them are held (one left out would let
+/// its output out unchecked), so each must be paravirtual, present on this host and not
+/// held by another buffer. A failure for each vif that is not.
+fn check_vifs(
+    cfg: &DomainConfig,
+    vifs_backend: &BTreeMap<String, String>,
+    host: &impl Host,
+    f: &mut Failures,
+    warnings: &mut Vec<String>,
+) -> Option<Vec<String>> {
+    if cfg.nics.is_empty() {
+        f.0.push(CheckFailure::NoVif {
+            domain: cfg.name.clone(),
+        });
+        return None;
+    }
+    let mut nics: Vec<&xen::Nic> = cfg.nics.iter().collect();
+    nics.sort_by_key(|n| n.devid);
+    let before = f.0.len();
+    let vifs: Vec<String> = nics
+        .into_iter()
+        .filter_map(|nic| check_vif(cfg, nic, vifs_backend, host, f, warnings))
+        .collect();
+    (f.0.len() == before && vifs.len() == cfg.nics.len()).then_some(vifs)
+}
+
+/// One paravirtual vif whose output is held, present on this host and not held by
 /// another buffer.
 fn check_vif(
     cfg: &DomainConfig,
+    nic: &xen::Nic,
     vifs_backend: &BTreeMap<String, String>,
     host: &impl Host,
     f: &mut Failures,
     warnings: &mut Vec<String>,
 ) -> Option<String> {
     let name = &cfg.name;
-    let vifs: Vec<String> = cfg
-        .nics
-        .iter()
-        .map(|n| xen::vif_name(cfg.domid, n, vifs_backend))
-        .collect();
-    let nic = match cfg.nics.as_slice() {
-        [nic] => nic,
-        [] => {
-            f.0.push(CheckFailure::NoVif {
-                domain: name.clone(),
-            });
-            return None;
-        }
-        many => {
-            f.0.push(CheckFailure::SeveralVifs {
-                domain: name.clone(),
-                n: many.len(),
-                vifs: vifs.join(", "),
-            });
-            return None;
-        }
-    };
-    let vif = vifs[0].clone();
+    let vif = xen::vif_name(cfg.domid, nic, vifs_backend);
     if nic.emulated {
         f.0.push(CheckFailure::EmulatedNic {
             domain: name.clone(),
@@ -645,11 +655,11 @@ pub async fn plan(
         }
     }
     match (f.0.is_empty(), found, devices, addr) {
-        (true, Some(cfg), Some((vif, unsafe_disks)), Some(backup)) => Ok(Plan {
+        (true, Some(cfg), Some((vifs, unsafe_disks)), Some(backup)) => Ok(Plan {
             domain: cfg.name.clone(),
             domid: cfg.domid,
             guest_type: cfg.guest_type,
-            vif,
+            vifs,
             backup,
             settings: req.settings.clone(),
             unsafe_disks,
@@ -692,7 +702,7 @@ fn devices(
     host: &impl Host,
     f: &mut Failures,
     warnings: &mut Vec<String>,
-) -> (Option<(String, Vec<String>)>, SuspendPath) {
+) -> (Option<Devices>, SuspendPath) {
     let ls = |p: &str| match xen.xenstore_ls(p) {
         Ok(Some(out)) => Ok(xen::parse_xenstore_ls(&out)),
         Ok(None) => Ok(BTreeMap::new()),

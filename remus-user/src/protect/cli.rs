@@ -27,8 +27,8 @@ hold everything it sends until the backup has the checkpoint that produced it.
            (or: systemctl start remus-protect@web, with backup set in /etc/remus/remus.toml)
 
 First it checks, and names every missing thing on its own line: root, the Xen tools and a
-running hypervisor, the domain (running, not Domain-0, not already protected), exactly one
-vif (its name from xenstore), the disks (each writable disk must be replicated, which this
+running hypervisor, the domain (running, not Domain-0, not already protected), its vifs
+(at least one, each paravirtual, names from xenstore; the relay holds every one), the disks (each writable disk must be replicated, which this
 release cannot do yet: see --unsafe-unreplicated-disks), the guest's suspend path, the key
 file (0600), and the backup: reachable, speaking the relay protocol, holding the same key.
 Nothing is started unless every check passes.
@@ -49,7 +49,7 @@ backup resumes from its last checkpoint, as after a crash.
 
 Exit codes: 0 the domain ended, or protection ended on request; 1 operational failure;
 2 usage (bad flag or config, unknown or stopped domain, already protected, key file);
-3 environment unsupported (not root, no Xen, several vifs or none, unreplicated disks, no
+3 environment unsupported (not root, no Xen, no vif, unreplicated disks, no
 suspend path); 4 the backup is unreachable, or was lost (the guest then runs
 UNPROTECTED); 5 ending protection was not confirmed by the backup (output held).";
 
@@ -322,7 +322,7 @@ pub async fn protect(a: ProtectArgs) -> ExitCode {
             plan.domain,
             plan.domid,
             plan.guest_type.as_str(),
-            plan.vif,
+            plan.vifs.join(" "),
             plan.backup,
             plan.settings.interval_ms
         );

@@ -102,17 +102,48 @@ pub struct Stop {
 /// Pure: this is the documented behaviour (docs/operator.md).
 pub fn outcome(
     domain: &str,
-    vif: &str,
+    vifs: &[String],
     xl: Option<i32>,
     relay: Option<RelayExit>,
     stop: &Stop,
     last_acked: u64,
 ) -> Ending {
-    let f = Facts::new(domain, vif, xl, last_acked);
+    let names = VifNames::new(vifs);
+    let f = Facts::new(domain, &names, xl, last_acked);
     match relay {
         Some(RelayExit { code: Some(c), .. }) => f.relay_exited(c, stop),
         Some(RelayExit { signal, .. }) => f.relay_killed(signal, stop.asked),
         None => f.relay_never_ran(stop.asked),
+    }
+}
+
+/// The held vifs as the sentences name them: `vif` (one, or a list: "vif3.0 and
+/// vif3.1"), and the `remus-net` command lines for each (joined by `; `, so one line
+/// still runs as it reads).
+struct VifNames {
+    vif: String,
+    detach: String,
+    status: String,
+}
+
+impl VifNames {
+    fn new(vifs: &[String]) -> Self {
+        let each = |cmd: &str| {
+            vifs.iter()
+                .map(|v| format!("remus-net {cmd} {v}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        let vif = match vifs {
+            [] => "the vif".to_string(),
+            [one] => one.clone(),
+            [rest @ .., last] => format!("{} and {last}", rest.join(", ")),
+        };
+        VifNames {
+            vif,
+            detach: each("detach"),
+            status: each("status"),
+        }
     }
 }
 
@@ -121,6 +152,8 @@ pub fn outcome(
 struct Facts<'a> {
     domain: &'a str,
     vif: &'a str,
+    detach: &'a str,
+    status: &'a str,
     xl: Option<i32>,
     xl_code: String,
     /// Before the first acknowledged checkpoint the backup has no usable copy (it drops a
@@ -131,7 +164,8 @@ struct Facts<'a> {
 }
 
 impl<'a> Facts<'a> {
-    fn new(domain: &'a str, vif: &'a str, xl: Option<i32>, last_acked: u64) -> Self {
+    fn new(domain: &'a str, names: &'a VifNames, xl: Option<i32>, last_acked: u64) -> Self {
+        let (vif, detach) = (names.vif.as_str(), names.detach.as_str());
         let copy = last_acked > 0;
         let held = if copy {
             format!(
@@ -139,7 +173,7 @@ impl<'a> Facts<'a> {
             )
         } else {
             format!(
-                "no checkpoint was acknowledged, so the backup has no usable copy to activate; {vif}'s output is still held: `remus-net detach {vif}` lets the guest's traffic out again (what the relay held is gone with it; TCP resends)"
+                "no checkpoint was acknowledged, so the backup has no usable copy to activate; {vif}'s output is still held: `{detach}` lets the guest's traffic out again (what the relay held is gone with it; TCP resends)"
             )
         };
         let activates = if copy {
@@ -152,6 +186,8 @@ impl<'a> Facts<'a> {
         Facts {
             domain,
             vif,
+            detach,
+            status: &names.status,
             xl,
             xl_code: xl.map_or("unknown".into(), |c| c.to_string()),
             copy,
@@ -183,6 +219,8 @@ impl<'a> Facts<'a> {
         let Facts {
             domain,
             vif,
+            detach,
+            status,
             copy,
             held,
             activates,
@@ -199,7 +237,7 @@ impl<'a> Facts<'a> {
                 Output::Held,
                 *copy,
                 format!(
-                    "asked to end protection, the backup did not confirm that it discarded its copy (unreachable, or lost meanwhile), so it may still activate it: {vif}'s output stays HELD and `{domain}` runs here isolated. Check the backup (`remus status {domain}` there): if its copy runs, destroy this one (xl destroy {domain}); if it has none, `remus-net detach {vif}` lets this one's traffic out"
+                    "asked to end protection, the backup did not confirm that it discarded its copy (unreachable, or lost meanwhile), so it may still activate it: {vif}'s output stays HELD and `{domain}` runs here isolated. Check the backup (`remus status {domain}` there): if its copy runs, destroy this one (xl destroy {domain}); if it has none, `{detach}` lets this one's traffic out"
                 ),
             ),
             4 => self.end(
@@ -218,7 +256,7 @@ impl<'a> Facts<'a> {
                 *copy,
                 if *copy {
                     format!(
-                        "stopped on request: the relay closed the stream, so {activates}; {held}; destroy this copy (xl destroy {domain}) unless you discard the backup's (remus unprotect {domain} on the backup) and then `remus-net detach {vif}`"
+                        "stopped on request: the relay closed the stream, so {activates}; {held}; destroy this copy (xl destroy {domain}) unless you discard the backup's (remus unprotect {domain} on the backup) and then `{detach}`"
                     )
                 } else {
                     format!(
@@ -254,7 +292,7 @@ impl<'a> Facts<'a> {
                 Output::Unknown,
                 *copy,
                 format!(
-                    "the relay failed (exit {c}; its messages are above); if `remus-net status {vif}` still shows it holding, {held}"
+                    "the relay failed (exit {c}; its messages are above); if `{status}` still shows it holding, {held}"
                 ),
             ),
         }
@@ -373,12 +411,12 @@ struct Sample {
     held: Option<(u64, u64)>,
 }
 
-async fn sample(relay_socket: &Path, vif: &str) -> Sample {
+async fn sample(relay_socket: &Path, vifs: &[String]) -> Sample {
     let (acked, acks_total) = match crate::relay::status::query(relay_socket).await {
         Ok(s) => (Some(s.last_acked), Some(s.acks_total)),
         Err(_) => (None, None),
     };
-    let held = super::status::held(vif).await;
+    let held = super::status::held_all(vifs).await;
     Sample {
         acked,
         acks_total,
@@ -428,7 +466,7 @@ pub async fn run(plan: Plan, o: RunOptions) -> ExitCode {
     let relay = relay_exit(&exit_file).await;
     let ending = outcome(
         &plan.domain,
-        &plan.vif,
+        &plan.vifs,
         xl_status,
         relay,
         &sup.stop,
@@ -473,7 +511,8 @@ impl<'a> Supervisor<'a> {
             domid: plan.domid,
             pid: std::process::id(),
             xl_pid: None,
-            vif: plan.vif.clone(),
+            vif: plan.vif().to_string(),
+            vifs: plan.vifs.clone(),
             backup: plan.backup.clone(),
             interval_ms: plan.settings.interval_ms,
             phase: Phase::Starting,
@@ -484,7 +523,7 @@ impl<'a> Supervisor<'a> {
             checkpoints_per_s: None,
             held_frames: None,
             held_bytes: None,
-            relay_socket: state::relay_send_socket(&o.run_dir, &plan.vif),
+            relay_socket: state::relay_send_socket(&o.run_dir, plan.vif()),
             unsafe_disks: plan.unsafe_disks.clone(),
             exit_code: None,
             output: None,
@@ -537,7 +576,7 @@ impl<'a> Supervisor<'a> {
         self.st.phase = Phase::Ending;
         self.st.since_unix = state::now_unix();
         self.save();
-        let ctl = state::relay_send_control(self.run_dir, &self.plan.vif);
+        let ctl = state::relay_send_control(self.run_dir, self.plan.vif());
         self.asking = Some(tokio::spawn(async move {
             control::end_protection(&ctl, END_WAIT).await
         }));
@@ -568,7 +607,7 @@ impl<'a> Supervisor<'a> {
             signal_group(self.xl_pid, libc::SIGKILL);
             self.stop_deadline = None;
         }
-        let s = sample(&self.st.relay_socket, &self.plan.vif).await;
+        let s = sample(&self.st.relay_socket, &self.plan.vifs).await;
         let st = &mut self.st;
         let before = st.phase;
         if let Some(a) = s.acked {
@@ -704,6 +743,44 @@ pub fn relay_child(exe: &Path, exit_file: &Path, args: &[String]) -> i32 {
 mod tests {
     use super::*;
 
+    fn one() -> Vec<String> {
+        vec!["vif3.0".into()]
+    }
+
+    #[test]
+    fn every_held_vif_is_named_with_its_own_command() {
+        let two = vec!["vif3.0".to_string(), "vif3.1".to_string()];
+        let stop = Stop {
+            asked: true,
+            answer: None,
+        };
+        let e = outcome("web", &two, Some(1), exit(5), &stop, 7);
+        assert!(
+            e.detail.contains("vif3.0 and vif3.1's output stays HELD"),
+            "{}",
+            e.detail
+        );
+        assert!(
+            e.detail
+                .contains("`remus-net detach vif3.0; remus-net detach vif3.1`"),
+            "{}",
+            e.detail
+        );
+        let e = outcome("web", &two, Some(1), exit(1), &Stop::default(), 7);
+        assert!(
+            e.detail
+                .contains("`remus-net status vif3.0; remus-net status vif3.1`"),
+            "{}",
+            e.detail
+        );
+        let e = outcome("web", &one(), Some(1), exit(5), &stop, 7);
+        assert!(
+            e.detail.contains("`remus-net detach vif3.0` lets"),
+            "{}",
+            e.detail
+        );
+    }
+
     fn exit(code: i32) -> Option<RelayExit> {
         Some(RelayExit {
             code: Some(code),
@@ -718,7 +795,7 @@ mod tests {
                 asked,
                 answer: None,
             };
-            let e = outcome("web", "vif3.0", xl, relay, &stop, 7);
+            let e = outcome("web", &one(), xl, relay, &stop, 7);
             (e.phase, e.code, e.output, e.backup_activates)
         };
         use Output::*;
@@ -776,7 +853,7 @@ mod tests {
         };
         // The relay exits 0 after the discard; xl resumed the guest and exits 1.
         for destroyed in [true, false] {
-            let e = outcome("web", "vif3.0", Some(1), exit(0), &discarded(destroyed), 7);
+            let e = outcome("web", &one(), Some(1), exit(0), &discarded(destroyed), 7);
             assert_eq!(
                 (e.phase, e.code, e.output, e.backup_activates),
                 (Phase::Unprotected, ExitCode::Ok, Output::Open, false)
@@ -793,7 +870,7 @@ mod tests {
                 asked: true,
                 answer,
             };
-            let e = outcome("web", "vif3.0", Some(1), exit(5), &stop, 7);
+            let e = outcome("web", &one(), Some(1), exit(5), &stop, 7);
             assert_eq!(
                 (e.phase, e.code, e.output),
                 (Phase::EndUnconfirmed, ExitCode::Unconfirmed, Output::Held)
@@ -802,7 +879,7 @@ mod tests {
             assert!(!e.release_safe);
         }
         // A discard answer never makes a failed relay look clean.
-        let e = outcome("web", "vif3.0", Some(1), exit(1), &discarded(true), 7);
+        let e = outcome("web", &one(), Some(1), exit(1), &discarded(true), 7);
         assert_eq!(e.phase, Phase::Failed);
     }
 
@@ -812,14 +889,14 @@ mod tests {
             asked: true,
             answer: None,
         };
-        let e = outcome("web", "vif3.0", None, exit(0), &stopped, 0);
+        let e = outcome("web", &one(), None, exit(0), &stopped, 0);
         assert_eq!(
             (e.phase, e.code, e.output),
             (Phase::Stopped, ExitCode::Ok, Output::Held)
         );
         assert!(!e.backup_activates);
         assert!(e.release_safe);
-        let e = outcome("web", "vif3.0", None, exit(0), &stopped, 5);
+        let e = outcome("web", &one(), None, exit(0), &stopped, 5);
         assert!(e.backup_activates);
         assert!(!e.release_safe);
     }

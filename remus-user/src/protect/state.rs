@@ -84,7 +84,12 @@ pub struct ProtectState {
     /// The `remus protect` process.
     pub pid: u32,
     pub xl_pid: Option<u32>,
+    /// The first vif: it names the relay's sockets (as `relay send` does by default).
     pub vif: String,
+    /// Every vif whose output is held (the relay runs with `--vif` for each); empty in a
+    /// state file of an earlier remus, which held `vif` alone.
+    #[serde(default)]
+    pub vifs: Vec<String>,
     pub backup: String,
     pub interval_ms: u64,
     pub phase: Phase,
@@ -106,6 +111,17 @@ pub struct ProtectState {
     /// Once ended: whether the vif's output is held, open, or unknown.
     #[serde(default)]
     pub output: Option<super::run::Output>,
+}
+
+impl ProtectState {
+    /// Every vif held: `vifs`, or `vif` alone in an older state file.
+    pub fn all_vifs(&self) -> Vec<String> {
+        if self.vifs.is_empty() {
+            vec![self.vif.clone()]
+        } else {
+            self.vifs.clone()
+        }
+    }
 }
 
 /// `/run/remus/backup-DOMAIN.json`, written by `remus backup` before it becomes the relay.
@@ -226,6 +242,7 @@ mod tests {
             pid: 10,
             xl_pid: Some(11),
             vif: "vif3.0".into(),
+            vifs: vec!["vif3.0".into(), "vif3.1".into()],
             backup: "b:7788".into(),
             interval_ms: 200,
             phase: Phase::Protected,
@@ -249,6 +266,23 @@ mod tests {
         assert_eq!(all, vec![s]);
         // No temporary file is left behind.
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_state_file_without_vifs_holds_its_one_vif() {
+        // Written by a remus that held one vif per domain: no `vifs` key.
+        let j = r#"{"domain":"web","domid":3,"pid":10,"xl_pid":null,"vif":"vif3.0",
+            "backup":"b:7788","interval_ms":200,"phase":"protected","detail":null,
+            "started_unix":1,"since_unix":2,"last_acked":9,"checkpoints_per_s":null,
+            "held_frames":null,"held_bytes":null,"relay_socket":"/run/remus/x.sock",
+            "unsafe_disks":[],"exit_code":null}"#;
+        let s: ProtectState = serde_json::from_str(j).unwrap();
+        assert_eq!(s.all_vifs(), ["vif3.0"]);
+        let two = ProtectState {
+            vifs: vec!["vif3.0".into(), "vif3.1".into()],
+            ..s
+        };
+        assert_eq!(two.all_vifs(), ["vif3.0", "vif3.1"]);
     }
 
     #[test]

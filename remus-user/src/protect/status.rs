@@ -71,6 +71,18 @@ pub async fn held(vif: &str) -> Option<(u64, u64)> {
     .flatten()
 }
 
+/// Frames and bytes held on all of `vifs` together; None if none of them answered.
+pub async fn held_all(vifs: &[String]) -> Option<(u64, u64)> {
+    let mut total: Option<(u64, u64)> = None;
+    for v in vifs {
+        if let Some((f, b)) = held(v).await {
+            let (tf, tb) = total.unwrap_or((0, 0));
+            total = Some((tf + f, tb + b));
+        }
+    }
+    total
+}
+
 /// The primary row of one `remus protect` state file, refreshed from the live relay.
 pub async fn primary_row(s: ProtectState) -> Row {
     let running = host::protect_pid_matches(s.pid);
@@ -86,7 +98,7 @@ pub async fn primary_row(s: ProtectState) -> Row {
         pause_ms: None,
         held_frames: s.held_frames,
         held_bytes: s.held_bytes,
-        vif: Some(s.vif.clone()),
+        vif: Some(s.all_vifs().join(",")),
         backup: Some(s.backup.clone()),
         listen: None,
         peer: None,
@@ -114,7 +126,7 @@ pub async fn primary_row(s: ProtectState) -> Row {
             row.pause_ms = r.guest_pause_ms;
             row.relay = Some(r);
         }
-        if let Some((f, b)) = held(&s.vif).await {
+        if let Some((f, b)) = held_all(&s.all_vifs()).await {
             row.held_frames = Some(f);
             row.held_bytes = Some(b);
         }
@@ -285,6 +297,7 @@ mod tests {
             pid: std::process::id(),
             xl_pid: None,
             vif: "vif3.0".into(),
+            vifs: vec![],
             backup: "b:7788".into(),
             interval_ms: 200,
             phase,

@@ -222,7 +222,7 @@ fn end_on_primary(
         Phase::Unprotected => Ok(Done {
             killed: Vec::new(),
             destroyed: None,
-            ended: Some((end.phase, h.buffer_on(&end.vif))),
+            ended: Some((end.phase, worst_left(&end, h))),
             message: detail,
         }),
         Phase::EndUnconfirmed => Err(UnprotectError::Unconfirmed {
@@ -283,7 +283,23 @@ fn receivers(
     })
 }
 
-/// Where protection ended already: says how, and what the vif still carries; removes
+/// What the held vifs still carry, the worst first: a buffer that holds, a live holder,
+/// one passing traffic, none.
+fn worst_left(s: &ProtectState, h: &impl Host) -> LeftBuffer {
+    let rank = |l: &LeftBuffer| match l {
+        LeftBuffer::Holding => 3,
+        LeftBuffer::Live { .. } => 2,
+        LeftBuffer::Passthrough => 1,
+        LeftBuffer::None => 0,
+    };
+    s.all_vifs()
+        .iter()
+        .map(|v| h.buffer_on(v))
+        .max_by_key(rank)
+        .unwrap_or(LeftBuffer::None)
+}
+
+/// Where protection ended already: says how, and what each vif still carries; removes
 /// the state files.
 fn clean_up_ended(domain: &str, dir: &Path, s: ProtectState, h: &impl Host) -> Done {
     let mut notes = vec![format!(
@@ -294,22 +310,21 @@ fn clean_up_ended(domain: &str, dir: &Path, s: ProtectState, h: &impl Host) -> D
             .map(|d| format!(": {d}"))
             .unwrap_or_default()
     )];
-    let left = h.buffer_on(&s.vif);
-    match left {
-        LeftBuffer::Passthrough => notes.push(format!(
-            "{} still carries a pass-through buffer (holds nothing): remove it with `remus-net detach {}`",
-            s.vif, s.vif
-        )),
-        LeftBuffer::Holding => notes.push(format!(
-            "{} still HOLDS the guest's output (fail closed); if the backup activated its copy, destroy this one (xl destroy {domain}); otherwise `remus-net detach {}` drops what is held",
-            s.vif, s.vif
-        )),
-        LeftBuffer::Live { pid } => notes.push(format!(
-            "{} has a live buffer holder (pid {pid}) that remus protect did not start",
-            s.vif
-        )),
-        LeftBuffer::None => {}
+    for vif in s.all_vifs() {
+        match h.buffer_on(&vif) {
+            LeftBuffer::Passthrough => notes.push(format!(
+                "{vif} still carries a pass-through buffer (holds nothing): remove it with `remus-net detach {vif}`"
+            )),
+            LeftBuffer::Holding => notes.push(format!(
+                "{vif} still HOLDS the guest's output (fail closed); if the backup activated its copy, destroy this one (xl destroy {domain}); otherwise `remus-net detach {vif}` drops what is held"
+            )),
+            LeftBuffer::Live { pid } => notes.push(format!(
+                "{vif} has a live buffer holder (pid {pid}) that remus protect did not start"
+            )),
+            LeftBuffer::None => {}
+        }
     }
+    let left = worst_left(&s, h);
     let _ = std::fs::remove_file(state::protect_path(dir, domain));
     let _ = std::fs::remove_file(state::relay_exit_path(dir, domain));
     notes.push("removed its state file".into());

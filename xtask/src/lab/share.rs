@@ -3,16 +3,16 @@
 //!
 //! Owns: the contents of `target/lab/<host>/share/`: `lab/dom0/*.sh` (the dom0 scripts),
 //! `lab/host.env` (which host this is: its addresses and NIC MACs, from topology.rs),
-//! `lab/remus.key` (the relay key, generated per lab and the same in both shares), `bin/`
-//! (the project's binaries, built fresh on every `lab up`, never baked into the image),
-//! `guest/` (kernel + initrd), `req/` (the agent's requests) and `run/` (dom0's logs).
-//! Never touches: the cache (read only) or QEMU.
+//! `lab/remus.key` (the relay key, generated per lab and the same in both shares),
+//! `pkg/remus.deb` (the project's Debian package, `cargo xtask package`'s, built fresh on
+//! every `lab up` and installed by dom0's setup.sh with `dpkg -i`, never baked into the
+//! image), `guest/` (kernel + initrd), `req/` (the agent's requests) and `run/` (dom0's
+//! logs). Never touches: the cache (read only) or QEMU.
 use super::{
     build::{self, Artifacts},
     topology::Host,
     vm,
 };
-use crate::util;
 use anyhow::{Context, Result};
 use std::{
     fs,
@@ -26,20 +26,12 @@ fn copy_into(src: &Path, dst: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Builds `remus` and `remus-net` (release) for dom0. Returns the error instead of failing
-/// so a lab that does not need them (the anchor alone, the capture) can go on.
-fn build_remus() -> Result<PathBuf> {
-    util::run(util::cmd("timeout").args([
-        "2400",
-        "cargo",
-        "build",
-        "--release",
-        "-p",
-        "remus-user",
-        "--bins",
-    ]))
-    .context("cargo build --release -p remus-user failed")?;
-    Ok(util::root().join("target/release"))
+/// Builds the Debian package (`cargo xtask package`: `remus` and `remus-net` in release,
+/// the units, the config, the hotplug script) that dom0 installs. Returns the error
+/// instead of failing so a lab that does not need it (the anchor alone, the capture) can
+/// go on.
+fn build_deb() -> Result<PathBuf> {
+    crate::package::build().context("building the Debian package (cargo xtask package) failed")
 }
 
 /// A fresh relay key: 32 random bytes, hex, one line.
@@ -71,10 +63,10 @@ fn host_env(h: Host) -> String {
 
 /// Fills both hosts' shares for a fresh lab. `need_remus`: fail if remus cannot be built.
 pub fn stage_all(a: &Artifacts, need_remus: bool) -> Result<()> {
-    let remus = match build_remus() {
-        Ok(dir) => Some(dir),
+    let remus = match build_deb() {
+        Ok(deb) => Some(deb),
         Err(e) if !need_remus => {
-            eprintln!("[lab] warning: {e:#}; dom0 gets no remus binaries this time");
+            eprintln!("[lab] warning: {e:#}; dom0 gets no remus package this time");
             None
         }
         Err(e) => return Err(e),
@@ -86,15 +78,16 @@ pub fn stage_all(a: &Artifacts, need_remus: bool) -> Result<()> {
     Ok(())
 }
 
-fn stage(h: Host, a: &Artifacts, remus: Option<&Path>, key: &str) -> Result<()> {
+fn stage(h: Host, a: &Artifacts, deb: Option<&Path>, key: &str) -> Result<()> {
     let sh = vm::share(h);
-    for d in ["run", "req", "lab", "bin"] {
+    // `bin/`: where earlier labs copied the binaries; gone, so nothing shadows the package.
+    for d in ["run", "req", "lab", "bin", "pkg"] {
         let p = sh.join(d);
         if p.exists() {
             fs::remove_dir_all(&p).with_context(|| format!("clearing {}", p.display()))?;
         }
     }
-    for d in ["bin", "guest", "lab/dom0", "req", "run"] {
+    for d in ["pkg", "guest", "lab/dom0", "req", "run"] {
         fs::create_dir_all(sh.join(d))?;
     }
     for e in fs::read_dir(build::lab_src().join("dom0"))?.flatten() {
@@ -106,10 +99,8 @@ fn stage(h: Host, a: &Artifacts, remus: Option<&Path>, key: &str) -> Result<()> 
     fs::write(sh.join("lab/remus.key"), key)?;
     copy_into(&a.dom0.join("vmlinuz"), &sh.join("guest/vmlinuz"))?;
     copy_into(&a.guest_initrd, &sh.join("guest/initrd.img"))?;
-    if let Some(dir) = remus {
-        for b in ["remus", "remus-net"] {
-            copy_into(&dir.join(b), &sh.join("bin").join(b))?;
-        }
+    if let Some(deb) = deb {
+        copy_into(deb, &sh.join("pkg/remus.deb"))?;
     }
     Ok(())
 }

@@ -40,9 +40,17 @@ pub enum Act {
     /// Starts the backup's relay (`remus relay receive` on the replication link).
     /// Asserts: it runs a second later.
     BackupListens,
+    /// Starts the backup as the package runs it: `remus backup guest` (the command line
+    /// of its remus-backup@guest unit), configured by dom0's /etc/remus/remus.toml.
+    /// Asserts: it runs a second later.
+    BackupService,
     /// Starts protection towards the backup host. Asserts: the sender runs a second
     /// later. Sets where checkpoints are counted.
     Protect(Protection),
+    /// `remus status` in both dom0s while protected, for the bound: each end's table
+    /// printed (every few seconds in the live view, once otherwise). Asserts: both
+    /// answer. Records: `remus_status`, the last `remus status -j` of each host.
+    RemusStatus,
     /// Asserts: two checkpoints within the bound, the sender alive meanwhile. Records:
     /// `first_checkpoint_s`.
     FirstCheckpoints,
@@ -116,6 +124,17 @@ pub enum Protection {
     /// `xl remus -s ''` through `remus relay send|receive` with the buffer on the vif;
     /// `no_buffer` runs the relay with `--no-buffer` (diagnostics: no output commit).
     Relay { no_buffer: bool },
+    /// As the operator does it, from the installed package: `remus protect guest` on the
+    /// primary, `remus backup guest` on the backup (`Act::BackupService`), both from
+    /// /etc/remus/remus.toml. The same relay underneath, with the buffer on every vif.
+    Protect,
+}
+
+impl Protection {
+    /// Whether the relay replicates (its status is sampled, the backup listens first).
+    pub fn relay(self) -> bool {
+        matches!(self, Protection::Relay { .. } | Protection::Protect)
+    }
 }
 
 /// A failure the scenarios inject.
@@ -153,7 +172,9 @@ pub fn execute(step: &Step, run: &mut Run) -> Result<()> {
         Act::ClientStart => client_start(run, b),
         Act::Replies(n) => replies(run, n, b),
         Act::BackupListens => backup_listens(run.dom0(step)?, b),
+        Act::BackupService => backup_service(run.dom0(step)?, b),
         Act::Protect(p) => protect(run, run.dom0(step)?, p, b),
+        Act::RemusStatus => remus_status(run, b),
         Act::FirstCheckpoints => first_checkpoints(run, b),
         Act::MeasureRate => measure_rate(run, b),
         Act::Fail(f) => fail(run, f),
@@ -275,6 +296,53 @@ fn backup_listens(h: Host, bound: Duration) -> Result<()> {
     Ok(())
 }
 
+fn backup_service(h: Host, bound: Duration) -> Result<()> {
+    let out = dom0::lab(h, "remus backup", "backup-start", bound)?;
+    eprintln!("[lab] host {}: {}", h.name(), out.trim());
+    Ok(())
+}
+
+/// `remus status` (the table) and `remus status -j` of host `h`.
+fn status_of(h: Host) -> Result<(String, serde_json::Value)> {
+    let out = dom0::exec_ok(
+        h,
+        "remus status",
+        "remus status; echo '-- json --'; remus status -j",
+        Duration::from_secs(30),
+    )?;
+    let (table, json) = out
+        .split_once("-- json --\n")
+        .with_context(|| format!("remus status printed something else: {out}"))?;
+    let v = serde_json::from_str(json)
+        .with_context(|| format!("remus status -j is not JSON: {json}"))?;
+    Ok((table.trim_end().to_string(), v))
+}
+
+/// Both ends' `remus status` while protected: live, every few seconds for the bound; in
+/// a test run once (each sample costs both emulated dom0s a few processes).
+fn remus_status(run: &mut Run, bound: Duration) -> Result<()> {
+    let t = Instant::now();
+    loop {
+        for h in [run.primary, run.backup] {
+            let (table, json) = status_of(h)?;
+            let role = if h == run.primary {
+                "primary"
+            } else {
+                "backup"
+            };
+            run.say(&format!(
+                "remus status on host {} ({role}):\n{table}",
+                h.name()
+            ));
+            run.report.remus_status.insert(h.name(), json);
+        }
+        if !run.live || t.elapsed() + Duration::from_secs(3) > bound {
+            return Ok(());
+        }
+        run.wait("protected", Duration::from_secs(3), || Ok(false))?;
+    }
+}
+
 fn protect(run: &mut Run, h: Host, p: Protection, bound: Duration) -> Result<()> {
     let backup = run.backup.repl_ip();
     let (args, env, source) = match p {
@@ -288,6 +356,7 @@ fn protect(run: &mut Run, h: Host, p: Protection, bound: Duration) -> Result<()>
             },
             progress::Source::Relay,
         ),
+        Protection::Protect => ("protect".into(), "", progress::Source::Relay),
     };
     let out = dom0::exec_ok(
         h,

@@ -1,8 +1,9 @@
 //! The lab's scenarios, as data: which steps, on which host, bounded how.
 //!
 //! Owns: the step lists of the scenarios `lab test` runs, in order:
-//! - `remus`: the relay with the buffer on the vif, host A protected to host B, host A
-//!   powered off; the backup must take over and the client must see every counter value
+//! - `remus`: host A protects the guest with `remus protect` (the relay with the buffer
+//!   on the vif) to host B's `remus backup`, from the installed package and
+//!   /etc/remus/remus.toml; host A powered off; the backup must take over and the client must see every counter value
 //!   exactly once, in order, on the same connection (asserted);
 //! - `link-cut-remus` and `link-cut-stock`: the replication link goes dark while both
 //!   hosts live, then comes back; what each does is measured and reported, not judged
@@ -36,6 +37,9 @@ const ANCHOR_BOUND_S: u64 = 60;
 const REMUS_BOUND_S: u64 = 120;
 /// How long checkpoints are counted before the failure.
 const MEASURE_S: u64 = 15;
+/// How long the live view (the demo) shows both ends' `remus status` (a test run takes
+/// one sample, within the bound).
+const STATUS_S: u64 = 15;
 /// How long the replication link stays dark, then how long it is watched once back.
 const LINK_DARK_S: u64 = 30;
 const LINK_BACK_S: u64 = 20;
@@ -60,7 +64,10 @@ pub fn by_name(name: &str, relay_no_buffer: bool) -> Option<Scenario> {
         no_buffer: relay_no_buffer,
     };
     let (steps, name) = match name {
-        "remus" => (power_off(relay, true), "remus"),
+        // As an operator protects a guest (the package, remus.toml, `remus protect`); the
+        // diagnostics without output commit need the hand-composed relay.
+        "remus" if relay_no_buffer => (power_off(relay, true), "remus"),
+        "remus" => (power_off(Protection::Protect, true), "remus"),
         "anchor" => (power_off(Protection::Stock, false), "anchor"),
         "link-cut-remus" => (link_cut(relay), "link-cut-remus"),
         "link-cut-stock" => (link_cut(Protection::Stock), "link-cut-stock"),
@@ -180,6 +187,14 @@ fn protected(p: Protection) -> Vec<Step> {
             Act::BackupListens,
         ));
     }
+    if p == Protection::Protect {
+        v.push(Step::new(
+            "c: the backup listens (remus backup, as its unit runs it)",
+            Backup,
+            60,
+            Act::BackupService,
+        ));
+    }
     v.extend([
         Step::new(
             "c: protection starts (xl remus, primary to backup)",
@@ -200,6 +215,14 @@ fn protected(p: Protection) -> Vec<Step> {
             Act::MeasureRate,
         ),
     ]);
+    if p == Protection::Protect {
+        v.push(Step::new(
+            "c: remus status on both hosts",
+            Machine,
+            STATUS_S,
+            Act::RemusStatus,
+        ));
+    }
     v
 }
 
@@ -467,6 +490,45 @@ mod tests {
         );
         assert_eq!(s.steps[after].on, On::Backup);
         assert!(s.steps.iter().any(|s| matches!(s.act, Act::ExactlyOnce)));
+    }
+
+    #[test]
+    fn the_remus_run_protects_like_an_operator_and_the_measured_ones_keep_the_relay() {
+        let acts = |n: &str, nb: bool| -> Vec<Act> {
+            by_name(n, nb)
+                .expect("exists")
+                .steps
+                .iter()
+                .map(|s| s.act)
+                .collect()
+        };
+        let at = |v: &[Act], f: fn(&Act) -> bool| v.iter().position(f);
+        let remus = acts("remus", false);
+        let backup = at(&remus, |a| matches!(a, Act::BackupService)).expect("remus backup");
+        let protect =
+            at(&remus, |a| matches!(a, Act::Protect(Protection::Protect))).expect("protects");
+        let measure = at(&remus, |a| matches!(a, Act::MeasureRate)).expect("measures");
+        let status = at(&remus, |a| matches!(a, Act::RemusStatus)).expect("remus status");
+        let off = at(&remus, |a| matches!(a, Act::Fail(Failure::PowerOff))).expect("off");
+        assert!(backup < protect && protect < measure && measure < status && status < off);
+        assert!(at(&remus, |a| matches!(a, Act::BackupListens)).is_none());
+        let diag = acts("remus", true);
+        assert!(
+            at(&diag, |a| matches!(
+                a,
+                Act::Protect(Protection::Relay { no_buffer: true })
+            ))
+            .is_some()
+        );
+        for n in ["link-cut-remus", "freeze-remus"] {
+            let v = acts(n, false);
+            assert!(
+                at(&v, |a| matches!(a, Act::Protect(Protection::Relay { .. }))).is_some(),
+                "{n}"
+            );
+            assert!(at(&v, |a| matches!(a, Act::RemusStatus)).is_none(), "{n}");
+        }
+        assert!(by_name("remus", false).expect("exists").needs_remus());
     }
 
     #[test]

@@ -55,7 +55,7 @@ impl Scenario {
     pub fn needs_remus(&self) -> bool {
         self.steps
             .iter()
-            .any(|s| matches!(s.act, Act::Protect(acts::Protection::Relay { .. })))
+            .any(|s| matches!(s.act, Act::Protect(p) if p.relay()))
     }
 }
 

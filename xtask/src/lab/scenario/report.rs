@@ -77,6 +77,9 @@ pub struct RunReport {
     pub backup_took_over: bool,
     /// Relay runs: the backup relay's `failovers_total` once the backup copy is the guest.
     pub backup_failovers: Option<u64>,
+    /// `remus protect` runs: one `remus status -j` per host while protected (by host).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub remus_status: BTreeMap<&'static str, serde_json::Value>,
     /// The first gratuitous ARP for the guest's address, from the guest's MAC, seen on
     /// the client LAN after the failure (the backup copy announcing itself).
     pub garp_after_failure_s: Option<f64>,
