@@ -12,12 +12,13 @@
 //! tap lives in its own namespace with a link-local address.
 //!
 //! Owns: `target/lab/switch/` (`qemu.pid`, `qemu.log`, `qmp.sock`, `ports.json`), the tap
-//! `remuslab0` and the namespace `remus-lab` (and the processes in it). Never touches: the
+//! `remuslab0`, its VLAN device `remuslab1` (the second client LAN) and the namespace
+//! `remus-lab` (and the processes in it). Never touches: the
 //! hosts' QEMUs (vm.rs) or the machine's other interfaces and namespaces.
 use super::{
     build::{Artifacts, tail_file},
     lock, qmp,
-    topology::{CLIENT_IP, CLIENT_NETNS, CLIENT_TAP, Host},
+    topology::{CLIENT_IP, CLIENT_NETNS, CLIENT_TAP, CLIENT2_DEV, CLIENT2_IP, Host, LAN2_VLAN},
     vm,
 };
 use crate::util;
@@ -167,10 +168,39 @@ pub fn up(a: &Artifacts) -> Result<()> {
         util::run(Command::new(argv[0]).args(&argv[1..]))
             .context("setting up the client's namespace")?;
     }
+    second_lan()?;
     eprintln!(
         "[lab] switch up (pid {}): client LAN and replication link; client namespace {CLIENT_NETNS}",
         pid().unwrap_or_default()
     );
+    Ok(())
+}
+
+/// The second client LAN's end in the client's namespace: VLAN `LAN2_VLAN` on the tap,
+/// with the client's second address (two-vif guests; see topology.rs).
+fn second_lan() -> Result<()> {
+    let vid = LAN2_VLAN.to_string();
+    let addr = format!("{CLIENT2_IP}/24");
+    let steps: [&[&str]; 3] = [
+        &[
+            "link",
+            "add",
+            "link",
+            CLIENT_TAP,
+            "name",
+            CLIENT2_DEV,
+            "type",
+            "vlan",
+            "id",
+            &vid,
+        ],
+        &["addr", "add", &addr, "dev", CLIENT2_DEV],
+        &["link", "set", CLIENT2_DEV, "up"],
+    ];
+    for argv in steps {
+        util::run(Command::new("ip").args(["-n", CLIENT_NETNS]).args(argv))
+            .context("setting up the second client LAN (VLAN) in the client's namespace")?;
+    }
     Ok(())
 }
 

@@ -13,6 +13,12 @@
 //!   host B: QEMU, Xen + dom0      lan0 ── xenbr0 169.254.0.3 ── (backup copy)
 //! ```
 //!
+//! The second client LAN (two-vif guests): VLAN 100 on the same wire. The client's
+//! namespace has `remuslab1` (VLAN 100 on the tap) at 169.254.1.10/24; each host has
+//! `lan1` (VLAN 100 on `lan0`) in bridge `xenbr1` (169.254.1.1 on A, .3 on B, made by
+//! `lab.sh lan2-up`); the guest's second vif joins `xenbr1`, its eth1 is 169.254.1.2/24
+//! with a counter service of its own on port 7001.
+//!
 //! Owns: these constants and the `Host` type. Never touches: anything (no I/O).
 use clap::ValueEnum;
 use serde::Serialize;
@@ -79,3 +85,15 @@ pub const CLIENT_TAP: &str = "remuslab0";
 pub const CLIENT_IP: &str = "169.254.0.10";
 /// The backup relay's port on the replication link.
 pub const RELAY_PORT: u16 = 7788;
+
+/// The second client LAN: VLAN id on the client LAN's wire (tagged frames pass the hub
+/// and each host's `lan0` like any other; a VLAN device on each end makes them a
+/// broadcast domain of their own).
+pub const LAN2_VLAN: u16 = 100;
+/// The client's VLAN device on its tap, and the client's address there.
+pub const CLIENT2_DEV: &str = "remuslab1";
+pub const CLIENT2_IP: &str = "169.254.1.10";
+/// The guest's second vif: its address (eth1) and the counter service behind it (a
+/// process of its own: its own counter).
+pub const GUEST2_IP: &str = "169.254.1.2";
+pub const SERVICE2_PORT: u16 = 7001;
