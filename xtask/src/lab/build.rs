@@ -96,7 +96,11 @@ impl Key {
     fn file(self, p: &Path) -> Result<Self> {
         let b =
             fs::read(p).with_context(|| format!("reading {} for the cache key", p.display()))?;
-        let mut k = self.str(&p.to_string_lossy());
+        // The file's name and content, never where the checkout is: every worktree of
+        // one commit shares the machine's cache (a path in the key made each checkout
+        // build its own dom0 and prune the others').
+        let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+        let mut k = self.str(name.as_deref().unwrap_or_default());
         k.0.update((b.len() as u64).to_le_bytes());
         k.0.update(&b);
         Ok(k)
@@ -396,4 +400,28 @@ pub fn build() -> Result<Artifacts> {
         dom0,
         guest_initrd,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_files_key_depends_on_its_name_and_content_not_on_the_checkout() {
+        let d = std::env::temp_dir().join(format!("remus-key-{}", std::process::id()));
+        let (a, b) = (d.join("a"), d.join("b"));
+        fs::create_dir_all(&a).unwrap();
+        fs::create_dir_all(&b).unwrap();
+        for dir in [&a, &b] {
+            fs::write(dir.join("build-rootfs.sh"), "echo one\n").unwrap();
+        }
+        fs::write(b.join("other.sh"), "echo one\n").unwrap();
+        let key = |p: &Path| Key::new("rootfs").file(p).unwrap().finish();
+        let in_a = key(&a.join("build-rootfs.sh"));
+        assert_eq!(in_a, key(&b.join("build-rootfs.sh")), "another checkout");
+        assert_ne!(in_a, key(&b.join("other.sh")), "another file");
+        fs::write(b.join("build-rootfs.sh"), "echo two\n").unwrap();
+        assert_ne!(in_a, key(&b.join("build-rootfs.sh")), "other content");
+        fs::remove_dir_all(&d).unwrap();
+    }
 }
