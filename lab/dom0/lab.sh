@@ -2,9 +2,10 @@
 # `lab` inside a host's dom0 (runs from the 9p share; the machine calls it through the
 # request agent). Small, bounded commands the scenarios (xtask/src/lab/scenario) string
 # together:
-#   lab guest-up [MEM_MB [pv|pvh [VIFS]]]
+#   lab guest-up [MEM_MB [pv|pvh|hvm [VIFS]]]
 #                                 (re)create the guest "guest" (PV by default, 1 vif), wait
-#                                 until its service answers on the client LAN; with 2 vifs
+#                                 (LAB_GUEST_WAIT_S, 240 s) until its service answers on
+#                                 the client LAN (hvm: needs the device model); with 2 vifs
 #                                 the second is on xenbr1 (lan2-up) and its own service
 #                                 must answer there too
 #   lab lan2-up                   the second client LAN's bridge xenbr1 (VLAN 100 on lan0),
@@ -63,7 +64,7 @@ guest_up() {
     mem=${1:-64}
     kind=${2:-pv}
     vifs=${3:-1}
-    case $kind in pv | pvh) ;; *) die "guest-up: unknown guest type $kind" ;; esac
+    case $kind in pv | pvh | hvm) ;; *) die "guest-up: unknown guest type $kind" ;; esac
     case $vifs in 1 | 2) ;; *) die "guest-up: 1 or 2 vifs, not $vifs" ;; esac
     for d in $(xl list | awk 'NR>1 && $1!="Domain-0" {print $1}'); do xl destroy "$d" || true; done
     vif="'mac=00:16:3e:4c:41:42,bridge=xenbr0'"
@@ -74,24 +75,43 @@ guest_up() {
     # init_on_free=1: the guest zeroes what it frees (its unpacked initramfs, init
     # memory), so its idle pages are zeros and a captured stream compresses well.
     # lab_vifs=N tells the guest's init how many NICs to bring up.
+    # HVM: the device model (qemu-system-xen) boots the same kernel directly; the
+    # kernel's console goes to hvc0 once its Xen drivers run (ttyS0 before).
+    console=hvc0 hvm=
+    [ "$kind" = hvm ] && console="ttyS0 console=hvc0" && hvm='serial = "pty"
+vnc = 0
+sdl = 0'
     cat >"$S/guest.cfg" <<CFG
 name = "guest"
 type = "$kind"
 kernel = "/share/guest/vmlinuz"
 ramdisk = "/share/guest/initrd.img"
-extra = "console=hvc0 loglevel=4 init_on_free=1 lab_vifs=$vifs"
+extra = "console=$console loglevel=4 init_on_free=1 lab_vifs=$vifs"
 memory = $mem
 maxmem = $mem
 vcpus = 1
 vif = [ $vif ]
 on_crash = "preserve"
+$hvm
 CFG
+    # How long the service may take (LAB_GUEST_WAIT_S): an HVM guest boots through
+    # SeaBIOS and the device model under emulation, minutes.
+    wait_s=${LAB_GUEST_WAIT_S:-240}
     t0=$(now)
     xl create "$S/guest.cfg" || die "xl create failed"
-    i=0
+    d=$(domid_of guest)
+    echo "created_after_s=$(awk "BEGIN{printf \"%.1f\", $(now) - $t0}") domid=$d"
+    emu_seen=
     until probe_service; do
-        i=$((i + 1))
-        [ $i -gt 90 ] && die "the guest's service did not answer on $GUEST_IP:$PORT within ~180 s"
+        # An HVM guest's emulated NIC: say when its tap appears and when it goes (the
+        # PV drivers unplug it).
+        if [ -e "/sys/class/net/vif$d.0-emu" ]; then
+            [ -z "$emu_seen" ] && emu_seen=1 && echo "emu_tap_after_s=$(awk "BEGIN{printf \"%.1f\", $(now) - $t0}")"
+        elif [ "$emu_seen" = 1 ]; then
+            emu_seen=2 && echo "emu_tap_gone_after_s=$(awk "BEGIN{printf \"%.1f\", $(now) - $t0}")"
+        fi
+        awk "BEGIN{exit !($(now) - $t0 > $wait_s)}" &&
+            die "the guest's service did not answer on $GUEST_IP:$PORT within $wait_s s"
         sleep 2
     done
     if [ "$vifs" = 2 ]; then
