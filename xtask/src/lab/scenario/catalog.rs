@@ -19,7 +19,8 @@
 //!   (scenario/soak.rs judges them).
 //!
 //! The power-off scenarios come first and last so that host A, off after `remus`, boots
-//! once again for the link cuts, and stays off after `anchor` (the lab stops then).
+//! again for `pvh-2vif`, again for the link cuts, and stays off after `anchor` (the lab
+//! stops then).
 //! Never touches: how a step is carried out (acts.rs) or run (mod.rs).
 use super::{
     On, Scenario, Step,
