@@ -8,8 +8,8 @@
 #                                 the client LAN (hvm: needs the device model); with 2 vifs
 #                                 the second is on xenbr1 (lan2-up) and its own service
 #                                 must answer there too
-#   lab lan2-up                   the second client LAN's bridge xenbr1 (VLAN 100 on lan0),
-#                                 idempotent
+#   lab lan2-up                   the second client LAN's bridge xenbr1 (over the third
+#                                 NIC, lan1), idempotent
 #   lab relay-receive ADDR:PORT   (backup) start `remus relay receive` listening there,
 #                                 and the relay sampler
 #   lab remus-start MODE [PEER]   (primary) start the sending side in the background:
@@ -125,13 +125,20 @@ CFG
     echo "guest domid=$(domid_of guest) type=$kind vifs=$vifs ready_after_s=$(awk "BEGIN{printf \"%.1f\", $(now) - $t0}")"
 }
 
-# The second client LAN: VLAN 100 on lan0 (`lan1`) in bridge xenbr1, with dom0's address
-# there 169.254.1.X/24 (X: the last byte of its xenbr0 address, 1 on A, 3 on B), so that
-# guest-up can probe the service behind the guest's second vif. Idempotent.
+# The second client LAN: the host's third NIC (MAC 52:54:00:4c:01:*, on the switch's third
+# hub) named `lan1`, in bridge xenbr1, with dom0's address there 169.254.1.X/24 (X: the last
+# byte of its xenbr0 address, 1 on A, 3 on B), so that guest-up can probe the service
+# behind the guest's second vif. Idempotent.
 lan2_up() {
     if ! ip link show xenbr1 >/dev/null 2>&1; then
-        modprobe 8021q 2>/dev/null
-        ip link add link lan0 name lan1 type vlan id 100 || return 1
+        if ! ip link show lan1 >/dev/null 2>&1; then
+            nic=
+            for d in /sys/class/net/*; do
+                case $(cat "$d/address" 2>/dev/null) in 52:54:00:4c:01:*) nic=${d##*/} ;; esac
+            done
+            [ -n "$nic" ] || { echo "no NIC on the second client LAN (52:54:00:4c:01:*)" >&2; return 1; }
+            ip link set "$nic" name lan1 || return 1
+        fi
         ip link add xenbr1 type bridge stp_state 0 forward_delay 0 || return 1
         a=$(ip -4 -o addr show dev xenbr0 | awk '{print $4; exit}')
         a=${a%/*}

@@ -1,6 +1,6 @@
 //! Guests beyond the scenarios' default (PV, one vif): the guest's kind (PV or PVH) and its
 //! number of vifs, and the second client, behind a two-vif guest's second vif on the
-//! second client LAN (VLAN 100, bridge `xenbr1`; see topology.rs), with the acts that
+//! second client LAN (the switch's third hub, bridge `xenbr1`; see topology.rs), with the acts that
 //! start, watch and judge it (`Act::Guest`, `Act::Vif2`).
 //!
 //! Owns: the second client's process and log (`client-<run>-vif1.jsonl`) through the run,
