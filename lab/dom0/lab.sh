@@ -2,8 +2,14 @@
 # `lab` inside a host's dom0 (runs from the 9p share; the machine calls it through the
 # request agent). Small, bounded commands the scenarios (xtask/src/lab/scenario) string
 # together:
-#   lab guest-up [MEM_MB]         (re)create the PV guest "guest", wait until its service
-#                                 answers on the client LAN
+#   lab guest-up [MEM_MB [pv|pvh|hvm [VIFS]]]
+#                                 (re)create the guest "guest" (PV by default, 1 vif), wait
+#                                 (LAB_GUEST_WAIT_S, 240 s) until its service answers on
+#                                 the client LAN (hvm: needs the device model); with 2 vifs
+#                                 the second is on xenbr1 (lan2-up) and its own service
+#                                 must answer there too
+#   lab lan2-up                   the second client LAN's bridge xenbr1 (over the third
+#                                 NIC, lan1), idempotent
 #   lab relay-receive ADDR:PORT   (backup) start `remus relay receive` listening there,
 #                                 and the relay sampler
 #   lab backup-start              (backup) `remus backup guest`, configured by
@@ -42,13 +48,17 @@
 #                                 (failover), stamped with dom0's clock into OUT
 #   lab cleanup                   kill everything the lab started, destroy all guests
 # State in /run/lab, logs in /share/run. Times are dom0's clock, Unix seconds.
-# LAB_RELAY_BUFFER replaces the relay's `--vif vifN.0` (e.g. `--no-buffer`, diagnostics).
+# LAB_RELAY_BUFFER replaces the relay's `--vif vifN.0 …` (one per vif of the guest; e.g.
+# `--no-buffer`, diagnostics).
 set -u
 export PATH=/share/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export S=/run/lab
 export L=/share/run
 GUEST_IP=169.254.0.2
 PORT=7000
+# The service behind a two-vif guest's second vif (its eth1, on xenbr1).
+GUEST2_IP=169.254.1.2
+PORT2=7001
 INTERVAL=${LAB_INTERVAL:-200}
 # The relay's heartbeat: much looser than its 1 s default because each dom0 runs under
 # software emulation, two of them (and the switch) on 2 shared cores: with 3 s, the
@@ -76,40 +86,107 @@ now() { date +%s.%N; }
 domid_of() { xl domid "$1" 2>/dev/null; }
 
 probe_service() {
-    echo probe | timeout 5 busybox nc -w 3 "$GUEST_IP" "$PORT" 2>/dev/null | grep -qE '^[0-9]+$'
+    echo probe | timeout 5 busybox nc -w 3 "${1:-$GUEST_IP}" "${2:-$PORT}" 2>/dev/null | grep -qE '^[0-9]+$'
 }
 
 guest_up() {
     mem=${1:-64}
+    kind=${2:-pv}
+    vifs=${3:-1}
+    case $kind in pv | pvh | hvm) ;; *) die "guest-up: unknown guest type $kind" ;; esac
+    case $vifs in 1 | 2) ;; *) die "guest-up: 1 or 2 vifs, not $vifs" ;; esac
     for d in $(xl list | awk 'NR>1 && $1!="Domain-0" {print $1}'); do xl destroy "$d" || true; done
+    vif="'mac=00:16:3e:4c:41:42,bridge=xenbr0'"
+    if [ "$vifs" = 2 ]; then
+        lan2_up >/dev/null || die "no second client LAN"
+        vif="$vif, 'mac=00:16:3e:4c:41:43,bridge=xenbr1'"
+    fi
     # init_on_free=1: the guest zeroes what it frees (its unpacked initramfs, init
     # memory), so its idle pages are zeros and a captured stream compresses well.
+    # lab_vifs=N tells the guest's init how many NICs to bring up.
+    # HVM: the device model (qemu-system-xen) boots the same kernel directly; the
+    # kernel's console goes to hvc0 once its Xen drivers run (ttyS0 before).
+    console=hvc0 hvm=
+    [ "$kind" = hvm ] && console="ttyS0 console=hvc0" && hvm='serial = "pty"
+vnc = 0
+sdl = 0'
     cat >"$S/guest.cfg" <<CFG
 name = "guest"
-type = "pv"
+type = "$kind"
 kernel = "/share/guest/vmlinuz"
 ramdisk = "/share/guest/initrd.img"
-extra = "console=hvc0 loglevel=4 init_on_free=1"
+extra = "console=$console loglevel=4 init_on_free=1 lab_vifs=$vifs"
 memory = $mem
 maxmem = $mem
 vcpus = 1
-vif = [ 'mac=00:16:3e:4c:41:42,bridge=xenbr0' ]
+vif = [ $vif ]
 on_crash = "preserve"
+$hvm
 CFG
     # The scenario `disk`: the replicated disk, by name (block-remus asks the local disk
     # daemon for its device; the same config works on the backup after its failover).
     if [ -s "$S/disk.name" ]; then
         echo "disk = [ 'vdev=xvda, access=w, script=block-remus, target=$(cat "$S/disk.name")' ]" >>"$S/guest.cfg"
     fi
+    # How long the service may take (LAB_GUEST_WAIT_S): an HVM guest boots through
+    # SeaBIOS and the device model under emulation, minutes.
+    wait_s=${LAB_GUEST_WAIT_S:-240}
     t0=$(now)
     xl create "$S/guest.cfg" || die "xl create failed"
-    i=0
+    d=$(domid_of guest)
+    echo "created_after_s=$(awk "BEGIN{printf \"%.1f\", $(now) - $t0}") domid=$d"
+    emu_seen=
     until probe_service; do
-        i=$((i + 1))
-        [ $i -gt 90 ] && die "the guest's service did not answer on $GUEST_IP:$PORT within ~180 s"
+        # An HVM guest's emulated NIC: say when its tap appears and when it goes (the
+        # PV drivers unplug it).
+        if [ -e "/sys/class/net/vif$d.0-emu" ]; then
+            [ -z "$emu_seen" ] && emu_seen=1 && echo "emu_tap_after_s=$(awk "BEGIN{printf \"%.1f\", $(now) - $t0}")"
+        elif [ "$emu_seen" = 1 ]; then
+            emu_seen=2 && echo "emu_tap_gone_after_s=$(awk "BEGIN{printf \"%.1f\", $(now) - $t0}")"
+        fi
+        awk "BEGIN{exit !($(now) - $t0 > $wait_s)}" &&
+            die "the guest's service did not answer on $GUEST_IP:$PORT within $wait_s s"
         sleep 2
     done
-    echo "guest domid=$(domid_of guest) ready_after_s=$(awk "BEGIN{printf \"%.1f\", $(now) - $t0}")"
+    if [ "$vifs" = 2 ]; then
+        i=0
+        until probe_service "$GUEST2_IP" "$PORT2"; do
+            i=$((i + 1))
+            [ $i -gt 30 ] && die "the guest's second service did not answer on $GUEST2_IP:$PORT2 (its second vif, xenbr1) within ~60 s"
+            sleep 2
+        done
+    fi
+    echo "guest domid=$(domid_of guest) type=$kind vifs=$vifs ready_after_s=$(awk "BEGIN{printf \"%.1f\", $(now) - $t0}")"
+}
+
+# The second client LAN: the host's third NIC (MAC 52:54:00:4c:01:*, on the switch's third
+# hub) named `lan1`, in bridge xenbr1, with dom0's address there 169.254.1.X/24 (X: the last
+# byte of its xenbr0 address, 1 on A, 3 on B), so that guest-up can probe the service
+# behind the guest's second vif. Idempotent.
+lan2_up() {
+    if ! ip link show xenbr1 >/dev/null 2>&1; then
+        if ! ip link show lan1 >/dev/null 2>&1; then
+            nic=
+            for d in /sys/class/net/*; do
+                case $(cat "$d/address" 2>/dev/null) in 52:54:00:4c:01:*) nic=${d##*/} ;; esac
+            done
+            [ -n "$nic" ] || { echo "no NIC on the second client LAN (52:54:00:4c:01:*)" >&2; return 1; }
+            ip link set "$nic" name lan1 || return 1
+        fi
+        ip link add xenbr1 type bridge stp_state 0 forward_delay 0 || return 1
+        a=$(ip -4 -o addr show dev xenbr0 | awk '{print $4; exit}')
+        a=${a%/*}
+        ip addr add "169.254.1.${a##*.}/24" dev xenbr1 || return 1
+        ip link set lan1 master xenbr1 && ip link set lan1 up && ip link set xenbr1 up || return 1
+    fi
+    echo "xenbr1 $(ip -4 -o addr show dev xenbr1 | awk '{print $4; exit}') on $(ls /sys/class/net/xenbr1/brif | tr '\n' ' ')"
+}
+
+# `--vif` for every vif of domain $1 (vifD.N, and vifD.N-emu of an HVM guest's device model).
+vif_args() {
+    for v in /sys/class/net/vif"$1".*; do
+        [ -e "$v" ] && printf -- '--vif %s ' "${v##*/}"
+    done
 }
 
 # Starts "$@" in its own session with its pid in $S/$name.pid, output in $L/$name.log.
@@ -180,8 +257,10 @@ remus_start() {
         [ -n "$peer" ] || die "remus-start relay needs the backup relay's ADDR:PORT"
         install_key
         rm -f "$L/relay-send.json"
+        vifs=$(vif_args "$d")
+        [ -n "$vifs" ] || die "domain $d has no vif"
         bg sender xl -vvv remus -F -n $(disk_xl_flag) -i "$INTERVAL" -s '' guest \
-            "remus relay send --backup $peer --key-file $KEY ${LAB_RELAY_BUFFER:---vif vif$d.0} $HB --status-socket $SOCK_SEND $(disk_flag)"
+            "remus relay send --backup $peer --key-file $KEY ${LAB_RELAY_BUFFER:-$vifs} $HB --status-socket $SOCK_SEND $(disk_flag)"
         start_sampler
         ;;
     protect)
@@ -358,6 +437,7 @@ cmd=${1:-}
 [ $# -gt 0 ] && shift
 case $cmd in
 guest-up) guest_up "$@" ;;
+lan2-up) lan2_up ;;
 relay-receive) relay_receive "$@" ;;
 backup-start) backup_start ;;
 remus-start) remus_start "$@" ;;
@@ -375,5 +455,5 @@ disk-receive) disk_receive "$@" ;;
 disk-serve) disk_serve "$@" ;;
 disk-check) disk_check ;;
 cleanup) cleanup ;;
-*) die "usage: lab guest-up|relay-receive|backup-start|remus-start|relay-sampler|remus-alive|hold|stop-sender|stamp|domains|cleanup|disk-receive|disk-serve|disk-check" ;;
+*) die "usage: lab guest-up|lan2-up|relay-receive|backup-start|remus-start|relay-sampler|remus-alive|hold|stop-sender|stamp|domains|cleanup|disk-receive|disk-serve|disk-check" ;;
 esac

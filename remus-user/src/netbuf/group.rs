@@ -9,7 +9,8 @@
 //!
 //! ```text
 //!   close_epoch  ─► vif A: close e_A   vif B: close e_B   …   (all while the guest is suspended)
-//!                   returns the group's epoch (vif A's number); e_B - e_A never changes
+//!                   returns the group's epoch (vif A's number at the first cut, one more at
+//!                   each later cut); e_B - e_A never changes
 //!   commit(N)    ─► for e in committed+1 ..= N:  vif A: commit e,  vif B: commit e,  …
 //!   fail_open    ─► commit every closed epoch as above, then vif A: open, vif B: open, …
 //! ```
@@ -24,7 +25,8 @@
 //! each vif's offset at the first cut and checks it at every later cut; a vif whose
 //! numbers drift stops the group (`NetBufferError::Diverged`).
 //!
-//! Failure: if closing or committing fails on any vif, the group stops: that call and
+//! Failure: if closing or committing fails on any vif (but a vanished emulated NIC,
+//! below), the group stops: that call and
 //! every later close or commit return an error and release nothing more, on any vif
 //! (fail closed: the vifs' epochs may be out of step now, and releasing on some would
 //! open one vif while another holds by accident). The driver aborts on the error; the
@@ -33,9 +35,19 @@
 //! still tried on every vif after a failure, since opening is then what is wanted: the
 //! vifs that cannot be opened are named in the error (`NetBufferError::NotOpened`).
 //!
+//! A vif that vanishes: an HVM guest's emulated NIC (the device model's tap,
+//! `vifX.Y-emu`) is unplugged when the guest's PV drivers take over, and its tap leaves
+//! dom0. A member named `…-emu` whose operation fails while its interface no longer
+//! exists (in this network namespace) is not a failure of the group: it leaves the
+//! group, the frames its buffer held are dropped with the device (they can never be
+//! delivered through it; a dropped frame is a lost packet, which TCP recovers, never an
+//! early release), and the other vifs go on in the same epochs. Any other failure of it,
+//! or a PV vif (`vifX.Y`) failing or vanishing, still stops the group (a PV vif leaves
+//! only with its domain).
+//!
 //! One vif: every call goes straight to its buffer, so `--vif X` behaves exactly as a
-//! single buffer does.
-use tracing::error;
+//! single buffer does (a lone `-emu` vif is not tolerated to vanish).
+use tracing::{error, warn};
 
 use super::{NetBuffer, NetBufferError, Released};
 
@@ -45,11 +57,36 @@ struct Member<B> {
     buffer: B,
     /// This vif's epoch number when the group's epoch is the group's first one.
     base: Option<u64>,
+    /// A device model's emulated NIC (`…-emu`): it may vanish while protected.
+    may_vanish: bool,
 }
+
+/// Whether `iface` exists in this process's network namespace.
+pub fn iface_present(iface: &str) -> bool {
+    let Ok(name) = std::ffi::CString::new(iface) else {
+        return false;
+    };
+    // SAFETY: if_nametoindex reads a NUL-terminated name and touches nothing else.
+    unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
+}
+
+/// Whether a vif of this name may vanish while protected (an HVM guest's emulated NIC).
+pub fn may_vanish(iface: &str) -> bool {
+    iface.ends_with("-emu")
+}
+
+/// Tells whether an interface still exists.
+type Probe = Box<dyn Fn(&str) -> bool + Send + Sync>;
 
 /// Several vifs' buffers behind one `NetBuffer` (see the module docs).
 pub struct VifGroup<B> {
     members: Vec<Member<B>>,
+    /// Built with one vif: every call goes straight through.
+    single: bool,
+    /// Whether an interface still exists (`iface_present`; a fake in unit tests).
+    present: Probe,
+    /// The vifs that vanished and left the group, in order.
+    vanished: Vec<String>,
     /// The group's first closed epoch (the first vif's number).
     first: Option<u64>,
     /// The group's last closed epoch.
@@ -64,10 +101,19 @@ impl<B: NetBuffer> VifGroup<B> {
     /// `vifs`: (interface name, its buffer), in the order they are cut and released.
     /// An empty list is refused by the caller (the CLI needs at least one vif).
     pub fn new(vifs: Vec<(String, B)>) -> Self {
+        Self::with_probe(vifs, Box::new(iface_present))
+    }
+
+    /// As `new`, with `present` telling whether an interface still exists.
+    fn with_probe(vifs: Vec<(String, B)>, present: Probe) -> Self {
         VifGroup {
+            single: vifs.len() == 1,
+            present,
+            vanished: Vec::new(),
             members: vifs
                 .into_iter()
                 .map(|(iface, buffer)| Member {
+                    may_vanish: may_vanish(&iface),
                     iface,
                     buffer,
                     base: None,
@@ -82,6 +128,11 @@ impl<B: NetBuffer> VifGroup<B> {
 
     pub fn ifaces(&self) -> Vec<&str> {
         self.members.iter().map(|m| m.iface.as_str()).collect()
+    }
+
+    /// The vifs that vanished while protected and left the group.
+    pub fn vanished(&self) -> &[String] {
+        &self.vanished
     }
 
     /// The vif whose failure stopped the group, if one did.
@@ -103,44 +154,86 @@ impl<B: NetBuffer> VifGroup<B> {
         self.stopped.get_or_insert_with(|| iface.to_string());
     }
 
+    /// Member `i`'s epoch `me` in the group's numbering.
+    fn group_epoch(&self, i: usize, me: u64) -> Option<u64> {
+        me.checked_sub(self.members[i].base?)?
+            .checked_add(self.first?)
+    }
+
     /// The group's epoch `e` in member `i`'s numbering.
     fn member_epoch(&self, i: usize, e: u64) -> Option<u64> {
         let m = &self.members[i];
         (e.checked_sub(self.first?)?).checked_add(m.base?)
     }
 
+    /// If member `i` failed with `e` because its interface vanished (and it may), it
+    /// leaves the group (its held frames go with the device) and true is returned.
+    fn left_if_vanished(&mut self, i: usize, e: &NetBufferError) -> bool {
+        let m = &self.members[i];
+        if !m.may_vanish || self.single || (self.present)(&m.iface) {
+            return false;
+        }
+        let m = self.members.remove(i);
+        warn!(
+            vif = %m.iface,
+            error = %e,
+            remaining = ?self.ifaces(),
+            "the vif is gone (an emulated NIC, unplugged when the guest's PV drivers took over): it leaves the group, its held frames are dropped with the device, the other vifs go on"
+        );
+        self.vanished.push(m.iface);
+        true
+    }
+
+    /// An error when no vif is left (every one vanished): nothing can be held any more.
+    fn check_members(&self) -> Result<(), NetBufferError> {
+        if self.members.is_empty() {
+            return Err(NetBufferError::Failed(format!(
+                "every vif of the group vanished ({})",
+                self.vanished.join(", ")
+            )));
+        }
+        Ok(())
+    }
+
     async fn close_all(&mut self) -> Result<u64, NetBufferError> {
-        let mut group = 0;
-        for i in 0..self.members.len() {
+        // The group's epoch: after the first cut, one more than the last; at the first
+        // cut, the first vif's number.
+        let mut group = (self.closed > 0).then_some(self.closed + 1);
+        let mut i = 0;
+        while i < self.members.len() {
             let got = match self.members[i].buffer.close_epoch().await {
                 Ok(e) => e,
                 Err(e) => {
+                    if self.left_if_vanished(i, &e) {
+                        continue;
+                    }
                     let iface = self.members[i].iface.clone();
                     self.stop(&iface, &e);
                     return Err(e);
                 }
             };
-            if i == 0 {
-                group = got;
-                self.first.get_or_insert(got);
-            }
+            let g = *group.get_or_insert(got);
+            let first = *self.first.get_or_insert(g);
             let m = &mut self.members[i];
-            if m.base.is_none() && self.first == Some(group) {
+            if m.base.is_none() && first == g {
                 m.base = Some(got);
             }
-            if let Some(expected) = self.member_epoch(i, group)
-                && expected != got
-            {
+            if self.member_epoch(i, g) != Some(got) {
                 let iface = self.members[i].iface.clone();
                 let e = NetBufferError::Diverged {
                     iface: iface.clone(),
-                    expected,
+                    expected: self.member_epoch(i, g).unwrap_or_default(),
                     got,
                 };
                 self.stop(&iface, &e);
                 return Err(e);
             }
+            i += 1;
         }
+        self.check_members()?;
+        let Some(group) = group else {
+            return Err(NetBufferError::Failed("no vif closed the epoch".into()));
+        };
         if self.closed == 0 {
             self.committed = group.saturating_sub(1);
         }
@@ -155,7 +248,8 @@ impl<B: NetBuffer> VifGroup<B> {
             ..Released::default()
         };
         for e in self.committed + 1..=epoch {
-            for i in 0..self.members.len() {
+            let mut i = 0;
+            while i < self.members.len() {
                 let r = match self.member_epoch(i, e) {
                     Some(me) => self.members[i].buffer.commit(me).await,
                     None => Err(NetBufferError::Failed(format!(
@@ -167,14 +261,19 @@ impl<B: NetBuffer> VifGroup<B> {
                     Ok(r) => {
                         total.frames += r.frames;
                         total.bytes += r.bytes;
+                        i += 1;
                     }
                     Err(err) => {
+                        if self.left_if_vanished(i, &err) {
+                            continue;
+                        }
                         let iface = self.members[i].iface.clone();
                         self.stop(&iface, &err);
                         return Err(err);
                     }
                 }
             }
+            self.check_members()?;
             self.committed = e;
         }
         Ok(total)
@@ -192,20 +291,28 @@ impl<B: NetBuffer> VifGroup<B> {
             total.bytes += r.bytes;
         }
         let mut failed = Vec::new();
-        for (i, m) in self.members.iter_mut().enumerate() {
-            match m.buffer.fail_open().await {
+        let mut i = 0;
+        while i < self.members.len() {
+            match self.members[i].buffer.fail_open().await {
                 Ok(r) => {
                     if i == 0 {
-                        total.epoch = r.epoch;
+                        // In the group's numbering (the first vif may have vanished).
+                        total.epoch = self.group_epoch(i, r.epoch).unwrap_or(r.epoch);
                     }
                     total.frames += r.frames;
                     total.bytes += r.bytes;
                 }
                 Err(e) => {
+                    // A vif that is gone has nothing left to open.
+                    if self.left_if_vanished(i, &e) {
+                        continue;
+                    }
+                    let m = &self.members[i];
                     error!(vif = %m.iface, error = %e, "could not open the output buffer: this vif stays blocked");
                     failed.push(format!("{}: {e}", m.iface));
                 }
             }
+            i += 1;
         }
         if failed.is_empty() {
             Ok(total)
@@ -217,7 +324,9 @@ impl<B: NetBuffer> VifGroup<B> {
 
 impl<B: NetBuffer> NetBuffer for VifGroup<B> {
     async fn close_epoch(&mut self) -> Result<u64, NetBufferError> {
-        if let [only] = self.members.as_mut_slice() {
+        if self.single
+            && let [only] = self.members.as_mut_slice()
+        {
             return only.buffer.close_epoch().await;
         }
         self.check_running()?;
@@ -225,7 +334,9 @@ impl<B: NetBuffer> NetBuffer for VifGroup<B> {
     }
 
     async fn commit(&mut self, epoch: u64) -> Result<Released, NetBufferError> {
-        if let [only] = self.members.as_mut_slice() {
+        if self.single
+            && let [only] = self.members.as_mut_slice()
+        {
             return only.buffer.commit(epoch).await;
         }
         self.check_running()?;
@@ -240,7 +351,9 @@ impl<B: NetBuffer> NetBuffer for VifGroup<B> {
     }
 
     async fn fail_open(&mut self) -> Result<Released, NetBufferError> {
-        if let [only] = self.members.as_mut_slice() {
+        if self.single
+            && let [only] = self.members.as_mut_slice()
+        {
             return only.buffer.fail_open().await;
         }
         self.open_all().await

@@ -39,6 +39,12 @@ impl Client {
     /// Starts the client (`bin`, the static counter-client) for run `name`; waits up to
     /// `bound` for it to connect (its log says so), or fails with what it said.
     pub fn start(bin: &Path, name: &str, bound: Duration) -> Result<Client> {
+        Client::start_to(bin, name, &format!("{GUEST_IP}:{SERVICE_PORT}"), bound)
+    }
+
+    /// As `start`, to `target` (ADDR:PORT), with its files named `client-{name}.*`
+    /// (a second client: the service behind a guest's second vif).
+    pub fn start_to(bin: &Path, name: &str, target: &str, bound: Duration) -> Result<Client> {
         fs::create_dir_all(dir())?;
         let p = |ext: &str| dir().join(format!("client-{name}.{ext}"));
         let (log, stop, stderr) = (p("jsonl"), p("stop"), p("stderr"));
@@ -48,7 +54,7 @@ impl Client {
         let child = Command::new("ip")
             .args(["netns", "exec", CLIENT_NETNS])
             .arg(bin)
-            .args(["--connect", &format!("{GUEST_IP}:{SERVICE_PORT}")])
+            .args(["--connect", target])
             .args(["--interval-ms", "100", "--timeout-s", "600"])
             .arg("--stop-file")
             .arg(&stop)
@@ -75,7 +81,7 @@ impl Client {
                 let said = fs::read_to_string(&c.log).unwrap_or_default()
                     + &fs::read_to_string(&c.stderr).unwrap_or_default();
                 c.stop();
-                bail!("the client did not connect to {GUEST_IP}:{SERVICE_PORT}: {said}");
+                bail!("the client did not connect to {target}: {said}");
             }
             std::thread::sleep(Duration::from_millis(200));
         }

@@ -1,6 +1,7 @@
 //! The lab's networks: the switch, a QEMU without a machine (`-machine none`: no CPU, no
-//! guest code) whose two hubs are the client LAN (the client's tap, host A, host B) and
-//! the replication link (host A, host B); the client's network namespace on the
+//! guest code) whose three hubs are the client LAN (the client's tap, host A, host B),
+//! the replication link (host A, host B) and the second client LAN (the client's second
+//! tap, host A, host B: two-vif guests); the client's network namespace on the
 //! machine; and the link switch (QMP `set_link` on the replication hub's ports).
 //!
 //! Why a switch of its own: the client must keep one TCP connection to the guest's MAC
@@ -12,12 +13,13 @@
 //! tap lives in its own namespace with a link-local address.
 //!
 //! Owns: `target/lab/switch/` (`qemu.pid`, `qemu.log`, `qmp.sock`, `ports.json`), the tap
-//! `remuslab0` and the namespace `remus-lab` (and the processes in it). Never touches: the
+//! `remuslab0`, the second client LAN's tap `remuslab1` and the namespace
+//! `remus-lab` (and the processes in it). Never touches: the
 //! hosts' QEMUs (vm.rs) or the machine's other interfaces and namespaces.
 use super::{
     build::{Artifacts, tail_file},
     lock, qmp,
-    topology::{CLIENT_IP, CLIENT_NETNS, CLIENT_TAP, Host},
+    topology::{CLIENT_IP, CLIENT_NETNS, CLIENT_TAP, CLIENT2_IP, CLIENT2_TAP, Host},
     vm,
 };
 use crate::util;
@@ -49,6 +51,8 @@ pub struct Ports {
     lan_b: u16,
     repl_a: u16,
     repl_b: u16,
+    lan2_a: u16,
+    lan2_b: u16,
 }
 
 impl Ports {
@@ -62,6 +66,13 @@ impl Ports {
         match h {
             Host::A => self.repl_a,
             Host::B => self.repl_b,
+        }
+    }
+    /// The host's port on the second client LAN (hub 2).
+    pub fn lan2(&self, h: Host) -> u16 {
+        match h {
+            Host::A => self.lan2_a,
+            Host::B => self.lan2_b,
         }
     }
 }
@@ -78,9 +89,9 @@ pub fn ports() -> Result<Ports> {
     Ok(serde_json::from_slice(&b)?)
 }
 
-/// Four free ports on 127.0.0.1 (held together while picked, so they differ).
+/// Six free ports on 127.0.0.1 (held together while picked, so they differ).
 fn free_ports() -> Result<Ports> {
-    let l: Vec<TcpListener> = (0..4)
+    let l: Vec<TcpListener> = (0..6)
         .map(|_| TcpListener::bind("127.0.0.1:0"))
         .collect::<std::io::Result<_>>()
         .context("finding free ports on 127.0.0.1 for the switch")?;
@@ -93,6 +104,8 @@ fn free_ports() -> Result<Ports> {
         lan_b: p[1],
         repl_a: p[2],
         repl_b: p[3],
+        lan2_a: p[4],
+        lan2_b: p[5],
     })
 }
 
@@ -122,6 +135,13 @@ fn command(a: &Artifacts, p: &Ports) -> Command {
         .args(port(0, "lan-b", listen(p.lan_b)))
         .args(port(1, "repl-a", listen(p.repl_a)))
         .args(port(1, "repl-b", listen(p.repl_b)))
+        .args(port(
+            2,
+            "lan2-tap",
+            format!("tap,ifname={CLIENT2_TAP},script=no,downscript=no"),
+        ))
+        .args(port(2, "lan2-a", listen(p.lan2_a)))
+        .args(port(2, "lan2-b", listen(p.lan2_b)))
         .arg("-pidfile")
         .arg(pid_file())
         .arg("-daemonize")
@@ -167,10 +187,28 @@ pub fn up(a: &Artifacts) -> Result<()> {
         util::run(Command::new(argv[0]).args(&argv[1..]))
             .context("setting up the client's namespace")?;
     }
+    second_lan()?;
     eprintln!(
         "[lab] switch up (pid {}): client LAN and replication link; client namespace {CLIENT_NETNS}",
         pid().unwrap_or_default()
     );
+    Ok(())
+}
+
+/// The second client LAN's end in the client's namespace: the switch's second tap (hub
+/// 2), with the client's second address (two-vif guests; see topology.rs).
+fn second_lan() -> Result<()> {
+    let addr = format!("{CLIENT2_IP}/24");
+    let ns = ["-n", CLIENT_NETNS];
+    let steps: [&[&str]; 3] = [
+        &["link", "set", CLIENT2_TAP, "netns", CLIENT_NETNS],
+        &[ns[0], ns[1], "addr", "add", &addr, "dev", CLIENT2_TAP],
+        &[ns[0], ns[1], "link", "set", CLIENT2_TAP, "up"],
+    ];
+    for argv in steps {
+        util::run(Command::new("ip").args(argv))
+            .context("setting up the second client LAN in the client's namespace")?;
+    }
     Ok(())
 }
 

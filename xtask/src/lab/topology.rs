@@ -13,6 +13,12 @@
 //!   host B: QEMU, Xen + dom0      lan0 ── xenbr0 169.254.0.3 ── (backup copy)
 //! ```
 //!
+//! The second client LAN (two-vif guests): the switch's third hub. The client's namespace
+//! has a second tap `remuslab1` at 169.254.1.10/24; each host has a third NIC (MAC
+//! `lan2_mac`), which `lab.sh lan2-up` names `lan1` and puts in bridge `xenbr1`
+//! (169.254.1.1 on A, .3 on B); the guest's second vif joins `xenbr1`, its eth1 is
+//! 169.254.1.2/24 with a counter service of its own on port 7001.
+//!
 //! Owns: these constants and the `Host` type. Never touches: anything (no I/O).
 use clap::ValueEnum;
 use serde::Serialize;
@@ -59,6 +65,15 @@ impl Host {
         }
     }
 
+    /// The MAC of the host's NIC on the second client LAN (`lab.sh lan2-up` names it
+    /// `lan1`; `52:54:00:4c:01:` is how it finds it).
+    pub fn lan2_mac(self) -> &'static str {
+        match self {
+            Host::A => "52:54:00:4c:01:0a",
+            Host::B => "52:54:00:4c:01:0b",
+        }
+    }
+
     /// The MAC of the host's NIC on the replication link (dom0 names it `repl0`).
     pub fn repl_mac(self) -> &'static str {
         match self {
@@ -79,3 +94,11 @@ pub const CLIENT_TAP: &str = "remuslab0";
 pub const CLIENT_IP: &str = "169.254.0.10";
 /// The backup relay's port on the replication link.
 pub const RELAY_PORT: u16 = 7788;
+
+/// The client's tap on the second client LAN, and the client's address there.
+pub const CLIENT2_TAP: &str = "remuslab1";
+pub const CLIENT2_IP: &str = "169.254.1.10";
+/// The guest's second vif: its address (eth1) and the counter service behind it (a
+/// process of its own: its own counter).
+pub const GUEST2_IP: &str = "169.254.1.2";
+pub const SERVICE2_PORT: u16 = 7001;

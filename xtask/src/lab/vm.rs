@@ -156,8 +156,8 @@ fn start(h: Host, a: &Artifacts) -> Result<()> {
     Ok(())
 }
 
-/// QEMU booting Xen with dom0 from the cached image, its two NICs on the switch's client
-/// LAN and replication link, daemonized with its pid file.
+/// QEMU booting Xen with dom0 from the cached image, its three NICs on the switch's client
+/// LAN, replication link and second client LAN, daemonized with its pid file.
 fn qemu_command(h: Host, a: &Artifacts, ports: &switch::Ports) -> Command {
     let initrd_arg = format!(
         "{} {DOM0_ARGS},{}",
@@ -173,6 +173,7 @@ fn qemu_command(h: Host, a: &Artifacts, ports: &switch::Ports) -> Command {
         .args(["-display", "none", "-nodefaults", "-monitor", "none"])
         .args(nic("lan", ports.lan(h), h.lan_mac()))
         .args(nic("repl", ports.repl(h), h.repl_mac()))
+        .args(nic("lan2", ports.lan2(h), h.lan2_mac()))
         .arg("-chardev")
         .arg(format!("file,id=s0,path={}", serial_log(h).display()))
         .args(["-serial", "chardev:s0", "-drive"])

@@ -1,4 +1,5 @@
 //! The group of vifs over fake buffers (named fakes: they only log what was asked).
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use super::*;
@@ -11,6 +12,8 @@ enum Op {
 }
 
 type Log = Arc<Mutex<Vec<(&'static str, Op)>>>;
+/// The fake interfaces that no longer exist (shared by the fake vifs and the fake probe).
+type GoneSet = Arc<Mutex<HashSet<&'static str>>>;
 
 /// A fake vif buffer: numbers its epochs from `next`, logs every call that succeeded.
 struct FakeVif {
@@ -22,6 +25,9 @@ struct FakeVif {
     fail_open: bool,
     /// Skip this many numbers at the next close (a buffer that drifted).
     skip: u64,
+    /// Once its name is in here its device is gone: every call fails as a holder that
+    /// ended does.
+    gone: GoneSet,
 }
 
 impl FakeVif {
@@ -34,12 +40,29 @@ impl FakeVif {
             fail_commit_at: None,
             fail_open: false,
             skip: 0,
+            gone: GoneSet::default(),
         }
+    }
+
+    fn with_gone(mut self, gone: &GoneSet) -> Self {
+        self.gone = gone.clone();
+        self
+    }
+
+    fn check_there(&self) -> Result<(), NetBufferError> {
+        if self.gone.lock().unwrap().contains(self.name) {
+            return Err(NetBufferError::Gone {
+                iface: self.name.into(),
+                reason: "holder stopped".into(),
+            });
+        }
+        Ok(())
     }
 }
 
 impl NetBuffer for FakeVif {
     async fn close_epoch(&mut self) -> Result<u64, NetBufferError> {
+        self.check_there()?;
         if self.fail_close {
             return Err(NetBufferError::Gone {
                 iface: self.name.into(),
@@ -53,6 +76,7 @@ impl NetBuffer for FakeVif {
         Ok(e)
     }
     async fn commit(&mut self, epoch: u64) -> Result<Released, NetBufferError> {
+        self.check_there()?;
         if epoch >= self.next {
             return Err(NetBufferError::EpochNotClosed {
                 epoch,
@@ -73,6 +97,7 @@ impl NetBuffer for FakeVif {
         })
     }
     async fn fail_open(&mut self) -> Result<Released, NetBufferError> {
+        self.check_there()?;
         if self.fail_open {
             return Err(NetBufferError::Failed("fake open failure".into()));
         }
@@ -87,6 +112,15 @@ impl NetBuffer for FakeVif {
 
 fn group(vifs: Vec<FakeVif>) -> VifGroup<FakeVif> {
     VifGroup::new(vifs.into_iter().map(|v| (v.name.to_string(), v)).collect())
+}
+
+/// A group whose probe says an interface exists unless it is in `gone` (a fake probe).
+fn group_probed(vifs: Vec<FakeVif>, gone: &GoneSet) -> VifGroup<FakeVif> {
+    let g = gone.clone();
+    VifGroup::with_probe(
+        vifs.into_iter().map(|v| (v.name.to_string(), v)).collect(),
+        Box::new(move |i| !g.lock().unwrap().contains(i)),
+    )
 }
 
 fn taken(log: &Log) -> Vec<(&'static str, Op)> {
@@ -283,4 +317,145 @@ async fn one_vif_is_passed_straight_through() {
             current: 9
         })
     ));
+}
+
+#[tokio::test]
+async fn an_emu_vif_that_vanishes_at_a_cut_leaves_the_group_and_the_others_go_on() {
+    let (log, gone) = (Log::default(), GoneSet::default());
+    // The emulated NIC first: the group's numbers must not follow it away.
+    let mut g = group_probed(
+        vec![
+            FakeVif::new("vif3.0-emu", 1, &log).with_gone(&gone),
+            FakeVif::new("vif3.0", 4, &log).with_gone(&gone),
+        ],
+        &gone,
+    );
+    assert_eq!(g.close_epoch().await.unwrap(), 1);
+    gone.lock().unwrap().insert("vif3.0-emu");
+    assert_eq!(g.close_epoch().await.unwrap(), 2);
+    assert_eq!(g.vanished(), ["vif3.0-emu"]);
+    assert_eq!(g.ifaces(), ["vif3.0"]);
+    taken(&log);
+    let r = g.commit(2).await.unwrap();
+    assert_eq!(r.frames, 2, "the PV vif's two epochs");
+    assert_eq!(
+        taken(&log),
+        [("vif3.0", Op::Commit(4)), ("vif3.0", Op::Commit(5))]
+    );
+    assert_eq!(g.close_epoch().await.unwrap(), 3);
+    g.commit(3).await.unwrap();
+    assert_eq!(
+        taken(&log),
+        [("vif3.0", Op::Close(6)), ("vif3.0", Op::Commit(6))]
+    );
+    assert_eq!(g.stopped_by(), None);
+}
+
+#[tokio::test]
+async fn an_emu_vif_that_vanishes_during_a_release_loses_only_its_own_frames() {
+    let (log, gone) = (Log::default(), GoneSet::default());
+    let mut g = group_probed(
+        vec![
+            FakeVif::new("vif3.0", 1, &log).with_gone(&gone),
+            FakeVif::new("vif3.0-emu", 1, &log).with_gone(&gone),
+            FakeVif::new("vif3.1", 1, &log).with_gone(&gone),
+        ],
+        &gone,
+    );
+    for _ in 0..3 {
+        g.close_epoch().await.unwrap();
+    }
+    g.commit(1).await.unwrap();
+    taken(&log);
+    gone.lock().unwrap().insert("vif3.0-emu");
+    let r = g.commit(3).await.unwrap();
+    assert_eq!((r.epoch, r.frames), (3, 4));
+    // Epoch by epoch across the vifs that are left, in order.
+    assert_eq!(
+        taken(&log),
+        [
+            ("vif3.0", Op::Commit(2)),
+            ("vif3.1", Op::Commit(2)),
+            ("vif3.0", Op::Commit(3)),
+            ("vif3.1", Op::Commit(3)),
+        ]
+    );
+    g.fail_open().await.unwrap();
+    assert_eq!(taken(&log), [("vif3.0", Op::Open), ("vif3.1", Op::Open)]);
+}
+
+#[tokio::test]
+async fn an_emu_vif_that_fails_but_is_still_there_stops_the_group() {
+    let (log, gone) = (Log::default(), GoneSet::default());
+    let mut emu = FakeVif::new("vif3.0-emu", 1, &log).with_gone(&gone);
+    emu.fail_commit_at = Some(1);
+    let mut g = group_probed(
+        vec![FakeVif::new("vif3.0", 1, &log).with_gone(&gone), emu],
+        &gone,
+    );
+    g.close_epoch().await.unwrap();
+    assert!(matches!(g.commit(1).await, Err(NetBufferError::Failed(_))));
+    assert_eq!(g.stopped_by(), Some("vif3.0-emu"));
+    assert!(g.vanished().is_empty());
+    assert!(matches!(
+        g.close_epoch().await,
+        Err(NetBufferError::Stopped { .. })
+    ));
+}
+
+#[tokio::test]
+async fn a_pv_vif_that_vanishes_stops_the_group_and_a_lone_emu_vif_is_not_tolerated() {
+    let (log, gone) = (Log::default(), GoneSet::default());
+    let mut g = group_probed(
+        vec![
+            FakeVif::new("vif3.0", 1, &log).with_gone(&gone),
+            FakeVif::new("vif3.0-emu", 1, &log).with_gone(&gone),
+        ],
+        &gone,
+    );
+    g.close_epoch().await.unwrap();
+    gone.lock().unwrap().insert("vif3.0");
+    assert!(matches!(
+        g.close_epoch().await,
+        Err(NetBufferError::Gone { .. })
+    ));
+    assert_eq!(g.stopped_by(), Some("vif3.0"));
+
+    let mut lone = group_probed(
+        vec![FakeVif::new("vif4.0-emu", 1, &log).with_gone(&gone)],
+        &gone,
+    );
+    gone.lock().unwrap().insert("vif4.0-emu");
+    assert!(matches!(
+        lone.close_epoch().await,
+        Err(NetBufferError::Gone { .. })
+    ));
+}
+
+#[tokio::test]
+async fn when_every_vif_has_vanished_nothing_is_pretended() {
+    let (log, gone) = (Log::default(), GoneSet::default());
+    let mut g = group_probed(
+        vec![
+            FakeVif::new("vif3.0-emu", 1, &log).with_gone(&gone),
+            FakeVif::new("vif3.1-emu", 1, &log).with_gone(&gone),
+        ],
+        &gone,
+    );
+    g.close_epoch().await.unwrap();
+    gone.lock().unwrap().extend(["vif3.0-emu", "vif3.1-emu"]);
+    assert!(matches!(
+        g.close_epoch().await,
+        Err(NetBufferError::Failed(m)) if m.contains("every vif")
+    ));
+}
+
+#[test]
+fn only_emulated_nics_may_vanish_and_a_missing_interface_is_not_present() {
+    assert!(may_vanish("vif7.0-emu"));
+    assert!(!may_vanish("vif7.0"));
+    assert!(!may_vanish("emu0"));
+    assert!(!iface_present("remus-no-such0"));
+    assert!(!iface_present("bad\0name"));
+    assert!(iface_present("lo"));
 }

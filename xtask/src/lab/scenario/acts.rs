@@ -7,7 +7,7 @@
 //! through their failure switches (vm.rs, switch.rs); dom0 only through `lab.sh`
 //! subcommands.
 use super::{
-    GUEST_MEM_MB, INTERVAL_MS, On, Run, Step, client, disk, frames, progress, report, soak,
+    GUEST_MEM_MB, INTERVAL_MS, On, Run, Step, client, disk, frames, guests, progress, report, soak,
     timeline,
 };
 use crate::lab::{
@@ -33,6 +33,11 @@ pub enum Act {
     /// Creates the PV guest. Asserts: its service answers within the bound. Records:
     /// `guest_ready_s`.
     GuestUp,
+    /// Creates a guest of this kind with this many vifs (`guests.rs`). Asserts: every
+    /// vif's service answers within the bound. Records: `guest_ready_s`.
+    Guest(guests::Guest),
+    /// The second vif's client and its judgement (`guests.rs` says what each asserts).
+    Vif2(guests::Vif2),
     /// Starts the client on the client LAN and the ARP watcher. Asserts: it connected.
     ClientStart,
     /// Asserts: the client has this many replies within the bound.
@@ -169,6 +174,8 @@ pub fn execute(step: &Step, run: &mut Run) -> Result<()> {
             Ok(())
         }
         Act::GuestUp => guest_up(run, run.dom0(step)?, b),
+        Act::Guest(g) => guests::guest_up(run, run.dom0(step)?, g, b),
+        Act::Vif2(v) => guests::vif2(run, step, v),
         Act::ClientStart => client_start(run, b),
         Act::Replies(n) => replies(run, n, b),
         Act::BackupListens => backup_listens(run.dom0(step)?, b),
@@ -568,7 +575,11 @@ pub fn client_stop(run: &mut Run) {
     if run.client.is_some() {
         run.report.client_tcp = lan::client_tcp();
     }
+    let second = run.client2.is_some();
     run.stop_client();
+    if second {
+        guests::record_second(run);
+    }
     let seen = run.seen(run.death);
     run.report.garp_after_failure_s = run.death.and_then(|d| {
         lan::arps(&run.arp_log)

@@ -5,6 +5,9 @@
 //!   on the vif) to host B's `remus backup`, from the installed package and
 //!   /etc/remus/remus.toml; host A powered off; the backup must take over and the client must see every counter value
 //!   exactly once, in order, on the same connection (asserted);
+//! - `pvh-2vif`: the same, for a PVH guest with two vifs on two bridges, a client behind
+//!   each (the second on the second client LAN): both connections must survive with
+//!   every value once, in order (asserted);
 //! - `link-cut-remus` and `link-cut-stock`: the replication link goes dark while both
 //!   hosts live, then comes back; what each does is measured and reported, not judged
 //!   (the baseline for split-brain protection);
@@ -21,11 +24,13 @@
 //!   (scenario/soak.rs judges them).
 //!
 //! The power-off scenarios come first and last so that host A, off after `remus`, boots
-//! once again for the link cuts, and stays off after `anchor` (the lab stops then).
+//! again for `pvh-2vif`, again for the link cuts, and stays off after `anchor` (the lab
+//! stops then).
 //! Never touches: how a step is carried out (acts.rs) or run (mod.rs).
 use super::{
     On, Scenario, Step,
     acts::{Act, Failure, Protection, Restore},
+    guests::{Guest, Kind, Vif2},
     soak::{Kill, Phase},
 };
 use crate::lab::topology::Host;
@@ -51,6 +56,7 @@ const THAWED_S: u64 = 20;
 /// The scenario names `lab test --only` accepts, in the order `lab test` runs them.
 pub const NAMES: &[&str] = &[
     "remus",
+    "pvh-2vif",
     "link-cut-remus",
     "link-cut-stock",
     "freeze-remus",
@@ -68,6 +74,7 @@ pub fn by_name(name: &str, relay_no_buffer: bool) -> Option<Scenario> {
         // diagnostics without output commit need the hand-composed relay.
         "remus" if relay_no_buffer => (power_off(relay, true), "remus"),
         "remus" => (power_off(Protection::Protect, true), "remus"),
+        "pvh-2vif" => (pvh_two_vifs(relay), "pvh-2vif"),
         "anchor" => (power_off(Protection::Stock, false), "anchor"),
         "link-cut-remus" => (link_cut(relay), "link-cut-remus"),
         "link-cut-stock" => (link_cut(Protection::Stock), "link-cut-stock"),
@@ -348,6 +355,87 @@ fn disk(p: Protection) -> Vec<Step> {
     v
 }
 
+/// `remus`'s power-off for a PVH guest with two vifs: the second vif's bridge on the
+/// backup, a second client behind it, both clients judged.
+fn pvh_two_vifs(p: Protection) -> Vec<Step> {
+    use On::{Backup, Machine, Primary};
+    let mut v = power_off(p, true);
+    let after = |v: &mut Vec<Step>, f: fn(&Act) -> bool, s: Step| {
+        let i = v.iter().position(|s| f(&s.act)).map_or(v.len(), |i| i + 1);
+        v.insert(i, s);
+    };
+    let g = v
+        .iter()
+        .position(|s| matches!(s.act, Act::GuestUp))
+        .unwrap_or(2);
+    v[g] = Step::new(
+        "a: the PVH guest with two vifs boots on the primary and both its services answer",
+        Primary,
+        400,
+        Act::Guest(Guest {
+            kind: Kind::Pvh,
+            vifs: 2,
+        }),
+    );
+    after(
+        &mut v,
+        |a| matches!(a, Act::Guest(_)),
+        Step::new(
+            "a: the backup has the second client LAN's bridge",
+            Backup,
+            60,
+            Act::Vif2(Vif2::Lan),
+        ),
+    );
+    after(
+        &mut v,
+        |a| matches!(a, Act::ClientStart),
+        Step::new(
+            "a: the second client connects across the second client LAN",
+            Machine,
+            60,
+            Act::Vif2(Vif2::ClientStart),
+        ),
+    );
+    after(
+        &mut v,
+        |a| matches!(a, Act::Replies(_)),
+        Step::new(
+            "b: the second client gets replies on its one connection",
+            Machine,
+            60,
+            Act::Vif2(Vif2::Replies(10)),
+        ),
+    );
+    after(
+        &mut v,
+        |a| matches!(a, Act::AwaitFailover { .. }),
+        Step::new(
+            "e: the second client's connection carries on too",
+            Machine,
+            REMUS_BOUND_S,
+            Act::Vif2(Vif2::AwaitFailover),
+        ),
+    );
+    after(
+        &mut v,
+        |a| matches!(a, Act::RepliesAfterFailover(_)),
+        Step::new(
+            "e: the second client carries on after the failover",
+            Machine,
+            60,
+            Act::Vif2(Vif2::RepliesAfterFailover(20)),
+        ),
+    );
+    v.push(Step::new(
+        "e: the second client: every value once, in order, on one connection",
+        Machine,
+        0,
+        Act::Vif2(Vif2::ExactlyOnce),
+    ));
+    v
+}
+
 /// The replication link goes dark while both hosts live, then comes back: measured.
 fn link_cut(p: Protection) -> Vec<Step> {
     use On::Machine;
@@ -449,6 +537,7 @@ mod tests {
         };
         assert!(asserts("remus"));
         assert!(asserts("disk"));
+        assert!(asserts("pvh-2vif"));
         for n in ["anchor", "link-cut-remus", "link-cut-stock", "freeze-remus"] {
             assert!(!asserts(n), "{n} must not judge its outcome");
         }
@@ -489,6 +578,38 @@ mod tests {
             "judged before and after the power-off"
         );
         assert_eq!(s.steps[after].on, On::Backup);
+        assert!(s.steps.iter().any(|s| matches!(s.act, Act::ExactlyOnce)));
+    }
+
+    #[test]
+    fn the_two_vif_run_sets_up_and_judges_its_second_client_around_the_power_off() {
+        let s = by_name("pvh-2vif", false).expect("exists");
+        let at = |f: &dyn Fn(&Act) -> bool| {
+            s.steps
+                .iter()
+                .position(|s| f(&s.act))
+                .expect("the step is there")
+        };
+        let guest = at(&|a| {
+            matches!(
+                a,
+                Act::Guest(Guest {
+                    kind: Kind::Pvh,
+                    vifs: 2
+                })
+            )
+        });
+        let lan = at(&|a| matches!(a, Act::Vif2(Vif2::Lan)));
+        let protect = at(&|a| matches!(a, Act::Protect(_)));
+        let start2 = at(&|a| matches!(a, Act::Vif2(Vif2::ClientStart)));
+        let off = at(&|a| matches!(a, Act::Fail(Failure::PowerOff)));
+        let await2 = at(&|a| matches!(a, Act::Vif2(Vif2::AwaitFailover)));
+        let stop = at(&|a| matches!(a, Act::ClientStop));
+        let judge2 = at(&|a| matches!(a, Act::Vif2(Vif2::ExactlyOnce)));
+        assert!(guest < lan && lan < protect && start2 < protect);
+        assert!(off < await2 && await2 < stop && stop < judge2);
+        assert_eq!(s.steps[lan].on, On::Backup);
+        assert!(!s.steps.iter().any(|s| matches!(s.act, Act::GuestUp)));
         assert!(s.steps.iter().any(|s| matches!(s.act, Act::ExactlyOnce)));
     }
 

@@ -27,6 +27,7 @@ pub mod catalog;
 pub mod client;
 pub mod disk;
 pub mod frames;
+pub mod guests;
 pub mod progress;
 pub mod report;
 pub mod soak;
@@ -104,6 +105,9 @@ pub struct Run {
     /// The client on the client LAN, and its JSON-lines log.
     pub client: Option<lan::Client>,
     pub log: PathBuf,
+    /// The second client, behind the guest's second vif (two-vif guests), and its log.
+    pub client2: Option<lan::Client>,
+    pub log2: PathBuf,
     /// The ARP watcher on the client's tap, and its log.
     pub arp: Option<lan::ArpWatch>,
     pub arp_log: PathBuf,
@@ -129,6 +133,8 @@ impl Run {
             down: vec![],
             client: None,
             log: lan::dir().join(format!("client-{name}.jsonl")),
+            client2: None,
+            log2: lan::dir().join(format!("client-{}.jsonl", guests::second_name(name))),
             arp: None,
             arp_log: lan::dir().join(format!("arp-{name}.jsonl")),
             source: None,
@@ -152,9 +158,12 @@ impl Run {
         }
     }
 
-    /// Stops the client and the ARP watcher, if running.
+    /// Stops the client(s) and the ARP watcher, if running.
     pub fn stop_client(&mut self) {
         if let Some(mut c) = self.client.take() {
+            c.stop();
+        }
+        if let Some(mut c) = self.client2.take() {
             c.stop();
         }
         self.arp = None;
@@ -302,7 +311,10 @@ pub fn run(s: &Scenario, live: bool) -> RunReport {
 /// injected and no step recorded what the client saw, that recorded now; the dom0s that
 /// run cleaned up; the logs kept under the run's name.
 fn finish(run: &mut Run) {
-    if run.client.is_some() || (run.death.is_some() && run.report.verdict.is_empty()) {
+    if run.client.is_some()
+        || run.client2.is_some()
+        || (run.death.is_some() && run.report.verdict.is_empty())
+    {
         acts::client_stop(run);
     }
     for h in [run.primary, run.backup] {

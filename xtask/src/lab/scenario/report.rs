@@ -88,6 +88,9 @@ pub struct RunReport {
     /// The client's TCP socket just before it was stopped (`ss -tni`): shows a connection
     /// stuck in retransmission when the backup's TCP state is behind what the client saw.
     pub client_tcp: String,
+    /// Two-vif guests: what the second client (behind the second vif) saw.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub second_client: Option<super::guests::SecondClient>,
     /// Every step in order, including the one that failed.
     pub steps: Vec<StepRecord>,
     /// Failures injected and undone, in order.
