@@ -11,104 +11,15 @@
 mod relay_common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 
 use relay_common::*;
-use remus_testkit::frames::mac_str;
-use remus_tests::netns::{Captured, PEER_IP, PEER_MAC, Topo, send_udp};
+use remus_tests::netns::{Captured, PEER_IP, Topo, send_udp};
 use remus_user::stream::writer::WriterConfig;
 
 const KEY: &str = "emu-vif-relay-key-0123456789abcd";
 const PORT: u16 = 7410;
-const GUEST2_IP: &str = "10.77.0.3";
-const GUEST2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x03];
 /// Datagrams per vif per epoch.
 const PER: usize = 6;
-
-/// The guest's emulated NIC: its own namespace on vif B (`<prefix>w-emu`), on the
-/// topology's bridge. Removed on drop (with B's pins and files), before the topology.
-struct EmuVif {
-    ns: String,
-    vif: String,
-    host: String,
-}
-
-impl EmuVif {
-    fn add(t: &Topo) -> EmuVif {
-        let s = EmuVif {
-            ns: format!("{}g2", t.prefix),
-            vif: format!("{}w-emu", t.prefix),
-            host: t.host.clone(),
-        };
-        s.remove();
-        remus_testkit::ns::create(&s.ns, false).expect("the emulated NIC's namespace");
-        let ip = |ns: &str, args: &[&str]| {
-            remus_testkit::cmd::ip(ns, args).unwrap_or_else(|e| panic!("{e}"));
-        };
-        ip(
-            &t.host,
-            &[
-                "link", "add", &s.vif, "type", "veth", "peer", "name", "eth0", "netns", &s.ns,
-            ],
-        );
-        ip(&t.host, &["link", "set", &s.vif, "master", "br0"]);
-        ip(&t.host, &["link", "set", &s.vif, "up"]);
-        ip(
-            &s.ns,
-            &["link", "set", "eth0", "address", &mac_str(&GUEST2_MAC)],
-        );
-        ip(
-            &s.ns,
-            &["addr", "add", &format!("{GUEST2_IP}/24"), "dev", "eth0"],
-        );
-        ip(&s.ns, &["link", "set", "eth0", "up"]);
-        ip(
-            &s.ns,
-            &[
-                "neigh",
-                "replace",
-                PEER_IP,
-                "lladdr",
-                &mac_str(&PEER_MAC),
-                "dev",
-                "eth0",
-                "nud",
-                "permanent",
-            ],
-        );
-        s
-    }
-
-    /// The device model unplugs the NIC: its tap leaves the host (the veth pair goes).
-    fn unplug(&self) {
-        remus_testkit::cmd::ip(&self.host, &["link", "del", &self.vif])
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
-
-    fn files(&self) -> Vec<PathBuf> {
-        ["json", "sock", "log"]
-            .iter()
-            .map(|x| PathBuf::from(format!("/run/remus/net-{}.{x}", self.vif)))
-            .collect()
-    }
-
-    fn remove(&self) {
-        if Path::new(&format!("/run/netns/{}", self.host)).exists() {
-            let _ = remus_testkit::cmd::ip(&self.host, &["link", "del", &self.vif]);
-        }
-        remus_testkit::ns::remove(&self.ns);
-        for f in self.files() {
-            let _ = std::fs::remove_file(f);
-        }
-        let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/remus/{}", self.vif));
-    }
-}
-
-impl Drop for EmuVif {
-    fn drop(&mut self) {
-        self.remove();
-    }
-}
 
 /// Payloads "<vif>e<epoch>:<i>" to PORT seen at the peer (from either NIC), in arrival
 /// order.
@@ -122,7 +33,7 @@ fn seen(frames: &[Captured]) -> Vec<String> {
 }
 
 /// One epoch's datagrams on vif A (tag a) and, if it is still there, the emu vif (b).
-fn send_epoch(t: &Topo, emu: Option<&EmuVif>, e: u32) {
+fn send_epoch(t: &Topo, emu: Option<&SecondNic>, e: u32) {
     let peer: SocketAddr = format!("{PEER_IP}:{PORT}").parse().unwrap();
     for i in 0..PER {
         send_udp(&t.guest, peer, vec![format!("ae{e}:{i}").into_bytes()]);
@@ -140,7 +51,7 @@ fn held(t: &Topo, vif: &str) -> u64 {
 #[test]
 fn root_relay_goes_on_when_an_emulated_nic_vanishes() {
     let t = Topo::new("ev");
-    let emu = EmuVif::add(&t);
+    let emu = SecondNic::add(&t, "-emu");
     let buffer = ["--vif", t.vif.as_str(), "--vif", emu.vif.as_str()];
     let sn = t.sniff_peer();
     let run = relay_against_fake_backup(&t.host, "emu-vif", &buffer, KEY);

@@ -14,103 +14,15 @@
 mod relay_common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 
 use relay_common::*;
-use remus_testkit::frames::mac_str;
-use remus_tests::netns::{Captured, PEER_IP, PEER_MAC, Topo, send_udp};
+use remus_tests::netns::{Captured, PEER_IP, Topo, send_udp};
 use remus_user::stream::writer::WriterConfig;
 
 const KEY: &str = "multi-vif-relay-key-0123456789";
 const PORT: u16 = 7400;
-const GUEST2_IP: &str = "10.77.0.3";
-const GUEST2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x03];
 /// Datagrams per vif per epoch.
 const PER: usize = 8;
-
-/// The guest's second NIC: its own namespace on vif B (`<prefix>w`), on the topology's
-/// bridge. Removed on drop (with vif B's remus-net files and pins), before the topology.
-struct SecondVif {
-    ns: String,
-    vif: String,
-    host: String,
-}
-
-impl SecondVif {
-    fn add(t: &Topo) -> SecondVif {
-        let s = SecondVif {
-            ns: format!("{}g2", t.prefix),
-            vif: format!("{}w", t.prefix),
-            host: t.host.clone(),
-        };
-        s.remove();
-        remus_testkit::ns::create(&s.ns, false).expect("second guest namespace");
-        let ip = |ns: &str, args: &[&str]| {
-            remus_testkit::cmd::ip(ns, args).unwrap_or_else(|e| panic!("{e}"));
-        };
-        ip(
-            &t.host,
-            &[
-                "link", "add", &s.vif, "type", "veth", "peer", "name", "eth0", "netns", &s.ns,
-            ],
-        );
-        ip(&t.host, &["link", "set", &s.vif, "master", "br0"]);
-        ip(&t.host, &["link", "set", &s.vif, "up"]);
-        ip(
-            &s.ns,
-            &["link", "set", "eth0", "address", &mac_str(&GUEST2_MAC)],
-        );
-        ip(
-            &s.ns,
-            &["addr", "add", &format!("{GUEST2_IP}/24"), "dev", "eth0"],
-        );
-        ip(&s.ns, &["link", "set", "eth0", "up"]);
-        ip(
-            &s.ns,
-            &[
-                "neigh",
-                "replace",
-                PEER_IP,
-                "lladdr",
-                &mac_str(&PEER_MAC),
-                "dev",
-                "eth0",
-                "nud",
-                "permanent",
-            ],
-        );
-        s
-    }
-
-    fn files(&self) -> Vec<PathBuf> {
-        ["json", "sock", "log"]
-            .iter()
-            .map(|x| PathBuf::from(format!("/run/remus/net-{}.{x}", self.vif)))
-            .collect()
-    }
-
-    fn remove(&self) {
-        if Path::new(&format!("/run/netns/{}", self.host)).exists() {
-            let bin = remus_tests::netns::remus_net_bin();
-            let _ = remus_testkit::cmd::run_in(
-                &self.host,
-                &bin.to_string_lossy(),
-                &["detach", &self.vif, "--drop"],
-            );
-        }
-        remus_testkit::ns::remove(&self.ns);
-        for f in self.files() {
-            let _ = std::fs::remove_file(f);
-        }
-        let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/remus/{}", self.vif));
-    }
-}
-
-impl Drop for SecondVif {
-    fn drop(&mut self) {
-        self.remove();
-    }
-}
 
 /// Payloads "<vif>e<epoch>:<i>" to PORT seen at the peer, in arrival order.
 fn seen(frames: &[Captured]) -> Vec<String> {
@@ -135,7 +47,7 @@ fn of_epoch(v: &[String], e: u32) -> usize {
 }
 
 /// One epoch's datagrams, interleaved across the two NICs: a0 b0 a1 b1 …
-fn send_epoch(t: &Topo, second: &SecondVif, e: u32) {
+fn send_epoch(t: &Topo, second: &SecondNic, e: u32) {
     let peer: SocketAddr = format!("{PEER_IP}:{PORT}").parse().unwrap();
     for i in 0..PER {
         for (ns, tag) in [(t.guest.as_str(), 'a'), (second.ns.as_str(), 'b')] {
@@ -146,7 +58,7 @@ fn send_epoch(t: &Topo, second: &SecondVif, e: u32) {
 
 /// Waits until each vif's holder (in-process or remus-net's: both answer on the vif's
 /// control socket) holds at least `n` frames: they left the ring.
-fn wait_held_both(t: &Topo, second: &SecondVif, n: u64) {
+fn wait_held_both(t: &Topo, second: &SecondNic, n: u64) {
     let held = |vif: &str| {
         let o = t.remus(&["status", vif, "-j"]);
         o.json()["status"]["held_frames"].as_u64().unwrap_or(0)
@@ -171,7 +83,7 @@ fn root_relay_two_attached_vifs_release_epoch_by_epoch_across_vifs() {
 
 fn two_vifs(tag: &str, attached: bool) {
     let t = Topo::new(tag);
-    let second = SecondVif::add(&t);
+    let second = SecondNic::add(&t, "");
     let flag = if attached {
         t.attach(&[]);
         t.remus(&["attach", &second.vif]).ok("remus-net attach B");

@@ -681,3 +681,93 @@ pub fn relay_against_fake_backup(
         backup,
     }
 }
+
+/// The address and MAC of a guest's second NIC ([`SecondNic`]).
+pub const GUEST2_IP: &str = "10.77.0.3";
+pub const GUEST2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x03];
+
+/// A guest's second NIC: its own namespace (`<prefix>g2`) behind a vif of its own on the
+/// topology's bridge (`<prefix>w<suffix>`: `-emu` plays an HVM guest's emulated NIC).
+/// Removed on drop (with the vif's remus-net files and pins), before the topology.
+pub struct SecondNic {
+    pub ns: String,
+    pub vif: String,
+    host: String,
+}
+
+impl SecondNic {
+    pub fn add(t: &remus_tests::netns::Topo, suffix: &str) -> SecondNic {
+        use remus_testkit::frames::mac_str;
+        let s = SecondNic {
+            ns: format!("{}g2", t.prefix),
+            vif: format!("{}w{suffix}", t.prefix),
+            host: t.host.clone(),
+        };
+        s.remove();
+        remus_testkit::ns::create(&s.ns, false).expect("the second NIC's namespace");
+        let ip = |ns: &str, args: &[&str]| {
+            remus_testkit::cmd::ip(ns, args).unwrap_or_else(|e| panic!("{e}"));
+        };
+        let veth = [
+            "link", "add", &s.vif, "type", "veth", "peer", "name", "eth0", "netns", &s.ns,
+        ];
+        ip(&t.host, &veth);
+        ip(&t.host, &["link", "set", &s.vif, "master", "br0"]);
+        ip(&t.host, &["link", "set", &s.vif, "up"]);
+        let mac = mac_str(&GUEST2_MAC);
+        ip(&s.ns, &["link", "set", "eth0", "address", &mac]);
+        let addr = format!("{GUEST2_IP}/24");
+        ip(&s.ns, &["addr", "add", &addr, "dev", "eth0"]);
+        ip(&s.ns, &["link", "set", "eth0", "up"]);
+        let peer_mac = mac_str(&remus_tests::netns::PEER_MAC);
+        let neigh = [
+            "neigh",
+            "replace",
+            remus_tests::netns::PEER_IP,
+            "lladdr",
+            &peer_mac,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ];
+        ip(&s.ns, &neigh);
+        s
+    }
+
+    /// The device model unplugs the NIC: its vif leaves the host (the veth pair goes).
+    pub fn unplug(&self) {
+        remus_testkit::cmd::ip(&self.host, &["link", "del", &self.vif])
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    pub fn files(&self) -> Vec<PathBuf> {
+        ["json", "sock", "log"]
+            .iter()
+            .map(|x| PathBuf::from(format!("/run/remus/net-{}.{x}", self.vif)))
+            .collect()
+    }
+
+    fn remove(&self) {
+        if Path::new(&format!("/run/netns/{}", self.host)).exists() {
+            let bin = remus_tests::netns::remus_net_bin();
+            let _ = remus_testkit::cmd::run_in(
+                &self.host,
+                &bin.to_string_lossy(),
+                &["detach", &self.vif, "--drop"],
+            );
+            let _ = remus_testkit::cmd::ip(&self.host, &["link", "del", &self.vif]);
+        }
+        remus_testkit::ns::remove(&self.ns);
+        for f in self.files() {
+            let _ = std::fs::remove_file(f);
+        }
+        let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/remus/{}", self.vif));
+    }
+}
+
+impl Drop for SecondNic {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
