@@ -365,6 +365,11 @@ pub fn failover(b: &Daemon, n: u64) -> Value {
 /// aligned, like a block layer), some write-zeroes and trims.
 pub fn random_io(c: &mut Client, m: &mut Model, rng: &mut Rng, ops: usize) {
     let size = m.img.len() as u64;
+    random_io_below(c, m, rng, ops, size);
+}
+
+/// [`random_io`] inside the first `size` bytes of the disk only.
+pub fn random_io_below(c: &mut Client, m: &mut Model, rng: &mut Rng, ops: usize, size: u64) {
     for _ in 0..ops {
         let len = 512 * (1 + rng.below(512));
         let off = 512 * rng.below((size - len) / 512);
