@@ -16,14 +16,7 @@ fn pair(
     primary_content: Option<&[u8]>,
     backup_content: Option<&[u8]>,
 ) -> (Daemon, Daemon) {
-    let key = key(dir);
-    let p_img = dir.path().join("p.img");
-    let b_img = dir.path().join("b.img");
-    disk_file(&p_img, SIZE, primary_content);
-    disk_file(&b_img, SIZE, backup_content);
-    let b = start_backup(dir, &key, &b_img, &[], &[]);
-    let p = start_primary(dir, &key, &p_img, &backup_addr(&b), &[]);
-    (p, b)
+    daemon_pair(dir, SIZE, primary_content, backup_content)
 }
 
 #[test]

@@ -38,12 +38,7 @@ impl Rig {
     fn start_with(name: &str, seed: u64, tx_extra: &[&str], cfg: WriterConfig) -> Rig {
         let dir = Scratch::new(name);
         let key = key(&dir);
-        let p_img = dir.path().join("p.img");
-        let b_img = dir.path().join("b.img");
-        disk_file(&p_img, SIZE, None);
-        disk_file(&b_img, SIZE, None);
-        let b = start_backup(&dir, &key, &b_img, &[], &[]);
-        let p = start_primary(&dir, &key, &p_img, &backup_addr(&b), &[]);
+        let (p, b) = daemon_pair(&dir, SIZE, None, None);
         let bsock = b.sock.display().to_string();
         let psock = p.sock.display().to_string();
         let hb = TEST_HEARTBEAT;
@@ -246,12 +241,7 @@ fn root_relay_disk_lost_disk_backup_ends_protection_fail_closed() {
 fn root_relay_disk_refusals_have_their_exit_codes() {
     let dir = Scratch::new("relay-disk-refuse");
     let key = key(&dir);
-    let p_img = dir.path().join("p.img");
-    let b_img = dir.path().join("b.img");
-    disk_file(&p_img, SIZE, None);
-    disk_file(&b_img, SIZE, None);
-    let b = start_backup(&dir, &key, &b_img, &[], &[]);
-    let p = start_primary(&dir, &key, &p_img, &backup_addr(&b), &[]);
+    let (p, b) = daemon_pair(&dir, SIZE, None, None);
     wait_sync(&p);
     let rx = Receiver::start(&dir, &key, false, &TEST_HEARTBEAT);
     let send = |name: &str, disk: &std::path::Path| {

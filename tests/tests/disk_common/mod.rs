@@ -396,3 +396,21 @@ pub fn random_io_below(c: &mut Client, m: &mut Model, rng: &mut Rng, ops: usize,
 pub fn key(dir: &Scratch) -> PathBuf {
     dir.key("key", "disk-test-key-0123456789abcdef")
 }
+
+/// A primary daemon (`p.img`) replicating to a backup daemon (`b.img`), both `size`
+/// bytes, filled with the given contents (zeroes otherwise), keyed with [`key`].
+pub fn daemon_pair(
+    dir: &Scratch,
+    size: u64,
+    primary_content: Option<&[u8]>,
+    backup_content: Option<&[u8]>,
+) -> (Daemon, Daemon) {
+    let key = key(dir);
+    let p_img = dir.path().join("p.img");
+    let b_img = dir.path().join("b.img");
+    disk_file(&p_img, size, primary_content);
+    disk_file(&b_img, size, backup_content);
+    let b = start_backup(dir, &key, &b_img, &[], &[]);
+    let p = start_primary(dir, &key, &p_img, &backup_addr(&b), &[]);
+    (p, b)
+}
